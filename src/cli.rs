@@ -1,0 +1,160 @@
+//! Command-line options.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Parses a size such as `4096`, `512K`, `64M`, `10G`, `1T` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'B' => 1,
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix '{c}' (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 1048576, 512M, 10G)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    let v = parse_size(s)?;
+    if !(512..=65536).contains(&v) || !v.is_power_of_two() {
+        return Err("block size must be a power of two between 512 and 64K".into());
+    }
+    Ok(v as u32)
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let v: u16 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a queue size"))?;
+    if !(2..=32768).contains(&v) || !v.is_power_of_two() {
+        return Err("queue size must be a power of two between 2 and 32768".into());
+    }
+    Ok(v)
+}
+
+fn parse_num_queues(s: &str) -> Result<u16, String> {
+    let v: u16 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of queues"))?;
+    if !(1..=64).contains(&v) {
+        return Err("number of queues must be between 1 and 64".into());
+    }
+    Ok(v)
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// colo-blk: a vhost-user-blk backend with COLO block replication.
+///
+/// Serves a raw disk image to QEMU over a vhost-user unix socket:
+///
+///   colo-blk --socket /tmp/vhost.sock --image disk.img --size 1G
+///
+///   qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on
+///   -machine memory-backend=mem -chardev socket,id=vub,path=/tmp/vhost.sock
+///   -device vhost-user-blk-pci,chardev=vub,num-queues=1 ...
+#[derive(Debug, Parser)]
+#[command(name = "colo-blk", version, verbatim_doc_comment)]
+pub struct Cli {
+    /// vhost-user unix socket to listen on (the path QEMU's -chardev socket,path= names)
+    #[arg(long, short = 's', value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// Raw disk image (regular file or block device)
+    #[arg(long, short = 'i', value_name = "PATH")]
+    pub image: PathBuf,
+
+    /// Create the image with this size when it does not exist (e.g. 1G, 512M)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Export the image read-only (writes, discard and write-zeroes fail)
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Number of virtqueues; each is served by its own worker thread
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_num_queues)]
+    pub num_queues: u16,
+
+    /// Largest virtqueue size the front-end may configure
+    #[arg(long, value_name = "N", default_value = "1024", value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Serial number reported to the guest (VIRTIO_BLK_T_GET_ID, at most 20 bytes)
+    #[arg(long, value_name = "STRING", default_value = "colo-blk")]
+    pub serial: String,
+
+    /// Open the image with O_DIRECT, bypassing the host page cache (cache.direct=on)
+    #[arg(long)]
+    pub direct: bool,
+
+    /// Logical block size reported to the guest
+    #[arg(long, value_name = "BYTES", default_value = "512", value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+
+    /// Log level (RUST_LOG overrides it)
+    #[arg(long, value_enum, default_value = "info")]
+    pub log_level: LogLevel,
+}
+
+impl Cli {
+    /// Checks the combinations clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.serial.len() > 20 {
+            return Err("--serial: at most 20 bytes".into());
+        }
+        if self.read_only && self.size.is_some() && !self.image.exists() {
+            return Err("--size creates the image, which --read-only forbids".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,96 @@
+//! Storage behind the virtio-blk device: one small trait, [`BlockDevice`], and its
+//! implementations.
+//!
+//! The data plane hands the storage *guest* buffers ([`GuestSlice`]) so that a raw image can
+//! `preadv`/`pwritev` straight to and from guest RAM. Devices that need to observe or copy the
+//! data (the replication primary, the secondary's layered disk) work on host buffers and get the
+//! guest-buffer methods for free through the default bounce implementations.
+
+pub mod raw;
+
+use std::io;
+
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vm_memory::VolatileSlice;
+
+pub use raw::{RawImage, RawImageOptions};
+
+/// A piece of guest memory, as the data plane sees it. Writes through it are logged in the
+/// dirty-page bitmap QEMU uses for migration and COLO checkpoints.
+pub type GuestSlice<'a> = VolatileSlice<'a, BitmapMmapRegion>;
+
+/// Guest memory as the vhost-user backend maps it, with the dirty-page log bitmap.
+pub type GuestMem = vm_memory::GuestMemoryMmap<BitmapMmapRegion>;
+
+/// Sector size of the virtio-blk protocol (offsets in requests are in these units).
+pub const SECTOR_SIZE: u64 = 512;
+
+/// A byte-addressed block device.
+///
+/// All offsets and lengths are in bytes. Implementations are shared between the queue worker
+/// threads and must be internally synchronised.
+pub trait BlockDevice: Send + Sync {
+    /// Size of the device in bytes.
+    fn capacity(&self) -> u64;
+
+    /// Reads exactly `buf.len()` bytes at `offset` into a host buffer.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Tells the device the range is no longer needed. Its content afterwards is unspecified
+    /// but stable (this implementation reads zeros back on a raw image).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes the range read back as zeros. With `unmap` the device may deallocate it.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+
+    /// Reads into guest memory. The default bounces through a host buffer.
+    fn read_to_guest(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        let mut tmp = vec![0u8; total_len(bufs)];
+        self.read_at(&mut tmp, offset)?;
+        let mut pos = 0;
+        for b in bufs {
+            b.copy_from(&tmp[pos..pos + b.len()]);
+            pos += b.len();
+        }
+        Ok(())
+    }
+
+    /// Writes from guest memory. The default bounces through a host buffer.
+    fn write_from_guest(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
+        let tmp = gather(bufs);
+        self.write_at(&tmp, offset)
+    }
+}
+
+/// Total length of a list of guest buffers.
+pub fn total_len(bufs: &[GuestSlice<'_>]) -> usize {
+    bufs.iter().map(|b| b.len()).sum()
+}
+
+/// Copies a list of guest buffers into one host buffer.
+pub fn gather(bufs: &[GuestSlice<'_>]) -> Vec<u8> {
+    let mut out = vec![0u8; total_len(bufs)];
+    let mut pos = 0;
+    for b in bufs {
+        b.copy_to(&mut out[pos..pos + b.len()]);
+        pos += b.len();
+    }
+    out
+}
+
+/// Checks that `[offset, offset + len)` lies inside a device of `capacity` bytes.
+pub fn check_range(capacity: u64, offset: u64, len: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} is beyond the end of the device ({capacity} bytes)"),
+        )),
+    }
+}

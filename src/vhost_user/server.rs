@@ -1,0 +1,150 @@
+//! Accepts vhost-user connections one after another on a unix socket.
+//!
+//! A `VhostUserDaemon` cannot be reused after its front-end disconnects, so each connection gets
+//! a fresh daemon and backend over the same [`BlockDevice`]. When the front-end goes away (QEMU
+//! quits, or restarts with `reconnect=`), the device's workers finish the requests they hold,
+//! the disk is flushed, and the next connection is served.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use log::{info, warn};
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::backend::{BlkBackend, DeviceOptions, QueueStats};
+use crate::storage::BlockDevice;
+
+/// Errors of the vhost-user server.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+}
+
+#[derive(Default)]
+struct ControlState {
+    stopping: bool,
+    connection: Option<ShutdownHandle>,
+    connected: bool,
+}
+
+/// A handle to stop the server from another thread (signal handler, control socket).
+#[derive(Clone, Default)]
+pub struct ServerControl {
+    state: Arc<Mutex<ControlState>>,
+}
+
+impl ServerControl {
+    /// Asks the server to stop after the current connection's in-flight requests complete.
+    /// Returns `true` when no front-end is connected (the caller may exit right away).
+    pub fn stop(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.stopping = true;
+        match st.connection.take() {
+            Some(h) => {
+                h.shutdown();
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Whether a front-end is connected.
+    pub fn connected(&self) -> bool {
+        self.state.lock().map(|s| s.connected).unwrap_or(false)
+    }
+
+    fn stopping(&self) -> bool {
+        self.state.lock().map(|s| s.stopping).unwrap_or(true)
+    }
+}
+
+/// The accept loop.
+pub struct Server {
+    socket: PathBuf,
+    disk: Arc<dyn BlockDevice>,
+    opts: DeviceOptions,
+    control: ServerControl,
+    stats: Arc<Vec<QueueStats>>,
+}
+
+impl Server {
+    pub fn new(socket: &Path, disk: Arc<dyn BlockDevice>, opts: DeviceOptions) -> Self {
+        let stats = Arc::new(
+            (0..opts.num_queues)
+                .map(|_| QueueStats::default())
+                .collect(),
+        );
+        Server {
+            socket: socket.to_path_buf(),
+            disk,
+            opts,
+            control: ServerControl::default(),
+            stats,
+        }
+    }
+
+    /// The handle that stops this server.
+    pub fn control(&self) -> ServerControl {
+        self.control.clone()
+    }
+
+    /// Per-queue request counters.
+    pub fn stats(&self) -> Arc<Vec<QueueStats>> {
+        self.stats.clone()
+    }
+
+    /// Serves connections until [`ServerControl::stop`] is called.
+    pub fn run(&self) -> Result<(), ServerError> {
+        let mut listener =
+            Listener::new(&self.socket, true).map_err(|source| ServerError::Listen {
+                path: self.socket.clone(),
+                source,
+            })?;
+        info!("listening on {}", self.socket.display());
+        while !self.control.stopping() {
+            let backend = BlkBackend::new(self.disk.clone(), &self.opts, self.stats.clone());
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let mut daemon = VhostUserDaemon::new("colo-blk".to_string(), backend, mem)
+                .map_err(|e| ServerError::Daemon(e.to_string()))?;
+            if let Err(e) = daemon.start(&mut listener) {
+                warn!("accepting a vhost-user connection failed: {e}");
+                continue;
+            }
+            {
+                let mut st = self.control.state.lock().unwrap_or_else(|e| e.into_inner());
+                if st.stopping {
+                    daemon.request_shutdown();
+                } else {
+                    st.connection = daemon.shutdown_handle();
+                    st.connected = true;
+                }
+            }
+            info!("front-end connected");
+            match daemon.wait() {
+                Ok(()) => info!("front-end disconnected"),
+                Err(e) => warn!("front-end connection ended: {e}"),
+            }
+            {
+                let mut st = self.control.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.connection = None;
+                st.connected = false;
+            }
+            // Dropping the daemon stops and joins the queue workers: every request they
+            // popped has been completed by then.
+            drop(daemon);
+            if let Err(e) = self.disk.flush() {
+                warn!("flush after disconnect failed: {e}");
+            }
+        }
+        Ok(())
+    }
+}

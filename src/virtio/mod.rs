@@ -1,0 +1,7 @@
+//! virtio-blk: the device configuration space, request parsing and request execution.
+
+pub mod config;
+pub mod request;
+
+pub use config::{BlkConfig, DeviceFeatures};
+pub use request::{execute, parse, Parsed, Request, RequestKind};
