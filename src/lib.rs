@@ -6,6 +6,8 @@
 //! - [`vhost_user`]: the thin vhost-user glue and the reconnecting accept loop.
 
 pub mod cli;
+pub mod qmp;
+pub mod replication;
 pub mod storage;
 pub mod vhost_user;
 pub mod virtio;

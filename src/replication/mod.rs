@@ -1,0 +1,5 @@
+//! COLO block replication: the primary's copy-and-forward, the secondary's disk buffer, and the
+//! link between them.
+
+pub mod dirty;
+pub mod protocol;
