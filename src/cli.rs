@@ -56,6 +56,14 @@ fn parse_num_queues(s: &str) -> Result<u16, String> {
     Ok(v)
 }
 
+/// The process role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    Standalone,
+    Primary,
+    Secondary,
+}
+
 /// Log verbosity.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogLevel {
@@ -90,9 +98,64 @@ impl LogLevel {
 #[derive(Debug, Parser)]
 #[command(name = "colo-blk", version, verbatim_doc_comment)]
 pub struct Cli {
-    /// vhost-user unix socket to listen on (the path QEMU's -chardev socket,path= names)
+    /// What this process is: a plain backend, the primary or the secondary of a COLO pair
+    #[arg(long, value_enum, default_value = "standalone")]
+    pub role: RoleArg,
+
+    /// vhost-user unix socket to listen on (the path QEMU's -chardev socket,path= names).
+    /// Required except for a secondary without a Secondary VM.
     #[arg(long, short = 's', value_name = "PATH")]
-    pub socket: PathBuf,
+    pub socket: Option<PathBuf>,
+
+    /// QMP-compatible control socket (unix path)
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
+
+    /// primary: the secondary's replication address
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Primary")]
+    pub peer: Option<String>,
+
+    /// primary: a write completes only once the secondary applied it (default: asynchronous)
+    #[arg(long, help_heading = "Primary")]
+    pub sync: bool,
+
+    /// primary: most bytes forwarded but not yet acknowledged; guest writes wait beyond it
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size, help_heading = "Primary")]
+    pub window: u64,
+
+    /// primary: granularity of the dirty bitmap kept for resynchronisation
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size, help_heading = "Primary")]
+    pub dirty_granularity: u64,
+
+    /// secondary: address to accept the primary's stream on
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Secondary")]
+    pub listen: Option<String>,
+
+    /// secondary: directory for the hidden and active layer files
+    #[arg(long, value_name = "DIR", help_heading = "Secondary")]
+    pub layer_dir: Option<PathBuf>,
+
+    /// secondary: copy-before-write cluster size of the layers
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size, help_heading = "Secondary")]
+    pub cluster_size: u64,
+
+    /// Interval between heartbeats on the replication link
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value = "500",
+        help_heading = "Replication link"
+    )]
+    pub heartbeat_ms: u64,
+
+    /// Declare the peer dead after this long without a frame from it
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value = "5000",
+        help_heading = "Replication link"
+    )]
+    pub peer_timeout_ms: u64,
 
     /// Raw disk image (regular file or block device)
     #[arg(long, short = 'i', value_name = "PATH")]
@@ -139,6 +202,45 @@ impl Cli {
         }
         if self.read_only && self.size.is_some() && !self.image.exists() {
             return Err("--size creates the image, which --read-only forbids".into());
+        }
+        match self.role {
+            RoleArg::Standalone | RoleArg::Primary if self.socket.is_none() => {
+                return Err("--socket is required".into())
+            }
+            RoleArg::Primary if self.peer.is_none() => {
+                return Err("--role primary needs --peer HOST:PORT".into())
+            }
+            RoleArg::Secondary if self.listen.is_none() => {
+                return Err("--role secondary needs --listen ADDR:PORT".into())
+            }
+            RoleArg::Secondary if self.layer_dir.is_none() => {
+                return Err("--role secondary needs --layer-dir DIR".into())
+            }
+            _ => {}
+        }
+        if self.role != RoleArg::Primary && (self.peer.is_some() || self.sync) {
+            return Err("--peer and --sync only apply to --role primary".into());
+        }
+        if self.role != RoleArg::Secondary && (self.listen.is_some() || self.layer_dir.is_some()) {
+            return Err("--listen and --layer-dir only apply to --role secondary".into());
+        }
+        if self.role != RoleArg::Standalone && self.read_only {
+            return Err("--read-only only applies to --role standalone".into());
+        }
+        if !self.cluster_size.is_power_of_two()
+            || self.cluster_size < 4096
+            || self.cluster_size > (16 << 20)
+        {
+            return Err("--cluster-size must be a power of two between 4K and 16M".into());
+        }
+        if !self.dirty_granularity.is_power_of_two() || self.dirty_granularity < 4096 {
+            return Err("--dirty-granularity must be a power of two of at least 4K".into());
+        }
+        if self.window < (1 << 20) {
+            return Err("--window must be at least 1M".into());
+        }
+        if self.heartbeat_ms == 0 || self.peer_timeout_ms <= self.heartbeat_ms {
+            return Err("--peer-timeout-ms must be larger than --heartbeat-ms (> 0)".into());
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! - [`vhost_user`]: the thin vhost-user glue and the reconnecting accept loop.
 
 pub mod cli;
+pub mod control;
 pub mod qmp;
 pub mod replication;
 pub mod storage;

@@ -1,14 +1,23 @@
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use log::{error, info};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use colo_blk::cli::Cli;
+use colo_blk::cli::{Cli, RoleArg};
+use colo_blk::control::{Controller, Role};
+use colo_blk::qmp::EventSender;
+use colo_blk::replication::layers::LayeredDisk;
+use colo_blk::replication::primary::{Primary, PrimaryOptions, ReplicatedDisk};
+use colo_blk::replication::secondary::{Secondary, SecondaryOptions};
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
-use colo_blk::vhost_user::{DeviceOptions, Server};
+use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -30,6 +39,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Stops the vhost-user server: in-flight requests complete, then `Server::run` returns.
+fn stop_server(control: &ServerControl, socket: &std::path::Path) {
+    if control.stop() {
+        // No front-end: wake the accept() so the loop sees the stop.
+        let _ = UnixStream::connect(socket);
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let image = RawImage::open(&RawImageOptions {
         path: cli.image.clone(),
@@ -38,46 +55,158 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         create_size: cli.size,
     })?;
     info!(
-        "serving {} ({} bytes{}{})",
+        "{:?} role: {} ({} bytes{}{})",
+        cli.role,
         cli.image.display(),
         image.capacity(),
         if cli.read_only { ", read-only" } else { "" },
         if cli.direct { ", O_DIRECT" } else { "" }
     );
-    let disk: Arc<dyn BlockDevice> = Arc::new(image);
-    let server = Server::new(
-        &cli.socket,
-        disk.clone(),
-        DeviceOptions {
-            num_queues: cli.num_queues,
-            queue_size: cli.queue_size,
-            serial: cli.serial.clone(),
-            read_only: cli.read_only,
-            logical_block_size: cli.logical_block_size,
-        },
-    );
+    let image: Arc<dyn BlockDevice> = Arc::new(image);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("colo-io")
+        .enable_all()
+        .build()?;
+    let events = EventSender::new();
+    let heartbeat = Duration::from_millis(cli.heartbeat_ms);
+    let peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
 
-    let control = server.control();
-    let signal_disk = disk.clone();
-    let mut signals = Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                info!("signal {sig}: shutting down");
-                if control.stop() {
-                    // No front-end: nothing in flight, sync and leave now.
-                    if let Err(e) = signal_disk.flush() {
-                        error!("flush failed: {e}");
-                        std::process::exit(1);
-                    }
-                    std::process::exit(0);
-                }
+    // The disk the guest (or the Secondary VM) sees, and the role object behind it.
+    let (disk, role): (Arc<dyn BlockDevice>, Role) = match cli.role {
+        RoleArg::Standalone => (image.clone(), Role::Standalone),
+        RoleArg::Primary => {
+            let primary = Primary::new(
+                image.clone(),
+                PrimaryOptions {
+                    peer: cli.peer.clone().unwrap_or_default(),
+                    window_bytes: cli.window,
+                    sync: cli.sync,
+                    heartbeat_interval: heartbeat,
+                    peer_timeout,
+                    reconnect_interval: Duration::from_secs(1),
+                    dirty_granularity: cli.dirty_granularity,
+                    block_size: cli.logical_block_size,
+                },
+                events.clone(),
+            );
+            runtime.spawn(primary.clone().run_link());
+            (
+                Arc::new(ReplicatedDisk::new(primary.clone())),
+                Role::Primary(primary),
+            )
+        }
+        RoleArg::Secondary => {
+            let dir = cli.layer_dir.clone().unwrap_or_default();
+            std::fs::create_dir_all(&dir)?;
+            let layered = Arc::new(LayeredDisk::new(image.clone(), &dir, cli.cluster_size)?);
+            let secondary = Secondary::new(
+                layered.clone(),
+                SecondaryOptions {
+                    listen: cli.listen.clone().unwrap_or_default(),
+                    heartbeat_interval: heartbeat,
+                    peer_timeout,
+                    block_size: cli.logical_block_size,
+                },
+                events.clone(),
+            );
+            let listener = runtime.block_on(secondary.bind())?;
+            runtime.spawn(secondary.clone().run(listener));
+            (layered, Role::Secondary(secondary))
+        }
+    };
+
+    // vhost-user server (for the secondary: only when a Secondary VM attaches).
+    let server = cli.socket.as_ref().map(|socket| {
+        Server::new(
+            socket,
+            disk.clone(),
+            DeviceOptions {
+                num_queues: cli.num_queues,
+                queue_size: cli.queue_size,
+                serial: cli.serial.clone(),
+                read_only: cli.read_only,
+                logical_block_size: cli.logical_block_size,
+            },
+        )
+    });
+
+    // One shutdown path for SIGTERM, SIGINT and QMP `quit`.
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let stop: Arc<dyn Fn() + Send + Sync> = {
+        let stop_tx = std::sync::Mutex::new(stop_tx);
+        Arc::new(move || {
+            if let Ok(tx) = stop_tx.lock() {
+                let _ = tx.send(());
             }
-        })?;
+        })
+    };
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    info!("signal {sig}: shutting down");
+                    stop();
+                }
+            })?;
+    }
 
-    server.run()?;
+    if let Some(qmp_path) = cli.qmp.clone() {
+        start_qmp(
+            &runtime,
+            qmp_path,
+            Controller::new(role.clone(), stop.clone()),
+            events.clone(),
+        )?;
+    }
+
+    let server_thread = match server {
+        Some(server) => {
+            let control = server.control();
+            let socket = cli.socket.clone().unwrap_or_default();
+            let stop = stop.clone();
+            let handle = std::thread::Builder::new()
+                .name("vhost-user".into())
+                .spawn(move || {
+                    let r = server.run();
+                    // However the server ends, the process ends with it.
+                    stop();
+                    r
+                })?;
+            Some((handle, control, socket))
+        }
+        None => None,
+    };
+
+    // Wait for a stop request (or the server failing on its own).
+    let _ = stop_rx.recv();
+    if let Some((handle, control, socket)) = server_thread {
+        stop_server(&control, &socket);
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("vhost-user server: {e}"),
+            Err(_) => error!("vhost-user server thread panicked"),
+        }
+    }
     disk.flush()?;
+    if let Some(q) = cli.qmp.as_ref() {
+        let _ = std::fs::remove_file(q);
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
     info!("stopped");
+    Ok(())
+}
+
+#[allow(unused_variables)]
+fn start_qmp(
+    runtime: &tokio::runtime::Runtime,
+    path: PathBuf,
+    controller: Controller,
+    events: EventSender,
+) -> Result<(), Box<dyn std::error::Error>> {
+    // Wired to the QMP server when it lands.
     Ok(())
 }

@@ -2,4 +2,7 @@
 //! link between them.
 
 pub mod dirty;
+pub mod layers;
+pub mod primary;
 pub mod protocol;
+pub mod secondary;

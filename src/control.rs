@@ -1,0 +1,158 @@
+//! The commands each role answers on its QMP control socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use crate::qmp::{CommandHandler, QmpError};
+use crate::replication::primary::Primary;
+use crate::replication::secondary::Secondary;
+
+/// What this process is.
+#[derive(Clone)]
+pub enum Role {
+    Standalone,
+    Primary(Arc<Primary>),
+    Secondary(Arc<Secondary>),
+}
+
+/// The QMP command handler of a colo-blk process.
+pub struct Controller {
+    role: Role,
+    shutdown: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Controller {
+    /// `shutdown` is what `quit` runs (the same path as SIGTERM).
+    pub fn new(role: Role, shutdown: Arc<dyn Fn() + Send + Sync>) -> Self {
+        Controller { role, shutdown }
+    }
+}
+
+/// Checks that `args` holds only `allowed` keys.
+fn only(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), QmpError> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(QmpError::InvalidParameter(format!(
+            "Parameter '{k}' is unexpected"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn opt_u64(args: &Map<String, Value>, key: &str) -> Result<Option<u64>, QmpError> {
+    match args.get(key) {
+        None => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            QmpError::InvalidParameter(format!("Parameter '{key}' expects a non-negative integer"))
+        }),
+    }
+}
+
+fn opt_bool(args: &Map<String, Value>, key: &str) -> Result<Option<bool>, QmpError> {
+    match args.get(key) {
+        None => Ok(None),
+        Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+            QmpError::InvalidParameter(format!("Parameter '{key}' expects a boolean"))
+        }),
+    }
+}
+
+fn timeout(args: &Map<String, Value>) -> Result<Option<Duration>, QmpError> {
+    Ok(opt_u64(args, "timeout-ms")?.map(Duration::from_millis))
+}
+
+fn generic(e: impl std::fmt::Display) -> QmpError {
+    QmpError::Generic(e.to_string())
+}
+
+const COMMON: &[&str] = &["query-status", "query-replication", "quit"];
+const PRIMARY: &[&str] = &[
+    "replication-prepare-checkpoint",
+    "replication-do-checkpoint",
+    "replication-checkpoint",
+    "replication-stop",
+    "replication-start",
+];
+const SECONDARY: &[&str] = &["replication-do-checkpoint", "replication-failover"];
+
+impl CommandHandler for Controller {
+    fn commands(&self) -> Vec<&'static str> {
+        let mut v = COMMON.to_vec();
+        match self.role {
+            Role::Standalone => {}
+            Role::Primary(_) => v.extend_from_slice(PRIMARY),
+            Role::Secondary(_) => v.extend_from_slice(SECONDARY),
+        }
+        v
+    }
+
+    fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        match (name, &self.role) {
+            ("query-status", _) => {
+                only(args, &[])?;
+                Ok(json!({"status": "running", "running": true, "singlestep": false}))
+            }
+            ("quit", _) => {
+                only(args, &[])?;
+                let shutdown = self.shutdown.clone();
+                // Reply first; the process then stops like on SIGTERM.
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(100));
+                    shutdown();
+                });
+                Ok(json!({}))
+            }
+            ("query-replication", Role::Standalone) => {
+                only(args, &[])?;
+                Ok(json!({"role": "standalone", "state": "none"}))
+            }
+            ("query-replication", Role::Primary(p)) => {
+                only(args, &[])?;
+                Ok(p.query())
+            }
+            ("query-replication", Role::Secondary(s)) => {
+                only(args, &[])?;
+                Ok(s.query())
+            }
+            ("replication-prepare-checkpoint", Role::Primary(p)) => {
+                only(args, &["timeout-ms"])?;
+                p.prepare_checkpoint(timeout(args)?).map_err(generic)?;
+                Ok(json!({}))
+            }
+            ("replication-do-checkpoint", Role::Primary(p)) => {
+                only(args, &[])?;
+                let epoch = p.do_checkpoint().map_err(generic)?;
+                Ok(json!({"epoch": epoch}))
+            }
+            ("replication-checkpoint", Role::Primary(p)) => {
+                only(args, &["timeout-ms"])?;
+                let epoch = p.checkpoint(timeout(args)?).map_err(generic)?;
+                Ok(json!({"epoch": epoch}))
+            }
+            ("replication-stop", Role::Primary(p)) => {
+                only(args, &[])?;
+                p.stop();
+                Ok(json!({}))
+            }
+            ("replication-start", Role::Primary(p)) => {
+                only(args, &["full"])?;
+                p.start(opt_bool(args, "full")?.unwrap_or(false));
+                Ok(json!({}))
+            }
+            ("replication-do-checkpoint", Role::Secondary(s)) => {
+                only(args, &[])?;
+                let epoch = s.do_checkpoint().map_err(generic)?;
+                Ok(json!({"epoch": epoch}))
+            }
+            ("replication-failover", Role::Secondary(s)) => {
+                only(args, &[])?;
+                s.failover().map_err(generic)
+            }
+            (n, _) if PRIMARY.contains(&n) || SECONDARY.contains(&n) => Err(QmpError::Generic(
+                format!("{n} is not available in this role"),
+            )),
+            (n, _) => Err(QmpError::CommandNotFound(n.to_string())),
+        }
+    }
+}
