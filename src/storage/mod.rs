@@ -6,6 +6,7 @@
 //! data (the replication primary, the secondary's layered disk) work on host buffers and get the
 //! guest-buffer methods for free through the default bounce implementations.
 
+pub mod mem;
 pub mod raw;
 
 use std::io;
@@ -13,6 +14,7 @@ use std::io;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vm_memory::VolatileSlice;
 
+pub use mem::MemDisk;
 pub use raw::{RawImage, RawImageOptions};
 
 /// A piece of guest memory, as the data plane sees it. Writes through it are logged in the

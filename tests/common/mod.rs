@@ -101,8 +101,20 @@ pub const CLIENT_BUF: usize = 8 << 20;
 
 impl Client {
     pub fn connect(socket: &Path, num_queues: usize) -> Result<Client, blkio::Error> {
+        Client::connect_with(socket, num_queues, false)
+    }
+
+    /// Connects; a read-only device accepts only read-only clients.
+    pub fn connect_with(
+        socket: &Path,
+        num_queues: usize,
+        read_only: bool,
+    ) -> Result<Client, blkio::Error> {
         let mut b = Blkio::new("virtio-blk-vhost-user")?;
         b.set_str("path", &socket.display().to_string())?;
+        if read_only {
+            b.set_bool("read-only", true)?;
+        }
         b.connect()?;
         b.set_i32("num-queues", num_queues as i32)?;
         let out = b.start()?;
