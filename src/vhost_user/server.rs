@@ -109,7 +109,7 @@ impl Server {
                 path: self.socket.clone(),
                 source,
             })?;
-        info!("listening on {}", self.socket.display());
+        info!("vhost-user socket listening on {}", self.socket.display());
         while !self.control.stopping() {
             let backend = BlkBackend::new(self.disk.clone(), &self.opts, self.stats.clone());
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

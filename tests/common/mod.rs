@@ -19,6 +19,7 @@ pub struct Backend {
     pub child: Child,
     pub socket: PathBuf,
     lines: mpsc::Receiver<String>,
+    last_port: u16,
 }
 
 impl Backend {
@@ -43,6 +44,7 @@ impl Backend {
             child,
             socket: socket.to_path_buf(),
             lines: rx,
+            last_port: 0,
         };
         b.wait_for_log(ready_marker);
         b
@@ -58,18 +60,32 @@ impl Backend {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Backend::start_with(&refs, socket, "listening on")
+        Backend::start_with(&refs, socket, "vhost-user socket listening on")
     }
 
     /// Blocks until a log line contains `marker`; panics after [`STARTUP_TIMEOUT`].
     pub fn wait_for_log(&mut self, marker: &str) -> String {
         loop {
             match self.lines.recv_timeout(STARTUP_TIMEOUT) {
-                Ok(line) if line.contains(marker) => return line,
+                Ok(line) if line.contains(marker) => {
+                    if let Some(i) = line.find("127.0.0.1:") {
+                        let digits: String = line[i + 10..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_digit())
+                            .collect();
+                        self.last_port = digits.parse().unwrap_or(self.last_port);
+                    }
+                    return line;
+                }
                 Ok(_) => {}
                 Err(e) => panic!("colo-blk never logged {marker:?}: {e}"),
             }
         }
+    }
+
+    /// The port in the most recent log line that named `127.0.0.1:PORT`.
+    pub fn last_port(&self) -> u16 {
+        self.last_port
     }
 
     /// Sends SIGTERM and returns the exit status.
@@ -169,6 +185,38 @@ impl Client {
         Ok(out)
     }
 
+    /// Submits all writes at once (each on its queue, overlapping allowed), then waits for all.
+    /// Returns the results in submission order.
+    pub fn write_concurrently(&mut self, writes: &[(usize, u64, Vec<u8>)]) -> Vec<i32> {
+        let total: usize = writes.iter().map(|w| w.2.len()).sum();
+        assert!(total <= CLIENT_BUF);
+        let mut pos = 0;
+        let mut per_queue = vec![0usize; self.queues.len()];
+        for (i, (q, off, data)) in writes.iter().enumerate() {
+            let p = self.buf_ptr(pos);
+            // SAFETY: [pos, pos+len) lies inside the region (checked above) and is not shared.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+            self.queues[*q].write(*off, p, data.len(), i, ReqFlags::empty());
+            per_queue[*q] += 1;
+            pos += data.len();
+        }
+        let mut results = vec![i32::MIN; writes.len()];
+        for (q, n) in per_queue.into_iter().enumerate() {
+            let mut done = 0;
+            while done < n {
+                let mut c = [const { MaybeUninit::<blkio::Completion>::uninit() }; 16];
+                let got = self.queues[q].do_io(&mut c, 1, None, None).expect("do_io");
+                for slot in &c[..got] {
+                    // SAFETY: do_io initialised the first `got` completions.
+                    let comp = unsafe { slot.assume_init_ref() };
+                    results[comp.user_data] = comp.ret;
+                }
+                done += got;
+            }
+        }
+        results
+    }
+
     pub fn flush(&mut self, q: usize) -> i32 {
         self.queues[q].flush(0, ReqFlags::empty());
         self.wait_one(q)
@@ -206,4 +254,78 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// A fresh temporary directory for one test.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
+}
+
+/// A minimal synchronous QMP client for tests (the python `qemu.qmp` client is tested too).
+pub struct Qmp {
+    reader: BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    /// Events received while waiting for replies.
+    pub events: Vec<serde_json::Value>,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and negotiates capabilities.
+    pub fn connect(path: &Path) -> Qmp {
+        let s = std::os::unix::net::UnixStream::connect(path).expect("connect to QMP socket");
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut q = Qmp {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+            events: Vec::new(),
+        };
+        let greeting = q.read_msg();
+        assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
+        q.execute("qmp_capabilities", serde_json::json!({}))
+            .expect("qmp_capabilities");
+        q
+    }
+
+    fn read_msg(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read QMP");
+        assert!(n > 0, "QMP connection closed");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+    }
+
+    /// Runs a command; `Err` holds the error object.
+    pub fn execute(
+        &mut self,
+        cmd: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, serde_json::Value> {
+        use std::io::Write;
+        let msg = serde_json::json!({"execute": cmd, "arguments": args});
+        writeln!(self.writer, "{msg}").expect("write QMP");
+        loop {
+            let m = self.read_msg();
+            if m.get("event").is_some() {
+                self.events.push(m);
+                continue;
+            }
+            if let Some(r) = m.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = m.get("error") {
+                return Err(e.clone());
+            }
+            panic!("unexpected QMP message {m}");
+        }
+    }
+
+    /// Waits for an event (returns it), keeping earlier ones.
+    pub fn wait_event(&mut self, name: &str) -> serde_json::Value {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(i);
+        }
+        loop {
+            let m = self.read_msg();
+            if m["event"] == name {
+                return m;
+            }
+            if m.get("event").is_some() {
+                self.events.push(m);
+            }
+        }
+    }
 }

@@ -1,0 +1,368 @@
+//! Primary and secondary as two real processes on loopback, driven with a real vhost-user-blk
+//! client and the QMP control sockets. Every test compares disks byte for byte.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{pattern, Backend, Client, Qmp};
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+const DISK: u64 = 32 * MIB;
+
+struct Pair {
+    dir: tempfile::TempDir,
+    primary: Option<Backend>,
+    secondary: Option<Backend>,
+    port: u16,
+}
+
+impl Pair {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Starts a secondary (optionally with a Secondary VM socket) and returns it with its port.
+fn start_secondary(
+    dir: &Path,
+    image: &str,
+    svm: bool,
+    port: u16,
+    extra: &[&str],
+) -> (Backend, u16) {
+    let listen = format!("127.0.0.1:{port}");
+    let img = dir.join(image).display().to_string();
+    let layers = dir.join("layers").display().to_string();
+    let qmp = dir.join("secondary.qmp").display().to_string();
+    let sock = dir.join("svm.sock");
+    let sock_s = sock.display().to_string();
+    let size = DISK.to_string();
+    let mut args = vec![
+        "--role",
+        "secondary",
+        "--image",
+        &img,
+        "--size",
+        &size,
+        "--listen",
+        &listen,
+        "--layer-dir",
+        &layers,
+        "--qmp",
+        &qmp,
+        "--cluster-size",
+        "4K",
+        "--heartbeat-ms",
+        "100",
+        "--peer-timeout-ms",
+        "2000",
+    ];
+    if svm {
+        args.extend_from_slice(&["--socket", &sock_s, "--num-queues", "2"]);
+    }
+    args.extend_from_slice(extra);
+    let mut b = Backend::start_with(&args, &sock, "waiting for the primary on");
+    let line = b.wait_for_log("QMP listening");
+    let _ = line;
+    let port = b.last_port();
+    if svm {
+        b.wait_for_log("vhost-user socket listening on");
+    }
+    (b, port)
+}
+
+fn start_primary(dir: &Path, port: u16, extra: &[&str]) -> Backend {
+    let img = dir.join("primary.img").display().to_string();
+    let qmp = dir.join("primary.qmp").display().to_string();
+    let sock = dir.join("primary.sock");
+    let sock_s = sock.display().to_string();
+    let peer = format!("127.0.0.1:{port}");
+    let size = DISK.to_string();
+    let mut args = vec![
+        "--role",
+        "primary",
+        "--image",
+        &img,
+        "--size",
+        &size,
+        "--socket",
+        &sock_s,
+        "--peer",
+        &peer,
+        "--qmp",
+        &qmp,
+        "--num-queues",
+        "4",
+        "--heartbeat-ms",
+        "100",
+        "--peer-timeout-ms",
+        "2000",
+    ];
+    args.extend_from_slice(extra);
+    Backend::start_with(&args, &sock, "vhost-user socket listening on")
+}
+
+/// A connected pair; returns it with a QMP client on each side, after the link is up.
+fn pair(svm: bool, primary_extra: &[&str]) -> (Pair, Qmp, Qmp) {
+    let dir = common::tempdir();
+    let (secondary, port) = start_secondary(dir.path(), "secondary.img", svm, 0, &[]);
+    let mut sq = Qmp::connect(&dir.path().join("secondary.qmp"));
+    let primary = start_primary(dir.path(), port, primary_extra);
+    let mut pq = Qmp::connect(&dir.path().join("primary.qmp"));
+    wait_connected(&mut pq);
+    sq.wait_event("REPLICATION_PEER_CONNECTED");
+    (
+        Pair {
+            dir,
+            primary: Some(primary),
+            secondary: Some(secondary),
+            port,
+        },
+        pq,
+        sq,
+    )
+}
+
+fn wait_connected(pq: &mut Qmp) {
+    let st = pq.execute("query-replication", json!({})).unwrap();
+    if st["state"] != "connected" {
+        pq.wait_event("REPLICATION_PEER_CONNECTED");
+    }
+}
+
+fn read_file(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+/// Random writes of several sizes, submitted concurrently on four queues, overlapping.
+fn random_batch(c: &mut Client, seed: u64, n: usize) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut writes = Vec::new();
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = [512usize, 4096, 8192, 65536][(x % 4) as usize];
+        // A small hot area makes overlaps between concurrent writes common.
+        let span = if i % 2 == 0 { MIB } else { DISK };
+        let off = ((x >> 8) % ((span - len as u64) / 512)) * 512;
+        writes.push(((i % 4), off, pattern(seed * 1000 + i as u64, len)));
+    }
+    for r in c.write_concurrently(&writes) {
+        assert_eq!(r, 0);
+    }
+}
+
+#[test]
+fn secondary_equals_primary_at_every_checkpoint() {
+    let (p, mut pq, _sq) = pair(false, &[]);
+    let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
+    for round in 0..4u64 {
+        for batch in 0..8 {
+            random_batch(&mut c, round * 100 + batch, 32);
+        }
+        assert_eq!(c.write_zeroes(0, round * MIB, 64 * 1024, false), 0);
+        assert_eq!(c.discard(1, 3 * MIB + round * 8192, 4096), 0);
+        let sent = pq.execute("query-replication", json!({})).unwrap()
+            ["bytes-sent-since-checkpoint"]
+            .as_u64()
+            .unwrap();
+        assert!(sent > 0);
+        let r = pq
+            .execute("replication-checkpoint", json!({"timeout-ms": 60000}))
+            .unwrap();
+        assert_eq!(r["epoch"], round + 1);
+        let q = pq.execute("query-replication", json!({})).unwrap();
+        assert_eq!(q["bytes-sent-since-checkpoint"], 0);
+        assert_eq!(q["bytes-in-flight"], 0);
+        assert!(
+            read_file(&p.path("secondary.img")) == read_file(&p.path("primary.img")),
+            "round {round}: secondary differs from primary at the checkpoint"
+        );
+    }
+}
+
+#[test]
+fn sync_mode_and_prepare_then_do_checkpoint() {
+    let (p, mut pq, mut sq) = pair(false, &["--sync"]);
+    let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
+    random_batch(&mut c, 9, 64);
+    assert_eq!(c.flush(0), 0);
+    pq.execute(
+        "replication-prepare-checkpoint",
+        json!({"timeout-ms": 60000}),
+    )
+    .unwrap();
+    // Everything is applied on the secondary: the disks are already equal.
+    assert!(read_file(&p.path("secondary.img")) == read_file(&p.path("primary.img")));
+    assert_eq!(
+        pq.execute("replication-do-checkpoint", json!({})).unwrap()["epoch"],
+        1
+    );
+    assert_eq!(
+        sq.execute("replication-do-checkpoint", json!({})).unwrap()["epoch"],
+        1
+    );
+    let s = sq.execute("query-replication", json!({})).unwrap();
+    assert_eq!(s["hidden-bytes"], 0);
+}
+
+#[test]
+fn secondary_vm_writes_are_buffered_dropped_at_checkpoint_and_kept_by_failover() {
+    let (p, mut pq, mut sq) = pair(true, &[]);
+    let mut pc = Client::connect(&p.path("primary.sock"), 4).unwrap();
+    let mut svm = Client::connect(&p.path("svm.sock"), 2).unwrap();
+    // Epoch 1: primary and SVM both write, partly the same blocks.
+    assert_eq!(pc.write(0, 0, &pattern(1, 256 * 1024)), 0);
+    assert_eq!(svm.write(0, 128 * 1024, &pattern(2, 256 * 1024)), 0);
+    assert_eq!(
+        svm.read(1, 128 * 1024, 256 * 1024).unwrap(),
+        pattern(2, 256 * 1024)
+    );
+    // The SVM sees its own writes over the checkpoint state (zeros), not the primary's stream.
+    assert_eq!(svm.read(0, 0, 4096).unwrap(), vec![0u8; 4096]);
+    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
+        .unwrap();
+    // After the checkpoint the SVM's writes are gone: it sees the primary's disk.
+    let primary_now = read_file(&p.path("primary.img"));
+    assert!(svm.read(0, 0, 512 * 1024).unwrap() == primary_now[..512 * 1024]);
+    assert!(read_file(&p.path("secondary.img")) == primary_now);
+
+    // Epoch 2: more writes on both sides, then failover.
+    assert_eq!(pc.write(1, 64 * 1024, &pattern(3, 128 * 1024)), 0);
+    assert_eq!(svm.write(1, MIB + 512, &pattern(4, 8192 + 1024)), 0);
+    assert_eq!(svm.write(0, 32 * 1024, &pattern(5, 4096)), 0);
+    pq.execute(
+        "replication-prepare-checkpoint",
+        json!({"timeout-ms": 60000}),
+    )
+    .unwrap();
+    let r = sq.execute("replication-failover", json!({})).unwrap();
+    assert!(r["duration-ms"].as_f64().is_some());
+    let mut expect = primary_now.clone();
+    expect[MIB as usize + 512..MIB as usize + 512 + 9216].copy_from_slice(&pattern(4, 9216));
+    expect[32 * 1024..36 * 1024].copy_from_slice(&pattern(5, 4096));
+    assert!(
+        read_file(&p.path("secondary.img")) == expect,
+        "disk != checkpoint + SVM writes"
+    );
+    // The SVM keeps being served, now straight from the disk.
+    assert_eq!(svm.read(0, MIB + 512, 9216).unwrap(), pattern(4, 9216));
+    assert_eq!(svm.write(0, 0, &pattern(6, 4096)), 0);
+    assert_eq!(svm.flush(0), 0);
+    assert_eq!(
+        read_file(&p.path("secondary.img"))[..4096],
+        pattern(6, 4096)[..]
+    );
+    assert!(sq.execute("replication-failover", json!({})).is_err());
+}
+
+#[test]
+fn primary_killed_mid_stream_failover_restores_the_last_checkpoint() {
+    let (mut p, mut pq, mut sq) = pair(false, &["--window", "4M"]);
+    let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
+    for b in 0..4 {
+        random_batch(&mut c, 50 + b, 32);
+    }
+    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
+        .unwrap();
+    let at_checkpoint = read_file(&p.path("primary.img"));
+    // Keep writing, then kill the primary without warning.
+    for b in 0..6 {
+        random_batch(&mut c, 70 + b, 32);
+    }
+    let mut primary = p.primary.take().unwrap();
+    primary.child.kill().unwrap();
+    primary.child.wait().unwrap();
+    sq.wait_event("REPLICATION_PEER_LOST");
+    sq.execute("replication-failover", json!({})).unwrap();
+    assert!(
+        read_file(&p.path("secondary.img")) == at_checkpoint,
+        "after failover the secondary must hold exactly the last checkpoint"
+    );
+    drop(primary);
+}
+
+#[test]
+fn secondary_killed_primary_keeps_serving_and_resyncs_a_new_secondary() {
+    let (mut p, mut pq, _sq) = pair(false, &[]);
+    let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
+    random_batch(&mut c, 1, 32);
+    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
+        .unwrap();
+    let mut secondary = p.secondary.take().unwrap();
+    secondary.child.kill().unwrap();
+    secondary.child.wait().unwrap();
+    // The guest's writes keep succeeding.
+    for b in 0..4 {
+        random_batch(&mut c, 200 + b, 32);
+    }
+    let lost = pq.wait_event("REPLICATION_PEER_LOST");
+    assert!(lost["timestamp"]["seconds"].as_u64().is_some());
+    random_batch(&mut c, 300, 32);
+    let q = pq.execute("query-replication", json!({})).unwrap();
+    assert_ne!(q["state"], "connected");
+    assert!(q["dirty-bytes"].as_u64().unwrap() > 0);
+    assert!(pq
+        .execute("replication-checkpoint", json!({"timeout-ms": 1000}))
+        .is_err());
+
+    // The secondary comes back on the same port with the disk of the last checkpoint
+    // (plus whatever it applied before dying): only the dirty blocks are sent again.
+    let (secondary, _) = start_secondary(p.dir.path(), "secondary.img", false, p.port, &[]);
+    p.secondary = Some(secondary);
+    pq.wait_event("REPLICATION_PEER_CONNECTED");
+    pq.wait_event("REPLICATION_RESYNC_DONE");
+    random_batch(&mut c, 400, 16);
+    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
+        .unwrap();
+    assert!(read_file(&p.path("secondary.img")) == read_file(&p.path("primary.img")));
+}
+
+#[test]
+fn mismatched_disk_size_is_refused_with_a_clear_error() {
+    let dir = common::tempdir();
+    // Secondary disk of a different size.
+    std::fs::write(
+        dir.path().join("secondary.img"),
+        vec![0u8; (DISK / 2) as usize],
+    )
+    .unwrap();
+    let (_s, port) = start_secondary(dir.path(), "secondary.img", false, 0, &[]);
+    let mut sq = Qmp::connect(&dir.path().join("secondary.qmp"));
+    let _p = start_primary(dir.path(), port, &[]);
+    let ev = sq.wait_event("REPLICATION_ERROR");
+    assert!(
+        ev["data"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("disk size mismatch"),
+        "{ev}"
+    );
+    let mut pq = Qmp::connect(&dir.path().join("primary.qmp"));
+    let q = pq.execute("query-replication", json!({})).unwrap();
+    assert_ne!(q["state"], "connected");
+}
+
+#[test]
+fn qmp_errors_are_reported_not_fatal() {
+    let (_p, mut pq, mut sq) = pair(false, &[]);
+    let e = pq
+        .execute("replication-checkpoint", json!({"timeout-ms": "soon"}))
+        .unwrap_err();
+    assert_eq!(e["class"], "GenericError");
+    let e = pq
+        .execute("replication-checkpoint", json!({"bogus": 1}))
+        .unwrap_err();
+    assert_eq!(e["class"], "GenericError");
+    let e = sq.execute("replication-checkpoint", json!({})).unwrap_err();
+    assert!(e["desc"].as_str().unwrap().contains("not available"));
+    let e = pq.execute("no-such-command", json!({})).unwrap_err();
+    assert_eq!(e["class"], "CommandNotFound");
+    assert_eq!(
+        pq.execute("query-status", json!({})).unwrap()["running"],
+        true
+    );
+}
