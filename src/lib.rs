@@ -4,6 +4,9 @@
 //! - [`storage`]: the [`storage::BlockDevice`] trait and the raw image behind it.
 //! - [`virtio`]: virtio-blk config space, request parsing and execution.
 //! - [`vhost_user`]: the thin vhost-user glue and the reconnecting accept loop.
+//! - [`replication`]: COLO block replication: wire protocol, primary, secondary, disk buffer.
+//! - [`qmp`]: the QMP-compatible control server; [`control`]: the commands each role answers.
+//! - [`cli`]: command-line options.
 
 pub mod cli;
 pub mod control;

@@ -223,6 +223,9 @@ impl BlockDevice for RawImage {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
         check_range(self.capacity, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
         if self.is_block_device {
             return self.write_zero_buffers(offset, len);
         }
@@ -241,6 +244,9 @@ impl BlockDevice for RawImage {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         self.check_writable()?;
         check_range(self.capacity, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
         if self.is_block_device {
             return self.write_zero_buffers(offset, len);
         }
@@ -517,6 +523,8 @@ mod tests {
         img.write_at(&[0xaa; 65536], 0).unwrap();
         img.write_zeroes(4096, 8192, false).unwrap();
         img.discard(32768, 4096).unwrap();
+        img.discard(0, 0).unwrap();
+        img.write_zeroes(4096, 0, true).unwrap();
         let mut back = vec![0u8; 65536];
         img.read_at(&mut back, 0).unwrap();
         for (i, &b) in back.iter().enumerate() {
