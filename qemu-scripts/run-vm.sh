@@ -107,7 +107,7 @@ args=(
     -device "vhost-user-blk-pci,chardev=vub,num-queues=$num_queues"
     -kernel "$guest/vmlinuz"
     -initrd "$initrd"
-    -append "console=ttyS0 panic=-1 loglevel=4 $append"
+    -append "console=ttyS0 panic=-1 loglevel=4 edd=off $append"
     -nographic -no-reboot
     -nic none
 )
