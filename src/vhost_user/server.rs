@@ -130,7 +130,11 @@ impl Server {
             }
             info!("front-end connected");
             match daemon.wait() {
-                Ok(()) => info!("front-end disconnected"),
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
+                )) => info!("front-end disconnected"),
                 Err(e) => warn!("front-end connection ended: {e}"),
             }
             {
