@@ -20,13 +20,11 @@ pub enum Role {
 /// The QMP command handler of a colo-blk process.
 pub struct Controller {
     role: Role,
-    shutdown: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl Controller {
-    /// `shutdown` is what `quit` runs (the same path as SIGTERM).
-    pub fn new(role: Role, shutdown: Arc<dyn Fn() + Send + Sync>) -> Self {
-        Controller { role, shutdown }
+    pub fn new(role: Role) -> Self {
+        Controller { role }
     }
 }
 
@@ -94,13 +92,8 @@ impl CommandHandler for Controller {
                 Ok(json!({"status": "running", "running": true, "singlestep": false}))
             }
             ("quit", _) => {
+                // The QMP server replies, then the process stops like on SIGTERM.
                 only(args, &[])?;
-                let shutdown = self.shutdown.clone();
-                // Reply first; the process then stops like on SIGTERM.
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(100));
-                    shutdown();
-                });
                 Ok(json!({}))
             }
             ("query-replication", Role::Standalone) => {

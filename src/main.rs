@@ -12,7 +12,7 @@ use signal_hook::iterator::Signals;
 
 use colo_blk::cli::{Cli, RoleArg};
 use colo_blk::control::{Controller, Role};
-use colo_blk::qmp::EventSender;
+use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
 use colo_blk::replication::primary::{Primary, PrimaryOptions, ReplicatedDisk};
 use colo_blk::replication::secondary::{Secondary, SecondaryOptions};
@@ -158,8 +158,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         start_qmp(
             &runtime,
             qmp_path,
-            Controller::new(role.clone(), stop.clone()),
+            Controller::new(role.clone()),
             events.clone(),
+            stop.clone(),
         )?;
     }
 
@@ -200,13 +201,35 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-#[allow(unused_variables)]
+/// Starts the QMP control socket; a client's `quit` stops the process like SIGTERM.
 fn start_qmp(
     runtime: &tokio::runtime::Runtime,
     path: PathBuf,
     controller: Controller,
     events: EventSender,
+    stop: Arc<dyn Fn() + Send + Sync>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    // Wired to the QMP server when it lands.
+    let server = Arc::new(QmpServer::new(
+        Arc::new(controller),
+        events,
+        QmpVersion::default(),
+    ));
+    let listener = {
+        let _guard = runtime.enter();
+        QmpServer::bind_unix(&path)
+            .map_err(|e| format!("cannot listen on QMP socket {}: {e}", path.display()))?
+    };
+    info!("QMP listening on {}", path.display());
+    let s = server.clone();
+    runtime.spawn(async move {
+        if let Err(e) = s.serve_unix_listener(listener).await {
+            error!("QMP server: {e}");
+        }
+    });
+    runtime.spawn(async move {
+        server.quit_requested().await;
+        info!("QMP quit: shutting down");
+        stop();
+    });
     Ok(())
 }

@@ -301,6 +301,8 @@ fn secondary_killed_primary_keeps_serving_and_resyncs_a_new_secondary() {
     }
     let lost = pq.wait_event("REPLICATION_PEER_LOST");
     assert!(lost["timestamp"]["seconds"].as_u64().is_some());
+    // Forget the first connection's events; the next ones belong to the new secondary.
+    pq.events.clear();
     random_batch(&mut c, 300, 32);
     let q = pq.execute("query-replication", json!({})).unwrap();
     assert_ne!(q["state"], "connected");
@@ -357,8 +359,9 @@ fn qmp_errors_are_reported_not_fatal() {
         .execute("replication-checkpoint", json!({"bogus": 1}))
         .unwrap_err();
     assert_eq!(e["class"], "GenericError");
+    // A primary-only command is not there on the secondary.
     let e = sq.execute("replication-checkpoint", json!({})).unwrap_err();
-    assert!(e["desc"].as_str().unwrap().contains("not available"));
+    assert_eq!(e["class"], "CommandNotFound");
     let e = pq.execute("no-such-command", json!({})).unwrap_err();
     assert_eq!(e["class"], "CommandNotFound");
     assert_eq!(
