@@ -369,3 +369,139 @@ fn qmp_errors_are_reported_not_fatal() {
         true
     );
 }
+
+/// A hand-rolled primary: the secondary must reject corrupted and out-of-order frames before
+/// they reach its disk, and say why.
+#[test]
+fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
+    use colo_blk::replication::protocol::{Frame, Hello, HEADER_LEN, VERSION};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    let dir = common::tempdir();
+    let (_s, port) = start_secondary(dir.path(), "secondary.img", false, 0, &[]);
+    let mut sq = Qmp::connect(&dir.path().join("secondary.qmp"));
+    let connect = || {
+        let mut t = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let hello = Frame::Hello(Hello {
+            version: VERSION,
+            disk_size: DISK,
+            block_size: 512,
+            epoch: 0,
+            sync: false,
+        });
+        t.write_all(&hello.encode()).unwrap();
+        let mut h = [0u8; HEADER_LEN];
+        t.read_exact(&mut h).unwrap();
+        let raw = Frame::parse_header(&h).unwrap();
+        let mut payload = vec![0u8; raw.payload_len];
+        t.read_exact(&mut payload).unwrap();
+        assert!(matches!(
+            Frame::from_parts(raw, payload).unwrap(),
+            Frame::Welcome(_)
+        ));
+        t
+    };
+    let good = |seq: u64, off: u64| {
+        Frame::Write {
+            seq,
+            offset: off,
+            data: pattern(seq, 4096),
+        }
+        .encode()
+    };
+
+    // 1. A frame whose payload was damaged on the way.
+    let mut t = connect();
+    t.write_all(&good(1, 0)).unwrap();
+    let mut bad = good(2, 8192);
+    bad[HEADER_LEN + 100] ^= 0x40;
+    t.write_all(&bad).unwrap();
+    let ev = sq.wait_event("REPLICATION_PEER_LOST");
+    assert!(
+        ev["data"]["reason"].as_str().unwrap().contains("checksum"),
+        "{ev}"
+    );
+    // 2. A sequence gap.
+    let mut t = connect();
+    t.write_all(&good(1, 16384)).unwrap();
+    t.write_all(&good(3, 24576)).unwrap();
+    let ev = sq.wait_event("REPLICATION_PEER_LOST");
+    assert!(
+        ev["data"]["reason"].as_str().unwrap().contains("sequence"),
+        "{ev}"
+    );
+    // 3. Garbage instead of a header.
+    let mut t = connect();
+    t.write_all(&[0x55u8; 64]).unwrap();
+    let ev = sq.wait_event("REPLICATION_PEER_LOST");
+    assert!(
+        ev["data"]["reason"].as_str().unwrap().contains("magic"),
+        "{ev}"
+    );
+    // 4. A write past the end of the disk: refused by the applier, link broken.
+    let mut t = connect();
+    t.write_all(
+        &Frame::Write {
+            seq: 1,
+            offset: DISK - 512,
+            data: vec![1; 4096],
+        }
+        .encode(),
+    )
+    .unwrap();
+    let ev = sq.wait_event("REPLICATION_PEER_LOST");
+    assert!(
+        ev["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cannot apply"),
+        "{ev}"
+    );
+    drop(t);
+
+    // Only the good frames reached the disk.
+    let disk = read_file(&dir.path().join("secondary.img"));
+    assert_eq!(disk[..4096], pattern(1, 4096)[..]);
+    assert!(
+        disk[8192..12288].iter().all(|&b| b == 0),
+        "corrupted frame reached the disk"
+    );
+    assert_eq!(disk[16384..20480], pattern(1, 4096)[..]);
+    assert!(
+        disk[24576..28672].iter().all(|&b| b == 0),
+        "out-of-order frame reached the disk"
+    );
+    assert!(disk[(DISK - 512) as usize..].iter().all(|&b| b == 0));
+    // And the rollback restores the checkpoint (all zeros).
+    sq.execute("replication-failover", json!({})).unwrap();
+    assert!(read_file(&dir.path().join("secondary.img"))
+        .iter()
+        .all(|&b| b == 0));
+}
+
+/// A peer that stops answering (not a closed socket) is detected through heartbeats.
+#[test]
+fn a_frozen_secondary_is_declared_lost_by_heartbeat() {
+    let (mut p, mut pq, _sq) = pair(false, &[]);
+    let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
+    random_batch(&mut c, 5, 16);
+    let s = p.secondary.as_mut().unwrap();
+    // SAFETY: kill(2) on a child we own.
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGSTOP) };
+    let ev = pq.wait_event("REPLICATION_PEER_LOST");
+    assert!(
+        ev["data"]["reason"].as_str().unwrap().contains("heartbeat"),
+        "{ev}"
+    );
+    // The guest's writes keep completing, tracked as dirty.
+    random_batch(&mut c, 6, 16);
+    assert!(
+        pq.execute("query-replication", json!({})).unwrap()["dirty-bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGCONT) };
+}

@@ -53,6 +53,8 @@ pub enum ProtocolError {
         got: &'static str,
         expected: &'static str,
     },
+    #[error("{0}")]
+    Apply(String),
     #[error("sequence gap: expected {expected}, got {got}")]
     Sequence { expected: u64, got: u64 },
 }

@@ -259,7 +259,7 @@ impl Secondary {
                         Some(Err(message)) => {
                             let _ = wr.write_all(&Frame::Error { message: message.clone() }.encode()).await;
                             let _ = wr.flush().await;
-                            return Err(ProtocolError::Refused(message));
+                            return Err(ProtocolError::Apply(message));
                         }
                         None => return Ok::<(), ProtocolError>(()),
                     },
