@@ -6,6 +6,7 @@
 //! - [`vhost_user`]: the thin vhost-user glue and the reconnecting accept loop.
 
 pub mod cli;
+pub mod qmp;
 pub mod storage;
 pub mod vhost_user;
 pub mod virtio;
