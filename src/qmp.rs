@@ -522,10 +522,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
                         }
                     };
                     let quit = r.quit && reply.get("return").is_some();
-                    self.write(&to_line(&reply)).await?;
+                    let written = self.write(&to_line(&reply)).await;
                     if quit {
+                        // Accepted: signal it even if the client is already gone.
                         self.server.quit.send_replace(true);
                     }
+                    written?;
                 }
                 res = self.rd.read(&mut chunk), if running.is_none() && !eof => {
                     match res? {
@@ -686,20 +688,27 @@ fn check_capabilities(args: &Map<String, Value>) -> Result<(), QmpError> {
             "Invalid parameter type for 'enable', expected: array".into(),
         ));
     };
+    // Like QEMU: first the whole list must parse as known capabilities...
     for (i, cap) in list.iter().enumerate() {
-        let Value::String(cap) = cap else {
-            return Err(QmpError::InvalidParameter(format!(
-                "Invalid parameter type for 'enable[{i}]', expected: string"
-            )));
-        };
-        if cap == "oob" {
-            return Err(QmpError::Generic("Capability 'oob' not available".into()));
+        match cap {
+            Value::String(cap) if cap == "oob" => {}
+            Value::String(cap) => {
+                return Err(QmpError::InvalidParameter(format!(
+                    "Parameter 'enable[{i}]' does not accept value '{cap}'"
+                )))
+            }
+            _ => {
+                return Err(QmpError::InvalidParameter(format!(
+                    "Invalid parameter type for 'enable[{i}]', expected: string"
+                )))
+            }
         }
-        return Err(QmpError::InvalidParameter(format!(
-            "Parameter 'enable[{i}]' does not accept value '{cap}'"
-        )));
     }
-    Ok(())
+    // ...then each must be offered, and none is.
+    match list.first() {
+        Some(_) => Err(QmpError::Generic("Capability 'oob' not available".into())),
+        None => Ok(()),
+    }
 }
 
 /// An error as put on the wire: built-in replies use QEMU's exact classes and wording.
@@ -1202,6 +1211,14 @@ mod tests {
             err(
                 "GenericError",
                 "Parameter 'enable[0]' does not accept value 'foo'"
+            )
+        );
+        assert_eq!(
+            c.cmd(json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob", 3]}}))
+                .await,
+            err(
+                "GenericError",
+                "Invalid parameter type for 'enable[1]', expected: string"
             )
         );
         assert_eq!(
