@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::qmp::args::{opt_bool, opt_u64, reject_unknown as only};
 use crate::qmp::{CommandHandler, QmpError};
 use crate::replication::primary::Primary;
 use crate::replication::secondary::Secondary;
@@ -25,34 +26,6 @@ pub struct Controller {
 impl Controller {
     pub fn new(role: Role) -> Self {
         Controller { role }
-    }
-}
-
-/// Checks that `args` holds only `allowed` keys.
-fn only(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), QmpError> {
-    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(QmpError::InvalidParameter(format!(
-            "Parameter '{k}' is unexpected"
-        ))),
-        None => Ok(()),
-    }
-}
-
-fn opt_u64(args: &Map<String, Value>, key: &str) -> Result<Option<u64>, QmpError> {
-    match args.get(key) {
-        None => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            QmpError::InvalidParameter(format!("Parameter '{key}' expects a non-negative integer"))
-        }),
-    }
-}
-
-fn opt_bool(args: &Map<String, Value>, key: &str) -> Result<Option<bool>, QmpError> {
-    match args.get(key) {
-        None => Ok(None),
-        Some(v) => v.as_bool().map(Some).ok_or_else(|| {
-            QmpError::InvalidParameter(format!("Parameter '{key}' expects a boolean"))
-        }),
     }
 }
 

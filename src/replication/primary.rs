@@ -30,6 +30,9 @@ use super::protocol::{read_frame, Frame, Hello, ProtocolError, HEADER_LEN, MAX_P
 use crate::qmp::EventSender;
 use crate::storage::BlockDevice;
 
+/// Builds a stream frame once its sequence number is known.
+type FrameMaker<'a> = Box<dyn FnOnce(u64) -> Frame + 'a>;
+
 /// How the primary forwards writes.
 #[derive(Debug, Clone)]
 pub struct PrimaryOptions {
@@ -218,7 +221,7 @@ impl Primary {
         offset: u64,
         len: u64,
         local: impl FnOnce() -> io::Result<()>,
-        frames: Vec<(u64, Box<dyn FnOnce(u64) -> Frame + '_>)>,
+        frames: Vec<(u64, FrameMaker<'_>)>,
     ) -> io::Result<()> {
         let last = {
             let _order = self.order();
@@ -660,12 +663,12 @@ impl BlockDevice for ReplicatedDisk {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let p = &self.primary;
-        let frames: Vec<(u64, Box<dyn FnOnce(u64) -> Frame + '_>)> = buf
+        let frames: Vec<(u64, FrameMaker<'_>)> = buf
             .chunks(MAX_PAYLOAD)
             .enumerate()
             .map(|(i, chunk)| {
                 let off = offset + (i * MAX_PAYLOAD) as u64;
-                let make: Box<dyn FnOnce(u64) -> Frame> = Box::new(move |seq| Frame::Write {
+                let make: FrameMaker<'_> = Box::new(move |seq| Frame::Write {
                     seq,
                     offset: off,
                     data: chunk.to_vec(),
