@@ -505,3 +505,52 @@ fn a_frozen_secondary_is_declared_lost_by_heartbeat() {
     // SAFETY: as above.
     unsafe { libc::kill(s.child.id() as i32, libc::SIGCONT) };
 }
+
+/// The stock python QMP client (`qemu.qmp`, as used by QEMU's own tooling) drives a checkpoint.
+#[test]
+fn stock_python_qmp_client_drives_a_checkpoint() {
+    let has_client = std::process::Command::new("python3")
+        .args(["-c", "import qemu.qmp"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_client {
+        let msg = "python3 with qemu.qmp missing (pip install qemu.qmp)";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("\n*** SKIPPED: {msg} ***\n");
+        return;
+    }
+    let (p, _pq, _sq) = pair(false, &[]);
+    let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
+    random_batch(&mut c, 77, 16);
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/qmp_replication.py"
+        ))
+        .arg(p.path("primary.qmp"))
+        .arg(p.path("secondary.qmp"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("qmp_replication: OK"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(read_file(&p.path("secondary.img")) == read_file(&p.path("primary.img")));
+}
+
+/// SIGTERM on either side of a pair: clean exit 0, nothing lost on the primary's disk.
+#[test]
+fn sigterm_stops_both_roles_cleanly() {
+    let (mut p, _pq, _sq) = pair(false, &[]);
+    let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
+    assert_eq!(c.write(0, 12288, &pattern(42, 8192)), 0);
+    assert!(p.primary.take().unwrap().terminate().success());
+    assert!(p.secondary.take().unwrap().terminate().success());
+    assert_eq!(
+        read_file(&p.path("primary.img"))[12288..20480],
+        pattern(42, 8192)[..]
+    );
+}
