@@ -30,9 +30,6 @@ use super::protocol::{read_frame, Frame, Hello, ProtocolError, HEADER_LEN, MAX_P
 use crate::qmp::EventSender;
 use crate::storage::BlockDevice;
 
-/// Builds a stream frame once its sequence number is known.
-type FrameMaker<'a> = Box<dyn FnOnce(u64) -> Frame + 'a>;
-
 /// How the primary forwards writes.
 #[derive(Debug, Clone)]
 pub struct PrimaryOptions {
@@ -215,26 +212,23 @@ impl Primary {
         Ok(())
     }
 
-    /// Runs a local modification and forwards it, in order.
+    /// Runs a local modification and forwards it, in order. `body` applies the change locally
+    /// and queues its frames (through [`Primary::enqueue`]), returning the last sequence number
+    /// queued; it runs under the order lock.
     fn replicate(
         &self,
         offset: u64,
         len: u64,
-        local: impl FnOnce() -> io::Result<()>,
-        frames: Vec<(u64, FrameMaker<'_>)>,
+        body: impl FnOnce() -> io::Result<Option<u64>>,
     ) -> io::Result<()> {
         let last = {
             let _order = self.order();
-            local()?;
+            // Mark first: a change is dirty from the moment it may have touched the disk.
             self.dirty
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .mark(offset, len);
-            let mut last = None;
-            for (cost, make) in frames {
-                last = self.enqueue(cost, make).or(last);
-            }
-            last
+            body()?
         };
         if self.opts.sync {
             if let Some(seq) = last {
@@ -243,6 +237,20 @@ impl Primary {
             }
         }
         Ok(())
+    }
+
+    /// Applies a small control-free change locally and queues the one frame describing it.
+    fn replicate_one(
+        &self,
+        offset: u64,
+        len: u64,
+        local: impl FnOnce() -> io::Result<()>,
+        make: impl FnOnce(u64) -> Frame,
+    ) -> io::Result<()> {
+        self.replicate(offset, len, || {
+            local()?;
+            Ok(self.enqueue(HEADER_LEN as u64, make))
+        })
     }
 
     // ---- control operations ----
@@ -644,6 +652,39 @@ impl ReplicatedDisk {
     }
 }
 
+impl ReplicatedDisk {
+    /// Writes `data` locally, then hands the same buffer to the link (split into frames of at
+    /// most [`MAX_PAYLOAD`] bytes only when it is larger).
+    fn write_owned(&self, data: Vec<u8>, offset: u64) -> io::Result<()> {
+        let p = &self.primary;
+        let len = data.len() as u64;
+        p.replicate(offset, len, move || {
+            p.local.write_at(&data, offset)?;
+            if data.len() <= MAX_PAYLOAD {
+                // The common case: the buffer itself becomes the frame.
+                return Ok(p.enqueue(len + HEADER_LEN as u64, move |seq| Frame::Write {
+                    seq,
+                    offset,
+                    data,
+                }));
+            }
+            let mut last = None;
+            for (i, chunk) in data.chunks(MAX_PAYLOAD).enumerate() {
+                let off = offset + (i * MAX_PAYLOAD) as u64;
+                let cost = chunk.len() as u64 + HEADER_LEN as u64;
+                last = p
+                    .enqueue(cost, |seq| Frame::Write {
+                        seq,
+                        offset: off,
+                        data: chunk.to_vec(),
+                    })
+                    .or(last);
+            }
+            Ok(last)
+        })
+    }
+}
+
 impl BlockDevice for ReplicatedDisk {
     fn capacity(&self) -> u64 {
         self.primary.local.capacity()
@@ -662,66 +703,45 @@ impl BlockDevice for ReplicatedDisk {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let p = &self.primary;
-        let frames: Vec<(u64, FrameMaker<'_>)> = buf
-            .chunks(MAX_PAYLOAD)
-            .enumerate()
-            .map(|(i, chunk)| {
-                let off = offset + (i * MAX_PAYLOAD) as u64;
-                let make: FrameMaker<'_> = Box::new(move |seq| Frame::Write {
-                    seq,
-                    offset: off,
-                    data: chunk.to_vec(),
-                });
-                (chunk.len() as u64 + HEADER_LEN as u64, make)
-            })
-            .collect();
-        p.replicate(
-            offset,
-            buf.len() as u64,
-            || p.local.write_at(buf, offset),
-            frames,
-        )
+        self.write_owned(buf.to_vec(), offset)
+    }
+
+    fn write_from_guest(
+        &self,
+        offset: u64,
+        bufs: &[crate::storage::GuestSlice<'_>],
+    ) -> io::Result<()> {
+        // The copy the link needs anyway is the only copy out of guest memory.
+        self.write_owned(crate::storage::gather(bufs), offset)
     }
 
     fn flush(&self) -> io::Result<()> {
         let p = &self.primary;
-        p.replicate(
-            0,
-            0,
-            || p.local.flush(),
-            vec![(HEADER_LEN as u64, Box::new(|seq| Frame::Flush { seq }))],
-        )
+        p.replicate_one(0, 0, || p.local.flush(), |seq| Frame::Flush { seq })
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let p = &self.primary;
-        p.replicate(
+        p.replicate_one(
             offset,
             len,
             || p.local.discard(offset, len),
-            vec![(
-                HEADER_LEN as u64,
-                Box::new(move |seq| Frame::Discard { seq, offset, len }),
-            )],
+            |seq| Frame::Discard { seq, offset, len },
         )
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         let p = &self.primary;
-        p.replicate(
+        p.replicate_one(
             offset,
             len,
             || p.local.write_zeroes(offset, len, unmap),
-            vec![(
-                HEADER_LEN as u64,
-                Box::new(move |seq| Frame::WriteZeroes {
-                    seq,
-                    offset,
-                    len,
-                    unmap,
-                }),
-            )],
+            |seq| Frame::WriteZeroes {
+                seq,
+                offset,
+                len,
+                unmap,
+            },
         )
     }
 }
