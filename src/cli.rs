@@ -185,6 +185,11 @@ pub struct Cli {
     #[arg(long)]
     pub direct: bool,
 
+    /// Threads that run requests when a queue has several pending (0: each queue's worker
+    /// runs its requests one at a time)
+    #[arg(long, value_name = "N", default_value = "16")]
+    pub io_threads: usize,
+
     /// Logical block size reported to the guest
     #[arg(long, value_name = "BYTES", default_value = "512", value_parser = parse_block_size)]
     pub logical_block_size: u32,
@@ -235,6 +240,9 @@ impl Cli {
         }
         if !self.dirty_granularity.is_power_of_two() || self.dirty_granularity < 4096 {
             return Err("--dirty-granularity must be a power of two of at least 4K".into());
+        }
+        if self.io_threads > 256 {
+            return Err("--io-threads: at most 256".into());
         }
         if self.window < (1 << 20) {
             return Err("--window must be at least 1M".into());

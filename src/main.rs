@@ -117,8 +117,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     // vhost-user server (for the secondary: only when a Secondary VM attaches).
-    let server = cli.socket.as_ref().map(|socket| {
-        Server::new(
+    let server = match cli.socket.as_ref() {
+        Some(socket) => Some(Server::new(
             socket,
             disk.clone(),
             DeviceOptions {
@@ -128,8 +128,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 read_only: cli.read_only,
                 logical_block_size: cli.logical_block_size,
             },
-        )
-    });
+            cli.io_threads,
+        )?),
+        None => None,
+    };
 
     // One shutdown path for SIGTERM, SIGINT and QMP `quit`.
     let (stop_tx, stop_rx) = mpsc::channel::<()>();

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use log::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
@@ -16,6 +16,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::io_pool::{InFlight, IoPool};
 use crate::storage::{BlockDevice, GuestMem};
 use crate::virtio::config::BlkConfig;
 use crate::virtio::request::{self, DeviceInfo, Limits, Parsed};
@@ -50,20 +51,24 @@ struct Shared {
     event_idx: AtomicBool,
     mem: RwLock<Option<Mem>>,
     stats: Arc<Vec<QueueStats>>,
+    inflight: InFlight,
 }
 
 /// The backend handed to `VhostUserDaemon`. Cheap to clone; one is built per connection.
 #[derive(Clone)]
 pub struct BlkBackend {
     shared: Arc<Shared>,
+    pool: Option<Arc<IoPool>>,
 }
 
 impl BlkBackend {
     /// A device serving `disk`.
+    /// A device serving `disk`; with a `pool`, several requests of one queue run at once.
     pub fn new(
         disk: Arc<dyn BlockDevice>,
         opts: &DeviceOptions,
         stats: Arc<Vec<QueueStats>>,
+        pool: Option<Arc<IoPool>>,
     ) -> Self {
         // Two descriptors are taken by the header and the status byte.
         let seg_max = u32::from(opts.queue_size).saturating_sub(2).max(1);
@@ -98,56 +103,107 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 mem: RwLock::new(None),
                 stats,
+                inflight: InFlight::default(),
             }),
+            pool,
         }
     }
 
-    /// Pops and completes every available chain of one queue.
-    fn process_queue(
-        &self,
-        state: &mut VringState<Mem>,
-        mem: &GuestMemoryLoadGuard<GuestMem>,
+    /// Parses and executes one chain; returns what goes on the used ring.
+    fn run_chain(
+        shared: &Shared,
+        mem: &GuestMem,
+        head: u16,
+        parsed: Parsed,
         stats: Option<&QueueStats>,
-    ) -> io::Result<bool> {
-        let s = &self.shared;
-        let mut used_any = false;
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-            let head = chain.head_index();
-            let completion = match request::parse(mem, chain, s.limits) {
-                Parsed::Ok(req) => {
-                    let c = request::execute(mem, s.disk.as_ref(), &s.info, &req);
-                    if let Some(st) = stats {
-                        st.requests.fetch_add(1, Ordering::Relaxed);
-                        if c.status != 0 {
-                            st.errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    c
-                }
-                Parsed::Malformed { status, why } => {
-                    warn!("malformed request (head {head}): {why}");
-                    if let Some(st) = stats {
-                        st.malformed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    request::fail(mem, status)
-                }
-                Parsed::NoStatus { why } => {
-                    warn!("malformed request (head {head}) completed without status: {why}");
-                    if let Some(st) = stats {
-                        st.malformed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    request::Completion {
-                        status: 0,
-                        used_len: 0,
+    ) -> request::Completion {
+        match parsed {
+            Parsed::Ok(req) => {
+                let c = request::execute(mem, shared.disk.as_ref(), &shared.info, &req);
+                if let Some(st) = stats {
+                    st.requests.fetch_add(1, Ordering::Relaxed);
+                    if c.status != 0 {
+                        st.errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-            };
-            state
-                .add_used(head, completion.used_len)
-                .map_err(|e| io::Error::other(format!("add_used: {e:?}")))?;
-            used_any = true;
+                c
+            }
+            Parsed::Malformed { status, why } => {
+                warn!("malformed request (head {head}): {why}");
+                if let Some(st) = stats {
+                    st.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+                request::fail(mem, status)
+            }
+            Parsed::NoStatus { why } => {
+                warn!("malformed request (head {head}) completed without status: {why}");
+                if let Some(st) = stats {
+                    st.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+                request::Completion {
+                    status: 0,
+                    used_len: 0,
+                }
+            }
         }
-        Ok(used_any)
+    }
+
+    /// Puts a completed chain on the used ring and notifies the driver when it wants it.
+    fn complete(&self, vring: &Vring, head: u16, used_len: u32) {
+        let mut state = vring.get_mut();
+        if let Err(e) = state.add_used(head, used_len) {
+            warn!("add_used({head}) failed: {e:?}");
+        } else {
+            let notify = if self.shared.event_idx.load(Ordering::Relaxed) {
+                state.needs_notification().unwrap_or(true)
+            } else {
+                true
+            };
+            if notify {
+                if let Err(e) = state.signal_used_queue() {
+                    debug!("signalling the used queue failed: {e}");
+                }
+            }
+        }
+        drop(state);
+        self.shared.inflight.done();
+    }
+
+    /// Pops every available chain (re-checking after re-enabling notifications with
+    /// EVENT_IDX) and parses them; the queue lock is held only for this.
+    fn pop_all(
+        &self,
+        vring: &Vring,
+        mem: &GuestMemoryLoadGuard<GuestMem>,
+    ) -> io::Result<Vec<(u16, Parsed)>> {
+        let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
+        let mut state = vring.get_mut();
+        let mut batch = Vec::new();
+        loop {
+            if event_idx {
+                state
+                    .disable_notification()
+                    .map_err(|e| io::Error::other(format!("{e:?}")))?;
+            }
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                let head = chain.head_index();
+                batch.push((head, request::parse(mem, chain, self.shared.limits)));
+            }
+            if !event_idx
+                || !state
+                    .enable_notification()
+                    .map_err(|e| io::Error::other(format!("{e:?}")))?
+            {
+                break;
+            }
+        }
+        self.shared.inflight.add(batch.len());
+        Ok(batch)
+    }
+
+    /// Waits until every request popped so far is completed.
+    pub fn wait_idle(&self) {
+        self.shared.inflight.wait_idle();
     }
 }
 
@@ -238,29 +294,23 @@ impl VhostUserBackend for BlkBackend {
                 return Ok(());
             }
         };
-        let stats = self.shared.stats.get(thread_id);
-        let mut state = vring.get_mut();
-        if self.shared.event_idx.load(Ordering::Relaxed) {
-            loop {
-                state
-                    .disable_notification()
-                    .map_err(|e| io::Error::other(format!("{e:?}")))?;
-                self.process_queue(&mut state, &mem, stats)?;
-                if !state
-                    .enable_notification()
-                    .map_err(|e| io::Error::other(format!("{e:?}")))?
-                {
-                    break;
-                }
+        let mut batch = self.pop_all(vring, &mem)?;
+        // All but the last request go to the I/O pool; the last runs here.
+        let last = batch.pop();
+        if let Some(pool) = self.pool.as_ref() {
+            for (head, parsed) in batch.drain(..) {
+                let (me, vring, mem) = (self.clone(), vring.clone(), mem.clone());
+                pool.spawn(move || {
+                    let stats = me.shared.stats.get(thread_id);
+                    let c = Self::run_chain(&me.shared, &mem, head, parsed, stats);
+                    me.complete(&vring, head, c.used_len);
+                });
             }
-            if state
-                .needs_notification()
-                .map_err(|e| io::Error::other(format!("{e:?}")))?
-            {
-                state.signal_used_queue()?;
-            }
-        } else if self.process_queue(&mut state, &mem, stats)? {
-            state.signal_used_queue()?;
+        }
+        for (head, parsed) in batch.into_iter().chain(last) {
+            let stats = self.shared.stats.get(thread_id);
+            let c = Self::run_chain(&self.shared, &mem, head, parsed, stats);
+            self.complete(vring, head, c.used_len);
         }
         Ok(())
     }

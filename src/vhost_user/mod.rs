@@ -2,6 +2,7 @@
 //! implementation and the accept/reconnect loop around it.
 
 pub mod backend;
+pub mod io_pool;
 pub mod server;
 
 pub use backend::{BlkBackend, DeviceOptions, QueueStats};

@@ -15,6 +15,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::backend::{BlkBackend, DeviceOptions, QueueStats};
+use super::io_pool::IoPool;
 use crate::storage::BlockDevice;
 
 /// Errors of the vhost-user server.
@@ -72,24 +73,38 @@ pub struct Server {
     socket: PathBuf,
     disk: Arc<dyn BlockDevice>,
     opts: DeviceOptions,
+    pool: Option<Arc<IoPool>>,
     control: ServerControl,
     stats: Arc<Vec<QueueStats>>,
 }
 
 impl Server {
-    pub fn new(socket: &Path, disk: Arc<dyn BlockDevice>, opts: DeviceOptions) -> Self {
+    /// A server for `disk`. With `io_threads > 0`, a pool of that many threads lets each queue
+    /// keep several requests in flight.
+    pub fn new(
+        socket: &Path,
+        disk: Arc<dyn BlockDevice>,
+        opts: DeviceOptions,
+        io_threads: usize,
+    ) -> std::io::Result<Self> {
         let stats = Arc::new(
             (0..opts.num_queues)
                 .map(|_| QueueStats::default())
                 .collect(),
         );
-        Server {
+        let pool = if io_threads > 0 {
+            Some(IoPool::new(io_threads)?)
+        } else {
+            None
+        };
+        Ok(Server {
             socket: socket.to_path_buf(),
             disk,
             opts,
+            pool,
             control: ServerControl::default(),
             stats,
-        }
+        })
     }
 
     /// The handle that stops this server.
@@ -111,9 +126,14 @@ impl Server {
             })?;
         info!("vhost-user socket listening on {}", self.socket.display());
         while !self.control.stopping() {
-            let backend = BlkBackend::new(self.disk.clone(), &self.opts, self.stats.clone());
+            let backend = BlkBackend::new(
+                self.disk.clone(),
+                &self.opts,
+                self.stats.clone(),
+                self.pool.clone(),
+            );
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let mut daemon = VhostUserDaemon::new("colo-blk".to_string(), backend, mem)
+            let mut daemon = VhostUserDaemon::new("colo-blk".to_string(), backend.clone(), mem)
                 .map_err(|e| ServerError::Daemon(e.to_string()))?;
             if let Err(e) = daemon.start(&mut listener) {
                 warn!("accepting a vhost-user connection failed: {e}");
@@ -142,9 +162,10 @@ impl Server {
                 st.connection = None;
                 st.connected = false;
             }
-            // Dropping the daemon stops and joins the queue workers: every request they
-            // popped has been completed by then.
+            // Dropping the daemon stops and joins the queue workers; then every request they
+            // handed to the I/O pool is waited for.
             drop(daemon);
+            backend.wait_idle();
             if let Err(e) = self.disk.flush() {
                 warn!("flush after disconnect failed: {e}");
             }

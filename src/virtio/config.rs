@@ -77,10 +77,6 @@ impl BlkConfig {
     }
 }
 
-/// Named feature bits, for logging.
-#[derive(Debug, Clone, Copy)]
-pub struct DeviceFeatures(pub u64);
-
 #[cfg(test)]
 mod tests {
     use super::*;

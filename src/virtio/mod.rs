@@ -3,5 +3,5 @@
 pub mod config;
 pub mod request;
 
-pub use config::{BlkConfig, DeviceFeatures};
+pub use config::BlkConfig;
 pub use request::{execute, parse, Parsed, Request, RequestKind};
