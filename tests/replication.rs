@@ -346,6 +346,15 @@ fn mismatched_disk_size_is_refused_with_a_clear_error() {
     let mut pq = Qmp::connect(&dir.path().join("primary.qmp"));
     let q = pq.execute("query-replication", json!({})).unwrap();
     assert_ne!(q["state"], "connected");
+    // The primary reports the refusal too (its event may predate our QMP connection).
+    let err = match q["last-error"].as_str() {
+        Some(e) => e.to_string(),
+        None => pq.wait_event("REPLICATION_ERROR")["data"]["error"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    };
+    assert!(err.contains("disk size mismatch"), "{err}");
 }
 
 #[test]

@@ -431,7 +431,7 @@ impl Primary {
     }
 
     fn link_down(&self, reason: &str) {
-        let was_connected = {
+        let (was_connected, new_error) = {
             let mut st = self.state();
             let was = st.tx.take().is_some();
             st.in_flight.clear();
@@ -441,13 +441,22 @@ impl Primary {
             if st.peer != PeerState::Stopped {
                 st.peer = PeerState::Connecting;
             }
-            if was {
-                st.last_error = Some(reason.to_string());
-            }
-            was
+            let new_error = st.last_error.as_deref() != Some(reason);
+            st.last_error = Some(reason.to_string());
+            (was, new_error)
         };
         self.cond.notify_all();
-        if was_connected {
+        if !was_connected {
+            // The secondary refused us (or broke the handshake): say so once per new reason,
+            // not at every retry.
+            if new_error && reason != "replication stopped" {
+                warn!("secondary {} refused replication: {reason}", self.opts.peer);
+                self.events.emit(
+                    "REPLICATION_ERROR",
+                    json!({"role": "primary", "error": reason}),
+                );
+            }
+        } else {
             warn!("replication link lost: {reason}; the guest keeps running, changes are tracked");
             let dirty = self
                 .dirty
