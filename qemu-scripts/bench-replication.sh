@@ -128,6 +128,12 @@ for w in sorted({k[0] for k in rows}):
     print(f"| {w} | {s:,.0f} | {p:,.0f} | **{p/s:.2f}** | {sm:,.0f} | {pm:,.0f} |")
 PY
 
+# Sequential 1 MiB writes over the first MIB MiB of a device until each block was written.
+fill() { # SOCKET MIB
+    local secs=$(( $2 / 100 + 2 ))
+    "$BENCH" --socket "$1" --workload seqwrite-1m-qd8 --working-set "$2M" --warmup 0 --seconds "$secs" >/dev/null
+}
+
 # Checkpoint and failover costs on a secondary with a Secondary VM socket.
 checkpoint_and_failover() { # BUFFERED_MIB SVM_MIB
     local buffered=$1 svm=$2
@@ -140,11 +146,12 @@ checkpoint_and_failover() { # BUFFERED_MIB SVM_MIB
     port=$(grep -o '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
     ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --image "$WORKDIR/p.img" \
         --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp")
-    # Fill the hidden layer with BUFFERED_MIB of primary writes (sequential, 1 MiB each).
-    "$BENCH" --socket "$WORKDIR/p.sock" --workload seqwrite-1m-qd8 --seconds 600 --max-bytes "${buffered}M" --json --label fill >/dev/null
+    # Fill the hidden layer: sequential 1 MiB primary writes over the first BUFFERED_MIB of the
+    # disk, long enough to cover it (query-replication below reports what is buffered).
+    fill "$WORKDIR/p.sock" "$buffered"
     qmp "$WORKDIR/p.qmp" replication-prepare-checkpoint '{"timeout-ms": 600000}' >/dev/null
     if [ "$svm" -gt 0 ]; then
-        "$BENCH" --socket "$WORKDIR/svm.sock" --workload seqwrite-1m-qd8 --seconds 600 --max-bytes "${svm}M" --json --label svm >/dev/null
+        fill "$WORKDIR/svm.sock" "$svm"
     fi
     local q
     q=$(qmp "$WORKDIR/s.qmp" query-replication)
@@ -153,8 +160,8 @@ checkpoint_and_failover() { # BUFFERED_MIB SVM_MIB
         t0=$(date +%s%N)
         qmp "$WORKDIR/p.qmp" replication-checkpoint '{"timeout-ms": 600000}' >/dev/null
         t1=$(date +%s%N)
-        echo "checkpoint with $buffered MiB buffered: $(( (t1 - t0) / 1000 )) us end to end (QMP round trips included); secondary log: $(grep -o 'layers dropped in [^ ]*' "$WORKDIR/secondary.log" | tail -n1)"
-        "$BENCH" --socket "$WORKDIR/p.sock" --workload seqwrite-1m-qd8 --seconds 600 --max-bytes "${buffered}M" --json --label fill >/dev/null
+        echo "checkpoint with $(echo "$q" | python3 -c 'import json,sys; print(json.load(sys.stdin)["hidden-bytes"] >> 20)') MiB hidden: $(( (t1 - t0) / 1000 )) us end to end (python QMP client start-up included); secondary: $(grep -o 'layers dropped in [^ ]*' "$WORKDIR/secondary.log" | tail -n1)"
+        fill "$WORKDIR/p.sock" "$buffered"
         qmp "$WORKDIR/p.qmp" replication-prepare-checkpoint '{"timeout-ms": 600000}' >/dev/null
     fi
     local f
