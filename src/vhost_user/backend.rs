@@ -51,7 +51,8 @@ struct Shared {
     event_idx: AtomicBool,
     mem: RwLock<Option<Mem>>,
     stats: Arc<Vec<QueueStats>>,
-    inflight: InFlight,
+    /// Requests popped but not completed, per queue.
+    inflight: Vec<InFlight>,
 }
 
 /// The backend handed to `VhostUserDaemon`. Cheap to clone; one is built per connection.
@@ -103,7 +104,7 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 mem: RwLock::new(None),
                 stats,
-                inflight: InFlight::default(),
+                inflight: (0..opts.num_queues).map(|_| InFlight::default()).collect(),
             }),
             pool,
         }
@@ -149,7 +150,7 @@ impl BlkBackend {
     }
 
     /// Puts a completed chain on the used ring and notifies the driver when it wants it.
-    fn complete(&self, vring: &Vring, head: u16, used_len: u32) {
+    fn complete(&self, queue: usize, vring: &Vring, head: u16, used_len: u32) {
         let mut state = vring.get_mut();
         if let Err(e) = state.add_used(head, used_len) {
             warn!("add_used({head}) failed: {e:?}");
@@ -166,13 +167,16 @@ impl BlkBackend {
             }
         }
         drop(state);
-        self.shared.inflight.done();
+        if let Some(f) = self.shared.inflight.get(queue) {
+            f.done();
+        }
     }
 
     /// Pops every available chain (re-checking after re-enabling notifications with
     /// EVENT_IDX) and parses them; the queue lock is held only for this.
     fn pop_all(
         &self,
+        queue: usize,
         vring: &Vring,
         mem: &GuestMemoryLoadGuard<GuestMem>,
     ) -> io::Result<Vec<(u16, Parsed)>> {
@@ -197,13 +201,17 @@ impl BlkBackend {
                 break;
             }
         }
-        self.shared.inflight.add(batch.len());
+        if let Some(f) = self.shared.inflight.get(queue) {
+            f.add(batch.len());
+        }
         Ok(batch)
     }
 
     /// Waits until every request popped so far is completed.
     pub fn wait_idle(&self) {
-        self.shared.inflight.wait_idle();
+        for f in &self.shared.inflight {
+            f.wait_idle();
+        }
     }
 }
 
@@ -259,6 +267,15 @@ impl VhostUserBackend for BlkBackend {
         (0..self.num_queues()).map(|q| 1u64 << q).collect()
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the front-end reads the ring's state next, so every request of this
+        // queue still running on the I/O pool must be completed first.
+        if let Some(f) = self.shared.inflight.get(queue_index as usize) {
+            f.wait_idle();
+        }
+        Ok(())
+    }
+
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
@@ -294,7 +311,8 @@ impl VhostUserBackend for BlkBackend {
                 return Ok(());
             }
         };
-        let mut batch = self.pop_all(vring, &mem)?;
+        // One queue per worker thread: the thread index is the queue index.
+        let mut batch = self.pop_all(thread_id, vring, &mem)?;
         // All but the last request go to the I/O pool; the last runs here.
         let last = batch.pop();
         if let Some(pool) = self.pool.as_ref() {
@@ -303,14 +321,14 @@ impl VhostUserBackend for BlkBackend {
                 pool.spawn(move || {
                     let stats = me.shared.stats.get(thread_id);
                     let c = Self::run_chain(&me.shared, &mem, head, parsed, stats);
-                    me.complete(&vring, head, c.used_len);
+                    me.complete(thread_id, &vring, head, c.used_len);
                 });
             }
         }
         for (head, parsed) in batch.into_iter().chain(last) {
             let stats = self.shared.stats.get(thread_id);
             let c = Self::run_chain(&self.shared, &mem, head, parsed, stats);
-            self.complete(vring, head, c.used_len);
+            self.complete(thread_id, vring, head, c.used_len);
         }
         Ok(())
     }
