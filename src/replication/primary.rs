@@ -108,6 +108,9 @@ pub struct Primary {
     local: Arc<dyn BlockDevice>,
     opts: PrimaryOptions,
     order: Mutex<()>,
+    /// Changes queued but still being applied to the local disk: `(start, end)`.
+    ranges: Mutex<Vec<(u64, u64)>>,
+    ranges_idle: Condvar,
     state: Mutex<LinkState>,
     cond: Condvar,
     dirty: Mutex<DirtyBitmap>,
@@ -127,6 +130,8 @@ impl Primary {
             local,
             opts,
             order: Mutex::new(()),
+            ranges: Mutex::new(Vec::new()),
+            ranges_idle: Condvar::new(),
             state: Mutex::new(LinkState {
                 peer: PeerState::Connecting,
                 tx: None,
@@ -212,24 +217,34 @@ impl Primary {
         Ok(())
     }
 
-    /// Runs a local modification and forwards it, in order. `body` applies the change locally
-    /// and queues its frames (through [`Primary::enqueue`]), returning the last sequence number
-    /// queued; it runs under the order lock.
+    /// Runs a local modification and forwards it, in order.
+    ///
+    /// Under the order lock (briefly): mark the range dirty, wait until no earlier change to an
+    /// overlapping range is still being applied locally, claim the range, and queue the frames
+    /// (`enqueue_frames` returns the last sequence number). Then, outside the lock, `local`
+    /// applies the change while changes to other ranges proceed in parallel. So overlapping
+    /// changes take effect locally in sequence-number order, which is the order the secondary
+    /// applies them in, and non-overlapping ones, whose order does not matter, do not wait for
+    /// each other.
     fn replicate(
         &self,
         offset: u64,
         len: u64,
-        body: impl FnOnce() -> io::Result<Option<u64>>,
+        enqueue_frames: impl FnOnce() -> Option<u64>,
+        local: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
         let last = {
             let _order = self.order();
-            // Mark first: a change is dirty from the moment it may have touched the disk.
             self.dirty
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .mark(offset, len);
-            body()?
+            self.claim_range(offset, len);
+            enqueue_frames()
         };
+        let r = local();
+        self.release_range(offset, len);
+        r?;
         if self.opts.sync {
             if let Some(seq) = last {
                 // A broken link does not fail the guest's write: it is recorded as dirty.
@@ -239,7 +254,31 @@ impl Primary {
         Ok(())
     }
 
-    /// Applies a small control-free change locally and queues the one frame describing it.
+    /// Waits until no change overlapping `[offset, offset+len)` is being applied locally, then
+    /// records this one as in progress. Called with the order lock held.
+    fn claim_range(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        let mut ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        while len > 0 && ranges.iter().any(|&(o, e)| o < end && offset < e) {
+            ranges = self
+                .ranges_idle
+                .wait(ranges)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        ranges.push((offset, end));
+    }
+
+    fn release_range(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        let mut ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = ranges.iter().position(|&r| r == (offset, end)) {
+            ranges.swap_remove(i);
+        }
+        drop(ranges);
+        self.ranges_idle.notify_all();
+    }
+
+    /// Applies a change locally and queues the one frame describing it.
     fn replicate_one(
         &self,
         offset: u64,
@@ -247,10 +286,7 @@ impl Primary {
         local: impl FnOnce() -> io::Result<()>,
         make: impl FnOnce(u64) -> Frame,
     ) -> io::Result<()> {
-        self.replicate(offset, len, || {
-            local()?;
-            Ok(self.enqueue(HEADER_LEN as u64, make))
-        })
+        self.replicate(offset, len, || self.enqueue(HEADER_LEN as u64, make), local)
     }
 
     // ---- control operations ----
@@ -617,12 +653,17 @@ impl Primary {
         let mut buf = vec![0u8; dirty.granularity() as usize];
         for (offset, len) in dirty.ranges() {
             let _order = self.order();
+            // Changes queued before this point must be on the disk before it is read, or the
+            // resync frame (queued after theirs) would carry older data.
+            self.claim_range(offset, len);
             let data = &mut buf[..len as usize];
-            if let Err(e) = self.local.read_at(data, offset) {
+            let read = self.local.read_at(data, offset);
+            self.release_range(offset, len);
+            if let Err(e) = read {
                 warn!("resync read at {offset} failed: {e}");
                 return;
             }
-            let data = data.to_vec();
+            let data = Arc::new(data.to_vec());
             if self
                 .enqueue(len, |seq| Frame::Write { seq, offset, data })
                 .is_none()
@@ -667,15 +708,16 @@ impl ReplicatedDisk {
     fn write_owned(&self, data: Vec<u8>, offset: u64) -> io::Result<()> {
         let p = &self.primary;
         let len = data.len() as u64;
-        p.replicate(offset, len, move || {
-            p.local.write_at(&data, offset)?;
+        let data = Arc::new(data);
+        let frames = || {
             if data.len() <= MAX_PAYLOAD {
                 // The common case: the buffer itself becomes the frame.
-                return Ok(p.enqueue(len + HEADER_LEN as u64, move |seq| Frame::Write {
+                let d = data.clone();
+                return p.enqueue(len + HEADER_LEN as u64, move |seq| Frame::Write {
                     seq,
                     offset,
-                    data,
-                }));
+                    data: d,
+                });
             }
             let mut last = None;
             for (i, chunk) in data.chunks(MAX_PAYLOAD).enumerate() {
@@ -685,12 +727,13 @@ impl ReplicatedDisk {
                     .enqueue(cost, |seq| Frame::Write {
                         seq,
                         offset: off,
-                        data: chunk.to_vec(),
+                        data: Arc::new(chunk.to_vec()),
                     })
                     .or(last);
             }
-            Ok(last)
-        })
+            last
+        };
+        p.replicate(offset, len, frames, || p.local.write_at(&data, offset))
     }
 }
 

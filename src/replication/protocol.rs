@@ -11,6 +11,8 @@
 //!  +------+----+-----+--------+---------+---------+---------+------------+-------+---------
 //! ```
 
+use std::sync::Arc;
+
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -84,11 +86,11 @@ pub struct Welcome {
 pub enum Frame {
     Hello(Hello),
     Welcome(Welcome),
-    /// Guest data written at `offset` on the primary.
+    /// Guest data written at `offset` on the primary (shared with the primary's local write).
     Write {
         seq: u64,
         offset: u64,
-        data: Vec<u8>,
+        data: Arc<Vec<u8>>,
     },
     WriteZeroes {
         seq: u64,
@@ -179,9 +181,14 @@ impl Frame {
                 hello_buf.extend_from_slice(&w.disk_size.to_le_bytes());
                 (T_WELCOME, 0, 0, 0, 0, &hello_buf)
             }
-            Frame::Write { seq, offset, data } => {
-                (T_WRITE, 0, *seq, *offset, data.len() as u64, data)
-            }
+            Frame::Write { seq, offset, data } => (
+                T_WRITE,
+                0,
+                *seq,
+                *offset,
+                data.len() as u64,
+                data.as_slice(),
+            ),
             Frame::WriteZeroes {
                 seq,
                 offset,
@@ -317,7 +324,7 @@ impl Frame {
                 Frame::Write {
                     seq: h.seq,
                     offset: h.offset,
-                    data: payload,
+                    data: Arc::new(payload),
                 }
             }
             T_WRITE_ZEROES => {
@@ -414,7 +421,7 @@ mod tests {
             Frame::Write {
                 seq: 1,
                 offset: 4096,
-                data: vec![0xab; 1000],
+                data: Arc::new(vec![0xab; 1000]),
             },
             Frame::WriteZeroes {
                 seq: 2,
@@ -461,7 +468,7 @@ mod tests {
         let f = Frame::Write {
             seq: 42,
             offset: 8192,
-            data: (0..64u8).collect(),
+            data: Arc::new((0..64u8).collect()),
         };
         let good = f.encode();
         for byte in 0..good.len() {
