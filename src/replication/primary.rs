@@ -26,7 +26,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use super::dirty::DirtyBitmap;
-use super::protocol::{read_frame, Frame, Hello, ProtocolError, HEADER_LEN, MAX_PAYLOAD, VERSION};
+use super::protocol::{
+    read_frame, read_frame_within, Frame, Hello, ProtocolError, HEADER_LEN, MAX_PAYLOAD, VERSION,
+};
 use crate::qmp::EventSender;
 use crate::storage::BlockDevice;
 
@@ -602,12 +604,7 @@ impl Primary {
         let timeout = self.opts.peer_timeout;
         let reader = async move {
             loop {
-                let f = match tokio::time::timeout(timeout, read_frame(&mut rd)).await {
-                    Err(_) => {
-                        return Err(ProtocolError::Peer(format!("no heartbeat for {timeout:?}")))
-                    }
-                    Ok(r) => r?,
-                };
+                let f = read_frame_within(&mut rd, timeout).await?;
                 match f {
                     Frame::Ack { seq } => me.acked(seq)?,
                     Frame::Heartbeat => {}

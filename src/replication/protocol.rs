@@ -394,6 +394,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Protoc
     Frame::from_parts(header, payload)
 }
 
+/// Reads one frame, or fails when the peer sends nothing (not even a heartbeat) for `timeout`.
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    timeout: std::time::Duration,
+) -> Result<Frame, ProtocolError> {
+    match tokio::time::timeout(timeout, read_frame(r)).await {
+        Ok(f) => f,
+        Err(_) => Err(ProtocolError::Peer(format!("no heartbeat for {timeout:?}"))),
+    }
+}
+
 /// Writes one frame (not flushed).
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), ProtocolError> {
     w.write_all(&f.encode()).await?;

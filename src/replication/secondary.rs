@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use super::layers::LayeredDisk;
-use super::protocol::{read_frame, Frame, ProtocolError, Welcome, VERSION};
+use super::protocol::{read_frame, read_frame_within, Frame, ProtocolError, Welcome, VERSION};
 use crate::qmp::EventSender;
 use crate::storage::BlockDevice;
 
@@ -274,12 +274,7 @@ impl Secondary {
         let reader = async move {
             let mut expected = 1u64;
             loop {
-                let f = match tokio::time::timeout(timeout, read_frame(&mut rd)).await {
-                    Err(_) => {
-                        return Err(ProtocolError::Peer(format!("no heartbeat for {timeout:?}")))
-                    }
-                    Ok(r) => r?,
-                };
+                let f = read_frame_within(&mut rd, timeout).await?;
                 match f {
                     Frame::Heartbeat => continue,
                     Frame::Error { message } => return Err(ProtocolError::Peer(message)),

@@ -290,7 +290,7 @@ impl BlockDevice for RawImage {
                 iov_len: b.len(),
             })
             .collect();
-        let r = preadv_all(&self.file, &mut iov, offset);
+        let r = rw_vectored_all(&self.file, Dir::Read, &mut iov, offset);
         // The kernel wrote guest memory behind vm-memory's back: log it for migration/COLO.
         for b in bufs {
             b.bitmap().mark_dirty(0, b.len());
@@ -319,7 +319,7 @@ impl BlockDevice for RawImage {
                 iov_len: b.len(),
             })
             .collect();
-        pwritev_all(&self.file, &mut iov, offset)
+        rw_vectored_all(&self.file, Dir::Write, &mut iov, offset)
     }
 }
 
@@ -377,18 +377,33 @@ fn advance_iov(iov: &mut Vec<libc::iovec>, mut n: usize) {
     iov.drain(..drop);
 }
 
-fn preadv_all(file: &File, iov: &mut Vec<libc::iovec>, mut offset: u64) -> io::Result<()> {
+/// Direction of a vectored transfer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Read,
+    Write,
+}
+
+/// `preadv`/`pwritev` until every iovec is done, resuming after short transfers.
+fn rw_vectored_all(
+    file: &File,
+    dir: Dir,
+    iov: &mut Vec<libc::iovec>,
+    mut offset: u64,
+) -> io::Result<()> {
     while !iov.is_empty() {
-        let cnt = iov.len().min(MAX_IOV);
-        // SAFETY: every iovec points to guest memory that stays mapped for the duration of the
-        // call (the caller holds the memory guards) and is at least iov_len bytes long.
+        let cnt = iov.len().min(MAX_IOV) as libc::c_int;
+        // SAFETY: every iovec points to memory that stays mapped for the duration of the call
+        // (the caller holds the guest memory guards) and is at least iov_len bytes long.
         let r = unsafe {
-            libc::preadv(
-                file.as_raw_fd(),
-                iov.as_ptr(),
-                cnt as libc::c_int,
-                offset as libc::off_t,
-            )
+            match dir {
+                Dir::Read => {
+                    libc::preadv(file.as_raw_fd(), iov.as_ptr(), cnt, offset as libc::off_t)
+                }
+                Dir::Write => {
+                    libc::pwritev(file.as_raw_fd(), iov.as_ptr(), cnt, offset as libc::off_t)
+                }
+            }
         };
         if r < 0 {
             let e = io::Error::last_os_error();
@@ -398,44 +413,18 @@ fn preadv_all(file: &File, iov: &mut Vec<libc::iovec>, mut offset: u64) -> io::R
             return Err(e);
         }
         if r == 0 {
+            if dir == Dir::Write {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pwritev wrote nothing",
+                ));
+            }
             // End of file: the rest reads as zeros.
             for v in iov.iter() {
                 // SAFETY: as above, the buffer is valid for iov_len bytes.
                 unsafe { std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len) };
             }
             return Ok(());
-        }
-        offset += r as u64;
-        advance_iov(iov, r as usize);
-    }
-    Ok(())
-}
-
-fn pwritev_all(file: &File, iov: &mut Vec<libc::iovec>, mut offset: u64) -> io::Result<()> {
-    while !iov.is_empty() {
-        let cnt = iov.len().min(MAX_IOV);
-        // SAFETY: every iovec points to guest memory that stays mapped for the duration of the
-        // call (the caller holds the memory guards) and is at least iov_len bytes long.
-        let r = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iov.as_ptr(),
-                cnt as libc::c_int,
-                offset as libc::off_t,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "pwritev wrote nothing",
-            ));
         }
         offset += r as u64;
         advance_iov(iov, r as usize);
