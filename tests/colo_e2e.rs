@@ -192,6 +192,13 @@ impl Proc {
         st
     }
 
+    /// Takes in every line already received, so later waits only see newer output.
+    fn drain(&mut self) {
+        while let Ok(line) = self.rx.try_recv() {
+            self.lines.push(line);
+        }
+    }
+
     fn has_line(&self, marker: &str) -> bool {
         self.lines.iter().any(|l| l.contains(marker))
     }
@@ -533,6 +540,7 @@ fn secondary_lost_pvm_keeps_running() {
     drop(secondary); // SIGKILL
     let u = wait_ctl(&mut ctl, "unprotected", Duration::from_secs(30));
     eprintln!("unprotected: {u}");
+    pvm.drain();
     // The guest keeps making progress: three more progress lines (75 records) after that.
     for _ in 0..3 {
         pvm.wait_marker("COLO-WRITER: progress", Duration::from_secs(60));
