@@ -16,6 +16,8 @@ One JSON object per line on stdout (flushed), e.g.
 
   {"event": "ready", ...}
   {"event": "checkpoint", "epoch": 7, "pause_ms": 3.1, "bytes": 1232896, ...}
+      (also stop_ms, replication_ms, hook_ms: parts of the pause; stopped_at: wall clock
+      time just before QEMU `stop`, everything the guest did before it is in the checkpoint)
   {"event": "unprotected", "reason": "..."}      secondary lost; the PVM keeps running
   {"event": "protected", "epoch": 7}             secondary back and resynchronised
   {"event": "checkpoint-error", "error": "..."}  a checkpoint failed; the PVM was continued
@@ -137,6 +139,7 @@ class Ctl:
     # ---- checkpoint ------------------------------------------------------------------------
 
     async def checkpoint(self, bytes_sent):
+        stopped_at = time.time()
         t0 = time.monotonic()
         await self.call(self.qemu, "QEMU", "stop")
         t_stopped = time.monotonic()
@@ -183,6 +186,7 @@ class Ctl:
             stop_ms=round((t_stopped - t0) * 1000, 3),
             replication_ms=round((t_ckpt - t_stopped) * 1000, 3),
             bytes=bytes_sent,
+            stopped_at=round(stopped_at, 6),
         )
         if hook_ms is not None:
             rec["hook_ms"] = round(hook_ms, 3)
