@@ -395,7 +395,7 @@ sleep 100000
 
 /// Guest script: scans the record area and prints a summary line.
 fn reader_script() -> String {
-    let mib = MAX_RECORDS * RECORD as u64 >> 20;
+    let mib = (MAX_RECORDS * RECORD as u64) >> 20;
     format!(
         r#"dd if=/dev/vda bs=1M count={mib} iflag=direct 2>/dev/null | tr -d '\000' | awk '
 function dec(s) {{ sub(/^0+/, "", s); return s + 0 }}
