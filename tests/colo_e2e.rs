@@ -451,9 +451,9 @@ fn failover_keeps_the_last_checkpoint() {
         return;
     }
     let t = Setup::new();
-    let (_secondary, port) = t.secondary(0);
-    let mut primary = t.primary(port);
-    primary.wait_for_log("replicating to");
+    let (mut secondary, port) = t.secondary(0);
+    let primary = t.primary(port);
+    secondary.wait_for_log("connected (epoch");
     let mut pvm = t.vm("pvm", "pvm.sock", &writer_script(), Some("pvm.qmp"));
     // A copy of the primary disk at each checkpoint, taken while the PVM is paused.
     let snap = t.p("snap");
@@ -544,9 +544,9 @@ fn secondary_lost_pvm_keeps_running() {
         return;
     }
     let t = Setup::new();
-    let (secondary, port) = t.secondary(0);
-    let mut primary = t.primary(port);
-    primary.wait_for_log("replicating to");
+    let (mut secondary, port) = t.secondary(0);
+    let _primary = t.primary(port);
+    secondary.wait_for_log("connected (epoch");
     let mut pvm = t.vm("pvm", "pvm.sock", &writer_script(), Some("pvm.qmp"));
     let mut ctl = t.colo_ctl(&["--interval-ms", "300"]);
     pvm.wait_marker("COLO-WRITER: progress", GUEST_TIMEOUT);
@@ -565,8 +565,8 @@ fn secondary_lost_pvm_keeps_running() {
     assert!(ctl.child.try_wait().unwrap().is_none(), "colo-ctl exited");
 
     // A new secondary on the same port and image: resync, then checkpoints resume.
-    let (_secondary2, _) = t.secondary(port);
-    primary.wait_for_log("resync complete");
+    let (mut secondary2, _) = t.secondary(port);
+    secondary2.wait_for_log("connected (epoch");
     wait_ctl(&mut ctl, "protected", Duration::from_secs(30));
     let c = wait_ctl(&mut ctl, "checkpoint", Duration::from_secs(30));
     eprintln!("checkpoint after reconnect: {c}");
@@ -582,9 +582,9 @@ fn secondary_vm_writes_dropped_at_checkpoint_kept_at_failover() {
         return;
     }
     let t = Setup::new();
-    let (_secondary, port) = t.secondary(0);
-    let mut primary = t.primary(port);
-    primary.wait_for_log("replicating to");
+    let (mut secondary, port) = t.secondary(0);
+    let primary = t.primary(port);
+    secondary.wait_for_log("connected (epoch");
     let mut pq = Qmp::connect(&t.p("primary.qmp"));
     let mut sq = Qmp::connect(&t.p("secondary.qmp"));
 
@@ -699,9 +699,9 @@ fn ext4_survives_failover() {
     assert!(ok, "mkfs.ext4: {out}");
     std::fs::copy(&primary_img, t.p("secondary.img")).unwrap();
 
-    let (_secondary, port) = t.secondary(0);
-    let mut primary = t.primary(port);
-    primary.wait_for_log("replicating to");
+    let (mut secondary, port) = t.secondary(0);
+    let primary = t.primary(port);
+    secondary.wait_for_log("connected (epoch");
     let writer = r#"mkdir -p /mnt; mount -t ext4 /dev/vda /mnt || { echo "COLO-FS: mount failed"; exit 1; }
 : >/tmp/tpl
 for k in $(seq -w 0 63); do echo "R@@@@@@@@-$k-PPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPP" >>/tmp/tpl; done
