@@ -4,8 +4,9 @@
 # QEMU) from a source QEMU to a destination QEMU started with -incoming, either as a plain live
 # migration or with QEMU's COLO (x-colo) switched on.
 #
-# Usage: qemu-migrate-try.sh plain|colo [--machine q35|pc] [--no-disk] [--dir DIR]
-#   --no-disk   no vhost-user-blk device at all (the control experiment)
+# Usage: qemu-migrate-try.sh plain|colo [--machine q35|pc] [--no-disk [--private-ram]] [--dir DIR]
+#   --no-disk       no vhost-user-blk device at all (the control experiment)
+#   --private-ram   ordinary guest RAM instead of a shared memfd (only with --no-disk)
 # Prints the QMP exchange, the tails of both consoles and whether the guest kept ticking.
 set -euo pipefail
 
@@ -15,11 +16,14 @@ mode="${1:-}"
 shift || true
 machine=q35
 disk=1
+# shellcheck disable=SC2054 # the commas are QEMU's
+mem=(-object memory-backend-memfd,id=mem,size=192M,share=on -machine memory-backend=mem)
 dir="${TMPDIR:-/tmp}/colo-migrate-try"
 while [ $# -gt 0 ]; do
     case "$1" in
         --machine) machine="$2"; shift 2 ;;
         --no-disk) disk=0; shift ;;
+        --private-ram) mem=(); shift ;;
         --dir) dir="$2"; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
@@ -74,7 +78,7 @@ qemu() {
             -device vhost-user-blk-pci,chardev=vub,num-queues=1)
     fi
     qemu-system-x86_64 -machine "$machine" -accel tcg -smp 1 -m 192M \
-        -object memory-backend-memfd,id=mem,size=192M,share=on -machine memory-backend=mem \
+        ${mem[@]+"${mem[@]}"} \
         ${dev[@]+"${dev[@]}"} -qmp "unix:$dir/$name.qmp,server=on,wait=off" \
         -kernel "$guest/vmlinuz" -initrd initrd \
         -append "console=ttyS0 panic=-1 loglevel=4 edd=off" \
