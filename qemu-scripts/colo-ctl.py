@@ -106,7 +106,8 @@ class Ctl:
             self.peer_event.set()
 
     def mark_unprotected(self, reason):
-        if self.protected:
+        # Once the primary is gone, a broken link is a consequence, not news.
+        if self.protected and not self.primary_dead.is_set():
             self.protected = False
             emit("unprotected", reason=reason)
 
