@@ -34,6 +34,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -242,7 +243,12 @@ class Ctl:
             sent = await self.wait_due()
             if self.primary_dead.is_set():
                 raise PrimaryLost(self.lost_reason)
-            await self.checkpoint(sent)
+            try:
+                await self.checkpoint(sent)
+            except ExecuteError as e:
+                # stop or cont refused: report, and make sure the VM runs.
+                emit("checkpoint-error", error=str(e))
+                await self.ensure_running()
 
     async def failover(self, reason):
         if not self.args.failover_on_primary_loss or self.secondary is None:
@@ -266,6 +272,11 @@ class Ctl:
         return 0
 
     async def run(self):
+        # SIGTERM / SIGINT cancel the main task: a checkpoint in progress still runs `cont`.
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
         a = self.args
         await self.connect(self.qemu, a.qemu_qmp, "QEMU")
         await self.connect(self.primary, a.primary_qmp, "primary backend")
@@ -277,6 +288,7 @@ class Ctl:
             asyncio.create_task(self.pump_primary_events()),
         ]
         rc = 0
+        cycle = None
         try:
             await self.ensure_running()
             q = await self.query()
@@ -310,6 +322,10 @@ class Ctl:
                     pass
             return rc
         finally:
+            if cycle is not None and not cycle.done():
+                # Cancelled by a signal: let a checkpoint in progress `cont` the VM first.
+                cycle.cancel()
+                await asyncio.gather(cycle, return_exceptions=True)
             for t in watchers:
                 t.cancel()
             for c in (self.qemu, self.primary, self.secondary):
@@ -356,8 +372,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.CRITICAL)  # qemu.qmp logs disconnects loudly
     try:
         return asyncio.run(Ctl(args).run())
-    except KeyboardInterrupt:
-        return 130
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log("stopped by a signal")
+        return 143
 
 
 if __name__ == "__main__":
