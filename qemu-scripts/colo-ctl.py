@@ -25,8 +25,9 @@ One JSON object per line on stdout (flushed), e.g.
   {"event": "primary-lost", "reason": "..."}     (without --failover-on-primary-loss)
 
 The Primary VM is never left stopped: every path after `stop` runs `cont` (unless QEMU itself
-is gone). Exit status: 0 after --count checkpoints or a failover, 1 when the primary was lost
-without --failover-on-primary-loss (or failover failed), 2 on usage / startup errors.
+is gone), also SIGTERM/SIGINT during a pause. Exit status: 0 after --count checkpoints or a
+failover, 1 when the primary was lost without --failover-on-primary-loss (or failover failed),
+2 on usage / startup errors, 143 after SIGTERM/SIGINT.
 """
 
 import argparse
