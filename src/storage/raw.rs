@@ -52,12 +52,22 @@ impl RawImage {
                         "cannot create a read-only image",
                     ));
                 }
-                let f = OpenOptions::new()
+                let created = OpenOptions::new()
                     .write(true)
                     .create_new(true)
-                    .open(&opts.path)?;
-                f.set_len(size)?;
-                log::info!("created {} ({} bytes)", opts.path.display(), size);
+                    .open(&opts.path)
+                    .and_then(|f| f.set_len(size));
+                match created {
+                    Ok(()) => log::info!("created {} ({} bytes)", opts.path.display(), size),
+                    // Someone else created it meanwhile: open theirs below.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("cannot create {}: {e}", opts.path.display()),
+                        ))
+                    }
+                }
             }
         }
         let mut oo = OpenOptions::new();
