@@ -187,7 +187,7 @@ pub struct Cli {
 
     /// Threads that run requests when a queue has several pending (0: each queue's worker
     /// runs its requests one at a time)
-    #[arg(long, value_name = "N", default_value = "16")]
+    #[arg(long, value_name = "N", default_value = "64")]
     pub io_threads: usize,
 
     /// Logical block size reported to the guest

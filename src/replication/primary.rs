@@ -228,6 +228,10 @@ impl Primary {
     /// changes take effect locally in sequence-number order, which is the order the secondary
     /// applies them in, and non-overlapping ones, whose order does not matter, do not wait for
     /// each other.
+    ///
+    /// The frame is queued before the local write: if that write then fails (EIO), the guest
+    /// gets the error but the secondary may already hold the data. The range is marked dirty
+    /// either way, so a later resync sends what the primary really has.
     fn replicate(
         &self,
         offset: u64,
