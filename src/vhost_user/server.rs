@@ -142,11 +142,13 @@ impl Server {
             {
                 let mut st = self.control.state.lock().unwrap_or_else(|e| e.into_inner());
                 if st.stopping {
+                    // The connection that woke us up to stop (or a late front-end): close it.
                     daemon.request_shutdown();
-                } else {
-                    st.connection = daemon.shutdown_handle();
-                    st.connected = true;
+                    let _ = daemon.wait();
+                    break;
                 }
+                st.connection = daemon.shutdown_handle();
+                st.connected = true;
             }
             info!("front-end connected");
             match daemon.wait() {
