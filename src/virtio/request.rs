@@ -21,6 +21,9 @@ const HEADER_LEN: usize = 16;
 /// Size of `struct virtio_blk_discard_write_zeroes`.
 const DWZ_SEGMENT_LEN: usize = 16;
 const DWZ_FLAG_UNMAP: u32 = 1;
+/// Largest data transfer of one request. Linux guests send at most a few MiB; the cap keeps a
+/// hostile chain from making the host allocate gigabytes for a bounce buffer.
+pub const MAX_REQUEST_BYTES: usize = 128 << 20;
 
 /// A request type the device understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,6 +317,9 @@ fn run(
             if len as u64 % SECTOR_SIZE != 0 {
                 return Err(invalid("read length is not a multiple of 512"));
             }
+            if len > MAX_REQUEST_BYTES {
+                return Err(invalid("read larger than the per-request limit"));
+            }
             let offset = byte_range(req.sector, len as u64, disk.capacity())?;
             disk.read_to_guest(offset, &bufs)?;
             u32::try_from(len).map_err(|_| invalid("read too long"))
@@ -326,6 +332,9 @@ fn run(
             let len = crate::storage::total_len(&bufs);
             if len as u64 % SECTOR_SIZE != 0 {
                 return Err(invalid("write length is not a multiple of 512"));
+            }
+            if len > MAX_REQUEST_BYTES {
+                return Err(invalid("write larger than the per-request limit"));
             }
             let offset = byte_range(req.sector, len as u64, disk.capacity())?;
             disk.write_from_guest(offset, &bufs)?;
@@ -358,6 +367,11 @@ fn run(
                 return Err(invalid("discard/write-zeroes on a read-only device"));
             }
             let zeroes = req.kind == RequestKind::WriteZeroes;
+            // Bound the segment list before copying it out of guest memory.
+            let raw_len: u64 = req.out.iter().map(|s| u64::from(s.len)).sum();
+            if raw_len > u64::from(info.max_dwz_segments) * DWZ_SEGMENT_LEN as u64 {
+                return Err(invalid("too many discard/write-zeroes segments"));
+            }
             let bufs = slices(mem, &req.out)?;
             let raw = crate::storage::gather(&bufs);
             if raw.is_empty() || raw.len() % DWZ_SEGMENT_LEN != 0 {
@@ -721,6 +735,14 @@ mod tests {
         );
         assert_eq!(c.status, VIRTIO_BLK_S_IOERR as u8);
         assert_eq!(disk.snapshot()[100 * 512], 0xee);
+        // A segment list far larger than advertised is refused before it is copied.
+        let c = run(
+            &m,
+            &disk,
+            vec![d(HDR, 16, 0), d(0, 0xf_0000, 0), d(STATUS, 1, W)],
+            false,
+        );
+        assert_eq!(c.status, VIRTIO_BLK_S_IOERR as u8);
         // A payload that is not whole segments.
         let c = run(
             &m,
@@ -758,5 +780,49 @@ mod tests {
         assert!(disk.snapshot()[512..1536].iter().all(|&b| b == 0x5a));
         assert_eq!(vq.used().idx().load(), 1);
         assert!(q.iter(&m).unwrap().next().is_none());
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn desc() -> impl Strategy<Value = (u64, u32, bool)> {
+            (
+                prop_oneof![
+                    Just(HDR),
+                    Just(DATA),
+                    Just(STATUS),
+                    0u64..0x100_000,
+                    any::<u64>(),
+                ],
+                prop_oneof![Just(1u32), Just(16), Just(512), 0u32..70_000, any::<u32>()],
+                any::<bool>(),
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Any chain with any header: parsing and executing never panics, a status byte
+            /// that exists is one of OK/IOERR/UNSUPP, and nothing beyond the disk is touched.
+            #[test]
+            fn arbitrary_chains_never_panic(
+                descs in proptest::collection::vec(desc(), 0..12),
+                req_type in prop_oneof![0u32..16, any::<u32>()],
+                sector in prop_oneof![0u64..4096, any::<u64>()],
+                payload in proptest::collection::vec(any::<u8>(), 0..64),
+                ro in any::<bool>(),
+            ) {
+                let m = mem();
+                let disk = MemDisk::new(1 << 20);
+                header(&m, req_type, sector);
+                m.write_slice(&payload, GuestAddress(DATA)).unwrap();
+                let chain: Vec<Descriptor> =
+                    descs.iter().map(|&(a, l, w)| d(a, l, if w { W } else { 0 })).collect();
+                let c = run(&m, &disk, chain, ro);
+                prop_assert!(c.status <= 2 || c.status == 0xff, "status {}", c.status);
+                prop_assert_eq!(disk.capacity(), 1 << 20);
+            }
+        }
     }
 }
