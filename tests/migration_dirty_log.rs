@@ -40,7 +40,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -83,7 +82,7 @@ fn guest_dir() -> PathBuf {
 struct Vm {
     name: &'static str,
     child: Child,
-    rx: mpsc::Receiver<String>,
+    rx: mpsc::Receiver<(f64, String)>,
     lines: Vec<String>,
 }
 
@@ -96,32 +95,7 @@ impl Vm {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let (tx, rx) = mpsc::channel::<String>();
-        let pipes: [Box<dyn Read + Send>; 2] = [
-            Box::new(child.stdout.take().unwrap()),
-            Box::new(child.stderr.take().unwrap()),
-        ];
-        for pipe in pipes {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(pipe);
-                let mut buf = Vec::new();
-                while r
-                    .read_until(b'\n', &mut buf)
-                    .map(|n| n > 0)
-                    .unwrap_or(false)
-                {
-                    let line = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\r', '\n'])
-                        .to_string();
-                    eprintln!("[{name}] {line}");
-                    buf.clear();
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
+        let rx = common::forward_output(&mut child, format!("[{name}]"));
         Vm {
             name,
             child,
@@ -137,7 +111,7 @@ impl Vm {
 
     /// Takes in the lines received so far.
     fn drain(&mut self) {
-        while let Ok(line) = self.rx.try_recv() {
+        while let Ok((_, line)) = self.rx.try_recv() {
             self.lines.push(line);
         }
     }
@@ -156,7 +130,7 @@ impl Vm {
                 .rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             {
-                Ok(line) => self.lines.push(line),
+                Ok((_, line)) => self.lines.push(line),
                 Err(e) => panic!(
                     "{}: fewer than {count} {what} within {timeout:?} ({e:?}). Last output:\n{}",
                     self.name,

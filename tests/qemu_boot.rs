@@ -17,7 +17,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -101,41 +100,14 @@ fn run_bounded(mut cmd: Command, prefix: &'static str, timeout: Duration) -> Fin
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let pgid = child.id() as i32;
-    let (tx, rx) = mpsc::channel::<String>();
-    let pipes: [Box<dyn Read + Send>; 2] = [
-        Box::new(child.stdout.take().expect("stdout")),
-        Box::new(child.stderr.take().expect("stderr")),
-    ];
-    for pipe in pipes {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(pipe);
-            let mut buf = Vec::new();
-            // Bytes, not str lines: the serial console carries escape sequences.
-            while r
-                .read_until(b'\n', &mut buf)
-                .map(|n| n > 0)
-                .unwrap_or(false)
-            {
-                let line = String::from_utf8_lossy(&buf)
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string();
-                eprintln!("{prefix} {line}");
-                buf.clear();
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
+    let rx = common::forward_output(&mut child, prefix.to_string());
 
     let deadline = started + timeout;
     let mut lines = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) => lines.push(line),
+            Ok((_, line)) => lines.push(line),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // SIGTERM first, so run-vm.sh removes its temporary files once QEMU quits;
@@ -143,7 +115,7 @@ fn run_bounded(mut cmd: Command, prefix: &'static str, timeout: Duration) -> Fin
                 // SAFETY: kill(2) on the process group we created; no memory involved.
                 unsafe { libc::kill(-pgid, libc::SIGTERM) };
                 let grace = Instant::now() + Duration::from_secs(10);
-                while let Ok(line) =
+                while let Ok((_, line)) =
                     rx.recv_timeout(grace.saturating_duration_since(Instant::now()))
                 {
                     lines.push(line);

@@ -329,3 +329,45 @@ impl Qmp {
         }
     }
 }
+
+/// Forwards a child's stdout and stderr, line by line, to the test's stderr (prefixed) and to
+/// the returned channel, each line with the wall-clock time it arrived (seconds since the epoch).
+/// Lines are read as bytes: a serial console carries escape sequences that are not UTF-8.
+pub fn forward_output(child: &mut Child, prefix: String) -> mpsc::Receiver<(f64, String)> {
+    use std::io::Read;
+    let (tx, rx) = mpsc::channel();
+    let mut pipes: Vec<Box<dyn Read + Send>> = Vec::new();
+    if let Some(p) = child.stdout.take() {
+        pipes.push(Box::new(p));
+    }
+    if let Some(p) = child.stderr.take() {
+        pipes.push(Box::new(p));
+    }
+    for pipe in pipes {
+        let tx = tx.clone();
+        let prefix = prefix.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(pipe);
+            let mut buf = Vec::new();
+            while r
+                .read_until(b'\n', &mut buf)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                let line = String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                eprintln!("{prefix} {line}");
+                buf.clear();
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                if tx.send((at, line)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    rx
+}
