@@ -4,15 +4,17 @@
 #     standalone, in one run, alternating (4 KiB random write QD32, 1 MiB sequential write);
 #  2. checkpoint cost with 1 MiB and with 1 GiB buffered on the secondary;
 #  3. failover time without and with Secondary VM writes.
-# Usage: qemu-scripts/bench-replication.sh [--reps N] [--seconds S] [--dir DIR]
+# Usage: qemu-scripts/bench-replication.sh [--reps N] [--seconds S] [--dir DIR] [--throughput-only]
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPS=3
 SECONDS_PER=5
 WORKDIR=
+COSTS=1
 while [ $# -gt 0 ]; do
     case "$1" in
+    --throughput-only) COSTS=0; shift ;;
     --reps) REPS=$2; shift 2 ;;
     --seconds) SECONDS_PER=$2; shift 2 ;;
     --dir) WORKDIR=$2; shift 2 ;;
@@ -170,6 +172,7 @@ checkpoint_and_failover() { # BUFFERED_MIB SVM_MIB
     stop "$ppid"
     stop "$spid"
 }
+[ "$COSTS" = 1 ] || exit 0
 checkpoint_and_failover 1 0
 checkpoint_and_failover 1024 0
 checkpoint_and_failover 64 0

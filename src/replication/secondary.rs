@@ -313,15 +313,24 @@ impl Secondary {
         r
     }
 
-    /// Applies frames in order; acks when caught up (and at least every 64 frames).
+    /// Applies frames in order and acknowledges them.
     fn apply_loop(
         &self,
         mut rx: mpsc::Receiver<Frame>,
         acks: mpsc::UnboundedSender<Result<u64, String>>,
     ) {
+        // Acknowledge when caught up, and at least every ACK_EVERY_FRAMES frames or
+        // ACK_EVERY_BYTES bytes: the primary's window must drain steadily, not in window-sized
+        // steps (which would stall it until the whole window is applied).
+        const ACK_EVERY_FRAMES: u32 = 32;
+        const ACK_EVERY_BYTES: u64 = 1 << 20;
         let mut unacked = 0u32;
+        let mut unacked_bytes = 0u64;
         while let Some(frame) = rx.blocking_recv() {
             let seq = frame.seq();
+            if let Frame::Write { data, .. } = &frame {
+                unacked_bytes += data.len() as u64;
+            }
             if let Err(e) = self.apply(frame) {
                 let msg = format!("secondary cannot apply frame {seq}: {e}");
                 error!("{msg}");
@@ -330,8 +339,9 @@ impl Secondary {
             }
             self.state().applied_seq = seq;
             unacked += 1;
-            if rx.is_empty() || unacked >= 64 {
+            if rx.is_empty() || unacked >= ACK_EVERY_FRAMES || unacked_bytes >= ACK_EVERY_BYTES {
                 unacked = 0;
+                unacked_bytes = 0;
                 if acks.send(Ok(seq)).is_err() {
                     break;
                 }
