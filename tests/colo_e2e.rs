@@ -15,7 +15,6 @@
 
 mod common;
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -30,19 +29,9 @@ const RECORD: usize = 4096;
 const MAX_RECORDS: u64 = 4096;
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn in_path(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false)
-}
-
 /// True when QEMU and python qemu.qmp are there; otherwise prints SKIPPED (or panics in CI).
 fn prerequisites(test: &str) -> bool {
-    let qemu = in_path("qemu-system-x86_64");
+    let qemu = common::in_path("qemu-system-x86_64");
     let qmp = Command::new("python3")
         .args(["-c", "import qemu.qmp"])
         .stderr(Stdio::null())
@@ -70,21 +59,6 @@ fn prerequisites(test: &str) -> bool {
     false
 }
 
-/// Builds (or reuses) the test guest.
-fn guest_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("COLO_GUEST_DIR") {
-        return PathBuf::from(dir);
-    }
-    let dir = repo().join("qemu-scripts/guest");
-    let st = Command::new("bash")
-        .arg(repo().join("qemu-scripts/build-guest.sh"))
-        .arg(&dir)
-        .status()
-        .expect("run build-guest.sh");
-    assert!(st.success(), "qemu-scripts/build-guest.sh failed ({st})");
-    dir
-}
-
 // ---- processes -------------------------------------------------------------------------------
 
 /// A child in its own process group whose stdout+stderr lines arrive on a channel.
@@ -99,15 +73,8 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, name: &'static str) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let rx = common::forward_output(&mut child, format!("[{name}]"));
+    fn spawn(cmd: Command, name: &'static str) -> Proc {
+        let (child, rx) = common::spawn_group(cmd, &format!("[{name}]"));
         Proc {
             name,
             child,
@@ -214,7 +181,7 @@ struct Setup {
 impl Setup {
     fn new() -> Setup {
         Setup {
-            guest: guest_dir(),
+            guest: common::guest_dir(),
             dir: tempdir(),
         }
     }
@@ -286,7 +253,7 @@ impl Setup {
         let script_path = self.p(&format!("{name}.sh"));
         std::fs::write(&script_path, script).unwrap();
         let mut cmd = Command::new("bash");
-        cmd.arg(repo().join("qemu-scripts/run-vm.sh"))
+        cmd.arg(common::repo().join("qemu-scripts/run-vm.sh"))
             .arg("--guest")
             .arg(&self.guest)
             .arg("--socket")
@@ -303,7 +270,7 @@ impl Setup {
     /// Starts colo-ctl.py against pvm.qmp / primary.qmp / secondary.qmp.
     fn colo_ctl(&self, extra: &[&str]) -> Proc {
         let mut cmd = Command::new("python3");
-        cmd.arg(repo().join("qemu-scripts/colo-ctl.py"))
+        cmd.arg(common::repo().join("qemu-scripts/colo-ctl.py"))
             .args(["--qemu-qmp", &self.s("pvm.qmp")])
             .args(["--primary-qmp", &self.s("primary.qmp")])
             .args(["--secondary-qmp", &self.s("secondary.qmp")])
@@ -679,7 +646,7 @@ fn ext4_survives_failover() {
     if !prerequisites("ext4_survives_failover") {
         return;
     }
-    if !in_path("mkfs.ext4") || !in_path("e2fsck") || !in_path("debugfs") {
+    if !common::in_path("mkfs.ext4") || !common::in_path("e2fsck") || !common::in_path("debugfs") {
         assert!(std::env::var_os("CI").is_none(), "e2fsprogs missing in CI");
         use std::io::Write;
         let _ = writeln!(

@@ -40,8 +40,6 @@
 
 mod common;
 
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -54,30 +52,6 @@ const WINDOWS: u64 = 3;
 const IMAGE_SIZE: u64 = (WINDOW_MIB * WINDOWS) << 20;
 const PATTERN_SEED: u64 = 0x00D1_2770_61AA;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn in_path(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false)
-}
-
-fn guest_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("COLO_GUEST_DIR") {
-        return PathBuf::from(dir);
-    }
-    let dir = repo().join("qemu-scripts/guest");
-    let st = Command::new("bash")
-        .arg(repo().join("qemu-scripts/build-guest.sh"))
-        .arg(&dir)
-        .status()
-        .expect("run build-guest.sh");
-    assert!(st.success(), "qemu-scripts/build-guest.sh failed ({st})");
-    dir
-}
-
 /// A QEMU (run-vm.sh) in its own process group; its console lines are collected.
 struct Vm {
     name: &'static str,
@@ -87,15 +61,8 @@ struct Vm {
 }
 
 impl Vm {
-    fn spawn(mut cmd: Command, name: &'static str) -> Vm {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let rx = common::forward_output(&mut child, format!("[{name}]"));
+    fn spawn(cmd: Command, name: &'static str) -> Vm {
+        let (child, rx) = common::spawn_group(cmd, &format!("[{name}]"));
         Vm {
             name,
             child,
@@ -215,7 +182,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn backend_writes_during_migration_reach_the_destination() {
-    if !in_path("qemu-system-x86_64") {
+    if !common::in_path("qemu-system-x86_64") {
         if std::env::var_os("CI").is_some() {
             panic!("qemu-system-x86_64 is not installed, but CI must run migration_dirty_log");
         }
@@ -226,7 +193,7 @@ fn backend_writes_during_migration_reach_the_destination() {
         return;
     }
     let started = Instant::now();
-    let guest = guest_dir();
+    let guest = common::guest_dir();
     let dir = tempdir();
     let p = |n: &str| dir.path().join(n);
 
@@ -253,7 +220,7 @@ fn backend_writes_during_migration_reach_the_destination() {
     let port = free_port();
     let vm = |name: &'static str, extra: &[&str]| {
         let mut cmd = Command::new("bash");
-        cmd.arg(repo().join("qemu-scripts/run-vm.sh"))
+        cmd.arg(common::repo().join("qemu-scripts/run-vm.sh"))
             .arg("--guest")
             .arg(&guest)
             .arg("--socket")

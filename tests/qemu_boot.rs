@@ -17,9 +17,8 @@
 
 mod common;
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -44,21 +43,8 @@ const SEGMENTS: &[(u64, usize)] = &[
 /// A region the guest never writes; it must read back as zeros.
 const ZERO_PROBE: (u64, usize) = (10 << 20, 64 << 10);
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn qemu_binary() -> String {
     std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
-}
-
-fn in_path(bin: &str) -> bool {
-    if bin.contains('/') {
-        return Path::new(bin).is_file();
-    }
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false)
 }
 
 fn timeout_from_env(var: &str, default_secs: u64) -> Duration {
@@ -90,17 +76,11 @@ impl Finished {
 /// Runs `cmd` in its own process group, echoing its stdout and stderr to our stderr with
 /// `prefix`. Waits until both pipes are closed (the process and anything it started are
 /// gone) or `timeout` passes; then the whole process group is killed and the test fails.
-fn run_bounded(mut cmd: Command, prefix: &'static str, timeout: Duration) -> Finished {
+fn run_bounded(cmd: Command, prefix: &'static str, timeout: Duration) -> Finished {
     let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let what = format!("{cmd:?}");
+    let (mut child, rx) = common::spawn_group(cmd, prefix);
     let pgid = child.id() as i32;
-    let rx = common::forward_output(&mut child, prefix.to_string());
 
     let deadline = started + timeout;
     let mut lines = Vec::new();
@@ -125,7 +105,7 @@ fn run_bounded(mut cmd: Command, prefix: &'static str, timeout: Duration) -> Fin
                 let _ = child.wait();
                 let start = lines.len().saturating_sub(60);
                 panic!(
-                    "{cmd:?} did not finish within {timeout:?}; killed it. Last output:\n{}",
+                    "{what} did not finish within {timeout:?}; killed it. Last output:\n{}",
                     lines[start..].join("\n")
                 );
             }
@@ -144,9 +124,9 @@ fn guest_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("COLO_GUEST_DIR") {
         return PathBuf::from(dir);
     }
-    let dir = repo().join("qemu-scripts/guest");
+    let dir = common::repo().join("qemu-scripts/guest");
     let mut cmd = Command::new("bash");
-    cmd.arg(repo().join("qemu-scripts/build-guest.sh"))
+    cmd.arg(common::repo().join("qemu-scripts/build-guest.sh"))
         .arg(&dir);
     let done = run_bounded(cmd, "[build-guest]", Duration::from_secs(600));
     assert!(
@@ -250,7 +230,7 @@ fn verify_script() -> String {
 
 fn boot(guest: &Path, socket: &Path, script: &Path, pattern_file: &Path) -> Finished {
     let mut cmd = Command::new("bash");
-    cmd.arg(repo().join("qemu-scripts/run-vm.sh"))
+    cmd.arg(common::repo().join("qemu-scripts/run-vm.sh"))
         .arg("--guest")
         .arg(guest)
         .arg("--socket")
@@ -308,7 +288,7 @@ fn check_image(image: &Path, pat: &[u8]) {
 #[test]
 fn qemu_guest_writes_and_reads_back_across_reconnect() {
     let qemu = qemu_binary();
-    if !in_path(&qemu) {
+    if !common::in_path(&qemu) {
         if std::env::var_os("CI").is_some() {
             panic!("{qemu} is not installed, but CI must run the QEMU test (see .ci/run)");
         }

@@ -370,14 +370,7 @@ impl LayeredDisk {
     /// Applies a discard of the primary's stream. Base gets a write-zeroes (with unmap) so that
     /// it stays byte-identical to the primary's raw image, which reads zeros after a discard.
     pub fn primary_discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        check_range(self.capacity, offset, len)?;
-        let mut st = self.write_state();
-        let layers = streaming(&mut st)?;
-        if len == 0 {
-            return Ok(()); // (a raw image's fallocate refuses empty ranges)
-        }
-        self.save_originals(&mut layers.hidden, offset, len)?;
-        self.base.write_zeroes(offset, len, true)
+        self.primary_write_zeroes(offset, len, true)
     }
 
     /// Checkpoint: base now equals the primary's disk and becomes the SVM's view; both layers

@@ -371,3 +371,48 @@ pub fn forward_output(child: &mut Child, prefix: String) -> mpsc::Receiver<(f64,
     }
     rx
 }
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether `bin` (a path, or a name looked up in PATH) is an existing file.
+pub fn in_path(bin: &str) -> bool {
+    if bin.contains('/') {
+        return Path::new(bin).is_file();
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
+/// Builds (or reuses) the QEMU test guest; `COLO_GUEST_DIR` points at a prebuilt one.
+pub fn guest_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("COLO_GUEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    let dir = repo().join("qemu-scripts/guest");
+    let st = Command::new("bash")
+        .arg(repo().join("qemu-scripts/build-guest.sh"))
+        .arg(&dir)
+        .status()
+        .expect("run build-guest.sh");
+    assert!(st.success(), "qemu-scripts/build-guest.sh failed ({st})");
+    dir
+}
+
+/// Starts `cmd` in its own process group (so the whole group can be killed), stdin closed,
+/// with its output forwarded as by [`forward_output`].
+pub fn spawn_group(mut cmd: Command, prefix: &str) -> (Child, mpsc::Receiver<(f64, String)>) {
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {prefix} {cmd:?}: {e}"));
+    let rx = forward_output(&mut child, prefix.to_string());
+    (child, rx)
+}
