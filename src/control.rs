@@ -33,6 +33,11 @@ fn timeout(args: &Map<String, Value>) -> Result<Option<Duration>, QmpError> {
     Ok(opt_u64(args, "timeout-ms")?.map(Duration::from_millis))
 }
 
+/// A command's answer as JSON.
+fn to_value(v: impl serde::Serialize) -> Result<Value, QmpError> {
+    serde_json::to_value(v).map_err(generic)
+}
+
 fn generic(e: impl std::fmt::Display) -> QmpError {
     QmpError::Generic(e.to_string())
 }
@@ -75,11 +80,11 @@ impl CommandHandler for Controller {
             }
             ("query-replication", Role::Primary(p)) => {
                 only(args, &[])?;
-                Ok(p.query())
+                to_value(p.status())
             }
             ("query-replication", Role::Secondary(s)) => {
                 only(args, &[])?;
-                Ok(s.query())
+                to_value(s.status())
             }
             ("replication-prepare-checkpoint", Role::Primary(p)) => {
                 only(args, &["timeout-ms"])?;
@@ -113,7 +118,7 @@ impl CommandHandler for Controller {
             }
             ("replication-failover", Role::Secondary(s)) => {
                 only(args, &[])?;
-                s.failover().map_err(generic)
+                to_value(s.failover().map_err(generic)?)
             }
             (n, _) if PRIMARY.contains(&n) || SECONDARY.contains(&n) => Err(QmpError::Generic(
                 format!("{n} is not available in this role"),

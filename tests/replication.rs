@@ -411,14 +411,7 @@ fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
         ));
         t
     };
-    let good = |seq: u64, off: u64| {
-        Frame::Write {
-            seq,
-            offset: off,
-            data: std::sync::Arc::new(pattern(seq, 4096)),
-        }
-        .encode()
-    };
+    let good = |seq: u64, off: u64| Frame::write(seq, off, pattern(seq, 4096)).encode();
 
     // 1. A frame whose payload was damaged on the way.
     let mut t = connect();
@@ -450,15 +443,8 @@ fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
     );
     // 4. A write past the end of the disk: refused by the applier, link broken.
     let mut t = connect();
-    t.write_all(
-        &Frame::Write {
-            seq: 1,
-            offset: DISK - 512,
-            data: std::sync::Arc::new(vec![1; 4096]),
-        }
-        .encode(),
-    )
-    .unwrap();
+    t.write_all(&Frame::write(1, DISK - 512, vec![1; 4096]).encode())
+        .unwrap();
     let ev = sq.wait_event("REPLICATION_PEER_LOST");
     assert!(
         ev["data"]["reason"]

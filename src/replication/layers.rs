@@ -10,7 +10,7 @@
 //!   primary stream ──────►  base    (the secondary disk; always equals the primary's disk)
 //! ```
 //!
-//! - The replicated write stream from the primary ([`LayeredDisk::primary_write`] and friends)
+//! - The replicated write stream from the primary ([`LayeredDisk::apply_primary`])
 //!   goes to `base`, after *copy-before-write*: every cluster it touches that the hidden layer
 //!   does not hold yet in this epoch is read from `base` and saved in hidden first. Hidden never
 //!   overwrites a cluster it already holds, so it keeps the content as of the last checkpoint.
@@ -41,7 +41,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::storage::{check_range, BlockDevice};
+use crate::storage::{check_range, BlockDevice, Change};
 
 /// Default cluster size: 64 KiB.
 ///
@@ -199,20 +199,29 @@ impl Layers {
     }
 }
 
-struct State {
-    /// `None` once failover has committed everything: the disk is plain `base`.
-    layers: Option<Layers>,
-    epoch: u64,
-    /// Set when `failover()` starts. With `layers` still `Some`, the commit is in progress.
-    failed_over: bool,
+/// Where the disk buffer stands (QEMU `block/replication.c` has the same three stages).
+enum Stage {
+    /// Replicating: the primary's stream goes to base behind hidden, the SVM writes to active.
+    Buffering(Layers),
+    /// `failover()` started: the stream and checkpoints are refused; the layers only shrink
+    /// as their clusters are committed to base.
+    Committing(Layers),
+    /// Failover committed everything: the disk is plain `base`.
+    Standalone,
 }
 
-/// A change made by the SVM.
-#[derive(Clone, Copy)]
-enum Change<'a> {
-    Data(&'a [u8]),
-    Zeroes { unmap: bool },
-    Discard,
+impl Stage {
+    fn layers(&self) -> Option<&Layers> {
+        match self {
+            Stage::Buffering(l) | Stage::Committing(l) => Some(l),
+            Stage::Standalone => None,
+        }
+    }
+}
+
+struct State {
+    stage: Stage,
+    epoch: u64,
 }
 
 /// The secondary's disk: the hidden and active layers over the secondary disk (`base`).
@@ -284,9 +293,8 @@ impl LayeredDisk {
             dir,
             cluster_size,
             state: RwLock::new(State {
-                layers: None,
+                stage: Stage::Standalone,
                 epoch: 0,
-                failed_over: false,
             }),
             next_file: AtomicU64::new(0),
             reaper_tx: Some(tx),
@@ -296,7 +304,7 @@ impl LayeredDisk {
         disk.state
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
-            .layers = Some(layers);
+            .stage = Stage::Buffering(layers);
         Ok(disk)
     }
 
@@ -325,13 +333,13 @@ impl LayeredDisk {
 
     /// Whether `failover()` has been called (the primary stream is refused from then on).
     pub fn is_failed_over(&self) -> bool {
-        self.read_state().failed_over
+        !matches!(self.read_state().stage, Stage::Buffering(_))
     }
 
     /// Current sizes and state.
     pub fn stats(&self) -> LayerStats {
         let st = self.read_state();
-        let (hidden_bytes, active_bytes) = match &st.layers {
+        let (hidden_bytes, active_bytes) = match st.stage.layers() {
             Some(l) => (self.layer_bytes(&l.hidden), self.layer_bytes(&l.active)),
             None => (0, 0),
         };
@@ -340,37 +348,41 @@ impl LayeredDisk {
             active_bytes,
             cluster_size: self.cluster_size,
             epoch: st.epoch,
-            failed_over: st.failed_over,
+            failed_over: !matches!(st.stage, Stage::Buffering(_)),
         }
     }
 
-    /// Applies a write of the primary's stream: copy-before-write into hidden, then write base.
+    /// Applies a change of the primary's stream: copy-before-write into hidden of every
+    /// cluster it touches, then the change on base. A discard becomes a write-zeroes with unmap
+    /// on base, so that base stays byte-identical to the primary's raw image, which reads zeros
+    /// after a discard. A flush makes base and both layers durable.
     ///
     /// Fails once `failover()` has been called.
-    pub fn primary_write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        check_range(self.capacity, offset, buf.len() as u64)?;
-        let mut st = self.write_state();
-        let layers = streaming(&mut st)?;
-        self.save_originals(&mut layers.hidden, offset, buf.len() as u64)?;
-        self.base.write_at(buf, offset)
-    }
-
-    /// Applies a write-zeroes of the primary's stream (copy-before-write, then base).
-    pub fn primary_write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+    pub fn apply_primary(&self, change: &Change<&[u8]>) -> io::Result<()> {
+        if let Change::Flush = change {
+            if !matches!(self.read_state().stage, Stage::Buffering(_)) {
+                return Err(replication_over());
+            }
+            return self.flush();
+        }
+        let (offset, len) = change.range();
         check_range(self.capacity, offset, len)?;
         let mut st = self.write_state();
-        let layers = streaming(&mut st)?;
+        let Stage::Buffering(layers) = &mut st.stage else {
+            return Err(replication_over());
+        };
         if len == 0 {
             return Ok(()); // (a raw image's fallocate refuses empty ranges)
         }
         self.save_originals(&mut layers.hidden, offset, len)?;
-        self.base.write_zeroes(offset, len, unmap)
-    }
-
-    /// Applies a discard of the primary's stream. Base gets a write-zeroes (with unmap) so that
-    /// it stays byte-identical to the primary's raw image, which reads zeros after a discard.
-    pub fn primary_discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.primary_write_zeroes(offset, len, true)
+        match *change {
+            Change::Write { offset, data } => self.base.write_at(data, offset),
+            Change::WriteZeroes { offset, len, unmap } => {
+                self.base.write_zeroes(offset, len, unmap)
+            }
+            Change::Discard { offset, len } => self.base.write_zeroes(offset, len, true),
+            Change::Flush => unreachable!("handled above"),
+        }
     }
 
     /// Checkpoint: base now equals the primary's disk and becomes the SVM's view; both layers
@@ -380,24 +392,23 @@ impl LayeredDisk {
     ///
     /// Fails once `failover()` has been called.
     pub fn checkpoint(&self) -> io::Result<()> {
-        if self.read_state().failed_over {
+        if !matches!(self.read_state().stage, Stage::Buffering(_)) {
             return Err(replication_over());
         }
         // Create the new files before taking the lock, so the swap is all the lock covers.
         let fresh = self.create_layers()?;
         let old = {
             let mut st = self.write_state();
-            if st.failed_over {
+            let Stage::Buffering(layers) = &mut st.stage else {
                 drop(st);
                 drop(fresh);
                 return Err(replication_over());
-            }
+            };
+            let old = std::mem::replace(layers, fresh);
             st.epoch += 1;
-            st.layers.replace(fresh)
+            old
         };
-        if let Some(old) = old {
-            self.reap(old);
-        }
+        self.reap(old);
         Ok(())
     }
 
@@ -424,9 +435,12 @@ impl LayeredDisk {
         self.base.flush()?;
         let old = {
             let mut st = self.write_state();
-            match &st.layers {
-                Some(l) if l.is_empty() => st.layers.take(),
-                _ => None,
+            match std::mem::replace(&mut st.stage, Stage::Standalone) {
+                Stage::Committing(l) if l.is_empty() => Some(l),
+                other => {
+                    st.stage = other;
+                    None
+                }
             }
         };
         if let Some(old) = old {
@@ -440,21 +454,25 @@ impl LayeredDisk {
     /// (a previous failover completed).
     fn begin_failover(&self) -> bool {
         let mut st = self.write_state();
-        if st.layers.is_none() {
-            return false;
+        match std::mem::replace(&mut st.stage, Stage::Standalone) {
+            Stage::Buffering(l) => {
+                st.stage = Stage::Committing(l);
+                log::info!("failover: committing the secondary's layers to the disk");
+                true
+            }
+            Stage::Committing(l) => {
+                st.stage = Stage::Committing(l);
+                true
+            }
+            Stage::Standalone => false,
         }
-        if !st.failed_over {
-            st.failed_over = true;
-            log::info!("failover: committing the secondary's layers to the disk");
-        }
-        true
     }
 
     /// Commits up to `max` clusters, lowest first, under one lock acquisition. While
     /// committing the layers only shrink. Returns true when nothing is left.
     fn commit_batch(&self, max: usize, buf: &mut Vec<u8>) -> io::Result<bool> {
         let mut st = self.write_state();
-        let Some(layers) = st.layers.as_mut() else {
+        let Stage::Committing(layers) = &mut st.stage else {
             return Ok(true); // a concurrent failover() finished the job
         };
         for _ in 0..max {
@@ -611,52 +629,43 @@ impl LayeredDisk {
     }
 
     /// An SVM write, write-zeroes or discard.
-    fn svm_change(&self, offset: u64, len: u64, change: Change<'_>) -> io::Result<()> {
+    fn svm_change(&self, change: Change<&[u8]>) -> io::Result<()> {
+        let (offset, len) = change.range();
         check_range(self.capacity, offset, len)?;
         if len == 0 {
             return Ok(());
         }
-        if self.read_state().layers.is_none() {
+        if matches!(self.read_state().stage, Stage::Standalone) {
             // Standalone for good: no lock needed.
-            return self.apply_to_base(offset, len, change);
+            return self.apply_to_base(change);
         }
         let mut st = self.write_state();
-        let failed_over = st.failed_over;
-        match st.layers.as_mut() {
-            None => {
+        match &mut st.stage {
+            Stage::Standalone => {
                 drop(st);
-                self.apply_to_base(offset, len, change)
+                self.apply_to_base(change)
             }
-            Some(layers) if failed_over => {
+            Stage::Committing(layers) => {
                 // Committing: fold the touched clusters into base first, then write through.
                 let mut buf = Vec::new();
                 for c in self.clusters(offset, len) {
                     self.commit_cluster(layers, c, &mut buf)?;
                 }
-                self.apply_to_base(offset, len, change)
+                self.apply_to_base(change)
             }
-            Some(layers) => self.write_active(layers, offset, len, change),
+            Stage::Buffering(layers) => self.write_active(layers, change),
         }
     }
 
-    fn apply_to_base(&self, offset: u64, len: u64, change: Change<'_>) -> io::Result<()> {
-        match change {
-            Change::Data(d) => self.base.write_at(d, offset),
-            Change::Zeroes { unmap } => self.base.write_zeroes(offset, len, unmap),
-            Change::Discard => self.base.discard(offset, len),
-        }
+    fn apply_to_base(&self, change: Change<&[u8]>) -> io::Result<()> {
+        change.apply_to(&*self.base)
     }
 
     /// Applies an SVM change to active. The partial clusters at both ends that active does not
     /// hold yet are first filled from the view (hidden, else base); then the change is applied
     /// in one I/O and every touched cluster becomes present.
-    fn write_active(
-        &self,
-        layers: &mut Layers,
-        offset: u64,
-        len: u64,
-        change: Change<'_>,
-    ) -> io::Result<()> {
+    fn write_active(&self, layers: &mut Layers, change: Change<&[u8]>) -> io::Result<()> {
+        let (offset, len) = change.range();
         let range = self.clusters(offset, len);
         let end = offset + len;
         let mut buf = Vec::new();
@@ -672,11 +681,12 @@ impl LayeredDisk {
             layers.active.clusters.insert(c);
         }
         match change {
-            Change::Data(d) => layers.active.file.write_all_at(d, offset)?,
+            Change::Write { data, .. } => layers.active.file.write_all_at(data, offset)?,
             // Discard on the SVM side reads back as zeros too: deterministic.
-            Change::Zeroes { .. } | Change::Discard => {
+            Change::WriteZeroes { .. } | Change::Discard { .. } => {
                 zero_file_range(&layers.active.file, offset, len)?
             }
+            Change::Flush => {}
         }
         layers.active.clusters.extend(range);
         Ok(())
@@ -691,7 +701,7 @@ impl BlockDevice for LayeredDisk {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.capacity, offset, buf.len() as u64)?;
         let st = self.read_state();
-        match &st.layers {
+        match st.stage.layers() {
             Some(layers) => self.read_view(layers, buf, offset),
             None => {
                 drop(st);
@@ -701,7 +711,7 @@ impl BlockDevice for LayeredDisk {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.svm_change(offset, buf.len() as u64, Change::Data(buf))
+        self.svm_change(Change::Write { offset, data: buf })
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -709,7 +719,7 @@ impl BlockDevice for LayeredDisk {
         // stall the primary stream (and, behind its waiting write lock, the SVM's reads).
         let files = {
             let st = self.read_state();
-            match &st.layers {
+            match st.stage.layers() {
                 Some(l) => Some((l.active.file.try_clone()?, l.hidden.file.try_clone()?)),
                 None => None,
             }
@@ -722,32 +732,24 @@ impl BlockDevice for LayeredDisk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.svm_change(offset, len, Change::Discard)
+        self.svm_change(Change::Discard { offset, len })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.svm_change(offset, len, Change::Zeroes { unmap })
+        self.svm_change(Change::WriteZeroes { offset, len, unmap })
     }
 }
 
 impl Drop for LayeredDisk {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        drop(st.layers.take());
+        drop(std::mem::replace(&mut st.stage, Stage::Standalone));
         // Closing the channel ends the reaper once it has dropped what it was given.
         drop(self.reaper_tx.take());
         if let Some(h) = self.reaper.take() {
             let _ = h.join();
         }
     }
-}
-
-/// The layers of the current epoch, if the primary stream is still accepted.
-fn streaming(st: &mut State) -> io::Result<&mut Layers> {
-    if st.failed_over {
-        return Err(replication_over());
-    }
-    st.layers.as_mut().ok_or_else(replication_over)
 }
 
 fn replication_over() -> io::Error {
@@ -797,6 +799,19 @@ mod tests {
     use std::time::Duration;
 
     const SECTOR: u64 = 512;
+
+    /// The primary stream's changes, one per kind.
+    impl LayeredDisk {
+        fn primary_write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.apply_primary(&Change::Write { offset, data })
+        }
+        fn primary_write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+            self.apply_primary(&Change::WriteZeroes { offset, len, unmap })
+        }
+        fn primary_discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.apply_primary(&Change::Discard { offset, len })
+        }
+    }
 
     /// Deterministic bytes for a write: depend on the seed and the absolute disk offset.
     fn pattern(seed: u32, offset: u64, len: usize) -> Vec<u8> {
@@ -1234,7 +1249,7 @@ mod tests {
         // The base is a fresh sparse image: the originals are all zeros.
         ld.primary_write(0, &vec![0xee; 8 << 20]).unwrap();
         let st = ld.read_state();
-        let hidden = &st.layers.as_ref().unwrap().hidden;
+        let hidden = &st.stage.layers().unwrap().hidden;
         assert_eq!(hidden.clusters.len(), 128);
         use std::os::unix::fs::MetadataExt;
         assert_eq!(hidden.file.metadata().unwrap().blocks(), 0);

@@ -11,10 +11,11 @@
 //!  +------+----+-----+--------+---------+---------+---------+------------+-------+---------
 //! ```
 
-use std::sync::Arc;
-
+use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::storage::Change;
 
 /// "COLO" as the first four bytes on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"COLO");
@@ -86,26 +87,11 @@ pub struct Welcome {
 pub enum Frame {
     Hello(Hello),
     Welcome(Welcome),
-    /// Guest data written at `offset` on the primary (shared with the primary's local write).
-    Write {
+    /// A change of the primary's disk, in stream order (WRITE, WRITE_ZEROES, DISCARD or FLUSH
+    /// on the wire). A write's data is shared with the primary's local write.
+    Change {
         seq: u64,
-        offset: u64,
-        data: Arc<Vec<u8>>,
-    },
-    WriteZeroes {
-        seq: u64,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-    },
-    Discard {
-        seq: u64,
-        offset: u64,
-        len: u64,
-    },
-    /// The guest flushed: make everything before it durable.
-    Flush {
-        seq: u64,
+        change: Change<Bytes>,
     },
     /// End of an epoch: everything before it is the checkpoint's disk; drop the layers.
     Checkpoint {
@@ -139,10 +125,7 @@ impl Frame {
         match self {
             Frame::Hello(_) => "HELLO",
             Frame::Welcome(_) => "WELCOME",
-            Frame::Write { .. } => "WRITE",
-            Frame::WriteZeroes { .. } => "WRITE_ZEROES",
-            Frame::Discard { .. } => "DISCARD",
-            Frame::Flush { .. } => "FLUSH",
+            Frame::Change { change, .. } => change.kind(),
             Frame::Checkpoint { .. } => "CHECKPOINT",
             Frame::Ack { .. } => "ACK",
             Frame::Heartbeat => "HEARTBEAT",
@@ -153,13 +136,19 @@ impl Frame {
     /// Sequence number of a stream frame (0 for control frames).
     pub fn seq(&self) -> u64 {
         match self {
-            Frame::Write { seq, .. }
-            | Frame::WriteZeroes { seq, .. }
-            | Frame::Discard { seq, .. }
-            | Frame::Flush { seq }
-            | Frame::Checkpoint { seq, .. }
-            | Frame::Ack { seq } => *seq,
+            Frame::Change { seq, .. } | Frame::Checkpoint { seq, .. } | Frame::Ack { seq } => *seq,
             _ => 0,
+        }
+    }
+
+    /// A WRITE frame (tests and tools).
+    pub fn write(seq: u64, offset: u64, data: impl Into<Bytes>) -> Frame {
+        Frame::Change {
+            seq,
+            change: Change::Write {
+                offset,
+                data: data.into(),
+            },
         }
     }
 
@@ -181,29 +170,21 @@ impl Frame {
                 hello_buf.extend_from_slice(&w.disk_size.to_le_bytes());
                 (T_WELCOME, 0, 0, 0, 0, &hello_buf)
             }
-            Frame::Write { seq, offset, data } => (
-                T_WRITE,
-                0,
-                *seq,
-                *offset,
-                data.len() as u64,
-                data.as_slice(),
-            ),
-            Frame::WriteZeroes {
-                seq,
-                offset,
-                len,
-                unmap,
-            } => (
-                T_WRITE_ZEROES,
-                if *unmap { FLAG_UNMAP } else { 0 },
-                *seq,
-                *offset,
-                *len,
-                &[],
-            ),
-            Frame::Discard { seq, offset, len } => (T_DISCARD, 0, *seq, *offset, *len, &[]),
-            Frame::Flush { seq } => (T_FLUSH, 0, *seq, 0, 0, &[]),
+            Frame::Change { seq, change } => match change {
+                Change::Write { offset, data } => {
+                    (T_WRITE, 0, *seq, *offset, data.len() as u64, &data[..])
+                }
+                Change::WriteZeroes { offset, len, unmap } => (
+                    T_WRITE_ZEROES,
+                    if *unmap { FLAG_UNMAP } else { 0 },
+                    *seq,
+                    *offset,
+                    *len,
+                    &[],
+                ),
+                Change::Discard { offset, len } => (T_DISCARD, 0, *seq, *offset, *len, &[]),
+                Change::Flush => (T_FLUSH, 0, *seq, 0, 0, &[]),
+            },
             Frame::Checkpoint { seq, epoch } => (T_CHECKPOINT, 0, *seq, 0, *epoch, &[]),
             Frame::Ack { seq } => (T_ACK, 0, *seq, 0, 0, &[]),
             Frame::Heartbeat => (T_HEARTBEAT, 0, 0, 0, 0, &[]),
@@ -321,32 +302,41 @@ impl Frame {
                         why: "length does not match payload",
                     });
                 }
-                Frame::Write {
+                Frame::Change {
                     seq: h.seq,
-                    offset: h.offset,
-                    data: Arc::new(payload),
+                    change: Change::Write {
+                        offset: h.offset,
+                        data: Bytes::from(payload),
+                    },
                 }
             }
             T_WRITE_ZEROES => {
                 no_payload("WRITE_ZEROES")?;
-                Frame::WriteZeroes {
+                Frame::Change {
                     seq: h.seq,
-                    offset: h.offset,
-                    len: h.length,
-                    unmap: h.flags & FLAG_UNMAP != 0,
+                    change: Change::WriteZeroes {
+                        offset: h.offset,
+                        len: h.length,
+                        unmap: h.flags & FLAG_UNMAP != 0,
+                    },
                 }
             }
             T_DISCARD => {
                 no_payload("DISCARD")?;
-                Frame::Discard {
+                Frame::Change {
                     seq: h.seq,
-                    offset: h.offset,
-                    len: h.length,
+                    change: Change::Discard {
+                        offset: h.offset,
+                        len: h.length,
+                    },
                 }
             }
             T_FLUSH => {
                 no_payload("FLUSH")?;
-                Frame::Flush { seq: h.seq }
+                Frame::Change {
+                    seq: h.seq,
+                    change: Change::Flush,
+                }
             }
             T_CHECKPOINT => {
                 no_payload("CHECKPOINT")?;
@@ -368,6 +358,27 @@ impl Frame {
             },
             other => return Err(ProtocolError::UnknownType(other)),
         })
+    }
+}
+
+impl Frame {
+    /// Decodes the first frame in `bytes`; returns it and the number of bytes it took. Fails on
+    /// a truncated frame as on a bad one (the link reader and the fuzz targets use the same
+    /// checks: [`Frame::parse_header`], then [`Frame::from_parts`]).
+    pub fn decode(bytes: &[u8]) -> Result<(Frame, usize), ProtocolError> {
+        let truncated = ProtocolError::Malformed {
+            kind: "frame",
+            why: "truncated",
+        };
+        let Some(h) = bytes.first_chunk::<HEADER_LEN>() else {
+            return Err(truncated);
+        };
+        let raw = Frame::parse_header(h)?;
+        let end = HEADER_LEN + raw.payload_len;
+        let Some(payload) = bytes.get(HEADER_LEN..end) else {
+            return Err(truncated);
+        };
+        Ok((Frame::from_parts(raw, payload.to_vec())?, end))
     }
 }
 
@@ -394,17 +405,6 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Protoc
     Frame::from_parts(header, payload)
 }
 
-/// Reads one frame, or fails when the peer sends nothing (not even a heartbeat) for `timeout`.
-pub async fn read_frame_within<R: AsyncRead + Unpin>(
-    r: &mut R,
-    timeout: std::time::Duration,
-) -> Result<Frame, ProtocolError> {
-    match tokio::time::timeout(timeout, read_frame(r)).await {
-        Ok(f) => f,
-        Err(_) => Err(ProtocolError::Peer(format!("no heartbeat for {timeout:?}"))),
-    }
-}
-
 /// Writes one frame (not flushed).
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), ProtocolError> {
     w.write_all(&f.encode()).await?;
@@ -429,23 +429,26 @@ mod tests {
                 disk_size: 1 << 30,
                 block_size: 512,
             }),
-            Frame::Write {
-                seq: 1,
-                offset: 4096,
-                data: Arc::new(vec![0xab; 1000]),
-            },
-            Frame::WriteZeroes {
+            Frame::write(1, 4096, vec![0xab; 1000]),
+            Frame::Change {
                 seq: 2,
-                offset: 0,
-                len: 1 << 20,
-                unmap: true,
+                change: Change::WriteZeroes {
+                    offset: 0,
+                    len: 1 << 20,
+                    unmap: true,
+                },
             },
-            Frame::Discard {
+            Frame::Change {
                 seq: 3,
-                offset: 512,
-                len: 512,
+                change: Change::Discard {
+                    offset: 512,
+                    len: 512,
+                },
             },
-            Frame::Flush { seq: 4 },
+            Frame::Change {
+                seq: 4,
+                change: Change::Flush,
+            },
             Frame::Checkpoint { seq: 5, epoch: 9 },
             Frame::Ack { seq: 5 },
             Frame::Heartbeat,
@@ -456,15 +459,9 @@ mod tests {
     }
 
     fn decode(bytes: &[u8]) -> Result<Frame, ProtocolError> {
-        let h: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().unwrap();
-        let raw = Frame::parse_header(&h)?;
-        let Some(payload) = bytes.get(HEADER_LEN..HEADER_LEN + raw.payload_len) else {
-            return Err(ProtocolError::Malformed {
-                kind: "test",
-                why: "truncated",
-            });
-        };
-        Frame::from_parts(raw, payload.to_vec())
+        let (f, used) = Frame::decode(bytes)?;
+        assert_eq!(used, bytes.len());
+        Ok(f)
     }
 
     #[test]
@@ -476,11 +473,7 @@ mod tests {
 
     #[test]
     fn any_flipped_bit_is_rejected() {
-        let f = Frame::Write {
-            seq: 42,
-            offset: 8192,
-            data: Arc::new((0..64u8).collect()),
-        };
+        let f = Frame::write(42, 8192, (0..64u8).collect::<Vec<u8>>());
         let good = f.encode();
         for byte in 0..good.len() {
             for bit in 0..8 {

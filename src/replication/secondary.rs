@@ -6,19 +6,22 @@
 //!          ◄TCP── writer task ◄── ACK(seq) ◄────────────┘   (copy-before-write into hidden)
 //!                 + heartbeats
 //! ```
+//!
+//! One primary at a time: a connection claims the session slot atomically before its
+//! handshake, so a second primary is refused even while the first is still handshaking.
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use serde_json::{json, Value};
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use super::events::{Event, FailoverReport, SecondaryStatus, Side};
 use super::layers::LayeredDisk;
-use super::protocol::{read_frame, read_frame_within, Frame, ProtocolError, Welcome, VERSION};
+use super::link::{self, Stream, Timing};
+use super::protocol::{Frame, Hello, ProtocolError, Welcome, VERSION};
 use crate::qmp::EventSender;
 use crate::storage::BlockDevice;
 
@@ -31,17 +34,36 @@ pub struct SecondaryOptions {
     pub block_size: u32,
 }
 
-#[derive(Debug, Default)]
+/// Where the secondary's replication stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Taking the primary's stream (or waiting for it).
+    Receiving,
+    /// `replication-failover` is committing the layers; no stream is taken any more.
+    FailingOver,
+    /// The disk is the Secondary VM's own.
+    FailedOver,
+}
+
+/// Who holds the session slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Peer {
+    Idle,
+    /// A connection is handshaking.
+    Handshaking(String),
+    /// A primary streams; its applier thread may be running until the slot is freed.
+    Streaming(String),
+}
+
+#[derive(Debug)]
 struct SecState {
-    connected: Option<String>,
+    stage: Stage,
+    peer: Peer,
     epoch: u64,
     applied_seq: u64,
     bytes_since_checkpoint: u64,
     bytes_total: u64,
     last_error: Option<String>,
-    failed_over: bool,
-    /// An applier thread is running (failover waits for it to stop).
-    applying: bool,
 }
 
 /// Errors of secondary operations.
@@ -58,6 +80,7 @@ pub struct Secondary {
     disk: Arc<LayeredDisk>,
     opts: SecondaryOptions,
     state: Mutex<SecState>,
+    /// Signalled when the session slot is freed.
     cond: Condvar,
     events: EventSender,
     /// Flips to true on failover: the session ends and no new one is accepted.
@@ -70,7 +93,15 @@ impl Secondary {
         Arc::new(Secondary {
             disk,
             opts,
-            state: Mutex::new(SecState::default()),
+            state: Mutex::new(SecState {
+                stage: Stage::Receiving,
+                peer: Peer::Idle,
+                epoch: 0,
+                applied_seq: 0,
+                bytes_since_checkpoint: 0,
+                bytes_total: 0,
+                last_error: None,
+            }),
             cond: Condvar::new(),
             events,
             stop,
@@ -79,6 +110,17 @@ impl Secondary {
 
     fn state(&self) -> MutexGuard<'_, SecState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            heartbeat: self.opts.heartbeat_interval,
+            peer_timeout: self.opts.peer_timeout,
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        event.emit(&self.events);
     }
 
     /// The disk the Secondary VM (if any) is served from.
@@ -93,43 +135,49 @@ impl Secondary {
         Ok(l)
     }
 
-    /// Accepts the primary, one session at a time, until failover.
+    /// Accepts primaries until failover; each connection is served by [`Secondary::serve`].
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
         let mut stop = self.stop.subscribe();
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
-                _ = stop.changed() => return,
+                _ = stop.wait_for(|s| *s) => return,
             };
-            let (stream, addr) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    continue;
+            match accepted {
+                Ok((stream, addr)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        warn!("TCP_NODELAY on the link: {e}");
+                    }
+                    tokio::spawn(self.clone().serve(stream, addr.to_string()));
                 }
-            };
-            if *stop.borrow() {
-                return;
+                Err(e) => warn!("accept failed: {e}"),
             }
-            let busy = self.state().connected.clone();
-            if let Some(cur) = busy {
-                let msg = format!("already replicating from {cur}");
-                warn!("refusing {addr}: {msg}");
-                let mut s = stream;
-                let _ = s.write_all(&Frame::Error { message: msg }.encode()).await;
-                continue;
-            }
-            let me = self.clone();
-            let mut stop_rx = self.stop.subscribe();
-            tokio::spawn(async move {
-                let addr = addr.to_string();
-                let r = tokio::select! {
-                    r = me.clone().session(stream, addr.clone()) => r,
-                    _ = stop_rx.wait_for(|s| *s) => Ok(()),
-                };
-                me.session_ended(&addr, r);
-            });
         }
+    }
+
+    /// Serves one connection: claims the session slot (or refuses the connection when another
+    /// primary holds it), runs the session, frees the slot and reports how it ended.
+    pub async fn serve<S: Stream>(self: Arc<Self>, stream: S, addr: String) {
+        let claimed = {
+            let mut st = self.state();
+            match &st.peer {
+                Peer::Idle => {
+                    st.peer = Peer::Handshaking(addr.clone());
+                    Ok(())
+                }
+                Peer::Handshaking(cur) | Peer::Streaming(cur) => {
+                    Err(format!("already replicating from {cur}"))
+                }
+            }
+        };
+        if let Err(msg) = claimed {
+            warn!("refusing {addr}: {msg}");
+            let (_, mut wr) = tokio::io::split(stream);
+            link::refuse(&mut wr, msg).await;
+            return;
+        }
+        let r = self.clone().session(stream, &addr).await;
+        self.session_ended(&addr, r);
     }
 
     fn session_ended(&self, addr: &str, r: Result<(), ProtocolError>) {
@@ -137,48 +185,35 @@ impl Secondary {
             Ok(()) => "closed".to_string(),
             Err(e) => e.to_string(),
         };
-        let was_connected = {
+        let was_streaming = {
             let mut st = self.state();
-            let was = st.connected.take().is_some();
+            let was = matches!(st.peer, Peer::Streaming(_));
+            st.peer = Peer::Idle;
             if r.is_err() {
                 st.last_error = Some(reason.clone());
             }
             was
         };
-        if was_connected {
+        self.cond.notify_all();
+        if was_streaming {
             warn!("primary {addr} gone: {reason}");
-            self.events.emit(
-                "REPLICATION_PEER_LOST",
-                json!({"role": "secondary", "reason": reason}),
-            );
+            self.emit(Event::PeerLost {
+                role: Side::Secondary,
+                reason,
+                dirty_bytes: None,
+            });
         } else if let Err(e) = r {
             error!("refused primary {addr}: {e}");
-            self.events.emit(
-                "REPLICATION_ERROR",
-                json!({"role": "secondary", "error": e.to_string()}),
-            );
+            self.emit(Event::Error {
+                role: Side::Secondary,
+                error: e.to_string(),
+            });
         }
     }
 
-    async fn session(
-        self: Arc<Self>,
-        stream: TcpStream,
-        addr: String,
-    ) -> Result<(), ProtocolError> {
-        stream.set_nodelay(true)?;
-        let (mut rd, wr) = stream.into_split();
-        let mut wr = BufWriter::new(wr);
-        let hello = match tokio::time::timeout(self.opts.peer_timeout, read_frame(&mut rd)).await {
-            Err(_) => return Err(ProtocolError::Refused("no HELLO".into())),
-            Ok(r) => r?,
-        };
-        let Frame::Hello(hello) = hello else {
-            return Err(ProtocolError::Unexpected {
-                got: hello.kind(),
-                expected: "HELLO",
-            });
-        };
-        let refusal = if hello.version != VERSION {
+    /// Why the secondary does not take `hello`'s stream, if it does not.
+    fn refusal(&self, hello: &Hello) -> Option<String> {
+        if hello.version != VERSION {
             Some(format!(
                 "protocol version {} is not supported (this secondary speaks {VERSION})",
                 hello.version
@@ -194,95 +229,71 @@ impl Secondary {
                 "block size mismatch: primary uses {}, secondary uses {}",
                 hello.block_size, self.opts.block_size
             ))
-        } else if self.state().failed_over {
+        } else if self.state().stage != Stage::Receiving {
             Some("the secondary has failed over and no longer takes a stream".into())
         } else {
             None
-        };
-        if let Some(message) = refusal {
-            let _ = wr
-                .write_all(
-                    &Frame::Error {
-                        message: message.clone(),
-                    }
-                    .encode(),
-                )
-                .await;
-            let _ = wr.flush().await;
-            return Err(ProtocolError::Refused(message));
         }
-        wr.write_all(
-            &Frame::Welcome(Welcome {
-                version: VERSION,
-                disk_size: self.disk.capacity(),
-                block_size: self.opts.block_size,
-            })
-            .encode(),
-        )
-        .await?;
-        wr.flush().await?;
+    }
+
+    /// One session, the slot claimed: handshake, then apply the stream until it ends, the peer
+    /// fails, or failover stops it. Returns only once the applier thread has stopped.
+    async fn session<S: Stream>(
+        self: Arc<Self>,
+        stream: S,
+        addr: &str,
+    ) -> Result<(), ProtocolError> {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut stop = self.stop.subscribe();
+        let hello = tokio::select! {
+            h = link::accept(&mut rd, self.timing()) => h?,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        if let Some(message) = self.refusal(&hello) {
+            return Err(link::refuse(&mut wr, message).await);
+        }
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
+        let welcome = Frame::Welcome(Welcome {
+            version: VERSION,
+            disk_size: self.disk.capacity(),
+            block_size: self.opts.block_size,
+        });
+        // First in the writer's queue: nothing else is queued before the applier starts.
+        let _ = out_tx.send(welcome);
         {
             let mut st = self.state();
-            st.connected = Some(addr.clone());
+            st.peer = Peer::Streaming(addr.to_string());
             st.applied_seq = 0;
-            st.applying = true;
         }
         info!(
             "primary {addr} connected (epoch {}, {})",
             hello.epoch,
             if hello.sync { "sync" } else { "async" }
         );
-        self.events.emit(
-            "REPLICATION_PEER_CONNECTED",
-            json!({"role": "secondary", "peer": addr}),
-        );
+        self.emit(Event::PeerConnected {
+            role: Side::Secondary,
+            peer: addr.to_string(),
+            resync_bytes: None,
+        });
 
         let (frame_tx, frame_rx) = mpsc::channel::<Frame>(256);
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Result<u64, String>>();
         let applier = {
             let me = self.clone();
             std::thread::Builder::new()
                 .name("colo-apply".into())
-                .spawn(move || me.apply_loop(frame_rx, ack_tx))?
+                .spawn(move || me.apply_loop(frame_rx, out_tx))?
         };
 
-        let hb = self.opts.heartbeat_interval;
-        let writer = async move {
-            let mut tick = tokio::time::interval(hb);
-            loop {
-                tokio::select! {
-                    a = ack_rx.recv() => match a {
-                        Some(Ok(seq)) => {
-                            wr.write_all(&Frame::Ack { seq }.encode()).await?;
-                            wr.flush().await?;
-                        }
-                        Some(Err(message)) => {
-                            let _ = wr.write_all(&Frame::Error { message: message.clone() }.encode()).await;
-                            let _ = wr.flush().await;
-                            return Err(ProtocolError::Apply(message));
-                        }
-                        None => return Ok::<(), ProtocolError>(()),
-                    },
-                    _ = tick.tick() => {
-                        wr.write_all(&Frame::Heartbeat.encode()).await?;
-                        wr.flush().await?;
-                    }
-                }
-            }
-        };
+        let writer = link::write_loop(wr, out_rx, self.timing());
         let timeout = self.opts.peer_timeout;
         let reader = async move {
             let mut expected = 1u64;
             loop {
-                let f = read_frame_within(&mut rd, timeout).await?;
+                let f = link::read_within(&mut rd, timeout).await?;
                 match f {
                     Frame::Heartbeat => continue,
                     Frame::Error { message } => return Err(ProtocolError::Peer(message)),
-                    Frame::Write { .. }
-                    | Frame::WriteZeroes { .. }
-                    | Frame::Discard { .. }
-                    | Frame::Flush { .. }
-                    | Frame::Checkpoint { .. } => {
+                    Frame::Change { .. } | Frame::Checkpoint { .. } => {
                         if f.seq() != expected {
                             return Err(ProtocolError::Sequence {
                                 expected,
@@ -307,18 +318,16 @@ impl Secondary {
         let r = tokio::select! {
             r = writer => r,
             r = reader => r,
+            _ = stop.wait_for(|s| *s) => Ok(()),
         };
-        // Dropping the reader closed the frame channel: the applier finishes what it holds.
+        // Dropping the reader closed the frame channel: the applier stops.
         let _ = tokio::task::spawn_blocking(move || applier.join()).await;
         r
     }
 
-    /// Applies frames in order and acknowledges them.
-    fn apply_loop(
-        &self,
-        mut rx: mpsc::Receiver<Frame>,
-        acks: mpsc::UnboundedSender<Result<u64, String>>,
-    ) {
+    /// Applies frames in order and acknowledges them; stops at the first error (reported to
+    /// the primary in an ERROR frame) or when failover begins.
+    fn apply_loop(&self, mut rx: mpsc::Receiver<Frame>, out: mpsc::UnboundedSender<Frame>) {
         // Acknowledge when caught up, and at least every ACK_EVERY_FRAMES frames or
         // ACK_EVERY_BYTES bytes: the primary's window must drain steadily, not in window-sized
         // steps (which would stall it until the whole window is applied).
@@ -326,15 +335,19 @@ impl Secondary {
         const ACK_EVERY_BYTES: u64 = 1 << 20;
         let mut unacked = 0u32;
         let mut unacked_bytes = 0u64;
+        let stop = self.stop.subscribe();
         while let Some(frame) = rx.blocking_recv() {
+            if *stop.borrow() {
+                break; // failover: what is left belongs to the abandoned epoch
+            }
             let seq = frame.seq();
-            if let Frame::Write { data, .. } = &frame {
-                unacked_bytes += data.len() as u64;
+            if let Frame::Change { change, .. } = &frame {
+                unacked_bytes += change.data_len();
             }
             if let Err(e) = self.apply(frame) {
-                let msg = format!("secondary cannot apply frame {seq}: {e}");
-                error!("{msg}");
-                let _ = acks.send(Err(msg));
+                let message = format!("secondary cannot apply frame {seq}: {e}");
+                error!("{message}");
+                let _ = out.send(Frame::Error { message });
                 break;
             }
             self.state().applied_seq = seq;
@@ -342,27 +355,22 @@ impl Secondary {
             if rx.is_empty() || unacked >= ACK_EVERY_FRAMES || unacked_bytes >= ACK_EVERY_BYTES {
                 unacked = 0;
                 unacked_bytes = 0;
-                if acks.send(Ok(seq)).is_err() {
+                if out.send(Frame::Ack { seq }).is_err() {
                     break;
                 }
             }
         }
-        self.state().applying = false;
-        self.cond.notify_all();
     }
 
     fn apply(&self, frame: Frame) -> io::Result<()> {
-        let bytes = match &frame {
-            Frame::Write { data, .. } => data.len() as u64,
-            _ => 0,
-        };
         match frame {
-            Frame::Write { offset, data, .. } => self.disk.primary_write(offset, &data)?,
-            Frame::WriteZeroes {
-                offset, len, unmap, ..
-            } => self.disk.primary_write_zeroes(offset, len, unmap)?,
-            Frame::Discard { offset, len, .. } => self.disk.primary_discard(offset, len)?,
-            Frame::Flush { .. } => self.disk.flush()?,
+            Frame::Change { change, .. } => {
+                self.disk.apply_primary(&change.as_slice())?;
+                let bytes = change.data_len();
+                let mut st = self.state();
+                st.bytes_since_checkpoint += bytes;
+                st.bytes_total += bytes;
+            }
             Frame::Checkpoint { epoch, .. } => {
                 let t = Instant::now();
                 self.disk.checkpoint()?;
@@ -371,23 +379,19 @@ impl Secondary {
                 st.bytes_since_checkpoint = 0;
                 drop(st);
                 info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
-                self.events.emit(
-                    "REPLICATION_CHECKPOINT",
-                    json!({"role": "secondary", "epoch": epoch}),
-                );
-                return Ok(());
+                self.emit(Event::Checkpoint {
+                    role: Side::Secondary,
+                    epoch,
+                });
             }
-            _ => return Ok(()),
+            _ => {}
         }
-        let mut st = self.state();
-        st.bytes_since_checkpoint += bytes;
-        st.bytes_total += bytes;
         Ok(())
     }
 
     /// `replication-do-checkpoint` on the secondary: drop both layers now.
     pub fn do_checkpoint(&self) -> Result<u64, SecondaryError> {
-        if self.state().failed_over {
+        if self.state().stage != Stage::Receiving {
             return Err(SecondaryError::AlreadyFailedOver);
         }
         self.disk.checkpoint()?;
@@ -396,64 +400,263 @@ impl Secondary {
         st.bytes_since_checkpoint = 0;
         let epoch = st.epoch;
         drop(st);
-        self.events.emit(
-            "REPLICATION_CHECKPOINT",
-            json!({"role": "secondary", "epoch": epoch}),
-        );
+        self.emit(Event::Checkpoint {
+            role: Side::Secondary,
+            epoch,
+        });
         Ok(epoch)
     }
 
     /// `replication-failover`: stop taking the stream and make the Secondary VM's view (or,
-    /// without one, the last checkpoint) the disk.
-    pub fn failover(&self) -> Result<Value, SecondaryError> {
+    /// without one, the last checkpoint) the disk. After an I/O error, calling it again
+    /// resumes the commit.
+    pub fn failover(&self) -> Result<FailoverReport, SecondaryError> {
         let t = Instant::now();
         {
             let mut st = self.state();
-            if st.failed_over {
-                return Err(SecondaryError::AlreadyFailedOver);
+            match st.stage {
+                Stage::FailedOver => return Err(SecondaryError::AlreadyFailedOver),
+                Stage::Receiving | Stage::FailingOver => st.stage = Stage::FailingOver,
             }
-            st.failed_over = true;
         }
         self.stop.send_replace(true);
         // Wait for the applier to let go of the disk.
         {
             let mut st = self.state();
-            while st.applying {
+            while matches!(st.peer, Peer::Streaming(_)) {
                 st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         }
         let before = self.disk.stats();
         self.disk.failover()?;
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
-        let epoch = self.state().epoch;
-        info!("failover done in {ms:.1} ms (epoch {epoch})");
-        let data = json!({
-            "epoch": epoch,
-            "duration-ms": ms,
-            "committed-active-bytes": before.active_bytes,
-            "restored-hidden-bytes": before.hidden_bytes,
-        });
-        self.events.emit("REPLICATION_FAILOVER_DONE", data.clone());
-        Ok(data)
+        let duration_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let epoch = {
+            let mut st = self.state();
+            st.stage = Stage::FailedOver;
+            st.epoch
+        };
+        info!("failover done in {duration_ms:.1} ms (epoch {epoch})");
+        let report = FailoverReport {
+            epoch,
+            duration_ms,
+            committed_active_bytes: before.active_bytes,
+            restored_hidden_bytes: before.hidden_bytes,
+        };
+        self.emit(Event::FailoverDone(report.clone()));
+        Ok(report)
     }
 
     /// `query-replication` for the secondary.
-    pub fn query(&self) -> Value {
+    pub fn status(&self) -> SecondaryStatus {
         let st = self.state();
         let layers = self.disk.stats();
-        json!({
-            "role": "secondary",
-            "state": if st.failed_over { "failed-over" } else if st.connected.is_some() { "connected" } else { "waiting" },
-            "peer-address": st.connected,
-            "listen": self.opts.listen,
-            "epoch": st.epoch,
-            "applied-seq": st.applied_seq,
-            "bytes-received-since-checkpoint": st.bytes_since_checkpoint,
-            "bytes-received-total": st.bytes_total,
-            "hidden-bytes": layers.hidden_bytes,
-            "active-bytes": layers.active_bytes,
-            "cluster-size": layers.cluster_size,
-            "last-error": st.last_error,
-        })
+        let (state, peer_address) = match (&st.stage, &st.peer) {
+            (Stage::FailingOver | Stage::FailedOver, _) => ("failed-over", None),
+            (Stage::Receiving, Peer::Streaming(a)) => ("connected", Some(a.clone())),
+            (Stage::Receiving, _) => ("waiting", None),
+        };
+        SecondaryStatus {
+            role: Side::Secondary,
+            state,
+            peer_address,
+            listen: self.opts.listen.clone(),
+            epoch: st.epoch,
+            applied_seq: st.applied_seq,
+            bytes_received_since_checkpoint: st.bytes_since_checkpoint,
+            bytes_received_total: st.bytes_total,
+            hidden_bytes: layers.hidden_bytes,
+            active_bytes: layers.active_bytes,
+            cluster_size: layers.cluster_size,
+            last_error: st.last_error.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::protocol::read_frame;
+    use crate::storage::{Change, MemDisk};
+    use tokio::io::{split, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+
+    const DISK: u64 = 1 << 20;
+
+    fn timing() -> Timing {
+        Timing {
+            heartbeat: Duration::from_millis(50),
+            peer_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn secondary(dir: &std::path::Path) -> (Arc<Secondary>, Arc<MemDisk>) {
+        let base = Arc::new(MemDisk::new(DISK as usize));
+        base.write_at(&vec![0x11; DISK as usize], 0).unwrap();
+        let layered = Arc::new(LayeredDisk::new(base.clone(), dir, 4096).unwrap());
+        let opts = SecondaryOptions {
+            listen: "in-memory".into(),
+            heartbeat_interval: timing().heartbeat,
+            peer_timeout: timing().peer_timeout,
+            block_size: 512,
+        };
+        (Secondary::new(layered, opts, EventSender::new()), base)
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            version: VERSION,
+            disk_size: DISK,
+            block_size: 512,
+            epoch: 0,
+            sync: false,
+        }
+    }
+
+    type Halves = (ReadHalf<DuplexStream>, WriteHalf<DuplexStream>);
+
+    /// Connects a test primary to `sec` over an in-memory stream and handshakes.
+    async fn connect(sec: &Arc<Secondary>, name: &str) -> Halves {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        tokio::spawn(sec.clone().serve(b, name.to_string()));
+        let (mut rd, mut wr) = split(a);
+        link::offer(&mut rd, &mut wr, hello(), timing())
+            .await
+            .unwrap();
+        (rd, wr)
+    }
+
+    async fn send(wr: &mut WriteHalf<DuplexStream>, frames: &[Frame]) {
+        for f in frames {
+            wr.write_all(&f.encode()).await.unwrap();
+        }
+        wr.flush().await.unwrap();
+    }
+
+    /// Reads frames until the ACK of `seq` (heartbeats and earlier ACKs are skipped).
+    async fn wait_ack(rd: &mut ReadHalf<DuplexStream>, seq: u64) {
+        loop {
+            match read_frame(rd).await.unwrap() {
+                Frame::Ack { seq: s } if s == seq => return,
+                Frame::Ack { .. } | Frame::Heartbeat => {}
+                f => panic!("unexpected {f:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn applies_the_stream_acknowledges_and_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sec, base) = secondary(dir.path());
+        let (mut rd, mut wr) = connect(&sec, "p1").await;
+        send(
+            &mut wr,
+            &[
+                Frame::write(1, 8192, vec![0x22; 4096]),
+                Frame::Change {
+                    seq: 2,
+                    change: Change::WriteZeroes {
+                        offset: 0,
+                        len: 512,
+                        unmap: false,
+                    },
+                },
+                Frame::Change {
+                    seq: 3,
+                    change: Change::Flush,
+                },
+            ],
+        )
+        .await;
+        wait_ack(&mut rd, 3).await;
+        let disk = base.snapshot();
+        assert!(disk[..512].iter().all(|&b| b == 0));
+        assert!(disk[512..8192].iter().all(|&b| b == 0x11));
+        assert!(disk[8192..12288].iter().all(|&b| b == 0x22));
+        let st = sec.status();
+        assert_eq!((st.state, st.applied_seq, st.epoch), ("connected", 3, 0));
+        assert!(st.hidden_bytes > 0);
+        send(&mut wr, &[Frame::Checkpoint { seq: 4, epoch: 1 }]).await;
+        wait_ack(&mut rd, 4).await;
+        let st = sec.status();
+        assert_eq!((st.epoch, st.hidden_bytes), (1, 0));
+    }
+
+    /// The slot is claimed before the handshake: a second primary is refused even while the
+    /// first one has not sent its HELLO yet.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_primary_is_refused_while_the_first_handshakes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sec, _base) = secondary(dir.path());
+        let (a1, b1) = tokio::io::duplex(1 << 16);
+        let mut first = Box::pin(sec.clone().serve(b1, "first".into()));
+        // Poll the first connection once: it claims the slot and waits for HELLO.
+        tokio::select! {
+            biased;
+            _ = &mut first => panic!("the first session ended early"),
+            _ = std::future::ready(()) => {}
+        }
+        let (a2, b2) = tokio::io::duplex(1 << 16);
+        sec.clone().serve(b2, "second".into()).await;
+        let (mut rd2, _wr2) = split(a2);
+        match read_frame(&mut rd2).await.unwrap() {
+            Frame::Error { message } => {
+                assert!(
+                    message.contains("already replicating from first"),
+                    "{message}"
+                )
+            }
+            f => panic!("unexpected {f:?}"),
+        }
+        // The first one goes on normally.
+        let task = tokio::spawn(first);
+        let (mut rd1, mut wr1) = split(a1);
+        link::offer(&mut rd1, &mut wr1, hello(), timing())
+            .await
+            .unwrap();
+        send(&mut wr1, &[Frame::write(1, 0, vec![7; 512])]).await;
+        wait_ack(&mut rd1, 1).await;
+        drop((rd1, wr1));
+        task.await.unwrap();
+        assert_eq!(sec.status().state, "waiting");
+    }
+
+    /// Failover while a primary streams: the session ends, the disk is the last checkpoint, and
+    /// a new primary is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failover_ends_the_session_and_rolls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sec, base) = secondary(dir.path());
+        let (mut rd, mut wr) = connect(&sec, "p1").await;
+        send(
+            &mut wr,
+            &[
+                Frame::write(1, 0, vec![0x33; 8192]),
+                Frame::Checkpoint { seq: 2, epoch: 1 },
+                Frame::write(3, 4096, vec![0x44; 8192]),
+            ],
+        )
+        .await;
+        wait_ack(&mut rd, 3).await;
+        let s = sec.clone();
+        let report = tokio::task::spawn_blocking(move || s.failover())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.epoch, 1);
+        let disk = base.snapshot();
+        assert!(disk[..8192].iter().all(|&b| b == 0x33));
+        assert!(disk[8192..].iter().all(|&b| b == 0x11));
+        assert_eq!(sec.status().state, "failed-over");
+        assert!(matches!(
+            sec.failover(),
+            Err(SecondaryError::AlreadyFailedOver)
+        ));
+        // The old session is gone; a new primary is told why it is refused.
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(sec.clone().serve(b, "p2".into()));
+        let (mut rd2, mut wr2) = split(a);
+        let e = link::offer(&mut rd2, &mut wr2, hello(), timing())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("failed over"), "{e}");
     }
 }

@@ -6,6 +6,7 @@
 //! data (the replication primary, the secondary's layered disk) work on host buffers and get the
 //! guest-buffer methods for free through the default bounce implementations.
 
+pub mod change;
 pub mod mem;
 pub mod raw;
 
@@ -14,6 +15,7 @@ use std::io;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vm_memory::VolatileSlice;
 
+pub use change::{Change, ChangeData};
 pub use mem::MemDisk;
 pub use raw::{RawImage, RawImageOptions};
 

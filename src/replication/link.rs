@@ -1,0 +1,237 @@
+//! The parts of a replication session both ends share: the handshake, the writer half (frames
+//! out, batched, plus heartbeats), reads bounded by the peer timeout, and error frames.
+//!
+//! Sessions run over any byte stream ([`Stream`]): TCP in production, an in-memory duplex in
+//! the unit tests, and whatever wraps TCP later (TLS) without touching the session logic.
+//!
+//! ```text
+//!  primary: offer(HELLO) ──► secondary: accept() → check → WELCOME | ERROR
+//!  both:    write_loop(frames from a channel + HEARTBEAT every interval)
+//!           read_within(peer timeout) in each side's reader loop
+//! ```
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
+
+use super::protocol::{read_frame, Frame, Hello, ProtocolError, Welcome, VERSION};
+
+/// A byte stream a session runs over.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// Timing of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// A heartbeat is sent at least this often.
+    pub heartbeat: Duration,
+    /// The peer is dead after this long without a frame (and the handshake must finish within).
+    pub peer_timeout: Duration,
+}
+
+/// Largest batch of frames written with one syscall.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Reads one frame, or fails when the peer sends nothing (not even a heartbeat) for `timeout`.
+pub async fn read_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    timeout: Duration,
+) -> Result<Frame, ProtocolError> {
+    match tokio::time::timeout(timeout, read_frame(r)).await {
+        Ok(f) => f,
+        Err(_) => Err(ProtocolError::Peer(format!("no heartbeat for {timeout:?}"))),
+    }
+}
+
+/// Writes an ERROR frame telling the peer why (best effort) and returns the refusal.
+pub async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, message: String) -> ProtocolError {
+    let _ = w
+        .write_all(
+            &Frame::Error {
+                message: message.clone(),
+            }
+            .encode(),
+        )
+        .await;
+    let _ = w.flush().await;
+    ProtocolError::Refused(message)
+}
+
+/// The primary's side of the handshake: sends HELLO and returns the secondary's WELCOME.
+pub async fn offer<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    hello: Hello,
+    timing: Timing,
+) -> Result<Welcome, ProtocolError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(&Frame::Hello(hello).encode()).await?;
+    wr.flush().await?;
+    match tokio::time::timeout(timing.peer_timeout, read_frame(rd)).await {
+        Err(_) => Err(ProtocolError::Refused("no answer to HELLO".into())),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Frame::Welcome(w))) if w.version == VERSION => Ok(w),
+        Ok(Ok(Frame::Welcome(w))) => Err(ProtocolError::Refused(format!(
+            "secondary speaks version {}",
+            w.version
+        ))),
+        Ok(Ok(Frame::Error { message })) => Err(ProtocolError::Refused(message)),
+        Ok(Ok(f)) => Err(ProtocolError::Unexpected {
+            got: f.kind(),
+            expected: "WELCOME",
+        }),
+    }
+}
+
+/// The secondary's side of the handshake: reads the primary's HELLO.
+pub async fn accept<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    timing: Timing,
+) -> Result<Hello, ProtocolError> {
+    match tokio::time::timeout(timing.peer_timeout, read_frame(rd)).await {
+        Err(_) => Err(ProtocolError::Refused("no HELLO".into())),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Frame::Hello(h))) => Ok(h),
+        Ok(Ok(f)) => Err(ProtocolError::Unexpected {
+            got: f.kind(),
+            expected: "HELLO",
+        }),
+    }
+}
+
+/// The writer half of a session: writes every frame `rx` yields, batching what is queued into
+/// one write, and a heartbeat whenever `timing.heartbeat` passes. An ERROR frame is written and
+/// ends the session with that error; the channel closing ends it cleanly.
+pub async fn write_loop<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+    timing: Timing,
+) -> Result<(), ProtocolError> {
+    let mut wr = BufWriter::with_capacity(BATCH_BYTES, wr);
+    let mut tick = tokio::time::interval(timing.heartbeat);
+    let mut buf = Vec::with_capacity(BATCH_BYTES);
+    loop {
+        tokio::select! {
+            f = rx.recv() => {
+                let Some(mut f) = f else { return Ok(()) };
+                buf.clear();
+                loop {
+                    f.encode_into(&mut buf);
+                    if let Frame::Error { message } = f {
+                        wr.write_all(&buf).await?;
+                        wr.flush().await?;
+                        return Err(ProtocolError::Apply(message));
+                    }
+                    if buf.len() >= BATCH_BYTES {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(next) => f = next,
+                        Err(_) => break,
+                    }
+                }
+                wr.write_all(&buf).await?;
+                wr.flush().await?;
+            }
+            _ = tick.tick() => {
+                wr.write_all(&Frame::Heartbeat.encode()).await?;
+                wr.flush().await?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::split;
+
+    fn timing() -> Timing {
+        Timing {
+            heartbeat: Duration::from_millis(20),
+            peer_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            version: VERSION,
+            disk_size: 1 << 20,
+            block_size: 512,
+            epoch: 0,
+            sync: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn handshake_and_writer() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (mut ard, mut awr) = split(a);
+        let (mut brd, bwr) = split(b);
+        let secondary = tokio::spawn(async move {
+            let h = accept(&mut brd, timing()).await.unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            tx.send(Frame::Welcome(Welcome {
+                version: h.version,
+                disk_size: h.disk_size,
+                block_size: h.block_size,
+            }))
+            .unwrap();
+            tx.send(Frame::Ack { seq: 9 }).unwrap();
+            tx.send(Frame::Error {
+                message: "stop".into(),
+            })
+            .unwrap();
+            write_loop(bwr, rx, timing()).await
+        });
+        let w = offer(&mut ard, &mut awr, hello(), timing()).await.unwrap();
+        assert_eq!(w.disk_size, 1 << 20);
+        // Heartbeats may come in between; the ACK and the ERROR come in order.
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match read_within(&mut ard, timing().peer_timeout).await.unwrap() {
+                Frame::Heartbeat => {}
+                f => got.push(f),
+            }
+        }
+        assert_eq!(got[0], Frame::Ack { seq: 9 });
+        assert!(matches!(&got[1], Frame::Error { message } if message == "stop"));
+        assert!(matches!(
+            secondary.await.unwrap(),
+            Err(ProtocolError::Apply(m)) if m == "stop"
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_reaches_the_primary() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (mut ard, mut awr) = split(a);
+        let (mut brd, mut bwr) = split(b);
+        let secondary = tokio::spawn(async move {
+            accept(&mut brd, timing()).await.unwrap();
+            refuse(&mut bwr, "disk size mismatch".into()).await
+        });
+        let e = offer(&mut ard, &mut awr, hello(), timing())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("disk size mismatch"), "{e}");
+        assert!(matches!(
+            secondary.await.unwrap(),
+            ProtocolError::Refused(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out() {
+        let (a, _b) = tokio::io::duplex(64);
+        let (mut ard, _awr) = split(a);
+        let e = read_within(&mut ard, Duration::from_millis(10))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no heartbeat"), "{e}");
+    }
+}
