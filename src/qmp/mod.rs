@@ -33,9 +33,9 @@
 //! Any other name is passed to the handler if [`CommandHandler::commands`] lists it, and is
 //! `CommandNotFound` otherwise.
 //!
-//! Layout: [`args`] (argument helpers for handlers), `events` ([`EventSender`] and the event
-//! lines), `input` (splitting the byte stream into requests), `server` ([`QmpServer`]: listeners,
-//! connections, dispatch and the built-in commands).
+//! Layout: [`args`] (argument helpers for handlers), `events` ([`EventSender`], [`QmpEvent`]
+//! and the event lines), `input` (splitting the byte stream into requests), `server`
+//! ([`QmpServer`]: listeners, connections, dispatch and the built-in commands).
 
 use serde_json::{json, Map, Value};
 
@@ -44,7 +44,7 @@ mod events;
 mod input;
 mod server;
 
-pub use events::{EventSender, DEFAULT_EVENT_CAPACITY};
+pub use events::{EventSender, QmpEvent, DEFAULT_EVENT_CAPACITY};
 pub use server::{QmpServer, QmpVersion, BUILTIN_COMMANDS};
 
 /// Errors a command returns; mapped to `{"error": {"class": ..., "desc": ...}}`.
