@@ -4,7 +4,7 @@ use serde_json::Value;
 
 /// One unit of client input.
 #[derive(Debug)]
-pub(crate) enum Input {
+pub enum Input {
     /// A complete JSON value (not necessarily an object).
     Request(Value),
     /// Malformed JSON; the offending bytes were discarded up to the next newline.
@@ -14,7 +14,11 @@ pub(crate) enum Input {
 }
 
 /// Accumulates client bytes and splits them into JSON values.
-pub(crate) struct InputBuffer {
+///
+/// [`push`](Self::push) bytes as they arrive, then drain what is complete with
+/// [`next`](Iterator::next). The iterator is not fused: `None` means "nothing complete yet",
+/// and pushing more bytes can make it yield again.
+pub struct InputBuffer {
     buf: Vec<u8>,
     /// Start of the unparsed bytes in `buf`.
     start: usize,
@@ -25,7 +29,8 @@ pub(crate) struct InputBuffer {
 }
 
 impl InputBuffer {
-    pub(crate) fn new(max: usize) -> Self {
+    /// An empty buffer; an incomplete value longer than `max` bytes yields [`Input::TooLarge`].
+    pub fn new(max: usize) -> Self {
         InputBuffer {
             buf: Vec::new(),
             start: 0,
@@ -34,7 +39,8 @@ impl InputBuffer {
         }
     }
 
-    pub(crate) fn push(&mut self, mut data: &[u8]) {
+    /// Appends bytes read from the client.
+    pub fn push(&mut self, mut data: &[u8]) {
         if self.skip_line {
             match data.iter().position(|&b| b == b'\n') {
                 Some(i) => {
@@ -50,8 +56,13 @@ impl InputBuffer {
         }
         self.buf.extend_from_slice(data);
     }
+}
 
-    pub(crate) fn next(&mut self) -> Option<Input> {
+impl Iterator for InputBuffer {
+    type Item = Input;
+
+    /// The next complete unit of input, or `None` until more bytes are pushed.
+    fn next(&mut self) -> Option<Input> {
         let pending = &self.buf[self.start..];
         let mut stream = serde_json::Deserializer::from_slice(pending).into_iter::<Value>();
         match stream.next() {

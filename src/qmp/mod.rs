@@ -35,12 +35,15 @@
 //!
 //! Layout: [`args`] (argument helpers for handlers), `events` ([`EventSender`], [`QmpEvent`]
 //! and the event lines), `input` (splitting the byte stream into requests), `server`
-//! ([`QmpServer`]: listeners, connections, dispatch and the built-in commands).
+//! ([`QmpServer`]: listeners, connections, dispatch and the built-in commands); the hidden
+//! `fuzzing` module exposes the request splitter and an in-memory session to fuzz targets.
 
 use serde_json::{json, Map, Value};
 
 pub mod args;
 mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 mod input;
 mod server;
 
