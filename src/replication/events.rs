@@ -1,10 +1,11 @@
-//! What replication reports: the QMP events both roles emit and the `query-replication`
-//! answers, as `Serialize` structs (kebab-case on the wire). The replication code fills them;
-//! [`crate::control`] and [`crate::qmp`] put them on the socket.
+//! What replication reports: the QMP events both roles emit (one [`QmpEvent`] type each) and
+//! the `query-replication` answers, as `Serialize` structs (kebab-case on the wire). The
+//! replication code fills them; [`crate::qmp::EventSender::send`] and [`crate::control`] put
+//! them on the socket.
 
 use serde::Serialize;
 
-use crate::qmp::EventSender;
+use crate::qmp::QmpEvent;
 
 /// Which side of the pair speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -14,32 +15,65 @@ pub enum Side {
     Secondary,
 }
 
-/// A replication event.
+/// `REPLICATION_PEER_CONNECTED`: a session passed its handshake.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
-pub enum Event {
-    /// `REPLICATION_PEER_CONNECTED`
-    PeerConnected {
-        role: Side,
-        peer: String,
-        #[serde(rename = "resync-bytes", skip_serializing_if = "Option::is_none")]
-        resync_bytes: Option<u64>,
-    },
-    /// `REPLICATION_PEER_LOST`
-    PeerLost {
-        role: Side,
-        reason: String,
-        #[serde(rename = "dirty-bytes", skip_serializing_if = "Option::is_none")]
-        dirty_bytes: Option<u64>,
-    },
-    /// `REPLICATION_CHECKPOINT`
-    Checkpoint { role: Side, epoch: u64 },
-    /// `REPLICATION_RESYNC_DONE`
-    ResyncDone { role: Side },
-    /// `REPLICATION_ERROR`
-    Error { role: Side, error: String },
-    /// `REPLICATION_FAILOVER_DONE`
-    FailoverDone(FailoverReport),
+#[serde(rename_all = "kebab-case")]
+pub struct PeerConnected {
+    pub role: Side,
+    pub peer: String,
+    /// Primary only: bytes of the dirty record it resends first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_bytes: Option<u64>,
+}
+
+/// `REPLICATION_PEER_LOST`: a session that passed its handshake ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PeerLost {
+    pub role: Side,
+    pub reason: String,
+    /// Primary only: bytes now tracked as dirty (to resync on reconnect).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_bytes: Option<u64>,
+}
+
+/// `REPLICATION_CHECKPOINT`: an epoch ended on this side.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Checkpoint {
+    pub role: Side,
+    pub epoch: u64,
+}
+
+/// `REPLICATION_RESYNC_DONE`: the primary resent its whole dirty record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResyncDone {
+    pub role: Side,
+}
+
+/// `REPLICATION_ERROR`: a peer was refused or refused us.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Error {
+    pub role: Side,
+    pub error: String,
+}
+
+impl QmpEvent for PeerConnected {
+    const NAME: &'static str = "REPLICATION_PEER_CONNECTED";
+}
+impl QmpEvent for PeerLost {
+    const NAME: &'static str = "REPLICATION_PEER_LOST";
+}
+impl QmpEvent for Checkpoint {
+    const NAME: &'static str = "REPLICATION_CHECKPOINT";
+}
+impl QmpEvent for ResyncDone {
+    const NAME: &'static str = "REPLICATION_RESYNC_DONE";
+}
+impl QmpEvent for Error {
+    const NAME: &'static str = "REPLICATION_ERROR";
+}
+impl QmpEvent for FailoverReport {
+    const NAME: &'static str = "REPLICATION_FAILOVER_DONE";
 }
 
 /// What a failover did (the event's data and the command's return value).
@@ -51,28 +85,6 @@ pub struct FailoverReport {
     pub duration_ms: f64,
     pub committed_active_bytes: u64,
     pub restored_hidden_bytes: u64,
-}
-
-impl Event {
-    /// The QMP event name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Event::PeerConnected { .. } => "REPLICATION_PEER_CONNECTED",
-            Event::PeerLost { .. } => "REPLICATION_PEER_LOST",
-            Event::Checkpoint { .. } => "REPLICATION_CHECKPOINT",
-            Event::ResyncDone { .. } => "REPLICATION_RESYNC_DONE",
-            Event::Error { .. } => "REPLICATION_ERROR",
-            Event::FailoverDone(_) => "REPLICATION_FAILOVER_DONE",
-        }
-    }
-
-    /// Sends the event to every QMP client.
-    pub fn emit(&self, events: &EventSender) {
-        match serde_json::to_value(self) {
-            Ok(data) => events.emit(self.name(), data),
-            Err(e) => log::error!("cannot encode event {}: {e}", self.name()),
-        }
-    }
 }
 
 /// `query-replication` on a primary.
@@ -126,48 +138,59 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn data<E: QmpEvent>(e: &E) -> (&'static str, serde_json::Value) {
+        (E::NAME, serde_json::to_value(e).unwrap())
+    }
+
     #[test]
     fn events_serialise_as_before() {
         let cases = [
             (
-                Event::PeerConnected {
+                data(&PeerConnected {
                     role: Side::Primary,
                     peer: "1.2.3.4:5".into(),
                     resync_bytes: Some(7),
-                },
+                }),
                 json!({"role": "primary", "peer": "1.2.3.4:5", "resync-bytes": 7}),
             ),
             (
-                Event::PeerConnected {
+                data(&PeerConnected {
                     role: Side::Secondary,
                     peer: "x".into(),
                     resync_bytes: None,
-                },
+                }),
                 json!({"role": "secondary", "peer": "x"}),
             ),
             (
-                Event::PeerLost {
+                data(&PeerLost {
                     role: Side::Primary,
                     reason: "r".into(),
                     dirty_bytes: Some(0),
-                },
+                }),
                 json!({"role": "primary", "reason": "r", "dirty-bytes": 0}),
             ),
             (
-                Event::Checkpoint {
+                data(&Checkpoint {
                     role: Side::Secondary,
                     epoch: 3,
-                },
+                }),
                 json!({"role": "secondary", "epoch": 3}),
             ),
             (
-                Event::ResyncDone {
+                data(&ResyncDone {
                     role: Side::Primary,
-                },
+                }),
                 json!({"role": "primary"}),
             ),
             (
-                Event::FailoverDone(FailoverReport {
+                data(&Error {
+                    role: Side::Secondary,
+                    error: "e".into(),
+                }),
+                json!({"role": "secondary", "error": "e"}),
+            ),
+            (
+                data(&FailoverReport {
                     epoch: 2,
                     duration_ms: 1.5,
                     committed_active_bytes: 3,
@@ -177,13 +200,8 @@ mod tests {
                        "restored-hidden-bytes": 4}),
             ),
         ];
-        for (event, want) in cases {
-            assert_eq!(
-                serde_json::to_value(&event).unwrap(),
-                want,
-                "{}",
-                event.name()
-            );
+        for ((name, got), want) in cases {
+            assert_eq!(got, want, "{name}");
         }
     }
 }

@@ -18,7 +18,7 @@ use log::{error, info, warn};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use super::events::{Event, FailoverReport, SecondaryStatus, Side};
+use super::events::{self, FailoverReport, SecondaryStatus, Side};
 use super::layers::LayeredDisk;
 use super::link::{self, Stream, Timing};
 use super::protocol::{Frame, Hello, ProtocolError, Welcome, VERSION};
@@ -119,10 +119,6 @@ impl Secondary {
         }
     }
 
-    fn emit(&self, event: Event) {
-        event.emit(&self.events);
-    }
-
     /// The disk the Secondary VM (if any) is served from.
     pub fn disk(&self) -> Arc<LayeredDisk> {
         self.disk.clone()
@@ -197,14 +193,14 @@ impl Secondary {
         self.cond.notify_all();
         if was_streaming {
             warn!("primary {addr} gone: {reason}");
-            self.emit(Event::PeerLost {
+            self.events.send(&events::PeerLost {
                 role: Side::Secondary,
                 reason,
                 dirty_bytes: None,
             });
         } else if let Err(e) = r {
             error!("refused primary {addr}: {e}");
-            self.emit(Event::Error {
+            self.events.send(&events::Error {
                 role: Side::Secondary,
                 error: e.to_string(),
             });
@@ -270,7 +266,7 @@ impl Secondary {
             hello.epoch,
             if hello.sync { "sync" } else { "async" }
         );
-        self.emit(Event::PeerConnected {
+        self.events.send(&events::PeerConnected {
             role: Side::Secondary,
             peer: addr.to_string(),
             resync_bytes: None,
@@ -379,7 +375,7 @@ impl Secondary {
                 st.bytes_since_checkpoint = 0;
                 drop(st);
                 info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
-                self.emit(Event::Checkpoint {
+                self.events.send(&events::Checkpoint {
                     role: Side::Secondary,
                     epoch,
                 });
@@ -400,7 +396,7 @@ impl Secondary {
         st.bytes_since_checkpoint = 0;
         let epoch = st.epoch;
         drop(st);
-        self.emit(Event::Checkpoint {
+        self.events.send(&events::Checkpoint {
             role: Side::Secondary,
             epoch,
         });
@@ -442,7 +438,7 @@ impl Secondary {
             committed_active_bytes: before.active_bytes,
             restored_hidden_bytes: before.hidden_bytes,
         };
-        self.emit(Event::FailoverDone(report.clone()));
+        self.events.send(&report);
         Ok(report)
     }
 

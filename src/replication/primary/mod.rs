@@ -31,7 +31,7 @@ use log::info;
 use tokio::sync::{mpsc, watch};
 
 use super::dirty::DirtyBitmap;
-use super::events::{Event, PrimaryStatus, Side};
+use super::events::{self, PrimaryStatus, Side};
 use super::ordering::ChangeOrder;
 use super::protocol::{Frame, HEADER_LEN, MAX_PAYLOAD};
 use crate::qmp::EventSender;
@@ -370,7 +370,7 @@ impl Primary {
         self.dirty().take();
         let epoch = st.epoch;
         drop(st);
-        self.emit(Event::Checkpoint {
+        self.events.send(&events::Checkpoint {
             role: Side::Primary,
             epoch,
         });
@@ -402,7 +402,7 @@ impl Primary {
             Ok(()) => {
                 self.state().epoch = epoch;
                 info!("checkpoint {epoch} done");
-                self.emit(Event::Checkpoint {
+                self.events.send(&events::Checkpoint {
                     role: Side::Primary,
                     epoch,
                 });
@@ -468,15 +468,11 @@ impl Primary {
         }
     }
 
-    fn emit(&self, event: Event) {
-        event.emit(&self.events);
-    }
-
     /// Reports a session that ended after its handshake (the guest keeps running).
     fn session_lost(&self, _session: &Session, reason: &str) {
         log::warn!("replication link lost: {reason}; the guest keeps running, changes are tracked");
         let dirty = self.dirty().dirty_bytes();
-        self.emit(Event::PeerLost {
+        self.events.send(&events::PeerLost {
             role: Side::Primary,
             reason: reason.to_string(),
             dirty_bytes: Some(dirty),

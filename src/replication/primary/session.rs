@@ -8,7 +8,7 @@ use log::{info, warn};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use super::{Event, Link, Primary, Session, Side};
+use super::{events, Link, Primary, Session, Side};
 use crate::replication::dirty::DirtyBitmap;
 use crate::replication::link::{self, Stream, Timing};
 use crate::replication::protocol::{Frame, Hello, ProtocolError, VERSION};
@@ -90,7 +90,7 @@ impl Primary {
             // not at every retry. (After replication-stop, stop() has reported it.)
             None if new_error && reason != "replication stopped" => {
                 warn!("secondary {} refused replication: {reason}", self.opts.peer);
-                self.emit(Event::Error {
+                self.events.send(&events::Error {
                     role: Side::Primary,
                     error: reason.to_string(),
                 });
@@ -133,7 +133,7 @@ impl Primary {
             "replicating to {addr} ({} bytes to resync)",
             resync.dirty_bytes()
         );
-        self.emit(Event::PeerConnected {
+        self.events.send(&events::PeerConnected {
             role: Side::Primary,
             peer: addr,
             resync_bytes: Some(resync.dirty_bytes()),
@@ -235,7 +235,7 @@ impl Primary {
             None => return,
         }
         info!("resync complete");
-        self.emit(Event::ResyncDone {
+        self.events.send(&events::ResyncDone {
             role: Side::Primary,
         });
     }
