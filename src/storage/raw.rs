@@ -2,15 +2,18 @@
 //!
 //! Guest buffers go straight to `preadv`/`pwritev` when they satisfy the alignment the file needs
 //! (always, without O_DIRECT); otherwise the request bounces through an aligned host buffer.
+//! Discard and write-zeroes use [`super::fallocate`] on files and fall back to writing zeros on
+//! block devices and on file systems that cannot punch holes.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use vm_memory::bitmap::Bitmap;
 
+use super::fallocate::{is_unsupported, punch_hole, zero_range};
 use super::{check_range, total_len, BlockDevice, GuestSlice};
 
 /// Alignment used for O_DIRECT buffers, offsets and lengths. 4 KiB satisfies every logical block
@@ -34,7 +37,6 @@ pub struct RawImageOptions {
 #[derive(Debug)]
 pub struct RawImage {
     file: File,
-    path: PathBuf,
     capacity: u64,
     direct: bool,
     read_only: bool,
@@ -90,22 +92,11 @@ impl RawImage {
         };
         Ok(RawImage {
             file,
-            path: opts.path.clone(),
             capacity,
             direct: opts.direct,
             read_only: opts.read_only,
             is_block_device,
         })
-    }
-
-    /// Path the image was opened from.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Whether the image was opened read-only.
-    pub fn read_only(&self) -> bool {
-        self.read_only
     }
 
     fn aligned(
@@ -155,23 +146,6 @@ impl RawImage {
         }
         tmp.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
         pwrite_all(&self.file, tmp.as_slice(), start)
-    }
-
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: fallocate only operates on the file descriptor we own; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
     }
 
     fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
@@ -239,14 +213,8 @@ impl BlockDevice for RawImage {
         if self.is_block_device {
             return self.write_zero_buffers(offset, len);
         }
-        match self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.write_zero_buffers(offset, len)
-            }
+        match punch_hole(&self.file, offset, len) {
+            Err(e) if is_unsupported(&e) => self.write_zero_buffers(offset, len),
             r => r,
         }
     }
@@ -260,15 +228,13 @@ impl BlockDevice for RawImage {
         if self.is_block_device {
             return self.write_zero_buffers(offset, len);
         }
-        let mode = if unmap {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        let r = if unmap {
+            punch_hole(&self.file, offset, len)
         } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            zero_range(&self.file, offset, len)
         };
-        match self.fallocate(mode, offset, len) {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.write_zero_buffers(offset, len)
-            }
+        match r {
+            Err(e) if is_unsupported(&e) => self.write_zero_buffers(offset, len),
             r => r,
         }
     }
@@ -333,12 +299,14 @@ impl BlockDevice for RawImage {
     }
 }
 
+/// Size in bytes of a block device.
 fn block_device_size(file: &File) -> io::Result<u64> {
+    // <linux/fs.h>: #define BLKGETSIZE64 _IOR(0x12, 114, size_t)
+    vmm_sys_util::ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, libc::size_t);
     let mut size: u64 = 0;
-    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
-    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live u64.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    // SAFETY: `file` is an open descriptor, and BLKGETSIZE64 writes one u64 (whatever size_t in
+    // its number says) through the pointer, which points to a live, exclusively borrowed u64.
+    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(file, BLKGETSIZE64(), &mut size) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -378,8 +346,8 @@ fn advance_iov(iov: &mut Vec<libc::iovec>, mut n: usize) {
             n -= v.iov_len;
             drop += 1;
         } else {
-            // SAFETY: n < iov_len, so the new base stays inside the same buffer.
-            v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+            // n < iov_len, so the new base stays inside the same buffer.
+            v.iov_base = (v.iov_base as *mut u8).wrapping_add(n) as *mut libc::c_void;
             v.iov_len -= n;
             break;
         }
@@ -442,37 +410,27 @@ fn rw_vectored_all(
     Ok(())
 }
 
-/// A zeroed heap buffer aligned for O_DIRECT.
+/// A zeroed heap buffer aligned for O_DIRECT: an over-allocated `Vec` and the aligned window
+/// inside it (at least [`DIRECT_ALIGN`] bytes).
 struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
 }
 
 impl AlignedBuf {
     fn new(len: usize) -> Self {
-        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
-            .expect("aligned layout");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, layout }
+        let len = len.max(DIRECT_ALIGN);
+        let buf = vec![0u8; len + DIRECT_ALIGN];
+        let misalign = buf.as_ptr() as usize % DIRECT_ALIGN;
+        let start = (DIRECT_ALIGN - misalign) % DIRECT_ALIGN;
+        AlignedBuf { buf, start, len }
     }
     fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is a live, initialised allocation of layout.size() bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+        &self.buf[self.start..self.start + self.len]
     }
     fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with exactly this layout and is freed once.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+        &mut self.buf[self.start..self.start + self.len]
     }
 }
 
@@ -504,6 +462,18 @@ mod tests {
             let mut around = vec![0xffu8; 1234];
             img.read_at(&mut around, 0).unwrap();
             assert!(around.iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn aligned_buffers_are_aligned_zeroed_and_at_least_one_block() {
+        for len in [0, 1, 4095, 4096, 4097, 1 << 20] {
+            let mut b = AlignedBuf::new(len);
+            assert_eq!(b.as_slice().as_ptr() as usize % DIRECT_ALIGN, 0);
+            assert_eq!(b.as_slice().len(), len.max(DIRECT_ALIGN));
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            b.as_mut_slice()[0] = 1;
+            assert_eq!(b.as_slice()[0], 1);
         }
     }
 
