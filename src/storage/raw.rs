@@ -267,11 +267,17 @@ impl BlockDevice for RawImage {
             })
             .collect();
         let r = rw_vectored_all(&self.file, Dir::Read, &mut iov, offset);
+        drop(guards);
         // The kernel wrote guest memory behind vm-memory's back: log it for migration/COLO.
         for b in bufs {
             b.bitmap().mark_dirty(0, b.len());
         }
-        r
+        let done = r?;
+        if done < len {
+            // End of a file that shrank under us: the rest reads as zeros.
+            zero_guest_tail(bufs, done)?;
+        }
+        Ok(())
     }
 
     fn write_from_guest(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
@@ -295,8 +301,25 @@ impl BlockDevice for RawImage {
                 iov_len: b.len(),
             })
             .collect();
-        rw_vectored_all(&self.file, Dir::Write, &mut iov, offset)
+        rw_vectored_all(&self.file, Dir::Write, &mut iov, offset).map(drop)
     }
+}
+
+/// Zeros `bufs` from byte `from` (counted over the whole list) to the end.
+fn zero_guest_tail(bufs: &[GuestSlice<'_>], mut from: usize) -> io::Result<()> {
+    let zeros = vec![0u8; total_len(bufs).saturating_sub(from)];
+    for b in bufs {
+        if from >= b.len() {
+            from -= b.len();
+            continue;
+        }
+        let tail = b
+            .subslice(from, b.len() - from)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        tail.copy_from(&zeros[..tail.len()]);
+        from = 0;
+    }
+    Ok(())
 }
 
 /// Size in bytes of a block device.
@@ -362,13 +385,15 @@ enum Dir {
     Write,
 }
 
-/// `preadv`/`pwritev` until every iovec is done, resuming after short transfers.
+/// `preadv`/`pwritev` until every iovec is done, resuming after short transfers. Returns the
+/// bytes transferred: all of them, except for a read that reaches the end of the file.
 fn rw_vectored_all(
     file: &File,
     dir: Dir,
     iov: &mut Vec<libc::iovec>,
     mut offset: u64,
-) -> io::Result<()> {
+) -> io::Result<usize> {
+    let mut done = 0;
     while !iov.is_empty() {
         let cnt = iov.len().min(MAX_IOV) as libc::c_int;
         // SAFETY: every iovec points to memory that stays mapped for the duration of the call
@@ -397,17 +422,14 @@ fn rw_vectored_all(
                     "pwritev wrote nothing",
                 ));
             }
-            // End of file: the rest reads as zeros.
-            for v in iov.iter() {
-                // SAFETY: as above, the buffer is valid for iov_len bytes.
-                unsafe { std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len) };
-            }
-            return Ok(());
+            // End of file.
+            return Ok(done);
         }
         offset += r as u64;
+        done += r as usize;
         advance_iov(iov, r as usize);
     }
-    Ok(())
+    Ok(done)
 }
 
 /// A zeroed heap buffer aligned for O_DIRECT: an over-allocated `Vec` and the aligned window
@@ -475,6 +497,33 @@ mod tests {
             b.as_mut_slice()[0] = 1;
             assert_eq!(b.as_slice()[0], 1);
         }
+    }
+
+    #[test]
+    fn guest_reads_past_the_end_of_a_shrunk_file_see_zeros() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+        let (dir, img) = image(false, 1 << 20);
+        img.write_at(&[0x11; 8192], 0).unwrap();
+        // Someone else truncates the file: the image still believes it is 1 MiB.
+        OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("disk.img"))
+            .unwrap()
+            .set_len(4096 + 512)
+            .unwrap();
+        let mem: crate::storage::GuestMem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_000)]).unwrap();
+        mem.write_slice(&[0xff; 8192], GuestAddress(0)).unwrap();
+        let bufs: Vec<GuestSlice<'_>> = [(0u64, 4000usize), (4000, 4192)]
+            .iter()
+            .flat_map(|&(a, l)| mem.get_slices(GuestAddress(a), l))
+            .map(|s| s.unwrap())
+            .collect();
+        img.read_to_guest(0, &bufs).unwrap();
+        let mut back = vec![0u8; 8192];
+        mem.read_slice(&mut back, GuestAddress(0)).unwrap();
+        assert!(back[..4608].iter().all(|&b| b == 0x11));
+        assert!(back[4608..].iter().all(|&b| b == 0));
     }
 
     #[test]

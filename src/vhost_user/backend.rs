@@ -445,6 +445,21 @@ mod tests {
     }
 
     #[test]
+    fn offered_features_include_log_all_and_protocol_features() {
+        let disk: Arc<dyn BlockDevice> = Arc::new(MemDisk::new(1 << 20));
+        let backend = BlkBackend::new(disk, &opts(), StatsHandle::new(2), None);
+        let f = backend.features();
+        // VHOST_F_LOG_ALL (26) and VHOST_USER_F_PROTOCOL_FEATURES (30).
+        assert_eq!(f & ((1 << 26) | (1 << 30)), (1 << 26) | (1 << 30));
+        assert_eq!(
+            f & !((1 << 26) | (1 << 30)),
+            backend.shared.config.features()
+        );
+        assert_eq!(backend.get_config(0, 60), backend.shared.config.to_bytes());
+        assert_eq!(backend.get_config(56, 8), vec![1, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
     fn stats_handle_counts_per_queue_across_reconnects() {
         let disk: Arc<dyn BlockDevice> = Arc::new(MemDisk::new(1 << 20));
         let m: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_000)]).unwrap();
