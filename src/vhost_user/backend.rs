@@ -2,7 +2,7 @@
 //! handing them to [`crate::virtio::request`] and completing them on the used ring.
 //!
 //! Per-queue counters: every backend of a [`Server`](super::Server) counts into the same
-//! [`StatsHandle`] (one [`QueueStats`] per virtqueue), so the numbers keep accumulating across
+//! [`StatsHandle`] (one `QueueStats` per virtqueue), so the numbers keep accumulating across
 //! front-end reconnects. `Server::stats_handle` hands out clones of it, for QMP `query-stats` or
 //! logging; [`StatsHandle::queues`] reads them as plain [`QueueStatsSnapshot`]s. A well-formed
 //! request counts in `requests`, and in `errors` when its status is not OK; a successful read or

@@ -1,5 +1,5 @@
 //! The vhost-user glue: a thin [`VhostUserBackend`](vhost_user_backend::VhostUserBackend)
-//! implementation ([`backend`]), the I/O thread pool behind it ([`io_pool`]) and the
+//! implementation ([`backend`]), the I/O thread pool behind it (`io_pool`) and the
 //! accept/reconnect loop around it ([`server`]).
 
 pub mod backend;

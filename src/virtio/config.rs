@@ -1,8 +1,8 @@
 //! The virtio-blk configuration space and feature bits.
 //!
-//! [`BlkConfig`] holds the device parameters; [`BlkConfig::config_space`] lays them out as the
+//! `BlkConfig` holds the device parameters; `BlkConfig::config_space` lays them out as the
 //! kernel's `struct virtio_blk_config` (virtio-bindings), which the driver reads through
-//! [`ConfigSpace`]'s bytes. Only the first [`CONFIG_SPACE_LEN`] bytes (up to and including the
+//! `ConfigSpace`'s bytes. Only the first `CONFIG_SPACE_LEN` bytes (up to and including the
 //! write-zeroes fields) are offered; the fields after them stay zero.
 
 use virtio_bindings::virtio_blk::*;

@@ -7,10 +7,10 @@
 //! turned into an error status when a status byte exists, or into a zero-length completion when
 //! it does not, so that a bad request never panics the process nor stalls the queue.
 //!
-//! One request flows through three steps: [`parse`] (chain → [`Request`], or [`Parsed::Malformed`]
-//! with the [`RequestError`] that makes it so), execution against the [`BlockDevice`], and
+//! One request flows through three steps: `parse` (chain → `Request`, or `Parsed::Malformed`
+//! with the `RequestError` that makes it so), execution against the [`BlockDevice`], and
 //! completion, which writes the status byte and reports the used length. Every failure is a
-//! [`RequestError`], and [`RequestError::status`] alone decides between `IOERR` and `UNSUPP`.
+//! `RequestError`, and `RequestError::status` alone decides between `IOERR` and `UNSUPP`.
 //! The header and the discard/write-zeroes segments are read as the kernel's structs
 //! (`virtio_blk_outhdr`, `virtio_blk_discard_write_zeroes`) through vm-memory's [`ByteValued`].
 
