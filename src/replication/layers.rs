@@ -33,7 +33,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -41,7 +40,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::storage::{check_range, BlockDevice, Change};
+use crate::storage::{check_range, fallocate, BlockDevice, Change};
 
 /// Default cluster size: 64 KiB.
 ///
@@ -763,21 +762,9 @@ fn is_zero(data: &[u8]) -> bool {
 /// Makes `[offset, offset + len)` of a layer file read back as zeros, freeing the blocks when
 /// the file system can.
 fn zero_file_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate only operates on the file descriptor we own; no memory is passed.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(e);
+    match fallocate::punch_hole(file, offset, len) {
+        Err(e) if fallocate::is_unsupported(&e) => {}
+        r => return r,
     }
     let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
     let mut pos = offset;

@@ -69,9 +69,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    wr.write_all(&Frame::Hello(hello).encode()).await?;
-    wr.flush().await?;
+    let sent = async {
+        wr.write_all(&Frame::Hello(hello).encode()).await?;
+        wr.flush().await
+    }
+    .await;
     match tokio::time::timeout(timing.peer_timeout, read_frame(rd)).await {
+        // A peer that refused at once may have closed before HELLO was written: its ERROR
+        // frame, read above, says why; otherwise the write error does.
+        Ok(Ok(Frame::Error { message })) => Err(ProtocolError::Refused(message)),
+        _ if sent.is_err() => Err(sent.unwrap_err().into()),
         Err(_) => Err(ProtocolError::Refused("no answer to HELLO".into())),
         Ok(Err(e)) => Err(e),
         Ok(Ok(Frame::Welcome(w))) if w.version == VERSION => Ok(w),
@@ -79,7 +86,6 @@ where
             "secondary speaks version {}",
             w.version
         ))),
-        Ok(Ok(Frame::Error { message })) => Err(ProtocolError::Refused(message)),
         Ok(Ok(f)) => Err(ProtocolError::Unexpected {
             got: f.kind(),
             expected: "WELCOME",

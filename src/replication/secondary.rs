@@ -157,6 +157,9 @@ impl Secondary {
         let claimed = {
             let mut st = self.state();
             match &st.peer {
+                _ if st.stage != Stage::Receiving => {
+                    Err("the secondary has failed over and no longer takes a stream".to_string())
+                }
                 Peer::Idle => {
                     st.peer = Peer::Handshaking(addr.clone());
                     Ok(())

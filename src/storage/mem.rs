@@ -1,4 +1,5 @@
-//! An in-memory [`BlockDevice`], for tests and models.
+//! An in-memory [`BlockDevice`] for unit tests: the reference the data plane and the
+//! replication code are checked against.
 
 use std::io;
 use std::sync::Mutex;
@@ -7,19 +8,19 @@ use super::{check_range, BlockDevice};
 
 /// A RAM disk.
 #[derive(Debug)]
-pub struct MemDisk {
+pub(crate) struct MemDisk {
     data: Mutex<Vec<u8>>,
 }
 
 impl MemDisk {
-    pub fn new(size: usize) -> Self {
+    pub(crate) fn new(size: usize) -> Self {
         MemDisk {
             data: Mutex::new(vec![0; size]),
         }
     }
 
     /// A copy of the whole content.
-    pub fn snapshot(&self) -> Vec<u8> {
+    pub(crate) fn snapshot(&self) -> Vec<u8> {
         self.lock().clone()
     }
 

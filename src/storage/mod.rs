@@ -5,9 +5,16 @@
 //! `preadv`/`pwritev` straight to and from guest RAM. Devices that need to observe or copy the
 //! data (the replication primary, the secondary's layered disk) work on host buffers and get the
 //! guest-buffer methods for free through the default bounce implementations.
+//!
+//! - [`change`]: [`Change`], the one type of a disk modification along the whole data path;
+//! - [`raw`]: [`RawImage`], a file or block device (optionally O_DIRECT);
+//! - [`fallocate`]: hole punching and range zeroing for any file-backed layer;
+//! - `mem`: `MemDisk`, a RAM disk for unit tests (test builds only).
 
 pub mod change;
-pub mod mem;
+pub mod fallocate;
+#[cfg(test)]
+pub(crate) mod mem;
 pub mod raw;
 
 use std::io;
@@ -16,7 +23,8 @@ use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vm_memory::VolatileSlice;
 
 pub use change::{Change, ChangeData};
-pub use mem::MemDisk;
+#[cfg(test)]
+pub(crate) use mem::MemDisk;
 pub use raw::{RawImage, RawImageOptions};
 
 /// A piece of guest memory, as the data plane sees it. Writes through it are logged in the
@@ -24,10 +32,10 @@ pub use raw::{RawImage, RawImageOptions};
 pub type GuestSlice<'a> = VolatileSlice<'a, BitmapMmapRegion>;
 
 /// Guest memory as the vhost-user backend maps it, with the dirty-page log bitmap.
-pub type GuestMem = vm_memory::GuestMemoryMmap<BitmapMmapRegion>;
+pub(crate) type GuestMem = vm_memory::GuestMemoryMmap<BitmapMmapRegion>;
 
 /// Sector size of the virtio-blk protocol (offsets in requests are in these units).
-pub const SECTOR_SIZE: u64 = 512;
+pub(crate) const SECTOR_SIZE: u64 = 512;
 
 /// A byte-addressed block device.
 ///
@@ -73,12 +81,12 @@ pub trait BlockDevice: Send + Sync {
 }
 
 /// Total length of a list of guest buffers.
-pub fn total_len(bufs: &[GuestSlice<'_>]) -> usize {
+pub(crate) fn total_len(bufs: &[GuestSlice<'_>]) -> usize {
     bufs.iter().map(|b| b.len()).sum()
 }
 
 /// Copies a list of guest buffers into one host buffer.
-pub fn gather(bufs: &[GuestSlice<'_>]) -> Vec<u8> {
+pub(crate) fn gather(bufs: &[GuestSlice<'_>]) -> Vec<u8> {
     let mut out = vec![0u8; total_len(bufs)];
     let mut pos = 0;
     for b in bufs {
@@ -89,7 +97,7 @@ pub fn gather(bufs: &[GuestSlice<'_>]) -> Vec<u8> {
 }
 
 /// Checks that `[offset, offset + len)` lies inside a device of `capacity` bytes.
-pub fn check_range(capacity: u64, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn check_range(capacity: u64, offset: u64, len: u64) -> io::Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= capacity => Ok(()),
         _ => Err(io::Error::new(

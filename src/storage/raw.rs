@@ -2,15 +2,18 @@
 //!
 //! Guest buffers go straight to `preadv`/`pwritev` when they satisfy the alignment the file needs
 //! (always, without O_DIRECT); otherwise the request bounces through an aligned host buffer.
+//! Discard and write-zeroes use [`super::fallocate`] on files and fall back to writing zeros on
+//! block devices and on file systems that cannot punch holes.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use vm_memory::bitmap::Bitmap;
 
+use super::fallocate::{is_unsupported, punch_hole, zero_range};
 use super::{check_range, total_len, BlockDevice, GuestSlice};
 
 /// Alignment used for O_DIRECT buffers, offsets and lengths. 4 KiB satisfies every logical block
@@ -34,7 +37,6 @@ pub struct RawImageOptions {
 #[derive(Debug)]
 pub struct RawImage {
     file: File,
-    path: PathBuf,
     capacity: u64,
     direct: bool,
     read_only: bool,
@@ -90,22 +92,11 @@ impl RawImage {
         };
         Ok(RawImage {
             file,
-            path: opts.path.clone(),
             capacity,
             direct: opts.direct,
             read_only: opts.read_only,
             is_block_device,
         })
-    }
-
-    /// Path the image was opened from.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Whether the image was opened read-only.
-    pub fn read_only(&self) -> bool {
-        self.read_only
     }
 
     fn aligned(
@@ -155,23 +146,6 @@ impl RawImage {
         }
         tmp.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
         pwrite_all(&self.file, tmp.as_slice(), start)
-    }
-
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: fallocate only operates on the file descriptor we own; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
     }
 
     fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
@@ -239,14 +213,8 @@ impl BlockDevice for RawImage {
         if self.is_block_device {
             return self.write_zero_buffers(offset, len);
         }
-        match self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.write_zero_buffers(offset, len)
-            }
+        match punch_hole(&self.file, offset, len) {
+            Err(e) if is_unsupported(&e) => self.write_zero_buffers(offset, len),
             r => r,
         }
     }
@@ -260,15 +228,13 @@ impl BlockDevice for RawImage {
         if self.is_block_device {
             return self.write_zero_buffers(offset, len);
         }
-        let mode = if unmap {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        let r = if unmap {
+            punch_hole(&self.file, offset, len)
         } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            zero_range(&self.file, offset, len)
         };
-        match self.fallocate(mode, offset, len) {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.write_zero_buffers(offset, len)
-            }
+        match r {
+            Err(e) if is_unsupported(&e) => self.write_zero_buffers(offset, len),
             r => r,
         }
     }
@@ -301,11 +267,17 @@ impl BlockDevice for RawImage {
             })
             .collect();
         let r = rw_vectored_all(&self.file, Dir::Read, &mut iov, offset);
+        drop(guards);
         // The kernel wrote guest memory behind vm-memory's back: log it for migration/COLO.
         for b in bufs {
             b.bitmap().mark_dirty(0, b.len());
         }
-        r
+        let done = r?;
+        if done < len {
+            // End of a file that shrank under us: the rest reads as zeros.
+            zero_guest_tail(bufs, done)?;
+        }
+        Ok(())
     }
 
     fn write_from_guest(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
@@ -329,16 +301,35 @@ impl BlockDevice for RawImage {
                 iov_len: b.len(),
             })
             .collect();
-        rw_vectored_all(&self.file, Dir::Write, &mut iov, offset)
+        rw_vectored_all(&self.file, Dir::Write, &mut iov, offset).map(drop)
     }
 }
 
+/// Zeros `bufs` from byte `from` (counted over the whole list) to the end.
+fn zero_guest_tail(bufs: &[GuestSlice<'_>], mut from: usize) -> io::Result<()> {
+    let zeros = vec![0u8; total_len(bufs).saturating_sub(from)];
+    for b in bufs {
+        if from >= b.len() {
+            from -= b.len();
+            continue;
+        }
+        let tail = b
+            .subslice(from, b.len() - from)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        tail.copy_from(&zeros[..tail.len()]);
+        from = 0;
+    }
+    Ok(())
+}
+
+/// Size in bytes of a block device.
 fn block_device_size(file: &File) -> io::Result<u64> {
+    // <linux/fs.h>: #define BLKGETSIZE64 _IOR(0x12, 114, size_t)
+    vmm_sys_util::ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, libc::size_t);
     let mut size: u64 = 0;
-    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
-    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live u64.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    // SAFETY: `file` is an open descriptor, and BLKGETSIZE64 writes one u64 (whatever size_t in
+    // its number says) through the pointer, which points to a live, exclusively borrowed u64.
+    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(file, BLKGETSIZE64(), &mut size) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -378,8 +369,8 @@ fn advance_iov(iov: &mut Vec<libc::iovec>, mut n: usize) {
             n -= v.iov_len;
             drop += 1;
         } else {
-            // SAFETY: n < iov_len, so the new base stays inside the same buffer.
-            v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+            // n < iov_len, so the new base stays inside the same buffer.
+            v.iov_base = (v.iov_base as *mut u8).wrapping_add(n) as *mut libc::c_void;
             v.iov_len -= n;
             break;
         }
@@ -394,13 +385,15 @@ enum Dir {
     Write,
 }
 
-/// `preadv`/`pwritev` until every iovec is done, resuming after short transfers.
+/// `preadv`/`pwritev` until every iovec is done, resuming after short transfers. Returns the
+/// bytes transferred: all of them, except for a read that reaches the end of the file.
 fn rw_vectored_all(
     file: &File,
     dir: Dir,
     iov: &mut Vec<libc::iovec>,
     mut offset: u64,
-) -> io::Result<()> {
+) -> io::Result<usize> {
+    let mut done = 0;
     while !iov.is_empty() {
         let cnt = iov.len().min(MAX_IOV) as libc::c_int;
         // SAFETY: every iovec points to memory that stays mapped for the duration of the call
@@ -429,50 +422,37 @@ fn rw_vectored_all(
                     "pwritev wrote nothing",
                 ));
             }
-            // End of file: the rest reads as zeros.
-            for v in iov.iter() {
-                // SAFETY: as above, the buffer is valid for iov_len bytes.
-                unsafe { std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len) };
-            }
-            return Ok(());
+            // End of file.
+            return Ok(done);
         }
         offset += r as u64;
+        done += r as usize;
         advance_iov(iov, r as usize);
     }
-    Ok(())
+    Ok(done)
 }
 
-/// A zeroed heap buffer aligned for O_DIRECT.
+/// A zeroed heap buffer aligned for O_DIRECT: an over-allocated `Vec` and the aligned window
+/// inside it (at least [`DIRECT_ALIGN`] bytes).
 struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
 }
 
 impl AlignedBuf {
     fn new(len: usize) -> Self {
-        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
-            .expect("aligned layout");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, layout }
+        let len = len.max(DIRECT_ALIGN);
+        let buf = vec![0u8; len + DIRECT_ALIGN];
+        let misalign = buf.as_ptr() as usize % DIRECT_ALIGN;
+        let start = (DIRECT_ALIGN - misalign) % DIRECT_ALIGN;
+        AlignedBuf { buf, start, len }
     }
     fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is a live, initialised allocation of layout.size() bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+        &self.buf[self.start..self.start + self.len]
     }
     fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with exactly this layout and is freed once.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+        &mut self.buf[self.start..self.start + self.len]
     }
 }
 
@@ -505,6 +485,45 @@ mod tests {
             img.read_at(&mut around, 0).unwrap();
             assert!(around.iter().all(|&b| b == 0));
         }
+    }
+
+    #[test]
+    fn aligned_buffers_are_aligned_zeroed_and_at_least_one_block() {
+        for len in [0, 1, 4095, 4096, 4097, 1 << 20] {
+            let mut b = AlignedBuf::new(len);
+            assert_eq!(b.as_slice().as_ptr() as usize % DIRECT_ALIGN, 0);
+            assert_eq!(b.as_slice().len(), len.max(DIRECT_ALIGN));
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            b.as_mut_slice()[0] = 1;
+            assert_eq!(b.as_slice()[0], 1);
+        }
+    }
+
+    #[test]
+    fn guest_reads_past_the_end_of_a_shrunk_file_see_zeros() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+        let (dir, img) = image(false, 1 << 20);
+        img.write_at(&[0x11; 8192], 0).unwrap();
+        // Someone else truncates the file: the image still believes it is 1 MiB.
+        OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("disk.img"))
+            .unwrap()
+            .set_len(4096 + 512)
+            .unwrap();
+        let mem: crate::storage::GuestMem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_000)]).unwrap();
+        mem.write_slice(&[0xff; 8192], GuestAddress(0)).unwrap();
+        let bufs: Vec<GuestSlice<'_>> = [(0u64, 4000usize), (4000, 4192)]
+            .iter()
+            .flat_map(|&(a, l)| mem.get_slices(GuestAddress(a), l))
+            .map(|s| s.unwrap())
+            .collect();
+        img.read_to_guest(0, &bufs).unwrap();
+        let mut back = vec![0u8; 8192];
+        mem.read_slice(&mut back, GuestAddress(0)).unwrap();
+        assert!(back[..4608].iter().all(|&b| b == 0x11));
+        assert!(back[4608..].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -11,14 +11,13 @@ use log::warn;
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// Fixed-size pool of I/O threads.
-pub struct IoPool {
+pub(crate) struct IoPool {
     tx: SyncSender<Job>,
-    threads: usize,
 }
 
 impl IoPool {
     /// Starts `threads` threads (at least one).
-    pub fn new(threads: usize) -> std::io::Result<Arc<IoPool>> {
+    pub(crate) fn new(threads: usize) -> std::io::Result<Arc<IoPool>> {
         let threads = threads.max(1);
         // Bounded: a queue worker that outruns the pool waits instead of queueing without end.
         let (tx, rx) = sync_channel::<Job>(threads * 64);
@@ -29,16 +28,11 @@ impl IoPool {
                 .name(format!("colo-io-{i}"))
                 .spawn(move || worker(rx))?;
         }
-        Ok(Arc::new(IoPool { tx, threads }))
-    }
-
-    /// Number of threads.
-    pub fn threads(&self) -> usize {
-        self.threads
+        Ok(Arc::new(IoPool { tx }))
     }
 
     /// Runs `job` on a pool thread; runs it here if the pool is gone.
-    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+    pub(crate) fn spawn(&self, job: impl FnOnce() + Send + 'static) {
         if let Err(e) = self.tx.send(Box::new(job)) {
             warn!("I/O pool stopped; running the request inline");
             (e.0)();
@@ -62,17 +56,19 @@ fn worker(rx: Arc<Mutex<Receiver<Job>>>) {
 /// Counts requests a device has popped but not completed, so that a disconnect or shutdown can
 /// wait until every one of them is completed.
 #[derive(Default)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     count: Mutex<usize>,
     idle: Condvar,
 }
 
 impl InFlight {
-    pub fn add(&self, n: usize) {
+    /// Counts `n` more requests in flight.
+    pub(crate) fn add(&self, n: usize) {
         *self.count.lock().unwrap_or_else(|e| e.into_inner()) += n;
     }
 
-    pub fn done(&self) {
+    /// Counts one request completed.
+    pub(crate) fn done(&self) {
         let mut c = self.count.lock().unwrap_or_else(|e| e.into_inner());
         *c = c.saturating_sub(1);
         if *c == 0 {
@@ -81,7 +77,7 @@ impl InFlight {
     }
 
     /// Blocks until no request is in flight.
-    pub fn wait_idle(&self) {
+    pub(crate) fn wait_idle(&self) {
         let mut c = self.count.lock().unwrap_or_else(|e| e.into_inner());
         while *c > 0 {
             c = self.idle.wait(c).unwrap_or_else(|e| e.into_inner());

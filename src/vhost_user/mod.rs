@@ -1,9 +1,10 @@
 //! The vhost-user glue: a thin [`VhostUserBackend`](vhost_user_backend::VhostUserBackend)
-//! implementation and the accept/reconnect loop around it.
+//! implementation ([`backend`]), the I/O thread pool behind it (`io_pool`) and the
+//! accept/reconnect loop around it ([`server`]).
 
 pub mod backend;
-pub mod io_pool;
+pub(crate) mod io_pool;
 pub mod server;
 
-pub use backend::{BlkBackend, DeviceOptions, QueueStats};
+pub use backend::{DeviceOptions, QueueStatsSnapshot, StatsHandle};
 pub use server::{Server, ServerControl};

@@ -3,7 +3,9 @@
 //! A `VhostUserDaemon` cannot be reused after its front-end disconnects, so each connection gets
 //! a fresh daemon and backend over the same [`BlockDevice`]. When the front-end goes away (QEMU
 //! quits, or restarts with `reconnect=`), the device's workers finish the requests they hold,
-//! the disk is flushed, and the next connection is served.
+//! the disk is flushed, and the next connection is served. The per-queue counters
+//! ([`Server::stats_handle`]) belong to the server, not to a connection, so they survive
+//! reconnects.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::backend::{BlkBackend, DeviceOptions, QueueStats};
+use super::backend::{BlkBackend, DeviceOptions, StatsHandle};
 use super::io_pool::IoPool;
 use crate::storage::BlockDevice;
 
@@ -34,7 +36,6 @@ pub enum ServerError {
 struct ControlState {
     stopping: bool,
     connection: Option<ShutdownHandle>,
-    connected: bool,
 }
 
 /// A handle to stop the server from another thread (signal handler, control socket).
@@ -58,11 +59,6 @@ impl ServerControl {
         }
     }
 
-    /// Whether a front-end is connected.
-    pub fn connected(&self) -> bool {
-        self.state.lock().map(|s| s.connected).unwrap_or(false)
-    }
-
     fn stopping(&self) -> bool {
         self.state.lock().map(|s| s.stopping).unwrap_or(true)
     }
@@ -75,7 +71,7 @@ pub struct Server {
     opts: DeviceOptions,
     pool: Option<Arc<IoPool>>,
     control: ServerControl,
-    stats: Arc<Vec<QueueStats>>,
+    stats: StatsHandle,
 }
 
 impl Server {
@@ -87,11 +83,7 @@ impl Server {
         opts: DeviceOptions,
         io_threads: usize,
     ) -> std::io::Result<Self> {
-        let stats = Arc::new(
-            (0..opts.num_queues)
-                .map(|_| QueueStats::default())
-                .collect(),
-        );
+        let stats = StatsHandle::new(opts.num_queues);
         let pool = if io_threads > 0 {
             Some(IoPool::new(io_threads)?)
         } else {
@@ -112,9 +104,20 @@ impl Server {
         self.control.clone()
     }
 
-    /// Per-queue request counters.
-    pub fn stats(&self) -> Arc<Vec<QueueStats>> {
+    /// The per-queue request counters, valid for the server's whole life (across front-end
+    /// reconnects).
+    pub fn stats_handle(&self) -> StatsHandle {
         self.stats.clone()
+    }
+
+    /// A fresh backend for the next connection, over the server's disk, pool and counters.
+    fn backend(&self) -> BlkBackend {
+        BlkBackend::new(
+            self.disk.clone(),
+            &self.opts,
+            self.stats.clone(),
+            self.pool.clone(),
+        )
     }
 
     /// Serves connections until [`ServerControl::stop`] is called.
@@ -126,12 +129,7 @@ impl Server {
             })?;
         info!("vhost-user socket listening on {}", self.socket.display());
         while !self.control.stopping() {
-            let backend = BlkBackend::new(
-                self.disk.clone(),
-                &self.opts,
-                self.stats.clone(),
-                self.pool.clone(),
-            );
+            let backend = self.backend();
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let mut daemon = VhostUserDaemon::new("colo-blk".to_string(), backend.clone(), mem)
                 .map_err(|e| ServerError::Daemon(e.to_string()))?;
@@ -148,7 +146,6 @@ impl Server {
                     break;
                 }
                 st.connection = daemon.shutdown_handle();
-                st.connected = true;
             }
             info!("front-end connected");
             match daemon.wait() {
@@ -162,7 +159,6 @@ impl Server {
             {
                 let mut st = self.control.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.connection = None;
-                st.connected = false;
             }
             // Dropping the daemon stops and joins the queue workers; then every request they
             // handed to the I/O pool is waited for.
@@ -173,5 +169,35 @@ impl Server {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemDisk;
+
+    #[test]
+    fn every_connection_counts_into_the_servers_stats_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = DeviceOptions {
+            num_queues: 3,
+            queue_size: 16,
+            serial: String::new(),
+            read_only: false,
+            logical_block_size: 512,
+        };
+        let server = Server::new(
+            &dir.path().join("vhost.sock"),
+            Arc::new(MemDisk::new(4096)),
+            opts,
+            0,
+        )
+        .unwrap();
+        let handle = server.stats_handle();
+        assert_eq!(handle.queues().len(), 3);
+        for _connection in 0..2 {
+            assert!(server.backend().stats().same_as(&handle));
+        }
     }
 }

@@ -1,20 +1,31 @@
 //! The virtio-blk configuration space and feature bits.
+//!
+//! `BlkConfig` holds the device parameters; `BlkConfig::config_space` lays them out as the
+//! kernel's `struct virtio_blk_config` (virtio-bindings), which the driver reads through
+//! `ConfigSpace`'s bytes. Only the first `CONFIG_SPACE_LEN` bytes (up to and including the
+//! write-zeroes fields) are offered; the fields after them stay zero.
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-
-/// `VHOST_F_LOG_ALL`: the device logs its guest memory writes (needed for migration and COLO).
-pub const VHOST_F_LOG_ALL: u32 = 26;
-/// `VHOST_USER_F_PROTOCOL_FEATURES`.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+use vm_memory::ByteValued;
 
 /// Size of the config space we expose (up to and including the write-zeroes fields).
-pub const CONFIG_SPACE_LEN: usize = 60;
+pub(crate) const CONFIG_SPACE_LEN: usize =
+    std::mem::offset_of!(virtio_blk_config, max_secure_erase_sectors);
+
+/// `struct virtio_blk_config` as vm-memory sees it (little endian, virtio 1.x layout).
+#[repr(transparent)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ConfigSpace(pub virtio_blk_config);
+
+// SAFETY: `virtio_blk_config` is a `repr(C, packed)` struct of integers and byte arrays: it has
+// no padding and every byte pattern is a valid value.
+unsafe impl ByteValued for ConfigSpace {}
 
 /// The device parameters that go into the config space.
 #[derive(Debug, Clone)]
-pub struct BlkConfig {
+pub(crate) struct BlkConfig {
     pub capacity_bytes: u64,
     pub logical_block_size: u32,
     pub physical_block_size: u32,
@@ -28,36 +39,42 @@ pub struct BlkConfig {
 }
 
 impl BlkConfig {
-    /// The config space as the driver reads it (little endian, virtio 1.x layout).
-    pub fn to_bytes(&self) -> [u8; CONFIG_SPACE_LEN] {
+    /// The config space as the kernel's struct, fields in little endian.
+    pub(crate) fn config_space(&self) -> ConfigSpace {
+        let blocks_per_physical = self.physical_block_size / self.logical_block_size.max(1);
+        ConfigSpace(virtio_blk_config {
+            capacity: (self.capacity_bytes / 512).to_le(),
+            // size_max and geometry stay 0: those features are not offered.
+            seg_max: self.seg_max.to_le(),
+            blk_size: self.logical_block_size.to_le(),
+            physical_block_exp: blocks_per_physical.trailing_zeros() as u8,
+            alignment_offset: 0,
+            // In logical blocks.
+            min_io_size: (blocks_per_physical as u16).to_le(),
+            opt_io_size: 0,
+            // Writeback: we have a volatile cache, FLUSH makes it durable.
+            wce: 1,
+            num_queues: self.num_queues.to_le(),
+            max_discard_sectors: self.max_discard_sectors.to_le(),
+            max_discard_seg: self.max_discard_seg.to_le(),
+            discard_sector_alignment: (self.logical_block_size / 512).to_le(),
+            max_write_zeroes_sectors: self.max_write_zeroes_sectors.to_le(),
+            max_write_zeroes_seg: self.max_write_zeroes_seg.to_le(),
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        })
+    }
+
+    /// The config space as the driver reads it: the first [`CONFIG_SPACE_LEN`] bytes of
+    /// [`config_space`](Self::config_space).
+    pub(crate) fn to_bytes(&self) -> [u8; CONFIG_SPACE_LEN] {
         let mut b = [0u8; CONFIG_SPACE_LEN];
-        let put32 = |b: &mut [u8; CONFIG_SPACE_LEN], off: usize, v: u32| {
-            b[off..off + 4].copy_from_slice(&v.to_le_bytes())
-        };
-        b[0..8].copy_from_slice(&(self.capacity_bytes / 512).to_le_bytes()); // capacity
-        put32(&mut b, 8, 0); // size_max (feature not offered)
-        put32(&mut b, 12, self.seg_max);
-        // geometry (16..20) unused: feature not offered.
-        put32(&mut b, 20, self.logical_block_size);
-        let exp = (self.physical_block_size / self.logical_block_size.max(1)).trailing_zeros();
-        b[24] = exp as u8; // physical_block_exp
-        b[25] = 0; // alignment_offset
-        let min_io = (self.physical_block_size / self.logical_block_size.max(1)) as u16;
-        b[26..28].copy_from_slice(&min_io.to_le_bytes()); // min_io_size (in logical blocks)
-        put32(&mut b, 28, 0); // opt_io_size
-        b[32] = 1; // writeback: we have a volatile cache, FLUSH makes it durable
-        b[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
-        put32(&mut b, 36, self.max_discard_sectors);
-        put32(&mut b, 40, self.max_discard_seg);
-        put32(&mut b, 44, self.logical_block_size / 512); // discard_sector_alignment
-        put32(&mut b, 48, self.max_write_zeroes_sectors);
-        put32(&mut b, 52, self.max_write_zeroes_seg);
-        b[56] = 1; // write_zeroes_may_unmap
+        b.copy_from_slice(&self.config_space().as_slice()[..CONFIG_SPACE_LEN]);
         b
     }
 
-    /// The virtio feature bits the device offers.
-    pub fn features(&self) -> u64 {
+    /// The virtio-blk feature bits the device offers (the vhost-user transport adds its own).
+    pub(crate) fn features(&self) -> u64 {
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
@@ -65,9 +82,7 @@ impl BlkConfig {
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_TOPOLOGY)
             | (1 << VIRTIO_BLK_F_FLUSH)
-            | (1 << VIRTIO_BLK_F_MQ)
-            | (1 << VHOST_F_LOG_ALL)
-            | (1 << VHOST_USER_F_PROTOCOL_FEATURES);
+            | (1 << VIRTIO_BLK_F_MQ);
         if self.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
@@ -116,6 +131,45 @@ mod tests {
             std::mem::offset_of!(virtio_blk_config, write_zeroes_may_unmap),
             56
         );
+    }
+
+    /// The config space byte for byte, as the hand-written encoder before the struct wrote it.
+    #[test]
+    fn bytes_equal_the_hand_written_layout() {
+        for c in [
+            cfg(),
+            BlkConfig {
+                logical_block_size: 4096,
+                physical_block_size: 4096,
+                read_only: true,
+                ..cfg()
+            },
+        ] {
+            let mut b = [0u8; 60];
+            let put32 = |b: &mut [u8; 60], off: usize, v: u32| {
+                b[off..off + 4].copy_from_slice(&v.to_le_bytes())
+            };
+            b[0..8].copy_from_slice(&(c.capacity_bytes / 512).to_le_bytes());
+            put32(&mut b, 12, c.seg_max);
+            put32(&mut b, 20, c.logical_block_size);
+            let ratio = c.physical_block_size / c.logical_block_size;
+            b[24] = ratio.trailing_zeros() as u8;
+            b[26..28].copy_from_slice(&(ratio as u16).to_le_bytes());
+            b[32] = 1;
+            b[34..36].copy_from_slice(&c.num_queues.to_le_bytes());
+            put32(&mut b, 36, c.max_discard_sectors);
+            put32(&mut b, 40, c.max_discard_seg);
+            put32(&mut b, 44, c.logical_block_size / 512);
+            put32(&mut b, 48, c.max_write_zeroes_sectors);
+            put32(&mut b, 52, c.max_write_zeroes_seg);
+            b[56] = 1;
+            assert_eq!(c.to_bytes(), b);
+            // Nothing is set after the offered part.
+            let full = c.config_space();
+            assert!(full.as_slice()[CONFIG_SPACE_LEN..].iter().all(|&x| x == 0));
+        }
+        assert_eq!(CONFIG_SPACE_LEN, 60);
+        assert_eq!(std::mem::size_of::<ConfigSpace>(), 96);
     }
 
     #[test]

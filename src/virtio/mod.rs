@@ -1,7 +1,5 @@
-//! virtio-blk: the device configuration space, request parsing and request execution.
+//! virtio-blk: the device configuration space ([`config`]), request parsing and request
+//! execution ([`request`]). Everything here is used by the vhost-user backend only.
 
 pub mod config;
 pub mod request;
-
-pub use config::BlkConfig;
-pub use request::{execute, parse, Parsed, Request, RequestKind};

@@ -6,28 +6,100 @@
 //! string, then the status byte, which is the last writable byte). Every malformed chain is
 //! turned into an error status when a status byte exists, or into a zero-length completion when
 //! it does not, so that a bad request never panics the process nor stalls the queue.
+//!
+//! One request flows through three steps: `parse` (chain → `Request`, or `Parsed::Malformed`
+//! with the `RequestError` that makes it so), execution against the [`BlockDevice`], and
+//! completion, which writes the status byte and reports the used length. Every failure is a
+//! `RequestError`, and `RequestError::status` alone decides between `IOERR` and `UNSUPP`.
+//! The header and the discard/write-zeroes segments are read as the kernel's structs
+//! (`virtio_blk_outhdr`, `virtio_blk_discard_write_zeroes`) through vm-memory's [`ByteValued`].
 
 use std::io;
 
 use log::{debug, warn};
+use thiserror::Error;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::storage::{BlockDevice, GuestMem, GuestSlice, SECTOR_SIZE};
 
-/// Size of `struct virtio_blk_outhdr`.
-const HEADER_LEN: usize = 16;
+/// `struct virtio_blk_outhdr`, the request header, as vm-memory reads it.
+#[repr(transparent)]
+#[derive(Debug, Default, Clone, Copy)]
+struct OutHeader(virtio_blk_outhdr);
+
+// SAFETY: `virtio_blk_outhdr` is a `repr(C)` struct of two u32 and one u64 with no padding
+// (16 bytes, checked by the bindings), so every byte pattern is a valid value.
+unsafe impl ByteValued for OutHeader {}
+
+/// `struct virtio_blk_discard_write_zeroes`, one discard/write-zeroes segment.
+#[repr(transparent)]
+#[derive(Debug, Default, Clone, Copy)]
+struct DwzSegment(virtio_blk_discard_write_zeroes);
+
+// SAFETY: `virtio_blk_discard_write_zeroes` is a `repr(C)` struct of one u64 and two u32 with no
+// padding (16 bytes, checked by the bindings), so every byte pattern is a valid value.
+unsafe impl ByteValued for DwzSegment {}
+
 /// Size of `struct virtio_blk_discard_write_zeroes`.
-const DWZ_SEGMENT_LEN: usize = 16;
-const DWZ_FLAG_UNMAP: u32 = 1;
+const DWZ_SEGMENT_LEN: usize = std::mem::size_of::<DwzSegment>();
+const DWZ_FLAG_UNMAP: u32 = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 /// Largest data transfer of one request. Linux guests send at most a few MiB; the cap keeps a
 /// hostile chain from making the host allocate gigabytes for a bounce buffer.
-pub const MAX_REQUEST_BYTES: usize = 128 << 20;
+pub(crate) const MAX_REQUEST_BYTES: usize = 128 << 20;
+
+/// Why a request fails. [`RequestError::status`] maps it to the status byte the guest sees.
+#[derive(Debug, Error)]
+pub(crate) enum RequestError {
+    /// The chain does not have the shape of a virtio-blk request.
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    /// A well-formed request the device refuses (bad lengths, ranges or buffers).
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+    /// A request type the device does not implement.
+    #[error("unsupported request type {0}")]
+    UnsupportedType(u32),
+    /// Discard/write-zeroes flags the device does not implement (incl. UNMAP on a discard).
+    #[error("unsupported discard/write-zeroes flags {0:#x}")]
+    UnsupportedFlags(u32),
+    /// The request is beyond the end of the device.
+    #[error("sector {sector} (+{len} bytes) is beyond the end of the device")]
+    OutOfRange { sector: u64, len: u64 },
+    /// The storage failed.
+    #[error("{op} failed: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl RequestError {
+    /// The virtio-blk status byte for this error: `UNSUPP` for what the device does not
+    /// implement, `IOERR` for everything else.
+    pub(crate) fn status(&self) -> u8 {
+        match self {
+            RequestError::UnsupportedType(_) | RequestError::UnsupportedFlags(_) => {
+                VIRTIO_BLK_S_UNSUPP as u8
+            }
+            RequestError::Malformed(_)
+            | RequestError::Invalid(_)
+            | RequestError::OutOfRange { .. }
+            | RequestError::Io { .. } => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+}
+
+/// Wraps a storage error with the operation that hit it.
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> RequestError {
+    move |source| RequestError::Io { op, source }
+}
 
 /// A request type the device understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestKind {
+pub(crate) enum RequestKind {
     In,
     Out,
     Flush,
@@ -53,14 +125,14 @@ impl RequestKind {
 
 /// One guest memory segment of a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
+pub(crate) struct Segment {
     pub addr: GuestAddress,
     pub len: u32,
 }
 
 /// A well-formed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
+pub(crate) struct Request {
     pub kind: RequestKind,
     pub sector: u64,
     /// Device-readable data after the header (OUT data, discard/write-zeroes segments).
@@ -70,15 +142,28 @@ pub struct Request {
     pub status: GuestAddress,
 }
 
+impl Request {
+    /// Bytes of disk data the request moves: `(read, written)`. Zero for everything but IN and
+    /// OUT.
+    pub(crate) fn data_bytes(&self) -> (u64, u64) {
+        let sum = |segs: &[Segment]| segs.iter().map(|s| u64::from(s.len)).sum::<u64>();
+        match self.kind {
+            RequestKind::In => (sum(&self.inp), 0),
+            RequestKind::Out => (0, sum(&self.out)),
+            _ => (0, 0),
+        }
+    }
+}
+
 /// The outcome of parsing a chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parsed {
+#[derive(Debug)]
+pub(crate) enum Parsed {
     /// A request to execute.
     Ok(Request),
-    /// A chain with a status byte but a malformed body: complete it with `IOERR`.
+    /// A chain with a status byte but a malformed body: complete it with `error`'s status.
     Malformed {
         status: GuestAddress,
-        why: &'static str,
+        error: RequestError,
     },
     /// A chain without a usable status byte: complete it with length 0.
     NoStatus { why: &'static str },
@@ -86,13 +171,17 @@ pub enum Parsed {
 
 /// Limits the parser enforces (they match what the config space advertises).
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Most data segments in one request (the config space's `seg_max`).
     pub seg_max: u32,
 }
 
 /// Splits a chain into a [`Request`].
-pub fn parse(mem: &GuestMem, descs: impl Iterator<Item = Descriptor>, limits: Limits) -> Parsed {
+pub(crate) fn parse(
+    mem: &GuestMem,
+    descs: impl Iterator<Item = Descriptor>,
+    limits: Limits,
+) -> Parsed {
     let mut readable: Vec<Segment> = Vec::new();
     let mut writable: Vec<Segment> = Vec::new();
     let mut order_ok = true;
@@ -129,35 +218,25 @@ pub fn parse(mem: &GuestMem, descs: impl Iterator<Item = Descriptor>, limits: Li
     if last.len == 0 {
         writable.pop();
     }
+    let malformed = |why| Parsed::Malformed {
+        status,
+        error: RequestError::Malformed(why),
+    };
     if !order_ok {
-        return Parsed::Malformed {
-            status,
-            why: "device-readable descriptor after a writable one",
-        };
+        return malformed("device-readable descriptor after a writable one");
     }
 
     // The header: the first 16 readable bytes, possibly split over descriptors.
-    let mut header = [0u8; HEADER_LEN];
-    let out = match take_prefix(mem, &readable, &mut header) {
-        Some(rest) => rest,
-        None => {
-            return Parsed::Malformed {
-                status,
-                why: "request header is short or unreadable",
-            }
-        }
+    let mut header = OutHeader::default();
+    let Some(out) = take_prefix(mem, &readable, header.as_mut_slice()) else {
+        return malformed("request header is short or unreadable");
     };
-    let kind = RequestKind::from_raw(u32::from_le_bytes([
-        header[0], header[1], header[2], header[3],
-    ]));
-    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+    let kind = RequestKind::from_raw(u32::from_le(header.0.type_));
+    let sector = u64::from_le(header.0.sector);
     let inp = writable;
 
     if out.len() + inp.len() > limits.seg_max as usize {
-        return Parsed::Malformed {
-            status,
-            why: "more data segments than seg_max",
-        };
+        return malformed("more data segments than seg_max");
     }
     let wrong_direction = match kind {
         RequestKind::In | RequestKind::GetId => !out.is_empty(),
@@ -167,10 +246,7 @@ pub fn parse(mem: &GuestMem, descs: impl Iterator<Item = Descriptor>, limits: Li
         RequestKind::Unsupported(_) => false,
     };
     if wrong_direction {
-        return Parsed::Malformed {
-            status,
-            why: "data descriptor has the wrong direction",
-        };
+        return malformed("data descriptor has the wrong direction");
     }
     Parsed::Ok(Request {
         kind,
@@ -205,7 +281,7 @@ fn take_prefix(mem: &GuestMem, segs: &[Segment], buf: &mut [u8]) -> Option<Vec<S
 
 /// What one request did, for the used ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Completion {
+pub(crate) struct Completion {
     pub status: u8,
     /// Bytes written into the device-writable part of the chain, status byte included.
     pub used_len: u32,
@@ -213,7 +289,7 @@ pub struct Completion {
 
 /// Device-wide facts the executor needs.
 #[derive(Debug, Clone)]
-pub struct DeviceInfo {
+pub(crate) struct DeviceInfo {
     pub read_only: bool,
     /// The GET_ID string (at most 20 bytes).
     pub serial: Vec<u8>,
@@ -223,22 +299,42 @@ pub struct DeviceInfo {
 }
 
 /// Executes a request against `disk` and writes its status byte.
-pub fn execute(
+pub(crate) fn execute(
     mem: &GuestMem,
     disk: &dyn BlockDevice,
     info: &DeviceInfo,
     req: &Request,
 ) -> Completion {
-    let (status, data_len) = match run(mem, disk, info, req) {
-        Ok(n) => (VIRTIO_BLK_S_OK, n),
-        Err(ReqError::Unsupported) => (VIRTIO_BLK_S_UNSUPP, 0),
-        Err(ReqError::Io(e)) => {
-            debug!("request {:?} sector {} failed: {e}", req.kind, req.sector);
-            (VIRTIO_BLK_S_IOERR, 0)
-        }
+    let result = run(mem, disk, info, req);
+    if let Err(e) = &result {
+        debug!("request {:?} sector {} failed: {e}", req.kind, req.sector);
+    }
+    complete(mem, req.status, result)
+}
+
+/// Completes a malformed chain whose status byte is known (with `IOERR`).
+#[cfg(test)]
+pub(crate) fn fail(mem: &GuestMem, status: GuestAddress) -> Completion {
+    complete(
+        mem,
+        status,
+        Err(RequestError::Malformed("malformed descriptor chain")),
+    )
+}
+
+/// Completes a request: writes the status byte for `result` (`Ok` carries the bytes written to
+/// the device-writable data) and returns what goes on the used ring. When the status byte
+/// cannot be written, the used length is 0.
+pub(crate) fn complete(
+    mem: &GuestMem,
+    status_addr: GuestAddress,
+    result: Result<u32, RequestError>,
+) -> Completion {
+    let (status, data_len) = match &result {
+        Ok(n) => (VIRTIO_BLK_S_OK as u8, *n),
+        Err(e) => (e.status(), 0),
     };
-    let status = status as u8;
-    if let Err(e) = mem.write_obj(status, req.status) {
+    if let Err(e) = mem.write_obj(status, status_addr) {
         warn!("cannot write the status byte: {e}");
         return Completion {
             status,
@@ -251,38 +347,8 @@ pub fn execute(
     }
 }
 
-/// Completes a malformed chain whose status byte is known.
-pub fn fail(mem: &GuestMem, status: GuestAddress) -> Completion {
-    let s = VIRTIO_BLK_S_IOERR as u8;
-    match mem.write_obj(s, status) {
-        Ok(()) => Completion {
-            status: s,
-            used_len: 1,
-        },
-        Err(_) => Completion {
-            status: s,
-            used_len: 0,
-        },
-    }
-}
-
-enum ReqError {
-    Unsupported,
-    Io(io::Error),
-}
-
-impl From<io::Error> for ReqError {
-    fn from(e: io::Error) -> Self {
-        ReqError::Io(e)
-    }
-}
-
-fn invalid(msg: &str) -> ReqError {
-    ReqError::Io(io::Error::new(io::ErrorKind::InvalidInput, msg.to_string()))
-}
-
 /// Turns segments into guest slices; fails when any is outside guest memory.
-fn slices<'m>(mem: &'m GuestMem, segs: &[Segment]) -> Result<Vec<GuestSlice<'m>>, ReqError> {
+fn slices<'m>(mem: &'m GuestMem, segs: &[Segment]) -> Result<Vec<GuestSlice<'m>>, RequestError> {
     let mut out = Vec::with_capacity(segs.len());
     for s in segs {
         if s.len == 0 {
@@ -290,58 +356,64 @@ fn slices<'m>(mem: &'m GuestMem, segs: &[Segment]) -> Result<Vec<GuestSlice<'m>>
         }
         // A segment may straddle two memory regions: take it piecewise.
         for piece in mem.get_slices(s.addr, s.len as usize) {
-            out.push(piece.map_err(|_| invalid("data buffer outside guest memory"))?);
+            out.push(piece.map_err(|_| RequestError::Invalid("data buffer outside guest memory"))?);
         }
     }
     Ok(out)
 }
 
-fn byte_range(sector: u64, len: u64, capacity: u64) -> Result<u64, ReqError> {
-    let offset = sector
-        .checked_mul(SECTOR_SIZE)
-        .ok_or_else(|| invalid("sector overflows"))?;
-    crate::storage::check_range(capacity, offset, len)?;
+/// Byte offset of `len` bytes at `sector`, checked against the device's capacity.
+fn byte_range(sector: u64, len: u64, capacity: u64) -> Result<u64, RequestError> {
+    let out_of_range = RequestError::OutOfRange { sector, len };
+    let Some(offset) = sector.checked_mul(SECTOR_SIZE) else {
+        return Err(out_of_range);
+    };
+    crate::storage::check_range(capacity, offset, len).map_err(|_| out_of_range)?;
     Ok(offset)
 }
 
+/// Length of a data transfer, checked: whole sectors, at most [`MAX_REQUEST_BYTES`].
+fn data_len(bufs: &[GuestSlice<'_>], what: &'static str) -> Result<usize, RequestError> {
+    let len = crate::storage::total_len(bufs);
+    if len as u64 % SECTOR_SIZE != 0 {
+        return Err(RequestError::Invalid(what));
+    }
+    if len > MAX_REQUEST_BYTES {
+        return Err(RequestError::Invalid(
+            "data larger than the per-request limit",
+        ));
+    }
+    Ok(len)
+}
+
+/// Executes a well-formed request; returns the bytes written into the device-writable data.
 fn run(
     mem: &GuestMem,
     disk: &dyn BlockDevice,
     info: &DeviceInfo,
     req: &Request,
-) -> Result<u32, ReqError> {
+) -> Result<u32, RequestError> {
     match req.kind {
         RequestKind::In => {
             let bufs = slices(mem, &req.inp)?;
-            let len = crate::storage::total_len(&bufs);
-            if len as u64 % SECTOR_SIZE != 0 {
-                return Err(invalid("read length is not a multiple of 512"));
-            }
-            if len > MAX_REQUEST_BYTES {
-                return Err(invalid("read larger than the per-request limit"));
-            }
+            let len = data_len(&bufs, "read length is not a multiple of 512")?;
             let offset = byte_range(req.sector, len as u64, disk.capacity())?;
-            disk.read_to_guest(offset, &bufs)?;
-            u32::try_from(len).map_err(|_| invalid("read too long"))
+            disk.read_to_guest(offset, &bufs).map_err(io_err("read"))?;
+            u32::try_from(len).map_err(|_| RequestError::Invalid("read too long"))
         }
         RequestKind::Out => {
             if info.read_only {
-                return Err(invalid("write to a read-only device"));
+                return Err(RequestError::Invalid("write to a read-only device"));
             }
             let bufs = slices(mem, &req.out)?;
-            let len = crate::storage::total_len(&bufs);
-            if len as u64 % SECTOR_SIZE != 0 {
-                return Err(invalid("write length is not a multiple of 512"));
-            }
-            if len > MAX_REQUEST_BYTES {
-                return Err(invalid("write larger than the per-request limit"));
-            }
+            let len = data_len(&bufs, "write length is not a multiple of 512")?;
             let offset = byte_range(req.sector, len as u64, disk.capacity())?;
-            disk.write_from_guest(offset, &bufs)?;
+            disk.write_from_guest(offset, &bufs)
+                .map_err(io_err("write"))?;
             Ok(0)
         }
         RequestKind::Flush => {
-            disk.flush()?;
+            disk.flush().map_err(io_err("flush"))?;
             Ok(0)
         }
         RequestKind::GetId => {
@@ -356,7 +428,7 @@ fn run(
                 }
                 let n = b.len().min(id.len() - written);
                 b.subslice(0, n)
-                    .map_err(|_| invalid("GET_ID buffer"))?
+                    .map_err(|_| RequestError::Invalid("GET_ID buffer"))?
                     .copy_from(&id[written..written + n]);
                 written += n;
             }
@@ -364,23 +436,26 @@ fn run(
         }
         RequestKind::Discard | RequestKind::WriteZeroes => {
             if info.read_only {
-                return Err(invalid("discard/write-zeroes on a read-only device"));
+                return Err(RequestError::Invalid(
+                    "discard/write-zeroes on a read-only device",
+                ));
             }
             let zeroes = req.kind == RequestKind::WriteZeroes;
+            let too_many = RequestError::Invalid("too many discard/write-zeroes segments");
             // Bound the segment list before copying it out of guest memory.
             let raw_len: u64 = req.out.iter().map(|s| u64::from(s.len)).sum();
             if raw_len > u64::from(info.max_dwz_segments) * DWZ_SEGMENT_LEN as u64 {
-                return Err(invalid("too many discard/write-zeroes segments"));
+                return Err(too_many);
             }
             let bufs = slices(mem, &req.out)?;
             let raw = crate::storage::gather(&bufs);
             if raw.is_empty() || raw.len() % DWZ_SEGMENT_LEN != 0 {
-                return Err(invalid(
+                return Err(RequestError::Invalid(
                     "discard/write-zeroes payload is not a list of segments",
                 ));
             }
             if raw.len() / DWZ_SEGMENT_LEN > info.max_dwz_segments as usize {
-                return Err(invalid("too many discard/write-zeroes segments"));
+                return Err(too_many);
             }
             let max = if zeroes {
                 info.max_write_zeroes_sectors
@@ -389,16 +464,18 @@ fn run(
             };
             // Validate every segment before touching the disk.
             let mut ranges = Vec::new();
-            for seg in raw.chunks_exact(DWZ_SEGMENT_LEN) {
-                let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
-                let num = u32::from_le_bytes(seg[8..12].try_into().unwrap_or([0; 4]));
-                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or([0; 4]));
+            for chunk in raw.chunks_exact(DWZ_SEGMENT_LEN) {
+                let mut seg = DwzSegment::default();
+                seg.as_mut_slice().copy_from_slice(chunk);
+                let sector = u64::from_le(seg.0.sector);
+                let num = u32::from_le(seg.0.num_sectors);
+                let flags = u32::from_le(seg.0.flags);
                 let unmap = flags & DWZ_FLAG_UNMAP != 0;
                 if flags & !DWZ_FLAG_UNMAP != 0 || (!zeroes && unmap) {
-                    return Err(ReqError::Unsupported);
+                    return Err(RequestError::UnsupportedFlags(flags));
                 }
                 if num > max {
-                    return Err(invalid(
+                    return Err(RequestError::Invalid(
                         "discard/write-zeroes segment larger than advertised",
                     ));
                 }
@@ -408,17 +485,15 @@ fn run(
             }
             for (offset, len, unmap) in ranges {
                 if zeroes {
-                    disk.write_zeroes(offset, len, unmap)?;
+                    disk.write_zeroes(offset, len, unmap)
+                        .map_err(io_err("write-zeroes"))?;
                 } else {
-                    disk.discard(offset, len)?;
+                    disk.discard(offset, len).map_err(io_err("discard"))?;
                 }
             }
             Ok(0)
         }
-        RequestKind::Unsupported(t) => {
-            debug!("unsupported request type {t}");
-            Err(ReqError::Unsupported)
-        }
+        RequestKind::Unsupported(t) => Err(RequestError::UnsupportedType(t)),
     }
 }
 
