@@ -22,7 +22,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::storage::{BlockDevice, GuestMem, GuestSlice, SECTOR_SIZE};
+use crate::storage::{BlockDevice, Change, GuestMem, GuestSlice, SECTOR_SIZE};
 
 /// `struct virtio_blk_outhdr`, the request header, as vm-memory reads it.
 #[repr(transparent)]
@@ -387,6 +387,19 @@ fn data_len(bufs: &[GuestSlice<'_>], what: &'static str) -> Result<usize, Reques
 }
 
 /// Executes a well-formed request; returns the bytes written into the device-writable data.
+/// Applies one change the request makes, its data still in guest memory.
+fn apply(disk: &dyn BlockDevice, change: Change<&[GuestSlice<'_>]>) -> Result<(), RequestError> {
+    let op = match change {
+        Change::Write { .. } => "write",
+        Change::WriteZeroes { .. } => "write-zeroes",
+        Change::Discard { .. } => "discard",
+        Change::Flush => "flush",
+    };
+    change.apply_from_guest(disk).map_err(io_err(op))
+}
+
+/// Executes a parsed request: a read or GET_ID fills guest buffers; a write, flush, discard or
+/// write-zeroes becomes one [`Change`] per range, applied to the disk in order.
 fn run(
     mem: &GuestMem,
     disk: &dyn BlockDevice,
@@ -408,12 +421,17 @@ fn run(
             let bufs = slices(mem, &req.out)?;
             let len = data_len(&bufs, "write length is not a multiple of 512")?;
             let offset = byte_range(req.sector, len as u64, disk.capacity())?;
-            disk.write_from_guest(offset, &bufs)
-                .map_err(io_err("write"))?;
+            apply(
+                disk,
+                Change::Write {
+                    offset,
+                    data: &bufs[..],
+                },
+            )?;
             Ok(0)
         }
         RequestKind::Flush => {
-            disk.flush().map_err(io_err("flush"))?;
+            apply(disk, Change::Flush)?;
             Ok(0)
         }
         RequestKind::GetId => {
@@ -463,7 +481,7 @@ fn run(
                 info.max_discard_sectors
             };
             // Validate every segment before touching the disk.
-            let mut ranges = Vec::new();
+            let mut changes = Vec::new();
             for chunk in raw.chunks_exact(DWZ_SEGMENT_LEN) {
                 let mut seg = DwzSegment::default();
                 seg.as_mut_slice().copy_from_slice(chunk);
@@ -481,15 +499,14 @@ fn run(
                 }
                 let len = u64::from(num) * SECTOR_SIZE;
                 let offset = byte_range(sector, len, disk.capacity())?;
-                ranges.push((offset, len, unmap));
-            }
-            for (offset, len, unmap) in ranges {
-                if zeroes {
-                    disk.write_zeroes(offset, len, unmap)
-                        .map_err(io_err("write-zeroes"))?;
+                changes.push(if zeroes {
+                    Change::WriteZeroes { offset, len, unmap }
                 } else {
-                    disk.discard(offset, len).map_err(io_err("discard"))?;
-                }
+                    Change::Discard { offset, len }
+                });
+            }
+            for change in changes {
+                apply(disk, change)?;
             }
             Ok(0)
         }
