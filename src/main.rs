@@ -72,6 +72,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let heartbeat = Duration::from_millis(cli.heartbeat_ms);
     let peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
 
+    // The secondary's bound replication address (for the ready line).
+    let mut listen = None;
     // The disk the guest (or the Secondary VM) sees, and the role object behind it.
     let (disk, role): (Arc<dyn BlockDevice>, Role) = match cli.role {
         RoleArg::Standalone => (image.clone(), Role::Standalone),
@@ -111,6 +113,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 events.clone(),
             );
             let listener = runtime.block_on(secondary.bind())?;
+            listen = Some(listener.local_addr()?.to_string());
             runtime.spawn(secondary.clone().run(listener));
             (layered, Role::Secondary(secondary))
         }
@@ -165,6 +168,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             stop.clone(),
         )?;
     }
+
+    print_ready(&cli, listen);
 
     let server_thread = match server {
         Some(server) => {
@@ -234,4 +239,26 @@ fn start_qmp(
         stop();
     });
     Ok(())
+}
+
+/// The one line on stdout, printed once every socket is bound (vhost-user, QMP, replication
+/// listener), so that scripts and tests wait for it instead of scraping the log:
+/// `{"ready":{"role":"secondary","socket":"/run/s.sock","qmp":"/run/s.qmp","listen":"127.0.0.1:7790"}}`
+/// (absent members are `null`).
+fn print_ready(cli: &Cli, listen: Option<String>) {
+    use std::io::Write;
+    let role = match cli.role {
+        RoleArg::Standalone => "standalone",
+        RoleArg::Primary => "primary",
+        RoleArg::Secondary => "secondary",
+    };
+    let line = serde_json::json!({"ready": {
+        "role": role,
+        "socket": cli.socket.as_ref().map(|p| p.display().to_string()),
+        "qmp": cli.qmp.as_ref().map(|p| p.display().to_string()),
+        "listen": listen,
+    }});
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }

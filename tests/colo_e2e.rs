@@ -218,9 +218,8 @@ impl Setup {
             "--peer-timeout-ms",
             "2000",
         ];
-        let mut b = Backend::start_with(&args, &self.p("svm.sock"), "waiting for the primary on");
-        let port = b.last_port();
-        b.wait_for_log("vhost-user socket listening on");
+        let b = Backend::start_with(&args, &self.p("svm.sock"));
+        let port = b.listen_port();
         (b, port)
     }
 
@@ -245,7 +244,7 @@ impl Setup {
             "--peer-timeout-ms",
             "2000",
         ];
-        Backend::start_with(&args, &self.p("pvm.sock"), "vhost-user socket listening on")
+        Backend::start_with(&args, &self.p("pvm.sock"))
     }
 
     /// Boots the test guest on `socket` running `script`; `qmp` opens QEMU's QMP socket.

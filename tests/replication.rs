@@ -63,13 +63,8 @@ fn start_secondary(
         args.extend_from_slice(&["--socket", &sock_s, "--num-queues", "2"]);
     }
     args.extend_from_slice(extra);
-    let mut b = Backend::start_with(&args, &sock, "waiting for the primary on");
-    let line = b.wait_for_log("QMP listening");
-    let _ = line;
-    let port = b.last_port();
-    if svm {
-        b.wait_for_log("vhost-user socket listening on");
-    }
+    let b = Backend::start_with(&args, &sock);
+    let port = b.listen_port();
     (b, port)
 }
 
@@ -101,7 +96,7 @@ fn start_primary(dir: &Path, port: u16, extra: &[&str]) -> Backend {
         "2000",
     ];
     args.extend_from_slice(extra);
-    Backend::start_with(&args, &sock, "vhost-user socket listening on")
+    Backend::start_with(&args, &sock)
 }
 
 /// A connected pair; returns it with a QMP client on each side, after the link is up.

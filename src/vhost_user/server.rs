@@ -66,7 +66,9 @@ impl ServerControl {
 
 /// The accept loop.
 pub struct Server {
-    socket: PathBuf,
+    /// Bound in [`Server::new`], so a bad path fails at start and clients can connect as soon
+    /// as the process says it is ready.
+    listener: Mutex<Listener>,
     disk: Arc<dyn BlockDevice>,
     opts: DeviceOptions,
     pool: Option<Arc<IoPool>>,
@@ -82,15 +84,20 @@ impl Server {
         disk: Arc<dyn BlockDevice>,
         opts: DeviceOptions,
         io_threads: usize,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, ServerError> {
+        let listener = Listener::new(socket, true).map_err(|source| ServerError::Listen {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+        info!("vhost-user socket listening on {}", socket.display());
         let stats = StatsHandle::new(opts.num_queues);
         let pool = if io_threads > 0 {
-            Some(IoPool::new(io_threads)?)
+            Some(IoPool::new(io_threads).map_err(|e| ServerError::Daemon(e.to_string()))?)
         } else {
             None
         };
         Ok(Server {
-            socket: socket.to_path_buf(),
+            listener: Mutex::new(listener),
             disk,
             opts,
             pool,
@@ -122,18 +129,13 @@ impl Server {
 
     /// Serves connections until [`ServerControl::stop`] is called.
     pub fn run(&self) -> Result<(), ServerError> {
-        let mut listener =
-            Listener::new(&self.socket, true).map_err(|source| ServerError::Listen {
-                path: self.socket.clone(),
-                source,
-            })?;
-        info!("vhost-user socket listening on {}", self.socket.display());
+        let mut listener = self.listener.lock().unwrap_or_else(|e| e.into_inner());
         while !self.control.stopping() {
             let backend = self.backend();
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let mut daemon = VhostUserDaemon::new("colo-blk".to_string(), backend.clone(), mem)
                 .map_err(|e| ServerError::Daemon(e.to_string()))?;
-            if let Err(e) = daemon.start(&mut listener) {
+            if let Err(e) = daemon.start(&mut *listener) {
                 warn!("accepting a vhost-user connection failed: {e}");
                 continue;
             }

@@ -19,19 +19,28 @@ pub struct Backend {
     pub child: Child,
     pub socket: PathBuf,
     lines: mpsc::Receiver<String>,
-    last_port: u16,
+    /// The `ready` object of the process's ready line on stdout.
+    pub ready: serde_json::Value,
 }
 
 impl Backend {
-    /// Starts `colo-blk` with `args` and waits until its log says `ready_marker`.
-    pub fn start_with(args: &[&str], socket: &Path, ready_marker: &str) -> Backend {
+    /// Starts `colo-blk` with `args` and waits for its ready line on stdout (every socket
+    /// bound; see `print_ready` in src/main.rs and the README).
+    pub fn start_with(args: &[&str], socket: &Path) -> Backend {
         let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
             .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("spawn colo-blk");
+        let stdout = child.stdout.take().expect("stdout");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = ready_tx.send(line);
+            }
+        });
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -40,14 +49,18 @@ impl Backend {
                 let _ = tx.send(line);
             }
         });
-        let mut b = Backend {
+        let line = match ready_rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(line) => line,
+            Err(e) => panic!("colo-blk printed no ready line: {e}"),
+        };
+        let mut v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
+        Backend {
             child,
             socket: socket.to_path_buf(),
             lines: rx,
-            last_port: 0,
-        };
-        b.wait_for_log(ready_marker);
-        b
+            ready: v["ready"].take(),
+        }
     }
 
     /// Starts a standalone backend serving `image` on `socket`.
@@ -60,32 +73,25 @@ impl Backend {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Backend::start_with(&refs, socket, "vhost-user socket listening on")
+        Backend::start_with(&refs, socket)
     }
 
     /// Blocks until a log line contains `marker`; panics after [`STARTUP_TIMEOUT`].
     pub fn wait_for_log(&mut self, marker: &str) -> String {
         loop {
             match self.lines.recv_timeout(STARTUP_TIMEOUT) {
-                Ok(line) if line.contains(marker) => {
-                    if let Some(i) = line.find("127.0.0.1:") {
-                        let digits: String = line[i + 10..]
-                            .chars()
-                            .take_while(|c| c.is_ascii_digit())
-                            .collect();
-                        self.last_port = digits.parse().unwrap_or(self.last_port);
-                    }
-                    return line;
-                }
+                Ok(line) if line.contains(marker) => return line,
                 Ok(_) => {}
                 Err(e) => panic!("colo-blk never logged {marker:?}: {e}"),
             }
         }
     }
 
-    /// The port in the most recent log line that named `127.0.0.1:PORT`.
-    pub fn last_port(&self) -> u16 {
-        self.last_port
+    /// The port of the secondary's replication listener (from the ready line).
+    pub fn listen_port(&self) -> u16 {
+        let listen = self.ready["listen"].as_str().expect("no listen address");
+        let port = listen.rsplit(':').next().expect("port");
+        port.parse().expect("port number")
     }
 
     /// Sends SIGTERM and returns the exit status.
