@@ -135,7 +135,7 @@ impl Server {
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let mut daemon = VhostUserDaemon::new("colo-blk".to_string(), backend.clone(), mem)
                 .map_err(|e| ServerError::Daemon(e.to_string()))?;
-            if let Err(e) = daemon.start(&mut *listener) {
+            if let Err(e) = daemon.start(&mut listener) {
                 warn!("accepting a vhost-user connection failed: {e}");
                 continue;
             }
