@@ -163,7 +163,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         start_qmp(
             &runtime,
             qmp_path,
-            Controller::new(role.clone()),
+            Controller::new(role.clone(), server.as_ref().map(Server::stats_handle)),
             events.clone(),
             stop.clone(),
         )?;

@@ -68,6 +68,7 @@ impl QueueStats {
 
 /// A copy of one queue's counters (see the module comment for what each counts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct QueueStatsSnapshot {
     /// Well-formed requests completed.
     pub requests: u64,
