@@ -70,10 +70,12 @@ fi
 # --- the mirror ---------------------------------------------------------------------------------
 mirror="${COLO_QEMU_MIRROR:-}"
 if [ -z "$mirror" ]; then
+    # shellcheck disable=SC1091
     codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
     [ -n "$codename" ] || die "cannot tell this system's release from /etc/os-release; set COLO_QEMU_MIRROR"
     # The main archive's entry for this release (not -security, not -updates), as apt sees it
     # (one-line and deb822 sources alike).
+    # shellcheck disable=SC2016 # apt expands $(...) in --format
     mirror="$(apt-get indextargets --format '$(RELEASE) $(REPO_URI)' 'Created-By: Packages' \
         2>/dev/null | awk -v r="$codename" '$1 == r {print $2; exit}' || true)"
     [ -n "$mirror" ] || die "no '$codename' entry in the system's apt sources to take the mirror from; set COLO_QEMU_MIRROR=URI"
