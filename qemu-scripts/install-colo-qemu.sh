@@ -142,17 +142,25 @@ if ! papt update -q >"$apt_dir/update.log" 2>&1; then
 fi
 
 # --- the dependency closure ---------------------------------------------------------------------
-# With an empty dpkg status, apt resolves everything the packages need, libc6 included.
-resolve() { papt install -qq --print-uris "$@" 2>"$apt_dir/resolve.log"; }
-if ! uris="$(resolve "${packages[@]}")"; then
+# With an empty dpkg status, apt resolves everything the packages need, libc6 included. The
+# simulation names every package, also those already in the cache (which --print-uris skips);
+# "Inst libc6 (2.41-12 Debian:13.x/stable [amd64]) []" is cached as libc6_2.41-12_amd64.deb (an
+# epoch's ':' as %3a).
+resolve() {
+    papt install -s "$@" 2>"$apt_dir/resolve.log" \
+        | awk '$1 == "Inst" { a = ""
+                              for (i = 4; i <= NF; i++) if ($i ~ /^\[[a-z0-9]+\]/) { a = $i; break }
+                              gsub(/[^a-z0-9]/, "", a); v = $3; sub(/^\(/, "", v)
+                              gsub(/:/, "%3a", v); print $2 "_" v "_" a ".deb" }'
+}
+debs_txt="$(resolve "${packages[@]}")" || true
+if [ -z "$debs_txt" ]; then
     log "cannot resolve ${packages[*]} (see $apt_dir/resolve.log); retrying without qemu-utils"
     packages=(qemu-system-x86)
-    uris="$(resolve "${packages[@]}")" || {
-        cat "$apt_dir/resolve.log" >&2
-        die "cannot resolve qemu-system-x86 from $suite"
-    }
+    debs_txt="$(resolve "${packages[@]}")" || true
+    [ -n "$debs_txt" ] || { cat "$apt_dir/resolve.log" >&2; die "cannot resolve qemu-system-x86 from $suite"; }
 fi
-mapfile -t debs < <(printf '%s\n' "$uris" | awk "NF >= 2 {gsub(/'/, \"\", \$2); print \$2}")
+mapfile -t debs <<<"$debs_txt"
 [ "${#debs[@]}" -gt 0 ] || die "apt resolved no packages for ${packages[*]}"
 printf '%s\n' "${debs[@]}" | grep -q '^qemu-system-x86_' || die "qemu-system-x86 is not in the resolved set"
 qver="$(printf '%s\n' "${debs[@]}" | sed -n 's/^qemu-system-x86_\([^_]*\)_.*/\1/p' | sed 's/%3a/:/')"
