@@ -201,8 +201,15 @@ asyncio.run(main(*sys.argv[1:4]))
 EOF2
         ;;
     stop)
+        # Each process was started in its own session (setsid): signal its process group, so
+        # an strace wrapper and its tracee go together. QEMU in COLO can ignore SIGTERM; after
+        # 5 s, SIGKILL.
         while read -r name p; do
-            if alive "$p"; then kill "$p" 2>/dev/null || true; log "stopped $name ($p)"; fi
+            if alive "$p"; then kill -TERM -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; log "stopping $name ($p)"; fi
+        done <"$dir/pids"
+        while read -r name p; do
+            for _ in $(seq 1 50); do alive "$p" || break; sleep 0.1; done
+            if alive "$p"; then kill -KILL -- "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null || true; log "killed $name ($p) with SIGKILL"; fi
         done <"$dir/pids"
         ;;
     esac
@@ -259,6 +266,17 @@ spawn() {
     setsid "$@" </dev/null >"$logf" 2>&1 &
     echo "$name $!" >>"$dir/pids"
 }
+# tracee NAME: under --strace, NAME's recorded pid is strace's; record colo-blk's own pid as
+# NAME (what failover kills: SIGKILL of strace would leave its tracee running) and strace's
+# as NAME-strace.
+tracee() {
+    [ "$strace" = 1 ] || return 0
+    local sp child
+    sp="$(sed -n "s/^$1 //p" "$dir/pids")"
+    child="$(pgrep -P "$sp" | head -n1)"
+    [ -n "$child" ] || die "no process under strace $sp"
+    sed -i "s/^$1 $sp\$/$1-strace $sp\n$1 $child/" "$dir/pids"
+}
 wait_for() {  # wait_for WHAT TEST...
     local what="$1" _
     shift
@@ -307,12 +325,14 @@ if [ "$disk" = 1 ]; then
         --image "$dir/secondary.img" --size "$size" --listen "127.0.0.1:$port" \
         --layer-dir "$dir/layers" --socket "$dir/svm.sock" --num-queues "$smp" --qmp "$dir/secondary.qmp"
     wait_for "the secondary backend" test -S "$dir/svm.sock"
+    tracee secondary
     t=()
     [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/primary.strace")
     spawn primary "$dir/primary.log" ${t[@]+"${t[@]}"} "$bin" --role primary \
         --image "$dir/primary.img" --size "$size" --peer "127.0.0.1:$port" \
         --socket "$dir/pvm.sock" --num-queues "$smp" --qmp "$dir/primary.qmp"
     wait_for "the primary backend" test -S "$dir/pvm.sock"
+    tracee primary
     log "backends up: secondary $dir/secondary.qmp, primary $dir/primary.qmp"
 fi
 
