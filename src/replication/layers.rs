@@ -307,31 +307,14 @@ impl LayeredDisk {
         Ok(disk)
     }
 
-    /// [`LayeredDisk::new`] with [`DEFAULT_CLUSTER_SIZE`].
-    pub fn with_default_cluster_size(
-        base: Arc<dyn BlockDevice>,
-        dir: impl AsRef<Path>,
-    ) -> io::Result<Self> {
-        Self::new(base, dir, DEFAULT_CLUSTER_SIZE)
-    }
-
-    /// The secondary disk under the layers.
-    pub fn base(&self) -> &Arc<dyn BlockDevice> {
-        &self.base
-    }
-
-    /// Directory holding the layer files.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.cluster_size
     }
 
     /// Whether `failover()` has been called (the primary stream is refused from then on).
-    pub fn is_failed_over(&self) -> bool {
+    #[cfg(test)]
+    fn is_failed_over(&self) -> bool {
         !matches!(self.read_state().stage, Stage::Buffering(_))
     }
 
@@ -1298,7 +1281,7 @@ mod tests {
             let err = LayeredDisk::new(base.clone(), tmp.path().join("l"), cs).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{cs}");
         }
-        let ld = LayeredDisk::with_default_cluster_size(base, tmp.path().join("l")).unwrap();
+        let ld = LayeredDisk::new(base, tmp.path().join("l"), DEFAULT_CLUSTER_SIZE).unwrap();
         assert_eq!(ld.cluster_size(), DEFAULT_CLUSTER_SIZE);
     }
 

@@ -13,7 +13,7 @@
 
 use bytes::Bytes;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::storage::Change;
 
@@ -405,15 +405,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Protoc
     Frame::from_parts(header, payload)
 }
 
-/// Writes one frame (not flushed).
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), ProtocolError> {
-    w.write_all(&f.encode()).await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncWrite, AsyncWriteExt};
 
     fn samples() -> Vec<Frame> {
         vec![
@@ -495,6 +490,10 @@ mod tests {
             Frame::parse_header(&h),
             Err(ProtocolError::PayloadTooLarge(_))
         ));
+    }
+
+    async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
+        w.write_all(&f.encode()).await
     }
 
     #[tokio::test]

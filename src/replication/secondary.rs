@@ -119,11 +119,6 @@ impl Secondary {
         }
     }
 
-    /// The disk the Secondary VM (if any) is served from.
-    pub fn disk(&self) -> Arc<LayeredDisk> {
-        self.disk.clone()
-    }
-
     /// Binds the listening socket (so that errors show at start-up).
     pub async fn bind(&self) -> io::Result<TcpListener> {
         let l = TcpListener::bind(&self.opts.listen).await?;
