@@ -507,8 +507,8 @@ mod tests {
                 },
             ]
         );
-        // The snapshot serialises as a flat object, ready for a QMP reply.
+        // The snapshot serialises as a flat kebab-case object, ready for a QMP reply.
         let json = serde_json::to_value(q[1]).unwrap();
-        assert_eq!(json["bytes_written"], 2048);
+        assert_eq!(json["bytes-written"], 2048);
     }
 }
