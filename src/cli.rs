@@ -127,6 +127,31 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size, help_heading = "Primary")]
     pub dirty_granularity: u64,
 
+    /// primary: persistent dirty log, so that a restarted primary resyncs what it may have
+    /// written since the last checkpoint [default: IMAGE.colo-dirty]
+    #[arg(long, value_name = "PATH", help_heading = "Primary")]
+    pub dirty_log: Option<PathBuf>,
+
+    /// primary: keep no persistent dirty log (after a primary restart every secondary then
+    /// needs a full sync)
+    #[arg(long, help_heading = "Primary")]
+    pub no_dirty_log: bool,
+
+    /// primary: extent size of the persistent dirty log (one bit, one sync at the first write
+    /// to an extent since it was last cleared)
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size, help_heading = "Primary")]
+    pub dirty_log_extent: u64,
+
+    /// secondary: allow a full sync over this disk when its generations show it is new,
+    /// unrelated or stale (otherwise such a primary is refused). Never applies to a split brain
+    #[arg(long, help_heading = "Secondary")]
+    pub allow_full_sync: bool,
+
+    /// primary and secondary: replication metadata file (disk id, generations, last
+    /// checkpoint, role) [default: IMAGE.colo-meta]
+    #[arg(long, value_name = "PATH")]
+    pub meta: Option<PathBuf>,
+
     /// secondary: address to accept the primary's stream on
     #[arg(long, value_name = "ADDR:PORT", help_heading = "Secondary")]
     pub listen: Option<String>,
@@ -228,6 +253,23 @@ impl Cli {
         }
         if self.role != RoleArg::Secondary && (self.listen.is_some() || self.layer_dir.is_some()) {
             return Err("--listen and --layer-dir only apply to --role secondary".into());
+        }
+        if self.role != RoleArg::Primary
+            && (self.dirty_log.is_some() || self.no_dirty_log)
+        {
+            return Err("--dirty-log and --no-dirty-log only apply to --role primary".into());
+        }
+        if self.dirty_log.is_some() && self.no_dirty_log {
+            return Err("--dirty-log and --no-dirty-log exclude each other".into());
+        }
+        if !self.dirty_log_extent.is_power_of_two() || self.dirty_log_extent < (64 << 10) {
+            return Err("--dirty-log-extent must be a power of two of at least 64K".into());
+        }
+        if self.role != RoleArg::Secondary && self.allow_full_sync {
+            return Err("--allow-full-sync only applies to --role secondary".into());
+        }
+        if self.role == RoleArg::Standalone && self.meta.is_some() {
+            return Err("--meta only applies to --role primary and --role secondary".into());
         }
         if self.role != RoleArg::Standalone && self.read_only {
             return Err("--read-only only applies to --role standalone".into());

@@ -58,6 +58,7 @@ const PRIMARY: &[&str] = &[
     "replication-checkpoint",
     "replication-stop",
     "replication-start",
+    "replication-verify",
 ];
 const SECONDARY: &[&str] = &["replication-do-checkpoint", "replication-failover"];
 
@@ -126,14 +127,24 @@ impl CommandHandler for Controller {
                 p.start(opt_bool(args, "full")?.unwrap_or(false));
                 Ok(json!({}))
             }
+            ("replication-verify", Role::Primary(p)) => {
+                only(args, &[])?;
+                let ranges = p.verify().map_err(generic)?;
+                Ok(json!({"ranges": ranges}))
+            }
             ("replication-do-checkpoint", Role::Secondary(s)) => {
                 only(args, &[])?;
                 let epoch = s.do_checkpoint().map_err(generic)?;
                 Ok(json!({"epoch": epoch}))
             }
             ("replication-failover", Role::Secondary(s)) => {
-                only(args, &[])?;
-                to_value(s.failover().map_err(generic)?)
+                only(args, &["force"])?;
+                let report = if opt_bool(args, "force")?.unwrap_or(false) {
+                    s.force_failover()
+                } else {
+                    s.failover()
+                };
+                to_value(report.map_err(generic)?)
             }
             (n, _) if PRIMARY.contains(&n) || SECONDARY.contains(&n) => Err(QmpError::Generic(
                 format!("{n} is not available in this role"),

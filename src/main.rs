@@ -13,7 +13,9 @@ use signal_hook::iterator::Signals;
 use colo_blk::cli::{Cli, RoleArg};
 use colo_blk::control::{Controller, Role};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
+use colo_blk::replication::DirtyLog;
 use colo_blk::replication::layers::LayeredDisk;
+use colo_blk::replication::metadata::{self, MetaStore};
 use colo_blk::replication::primary::{Primary, PrimaryOptions, ReplicatedDisk};
 use colo_blk::replication::secondary::{Secondary, SecondaryOptions};
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
@@ -48,6 +50,8 @@ fn stop_server(control: &ServerControl, socket: &std::path::Path) {
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    // An image colo-blk creates now is all zeros: its metadata says so (see metadata.rs).
+    let created = cli.size.is_some() && !cli.image.exists();
     let image = RawImage::open(&RawImageOptions {
         path: cli.image.clone(),
         read_only: cli.read_only,
@@ -72,13 +76,46 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let heartbeat = Duration::from_millis(cli.heartbeat_ms);
     let peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
 
+    // The replication metadata beside the image (both COLO roles).
+    let meta = match cli.role {
+        RoleArg::Standalone => None,
+        _ => {
+            let path = cli
+                .meta
+                .clone()
+                .unwrap_or_else(|| metadata::default_path(&cli.image, ".colo-meta"));
+            let m = MetaStore::open(&path, image.capacity(), created)?;
+            info!("replication metadata {}", path.display());
+            Some(Arc::new(m))
+        }
+    };
+
     // The secondary's bound replication address (for the ready line).
     let mut listen = None;
     // The disk the guest (or the Secondary VM) sees, and the role object behind it.
     let (disk, role): (Arc<dyn BlockDevice>, Role) = match cli.role {
         RoleArg::Standalone => (image.clone(), Role::Standalone),
         RoleArg::Primary => {
-            let primary = Primary::new(
+            let meta = meta.clone().ok_or("no metadata")?;
+            let log = if cli.no_dirty_log {
+                None
+            } else {
+                let path = cli
+                    .dirty_log
+                    .clone()
+                    .unwrap_or_else(|| metadata::default_path(&cli.image, ".colo-dirty"));
+                // A disk with a history but no log: everything counts as dirty.
+                let history = !created && meta.gens().current != 0;
+                let opened =
+                    DirtyLog::open(&path, image.capacity(), cli.dirty_log_extent, history)?;
+                info!(
+                    "dirty log {} ({} extents recorded dirty)",
+                    path.display(),
+                    opened.1.len()
+                );
+                Some(opened)
+            };
+            let primary = Primary::open(
                 image.clone(),
                 PrimaryOptions {
                     peer: cli.peer.clone().unwrap_or_default(),
@@ -91,7 +128,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     block_size: cli.logical_block_size,
                 },
                 events.clone(),
-            );
+                meta,
+                log,
+            )?;
             runtime.spawn(primary.clone().run_link());
             (
                 Arc::new(ReplicatedDisk::new(primary.clone())),
@@ -102,13 +141,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let dir = cli.layer_dir.clone().unwrap_or_default();
             std::fs::create_dir_all(&dir)?;
             let layered = Arc::new(LayeredDisk::new(image.clone(), &dir, cli.cluster_size)?);
-            let secondary = Secondary::new(
+            let secondary = Secondary::new_durable(
                 layered.clone(),
+                Some(image.clone()),
+                meta.clone().ok_or("no metadata")?,
                 SecondaryOptions {
                     listen: cli.listen.clone().unwrap_or_default(),
                     heartbeat_interval: heartbeat,
                     peer_timeout,
                     block_size: cli.logical_block_size,
+                    allow_full_sync: cli.allow_full_sync,
                 },
                 events.clone(),
             );

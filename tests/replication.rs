@@ -393,6 +393,8 @@ fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
             block_size: 512,
             epoch: 0,
             sync: false,
+            // What a primary on an image colo-blk has just created announces.
+            gens: colo_blk::replication::metadata::Generations::fresh_primary(),
         });
         t.write_all(&hello.encode()).unwrap();
         let mut h = [0u8; HEADER_LEN];

@@ -1,7 +1,21 @@
-//! A dirty bitmap: which chunks of the disk changed since the last completed checkpoint.
+//! Dirty tracking on the primary.
 //!
-//! The primary keeps one whether or not a secondary is connected, so that after the link
-//! breaks, a (new) secondary can be brought back in sync by sending only these chunks.
+//! - [`DirtyBitmap`]: in memory, fine-grained: which chunks changed since the last completed
+//!   checkpoint. The primary keeps one whether or not a secondary is connected, so that after
+//!   the link breaks, a (new) secondary can be brought back in sync by sending only these chunks.
+//! - [`DirtyLog`]: on disk, coarse (`--dirty-log-extent`, 4 MiB): a superset of the extents
+//!   that may differ from the secondary's last checkpoint, so that a restarted primary knows what
+//!   to resync. An extent's bit is set and synced *before* the first change touching it since
+//!   the bit was last cleared proceeds (concurrent writers share one sync); bits are cleared
+//!   lazily after checkpoints, only for extents untouched for a whole epoch.
+//!
+//! ```text
+//!  submit(change) ─► log.record(range)  extent bit already on disk? ─ yes ─► go on (no I/O)
+//!                                         └ no: set in memory, pwrite bitmap + fdatasync
+//!                                           (one sync covers every writer waiting meanwhile)
+//!  checkpoint marker ─► log.epoch_boundary()      touched(prev) := touched(cur), cur := ∅
+//!  checkpoint done   ─► log.checkpoint_done()     clear on_disk ∖ (prev ∪ cur ∪ in flight)
+//! ```
 
 /// One bit per `granularity` bytes of disk.
 #[derive(Debug, Clone)]
@@ -90,6 +104,318 @@ impl DirtyBitmap {
     }
 }
 
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+const LOG_MAGIC: &[u8; 8] = b"COLODLOG";
+const LOG_VERSION: u32 = 1;
+/// The bits start here (the header fills the first block).
+const LOG_HEADER: u64 = 4096;
+
+/// A plain bit set over extents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: u64) -> Bits {
+        Bits(vec![0; n.div_ceil(64) as usize])
+    }
+    fn get(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+    fn set(&mut self, i: u64) {
+        self.0[(i / 64) as usize] |= 1 << (i % 64);
+    }
+    fn clear(&mut self, i: u64) {
+        self.0[(i / 64) as usize] &= !(1 << (i % 64));
+    }
+    fn ones(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, &word)| {
+            (0..64u64)
+                .filter(move |b| word & (1 << b) != 0)
+                .map(move |b| w as u64 * 64 + b)
+        })
+    }
+    fn to_bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+}
+
+#[derive(Debug)]
+struct LogState {
+    /// What the file says (or will say once the pending sync is done).
+    on_disk: Bits,
+    /// Extents touched since the last checkpoint marker, and in the epoch before it.
+    cur: Bits,
+    prev: Bits,
+    /// Changes registered per extent whose local write has not finished.
+    in_flight: Vec<u32>,
+    /// Bumped on every change of `on_disk`.
+    generation: u64,
+    /// A sync failed: the record can no longer be trusted, changes fail.
+    broken: Option<String>,
+}
+
+/// The primary's persistent dirty record (see the module comment).
+#[derive(Debug)]
+pub struct DirtyLog {
+    file: Option<File>,
+    path: PathBuf,
+    extent: u64,
+    capacity: u64,
+    extents: u64,
+    st: Mutex<LogState>,
+    /// The generation of `on_disk` known durable; held across the write + sync.
+    durable: Mutex<u64>,
+}
+
+/// Held while a recorded change is applied; dropping it counts the change as finished.
+#[must_use]
+#[derive(Debug)]
+pub struct LogGuard<'a> {
+    log: &'a DirtyLog,
+    first: u64,
+    last: u64,
+}
+
+impl Drop for LogGuard<'_> {
+    fn drop(&mut self) {
+        if self.first > self.last {
+            return;
+        }
+        let mut st = self.log.lock();
+        for e in self.first..=self.last {
+            st.in_flight[e as usize] -= 1;
+            st.cur.set(e);
+        }
+    }
+}
+
+impl DirtyLog {
+    /// Opens (creating when missing) the log of a disk of `capacity` bytes. Returns it with the
+    /// byte ranges it records as dirty. A log that is missing while `expect_existing` (the disk
+    /// has replication history), or whose geometry differs, makes the whole disk dirty.
+    pub fn open(
+        path: &Path,
+        capacity: u64,
+        extent: u64,
+        expect_existing: bool,
+    ) -> io::Result<(DirtyLog, Vec<(u64, u64)>)> {
+        let extents = capacity.div_ceil(extent).max(1);
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let mut raw = Vec::new();
+        (&file).read_to_end(&mut raw)?;
+        let header = Self::header(capacity, extent);
+        let mut bits = Bits::new(extents);
+        let mut all = false;
+        if existed && raw.len() >= LOG_HEADER as usize && raw[..header.len()] == header[..] {
+            let body = &raw[LOG_HEADER as usize..];
+            for (i, w) in bits.0.iter_mut().enumerate() {
+                let mut b = [0u8; 8];
+                if let Some(src) = body.get(i * 8..i * 8 + 8) {
+                    b.copy_from_slice(src);
+                }
+                *w = u64::from_le_bytes(b);
+            }
+            // Bits past the end of the disk are not extents.
+            for e in extents..bits.0.len() as u64 * 64 {
+                bits.clear(e);
+            }
+        } else if existed && !raw.is_empty() {
+            log::warn!(
+                "{}: dirty log of another geometry or damaged: the whole disk counts as dirty",
+                path.display()
+            );
+            all = true;
+        } else if expect_existing {
+            log::warn!(
+                "{}: no dirty log for a disk with replication history: the whole disk counts                  as dirty",
+                path.display()
+            );
+            all = true;
+        }
+        if all {
+            for e in 0..extents {
+                bits.set(e);
+            }
+        }
+        let log = DirtyLog {
+            file: Some(file),
+            path: path.to_path_buf(),
+            extent,
+            capacity,
+            extents,
+            st: Mutex::new(LogState {
+                on_disk: bits.clone(),
+                cur: bits.clone(),
+                prev: Bits::new(extents),
+                in_flight: vec![0; extents as usize],
+                generation: 1,
+                broken: None,
+            }),
+            durable: Mutex::new(0),
+        };
+        // Write the header and the bits as they are now, durably, before any change.
+        if let Some(f) = &log.file {
+            f.write_all_at(&header, 0)?;
+        }
+        log.sync_to(1)?;
+        if !existed {
+            if let Some(dir) = path.parent() {
+                super::metadata::sync_dir(dir);
+            }
+        }
+        let ranges = bits
+            .ones()
+            .map(|e| (e * extent, extent.min(capacity - e * extent)))
+            .collect();
+        Ok((log, ranges))
+    }
+
+    fn header(capacity: u64, extent: u64) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(LOG_MAGIC);
+        h.extend_from_slice(&LOG_VERSION.to_le_bytes());
+        h.extend_from_slice(&extent.to_le_bytes());
+        h.extend_from_slice(&capacity.to_le_bytes());
+        let crc = crc32c::crc32c(&h);
+        h.extend_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn extent(&self) -> u64 {
+        self.extent
+    }
+
+    fn span(&self, offset: u64, len: u64) -> (u64, u64) {
+        if len == 0 || offset >= self.capacity {
+            return (1, 0);
+        }
+        let end = offset.saturating_add(len).min(self.capacity);
+        (offset / self.extent, (end - 1) / self.extent)
+    }
+
+    /// Records that `[offset, offset+len)` is about to change: returns once every extent it
+    /// touches is durably marked. Cheap when they already are (no I/O).
+    pub fn record(&self, offset: u64, len: u64) -> io::Result<LogGuard<'_>> {
+        let (first, last) = self.span(offset, len);
+        let need = {
+            let mut st = self.lock();
+            if let Some(e) = &st.broken {
+                return Err(io::Error::other(format!("dirty log: {e}")));
+            }
+            let mut need = false;
+            for e in first..=last {
+                st.cur.set(e);
+                st.in_flight[e as usize] += 1;
+                if !st.on_disk.get(e) {
+                    st.on_disk.set(e);
+                    need = true;
+                }
+            }
+            if need {
+                st.generation += 1;
+            }
+            need.then_some(st.generation)
+        };
+        let guard = LogGuard {
+            log: self,
+            first,
+            last,
+        };
+        if let Some(g) = need {
+            self.sync_to(g)?;
+        }
+        Ok(guard)
+    }
+
+    /// Makes generation `g` of the bits durable (or a later one). Whoever holds `durable`
+    /// writes the newest bits for everyone waiting (group commit).
+    fn sync_to(&self, g: u64) -> io::Result<()> {
+        let mut durable = self.durable.lock().unwrap_or_else(|e| e.into_inner());
+        if *durable >= g {
+            return Ok(());
+        }
+        let (gen, bytes) = {
+            let st = self.lock();
+            (st.generation, st.on_disk.to_bytes())
+        };
+        let r = match &self.file {
+            Some(f) => f.write_all_at(&bytes, LOG_HEADER).and_then(|()| f.sync_data()),
+            None => Ok(()),
+        };
+        match r {
+            Ok(()) => {
+                *durable = gen;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("{}: {e}", self.path.display());
+                self.lock().broken = Some(msg.clone());
+                Err(io::Error::new(e.kind(), msg))
+            }
+        }
+    }
+
+    /// A checkpoint marker was queued: the changes from now on belong to the next epoch.
+    pub fn epoch_boundary(&self) {
+        let mut st = self.lock();
+        let cur = std::mem::replace(&mut st.cur, Bits::new(self.extents));
+        st.prev = cur;
+    }
+
+    /// A checkpoint completed (and was recorded in the metadata): clears the extents nobody
+    /// touched in this epoch or the one before and no change is still applying to. Writers of
+    /// other extents never wait for this.
+    pub fn checkpoint_done(&self) -> io::Result<()> {
+        let g = {
+            let mut st = self.lock();
+            let clear: Vec<u64> = st
+                .on_disk
+                .ones()
+                .filter(|&e| !st.cur.get(e) && !st.prev.get(e) && st.in_flight[e as usize] == 0)
+                .collect();
+            if clear.is_empty() {
+                return Ok(());
+            }
+            for e in clear {
+                st.on_disk.clear(e);
+            }
+            st.generation += 1;
+            st.generation
+        };
+        self.sync_to(g)
+    }
+
+    /// Extents recorded on disk (tests and status).
+    pub fn recorded_bytes(&self) -> u64 {
+        let st = self.lock();
+        st.on_disk
+            .ones()
+            .map(|e| self.extent.min(self.capacity - e * self.extent))
+            .sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +437,44 @@ mod tests {
         d.mark(8192, 1);
         d.merge(&taken);
         assert_eq!(d.count(), 4);
+    }
+
+    #[test]
+    fn dirty_log_records_before_writes_and_clears_lazily() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.colo-dirty");
+        let cap = 10 * 4096 + 100;
+        let (log, ranges) = DirtyLog::open(&path, cap, 4096, false).unwrap();
+        assert!(ranges.is_empty());
+        drop(log.record(5000, 4096).unwrap()); // extents 1 and 2
+        let g = log.record(10 * 4096, 50).unwrap(); // extent 10 (short), still applying
+        assert_eq!(log.recorded_bytes(), 2 * 4096 + 100);
+        // Reopened as after a crash: the same extents.
+        let (_again, ranges) = DirtyLog::open(&path, cap, 4096, true).unwrap();
+        assert_eq!(ranges, vec![(4096, 4096), (8192, 4096), (40960, 100)]);
+        // Checkpoint 1: everything was touched in this epoch, nothing is cleared.
+        log.epoch_boundary();
+        log.checkpoint_done().unwrap();
+        assert_eq!(log.recorded_bytes(), 2 * 4096 + 100);
+        // Checkpoint 2 with extent 1 touched again: 2 is cleared, 10 is still applying.
+        drop(log.record(4096, 1).unwrap());
+        log.epoch_boundary();
+        log.checkpoint_done().unwrap();
+        log.epoch_boundary();
+        log.checkpoint_done().unwrap();
+        assert_eq!(log.recorded_bytes(), 100);
+        drop(g);
+        log.epoch_boundary();
+        log.checkpoint_done().unwrap();
+        log.epoch_boundary();
+        log.checkpoint_done().unwrap();
+        assert_eq!(log.recorded_bytes(), 0);
+        let (_again, ranges) = DirtyLog::open(&path, cap, 4096, true).unwrap();
+        assert!(ranges.is_empty());
+        // Another geometry, or a missing log for a disk with history: all dirty.
+        let (_l, ranges) = DirtyLog::open(&path, cap, 8192, true).unwrap();
+        assert_eq!(ranges.len(), 6);
+        let (_l, ranges) = DirtyLog::open(&dir.path().join("x"), cap, 4096, true).unwrap();
+        assert_eq!(ranges.len(), 11);
     }
 }

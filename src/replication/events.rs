@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use super::metadata::MetaStatus;
 use crate::qmp::QmpEvent;
 
 /// Which side of the pair speaks.
@@ -57,6 +58,33 @@ pub struct Error {
     pub error: String,
 }
 
+/// `REPLICATION_SYNC_DECISION`: what a connecting pair decided from its generations, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncDecision {
+    pub role: Side,
+    pub peer: String,
+    /// `incremental`, `full-sync`, `split-brain`, `full-sync-needed`, `inconsistent`,
+    /// `same-disk` (the last four are refusals).
+    pub decision: String,
+    pub reason: String,
+}
+
+/// `REPLICATION_VERIFY_DONE`: an online verify ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerifyDone {
+    pub role: Side,
+    pub ranges: u64,
+    pub mismatches: u64,
+    /// False when the link broke before every range was compared.
+    pub complete: bool,
+}
+
+impl QmpEvent for SyncDecision {
+    const NAME: &'static str = "REPLICATION_SYNC_DECISION";
+}
+impl QmpEvent for VerifyDone {
+    const NAME: &'static str = "REPLICATION_VERIFY_DONE";
+}
 impl QmpEvent for PeerConnected {
     const NAME: &'static str = "REPLICATION_PEER_CONNECTED";
 }
@@ -111,7 +139,25 @@ pub struct PrimaryStatus {
     pub resync_remaining_bytes: u64,
     pub dirty_bytes: u64,
     pub dirty_granularity: u64,
+    /// Bytes the persistent dirty log records (`null` without one).
+    pub dirty_log_bytes: Option<u64>,
+    /// The last (or running) `replication-verify`.
+    pub verify: Option<VerifyStatus>,
+    /// The disk's replication metadata.
+    pub metadata: MetaStatus,
     pub last_error: Option<String>,
+}
+
+/// Progress of `replication-verify`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VerifyStatus {
+    /// `running`, `done` or `aborted`.
+    pub state: &'static str,
+    pub ranges_total: u64,
+    pub ranges_sent: u64,
+    pub ranges_compared: u64,
+    pub mismatches: u64,
 }
 
 /// `query-replication` on a secondary.
@@ -130,6 +176,11 @@ pub struct SecondaryStatus {
     pub hidden_bytes: u64,
     pub active_bytes: u64,
     pub cluster_size: u64,
+    /// `consistent`, or `inconsistent` while a full sync has not reached a checkpoint (such a
+    /// disk holds no checkpoint: failover refuses it unless forced).
+    pub consistency: &'static str,
+    /// The disk's replication metadata.
+    pub metadata: MetaStatus,
     pub last_error: Option<String>,
 }
 

@@ -154,6 +154,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replication::metadata::Generations;
     use tokio::io::split;
 
     fn timing() -> Timing {
@@ -170,6 +171,7 @@ mod tests {
             block_size: 512,
             epoch: 0,
             sync: false,
+            gens: Generations::fresh_primary(),
         }
     }
 
@@ -185,6 +187,9 @@ mod tests {
                 version: h.version,
                 disk_size: h.disk_size,
                 block_size: h.block_size,
+                gens: Generations::default(),
+                decision: 1,
+                allow_full: false,
             }))
             .unwrap();
             tx.send(Frame::Ack { seq: 9 }).unwrap();

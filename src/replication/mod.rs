@@ -9,6 +9,7 @@
 //! - [`events`]: the QMP events and status answers both roles produce.
 
 pub(crate) mod dirty;
+pub mod metadata;
 pub mod events;
 pub mod layers;
 pub mod link;
@@ -16,3 +17,5 @@ pub(crate) mod ordering;
 pub mod primary;
 pub mod protocol;
 pub mod secondary;
+
+pub use dirty::{DirtyLog, LogGuard};

@@ -15,12 +15,13 @@ use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::metadata::{Generations, GENERATIONS_LEN};
 use crate::storage::Change;
 
 /// "COLO" as the first four bytes on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"COLO");
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 40;
 /// Largest payload accepted. Larger guest writes are split into several frames.
@@ -28,6 +29,12 @@ pub const MAX_PAYLOAD: usize = 4 << 20;
 
 const FLAG_UNMAP: u8 = 1;
 const FLAG_SYNC: u32 = 1;
+const FLAG_MATCH: u8 = 1;
+const FLAG_ALLOW_FULL: u32 = 1;
+/// HELLO payload size.
+pub const HELLO_LEN: usize = 28 + GENERATIONS_LEN;
+/// WELCOME payload size.
+pub const WELCOME_LEN: usize = 24 + GENERATIONS_LEN;
 
 /// Errors on the replication link.
 #[derive(Debug, Error)]
@@ -72,6 +79,8 @@ pub struct Hello {
     pub epoch: u64,
     /// Writes complete only when the secondary has applied them.
     pub sync: bool,
+    /// The primary disk's replication metadata.
+    pub gens: Generations,
 }
 
 /// The secondary's answer to a [`Hello`] it accepts.
@@ -80,6 +89,12 @@ pub struct Welcome {
     pub version: u32,
     pub disk_size: u64,
     pub block_size: u32,
+    /// The secondary disk's replication metadata (after it recorded the primary as source).
+    pub gens: Generations,
+    /// The secondary's decision: 1 incremental, 2 full sync (see `metadata::decide`).
+    pub decision: u32,
+    /// The secondary's operator allowed a full sync (`--allow-full-sync`).
+    pub allow_full: bool,
 }
 
 /// One frame on the link.
@@ -97,6 +112,21 @@ pub enum Frame {
     Checkpoint {
         seq: u64,
         epoch: u64,
+    },
+    /// Online verify: the crc32c of the primary's `[offset, offset+len)` at this point of the
+    /// stream; the secondary compares its own disk.
+    Verify {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        crc: u32,
+    },
+    /// Secondary → primary: the result of the VERIFY frame `seq`.
+    VerifyResult {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        matches: bool,
     },
     /// Secondary → primary: every frame up to and including `seq` is applied.
     Ack {
@@ -118,6 +148,8 @@ const T_CHECKPOINT: u8 = 7;
 const T_ACK: u8 = 8;
 const T_HEARTBEAT: u8 = 9;
 const T_ERROR: u8 = 10;
+const T_VERIFY: u8 = 11;
+const T_VERIFY_RESULT: u8 = 12;
 
 impl Frame {
     /// The frame's name, for messages.
@@ -128,6 +160,8 @@ impl Frame {
             Frame::Change { change, .. } => change.kind(),
             Frame::Checkpoint { .. } => "CHECKPOINT",
             Frame::Ack { .. } => "ACK",
+            Frame::Verify { .. } => "VERIFY",
+            Frame::VerifyResult { .. } => "VERIFY_RESULT",
             Frame::Heartbeat => "HEARTBEAT",
             Frame::Error { .. } => "ERROR",
         }
@@ -136,7 +170,11 @@ impl Frame {
     /// Sequence number of a stream frame (0 for control frames).
     pub fn seq(&self) -> u64 {
         match self {
-            Frame::Change { seq, .. } | Frame::Checkpoint { seq, .. } | Frame::Ack { seq } => *seq,
+            Frame::Change { seq, .. }
+            | Frame::Checkpoint { seq, .. }
+            | Frame::Ack { seq }
+            | Frame::Verify { seq, .. }
+            | Frame::VerifyResult { seq, .. } => *seq,
             _ => 0,
         }
     }
@@ -162,12 +200,17 @@ impl Frame {
                 hello_buf.extend_from_slice(&h.disk_size.to_le_bytes());
                 hello_buf.extend_from_slice(&h.epoch.to_le_bytes());
                 hello_buf.extend_from_slice(&(if h.sync { FLAG_SYNC } else { 0 }).to_le_bytes());
+                h.gens.encode_into(&mut hello_buf);
                 (T_HELLO, 0, 0, 0, 0, &hello_buf)
             }
             Frame::Welcome(w) => {
                 hello_buf.extend_from_slice(&w.version.to_le_bytes());
                 hello_buf.extend_from_slice(&w.block_size.to_le_bytes());
                 hello_buf.extend_from_slice(&w.disk_size.to_le_bytes());
+                hello_buf.extend_from_slice(&w.decision.to_le_bytes());
+                let flags = if w.allow_full { FLAG_ALLOW_FULL } else { 0 };
+                hello_buf.extend_from_slice(&flags.to_le_bytes());
+                w.gens.encode_into(&mut hello_buf);
                 (T_WELCOME, 0, 0, 0, 0, &hello_buf)
             }
             Frame::Change { seq, change } => match change {
@@ -187,6 +230,28 @@ impl Frame {
             },
             Frame::Checkpoint { seq, epoch } => (T_CHECKPOINT, 0, *seq, 0, *epoch, &[]),
             Frame::Ack { seq } => (T_ACK, 0, *seq, 0, 0, &[]),
+            Frame::Verify {
+                seq,
+                offset,
+                len,
+                crc,
+            } => {
+                hello_buf.extend_from_slice(&crc.to_le_bytes());
+                (T_VERIFY, 0, *seq, *offset, *len, &hello_buf)
+            }
+            Frame::VerifyResult {
+                seq,
+                offset,
+                len,
+                matches,
+            } => (
+                T_VERIFY_RESULT,
+                if *matches { FLAG_MATCH } else { 0 },
+                *seq,
+                *offset,
+                *len,
+                &[],
+            ),
             Frame::Heartbeat => (T_HEARTBEAT, 0, 0, 0, 0, &[]),
             Frame::Error { message } => (T_ERROR, 0, 0, 0, 0, message.as_bytes()),
         };
@@ -268,31 +333,43 @@ impl Frame {
         };
         Ok(match h.ty {
             T_HELLO => {
-                if payload.len() != 28 {
+                if payload.len() != HELLO_LEN {
                     return Err(ProtocolError::Malformed {
                         kind: "HELLO",
-                        why: "payload is not 28 bytes",
+                        why: "payload is not 112 bytes",
                     });
                 }
+                let gens = Generations::decode(&payload[28..]).ok_or(ProtocolError::Malformed {
+                    kind: "HELLO",
+                    why: "bad generations",
+                })?;
                 Frame::Hello(Hello {
                     version: le32(0),
                     block_size: le32(4),
                     disk_size: le64(8),
                     epoch: le64(16),
                     sync: le32(24) & FLAG_SYNC != 0,
+                    gens,
                 })
             }
             T_WELCOME => {
-                if payload.len() != 16 {
+                if payload.len() != WELCOME_LEN {
                     return Err(ProtocolError::Malformed {
                         kind: "WELCOME",
-                        why: "payload is not 16 bytes",
+                        why: "payload is not 108 bytes",
                     });
                 }
+                let gens = Generations::decode(&payload[24..]).ok_or(ProtocolError::Malformed {
+                    kind: "WELCOME",
+                    why: "bad generations",
+                })?;
                 Frame::Welcome(Welcome {
                     version: le32(0),
                     block_size: le32(4),
                     disk_size: le64(8),
+                    decision: le32(16),
+                    allow_full: le32(20) & FLAG_ALLOW_FULL != 0,
+                    gens,
                 })
             }
             T_WRITE => {
@@ -348,6 +425,29 @@ impl Frame {
             T_ACK => {
                 no_payload("ACK")?;
                 Frame::Ack { seq: h.seq }
+            }
+            T_VERIFY => {
+                if payload.len() != 4 || h.length == 0 || h.length > MAX_PAYLOAD as u64 {
+                    return Err(ProtocolError::Malformed {
+                        kind: "VERIFY",
+                        why: "payload is not 4 bytes or bad length",
+                    });
+                }
+                Frame::Verify {
+                    seq: h.seq,
+                    offset: h.offset,
+                    len: h.length,
+                    crc: le32(0),
+                }
+            }
+            T_VERIFY_RESULT => {
+                no_payload("VERIFY_RESULT")?;
+                Frame::VerifyResult {
+                    seq: h.seq,
+                    offset: h.offset,
+                    len: h.length,
+                    matches: h.flags & FLAG_MATCH != 0,
+                }
             }
             T_HEARTBEAT => {
                 no_payload("HEARTBEAT")?;
@@ -410,6 +510,18 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+    fn gens() -> Generations {
+        Generations {
+            disk_id: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+            current: 3,
+            bitmap: 2,
+            history: [2, 1, 0, 0],
+            source: 0,
+            epoch: 7,
+            flags: 0,
+        }
+    }
+
     fn samples() -> Vec<Frame> {
         vec![
             Frame::Hello(Hello {
@@ -418,12 +530,28 @@ mod tests {
                 block_size: 512,
                 epoch: 7,
                 sync: true,
+                gens: gens(),
             }),
             Frame::Welcome(Welcome {
                 version: VERSION,
                 disk_size: 1 << 30,
                 block_size: 512,
+                gens: Generations { flags: 1, ..gens() },
+                decision: 2,
+                allow_full: true,
             }),
+            Frame::Verify {
+                seq: 6,
+                offset: 1 << 20,
+                len: 1 << 20,
+                crc: 0xdead_beef,
+            },
+            Frame::VerifyResult {
+                seq: 6,
+                offset: 1 << 20,
+                len: 1 << 20,
+                matches: false,
+            },
             Frame::write(1, 4096, vec![0xab; 1000]),
             Frame::Change {
                 seq: 2,

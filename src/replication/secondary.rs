@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use super::events::{self, FailoverReport, SecondaryStatus, Side};
 use super::layers::LayeredDisk;
 use super::link::{self, Stream, Timing};
+use super::metadata::{decide, Decision, MetaStore};
 use super::protocol::{Frame, Hello, ProtocolError, Welcome, VERSION};
 use crate::qmp::EventSender;
 use crate::storage::BlockDevice;
@@ -32,6 +33,8 @@ pub struct SecondaryOptions {
     pub heartbeat_interval: Duration,
     pub peer_timeout: Duration,
     pub block_size: u32,
+    /// The operator allows a full sync to overwrite this disk (`--allow-full-sync`).
+    pub allow_full_sync: bool,
 }
 
 /// Where the secondary's replication stands.
@@ -85,18 +88,38 @@ pub struct Secondary {
     events: EventSender,
     /// Flips to true on failover: the session ends and no new one is accepted.
     stop: watch::Sender<bool>,
+    /// The disk's replication metadata (generations, last checkpoint, consistency).
+    meta: Arc<MetaStore>,
+    /// The secondary disk under the layers (what VERIFY compares); `None`: the layered view.
+    base: Option<Arc<dyn BlockDevice>>,
 }
 
 impl Secondary {
+    /// A secondary whose metadata lives in memory, as for a freshly created disk (unit tests).
     pub fn new(disk: Arc<LayeredDisk>, opts: SecondaryOptions, events: EventSender) -> Arc<Self> {
+        let meta = Arc::new(MetaStore::in_memory(disk.capacity()));
+        Self::new_durable(disk, None, meta, opts, events)
+    }
+
+    /// A secondary over `disk` (the layers over `base`) with its metadata.
+    pub fn new_durable(
+        disk: Arc<LayeredDisk>,
+        base: Option<Arc<dyn BlockDevice>>,
+        meta: Arc<MetaStore>,
+        opts: SecondaryOptions,
+        events: EventSender,
+    ) -> Arc<Self> {
         let (stop, _) = watch::channel(false);
+        let epoch = meta.gens().epoch;
         Arc::new(Secondary {
             disk,
             opts,
+            meta,
+            base,
             state: Mutex::new(SecState {
                 stage: Stage::Receiving,
                 peer: Peer::Idle,
-                epoch: 0,
+                epoch,
                 applied_seq: 0,
                 bytes_since_checkpoint: 0,
                 bytes_total: 0,
@@ -205,8 +228,20 @@ impl Secondary {
         }
     }
 
-    /// Why the secondary does not take `hello`'s stream, if it does not.
-    fn refusal(&self, hello: &Hello) -> Option<String> {
+    /// Whether the secondary takes `hello`'s stream: the decision from both disks' generations
+    /// ([`decide`]), or why not.
+    fn refusal(&self, hello: &Hello) -> Result<Decision, String> {
+        if let Some(why) = self.basic_refusal(hello) {
+            return Err(why);
+        }
+        match decide(&hello.gens, &self.meta.gens(), self.opts.allow_full_sync) {
+            Decision::Refuse(_, why) => Err(why),
+            d => Ok(d),
+        }
+    }
+
+    /// Version, geometry and stage checks.
+    fn basic_refusal(&self, hello: &Hello) -> Option<String> {
         if hello.version != VERSION {
             Some(format!(
                 "protocol version {} is not supported (this secondary speaks {VERSION})",
@@ -243,14 +278,43 @@ impl Secondary {
             h = link::accept(&mut rd, self.timing()) => h?,
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
-        if let Some(message) = self.refusal(&hello) {
-            return Err(link::refuse(&mut wr, message).await);
+        let mine = self.meta.gens();
+        let decision = self.refusal(&hello);
+        let (name, reason) = match &decision {
+            Ok(d) => (d.name(), d.reason().to_string()),
+            Err(why) => (
+                decide(&hello.gens, &mine, self.opts.allow_full_sync).name(),
+                why.clone(),
+            ),
+        };
+        self.events.send(&events::SyncDecision {
+            role: Side::Secondary,
+            peer: addr.to_string(),
+            decision: if decision.is_ok() { name } else { "refused" }.into(),
+            reason: reason.clone(),
+        });
+        let decision = match decision {
+            Ok(d) => d,
+            Err(message) => {
+                warn!("refusing primary {addr} ({name}): {message}");
+                return Err(link::refuse(&mut wr, message).await);
+            }
+        };
+        info!("primary {addr}: {name}: {reason}");
+        // The source is on disk before any of its frames is (and a full sync's target is
+        // marked inconsistent until its first checkpoint).
+        let full = matches!(decision, Decision::Full(_));
+        if let Err(e) = self.meta.secondary_accept(&hello.gens, full) {
+            return Err(link::refuse(&mut wr, format!("secondary metadata: {e}")).await);
         }
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
         let welcome = Frame::Welcome(Welcome {
             version: VERSION,
             disk_size: self.disk.capacity(),
             block_size: self.opts.block_size,
+            gens: mine,
+            decision: decision.code(),
+            allow_full: self.opts.allow_full_sync,
         });
         // First in the writer's queue: nothing else is queued before the applier starts.
         let _ = out_tx.send(welcome);
@@ -287,7 +351,7 @@ impl Secondary {
                 match f {
                     Frame::Heartbeat => continue,
                     Frame::Error { message } => return Err(ProtocolError::Peer(message)),
-                    Frame::Change { .. } | Frame::Checkpoint { .. } => {
+                    Frame::Change { .. } | Frame::Checkpoint { .. } | Frame::Verify { .. } => {
                         if f.seq() != expected {
                             return Err(ProtocolError::Sequence {
                                 expected,
@@ -338,6 +402,28 @@ impl Secondary {
             if let Frame::Change { change, .. } = &frame {
                 unacked_bytes += change.data_len();
             }
+            if let Frame::Verify {
+                offset, len, crc, ..
+            } = frame
+            {
+                // Compared at this point of the stream; the answer precedes the ACK.
+                match self.verify_range(offset, len, crc) {
+                    Ok(matches) => {
+                        let _ = out.send(Frame::VerifyResult {
+                            seq,
+                            offset,
+                            len,
+                            matches,
+                        });
+                    }
+                    Err(e) => {
+                        let message = format!("secondary cannot verify frame {seq}: {e}");
+                        error!("{message}");
+                        let _ = out.send(Frame::Error { message });
+                        break;
+                    }
+                }
+            }
             if let Err(e) = self.apply(frame) {
                 let message = format!("secondary cannot apply frame {seq}: {e}");
                 error!("{message}");
@@ -368,6 +454,8 @@ impl Secondary {
             Frame::Checkpoint { epoch, .. } => {
                 let t = Instant::now();
                 self.disk.checkpoint()?;
+                // Durable before the ACK: the disk is this checkpoint of the source.
+                self.meta.checkpoint_done(epoch)?;
                 let mut st = self.state();
                 st.epoch = epoch;
                 st.bytes_since_checkpoint = 0;
@@ -394,6 +482,7 @@ impl Secondary {
         st.bytes_since_checkpoint = 0;
         let epoch = st.epoch;
         drop(st);
+        self.meta.checkpoint_done(epoch)?;
         self.events.send(&events::Checkpoint {
             role: Side::Secondary,
             epoch,
@@ -405,6 +494,9 @@ impl Secondary {
     /// without one, the last checkpoint) the disk. After an I/O error, calling it again
     /// resumes the commit.
     pub fn failover(&self) -> Result<FailoverReport, SecondaryError> {
+        // An inconsistent disk holds no checkpoint; the new lineage is on disk before any
+        // cluster is committed.
+        self.meta.failover(false)?;
         let t = Instant::now();
         {
             let mut st = self.state();
@@ -440,6 +532,22 @@ impl Secondary {
         Ok(report)
     }
 
+    /// `replication-failover {"force": true}`: fails over even an inconsistent disk.
+    pub fn force_failover(&self) -> Result<FailoverReport, SecondaryError> {
+        self.meta.failover(true)?;
+        self.failover()
+    }
+
+    /// Whether `[offset, offset+len)` of the secondary disk has crc32c `crc`.
+    fn verify_range(&self, offset: u64, len: u64, crc: u32) -> io::Result<bool> {
+        let mut buf = vec![0u8; len as usize];
+        match &self.base {
+            Some(base) => base.read_at(&mut buf, offset)?,
+            None => self.disk.read_at(&mut buf, offset)?,
+        }
+        Ok(crc32c::crc32c(&buf) == crc)
+    }
+
     /// `query-replication` for the secondary.
     pub fn status(&self) -> SecondaryStatus {
         let st = self.state();
@@ -461,6 +569,12 @@ impl Secondary {
             hidden_bytes: layers.hidden_bytes,
             active_bytes: layers.active_bytes,
             cluster_size: layers.cluster_size,
+            consistency: if self.meta.gens().inconsistent() {
+                "inconsistent"
+            } else {
+                "consistent"
+            },
+            metadata: self.meta.status(),
             last_error: st.last_error.clone(),
         }
     }
@@ -491,6 +605,7 @@ mod tests {
             heartbeat_interval: timing().heartbeat,
             peer_timeout: timing().peer_timeout,
             block_size: 512,
+            allow_full_sync: false,
         };
         (Secondary::new(layered, opts, EventSender::new()), base)
     }
@@ -502,6 +617,7 @@ mod tests {
             block_size: 512,
             epoch: 0,
             sync: false,
+            gens: crate::replication::metadata::Generations::fresh_primary(),
         }
     }
 

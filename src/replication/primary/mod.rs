@@ -20,6 +20,7 @@
 //! - `session.rs`: the link task: connect, handshake, stream, resync, acknowledgements.
 
 mod session;
+mod verify;
 
 use std::collections::VecDeque;
 use std::io;
@@ -30,8 +31,9 @@ use bytes::Bytes;
 use log::info;
 use tokio::sync::{mpsc, watch};
 
-use super::dirty::DirtyBitmap;
-use super::events::{self, PrimaryStatus, Side};
+use super::dirty::{DirtyBitmap, DirtyLog};
+use super::events::{self, PrimaryStatus, Side, VerifyStatus};
+use super::metadata::MetaStore;
 use super::ordering::ChangeOrder;
 use super::protocol::{Frame, HEADER_LEN, MAX_PAYLOAD};
 use crate::qmp::EventSender;
@@ -55,6 +57,20 @@ pub struct PrimaryOptions {
     pub dirty_granularity: u64,
     /// Logical block size, checked against the secondary's.
     pub block_size: u32,
+}
+
+/// Size of one range of `replication-verify`.
+pub const VERIFY_RANGE: u64 = 1 << 20;
+
+/// Where `replication-verify` stands.
+#[derive(Debug, Default)]
+struct Verify {
+    session: u64,
+    state: Option<&'static str>,
+    total: u64,
+    sent: u64,
+    compared: u64,
+    mismatches: Vec<(u64, u64)>,
 }
 
 /// Where the link to the secondary stands.
@@ -178,17 +194,54 @@ pub struct Primary {
     dirty: Mutex<DirtyBitmap>,
     events: EventSender,
     enabled: watch::Sender<bool>,
+    /// The disk's replication metadata (generations, last checkpoint).
+    meta: Arc<MetaStore>,
+    /// The persistent dirty record, when kept.
+    log: Option<DirtyLog>,
+    verify: Mutex<Verify>,
 }
 
 impl Primary {
+    /// A primary whose metadata lives in memory only, as for a freshly created disk, and that
+    /// keeps no persistent dirty record (unit tests).
     pub fn new(
         local: Arc<dyn BlockDevice>,
         opts: PrimaryOptions,
         events: EventSender,
     ) -> Arc<Self> {
-        let dirty = DirtyBitmap::new(local.capacity(), opts.dirty_granularity);
+        let meta = Arc::new(MetaStore::in_memory(local.capacity()));
+        Self::open(local, opts, events, meta, None).expect("in-memory metadata")
+    }
+
+    /// A primary over `local` with its metadata and (optionally) its persistent dirty log and
+    /// the ranges that log recorded as dirty at start. Records the start in the metadata (a
+    /// new current generation when the current one is the peer's).
+    pub fn open(
+        local: Arc<dyn BlockDevice>,
+        opts: PrimaryOptions,
+        events: EventSender,
+        meta: Arc<MetaStore>,
+        log: Option<(DirtyLog, Vec<(u64, u64)>)>,
+    ) -> io::Result<Arc<Self>> {
+        let started = meta.primary_start(log.is_some())?;
+        let mut dirty = DirtyBitmap::new(local.capacity(), opts.dirty_granularity);
+        let log = log.map(|(log, ranges)| {
+            for (offset, len) in ranges {
+                dirty.mark(offset, len);
+            }
+            log
+        });
+        info!(
+            "primary disk {:032x}: generation {:016x}, peer generation {:016x}, checkpoint {}, \
+             {} bytes dirty at start",
+            started.gens.disk_id,
+            started.gens.current,
+            started.gens.bitmap,
+            started.gens.epoch,
+            dirty.dirty_bytes()
+        );
         let (enabled, _) = watch::channel(true);
-        Arc::new(Primary {
+        Ok(Arc::new(Primary {
             local,
             opts,
             order: Mutex::new(()),
@@ -196,7 +249,7 @@ impl Primary {
             state: Mutex::new(State {
                 link: Link::Connecting,
                 sessions: 0,
-                epoch: 0,
+                epoch: started.gens.epoch,
                 sent_since_checkpoint: 0,
                 total_sent: 0,
                 last_error: None,
@@ -205,7 +258,29 @@ impl Primary {
             dirty: Mutex::new(dirty),
             events,
             enabled,
-        })
+            meta,
+            log,
+            verify: Mutex::new(Verify::default()),
+        }))
+    }
+
+    fn verify_state(&self) -> MutexGuard<'_, Verify> {
+        self.verify.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A checkpoint completed: record it (the secondary holds the current generation at
+    /// `epoch`), then let the dirty log forget extents untouched since. Failures only make the
+    /// record larger than needed (a later resync sends more), so they are logged.
+    fn checkpoint_recorded(&self, epoch: u64) {
+        if let Err(e) = self.meta.primary_checkpoint(epoch) {
+            log::warn!("recording checkpoint {epoch} in the metadata: {e}");
+            return;
+        }
+        if let Some(l) = &self.log {
+            if let Err(e) = l.checkpoint_done() {
+                log::warn!("clearing the dirty log after checkpoint {epoch}: {e}");
+            }
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -227,6 +302,11 @@ impl Primary {
     /// either way, so a later resync sends what the primary really has.
     pub fn submit(&self, change: Change<Bytes>) -> io::Result<()> {
         let (offset, len) = change.range();
+        // Durably recorded before the frame is queued and before the local write.
+        let _logged = match &self.log {
+            Some(l) => Some(l.record(offset, len)?),
+            None => None,
+        };
         let (ticket, last) = {
             let _order = self.order();
             self.dirty().mark(offset, len);
@@ -368,8 +448,13 @@ impl Primary {
         st.epoch += 1;
         st.sent_since_checkpoint = 0;
         self.dirty().take();
+        if let Some(l) = &self.log {
+            l.epoch_boundary();
+        }
         let epoch = st.epoch;
         drop(st);
+        drop(_order);
+        self.checkpoint_recorded(epoch);
         self.events.send(&events::Checkpoint {
             role: Side::Primary,
             epoch,
@@ -395,12 +480,16 @@ impl Primary {
                 .enqueue(HEADER_LEN as u64, |seq| Frame::Checkpoint { seq, epoch })
                 .ok_or(ReplicationError::NotConnected)?;
             let old_dirty = self.dirty().take();
+            if let Some(l) = &self.log {
+                l.epoch_boundary();
+            }
             let old_sent = std::mem::take(&mut self.state().sent_since_checkpoint);
             (sent, epoch, old_dirty, old_sent)
         };
         match self.wait_acked(sent, timeout) {
             Ok(()) => {
                 self.state().epoch = epoch;
+                self.checkpoint_recorded(epoch);
                 info!("checkpoint {epoch} done");
                 self.events.send(&events::Checkpoint {
                     role: Side::Primary,
@@ -464,13 +553,31 @@ impl Primary {
             resync_remaining_bytes: s.map_or(0, |s| s.resync_remaining),
             dirty_bytes: dirty.dirty_bytes(),
             dirty_granularity: dirty.granularity(),
+            dirty_log_bytes: self.log.as_ref().map(|l| l.recorded_bytes()),
+            verify: {
+                let v = self.verify_state();
+                v.state.map(|state| VerifyStatus {
+                    state,
+                    ranges_total: v.total,
+                    ranges_sent: v.sent,
+                    ranges_compared: v.compared,
+                    mismatches: v.mismatches.len() as u64,
+                })
+            },
+            metadata: self.meta.status(),
             last_error: st.last_error.clone(),
         }
     }
 
     /// Reports a session that ended after its handshake (the guest keeps running).
-    fn session_lost(&self, _session: &Session, reason: &str) {
+    fn session_lost(&self, session: &Session, reason: &str) {
         log::warn!("replication link lost: {reason}; the guest keeps running, changes are tracked");
+        // From now on this disk is written without its peer: a new generation (so that a
+        // secondary failing over meanwhile is recognised as a split brain later).
+        if let Err(e) = self.meta.primary_diverge() {
+            log::error!("recording the link loss in the metadata: {e}");
+        }
+        self.verify_aborted(session.id);
         let dirty = self.dirty().dirty_bytes();
         self.events.send(&events::PeerLost {
             role: Side::Primary,

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use super::{events, Link, Primary, Session, Side};
 use crate::replication::dirty::DirtyBitmap;
 use crate::replication::link::{self, Stream, Timing};
+use crate::replication::metadata::{decide, Decision};
 use crate::replication::protocol::{Frame, Hello, ProtocolError, VERSION};
 use crate::storage::Change;
 
@@ -106,24 +107,68 @@ impl Primary {
         addr: String,
     ) -> Result<(), ProtocolError> {
         let (mut rd, mut wr) = tokio::io::split(stream);
+        let gens = self.meta.gens();
         let hello = Hello {
             version: VERSION,
             disk_size: self.local.capacity(),
             block_size: self.opts.block_size,
             epoch: self.state().epoch,
             sync: self.opts.sync,
+            gens,
         };
-        link::offer(&mut rd, &mut wr, hello, self.timing()).await?;
+        let welcome = match link::offer(&mut rd, &mut wr, hello, self.timing()).await {
+            Ok(w) => w,
+            Err(ProtocolError::Refused(why)) => {
+                self.events.send(&events::SyncDecision {
+                    role: Side::Primary,
+                    peer: addr.clone(),
+                    decision: "refused".into(),
+                    reason: why.clone(),
+                });
+                return Err(ProtocolError::Refused(why));
+            }
+            Err(e) => return Err(e),
+        };
+        // The secondary decided from both sides' generations; the same table here must agree.
+        let decision = decide(&gens, &welcome.gens, welcome.allow_full);
+        if decision.code() != welcome.decision || decision.code() == 0 {
+            let why = format!(
+                "the secondary decided {} but this primary's generations say {} ({})",
+                welcome.decision,
+                decision.name(),
+                decision.reason()
+            );
+            return Err(link::refuse(&mut wr, why).await);
+        }
+        info!(
+            "secondary {addr}: {} ({}); its disk {:032x} at checkpoint {}",
+            decision.name(),
+            decision.reason(),
+            welcome.gens.disk_id,
+            welcome.gens.epoch
+        );
+        self.events.send(&events::SyncDecision {
+            role: Side::Primary,
+            peer: addr.clone(),
+            decision: decision.name().into(),
+            reason: decision.reason().into(),
+        });
 
-        // Open the stream. Whatever changed since the last checkpoint is sent again first.
+        // Open the stream. Whatever changed since the last checkpoint is sent again first
+        // (everything, for a full sync).
         let (tx, rx) = mpsc::unbounded_channel();
         let (session, resync) = {
             let _order = self.order();
+            if matches!(decision, Decision::Full(_)) {
+                self.dirty().mark_all();
+            }
             let dirty = self.dirty().clone();
             let mut st = self.state();
             if matches!(st.link, Link::Stopped) {
                 return Err(ProtocolError::Refused("replication stopped".into()));
             }
+            // The secondary may have completed a checkpoint this primary did not record.
+            st.epoch = st.epoch.max(welcome.gens.epoch);
             st.sessions += 1;
             let id = st.sessions;
             st.link = Link::Connected(Session::new(id, tx, addr.clone(), dirty.dirty_bytes()));
@@ -150,6 +195,12 @@ impl Primary {
             loop {
                 match link::read_within(&mut rd, timeout).await? {
                     Frame::Ack { seq } => me.acked(session, seq)?,
+                    Frame::VerifyResult {
+                        offset,
+                        len,
+                        matches,
+                        ..
+                    } => me.verify_result(session, offset, len, matches),
                     Frame::Heartbeat => {}
                     Frame::Error { message } => return Err(ProtocolError::Peer(message)),
                     other => {
@@ -199,7 +250,7 @@ impl Primary {
     /// over it are on the disk: the frame then carries data at least as new as every frame
     /// before it, and no later change to the chunk can be numbered in between. This is the one
     /// place that waits for another change while holding the order lock, one chunk at a time.
-    fn resync(&self, id: u64, dirty: DirtyBitmap) {
+    pub(super) fn resync(&self, id: u64, dirty: DirtyBitmap) {
         let mut buf = vec![0u8; dirty.granularity() as usize];
         for (offset, len) in dirty.ranges() {
             let _order = self.order();

@@ -1,0 +1,853 @@
+//! Replication metadata of one disk: its identity, the pair's generation history, the last
+//! completed checkpoint and its role, kept in a small file beside the image (`IMAGE.colo-meta`),
+//! and the decision both ends take from it on connect (see docs/replication-protocol.md,
+//! "Identity and generations").
+//!
+//! ```text
+//!  file (1024 bytes):  slot 0 [0..512)   slot 1 [512..1024)
+//!  slot: magic "COLOMETA" | version | seq | disk id | size | current | bitmap | history[4]
+//!        | source | epoch | role | flags | roles[8] | ... | crc32c (last 4 bytes)
+//! ```
+//!
+//! An update writes the whole record into the slot *not* holding the newest valid copy (one
+//! `pwrite` of 512 bytes, then `fdatasync`). A torn or lost write leaves the other slot, the
+//! previous state, valid; the reader takes the valid slot with the higher sequence number.
+//!
+//! Generations are random 64-bit ids of a data lineage (DRBD's UUIDs): `current` names the data
+//! on this disk; on a primary, `bitmap` names the generation a peer must hold for the dirty
+//! record to cover every difference; `history` keeps older currents; on a secondary, `source`
+//! names the primary generation whose stream it has applied since its last checkpoint.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::Serialize;
+
+/// The generation of a disk colo-blk created itself (all zeros): two such disks are equal.
+pub const ZERO_GENERATION: u64 = 0x5a45_524f_5a45_524f; // "OREZOREZ"
+/// Older generations remembered.
+pub const HISTORY: usize = 4;
+
+const MAGIC: &[u8; 8] = b"COLOMETA";
+const FORMAT_VERSION: u32 = 1;
+const SLOT: usize = 512;
+/// Set on a secondary while its disk is the target of a full sync: it holds no checkpoint.
+pub const FLAG_INCONSISTENT: u32 = 1;
+
+/// What a disk was used as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskRole {
+    /// No replication role yet.
+    None,
+    Primary,
+    Secondary,
+    /// A secondary that failed over: its own lineage now.
+    FailedOver,
+}
+
+impl DiskRole {
+    fn code(self) -> u8 {
+        match self {
+            DiskRole::None => 0,
+            DiskRole::Primary => 1,
+            DiskRole::Secondary => 2,
+            DiskRole::FailedOver => 3,
+        }
+    }
+    fn from_code(c: u8) -> DiskRole {
+        match c {
+            1 => DiskRole::Primary,
+            2 => DiskRole::Secondary,
+            3 => DiskRole::FailedOver,
+            _ => DiskRole::None,
+        }
+    }
+}
+
+/// The generation information both ends exchange in HELLO / WELCOME.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Generations {
+    pub disk_id: u128,
+    pub current: u64,
+    pub bitmap: u64,
+    pub history: [u64; HISTORY],
+    pub source: u64,
+    /// Last completed checkpoint.
+    pub epoch: u64,
+    pub flags: u32,
+}
+
+/// Encoded size of [`Generations`].
+pub const GENERATIONS_LEN: usize = 16 + 8 * 4 + 8 * HISTORY + 4;
+
+impl Generations {
+    /// What a primary whose image colo-blk has just created announces (tests and tools): a
+    /// freshly created secondary needs only its dirty record.
+    pub fn fresh_primary() -> Generations {
+        Generations {
+            disk_id: random_u128(),
+            current: new_generation(),
+            bitmap: ZERO_GENERATION,
+            ..Default::default()
+        }
+    }
+
+    pub fn inconsistent(&self) -> bool {
+        self.flags & FLAG_INCONSISTENT != 0
+    }
+
+    /// Whether `g` is this side's current, bitmap or a remembered generation.
+    pub fn knows(&self, g: u64) -> bool {
+        g != 0 && (g == self.current || g == self.bitmap || self.history.contains(&g))
+    }
+
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.disk_id.to_le_bytes());
+        for v in [self.current, self.bitmap, self.source, self.epoch] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for h in self.history {
+            out.extend_from_slice(&h.to_le_bytes());
+        }
+        out.extend_from_slice(&self.flags.to_le_bytes());
+    }
+
+    /// Decodes exactly [`GENERATIONS_LEN`] bytes.
+    pub fn decode(b: &[u8]) -> Option<Generations> {
+        if b.len() != GENERATIONS_LEN {
+            return None;
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+        let mut history = [0u64; HISTORY];
+        for (i, h) in history.iter_mut().enumerate() {
+            *h = u64_at(48 + 8 * i);
+        }
+        Some(Generations {
+            disk_id: u128::from_le_bytes(b[..16].try_into().ok()?),
+            current: u64_at(16),
+            bitmap: u64_at(24),
+            source: u64_at(32),
+            epoch: u64_at(40),
+            history,
+            flags: u32::from_le_bytes(b[48 + 8 * HISTORY..].try_into().ok()?),
+        })
+    }
+}
+
+/// Why a connection is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Both sides wrote since their last common generation.
+    SplitBrain,
+    /// The secondary's disk is new, unrelated or stale; `--allow-full-sync` would overwrite it.
+    FullSyncNeeded,
+    /// The secondary is the inconsistent target of a full sync from another lineage.
+    Inconsistent,
+    /// Both ends are the same disk.
+    SameDisk,
+}
+
+/// What a connecting pair does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The secondary holds a generation the primary's dirty record covers: resend that record.
+    Incremental(String),
+    /// The secondary's whole disk is overwritten (it is inconsistent until the next checkpoint).
+    Full(String),
+    Refuse(Refusal, String),
+}
+
+impl Decision {
+    /// The event's / log's name of the decision.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Decision::Incremental(_) => "incremental",
+            Decision::Full(_) => "full-sync",
+            Decision::Refuse(Refusal::SplitBrain, _) => "split-brain",
+            Decision::Refuse(Refusal::FullSyncNeeded, _) => "full-sync-needed",
+            Decision::Refuse(Refusal::Inconsistent, _) => "inconsistent",
+            Decision::Refuse(Refusal::SameDisk, _) => "same-disk",
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            Decision::Incremental(r) | Decision::Full(r) | Decision::Refuse(_, r) => r,
+        }
+    }
+
+    /// Wire code in WELCOME (refusals are not sent as WELCOME).
+    pub fn code(&self) -> u32 {
+        match self {
+            Decision::Incremental(_) => 1,
+            Decision::Full(_) => 2,
+            Decision::Refuse(..) => 0,
+        }
+    }
+}
+
+/// The flag an operator passes to the secondary to allow a full sync over its disk.
+pub const ALLOW_FULL_SYNC_FLAG: &str = "--allow-full-sync";
+
+/// The decision table (docs/replication-protocol.md): what primary `p` and secondary `s` do,
+/// given whether the secondary's operator allowed a full sync. A pure function: both ends
+/// compute it, the secondary's answer is checked by the primary.
+pub fn decide(p: &Generations, s: &Generations, allow_full: bool) -> Decision {
+    let full_or_refuse = |why: String| {
+        if allow_full {
+            Decision::Full(format!("{why}; full sync allowed by {ALLOW_FULL_SYNC_FLAG}"))
+        } else {
+            Decision::Refuse(
+                Refusal::FullSyncNeeded,
+                format!(
+                    "{why}: a full sync would overwrite the secondary's disk; start the \
+                     secondary with {ALLOW_FULL_SYNC_FLAG} to allow it"
+                ),
+            )
+        }
+    };
+    if p.disk_id == s.disk_id && p.disk_id != 0 {
+        return Decision::Refuse(
+            Refusal::SameDisk,
+            format!("primary and secondary are the same disk (id {:032x})", p.disk_id),
+        );
+    }
+    if s.inconsistent() {
+        if p.knows(s.source) {
+            return Decision::Full(
+                "the secondary is inconsistent (a full sync from this primary was interrupted): \
+                 the full sync restarts"
+                    .into(),
+            );
+        }
+        if allow_full {
+            return full_or_refuse("the secondary is inconsistent from another primary".into());
+        }
+        return Decision::Refuse(
+            Refusal::Inconsistent,
+            format!(
+                "the secondary is inconsistent (mid full sync from generation {:016x}, which \
+                 this primary is not); start it with {ALLOW_FULL_SYNC_FLAG} to resync from here",
+                s.source
+            ),
+        );
+    }
+    if s.current == 0 {
+        return full_or_refuse("the secondary's disk has no replication history".into());
+    }
+    let same_lineage = s.current == p.bitmap || s.current == p.current;
+    let source_ok = s.source == 0 || p.knows(s.source);
+    if same_lineage && source_ok {
+        if s.epoch < p.epoch {
+            return full_or_refuse(format!(
+                "the secondary's disk is older (checkpoint {}) than the primary's last \
+                 checkpoint {}",
+                s.epoch, p.epoch
+            ));
+        }
+        return Decision::Incremental(format!(
+            "the secondary holds generation {:016x} (checkpoint {}): the primary's dirty \
+             record covers every difference",
+            s.current, s.epoch
+        ));
+    }
+    if same_lineage {
+        return full_or_refuse(format!(
+            "the secondary applied a stream from another primary (generation {:016x}) since \
+             its last checkpoint",
+            s.source
+        ));
+    }
+    let s_past = s.bitmap != 0 && p.knows(s.bitmap) || s.history.iter().any(|&g| p.knows(g));
+    if !p.knows(s.current) && s_past {
+        return Decision::Refuse(
+            Refusal::SplitBrain,
+            format!(
+                "split brain: the secondary's disk moved on to generation {:016x} (e.g. a \
+                 failover) while the primary wrote since their last common generation; \
+                 neither disk is overwritten",
+                s.current
+            ),
+        );
+    }
+    if p.knows(s.current) || p.knows(s.source) {
+        return full_or_refuse(format!(
+            "the secondary holds an older generation {:016x} the dirty record does not cover",
+            s.current
+        ));
+    }
+    full_or_refuse(format!(
+        "the secondary's disk (generation {:016x}) is unrelated to the primary's",
+        s.current
+    ))
+}
+
+/// The whole metadata record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    pub gens: Generations,
+    pub disk_size: u64,
+    pub role: DiskRole,
+    /// Newest first.
+    pub roles: [DiskRole; 8],
+    seq: u64,
+}
+
+impl Metadata {
+    fn fresh(disk_size: u64, current: u64) -> Metadata {
+        Metadata {
+            gens: Generations {
+                disk_id: random_u128(),
+                current,
+                ..Default::default()
+            },
+            disk_size,
+            role: DiskRole::None,
+            roles: [DiskRole::None; 8],
+            seq: 0,
+        }
+    }
+
+    fn set_role(&mut self, role: DiskRole) {
+        if self.role != role {
+            self.roles.copy_within(0..7, 1);
+            self.roles[0] = role;
+            self.role = role;
+        }
+    }
+
+    /// Takes a new current generation (the old one goes into the history).
+    fn new_current(&mut self) {
+        let g = &mut self.gens;
+        if g.current != 0 {
+            g.history.copy_within(0..HISTORY - 1, 1);
+            g.history[0] = g.current;
+        }
+        g.current = new_generation();
+    }
+
+    fn encode(&self) -> [u8; SLOT] {
+        let mut v = Vec::with_capacity(SLOT);
+        v.extend_from_slice(MAGIC);
+        v.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        v.extend_from_slice(&self.seq.to_le_bytes());
+        v.extend_from_slice(&self.disk_size.to_le_bytes());
+        v.push(self.role.code());
+        v.extend(self.roles.iter().map(|r| r.code()));
+        self.gens.encode_into(&mut v);
+        let mut out = [0u8; SLOT];
+        out[..v.len()].copy_from_slice(&v);
+        let crc = crc32c::crc32c(&out[..SLOT - 4]);
+        out[SLOT - 4..].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<Metadata> {
+        if b.len() != SLOT || &b[..8] != MAGIC {
+            return None;
+        }
+        let crc = u32::from_le_bytes(b[SLOT - 4..].try_into().ok()?);
+        if crc != crc32c::crc32c(&b[..SLOT - 4]) {
+            return None;
+        }
+        if u32::from_le_bytes(b[8..12].try_into().ok()?) != FORMAT_VERSION {
+            return None;
+        }
+        let mut roles = [DiskRole::None; 8];
+        for (i, r) in roles.iter_mut().enumerate() {
+            *r = DiskRole::from_code(b[29 + i]);
+        }
+        Some(Metadata {
+            seq: u64::from_le_bytes(b[12..20].try_into().ok()?),
+            disk_size: u64::from_le_bytes(b[20..28].try_into().ok()?),
+            role: DiskRole::from_code(b[28]),
+            roles,
+            gens: Generations::decode(&b[37..37 + GENERATIONS_LEN])?,
+        })
+    }
+}
+
+/// The metadata of one disk, in memory and (unless in-memory) in its file.
+#[derive(Debug)]
+pub struct MetaStore {
+    file: Option<(File, PathBuf)>,
+    meta: Mutex<Metadata>,
+}
+
+/// A `query-replication` view of the metadata.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MetaStatus {
+    pub disk_id: String,
+    pub current_generation: String,
+    pub bitmap_generation: String,
+    pub history: Vec<String>,
+    pub checkpoint_epoch: u64,
+    pub disk_role: DiskRole,
+    pub inconsistent: bool,
+}
+
+fn hex(g: u64) -> String {
+    format!("{g:016x}")
+}
+
+impl MetaStore {
+    /// Opens `path` for a disk of `disk_size` bytes. Without a file (or when `created` says
+    /// colo-blk has just created the image, so it is all zeros) a fresh record is written: its
+    /// current generation is [`ZERO_GENERATION`] for a created image and 0 (unknown content)
+    /// otherwise.
+    pub fn open(path: &Path, disk_size: u64, created: bool) -> io::Result<MetaStore> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let mut raw = Vec::new();
+        (&file).read_to_end(&mut raw)?;
+        let slots: Vec<Metadata> = raw
+            .chunks(SLOT)
+            .take(2)
+            .filter_map(Metadata::decode)
+            .collect();
+        let newest = slots.into_iter().max_by_key(|m| m.seq);
+        let meta = match newest {
+            Some(m) if !created => {
+                if m.disk_size != disk_size {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: the metadata describes a disk of {} bytes, the image has {}",
+                            path.display(),
+                            m.disk_size,
+                            disk_size
+                        ),
+                    ));
+                }
+                m
+            }
+            None if !raw.is_empty() && !created => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: no valid metadata slot (remove the file to start over as an \
+                         unrelated disk)",
+                        path.display()
+                    ),
+                ))
+            }
+            _ => {
+                let fresh =
+                    Metadata::fresh(disk_size, if created { ZERO_GENERATION } else { 0 });
+                let store = MetaStore {
+                    file: Some((file, path.to_path_buf())),
+                    meta: Mutex::new(fresh.clone()),
+                };
+                store.write(fresh)?;
+                if let Some(dir) = path.parent() {
+                    sync_dir(dir);
+                }
+                return Ok(store);
+            }
+        };
+        Ok(MetaStore {
+            file: Some((file, path.to_path_buf())),
+            meta: Mutex::new(meta),
+        })
+    }
+
+    /// A record that lives only in memory, as for a disk colo-blk just created (unit tests).
+    pub fn in_memory(disk_size: u64) -> MetaStore {
+        MetaStore {
+            file: None,
+            meta: Mutex::new(Metadata::fresh(disk_size, ZERO_GENERATION)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Metadata> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self) -> Metadata {
+        self.lock().clone()
+    }
+
+    pub fn gens(&self) -> Generations {
+        self.lock().gens
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.file.as_ref().map(|(_, p)| p.as_path())
+    }
+
+    /// Writes `m` (with the next sequence number) to the other slot and syncs it.
+    fn write(&self, m: Metadata) -> io::Result<Metadata> {
+        let mut m = m;
+        m.seq += 1;
+        if let Some((f, path)) = &self.file {
+            let slot = (m.seq % 2) as u64 * SLOT as u64;
+            f.write_all_at(&m.encode(), slot)
+                .and_then(|()| f.sync_data())
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        }
+        Ok(m)
+    }
+
+    /// Applies `f` to a copy, makes it durable, then publishes it. Holding the lock across the
+    /// write keeps updates in order.
+    pub fn update(&self, f: impl FnOnce(&mut Metadata)) -> io::Result<Metadata> {
+        let mut guard = self.lock();
+        let mut m = guard.clone();
+        f(&mut m);
+        if m == *guard {
+            return Ok(m);
+        }
+        let written = self.write(m)?;
+        *guard = written.clone();
+        Ok(written)
+    }
+
+    // ---- the primary's transitions ----
+
+    /// A primary starts on this disk: refuses a secondary's disk that did not fail over (its
+    /// base may be mid-epoch), and takes a new current generation when the current one is the
+    /// peer's (it is about to write unconnected). `dirty_log` says whether a persistent dirty
+    /// record exists; without one no peer can be resynced incrementally.
+    pub fn primary_start(&self, dirty_log: bool) -> io::Result<Metadata> {
+        let m = self.get();
+        if m.role == DiskRole::Secondary {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "this disk's replication metadata says it is a COLO secondary's disk, which \
+                 holds no checkpoint by itself: run replication-failover on that secondary \
+                 first (or remove the metadata file to start it as an unrelated disk)",
+            ));
+        }
+        self.update(|m| {
+            m.set_role(DiskRole::Primary);
+            if m.gens.current == ZERO_GENERATION {
+                // Created by colo-blk and never written: a fresh disk is the peer's equal.
+                m.gens.bitmap = ZERO_GENERATION;
+                m.new_current();
+            } else {
+                if m.gens.current == 0 || m.gens.current == m.gens.bitmap {
+                    m.new_current();
+                }
+                if !dirty_log {
+                    // What changed before this start is not known: no peer is covered.
+                    m.gens.bitmap = 0;
+                }
+            }
+            m.gens.flags &= !FLAG_INCONSISTENT;
+        })
+    }
+
+    /// The primary lost its secondary: it writes unconnected from now on.
+    pub fn primary_diverge(&self) -> io::Result<Metadata> {
+        self.update(|m| {
+            if m.gens.current == m.gens.bitmap {
+                m.new_current();
+            }
+        })
+    }
+
+    /// A checkpoint completed on the primary: the secondary holds `current` at `epoch`.
+    pub fn primary_checkpoint(&self, epoch: u64) -> io::Result<Metadata> {
+        self.update(|m| {
+            m.gens.bitmap = m.gens.current;
+            m.gens.epoch = m.gens.epoch.max(epoch);
+        })
+    }
+
+    // ---- the secondary's transitions ----
+
+    /// A primary's stream is accepted: record its generation as the source before any frame is
+    /// applied; for a full sync also mark the disk inconsistent.
+    pub fn secondary_accept(&self, primary: &Generations, full: bool) -> io::Result<Metadata> {
+        self.update(|m| {
+            m.set_role(DiskRole::Secondary);
+            m.gens.source = primary.current;
+            if full {
+                m.gens.flags |= FLAG_INCONSISTENT;
+            }
+        })
+    }
+
+    /// A checkpoint completed on the secondary: its disk is the source's checkpoint `epoch`.
+    pub fn checkpoint_done(&self, epoch: u64) -> io::Result<Metadata> {
+        if self.get().role == DiskRole::FailedOver {
+            return Err(io::Error::other("failed over: no checkpoint of the primary any more"));
+        }
+        self.update(|m| {
+            let g = &mut m.gens;
+            if g.source != 0 && g.source != g.current {
+                if g.current != 0 && g.current != ZERO_GENERATION {
+                    g.history.copy_within(0..HISTORY - 1, 1);
+                    g.history[0] = g.current;
+                }
+                g.current = g.source;
+            }
+            g.epoch = epoch;
+            g.flags &= !FLAG_INCONSISTENT;
+        })
+    }
+
+    /// Before a failover commits anything: refuses an inconsistent disk unless `force`, then
+    /// records the new lineage (a new current generation, no peer covered).
+    pub fn failover(&self, force: bool) -> io::Result<Metadata> {
+        let m = self.get();
+        if m.role == DiskRole::FailedOver {
+            return Ok(m); // resuming an interrupted failover
+        }
+        if m.gens.inconsistent() && !force {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the secondary's disk is inconsistent (a full sync has not reached a \
+                 checkpoint): it holds no checkpoint to fail over to; use \
+                 replication-failover {\"force\": true} to take it anyway",
+            ));
+        }
+        self.update(|m| {
+            m.set_role(DiskRole::FailedOver);
+            m.new_current();
+            m.gens.bitmap = 0;
+            m.gens.source = 0;
+            m.gens.flags &= !FLAG_INCONSISTENT;
+        })
+    }
+
+    pub fn status(&self) -> MetaStatus {
+        let m = self.get();
+        MetaStatus {
+            disk_id: format!("{:032x}", m.gens.disk_id),
+            current_generation: hex(m.gens.current),
+            bitmap_generation: hex(m.gens.bitmap),
+            history: m
+                .gens
+                .history
+                .iter()
+                .filter(|&&g| g != 0)
+                .map(|&g| hex(g))
+                .collect(),
+            checkpoint_epoch: m.gens.epoch,
+            disk_role: m.role,
+            inconsistent: m.gens.inconsistent(),
+        }
+    }
+}
+
+/// The default metadata path of an image: `IMAGE.colo-meta`.
+pub fn default_path(image: &Path, suffix: &str) -> PathBuf {
+    let mut s = image.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// fsync of a directory, so a newly created file's name is durable (best effort).
+pub fn sync_dir(dir: &Path) {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    let ok = File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok();
+    if !ok {
+        // No /dev/urandom: time, pid and a counter, mixed.
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N_: AtomicU64 = AtomicU64::new(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let mut x = t ^ (u64::from(std::process::id()) << 32) ^ N_.fetch_add(1, Ordering::Relaxed);
+        for byte in b.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *byte = x as u8;
+        }
+    }
+    b
+}
+
+fn random_u128() -> u128 {
+    u128::from_le_bytes(random_bytes())
+}
+
+/// A new random generation id (never 0 nor [`ZERO_GENERATION`]).
+pub fn new_generation() -> u64 {
+    loop {
+        let g = u64::from_le_bytes(random_bytes());
+        if g != 0 && g != ZERO_GENERATION {
+            return g;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(current: u64, bitmap: u64, history: &[u64], epoch: u64) -> Generations {
+        let mut h = [0; HISTORY];
+        h[..history.len()].copy_from_slice(history);
+        Generations {
+            disk_id: 1,
+            current,
+            bitmap,
+            history: h,
+            source: 0,
+            epoch,
+            flags: 0,
+        }
+    }
+
+    fn s(current: u64, history: &[u64], source: u64, epoch: u64, flags: u32) -> Generations {
+        let mut g = p(current, 0, history, epoch);
+        g.disk_id = 2;
+        g.source = source;
+        g.flags = flags;
+        g
+    }
+
+    #[test]
+    fn decision_table() {
+        use Decision::*;
+        let z = ZERO_GENERATION;
+        let cases: Vec<(&str, Generations, Generations, bool, &str)> = vec![
+            // Two fresh disks colo-blk created: equal (zeros), incremental.
+            ("fresh pair", p(10, z, &[], 0), s(z, &[], 0, 0, 0), false, "incremental"),
+            // Connected pair after a link loss: the primary took a new current.
+            ("link loss", p(11, 10, &[10], 3), s(10, &[], 10, 3, 0), false, "incremental"),
+            // Primary crashed before it recorded checkpoint 4 the secondary completed.
+            ("p behind", p(11, 10, &[10], 3), s(10, &[], 10, 4, 0), false, "incremental"),
+            // Primary restarted twice without a session in between.
+            ("two restarts", p(11, 10, &[10], 3), s(10, &[], 11, 3, 0), false, "incremental"),
+            // Secondary's disk older than the primary's last checkpoint.
+            ("old copy", p(11, 10, &[10], 5), s(10, &[], 10, 3, 0), false, "full-sync-needed"),
+            ("old copy allowed", p(11, 10, &[10], 5), s(10, &[], 10, 3, 0), true, "full-sync"),
+            // A blank disk (no metadata): never in sync.
+            ("blank", p(11, 10, &[10], 3), s(0, &[], 0, 0, 0), false, "full-sync-needed"),
+            ("blank allowed", p(11, 10, &[10], 3), s(0, &[], 0, 0, 0), true, "full-sync"),
+            // A fresh disk against a primary that checkpointed since its creation.
+            ("fresh vs old", p(11, 10, &[10], 3), s(z, &[], 0, 0, 0), false, "full-sync-needed"),
+            // Another pair's disk.
+            ("unrelated", p(11, 10, &[10], 3), s(77, &[76], 77, 9, 0), false, "full-sync-needed"),
+            ("unrelated allowed", p(11, 10, &[10], 3), s(77, &[76], 77, 9, 0), true, "full-sync"),
+            // A fresh secondary that took another (fresh) primary's stream, then this one.
+            ("other source", p(11, z, &[], 0), s(z, &[], 99, 0, 0), false, "full-sync-needed"),
+            // The secondary failed over (new current 20, old 10 in its history); the old
+            // primary comes back: split brain, even when full sync is allowed.
+            ("split brain", p(11, 10, &[10], 3), s(20, &[10], 0, 3, 0), false, "split-brain"),
+            ("split brain forced", p(11, 10, &[10], 3), s(20, &[10], 0, 3, 0), true, "split-brain"),
+            // The failed-over side became primary; the old primary's disk is the secondary.
+            ("old primary as secondary", p(21, 0, &[20, 10], 3), {
+                let mut g = s(11, &[10], 0, 3, 0);
+                g.bitmap = 10;
+                g
+            }, true, "split-brain"),
+            // A stale secondary: the primary has since checkpointed with another one.
+            ("stale", p(12, 12, &[11, 10], 6), s(10, &[], 10, 3, 0), false, "full-sync-needed"),
+            // Interrupted full sync from this primary: restarts without the flag.
+            ("resume full", p(12, 11, &[11], 3), s(z, &[], 11, 0, FLAG_INCONSISTENT), false, "full-sync"),
+            // Interrupted full sync from someone else.
+            ("foreign inconsistent", p(12, 11, &[11], 3), s(z, &[], 55, 0, FLAG_INCONSISTENT), false, "inconsistent"),
+            ("foreign inconsistent allowed", p(12, 11, &[11], 3), s(z, &[], 55, 0, FLAG_INCONSISTENT), true, "full-sync"),
+        ];
+        for (name, pg, sg, allow, want) in cases {
+            let d = decide(&pg, &sg, allow);
+            assert_eq!(d.name(), want, "{name}: {d:?}");
+            if let Refuse(Refusal::FullSyncNeeded, why) = &d {
+                assert!(why.contains(ALLOW_FULL_SYNC_FLAG), "{name}: {why}");
+            }
+            assert!(!matches!(d, Incremental(_) if sg.current == 0), "{name}");
+        }
+        let mut same = s(10, &[], 10, 3, 0);
+        same.disk_id = 1;
+        assert_eq!(decide(&p(11, 10, &[10], 3), &same, true).name(), "same-disk");
+    }
+
+    #[test]
+    fn slots_survive_a_torn_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.colo-meta");
+        let st = MetaStore::open(&path, 1 << 20, true).unwrap();
+        assert_eq!(st.gens().current, ZERO_GENERATION);
+        let a = st.primary_start(true).unwrap();
+        assert_ne!(a.gens.current, ZERO_GENERATION);
+        assert_eq!(a.gens.history[0], ZERO_GENERATION);
+        let b = st.primary_checkpoint(5).unwrap();
+        drop(st);
+        // Reopened: the newest slot.
+        let st = MetaStore::open(&path, 1 << 20, false).unwrap();
+        assert_eq!(st.get(), b);
+        drop(st);
+        // Tear the newest slot: the previous state comes back.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        let newest = (b.seq % 2) * SLOT as u64;
+        f.write_all_at(&[0xff; 100], newest + 40).unwrap();
+        let st = MetaStore::open(&path, 1 << 20, false).unwrap();
+        assert_eq!(st.get(), a);
+        // A wrong size is an error, not a silent reset.
+        assert!(MetaStore::open(&path, 2 << 20, false).is_err());
+        // Unknown content: generation 0.
+        let other = MetaStore::open(&dir.path().join("o.colo-meta"), 1 << 20, false).unwrap();
+        assert_eq!(other.gens().current, 0);
+    }
+
+    #[test]
+    fn transitions() {
+        let st = MetaStore::in_memory(1 << 20);
+        // A secondary takes a stream, checkpoints: it now holds the primary's generation.
+        let primary = Generations::fresh_primary();
+        st.secondary_accept(&primary, true).unwrap();
+        assert!(st.gens().inconsistent());
+        assert!(st.failover(false).is_err());
+        let m = st.checkpoint_done(1).unwrap();
+        assert_eq!((m.gens.current, m.gens.epoch), (primary.current, 1));
+        assert!(!m.gens.inconsistent());
+        // Failover: a new lineage, the old one remembered; a restart as primary is allowed.
+        let f = st.failover(false).unwrap();
+        assert_ne!(f.gens.current, primary.current);
+        assert_eq!(f.gens.history[0], primary.current);
+        assert_eq!(f.role, DiskRole::FailedOver);
+        assert_eq!(f.roles[..3], [DiskRole::FailedOver, DiskRole::Secondary, DiskRole::None]);
+        let p = st.primary_start(true).unwrap();
+        assert_eq!(p.gens.current, f.gens.current, "not the peer's: no new generation");
+        // A secondary's disk cannot start as a primary.
+        let s2 = MetaStore::in_memory(1 << 20);
+        s2.secondary_accept(&primary, false).unwrap();
+        assert!(s2.primary_start(true).is_err());
+    }
+
+    #[test]
+    fn generations_round_trip() {
+        let g = Generations {
+            disk_id: u128::MAX - 5,
+            current: 1,
+            bitmap: 2,
+            history: [3, 4, 5, 6],
+            source: 7,
+            epoch: 8,
+            flags: FLAG_INCONSISTENT,
+        };
+        let mut v = Vec::new();
+        g.encode_into(&mut v);
+        assert_eq!(v.len(), GENERATIONS_LEN);
+        assert_eq!(Generations::decode(&v), Some(g));
+    }
+}
