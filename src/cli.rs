@@ -254,9 +254,7 @@ impl Cli {
         if self.role != RoleArg::Secondary && (self.listen.is_some() || self.layer_dir.is_some()) {
             return Err("--listen and --layer-dir only apply to --role secondary".into());
         }
-        if self.role != RoleArg::Primary
-            && (self.dirty_log.is_some() || self.no_dirty_log)
-        {
+        if self.role != RoleArg::Primary && (self.dirty_log.is_some() || self.no_dirty_log) {
             return Err("--dirty-log and --no-dirty-log only apply to --role primary".into());
         }
         if self.dirty_log.is_some() && self.no_dirty_log {

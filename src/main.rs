@@ -13,11 +13,11 @@ use signal_hook::iterator::Signals;
 use colo_blk::cli::{Cli, RoleArg};
 use colo_blk::control::{Controller, Role};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
-use colo_blk::replication::DirtyLog;
 use colo_blk::replication::layers::LayeredDisk;
 use colo_blk::replication::metadata::{self, MetaStore};
 use colo_blk::replication::primary::{Primary, PrimaryOptions, ReplicatedDisk};
 use colo_blk::replication::secondary::{Secondary, SecondaryOptions};
+use colo_blk::replication::DirtyLog;
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
 use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
 

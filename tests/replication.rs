@@ -385,6 +385,9 @@ fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
     let dir = common::tempdir();
     let (_s, port) = start_secondary(dir.path(), "secondary.img", false, 0, &[]);
     let mut sq = Qmp::connect(&dir.path().join("secondary.qmp"));
+    // One hand-rolled primary reconnecting (a different one would be refused: its generations
+    // do not cover what the first one sent).
+    let gens = colo_blk::replication::metadata::Generations::fresh_primary();
     let connect = || {
         let mut t = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let hello = Frame::Hello(Hello {
@@ -394,7 +397,7 @@ fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
             epoch: 0,
             sync: false,
             // What a primary on an image colo-blk has just created announces.
-            gens: colo_blk::replication::metadata::Generations::fresh_primary(),
+            gens,
         });
         t.write_all(&hello.encode()).unwrap();
         let mut h = [0u8; HEADER_LEN];

@@ -104,7 +104,6 @@ impl DirtyBitmap {
     }
 }
 
-
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
@@ -360,7 +359,9 @@ impl DirtyLog {
             (st.generation, st.on_disk.to_bytes())
         };
         let r = match &self.file {
-            Some(f) => f.write_all_at(&bytes, LOG_HEADER).and_then(|()| f.sync_data()),
+            Some(f) => f
+                .write_all_at(&bytes, LOG_HEADER)
+                .and_then(|()| f.sync_data()),
             None => Ok(()),
         };
         match r {

@@ -100,9 +100,12 @@ impl Generations {
         self.flags & FLAG_INCONSISTENT != 0
     }
 
-    /// Whether `g` is this side's current, bitmap or a remembered generation.
+    /// Whether `g` is this side's current, bitmap or a remembered generation. The generation
+    /// of a created disk is no common ancestor: two disks written since are unrelated.
     pub fn knows(&self, g: u64) -> bool {
-        g != 0 && (g == self.current || g == self.bitmap || self.history.contains(&g))
+        g != 0
+            && g != ZERO_GENERATION
+            && (g == self.current || g == self.bitmap || self.history.contains(&g))
     }
 
     pub fn encode_into(&self, out: &mut Vec<u8>) {
@@ -199,7 +202,9 @@ pub const ALLOW_FULL_SYNC_FLAG: &str = "--allow-full-sync";
 pub fn decide(p: &Generations, s: &Generations, allow_full: bool) -> Decision {
     let full_or_refuse = |why: String| {
         if allow_full {
-            Decision::Full(format!("{why}; full sync allowed by {ALLOW_FULL_SYNC_FLAG}"))
+            Decision::Full(format!(
+                "{why}; full sync allowed by {ALLOW_FULL_SYNC_FLAG}"
+            ))
         } else {
             Decision::Refuse(
                 Refusal::FullSyncNeeded,
@@ -213,7 +218,10 @@ pub fn decide(p: &Generations, s: &Generations, allow_full: bool) -> Decision {
     if p.disk_id == s.disk_id && p.disk_id != 0 {
         return Decision::Refuse(
             Refusal::SameDisk,
-            format!("primary and secondary are the same disk (id {:032x})", p.disk_id),
+            format!(
+                "primary and secondary are the same disk (id {:032x})",
+                p.disk_id
+            ),
         );
     }
     if s.inconsistent() {
@@ -442,8 +450,7 @@ impl MetaStore {
                 ))
             }
             _ => {
-                let fresh =
-                    Metadata::fresh(disk_size, if created { ZERO_GENERATION } else { 0 });
+                let fresh = Metadata::fresh(disk_size, if created { ZERO_GENERATION } else { 0 });
                 let store = MetaStore {
                     file: Some((file, path.to_path_buf())),
                     meta: Mutex::new(fresh.clone()),
@@ -581,7 +588,9 @@ impl MetaStore {
     /// A checkpoint completed on the secondary: its disk is the source's checkpoint `epoch`.
     pub fn checkpoint_done(&self, epoch: u64) -> io::Result<Metadata> {
         if self.get().role == DiskRole::FailedOver {
-            return Err(io::Error::other("failed over: no checkpoint of the primary any more"));
+            return Err(io::Error::other(
+                "failed over: no checkpoint of the primary any more",
+            ));
         }
         self.update(|m| {
             let g = &mut m.gens;
@@ -730,43 +739,169 @@ mod tests {
         let z = ZERO_GENERATION;
         let cases: Vec<(&str, Generations, Generations, bool, &str)> = vec![
             // Two fresh disks colo-blk created: equal (zeros), incremental.
-            ("fresh pair", p(10, z, &[], 0), s(z, &[], 0, 0, 0), false, "incremental"),
+            (
+                "fresh pair",
+                p(10, z, &[], 0),
+                s(z, &[], 0, 0, 0),
+                false,
+                "incremental",
+            ),
             // Connected pair after a link loss: the primary took a new current.
-            ("link loss", p(11, 10, &[10], 3), s(10, &[], 10, 3, 0), false, "incremental"),
+            (
+                "link loss",
+                p(11, 10, &[10], 3),
+                s(10, &[], 10, 3, 0),
+                false,
+                "incremental",
+            ),
             // Primary crashed before it recorded checkpoint 4 the secondary completed.
-            ("p behind", p(11, 10, &[10], 3), s(10, &[], 10, 4, 0), false, "incremental"),
+            (
+                "p behind",
+                p(11, 10, &[10], 3),
+                s(10, &[], 10, 4, 0),
+                false,
+                "incremental",
+            ),
             // Primary restarted twice without a session in between.
-            ("two restarts", p(11, 10, &[10], 3), s(10, &[], 11, 3, 0), false, "incremental"),
+            (
+                "two restarts",
+                p(11, 10, &[10], 3),
+                s(10, &[], 11, 3, 0),
+                false,
+                "incremental",
+            ),
             // Secondary's disk older than the primary's last checkpoint.
-            ("old copy", p(11, 10, &[10], 5), s(10, &[], 10, 3, 0), false, "full-sync-needed"),
-            ("old copy allowed", p(11, 10, &[10], 5), s(10, &[], 10, 3, 0), true, "full-sync"),
+            (
+                "old copy",
+                p(11, 10, &[10], 5),
+                s(10, &[], 10, 3, 0),
+                false,
+                "full-sync-needed",
+            ),
+            (
+                "old copy allowed",
+                p(11, 10, &[10], 5),
+                s(10, &[], 10, 3, 0),
+                true,
+                "full-sync",
+            ),
             // A blank disk (no metadata): never in sync.
-            ("blank", p(11, 10, &[10], 3), s(0, &[], 0, 0, 0), false, "full-sync-needed"),
-            ("blank allowed", p(11, 10, &[10], 3), s(0, &[], 0, 0, 0), true, "full-sync"),
+            (
+                "blank",
+                p(11, 10, &[10], 3),
+                s(0, &[], 0, 0, 0),
+                false,
+                "full-sync-needed",
+            ),
+            (
+                "blank allowed",
+                p(11, 10, &[10], 3),
+                s(0, &[], 0, 0, 0),
+                true,
+                "full-sync",
+            ),
             // A fresh disk against a primary that checkpointed since its creation.
-            ("fresh vs old", p(11, 10, &[10], 3), s(z, &[], 0, 0, 0), false, "full-sync-needed"),
+            (
+                "fresh vs old",
+                p(11, 10, &[10], 3),
+                s(z, &[], 0, 0, 0),
+                false,
+                "full-sync-needed",
+            ),
             // Another pair's disk.
-            ("unrelated", p(11, 10, &[10], 3), s(77, &[76], 77, 9, 0), false, "full-sync-needed"),
-            ("unrelated allowed", p(11, 10, &[10], 3), s(77, &[76], 77, 9, 0), true, "full-sync"),
+            (
+                "unrelated",
+                p(11, 10, &[10], 3),
+                s(77, &[76], 77, 9, 0),
+                false,
+                "full-sync-needed",
+            ),
+            (
+                "unrelated allowed",
+                p(11, 10, &[10], 3),
+                s(77, &[76], 77, 9, 0),
+                true,
+                "full-sync",
+            ),
             // A fresh secondary that took another (fresh) primary's stream, then this one.
-            ("other source", p(11, z, &[], 0), s(z, &[], 99, 0, 0), false, "full-sync-needed"),
+            (
+                "other source",
+                p(11, z, &[], 0),
+                s(z, &[], 99, 0, 0),
+                false,
+                "full-sync-needed",
+            ),
             // The secondary failed over (new current 20, old 10 in its history); the old
             // primary comes back: split brain, even when full sync is allowed.
-            ("split brain", p(11, 10, &[10], 3), s(20, &[10], 0, 3, 0), false, "split-brain"),
-            ("split brain forced", p(11, 10, &[10], 3), s(20, &[10], 0, 3, 0), true, "split-brain"),
+            (
+                "split brain",
+                p(11, 10, &[10], 3),
+                s(20, &[10], 0, 3, 0),
+                false,
+                "split-brain",
+            ),
+            (
+                "split brain forced",
+                p(11, 10, &[10], 3),
+                s(20, &[10], 0, 3, 0),
+                true,
+                "split-brain",
+            ),
             // The failed-over side became primary; the old primary's disk is the secondary.
-            ("old primary as secondary", p(21, 0, &[20, 10], 3), {
-                let mut g = s(11, &[10], 0, 3, 0);
-                g.bitmap = 10;
-                g
-            }, true, "split-brain"),
+            (
+                "old primary as secondary",
+                p(21, 0, &[20, 10], 3),
+                {
+                    let mut g = s(11, &[10], 0, 3, 0);
+                    g.bitmap = 10;
+                    g
+                },
+                true,
+                "split-brain",
+            ),
+            // Another primary's disk, created by colo-blk too: unrelated, not a split brain.
+            (
+                "another fresh primary",
+                p(10, z, &[z], 0),
+                {
+                    let mut g = s(66, &[z], 0, 0, 0);
+                    g.bitmap = z;
+                    g
+                },
+                false,
+                "full-sync-needed",
+            ),
             // A stale secondary: the primary has since checkpointed with another one.
-            ("stale", p(12, 12, &[11, 10], 6), s(10, &[], 10, 3, 0), false, "full-sync-needed"),
+            (
+                "stale",
+                p(12, 12, &[11, 10], 6),
+                s(10, &[], 10, 3, 0),
+                false,
+                "full-sync-needed",
+            ),
             // Interrupted full sync from this primary: restarts without the flag.
-            ("resume full", p(12, 11, &[11], 3), s(z, &[], 11, 0, FLAG_INCONSISTENT), false, "full-sync"),
+            (
+                "resume full",
+                p(12, 11, &[11], 3),
+                s(z, &[], 11, 0, FLAG_INCONSISTENT),
+                false,
+                "full-sync",
+            ),
             // Interrupted full sync from someone else.
-            ("foreign inconsistent", p(12, 11, &[11], 3), s(z, &[], 55, 0, FLAG_INCONSISTENT), false, "inconsistent"),
-            ("foreign inconsistent allowed", p(12, 11, &[11], 3), s(z, &[], 55, 0, FLAG_INCONSISTENT), true, "full-sync"),
+            (
+                "foreign inconsistent",
+                p(12, 11, &[11], 3),
+                s(z, &[], 55, 0, FLAG_INCONSISTENT),
+                false,
+                "inconsistent",
+            ),
+            (
+                "foreign inconsistent allowed",
+                p(12, 11, &[11], 3),
+                s(z, &[], 55, 0, FLAG_INCONSISTENT),
+                true,
+                "full-sync",
+            ),
         ];
         for (name, pg, sg, allow, want) in cases {
             let d = decide(&pg, &sg, allow);
@@ -778,7 +913,10 @@ mod tests {
         }
         let mut same = s(10, &[], 10, 3, 0);
         same.disk_id = 1;
-        assert_eq!(decide(&p(11, 10, &[10], 3), &same, true).name(), "same-disk");
+        assert_eq!(
+            decide(&p(11, 10, &[10], 3), &same, true).name(),
+            "same-disk"
+        );
     }
 
     #[test]
@@ -825,9 +963,15 @@ mod tests {
         assert_ne!(f.gens.current, primary.current);
         assert_eq!(f.gens.history[0], primary.current);
         assert_eq!(f.role, DiskRole::FailedOver);
-        assert_eq!(f.roles[..3], [DiskRole::FailedOver, DiskRole::Secondary, DiskRole::None]);
+        assert_eq!(
+            f.roles[..3],
+            [DiskRole::FailedOver, DiskRole::Secondary, DiskRole::None]
+        );
         let p = st.primary_start(true).unwrap();
-        assert_eq!(p.gens.current, f.gens.current, "not the peer's: no new generation");
+        assert_eq!(
+            p.gens.current, f.gens.current,
+            "not the peer's: no new generation"
+        );
         // A secondary's disk cannot start as a primary.
         let s2 = MetaStore::in_memory(1 << 20);
         s2.secondary_accept(&primary, false).unwrap();

@@ -9,10 +9,10 @@
 //! - [`events`]: the QMP events and status answers both roles produce.
 
 pub(crate) mod dirty;
-pub mod metadata;
 pub mod events;
 pub mod layers;
 pub mod link;
+pub mod metadata;
 pub(crate) mod ordering;
 pub mod primary;
 pub mod protocol;

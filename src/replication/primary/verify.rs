@@ -36,7 +36,9 @@ impl Primary {
         {
             let mut v = self.verify_state();
             if v.state == Some("running") {
-                return Err(ReplicationError::Invalid("a verify is already running".into()));
+                return Err(ReplicationError::Invalid(
+                    "a verify is already running".into(),
+                ));
             }
             *v = Verify {
                 session: id,
