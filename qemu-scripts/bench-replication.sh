@@ -83,23 +83,22 @@ RESULTS=$WORKDIR/results.jsonl
 
 run_standalone() {
     rm -f "$WORKDIR/p.img"
-    fallocate -l $SIZE "$WORKDIR/p.img"
     local pid
-    pid=$(start "$WORKDIR/standalone.log" "vhost-user socket listening" --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img")
+    pid=$(start "$WORKDIR/standalone.log" "vhost-user socket listening" --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img" --size $SIZE)
     "$BENCH" --socket "$WORKDIR/p.sock" --workload $WORKLOADS --seconds "$SECONDS_PER" --json --label standalone >>"$RESULTS"
     stop "$pid"
 }
 
 run_primary() {
-    rm -rf "$WORKDIR/p.img" "$WORKDIR/s.img" "$WORKDIR/layers"
-    fallocate -l $SIZE "$WORKDIR/p.img"
-    fallocate -l $SIZE "$WORKDIR/s.img"
+    # colo-blk creates both images (--size): known zero, so the pair starts in sync (images
+    # made by fallocate would carry no replication metadata and need a full sync).
+    rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
     local spid ppid
-    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --image "$WORKDIR/s.img" \
+    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --image "$WORKDIR/s.img" --size $SIZE \
         --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp")
     local port
     port=$(grep -o '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --image "$WORKDIR/p.img" \
+    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --image "$WORKDIR/p.img" --size $SIZE \
         --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp")
     "$BENCH" --socket "$WORKDIR/p.sock" --workload $WORKLOADS --seconds "$SECONDS_PER" --json --label primary >>"$RESULTS"
     qmp "$WORKDIR/p.qmp" replication-checkpoint '{"timeout-ms": 600000}' >/dev/null
@@ -139,14 +138,14 @@ fill() { # SOCKET MIB
 # Checkpoint and failover costs on a secondary with a Secondary VM socket.
 checkpoint_and_failover() { # BUFFERED_MIB SVM_MIB
     local buffered=$1 svm=$2
-    rm -rf "$WORKDIR/p.img" "$WORKDIR/s.img" "$WORKDIR/layers"
-    fallocate -l $SIZE "$WORKDIR/p.img"
-    fallocate -l $SIZE "$WORKDIR/s.img"
+    # colo-blk creates both images (--size): known zero, so the pair starts in sync (images
+    # made by fallocate would carry no replication metadata and need a full sync).
+    rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
     local spid ppid port
-    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --image "$WORKDIR/s.img" \
+    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --image "$WORKDIR/s.img" --size $SIZE \
         --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp" --socket "$WORKDIR/svm.sock")
     port=$(grep -o '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --image "$WORKDIR/p.img" \
+    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --image "$WORKDIR/p.img" --size $SIZE \
         --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp")
     # Fill the hidden layer: sequential 1 MiB primary writes over the first BUFFERED_MIB of the
     # disk, long enough to cover it (query-replication below reports what is buffered).

@@ -196,9 +196,14 @@ impl Setup {
 
     /// The secondary with a vhost-user socket (svm.sock). `port` 0 picks a free one.
     fn secondary(&self, port: u16) -> (Backend, u16) {
+        self.secondary_with(port, &[])
+    }
+
+    /// [`Setup::secondary`] with more arguments.
+    fn secondary_with(&self, port: u16, extra: &[&str]) -> (Backend, u16) {
         let listen = format!("127.0.0.1:{port}");
         let size = DISK.to_string();
-        let args = [
+        let mut args = vec![
             "--role",
             "secondary",
             "--image",
@@ -218,6 +223,7 @@ impl Setup {
             "--peer-timeout-ms",
             "2000",
         ];
+        args.extend_from_slice(extra);
         let b = Backend::start_with(&args, &self.p("svm.sock"));
         let port = b.listen_port();
         (b, port)
@@ -668,7 +674,9 @@ fn ext4_survives_failover() {
     assert!(ok, "mkfs.ext4: {out}");
     std::fs::copy(&primary_img, t.p("secondary.img")).unwrap();
 
-    let (mut secondary, port) = t.secondary(0);
+    // Images colo-blk did not create carry no replication history: the copy is not known to
+    // be equal, so the secondary is allowed a full sync (it copies the same bytes again).
+    let (mut secondary, port) = t.secondary_with(0, &["--allow-full-sync"]);
     let primary = t.primary(port);
     secondary.wait_for_log("connected (epoch");
     let writer = r#"mkdir -p /mnt; mount -t ext4 /dev/vda /mnt || { echo "COLO-FS: mount failed"; exit 1; }
