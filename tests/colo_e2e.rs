@@ -203,21 +203,27 @@ impl Setup {
     fn secondary_with(&self, port: u16, extra: &[&str]) -> (Backend, u16) {
         let listen = format!("127.0.0.1:{port}");
         let size = DISK.to_string();
+        let (img, layers, qmp, sock) = (
+            self.s("secondary.img"),
+            self.s("layers"),
+            self.s("secondary.qmp"),
+            self.s("svm.sock"),
+        );
         let mut args = vec![
             "--role",
             "secondary",
             "--image",
-            &self.s("secondary.img"),
+            &img,
             "--size",
             &size,
             "--listen",
             &listen,
             "--layer-dir",
-            &self.s("layers"),
+            &layers,
             "--qmp",
-            &self.s("secondary.qmp"),
+            &qmp,
             "--socket",
-            &self.s("svm.sock"),
+            &sock,
             "--heartbeat-ms",
             "100",
             "--peer-timeout-ms",
