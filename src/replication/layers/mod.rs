@@ -1,35 +1,44 @@
-//! The secondary's disk buffer: the hidden and active layers of QEMU's block replication design.
+//! The secondary's disk buffer: the hidden and active layers of QEMU's block replication design,
+//! kept on disk so that a restarted secondary still holds them.
 //!
 //! ```text
 //!   Secondary VM reads ──►  active  (SVM writes since the last checkpoint)
 //!                             │ miss
 //!                             ▼
-//!                           hidden  (original content of clusters the primary changed
-//!                             │ miss          since the last checkpoint)
-//!                             ▼
+//!                           hidden 0 … hidden n  (originals of clusters the primary changed
+//!                             │ miss                since the last checkpoint; a new hidden
+//!                             ▼                     layer starts at each tentative COLO cut)
 //!   primary stream ──────►  base    (the secondary disk; always equals the primary's disk)
 //! ```
 //!
-//! - The replicated write stream from the primary ([`LayeredDisk::apply_primary`])
-//!   goes to `base`, after *copy-before-write*: every cluster it touches that the hidden layer
-//!   does not hold yet in this epoch is read from `base` and saved in hidden first. Hidden never
-//!   overwrites a cluster it already holds, so it keeps the content as of the last checkpoint.
+//! - The replicated stream from the primary ([`LayeredDisk::apply_primary_batch`]) goes to
+//!   `base`, after *copy-before-write*: every cluster it touches that the newest hidden layer does
+//!   not hold yet is read from `base` and saved there first, and the hidden layer is synced before
+//!   base is written. A hidden layer never overwrites a cluster it holds.
 //! - The Secondary VM sees [`LayeredDisk`] as a [`BlockDevice`]: per cluster, reads come from
-//!   active if it holds the cluster, else hidden, else base. Its writes go to active (partial
-//!   clusters are read-modify-written from that same view) and never reach base.
-//! - [`LayeredDisk::checkpoint`] drops both layers in constant time: fresh empty layer files are
-//!   swapped in and the old ones are unlinked and closed by a background thread.
-//! - [`LayeredDisk::failover`] writes the SVM's view of every buffered cluster (active, else
-//!   hidden) into base, cluster by cluster while the SVM keeps running, and then serves the SVM
-//!   straight from base: it is a plain standalone disk again.
+//!   active if it holds the cluster, else from the oldest hidden layer holding it, else base. Its
+//!   writes go to active (partial clusters are read-modify-written from that same view) and never
+//!   reach base.
+//! - [`LayeredDisk::checkpoint`] drops every layer cheaply: fresh empty layer files are swapped
+//!   in, the state file names them, and the old files are unlinked by a background thread.
+//! - COLO ([`LayeredDisk::mark`], [`LayeredDisk::commit_mark`]): while the SVM is stopped for a
+//!   checkpoint, each primary device stop starts a new hidden layer (a tentative cut); when the
+//!   SVM restarts with the primary's state of one of them, the layers before it are dropped. Until
+//!   then the view is still the last checkpoint, so an abandoned checkpoint loses nothing.
+//! - [`LayeredDisk::failover`] writes the SVM's view of every buffered cluster into base, cluster
+//!   by cluster while the SVM keeps running, and then serves the SVM straight from base. It is
+//!   recorded before it starts and resumes when a restarted secondary opens the directory.
 //!
-//! Each layer is a sparse file the size of the disk, holding its data at the same offset as on
-//! the disk, plus an in-memory set of the clusters it holds: memory grows with the buffered data,
-//! not with the disk, and the data itself never lives in RAM.
+//! Each layer is a sparse file the size of the disk holding its data at the disk's offsets, with
+//! its index log after the data ([`layer`]); `layers.state` names the current files
+//! ([`state`]). docs/layers.md has the formats and why a crash at any point is recoverable.
+
+mod layer;
+mod state;
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -39,6 +48,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
+
+use layer::{Kind, Layer};
+pub use state::Mark;
+use state::{SavedHidden, SavedStage, SavedState};
 
 use crate::storage::{check_range, fallocate, BlockDevice, Change};
 
@@ -65,111 +78,36 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// A snapshot of the layered disk's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerStats {
-    /// Bytes held by the hidden layer (clusters saved by copy-before-write this epoch).
+    /// Bytes held by the hidden layers (clusters saved by copy-before-write this epoch).
     pub hidden_bytes: u64,
     /// Bytes held by the active layer (clusters the SVM wrote this epoch).
     pub active_bytes: u64,
     /// Cluster size in bytes.
     pub cluster_size: u64,
-    /// Number of checkpoints taken so far.
+    /// The epoch of the last checkpoint.
     pub epoch: u64,
     /// `failover()` has been called: the primary stream and checkpoints are refused. While the
     /// commit runs, `hidden_bytes + active_bytes` is what is left to commit.
     pub failed_over: bool,
 }
 
-/// One layer: a sparse file the size of the disk and the set of clusters it holds.
-struct Layer {
-    file: File,
-    path: PathBuf,
-    /// Indices of the clusters present in this layer.
-    clusters: BTreeSet<u64>,
-    /// No write to the file ever failed, so the regions of clusters that are not present are
-    /// still holes of the fresh file (they read back as zeros): storing an all-zero cluster
-    /// needs no write. Only used for hidden, whose absent clusters are written exactly once.
-    pristine: bool,
+/// A hidden layer and the COLO marker it started at (`None` for the epoch's first).
+struct Hidden {
+    layer: Layer,
+    mark: Option<Mark>,
 }
 
-impl Layer {
-    fn create(path: PathBuf, size: u64) -> io::Result<Layer> {
-        // std opens with O_CLOEXEC.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        // From here on, dropping the layer removes the file.
-        let layer = Layer {
-            file,
-            path,
-            clusters: BTreeSet::new(),
-            pristine: true,
-        };
-        layer.file.set_len(size)?;
-        Ok(layer)
-    }
-
-    fn has(&self, cluster: u64) -> bool {
-        self.clusters.contains(&cluster)
-    }
-
-    /// Stores cluster-aligned `data` at `offset`. On a pristine layer, all-zero clusters are not
-    /// written (their region of the file is still a hole).
-    fn store(&mut self, data: &[u8], offset: u64, cluster_size: usize) -> io::Result<()> {
-        let r = if self.pristine {
-            self.store_nonzero(data, offset, cluster_size)
-        } else {
-            self.file.write_all_at(data, offset)
-        };
-        if r.is_err() {
-            self.pristine = false;
-        }
-        r
-    }
-
-    fn store_nonzero(&self, data: &[u8], offset: u64, cluster_size: usize) -> io::Result<()> {
-        let mut i = 0;
-        while i < data.len() {
-            let e = (i + cluster_size).min(data.len());
-            if is_zero(&data[i..e]) {
-                i = e;
-                continue;
-            }
-            // Extend the run of non-zero clusters and write it in one go.
-            let mut j = e;
-            while j < data.len() {
-                let e = (j + cluster_size).min(data.len());
-                if is_zero(&data[j..e]) {
-                    break;
-                }
-                j = e;
-            }
-            self.file.write_all_at(&data[i..j], offset + i as u64)?;
-            i = j;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Layer {
-    fn drop(&mut self) {
-        // Unlink now; the blocks are freed when `file` is closed right after.
-        if let Err(e) = fs::remove_file(&self.path) {
-            log::warn!("cannot remove layer file {}: {e}", self.path.display());
-        }
-    }
-}
-
-/// The two layers of one epoch.
+/// The layers of one epoch.
 struct Layers {
-    hidden: Layer,
     active: Layer,
+    /// Oldest first; never empty.
+    hidden: Vec<Hidden>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     Active,
-    Hidden,
+    Hidden(usize),
     Base,
 }
 
@@ -177,24 +115,63 @@ impl Layers {
     /// Where the SVM's view of `cluster` lives.
     fn source(&self, cluster: u64) -> Source {
         if self.active.has(cluster) {
-            Source::Active
-        } else if self.hidden.has(cluster) {
-            Source::Hidden
-        } else {
-            Source::Base
+            return Source::Active;
+        }
+        match self.hidden.iter().position(|h| h.layer.has(cluster)) {
+            Some(i) => Source::Hidden(i),
+            None => Source::Base,
         }
     }
 
-    /// The lowest cluster either layer holds.
-    fn first_cluster(&self) -> Option<u64> {
-        match (self.active.clusters.first(), self.hidden.clusters.first()) {
-            (Some(&a), Some(&h)) => Some(a.min(h)),
-            (a, h) => a.or(h).copied(),
+    fn layer(&self, src: Source) -> Option<&Layer> {
+        match src {
+            Source::Active => Some(&self.active),
+            Source::Hidden(i) => self.hidden.get(i).map(|h| &h.layer),
+            Source::Base => None,
         }
+    }
+
+    /// The layer copy-before-write saves into.
+    fn newest_hidden(&mut self) -> &mut Layer {
+        let last = self.hidden.len() - 1;
+        &mut self.hidden[last].layer
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Layer> {
+        std::iter::once(&self.active).chain(self.hidden.iter().map(|h| &h.layer))
+    }
+
+    /// The lowest cluster any layer holds.
+    fn first_cluster(&self) -> Option<u64> {
+        self.all().filter_map(|l| l.clusters.first().copied()).min()
     }
 
     fn is_empty(&self) -> bool {
-        self.active.clusters.is_empty() && self.hidden.clusters.is_empty()
+        self.all().all(|l| l.clusters.is_empty())
+    }
+
+    /// Drops `cluster` from every layer (it was committed to base).
+    fn remove(&mut self, cluster: u64) {
+        self.active.clusters.remove(&cluster);
+        for h in &mut self.hidden {
+            h.layer.clusters.remove(&cluster);
+        }
+    }
+
+    /// From now on the files outlive the process (the state file names them).
+    fn keep_files(&mut self) {
+        self.active.discard_on_drop = false;
+        for h in &mut self.hidden {
+            h.layer.discard_on_drop = false;
+        }
+    }
+
+    /// These layers are no longer needed: their files go when they are dropped.
+    fn discard_files(&mut self) {
+        self.active.discard_on_drop = true;
+        for h in &mut self.hidden {
+            h.layer.discard_on_drop = true;
+        }
     }
 }
 
@@ -228,7 +205,7 @@ struct State {
 /// All methods take `&self` and are internally synchronised: the thread applying the primary's
 /// stream, the SVM's queue threads and the thread driving checkpoints and failover can share it.
 /// SVM reads run concurrently with each other; everything else is serialised by one lock (held
-/// per request, or per small batch of clusters during failover).
+/// per request or batch, or per small batch of clusters during failover).
 pub struct LayeredDisk {
     base: Arc<dyn BlockDevice>,
     dir: PathBuf,
@@ -252,12 +229,14 @@ impl fmt::Debug for LayeredDisk {
 }
 
 impl LayeredDisk {
-    /// Builds the layers over `base` in `dir` (created if missing), with `cluster_size` bytes
+    /// Opens the layers over `base` in `dir` (created if missing), with `cluster_size` bytes
     /// per cluster: a power of two between [`MIN_CLUSTER_SIZE`] and [`MAX_CLUSTER_SIZE`]
     /// ([`DEFAULT_CLUSTER_SIZE`] is a good choice).
     ///
-    /// The layer files are `dir/hidden-<n>.img` and `dir/active-<n>.img` (a fresh pair per
-    /// checkpoint, `n` never reusing an existing file); they are removed when dropped.
+    /// A directory that holds a state file is reopened as it was left: the same epoch, the same
+    /// buffered clusters (rollback data and SVM writes), a failover in progress still in
+    /// progress (call [`LayeredDisk::failover`] to finish it). Otherwise fresh layers are made.
+    /// The layer files are `dir/hidden-<n>.img` and `dir/active-<n>.img`.
     pub fn new(
         base: Arc<dyn BlockDevice>,
         dir: impl AsRef<Path>,
@@ -276,6 +255,12 @@ impl LayeredDisk {
         }
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir)?;
+        let saved = SavedState::load(&dir)?;
+        let next_file = layer::layer_files(&dir)?
+            .iter()
+            .filter_map(|n| file_number(n))
+            .max()
+            .map_or(0, |n| n + 1);
         let (tx, rx) = mpsc::channel::<Layers>();
         let reaper = std::thread::Builder::new()
             .name("colo-layer-reaper".into())
@@ -295,16 +280,115 @@ impl LayeredDisk {
                 stage: Stage::Standalone,
                 epoch: 0,
             }),
-            next_file: AtomicU64::new(0),
+            next_file: AtomicU64::new(next_file),
             reaper_tx: Some(tx),
             reaper: Some(reaper),
         };
-        let layers = disk.create_layers()?;
-        disk.state
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .stage = Stage::Buffering(layers);
+        let state = match saved {
+            Some(saved) => disk.reopen(saved)?,
+            None => {
+                let mut layers = disk.create_layers()?;
+                disk.saved(0, SavedStage::Buffering, Some(&layers))
+                    .store(&disk.dir)?;
+                layers.keep_files();
+                State {
+                    stage: Stage::Buffering(layers),
+                    epoch: 0,
+                }
+            }
+        };
+        *disk.state.get_mut().unwrap_or_else(PoisonError::into_inner) = state;
         Ok(disk)
+    }
+
+    /// Rebuilds the state a previous process left in the directory.
+    fn reopen(&self, saved: SavedState) -> io::Result<State> {
+        if saved.capacity != self.capacity || saved.cluster_size != self.cluster_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the layer directory {} belongs to a {}-byte disk with {}-byte clusters \
+                     (this disk: {} bytes, --cluster-size {}); use that cluster size, or a new \
+                     directory for a new disk",
+                    self.dir.display(),
+                    saved.capacity,
+                    saved.cluster_size,
+                    self.capacity,
+                    self.cluster_size
+                ),
+            ));
+        }
+        let mut named: Vec<String> = saved.hidden.iter().map(|h| h.file.clone()).collect();
+        named.extend(saved.active.clone());
+        // Layer files not named are left-overs of a crash between creating and naming them.
+        for f in layer::layer_files(&self.dir)? {
+            if !named.contains(&f) {
+                log::info!("removing stray layer file {f}");
+                fs::remove_file(self.dir.join(&f))?;
+            }
+        }
+        let stage = match (saved.stage, saved.active) {
+            (SavedStage::Standalone, _) => Stage::Standalone,
+            (stage, Some(active)) if !saved.hidden.is_empty() => {
+                let mut removed = BTreeSet::new();
+                let mut hidden = Vec::new();
+                for h in saved.hidden {
+                    let layer = self.open_layer(&h.file, Kind::Hidden, &mut removed)?;
+                    hidden.push(Hidden {
+                        layer,
+                        mark: h.mark,
+                    });
+                }
+                let active = self.open_layer(&active, Kind::Active, &mut removed)?;
+                let mut layers = Layers { active, hidden };
+                for c in removed {
+                    layers.remove(c);
+                }
+                if stage == SavedStage::Committing {
+                    Stage::Committing(layers)
+                } else {
+                    Stage::Buffering(layers)
+                }
+            }
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}/{} names no layers",
+                        self.dir.display(),
+                        state::STATE_FILE
+                    ),
+                ))
+            }
+        };
+        let st = State {
+            stage,
+            epoch: saved.epoch,
+        };
+        let stats = self.stats_of(&st);
+        log::info!(
+            "layers reopened: epoch {}, {} bytes of rollback data, {} bytes of Secondary VM \
+             writes{}",
+            st.epoch,
+            stats.hidden_bytes,
+            stats.active_bytes,
+            match st.stage {
+                Stage::Committing(_) => ", failover in progress",
+                Stage::Standalone => ", failed over",
+                Stage::Buffering(_) => "",
+            }
+        );
+        Ok(st)
+    }
+
+    fn open_layer(&self, name: &str, kind: Kind, removed: &mut BTreeSet<u64>) -> io::Result<Layer> {
+        Layer::open(
+            self.dir.join(name),
+            kind,
+            self.capacity,
+            self.cluster_size,
+            removed,
+        )
     }
 
     /// Cluster size in bytes.
@@ -313,16 +397,26 @@ impl LayeredDisk {
     }
 
     /// Whether `failover()` has been called (the primary stream is refused from then on).
-    #[cfg(test)]
-    fn is_failed_over(&self) -> bool {
+    pub fn is_failed_over(&self) -> bool {
         !matches!(self.read_state().stage, Stage::Buffering(_))
+    }
+
+    /// Whether a failover started and has not completed (a restarted secondary resumes it).
+    pub fn failover_pending(&self) -> bool {
+        matches!(self.read_state().stage, Stage::Committing(_))
     }
 
     /// Current sizes and state.
     pub fn stats(&self) -> LayerStats {
-        let st = self.read_state();
+        self.stats_of(&self.read_state())
+    }
+
+    fn stats_of(&self, st: &State) -> LayerStats {
         let (hidden_bytes, active_bytes) = match st.stage.layers() {
-            Some(l) => (self.layer_bytes(&l.hidden), self.layer_bytes(&l.active)),
+            Some(l) => (
+                l.hidden.iter().map(|h| self.layer_bytes(&h.layer)).sum(),
+                self.layer_bytes(&l.active),
+            ),
             None => (0, 0),
         };
         LayerStats {
@@ -334,78 +428,222 @@ impl LayeredDisk {
         }
     }
 
-    /// Applies a change of the primary's stream: copy-before-write into hidden of every
-    /// cluster it touches, then the change on base. A discard becomes a write-zeroes with unmap
-    /// on base, so that base stays byte-identical to the primary's raw image, which reads zeros
-    /// after a discard. A flush makes base and both layers durable.
-    ///
-    /// Fails once `failover()` has been called.
-    pub fn apply_primary(&self, change: &Change<&[u8]>) -> io::Result<()> {
-        if let Change::Flush = change {
-            if !matches!(self.read_state().stage, Stage::Buffering(_)) {
-                return Err(replication_over());
-            }
-            return self.flush();
+    /// The tentative COLO cuts (markers received while the SVM was stopped), oldest first.
+    pub fn marks(&self) -> Vec<Mark> {
+        match self.read_state().stage.layers() {
+            Some(l) => l.hidden.iter().filter_map(|h| h.mark.clone()).collect(),
+            None => Vec::new(),
         }
-        let (offset, len) = change.range();
-        check_range(self.capacity, offset, len)?;
+    }
+
+    /// Applies one change of the primary's stream (see [`LayeredDisk::apply_primary_batch`]).
+    pub fn apply_primary(&self, change: &Change<&[u8]>) -> io::Result<()> {
+        self.apply_primary_batch(std::slice::from_ref(change))
+    }
+
+    /// Applies changes of the primary's stream, in order: copy-before-write into the newest
+    /// hidden layer of every cluster they touch, one sync of that layer, then the changes on
+    /// base. A discard becomes a write-zeroes with unmap on base, so that base stays
+    /// byte-identical to the primary's raw image, which reads zeros after a discard. A flush
+    /// makes everything before it durable on base.
+    ///
+    /// On an error the changes before the failing one are applied. Fails once `failover()`
+    /// has been called.
+    pub fn apply_primary_batch(&self, changes: &[Change<&[u8]>]) -> io::Result<()> {
+        for run in changes.split_inclusive(|c| matches!(c, Change::Flush)) {
+            let (writes, flush) = match run.split_last() {
+                Some((Change::Flush, rest)) => (rest, true),
+                _ => (run, false),
+            };
+            // Validate first: the changes before a bad one are still applied.
+            let valid = writes
+                .iter()
+                .position(|c| {
+                    let (o, l) = c.range();
+                    check_range(self.capacity, o, l).is_err()
+                })
+                .unwrap_or(writes.len());
+            self.apply_writes(&writes[..valid])?;
+            if let Some(bad) = writes.get(valid) {
+                let (o, l) = bad.range();
+                return check_range(self.capacity, o, l);
+            }
+            if flush {
+                if !matches!(self.read_state().stage, Stage::Buffering(_)) {
+                    return Err(replication_over());
+                }
+                self.base.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy-before-write and base writes of validated, flush-free changes.
+    fn apply_writes(&self, writes: &[Change<&[u8]>]) -> io::Result<()> {
         let mut st = self.write_state();
         let Stage::Buffering(layers) = &mut st.stage else {
             return Err(replication_over());
         };
-        if len == 0 {
-            return Ok(()); // (a raw image's fallocate refuses empty ranges)
+        let hidden = layers.newest_hidden();
+        for c in writes {
+            let (offset, len) = c.range();
+            self.save_originals(hidden, offset, len)?;
         }
-        self.save_originals(&mut layers.hidden, offset, len)?;
-        match *change {
-            Change::Write { offset, data } => self.base.write_at(data, offset),
-            Change::WriteZeroes { offset, len, unmap } => {
-                self.base.write_zeroes(offset, len, unmap)
+        if hidden.has_pending() {
+            // The originals are on the disk before any of them is overwritten in base.
+            hidden.sync()?;
+        }
+        for c in writes {
+            match *c {
+                Change::Write { offset, data } => self.base.write_at(data, offset)?,
+                // (a raw image's fallocate refuses empty ranges)
+                Change::WriteZeroes { len: 0, .. } | Change::Discard { len: 0, .. } => {}
+                Change::WriteZeroes { offset, len, unmap } => {
+                    self.base.write_zeroes(offset, len, unmap)?
+                }
+                Change::Discard { offset, len } => self.base.write_zeroes(offset, len, true)?,
+                Change::Flush => {}
             }
-            Change::Discard { offset, len } => self.base.write_zeroes(offset, len, true),
-            Change::Flush => unreachable!("handled above"),
         }
+        Ok(())
     }
 
-    /// Checkpoint: base now equals the primary's disk and becomes the SVM's view; both layers
-    /// are dropped. Fresh empty layer files are swapped in under the lock and the old ones are
-    /// unlinked and closed by a background thread, so the call costs the same whatever the
-    /// amount of buffered data.
+    /// Checkpoint: base now equals the primary's disk and becomes the SVM's view; every layer
+    /// is dropped. Base is synced, fresh empty layer files are swapped in and named in the state
+    /// file, and the old files are unlinked by a background thread, so the call costs the same
+    /// whatever the amount of buffered data.
     ///
     /// Fails once `failover()` has been called.
     pub fn checkpoint(&self) -> io::Result<()> {
+        self.cut(None)
+    }
+
+    /// COLO: the primary's device stopped at `mark` while the SVM is stopped. A new hidden
+    /// layer starts here, so that the disk can both still roll back to the last checkpoint
+    /// (if this checkpoint is abandoned) and later be cut here ([`LayeredDisk::commit_mark`]).
+    pub fn mark(&self, mark: Mark) -> io::Result<()> {
+        let mut fresh = Layer::create(self.new_hidden_file(), Kind::Hidden, self.capacity)?;
+        let mut st = self.write_state();
+        let epoch = st.epoch;
+        let Stage::Buffering(layers) = &mut st.stage else {
+            return Err(replication_over());
+        };
+        let mut saved = self.saved(epoch, SavedStage::Buffering, Some(layers));
+        saved.hidden.push(SavedHidden {
+            file: fresh.file_name(),
+            mark: Some(mark.clone()),
+        });
+        // Recorded first; on an error nothing changed (the new file goes with `fresh`).
+        saved.store(&self.dir)?;
+        fresh.discard_on_drop = false;
+        layers.hidden.push(Hidden {
+            layer: fresh,
+            mark: Some(mark),
+        });
+        Ok(())
+    }
+
+    /// COLO: the SVM runs the primary's state of the tentative cut `epoch` ([`LayeredDisk::mark`]):
+    /// the checkpoint is complete. The active layer and the hidden layers older than the cut
+    /// are dropped; the view is now the primary's disk at the cut.
+    pub fn commit_mark(&self, epoch: u64) -> io::Result<()> {
+        self.cut(Some(epoch))
+    }
+
+    /// Drops the active layer and the hidden layers before the cut (all of them without one).
+    fn cut(&self, mark: Option<u64>) -> io::Result<()> {
         if !matches!(self.read_state().stage, Stage::Buffering(_)) {
             return Err(replication_over());
         }
+        // What the cut keeps must be durable before the layers holding the rest go.
+        self.base.flush()?;
         // Create the new files before taking the lock, so the swap is all the lock covers.
-        let fresh = self.create_layers()?;
-        let old = {
-            let mut st = self.write_state();
-            let Stage::Buffering(layers) = &mut st.stage else {
-                drop(st);
-                drop(fresh);
-                return Err(replication_over());
-            };
-            let old = std::mem::replace(layers, fresh);
-            st.epoch += 1;
-            old
+        let Layers {
+            active: mut fresh_active,
+            hidden: fresh_hidden,
+        } = self.create_layers()?;
+        let mut st = self.write_state();
+        let epoch_before = st.epoch;
+        let Stage::Buffering(layers) = &mut st.stage else {
+            return Err(replication_over());
         };
+        let keep_from = match mark {
+            None => layers.hidden.len(),
+            Some(epoch) => layers
+                .hidden
+                .iter()
+                .position(|h| h.mark.as_ref().is_some_and(|m| m.epoch == epoch))
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("no tentative cut for epoch {epoch}"),
+                    )
+                })?,
+        };
+        let epoch = mark.unwrap_or(epoch_before + 1);
+        // The layers after the cut, recorded first: on an error nothing has changed.
+        let kept_names: Vec<SavedHidden> = if keep_from < layers.hidden.len() {
+            layers.hidden[keep_from..]
+                .iter()
+                .enumerate()
+                .map(|(i, h)| SavedHidden {
+                    file: h.layer.file_name(),
+                    // The kept layer becomes the epoch's first.
+                    mark: if i == 0 { None } else { h.mark.clone() },
+                })
+                .collect()
+        } else {
+            fresh_hidden
+                .iter()
+                .map(|h| SavedHidden {
+                    file: h.layer.file_name(),
+                    mark: None,
+                })
+                .collect()
+        };
+        let mut saved = SavedState::new(self.capacity, self.cluster_size);
+        saved.epoch = epoch;
+        saved.active = Some(fresh_active.file_name());
+        saved.hidden = kept_names;
+        saved.store(&self.dir)?;
+
+        let mut kept = layers.hidden.split_off(keep_from);
+        let mut unused = Vec::new();
+        if kept.is_empty() {
+            kept = fresh_hidden;
+        } else {
+            unused = fresh_hidden;
+        }
+        kept[0].mark = None;
+        for h in &mut kept {
+            h.layer.discard_on_drop = false;
+        }
+        fresh_active.discard_on_drop = false;
+        let mut old = Layers {
+            active: std::mem::replace(&mut layers.active, fresh_active),
+            hidden: std::mem::replace(&mut layers.hidden, kept),
+        };
+        st.epoch = epoch;
+        drop(st);
+        old.hidden.append(&mut unused);
+        old.discard_files();
         self.reap(old);
         Ok(())
     }
 
     /// Failover: commits the SVM's view to base and turns the disk into plain `base`.
     ///
-    /// The primary stream and checkpoints are refused from the start. Every cluster held by a
-    /// layer gets its view (active if present, else hidden) written to base, a small batch of
-    /// clusters per lock acquisition, so the SVM keeps being served meanwhile and sees the same
-    /// content at every step. With no SVM writes this rolls the disk back to the last
-    /// checkpoint. Base is flushed, the layers are dropped, and from then on SVM I/O goes
-    /// straight to base.
+    /// The primary stream and checkpoints are refused from the start, which the state file
+    /// records. Every cluster held by a layer gets its view (active if present, else the oldest
+    /// hidden layer holding it) written to base, a small batch of clusters per lock acquisition,
+    /// so the SVM keeps being served meanwhile and sees the same content at every step. With no
+    /// SVM writes this rolls the disk back to the last checkpoint. Base is synced, the state
+    /// file says standalone, the layers are dropped, and from then on SVM I/O goes straight to
+    /// base.
     ///
-    /// Idempotent; after an I/O error, calling it again resumes the commit.
+    /// Idempotent; after an I/O error or a restart, calling it again resumes the commit.
     pub fn failover(&self) -> io::Result<()> {
-        if !self.begin_failover() {
+        if !self.begin_failover()? {
             return Ok(());
         }
         let per_batch = (COMMIT_BATCH / self.cluster_size).max(1) as usize;
@@ -417,36 +655,43 @@ impl LayeredDisk {
         self.base.flush()?;
         let old = {
             let mut st = self.write_state();
-            match std::mem::replace(&mut st.stage, Stage::Standalone) {
-                Stage::Committing(l) if l.is_empty() => Some(l),
-                other => {
-                    st.stage = other;
-                    None
+            match &st.stage {
+                Stage::Committing(l) if l.is_empty() => {
+                    self.saved(st.epoch, SavedStage::Standalone, None)
+                        .store(&self.dir)?;
+                    match std::mem::replace(&mut st.stage, Stage::Standalone) {
+                        Stage::Committing(l) => Some(l),
+                        _ => None,
+                    }
                 }
+                _ => None,
             }
         };
-        if let Some(old) = old {
+        if let Some(mut old) = old {
+            old.discard_files();
             self.reap(old);
             log::info!("failover: done, serving the disk directly");
         }
         Ok(())
     }
 
-    /// Refuses the primary stream from now on. Returns false if there is nothing to commit
-    /// (a previous failover completed).
-    fn begin_failover(&self) -> bool {
+    /// Refuses the primary stream from now on (recorded in the state file). Returns false if
+    /// there is nothing to commit (a previous failover completed).
+    fn begin_failover(&self) -> io::Result<bool> {
         let mut st = self.write_state();
-        match std::mem::replace(&mut st.stage, Stage::Standalone) {
+        match &st.stage {
             Stage::Buffering(l) => {
-                st.stage = Stage::Committing(l);
+                // Recorded first: a restarted secondary resumes the commit.
+                self.saved(st.epoch, SavedStage::Committing, Some(l))
+                    .store(&self.dir)?;
+                if let Stage::Buffering(l) = std::mem::replace(&mut st.stage, Stage::Standalone) {
+                    st.stage = Stage::Committing(l);
+                }
                 log::info!("failover: committing the secondary's layers to the disk");
-                true
+                Ok(true)
             }
-            Stage::Committing(l) => {
-                st.stage = Stage::Committing(l);
-                true
-            }
-            Stage::Standalone => false,
+            Stage::Committing(_) => Ok(true),
+            Stage::Standalone => Ok(false),
         }
     }
 
@@ -475,22 +720,61 @@ impl LayeredDisk {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// What the state file says for these layers.
+    fn saved(&self, epoch: u64, stage: SavedStage, layers: Option<&Layers>) -> SavedState {
+        let mut saved = SavedState::new(self.capacity, self.cluster_size);
+        saved.epoch = epoch;
+        saved.stage = stage;
+        if let Some(l) = layers {
+            saved.active = Some(l.active.file_name());
+            saved.hidden = l
+                .hidden
+                .iter()
+                .map(|h| SavedHidden {
+                    file: h.layer.file_name(),
+                    mark: h.mark.clone(),
+                })
+                .collect();
+        }
+        saved
+    }
+
+    /// A fresh file name for a hidden layer of a tentative cut.
+    fn new_hidden_file(&self) -> PathBuf {
+        loop {
+            let n = self.next_file.fetch_add(1, Ordering::Relaxed);
+            let path = self.dir.join(format!("hidden-{n}.img"));
+            if !path.exists() {
+                return path;
+            }
+        }
+    }
+
+    /// A fresh pair of empty layers, `hidden-<n>.img` and `active-<n>.img` (`n` never reusing
+    /// an existing file's name).
     fn create_layers(&self) -> io::Result<Layers> {
         loop {
             let n = self.next_file.fetch_add(1, Ordering::Relaxed);
-            let create =
-                |kind: &str| Layer::create(self.dir.join(format!("{kind}-{n}.img")), self.capacity);
-            let hidden = match create("hidden") {
+            let create = |kind: &str, k: Kind| {
+                Layer::create(self.dir.join(format!("{kind}-{n}.img")), k, self.capacity)
+            };
+            let hidden = match create("hidden", Kind::Hidden) {
                 Ok(l) => l,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             };
-            let active = match create("active") {
+            let active = match create("active", Kind::Active) {
                 Ok(l) => l,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             };
-            return Ok(Layers { hidden, active });
+            return Ok(Layers {
+                active,
+                hidden: vec![Hidden {
+                    layer: hidden,
+                    mark: None,
+                }],
+            });
         }
     }
 
@@ -526,8 +810,8 @@ impl LayeredDisk {
         bytes
     }
 
-    /// Copy-before-write: saves in hidden the current base content of every cluster of the
-    /// range that hidden does not hold yet. Never touches a cluster hidden already holds.
+    /// Copy-before-write: saves in `hidden` the current base content of every cluster of the
+    /// range that it does not hold yet. Never touches a cluster it already holds.
     fn save_originals(&self, hidden: &mut Layer, offset: u64, len: u64) -> io::Result<()> {
         let cs = self.cluster_size;
         let range = self.clusters(offset, len);
@@ -547,8 +831,7 @@ impl LayeredDisk {
             let stop = (end * cs).min(self.capacity);
             buf.resize((stop - start) as usize, 0);
             self.base.read_at(&mut buf, start)?;
-            hidden.store(&buf, start, cs as usize)?;
-            hidden.clusters.extend(c..end);
+            hidden.save(&buf, c, cs as usize)?;
             c = end;
         }
         Ok(())
@@ -566,18 +849,17 @@ impl LayeredDisk {
                 run_end = (run_end + cs).min(end);
             }
             let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
-            match src {
-                Source::Active => layers.active.file.read_exact_at(dst, pos)?,
-                Source::Hidden => layers.hidden.file.read_exact_at(dst, pos)?,
-                Source::Base => self.base.read_at(dst, pos)?,
+            match layers.layer(src) {
+                Some(l) => l.file.read_exact_at(dst, pos)?,
+                None => self.base.read_at(dst, pos)?,
             }
             pos = run_end;
         }
         Ok(())
     }
 
-    /// Reads one cluster of the view from a layer (not from base) into `buf`.
-    fn read_layer_cluster(
+    /// Reads one cluster of the view from `src` into `buf`.
+    fn read_cluster(
         &self,
         layers: &Layers,
         src: Source,
@@ -586,14 +868,13 @@ impl LayeredDisk {
     ) -> io::Result<()> {
         let (start, len) = self.span(cluster);
         buf.resize(len, 0);
-        match src {
-            Source::Active => layers.active.file.read_exact_at(buf, start),
-            Source::Hidden => layers.hidden.file.read_exact_at(buf, start),
-            Source::Base => self.base.read_at(buf, start),
+        match layers.layer(src) {
+            Some(l) => l.file.read_exact_at(buf, start),
+            None => self.base.read_at(buf, start),
         }
     }
 
-    /// Failover step: writes the view of `cluster` to base and drops it from both layers.
+    /// Failover step: writes the view of `cluster` to base and drops it from every layer.
     fn commit_cluster(
         &self,
         layers: &mut Layers,
@@ -602,11 +883,13 @@ impl LayeredDisk {
     ) -> io::Result<()> {
         let src = layers.source(cluster);
         if src != Source::Base {
-            self.read_layer_cluster(layers, src, cluster, buf)?;
+            self.read_cluster(layers, src, cluster, buf)?;
             self.base.write_at(buf, cluster * self.cluster_size)?;
         }
-        layers.active.clusters.remove(&cluster);
-        layers.hidden.clusters.remove(&cluster);
+        layers.remove(cluster);
+        // Logged at the next flush, after base: an SVM write flushed over the committed cluster
+        // is never overwritten by a resumed failover.
+        layers.active.note_removed(cluster);
         Ok(())
     }
 
@@ -658,9 +941,9 @@ impl LayeredDisk {
                 continue;
             }
             let src = layers.source(c);
-            self.read_layer_cluster(layers, src, c, &mut buf)?;
+            self.read_cluster(layers, src, c, &mut buf)?;
             layers.active.file.write_all_at(&buf, start)?;
-            layers.active.clusters.insert(c);
+            layers.active.add(c);
         }
         match change {
             Change::Write { data, .. } => layers.active.file.write_all_at(data, offset)?,
@@ -670,8 +953,31 @@ impl LayeredDisk {
             }
             Change::Flush => {}
         }
-        layers.active.clusters.extend(range);
+        for c in range {
+            layers.active.add(c);
+        }
         Ok(())
+    }
+
+    /// Makes the SVM's completed writes durable, with their index records; during a failover,
+    /// also the record of what was committed (after base, see [`Self::commit_cluster`]).
+    fn flush_layers(&self) -> io::Result<()> {
+        let mut st = self.write_state();
+        match &mut st.stage {
+            Stage::Buffering(layers) => {
+                for h in &mut layers.hidden {
+                    if h.layer.has_pending() {
+                        h.layer.sync()?;
+                    }
+                }
+                layers.active.sync()
+            }
+            Stage::Committing(layers) => {
+                self.base.flush()?;
+                layers.active.sync()
+            }
+            Stage::Standalone => Ok(()),
+        }
     }
 }
 
@@ -697,19 +1003,7 @@ impl BlockDevice for LayeredDisk {
     }
 
     fn flush(&self) -> io::Result<()> {
-        // Sync duplicates of the layer descriptors outside the lock: a long fsync must not
-        // stall the primary stream (and, behind its waiting write lock, the SVM's reads).
-        let files = {
-            let st = self.read_state();
-            match st.stage.layers() {
-                Some(l) => Some((l.active.file.try_clone()?, l.hidden.file.try_clone()?)),
-                None => None,
-            }
-        };
-        if let Some((active, hidden)) = files {
-            active.sync_data()?;
-            hidden.sync_data()?;
-        }
+        self.flush_layers()?;
         self.base.flush()
     }
 
@@ -725,6 +1019,7 @@ impl BlockDevice for LayeredDisk {
 impl Drop for LayeredDisk {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        // The current layers stay on disk: the state file names them.
         drop(std::mem::replace(&mut st.stage, Stage::Standalone));
         // Closing the channel ends the reaper once it has dropped what it was given.
         drop(self.reaper_tx.take());
@@ -734,12 +1029,13 @@ impl Drop for LayeredDisk {
     }
 }
 
-fn replication_over() -> io::Error {
-    io::Error::other("replication is over: the secondary has failed over")
+/// The number in a layer file's name (`hidden-12.img` → 12).
+fn file_number(name: &str) -> Option<u64> {
+    name.strip_suffix(".img")?.rsplit('-').next()?.parse().ok()
 }
 
-fn is_zero(data: &[u8]) -> bool {
-    data.iter().all(|&b| b == 0)
+fn replication_over() -> io::Error {
+    io::Error::other("replication is over: the secondary has failed over")
 }
 
 /// Makes `[offset, offset + len)` of a layer file read back as zeros, freeing the blocks when

@@ -2,6 +2,7 @@
 use super::*;
 use crate::storage::{RawImage, RawImageOptions};
 use proptest::prelude::*;
+use std::fs::OpenOptions;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -306,7 +307,7 @@ fn run_model(cluster_size: u64, capacity: u64, ops: &[Op]) -> Result<(), TestCas
                 }
             }
             Op::FailoverPartial { clusters: n } => {
-                if ld.begin_failover() {
+                if ld.begin_failover().unwrap() {
                     mode = Mode::Committing;
                     ld.commit_batch(n as usize, &mut Vec::new()).unwrap();
                     for _ in 0..n {
@@ -361,7 +362,9 @@ fn run_model(cluster_size: u64, capacity: u64, ops: &[Op]) -> Result<(), TestCas
     let _ = checkpoint;
     ld.flush().unwrap();
     drop(ld);
-    prop_assert!(layer_files(&ld_dir).is_empty(), "layer files left behind");
+    // Old layers are gone; the current ones stay for a restart (none once standalone).
+    let want = if mode == Mode::Standalone { 0 } else { 2 };
+    prop_assert_eq!(layer_files(&ld_dir).len(), want, "layer files left behind");
     Ok(())
 }
 
@@ -456,10 +459,11 @@ fn hidden_does_not_store_zero_clusters() {
     // The base is a fresh sparse image: the originals are all zeros.
     ld.primary_write(0, &vec![0xee; 8 << 20]).unwrap();
     let st = ld.read_state();
-    let hidden = &st.stage.layers().unwrap().hidden;
+    let hidden = &st.stage.layers().unwrap().hidden[0].layer;
     assert_eq!(hidden.clusters.len(), 128);
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(hidden.file.metadata().unwrap().blocks(), 0);
+    // Only the index log (128 records of 24 bytes, after the data region) takes space.
+    assert!(hidden.file.metadata().unwrap().blocks() * 512 <= 4096);
     drop(st);
     assert_eq!(read(&ld, 0, 8 << 20), vec![0; 8 << 20]);
 }
@@ -543,7 +547,12 @@ fn layer_files_are_named_rotated_and_removed() {
         1 << 20
     );
     drop(ld);
-    assert_eq!(layer_files(&dir), ["active-0.img"]);
+    // The current layers outlive the process (the state file names them); the stale file is
+    // still not ours.
+    assert_eq!(
+        layer_files(&dir),
+        ["active-0.img", "active-2.img", "hidden-2.img"]
+    );
     assert_eq!(fs::read(dir.join("active-0.img")).unwrap(), b"not ours");
 }
 
@@ -633,8 +642,7 @@ fn concurrent_stream_svm_and_failover() {
                             // A read over many runs; only ours are checked.
                             let first = r.saturating_sub(20);
                             let last = (r + 20).min(runs - 1);
-                            let got =
-                                read(&*ld, first * RUN, ((last - first + 1) * RUN) as usize);
+                            let got = read(&*ld, first * RUN, ((last - first + 1) * RUN) as usize);
                             for rr in (first..=last).filter(|&rr| mine(rr)) {
                                 let a = ((rr - first) * RUN) as usize;
                                 let b = (rr * RUN) as usize;
@@ -772,4 +780,147 @@ fn checkpoint_drop_timing() {
             size >> 20
         );
     }
+}
+
+// ---- restart and COLO cuts ----
+
+/// Opens the layer directory again as a restarted secondary does; the old process "died":
+/// its disk is leaked, no destructor runs (as after SIGKILL).
+fn restart(base: &Arc<RawImage>, dir: &Path, cs: u64, old: LayeredDisk) -> LayeredDisk {
+    std::mem::forget(old);
+    LayeredDisk::new(base.clone(), dir, cs).unwrap()
+}
+
+#[test]
+fn a_restart_mid_epoch_keeps_the_rollback_and_the_flushed_svm_writes() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    let dir = tmp.path().join("layers");
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    ld.primary_write(0, &pattern(2, 0, 64 << 10)).unwrap();
+    ld.checkpoint().unwrap();
+    let at_checkpoint = read_all(&*base);
+    ld.primary_write(8192, &pattern(3, 8192, 200_000)).unwrap();
+    let svm = pattern(4, 0, 10_000);
+    ld.write_at(&svm, 300_000).unwrap();
+    ld.flush().unwrap();
+    // Not flushed: may be forgotten by the restart.
+    ld.write_at(&pattern(5, 0, 4096), 600 << 10).unwrap();
+    let ld = restart(&base, &dir, 4096, ld);
+    assert_eq!(ld.stats().epoch, 1);
+    let mut want = at_checkpoint.clone();
+    want[300_000..310_000].copy_from_slice(&svm);
+    let view = read_all(&ld);
+    let unflushed = (600 << 10)..(604 << 10);
+    let mut masked = view.clone();
+    masked[unflushed.clone()].copy_from_slice(&want[unflushed.clone()]);
+    assert!(first_diff(&masked, &want).is_none(), "view after restart");
+    // The stream goes on after the restart: copy-before-write still keeps the checkpoint.
+    ld.primary_write(0, &pattern(6, 0, 1 << 20)).unwrap();
+    ld.failover().unwrap();
+    let mut disk = read_all(&*base);
+    disk[unflushed.clone()].copy_from_slice(&want[unflushed]);
+    assert!(first_diff(&disk, &want).is_none(), "failover after restart");
+}
+
+#[test]
+fn an_interrupted_failover_resumes_after_a_restart() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    let dir = tmp.path().join("layers");
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    let at_checkpoint = read_all(&*base);
+    ld.primary_write(0, &pattern(2, 0, 512 << 10)).unwrap();
+    let svm = pattern(3, 0, 8192);
+    ld.write_at(&svm, 100_000).unwrap();
+    ld.flush().unwrap();
+    let mut want = at_checkpoint.clone();
+    want[100_000..108_192].copy_from_slice(&svm);
+    assert!(ld.begin_failover().unwrap());
+    ld.commit_batch(10, &mut Vec::new()).unwrap();
+    // The SVM writes through a half-committed disk, flushes, and the process dies.
+    let late = pattern(4, 0, 4096);
+    ld.write_at(&late, 200 << 10).unwrap();
+    ld.flush().unwrap();
+    want[200 << 10..204 << 10].copy_from_slice(&late);
+    let ld = restart(&base, &dir, 4096, ld);
+    assert!(ld.failover_pending());
+    assert!(ld.apply_primary(&Change::Flush).is_err(), "stream refused");
+    assert!(
+        first_diff(&read_all(&ld), &want).is_none(),
+        "view mid-failover"
+    );
+    ld.failover().unwrap();
+    assert!(!ld.failover_pending());
+    assert!(first_diff(&read_all(&*base), &want).is_none());
+    let ld = restart(&base, &dir, 4096, ld);
+    assert!(ld.is_failed_over() && !ld.failover_pending());
+    assert!(layer_files(&dir).is_empty());
+}
+
+fn mark(epoch: u64) -> Mark {
+    Mark {
+        epoch,
+        bases: vec![epoch as u16],
+    }
+}
+
+/// A COLO checkpoint: the SVM is stopped, the primary's marker starts a tentative cut, the
+/// stream goes on, and the SVM restarts with the primary's state: the view is the disk at the
+/// marker. Across a restart too.
+#[test]
+fn a_committed_cut_is_the_disk_at_the_marker() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    let dir = tmp.path().join("layers");
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    ld.primary_write(0, &pattern(2, 0, 100_000)).unwrap();
+    ld.write_at(&pattern(3, 0, 5000), 500_000).unwrap();
+    ld.mark(mark(1)).unwrap();
+    let at_marker = read_all(&*base);
+    ld.primary_write(50_000, &pattern(4, 0, 100_000)).unwrap();
+    let ld = restart(&base, &dir, 4096, ld);
+    assert_eq!(ld.marks(), [mark(1)]);
+    ld.commit_mark(1).unwrap();
+    assert_eq!(ld.stats().epoch, 1);
+    assert_eq!(ld.stats().active_bytes, 0);
+    assert!(ld.marks().is_empty());
+    assert!(
+        first_diff(&read_all(&ld), &at_marker).is_none(),
+        "view is the cut"
+    );
+    ld.failover().unwrap();
+    assert!(first_diff(&read_all(&*base), &at_marker).is_none());
+    assert!(ld.commit_mark(1).is_err());
+}
+
+/// An abandoned checkpoint (the primary died before the SVM got its state): the tentative cuts
+/// change nothing; failover gives the last checkpoint plus the SVM's writes.
+#[test]
+fn abandoned_cuts_keep_the_last_checkpoint() {
+    let (_tmp, base, ld) = setup(1 << 20, 4096);
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    let at_checkpoint = read_all(&*base);
+    ld.primary_write(0, &pattern(2, 0, 100_000)).unwrap();
+    let svm = pattern(3, 0, 5000);
+    ld.write_at(&svm, 500_000).unwrap();
+    ld.mark(mark(1)).unwrap();
+    ld.primary_write(50_000, &pattern(4, 0, 100_000)).unwrap();
+    ld.mark(mark(2)).unwrap();
+    ld.primary_write(0, &pattern(5, 0, 300_000)).unwrap();
+    assert_eq!(ld.marks(), [mark(1), mark(2)]);
+    let mut want = at_checkpoint.clone();
+    want[500_000..505_000].copy_from_slice(&svm);
+    assert!(
+        first_diff(&read_all(&ld), &want).is_none(),
+        "view unchanged"
+    );
+    assert!(ld.commit_mark(7).is_err(), "no such cut");
+    ld.failover().unwrap();
+    assert!(first_diff(&read_all(&*base), &want).is_none());
+}
+
+#[test]
+fn a_layer_directory_of_another_geometry_is_refused() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    drop(ld);
+    let e = LayeredDisk::new(base, tmp.path().join("layers"), 8192).unwrap_err();
+    assert!(e.to_string().contains("--cluster-size"), "{e}");
 }
