@@ -515,7 +515,12 @@ impl LayeredDisk {
     ///
     /// Fails once `failover()` has been called.
     pub fn checkpoint(&self) -> io::Result<()> {
-        self.cut(None)
+        self.cut(None, None)
+    }
+
+    /// [`LayeredDisk::checkpoint`], naming the new epoch (the primary's number for it).
+    pub fn checkpoint_as(&self, epoch: u64) -> io::Result<()> {
+        self.cut(None, Some(epoch))
     }
 
     /// COLO: the primary's device stopped at `mark` while the SVM is stopped. A new hidden
@@ -547,11 +552,12 @@ impl LayeredDisk {
     /// the checkpoint is complete. The active layer and the hidden layers older than the cut
     /// are dropped; the view is now the primary's disk at the cut.
     pub fn commit_mark(&self, epoch: u64) -> io::Result<()> {
-        self.cut(Some(epoch))
+        self.cut(Some(epoch), Some(epoch))
     }
 
-    /// Drops the active layer and the hidden layers before the cut (all of them without one).
-    fn cut(&self, mark: Option<u64>) -> io::Result<()> {
+    /// Drops the active layer and the hidden layers before the cut at `mark` (all of them
+    /// without one); the new epoch is `epoch` (the next one without).
+    fn cut(&self, mark: Option<u64>, epoch: Option<u64>) -> io::Result<()> {
         if !matches!(self.read_state().stage, Stage::Buffering(_)) {
             return Err(replication_over());
         }
@@ -580,7 +586,7 @@ impl LayeredDisk {
                     )
                 })?,
         };
-        let epoch = mark.unwrap_or(epoch_before + 1);
+        let epoch = epoch.unwrap_or(epoch_before + 1);
         // The layers after the cut, recorded first: on an error nothing has changed.
         let kept_names: Vec<SavedHidden> = if keep_from < layers.hidden.len() {
             layers.hidden[keep_from..]
@@ -649,6 +655,7 @@ impl LayeredDisk {
         let per_batch = (COMMIT_BATCH / self.cluster_size).max(1) as usize;
         let mut buf = Vec::new();
         while !self.commit_batch(per_batch, &mut buf)? {
+            crate::faults::point("failover-batch");
             // Let waiting SVM requests have the lock before the next batch.
             std::thread::yield_now();
         }
