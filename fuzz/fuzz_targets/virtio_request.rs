@@ -28,7 +28,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _};
 
 const DISK: usize = 128 << 10;
 const QUEUE: u16 = 16;
@@ -176,6 +176,10 @@ fn raw(d: &Desc, i: usize, n: usize, linked: bool) -> RawDescriptor {
 fn gather(mem: &GuestMemory, segs: &[(u64, u32)]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     for &(a, l) in segs {
+        // Check before allocating: a segment may claim up to 4 GiB.
+        if !mem.check_range(GuestAddress(a), l as usize) {
+            return None;
+        }
         let mut b = vec![0u8; l as usize];
         mem.read_slice(&mut b, GuestAddress(a)).ok()?;
         out.extend_from_slice(&b);
