@@ -24,8 +24,7 @@ use super::request::{self, Limits, Parsed, Request, RequestKind};
 use crate::storage::BlockDevice;
 
 /// Guest memory as the backend maps it (with the dirty-page log bitmap).
-pub type GuestMemory =
-    vm_memory::GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion>;
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion>;
 
 /// Device-wide parameters the executor needs (the backend's `DeviceInfo`).
 #[derive(Debug, Clone)]
@@ -145,7 +144,9 @@ pub fn complete_malformed(mem: &GuestMemory, status_addr: u64) -> (u8, u32) {
     let c = request::complete(
         mem,
         GuestAddress(status_addr),
-        Err(request::RequestError::Malformed("malformed descriptor chain")),
+        Err(request::RequestError::Malformed(
+            "malformed descriptor chain",
+        )),
     );
     (c.status, c.used_len)
 }
@@ -161,7 +162,8 @@ mod tests {
     #[test]
     fn a_write_through_the_wrappers() {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_000)]).unwrap();
-        mem.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(0x1000))
+            .unwrap();
         mem.write_obj(2u64, GuestAddress(0x1008)).unwrap();
         mem.write_slice(&[9u8; 512], GuestAddress(0x2000)).unwrap();
         let w = VRING_DESC_F_WRITE as u16;
@@ -173,7 +175,10 @@ mod tests {
         let FuzzParsed::Request(r) = parse(&mem, descs.into_iter(), 8) else {
             panic!("parse")
         };
-        assert_eq!((r.kind(), r.sector(), r.status_addr()), (Kind::Out, 2, 0x3000));
+        assert_eq!(
+            (r.kind(), r.sector(), r.status_addr()),
+            (Kind::Out, 2, 0x3000)
+        );
         assert_eq!(r.out_segments(), vec![(0x2000, 512)]);
         let disk = MemDisk::new(8192);
         assert_eq!(execute(&mem, &disk, &Device::default(), &r), (0, 1));
