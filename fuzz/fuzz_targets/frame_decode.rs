@@ -30,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
         match (&decoded, &streamed) {
             (Ok((f, used)), Ok(g)) => {
                 assert_eq!(f, g, "decode and read_frame disagree");
-                assert_eq!(rest.len() - reader.len(), *used, "read_frame used other bytes");
+                assert_eq!(
+                    rest.len() - reader.len(),
+                    *used,
+                    "read_frame used other bytes"
+                );
             }
             (Err(_), Err(_)) => {}
             _ => panic!("decode {decoded:?} but read_frame {streamed:?}"),

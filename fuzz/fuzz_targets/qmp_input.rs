@@ -49,11 +49,16 @@ fuzz_target!(|data: &[u8]| {
         .block_on(session(server, data))
         .expect("an in-memory session has no I/O error");
     let text = std::str::from_utf8(&out).expect("the output is UTF-8");
-    assert!(text.is_empty() || text.ends_with("\r\n"), "unterminated line");
+    assert!(
+        text.is_empty() || text.ends_with("\r\n"),
+        "unterminated line"
+    );
     for (i, line) in text.split_terminator("\r\n").enumerate() {
         let v: Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("line {i} is not JSON ({e}): {line:?}"));
-        let obj = v.as_object().unwrap_or_else(|| panic!("not an object: {line}"));
+        let obj = v
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {line}"));
         let keys: Vec<&str> = ["QMP", "return", "error", "event"]
             .into_iter()
             .filter(|k| obj.contains_key(*k))

@@ -44,7 +44,11 @@ fn layer_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let shm = PathBuf::from("/dev/shm");
-        let root = if shm.is_dir() { shm } else { std::env::temp_dir() };
+        let root = if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        };
         root.join(format!("colo-blk-fuzz-{}", std::process::id()))
     })
 }
@@ -95,11 +99,24 @@ impl Len {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Write { off: Off, len: u16, fill: u8 },
-    Zeroes { off: Off, len: Len, unmap: bool },
-    Discard { off: Off, len: Len },
+    Write {
+        off: Off,
+        len: u16,
+        fill: u8,
+    },
+    Zeroes {
+        off: Off,
+        len: Len,
+        unmap: bool,
+    },
+    Discard {
+        off: Off,
+        len: Len,
+    },
     Flush,
-    Checkpoint { epoch: u8 },
+    Checkpoint {
+        epoch: u8,
+    },
     Heartbeat,
     Ack,
     Error,
@@ -234,10 +251,15 @@ fn model(stream: &[u8]) -> Model {
         pos += used;
         if summary {
             // For triage: the frames the model sees.
-            eprintln!("model: {} seq {} range {:?}", f.kind(), f.seq(), match &f {
-                Frame::Change { change, .. } => change.range(),
-                _ => (0, 0),
-            });
+            eprintln!(
+                "model: {} seq {} range {:?}",
+                f.kind(),
+                f.seq(),
+                match &f {
+                    Frame::Change { change, .. } => change.range(),
+                    _ => (0, 0),
+                }
+            );
         }
         match &f {
             Frame::Heartbeat => continue,
@@ -309,7 +331,11 @@ fn run(data: &[u8]) {
     // The applier stops when the session ends, so it may leave the tail of what it received
     // unapplied (and unacknowledged): it applied a prefix of the model's frames.
     let applied = sec.status().applied_seq;
-    assert!(applied <= want.last_seq(), "applied {applied} of {}", want.last_seq());
+    assert!(
+        applied <= want.last_seq(),
+        "applied {applied} of {}",
+        want.last_seq()
+    );
     let (disk, checkpoint) = want.disk_at(&initial, applied);
     let got = base.snapshot();
     if got != disk {
@@ -329,7 +355,10 @@ fn run(data: &[u8]) {
         match f {
             Frame::Welcome(w) => {
                 assert!(first && want.accepted, "unexpected WELCOME");
-                assert_eq!((w.version, w.disk_size, w.block_size), (VERSION, DISK, BLOCK));
+                assert_eq!(
+                    (w.version, w.disk_size, w.block_size),
+                    (VERSION, DISK, BLOCK)
+                );
             }
             Frame::Ack { seq } => {
                 assert!(want.accepted && !first, "ACK before WELCOME");

@@ -204,14 +204,18 @@ fn run(input: Input) {
     };
     mem.write_obj(t.to_le(), GuestAddress(HDR)).unwrap();
     mem.write_obj(input.ioprio, GuestAddress(HDR + 4)).unwrap();
-    mem.write_obj(input.sector.get().to_le(), GuestAddress(HDR + 8)).unwrap();
+    mem.write_obj(input.sector.get().to_le(), GuestAddress(HDR + 8))
+        .unwrap();
     let data = &input.data[..input.data.len().min(64 << 10)];
     mem.write_slice(data, GuestAddress(DATA)).unwrap();
     for (i, s) in input.dwz.iter().take(16).enumerate() {
         let at = DWZ + 16 * i as u64;
-        mem.write_obj(s.sector.get().to_le(), GuestAddress(at)).unwrap();
-        mem.write_obj(u32::from(s.num).to_le(), GuestAddress(at + 8)).unwrap();
-        mem.write_obj(u32::from(s.flags).to_le(), GuestAddress(at + 12)).unwrap();
+        mem.write_obj(s.sector.get().to_le(), GuestAddress(at))
+            .unwrap();
+        mem.write_obj(u32::from(s.num).to_le(), GuestAddress(at + 8))
+            .unwrap();
+        mem.write_obj(u32::from(s.flags).to_le(), GuestAddress(at + 12))
+            .unwrap();
     }
     mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
 
@@ -229,10 +233,13 @@ fn run(input: Input) {
     let ind = &input.indirect_table[..input.indirect_table.len().min(32)];
     for (i, d) in ind.iter().enumerate() {
         let r = raw(d, i, ind.len(), input.linked);
-        mem.write_obj(r, GuestAddress(INDIRECT + 16 * i as u64)).unwrap();
+        mem.write_obj(r, GuestAddress(INDIRECT + 16 * i as u64))
+            .unwrap();
     }
-    mem.write_obj(0u16, vq.avail_addr().unchecked_add(4)).unwrap();
-    mem.write_obj(1u16, vq.avail_addr().unchecked_add(2)).unwrap();
+    mem.write_obj(0u16, vq.avail_addr().unchecked_add(4))
+        .unwrap();
+    mem.write_obj(1u16, vq.avail_addr().unchecked_add(2))
+        .unwrap();
     let mut q: Queue = vq.create_queue().expect("queue");
     let Some(chain) = q.pop_descriptor_chain(&mem) else {
         return;
@@ -268,7 +275,11 @@ fn run(input: Input) {
             assert_eq!(status_byte(r.status_addr()), status);
             if std::env::var_os("COLO_FUZZ_SUMMARY").is_some() {
                 // For picking seeds and triage: what the input turned into.
-                eprintln!("summary: {:?} sector {} status {status} used {used}", r.kind(), r.sector());
+                eprintln!(
+                    "summary: {:?} sector {} status {status} used {used}",
+                    r.kind(),
+                    r.sector()
+                );
             }
             let after = disk.snapshot();
             if status != VIRTIO_BLK_S_OK as u8 {
@@ -283,7 +294,11 @@ fn run(input: Input) {
                     let data = out_data.expect("an OK write's data is in guest memory");
                     let off = r.sector().checked_mul(512).expect("offset overflows");
                     let end = off + data.len() as u64;
-                    assert!(end <= DISK as u64, "OK write beyond the disk: {off}+{}", data.len());
+                    assert!(
+                        end <= DISK as u64,
+                        "OK write beyond the disk: {off}+{}",
+                        data.len()
+                    );
                     let (off, end) = (off as usize, end as usize);
                     assert_eq!(&after[off..end], &data[..], "written data");
                     assert_eq!(&after[..off], &before[..off]);
@@ -303,8 +318,11 @@ fn run(input: Input) {
                     let off = (r.sector() * 512) as usize;
                     assert!(off + in_len as usize <= DISK);
                     // Compare when no buffer byte (nor the status byte) is written twice.
-                    let mut spans: Vec<(u64, u64)> =
-                        r.in_segments().iter().map(|&(a, l)| (a, a + u64::from(l))).collect();
+                    let mut spans: Vec<(u64, u64)> = r
+                        .in_segments()
+                        .iter()
+                        .map(|&(a, l)| (a, a + u64::from(l)))
+                        .collect();
                     spans.push((r.status_addr(), r.status_addr() + 1));
                     spans.sort();
                     if spans.windows(2).all(|w| w[0].1 <= w[1].0) {
