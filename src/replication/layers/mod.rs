@@ -91,10 +91,10 @@ pub struct LayerStats {
     pub failed_over: bool,
 }
 
-/// A hidden layer and the COLO marker it started at (`None` for the epoch's first).
+/// A hidden layer and the COLO markers it started at (none for the epoch's first).
 struct Hidden {
     layer: Layer,
-    mark: Option<Mark>,
+    marks: Vec<Mark>,
 }
 
 /// The layers of one epoch.
@@ -102,6 +102,11 @@ struct Layers {
     active: Layer,
     /// Oldest first; never empty.
     hidden: Vec<Hidden>,
+    /// Markers received since the last stream change: the disk at each of them is the disk
+    /// now. The next change of the stream starts a hidden layer for them. Kept in memory only:
+    /// after a crash they are unknown, and a Secondary VM restarting from one of them is
+    /// refused rather than served a disk that does not match (see secondary.rs).
+    pending: Vec<Mark>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,11 +341,15 @@ impl LayeredDisk {
                     let layer = self.open_layer(&h.file, Kind::Hidden, &mut removed)?;
                     hidden.push(Hidden {
                         layer,
-                        mark: h.mark,
+                        marks: h.marks,
                     });
                 }
                 let active = self.open_layer(&active, Kind::Active, &mut removed)?;
-                let mut layers = Layers { active, hidden };
+                let mut layers = Layers {
+                    active,
+                    hidden,
+                    pending: Vec::new(),
+                };
                 for c in removed {
                     layers.remove(c);
                 }
@@ -431,7 +440,12 @@ impl LayeredDisk {
     /// The tentative COLO cuts (markers received while the SVM was stopped), oldest first.
     pub fn marks(&self) -> Vec<Mark> {
         match self.read_state().stage.layers() {
-            Some(l) => l.hidden.iter().filter_map(|h| h.mark.clone()).collect(),
+            Some(l) => l
+                .hidden
+                .iter()
+                .flat_map(|h| h.marks.iter().cloned())
+                .chain(l.pending.iter().cloned())
+                .collect(),
             None => Vec::new(),
         }
     }
@@ -480,10 +494,31 @@ impl LayeredDisk {
 
     /// Copy-before-write and base writes of validated, flush-free changes.
     fn apply_writes(&self, writes: &[Change<&[u8]>]) -> io::Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
         let mut st = self.write_state();
+        let epoch = st.epoch;
         let Stage::Buffering(layers) = &mut st.stage else {
             return Err(replication_over());
         };
+        if !layers.pending.is_empty() {
+            // The first change after tentative cuts: their rollback layer starts here.
+            let mut fresh = Layer::create(self.new_hidden_file(), Kind::Hidden, self.capacity)?;
+            let mut saved = self.saved(epoch, SavedStage::Buffering, Some(layers));
+            saved.hidden.push(SavedHidden {
+                file: fresh.file_name(),
+                marks: layers.pending.clone(),
+            });
+            // Named first; on an error nothing changed (the file goes with `fresh`).
+            saved.store(&self.dir)?;
+            fresh.discard_on_drop = false;
+            let marks = std::mem::take(&mut layers.pending);
+            layers.hidden.push(Hidden {
+                layer: fresh,
+                marks,
+            });
+        }
         let hidden = layers.newest_hidden();
         for c in writes {
             let (offset, len) = c.range();
@@ -523,28 +558,22 @@ impl LayeredDisk {
         self.cut(None, Some(epoch))
     }
 
-    /// COLO: the primary's device stopped at `mark` while the SVM is stopped. A new hidden
-    /// layer starts here, so that the disk can both still roll back to the last checkpoint
-    /// (if this checkpoint is abandoned) and later be cut here ([`LayeredDisk::commit_mark`]).
+    /// COLO: the primary's device stopped at `mark` while the SVM is stopped: a tentative
+    /// cut. The disk can both still roll back to the last checkpoint (if this checkpoint is
+    /// abandoned) and later be cut here ([`LayeredDisk::commit_mark`]): the next stream change
+    /// starts a new hidden layer. Base is synced first, so everything before the marker is
+    /// durable when the primary hears that it was applied; nothing else is written (a COLO
+    /// checkpoint pause waits for this).
     pub fn mark(&self, mark: Mark) -> io::Result<()> {
-        let mut fresh = Layer::create(self.new_hidden_file(), Kind::Hidden, self.capacity)?;
+        if !matches!(self.read_state().stage, Stage::Buffering(_)) {
+            return Err(replication_over());
+        }
+        self.base.flush()?;
         let mut st = self.write_state();
-        let epoch = st.epoch;
         let Stage::Buffering(layers) = &mut st.stage else {
             return Err(replication_over());
         };
-        let mut saved = self.saved(epoch, SavedStage::Buffering, Some(layers));
-        saved.hidden.push(SavedHidden {
-            file: fresh.file_name(),
-            mark: Some(mark.clone()),
-        });
-        // Recorded first; on an error nothing changed (the new file goes with `fresh`).
-        saved.store(&self.dir)?;
-        fresh.discard_on_drop = false;
-        layers.hidden.push(Hidden {
-            layer: fresh,
-            mark: Some(mark),
-        });
+        layers.pending.push(mark);
         Ok(())
     }
 
@@ -556,7 +585,8 @@ impl LayeredDisk {
     }
 
     /// Drops the active layer and the hidden layers before the cut at `mark` (all of them
-    /// without one); the new epoch is `epoch` (the next one without).
+    /// without one, or when the cut is still pending: no change came after it); the new epoch
+    /// is `epoch` (the next one without).
     fn cut(&self, mark: Option<u64>, epoch: Option<u64>) -> io::Result<()> {
         if !matches!(self.read_state().stage, Stage::Buffering(_)) {
             return Err(replication_over());
@@ -567,24 +597,39 @@ impl LayeredDisk {
         let Layers {
             active: mut fresh_active,
             hidden: fresh_hidden,
+            ..
         } = self.create_layers()?;
         let mut st = self.write_state();
         let epoch_before = st.epoch;
         let Stage::Buffering(layers) = &mut st.stage else {
             return Err(replication_over());
         };
+        let has = |marks: &[Mark], e: u64| marks.iter().any(|m| m.epoch == e);
         let keep_from = match mark {
             None => layers.hidden.len(),
-            Some(epoch) => layers
+            Some(e) if has(&layers.pending, e) => layers.hidden.len(),
+            Some(e) => layers
                 .hidden
                 .iter()
-                .position(|h| h.mark.as_ref().is_some_and(|m| m.epoch == epoch))
+                .position(|h| has(&h.marks, e))
                 .ok_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::NotFound,
-                        format!("no tentative cut for epoch {epoch}"),
+                        format!("no tentative cut for epoch {e}"),
                     )
                 })?,
+        };
+        // Cuts after this one stay tentative.
+        let later = |marks: &[Mark]| -> Vec<Mark> {
+            match mark {
+                Some(e) => marks
+                    .iter()
+                    .skip_while(|m| m.epoch != e)
+                    .skip(1)
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            }
         };
         let epoch = epoch.unwrap_or(epoch_before + 1);
         // The layers after the cut, recorded first: on an error nothing has changed.
@@ -595,7 +640,11 @@ impl LayeredDisk {
                 .map(|(i, h)| SavedHidden {
                     file: h.layer.file_name(),
                     // The kept layer becomes the epoch's first.
-                    mark: if i == 0 { None } else { h.mark.clone() },
+                    marks: if i == 0 {
+                        later(&h.marks)
+                    } else {
+                        h.marks.clone()
+                    },
                 })
                 .collect()
         } else {
@@ -603,7 +652,7 @@ impl LayeredDisk {
                 .iter()
                 .map(|h| SavedHidden {
                     file: h.layer.file_name(),
-                    mark: None,
+                    marks: Vec::new(),
                 })
                 .collect()
         };
@@ -619,8 +668,9 @@ impl LayeredDisk {
             kept = fresh_hidden;
         } else {
             unused = fresh_hidden;
+            kept[0].marks = later(&kept[0].marks);
         }
-        kept[0].mark = None;
+        layers.pending = later(&layers.pending);
         for h in &mut kept {
             h.layer.discard_on_drop = false;
         }
@@ -628,6 +678,7 @@ impl LayeredDisk {
         let mut old = Layers {
             active: std::mem::replace(&mut layers.active, fresh_active),
             hidden: std::mem::replace(&mut layers.hidden, kept),
+            pending: Vec::new(),
         };
         st.epoch = epoch;
         drop(st);
@@ -739,7 +790,7 @@ impl LayeredDisk {
                 .iter()
                 .map(|h| SavedHidden {
                     file: h.layer.file_name(),
-                    mark: h.mark.clone(),
+                    marks: h.marks.clone(),
                 })
                 .collect();
         }
@@ -779,8 +830,9 @@ impl LayeredDisk {
                 active,
                 hidden: vec![Hidden {
                     layer: hidden,
-                    mark: None,
+                    marks: Vec::new(),
                 }],
+                pending: Vec::new(),
             });
         }
     }

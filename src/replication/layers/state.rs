@@ -21,15 +21,16 @@ const FORMAT: u32 = 1;
 pub struct Mark {
     /// The epoch the primary ended with this marker.
     pub epoch: u64,
-    /// `next_avail` of each queue of the primary's device, in queue order.
-    pub bases: Vec<u16>,
+    /// `next_avail` of each queue of the primary's device, in queue order (`None`: the queue
+    /// did not run since the device last started, so its position is not known here).
+    pub bases: Vec<Option<u16>>,
 }
 
-/// A hidden layer and the marker it started at (`None`: the epoch's first hidden layer).
+/// A hidden layer and the markers it started at (none: the epoch's first hidden layer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct SavedHidden {
     pub file: String,
-    pub mark: Option<Mark>,
+    pub marks: Vec<Mark>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,14 +123,14 @@ mod tests {
         st.hidden = vec![
             SavedHidden {
                 file: "hidden-4.img".into(),
-                mark: None,
+                marks: vec![],
             },
             SavedHidden {
                 file: "hidden-5.img".into(),
-                mark: Some(Mark {
+                marks: vec![Mark {
                     epoch: 4,
-                    bases: vec![7, 9],
-                }),
+                    bases: vec![Some(7), None],
+                }],
             },
         ];
         st.store(dir.path()).unwrap();

@@ -859,7 +859,7 @@ fn an_interrupted_failover_resumes_after_a_restart() {
 fn mark(epoch: u64) -> Mark {
     Mark {
         epoch,
-        bases: vec![epoch as u16],
+        bases: vec![Some(epoch as u16)],
     }
 }
 
@@ -923,4 +923,32 @@ fn a_layer_directory_of_another_geometry_is_refused() {
     drop(ld);
     let e = LayeredDisk::new(base, tmp.path().join("layers"), 8192).unwrap_err();
     assert!(e.to_string().contains("--cluster-size"), "{e}");
+}
+
+/// A marker with no stream change after it costs no layer; cutting there is a plain checkpoint
+/// at that epoch, and later markers stay tentative.
+#[test]
+fn cuts_at_idle_markers_and_later_marks_stay_tentative() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    let dir = tmp.path().join("layers");
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    ld.primary_write(0, &pattern(2, 0, 100_000)).unwrap();
+    ld.write_at(&pattern(3, 0, 5000), 500_000).unwrap();
+    ld.mark(mark(4)).unwrap();
+    ld.mark(mark(5)).unwrap();
+    let files = layer_files(&dir);
+    assert_eq!(files.len(), 2, "idle markers create no layer: {files:?}");
+    assert_eq!(ld.marks(), [mark(4), mark(5)]);
+    let at_markers = read_all(&*base);
+    ld.commit_mark(4).unwrap();
+    assert_eq!(ld.marks(), [mark(5)]);
+    assert_eq!(ld.stats().epoch, 4);
+    assert!(first_diff(&read_all(&ld), &at_markers).is_none());
+    // A pending marker is forgotten by a crash; the rollback data is not.
+    ld.primary_write(8192, &pattern(6, 0, 8192)).unwrap();
+    ld.mark(mark(6)).unwrap();
+    let ld = restart(&base, &dir, 4096, ld);
+    assert!(ld.marks().iter().all(|m| m.epoch != 6), "{:?}", ld.marks());
+    ld.failover().unwrap();
+    assert!(first_diff(&read_all(&*base), &at_markers).is_none());
 }
