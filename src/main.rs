@@ -154,6 +154,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 },
                 events.clone(),
             );
+            if layered.failover_pending() {
+                let s = secondary.clone();
+                std::thread::Builder::new()
+                    .name("colo-failover".into())
+                    .spawn(move || {
+                        if let Err(e) = s.resume_failover() {
+                            error!("resuming the failover: {e}");
+                        }
+                    })?;
+            }
             let listener = runtime.block_on(secondary.bind())?;
             listen = Some(listener.local_addr()?.to_string());
             runtime.spawn(secondary.clone().run(listener));

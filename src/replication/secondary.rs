@@ -24,7 +24,7 @@ use super::link::{self, Stream, Timing};
 use super::metadata::{decide, Decision, MetaStore};
 use super::protocol::{Frame, Hello, ProtocolError, Welcome, VERSION};
 use crate::qmp::EventSender;
-use crate::storage::BlockDevice;
+use crate::storage::{BlockDevice, Change};
 
 /// How the secondary listens.
 #[derive(Debug, Clone)]
@@ -62,7 +62,6 @@ enum Peer {
 struct SecState {
     stage: Stage,
     peer: Peer,
-    epoch: u64,
     applied_seq: u64,
     bytes_since_checkpoint: u64,
     bytes_total: u64,
@@ -101,7 +100,9 @@ impl Secondary {
         Self::new_durable(disk, None, meta, opts, events)
     }
 
-    /// A secondary over `disk` (the layers over `base`) with its metadata.
+    /// The endpoint over `disk` (the layers over `base`) with its metadata. A disk buffer
+    /// reopened after a failover (or in the middle of one) takes no stream; see
+    /// [`Secondary::resume_failover`].
     pub fn new_durable(
         disk: Arc<LayeredDisk>,
         base: Option<Arc<dyn BlockDevice>>,
@@ -109,17 +110,20 @@ impl Secondary {
         opts: SecondaryOptions,
         events: EventSender,
     ) -> Arc<Self> {
-        let (stop, _) = watch::channel(false);
-        let epoch = meta.gens().epoch;
+        let stage = match (disk.is_failed_over(), disk.failover_pending()) {
+            (false, _) => Stage::Receiving,
+            (true, true) => Stage::FailingOver,
+            (true, false) => Stage::FailedOver,
+        };
+        let (stop, _) = watch::channel(stage != Stage::Receiving);
         Arc::new(Secondary {
             disk,
             opts,
             meta,
             base,
             state: Mutex::new(SecState {
-                stage: Stage::Receiving,
+                stage,
                 peer: Peer::Idle,
-                epoch,
                 applied_seq: 0,
                 bytes_since_checkpoint: 0,
                 bytes_total: 0,
@@ -384,82 +388,134 @@ impl Secondary {
     }
 
     /// Applies frames in order and acknowledges them; stops at the first error (reported to
-    /// the primary in an ERROR frame) or when failover begins.
+    /// the primary in an ERROR frame) or when failover begins. What is queued is applied
+    /// together: a run of stream changes is one batch for the layers (one sync of the rollback
+    /// data per batch).
     fn apply_loop(&self, mut rx: mpsc::Receiver<Frame>, out: mpsc::UnboundedSender<Frame>) {
         // Acknowledge when caught up, and at least every ACK_EVERY_FRAMES frames or
         // ACK_EVERY_BYTES bytes: the primary's window must drain steadily, not in window-sized
         // steps (which would stall it until the whole window is applied).
         const ACK_EVERY_FRAMES: u32 = 32;
         const ACK_EVERY_BYTES: u64 = 1 << 20;
+        const BATCH_FRAMES: usize = 64;
+        const BATCH_BYTES: u64 = 8 << 20;
         let mut unacked = 0u32;
         let mut unacked_bytes = 0u64;
         let stop = self.stop.subscribe();
-        while let Some(frame) = rx.blocking_recv() {
-            if *stop.borrow() {
-                break; // failover: what is left belongs to the abandoned epoch
-            }
-            let seq = frame.seq();
-            if let Frame::Change { change, .. } = &frame {
-                unacked_bytes += change.data_len();
-            }
-            if let Frame::Verify {
-                offset, len, crc, ..
-            } = frame
-            {
-                // Compared at this point of the stream; the answer precedes the ACK.
-                match self.verify_range(offset, len, crc) {
-                    Ok(matches) => {
-                        let _ = out.send(Frame::VerifyResult {
-                            seq,
-                            offset,
-                            len,
-                            matches,
-                        });
+        let mut frames = Vec::with_capacity(BATCH_FRAMES);
+        while let Some(first) = rx.blocking_recv() {
+            frames.clear();
+            frames.push(first);
+            let mut bytes = 0u64;
+            while frames.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(f) => {
+                        if let Frame::Change { change, .. } = &f {
+                            bytes += change.data_len();
+                        }
+                        frames.push(f)
                     }
-                    Err(e) => {
-                        let message = format!("secondary cannot verify frame {seq}: {e}");
-                        error!("{message}");
-                        let _ = out.send(Frame::Error { message });
-                        break;
-                    }
+                    Err(_) => break,
                 }
             }
-            if let Err(e) = self.apply(frame) {
-                let message = format!("secondary cannot apply frame {seq}: {e}");
-                error!("{message}");
-                let _ = out.send(Frame::Error { message });
-                break;
-            }
-            self.state().applied_seq = seq;
-            unacked += 1;
-            if rx.is_empty() || unacked >= ACK_EVERY_FRAMES || unacked_bytes >= ACK_EVERY_BYTES {
-                unacked = 0;
-                unacked_bytes = 0;
-                if out.send(Frame::Ack { seq }).is_err() {
-                    break;
+            let mut rest = &frames[..];
+            while !rest.is_empty() {
+                if *stop.borrow() {
+                    return; // failover: what is left belongs to the abandoned epoch
+                }
+                let run = rest
+                    .iter()
+                    .take_while(|f| matches!(f, Frame::Change { .. }))
+                    .count()
+                    .max(1);
+                let (group, tail) = rest.split_at(run);
+                rest = tail;
+                let last = group[group.len() - 1].seq();
+                if let [Frame::Verify {
+                    seq,
+                    offset,
+                    len,
+                    crc,
+                }] = *group
+                {
+                    // Compared at this point of the stream; the answer precedes the ACK.
+                    match self.verify_range(offset, len, crc) {
+                        Ok(matches) => {
+                            let _ = out.send(Frame::VerifyResult {
+                                seq,
+                                offset,
+                                len,
+                                matches,
+                            });
+                        }
+                        Err(e) => {
+                            let message = format!("secondary cannot verify frame {seq}: {e}");
+                            error!("{message}");
+                            let _ = out.send(Frame::Error { message });
+                            return;
+                        }
+                    }
+                }
+                if let Err(e) = self.apply(group) {
+                    let first = group[0].seq();
+                    let which = if first == last {
+                        format!("frame {first}")
+                    } else {
+                        format!("frames {first}..={last}")
+                    };
+                    let message = format!("secondary cannot apply {which}: {e}");
+                    error!("{message}");
+                    let _ = out.send(Frame::Error { message });
+                    return;
+                }
+                self.state().applied_seq = last;
+                unacked += group.len() as u32;
+                unacked_bytes += group
+                    .iter()
+                    .map(|f| match f {
+                        Frame::Change { change, .. } => change.data_len(),
+                        _ => 0,
+                    })
+                    .sum::<u64>();
+                let caught_up = rest.is_empty() && rx.is_empty();
+                if caught_up || unacked >= ACK_EVERY_FRAMES || unacked_bytes >= ACK_EVERY_BYTES {
+                    unacked = 0;
+                    unacked_bytes = 0;
+                    if out.send(Frame::Ack { seq: last }).is_err() {
+                        return;
+                    }
                 }
             }
         }
     }
 
-    fn apply(&self, frame: Frame) -> io::Result<()> {
-        match frame {
-            Frame::Change { change, .. } => {
-                self.disk.apply_primary(&change.as_slice())?;
-                let bytes = change.data_len();
-                let mut st = self.state();
-                st.bytes_since_checkpoint += bytes;
-                st.bytes_total += bytes;
-            }
+    /// Applies a run of stream changes as one batch, or one other frame.
+    fn apply(&self, group: &[Frame]) -> io::Result<()> {
+        if let [Frame::Change { .. }, ..] = group {
+            let changes: Vec<Change<&[u8]>> = group
+                .iter()
+                .filter_map(|f| match f {
+                    Frame::Change { change, .. } => Some(change.as_slice()),
+                    _ => None,
+                })
+                .collect();
+            self.disk.apply_primary_batch(&changes)?;
+            let bytes: u64 = changes.iter().map(Change::data_len).sum();
+            let mut st = self.state();
+            st.bytes_since_checkpoint += bytes;
+            st.bytes_total += bytes;
+            return Ok(());
+        }
+        let Some(frame) = group.first() else {
+            return Ok(());
+        };
+        match *frame {
             Frame::Checkpoint { epoch, .. } => {
                 let t = Instant::now();
-                self.disk.checkpoint()?;
+                self.disk.checkpoint_as(epoch)?;
                 // Durable before the ACK: the disk is this checkpoint of the source.
                 self.meta.checkpoint_done(epoch)?;
-                let mut st = self.state();
-                st.epoch = epoch;
-                st.bytes_since_checkpoint = 0;
-                drop(st);
+                self.state().bytes_since_checkpoint = 0;
                 info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
                 self.events.send(&events::Checkpoint {
                     role: Side::Secondary,
@@ -477,17 +533,24 @@ impl Secondary {
             return Err(SecondaryError::AlreadyFailedOver);
         }
         self.disk.checkpoint()?;
-        let mut st = self.state();
-        st.epoch += 1;
-        st.bytes_since_checkpoint = 0;
-        let epoch = st.epoch;
-        drop(st);
+        self.state().bytes_since_checkpoint = 0;
+        let epoch = self.disk.stats().epoch;
         self.meta.checkpoint_done(epoch)?;
         self.events.send(&events::Checkpoint {
             role: Side::Secondary,
             epoch,
         });
         Ok(epoch)
+    }
+
+    /// Completes a failover that a previous process started (the disk buffer was reopened in
+    /// the middle of it). Does nothing otherwise.
+    pub fn resume_failover(&self) -> Result<(), SecondaryError> {
+        if self.state().stage != Stage::FailingOver {
+            return Ok(());
+        }
+        info!("resuming the failover a previous process started");
+        self.failover().map(|_| ())
     }
 
     /// `replication-failover`: stop taking the stream and make the Secondary VM's view (or,
@@ -516,11 +579,8 @@ impl Secondary {
         let before = self.disk.stats();
         self.disk.failover()?;
         let duration_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let epoch = {
-            let mut st = self.state();
-            st.stage = Stage::FailedOver;
-            st.epoch
-        };
+        self.state().stage = Stage::FailedOver;
+        let epoch = self.disk.stats().epoch;
         info!("failover done in {duration_ms:.1} ms (epoch {epoch})");
         let report = FailoverReport {
             epoch,
@@ -562,7 +622,7 @@ impl Secondary {
             state,
             peer_address,
             listen: self.opts.listen.clone(),
-            epoch: st.epoch,
+            epoch: layers.epoch,
             applied_seq: st.applied_seq,
             bytes_received_since_checkpoint: st.bytes_since_checkpoint,
             bytes_received_total: st.bytes_total,
