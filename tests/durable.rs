@@ -18,12 +18,23 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// Starts a secondary on `dir/image` (created when missing) listening on `port` (0: any).
+/// Starts a secondary on `dir/image` (created when missing) listening on `port` (0: any),
+/// with the layer directory of that image.
 fn secondary(dir: &Path, image: &str, port: u16, extra: &[&str]) -> Backend {
+    secondary_with_layers(dir, image, &format!("layers-{image}"), port, extra)
+}
+
+fn secondary_with_layers(
+    dir: &Path,
+    image: &str,
+    layers: &str,
+    port: u16,
+    extra: &[&str],
+) -> Backend {
     let listen = format!("127.0.0.1:{port}");
     let (img, layers, qmp) = (
         s(&dir.join(image)),
-        s(&dir.join("layers")),
+        s(&dir.join(layers)),
         s(&dir.join("secondary.qmp")),
     );
     let size = DISK.to_string();
@@ -367,8 +378,24 @@ fn split_brain_is_refused_both_ways_and_nothing_is_overwritten() {
     let (old_primary, failed_over) = (read(&d.join("primary.img")), read(&d.join("secondary.img")));
     assert!(old_primary != failed_over);
 
-    // 1. The failed-over disk restarted as a secondary; the old primary comes back.
+    // 1a. The failed-over secondary restarted: its disk buffer says failed over, it takes no
+    // stream at all (it does not even listen).
     let sec = secondary(d, "secondary.img", port, &["--allow-full-sync"]);
+    let mut p = primary(d, "primary.img", port, &[]);
+    p.wait_for_log("cannot reach secondary");
+    let mut pq = qmp(d, "primary.qmp");
+    assert_ne!(query(&mut pq)["state"], "connected");
+    drop((p, sec));
+
+    // 1b. The failed-over disk as a secondary with new layers (its image alone); the old
+    // primary comes back.
+    let sec = secondary_with_layers(
+        d,
+        "secondary.img",
+        "new-layers",
+        port,
+        &["--allow-full-sync"],
+    );
     let mut sq = qmp(d, "secondary.qmp");
     let p = primary(d, "primary.img", port, &[]);
     let (what, why) = decision(&mut sq);
