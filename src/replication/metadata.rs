@@ -497,7 +497,7 @@ impl MetaStore {
         let mut m = m;
         m.seq += 1;
         if let Some((f, path)) = &self.file {
-            let slot = (m.seq % 2) as u64 * SLOT as u64;
+            let slot = (m.seq % 2) * SLOT as u64;
             f.write_all_at(&m.encode(), slot)
                 .and_then(|()| f.sync_data())
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;

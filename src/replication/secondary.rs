@@ -509,20 +509,17 @@ impl Secondary {
         let Some(frame) = group.first() else {
             return Ok(());
         };
-        match *frame {
-            Frame::Checkpoint { epoch, .. } => {
-                let t = Instant::now();
-                self.disk.checkpoint_as(epoch)?;
-                // Durable before the ACK: the disk is this checkpoint of the source.
-                self.meta.checkpoint_done(epoch)?;
-                self.state().bytes_since_checkpoint = 0;
-                info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
-                self.events.send(&events::Checkpoint {
-                    role: Side::Secondary,
-                    epoch,
-                });
-            }
-            _ => {}
+        if let Frame::Checkpoint { epoch, .. } = *frame {
+            let t = Instant::now();
+            self.disk.checkpoint_as(epoch)?;
+            // Durable before the ACK: the disk is this checkpoint of the source.
+            self.meta.checkpoint_done(epoch)?;
+            self.state().bytes_since_checkpoint = 0;
+            info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
+            self.events.send(&events::Checkpoint {
+                role: Side::Secondary,
+                epoch,
+            });
         }
         Ok(())
     }
