@@ -14,8 +14,8 @@ use colo_blk::cli::{Cli, RoleArg};
 use colo_blk::control::{Controller, Role};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
-use colo_blk::replication::primary::{Primary, PrimaryOptions, ReplicatedDisk};
-use colo_blk::replication::secondary::{Secondary, SecondaryOptions};
+use colo_blk::replication::primary::{Primary, PrimaryDevice, PrimaryOptions, ReplicatedDisk};
+use colo_blk::replication::secondary::{Secondary, SecondaryOptions, SvmDevice};
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
 use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
 
@@ -106,6 +106,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 layered.clone(),
                 SecondaryOptions {
                     listen: cli.listen.clone().unwrap_or_default(),
+                    serves_vm: cli.socket.is_some(),
                     heartbeat_interval: heartbeat,
                     peer_timeout,
                     block_size: cli.logical_block_size,
@@ -130,7 +131,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     // vhost-user server (for the secondary: only when a Secondary VM attaches).
-    let server = match cli.socket.as_ref() {
+    let mut server = match cli.socket.as_ref() {
         Some(socket) => Some(Server::new(
             socket,
             disk.clone(),
@@ -179,6 +180,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         )?;
     }
 
+    // The device tells replication about QEMU's stop/start cycle (COLO checkpoints).
+    if let Some(server) = server.as_mut() {
+        match &role {
+            Role::Primary(p) => server.set_observer(Arc::new(PrimaryDevice(p.clone()))),
+            Role::Secondary(s) => server.set_observer(Arc::new(SvmDevice(s.clone()))),
+            Role::Standalone => {}
+        }
+    }
     print_ready(&cli, listen);
 
     let server_thread = match server {
