@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use log::{error, info};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -16,6 +16,7 @@ use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
 use colo_blk::replication::primary::{Primary, PrimaryDevice, PrimaryOptions, ReplicatedDisk};
 use colo_blk::replication::secondary::{Secondary, SecondaryOptions, SvmDevice};
+use colo_blk::replication::tls::LinkSecurity;
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
 use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
 
@@ -70,6 +71,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let events = EventSender::new();
     let heartbeat = Duration::from_millis(cli.heartbeat_ms);
+    let security = match cli.role {
+        RoleArg::Standalone => LinkSecurity::Insecure,
+        _ => {
+            let opts = cli.link_security()?;
+            let s = LinkSecurity::new(&opts, cli.peer.as_deref())?;
+            match &s {
+                LinkSecurity::Insecure => warn!(
+                    "replication link: plain TCP (--insecure-link): no authentication, no \
+                     encryption"
+                ),
+                other => info!("replication link: {other:?}"),
+            }
+            s
+        }
+    };
     let peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
 
     // The secondary's bound replication address (for the ready line).
@@ -89,6 +105,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     reconnect_interval: Duration::from_secs(1),
                     dirty_granularity: cli.dirty_granularity,
                     block_size: cli.logical_block_size,
+                    security: security.clone(),
                 },
                 events.clone(),
             );
@@ -110,6 +127,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     heartbeat_interval: heartbeat,
                     peer_timeout,
                     block_size: cli.logical_block_size,
+                    security: security.clone(),
                 },
                 events.clone(),
             );
@@ -174,6 +192,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         start_qmp(
             &runtime,
             qmp_path,
+            cli.qmp_mode,
             Controller::new(role.clone(), server.as_ref().map(Server::stats_handle)),
             events.clone(),
             stop.clone(),
@@ -231,6 +250,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 fn start_qmp(
     runtime: &tokio::runtime::Runtime,
     path: PathBuf,
+    mode: u32,
     controller: Controller,
     events: EventSender,
     stop: Arc<dyn Fn() + Send + Sync>,
@@ -242,7 +262,7 @@ fn start_qmp(
     ));
     let listener = {
         let _guard = runtime.enter();
-        QmpServer::bind_unix(&path)
+        QmpServer::bind_unix_mode(&path, mode)
             .map_err(|e| format!("cannot listen on QMP socket {}: {e}", path.display()))?
     };
     info!("QMP listening on {}", path.display());

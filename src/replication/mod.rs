@@ -16,3 +16,4 @@ pub(crate) mod ordering;
 pub mod primary;
 pub mod protocol;
 pub mod secondary;
+pub mod tls;

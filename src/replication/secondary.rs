@@ -22,6 +22,7 @@ use super::events::{self, FailoverReport, SecondaryStatus, Side};
 use super::layers::LayeredDisk;
 use super::link::{self, Stream, Timing};
 use super::protocol::{Frame, Hello, Mark, ProtocolError, Welcome, VERSION};
+use super::tls::LinkSecurity;
 use crate::qmp::EventSender;
 use crate::storage::{BlockDevice, Change};
 
@@ -35,6 +36,8 @@ pub struct SecondaryOptions {
     pub heartbeat_interval: Duration,
     pub peer_timeout: Duration,
     pub block_size: u32,
+    /// How the link is protected (TLS or plain TCP).
+    pub security: LinkSecurity,
 }
 
 /// Where the secondary's replication stands.
@@ -162,7 +165,15 @@ impl Secondary {
                     if let Err(e) = stream.set_nodelay(true) {
                         warn!("TCP_NODELAY on the link: {e}");
                     }
-                    tokio::spawn(self.clone().serve(stream, addr.to_string()));
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let addr = addr.to_string();
+                        // Authenticated before anything it sends is read as a frame.
+                        match me.opts.security.accept(stream, me.opts.peer_timeout).await {
+                            Ok(stream) => me.serve(stream, addr).await,
+                            Err(e) => me.session_ended(&addr, Err(ProtocolError::Io(e))),
+                        }
+                    });
                 }
                 Err(e) => warn!("accept failed: {e}"),
             }
@@ -716,6 +727,7 @@ mod tests {
             heartbeat_interval: timing().heartbeat,
             peer_timeout: timing().peer_timeout,
             block_size: 512,
+            security: LinkSecurity::Insecure,
         };
         (Secondary::new(layered, opts, EventSender::new()), base)
     }
@@ -889,6 +901,7 @@ mod tests {
             heartbeat_interval: timing().heartbeat,
             peer_timeout: timing().peer_timeout,
             block_size: 512,
+            security: LinkSecurity::Insecure,
         };
         (Secondary::new(layered, opts, EventSender::new()), base)
     }

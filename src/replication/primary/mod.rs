@@ -34,6 +34,7 @@ use super::dirty::DirtyBitmap;
 use super::events::{self, PrimaryStatus, Side};
 use super::ordering::ChangeOrder;
 use super::protocol::{Frame, Mark, HEADER_LEN, MAX_PAYLOAD};
+use super::tls::LinkSecurity;
 use crate::qmp::EventSender;
 use crate::storage::{BlockDevice, Change, GuestSlice};
 
@@ -55,6 +56,8 @@ pub struct PrimaryOptions {
     pub dirty_granularity: u64,
     /// Logical block size, checked against the secondary's.
     pub block_size: u32,
+    /// How the link is protected (TLS or plain TCP).
+    pub security: LinkSecurity,
 }
 
 /// Where the link to the secondary stands.
@@ -619,6 +622,7 @@ mod tests {
             reconnect_interval: Duration::from_secs(1),
             dirty_granularity: 4096,
             block_size: 512,
+            security: LinkSecurity::Insecure,
         }
     }
 
