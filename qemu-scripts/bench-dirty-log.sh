@@ -69,10 +69,10 @@ run() { # LABEL [PRIMARY ARGS...]
     # Fresh images created by colo-blk (sparse, known zero: the pair starts in sync).
     rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
     local spid ppid port
-    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --image "$WORKDIR/s.img" \
+    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --insecure-link --image "$WORKDIR/s.img" \
         --size "$SIZE" --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp")
     port=$(grep -o '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --image "$WORKDIR/p.img" \
+    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --insecure-link --image "$WORKDIR/p.img" \
         --size "$SIZE" --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp" "$@")
     "$BENCH" --socket "$WORKDIR/p.sock" --workload randwrite-4k-qd32,randwrite-4k-qd1 \
         --working-set "$WORKING_SET" --seconds "$SECONDS_PER" --json --label "$label" >>"$RESULTS"

@@ -321,14 +321,14 @@ if [ "$strace" = 1 ]; then tracer=(strace -f -tt -T -xx -s 256 -e trace=recvmsg,
 if [ "$disk" = 1 ]; then
     t=()
     [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/secondary.strace")
-    spawn secondary "$dir/secondary.log" ${t[@]+"${t[@]}"} "$bin" --role secondary \
+    spawn secondary "$dir/secondary.log" ${t[@]+"${t[@]}"} "$bin" --role secondary --insecure-link \
         --image "$dir/secondary.img" --size "$size" --listen "127.0.0.1:$port" \
         --layer-dir "$dir/layers" --socket "$dir/svm.sock" --num-queues "$smp" --qmp "$dir/secondary.qmp"
     wait_for "the secondary backend" test -S "$dir/svm.sock"
     tracee secondary
     t=()
     [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/primary.strace")
-    spawn primary "$dir/primary.log" ${t[@]+"${t[@]}"} "$bin" --role primary \
+    spawn primary "$dir/primary.log" ${t[@]+"${t[@]}"} "$bin" --role primary --insecure-link \
         --image "$dir/primary.img" --size "$size" --peer "127.0.0.1:$port" \
         --socket "$dir/pvm.sock" --num-queues "$smp" --qmp "$dir/primary.qmp"
     wait_for "the primary backend" test -S "$dir/pvm.sock"

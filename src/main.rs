@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use log::{error, info};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -15,8 +15,9 @@ use colo_blk::control::{Controller, Role};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
 use colo_blk::replication::metadata::{self, MetaStore};
-use colo_blk::replication::primary::{Primary, PrimaryOptions, ReplicatedDisk};
-use colo_blk::replication::secondary::{Secondary, SecondaryOptions};
+use colo_blk::replication::primary::{Primary, PrimaryDevice, PrimaryOptions, ReplicatedDisk};
+use colo_blk::replication::secondary::{Secondary, SecondaryOptions, SvmDevice};
+use colo_blk::replication::tls::LinkSecurity;
 use colo_blk::replication::DirtyLog;
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
 use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
@@ -74,6 +75,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let events = EventSender::new();
     let heartbeat = Duration::from_millis(cli.heartbeat_ms);
+    let security = match cli.role {
+        RoleArg::Standalone => LinkSecurity::Insecure,
+        _ => {
+            let opts = cli.link_security()?;
+            let s = LinkSecurity::new(&opts, cli.peer.as_deref())?;
+            match &s {
+                LinkSecurity::Insecure => warn!(
+                    "replication link: plain TCP (--insecure-link): no authentication, no \
+                     encryption"
+                ),
+                other => info!("replication link: {other:?}"),
+            }
+            s
+        }
+    };
     let peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
 
     // The replication metadata beside the image (both COLO roles).
@@ -126,6 +142,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     reconnect_interval: Duration::from_secs(1),
                     dirty_granularity: cli.dirty_granularity,
                     block_size: cli.logical_block_size,
+                    security: security.clone(),
                 },
                 events.clone(),
                 meta,
@@ -147,10 +164,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 meta.clone().ok_or("no metadata")?,
                 SecondaryOptions {
                     listen: cli.listen.clone().unwrap_or_default(),
+                    serves_vm: cli.socket.is_some(),
                     heartbeat_interval: heartbeat,
                     peer_timeout,
                     block_size: cli.logical_block_size,
                     allow_full_sync: cli.allow_full_sync,
+                    security: security.clone(),
                 },
                 events.clone(),
             );
@@ -172,7 +191,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     // vhost-user server (for the secondary: only when a Secondary VM attaches).
-    let server = match cli.socket.as_ref() {
+    let mut server = match cli.socket.as_ref() {
         Some(socket) => Some(Server::new(
             socket,
             disk.clone(),
@@ -215,12 +234,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         start_qmp(
             &runtime,
             qmp_path,
+            cli.qmp_mode,
             Controller::new(role.clone(), server.as_ref().map(Server::stats_handle)),
             events.clone(),
             stop.clone(),
         )?;
     }
 
+    // The device tells replication about QEMU's stop/start cycle (COLO checkpoints).
+    if let Some(server) = server.as_mut() {
+        match &role {
+            Role::Primary(p) => server.set_observer(Arc::new(PrimaryDevice(p.clone()))),
+            Role::Secondary(s) => server.set_observer(Arc::new(SvmDevice(s.clone()))),
+            Role::Standalone => {}
+        }
+    }
     print_ready(&cli, listen);
 
     let server_thread = match server {
@@ -264,6 +292,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 fn start_qmp(
     runtime: &tokio::runtime::Runtime,
     path: PathBuf,
+    mode: u32,
     controller: Controller,
     events: EventSender,
     stop: Arc<dyn Fn() + Send + Sync>,
@@ -275,7 +304,7 @@ fn start_qmp(
     ));
     let listener = {
         let _guard = runtime.enter();
-        QmpServer::bind_unix(&path)
+        QmpServer::bind_unix_mode(&path, mode)
             .map_err(|e| format!("cannot listen on QMP socket {}: {e}", path.display()))?
     };
     info!("QMP listening on {}", path.display());

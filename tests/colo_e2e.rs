@@ -210,6 +210,7 @@ impl Setup {
             self.s("svm.sock"),
         );
         let mut args = vec![
+            "--insecure-link",
             "--role",
             "secondary",
             "--image",
@@ -239,6 +240,7 @@ impl Setup {
         let peer = format!("127.0.0.1:{port}");
         let size = DISK.to_string();
         let args = [
+            "--insecure-link",
             "--role",
             "primary",
             "--image",

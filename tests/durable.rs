@@ -41,6 +41,7 @@ fn secondary_with_layers(
     let mut args = vec![
         "--role",
         "secondary",
+        "--insecure-link",
         "--image",
         &img,
         "--size",
@@ -72,6 +73,7 @@ fn primary(dir: &Path, image: &str, port: u16, extra: &[&str]) -> Backend {
     let mut args = vec![
         "--role",
         "primary",
+        "--insecure-link",
         "--image",
         &img,
         "--size",

@@ -585,8 +585,21 @@ impl MetaStore {
         })
     }
 
+    /// The secondary applied the end of epoch `epoch` (a CHECKPOINT or MARKER frame), before
+    /// acknowledging it: its disk now holds the source's data at that point, so it adopts the
+    /// source's generation and epoch. Whether the layers made it a checkpoint does not matter
+    /// here (the dirty records are about the disk); [`MetaStore::checkpoint_done`] is the one
+    /// that also ends an inconsistent full sync.
+    pub fn stream_epoch(&self, epoch: u64) -> io::Result<Metadata> {
+        self.adopt(epoch, false)
+    }
+
     /// A checkpoint completed on the secondary: its disk is the source's checkpoint `epoch`.
     pub fn checkpoint_done(&self, epoch: u64) -> io::Result<Metadata> {
+        self.adopt(epoch, true)
+    }
+
+    fn adopt(&self, epoch: u64, checkpoint: bool) -> io::Result<Metadata> {
         if self.get().role == DiskRole::FailedOver {
             return Err(io::Error::other(
                 "failed over: no checkpoint of the primary any more",
@@ -601,8 +614,10 @@ impl MetaStore {
                 }
                 g.current = g.source;
             }
-            g.epoch = epoch;
-            g.flags &= !FLAG_INCONSISTENT;
+            g.epoch = g.epoch.max(epoch);
+            if checkpoint {
+                g.flags &= !FLAG_INCONSISTENT;
+            }
         })
     }
 
@@ -954,6 +969,10 @@ mod tests {
         let primary = Generations::fresh_primary();
         st.secondary_accept(&primary, true).unwrap();
         assert!(st.gens().inconsistent());
+        assert!(st.failover(false).is_err());
+        // A marker the layers did not make a checkpoint: still inconsistent.
+        let m = st.stream_epoch(1).unwrap();
+        assert!(m.gens.inconsistent());
         assert!(st.failover(false).is_err());
         let m = st.checkpoint_done(1).unwrap();
         assert_eq!((m.gens.current, m.gens.epoch), (primary.current, 1));

@@ -17,5 +17,6 @@ pub(crate) mod ordering;
 pub mod primary;
 pub mod protocol;
 pub mod secondary;
+pub mod tls;
 
 pub use dirty::{DirtyLog, LogGuard};

@@ -128,6 +128,13 @@ pub enum Frame {
         len: u64,
         matches: bool,
     },
+    /// COLO: the primary's device stopped here (QEMU stopped the VM with dirty logging on, for
+    /// a checkpoint or otherwise). The secondary makes it a tentative cut, or ignores it while
+    /// its own VM runs (docs/colo-with-qemu.md).
+    Marker {
+        seq: u64,
+        mark: Mark,
+    },
     /// Secondary → primary: every frame up to and including `seq` is applied.
     Ack {
         seq: u64,
@@ -148,8 +155,25 @@ const T_CHECKPOINT: u8 = 7;
 const T_ACK: u8 = 8;
 const T_HEARTBEAT: u8 = 9;
 const T_ERROR: u8 = 10;
-const T_VERIFY: u8 = 11;
-const T_VERIFY_RESULT: u8 = 12;
+const T_VERIFY: u8 = 12;
+const T_VERIFY_RESULT: u8 = 13;
+const T_MARKER: u8 = 11;
+
+/// Most queues a MARKER describes (the device's limit).
+pub const MAX_MARK_QUEUES: usize = 64;
+const UNKNOWN_BASE: u32 = u32::MAX;
+
+/// A point in the primary's stream where its device stopped, with the position of each
+/// virtqueue there (the `GET_VRING_BASE` answers QEMU got, which it gives the Secondary VM's
+/// device when that VM takes the primary's state).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mark {
+    /// The epoch the primary ended with this marker.
+    pub epoch: u64,
+    /// `next_avail` of each queue, in queue order (`None`: the queue did not run since the
+    /// device last started, so its position is not known to the backend).
+    pub bases: Vec<Option<u16>>,
+}
 
 impl Frame {
     /// The frame's name, for messages.
@@ -159,6 +183,7 @@ impl Frame {
             Frame::Welcome(_) => "WELCOME",
             Frame::Change { change, .. } => change.kind(),
             Frame::Checkpoint { .. } => "CHECKPOINT",
+            Frame::Marker { .. } => "MARKER",
             Frame::Ack { .. } => "ACK",
             Frame::Verify { .. } => "VERIFY",
             Frame::VerifyResult { .. } => "VERIFY_RESULT",
@@ -174,7 +199,8 @@ impl Frame {
             | Frame::Checkpoint { seq, .. }
             | Frame::Ack { seq }
             | Frame::Verify { seq, .. }
-            | Frame::VerifyResult { seq, .. } => *seq,
+            | Frame::VerifyResult { seq, .. }
+            | Frame::Marker { seq, .. } => *seq,
             _ => 0,
         }
     }
@@ -229,6 +255,13 @@ impl Frame {
                 Change::Flush => (T_FLUSH, 0, *seq, 0, 0, &[]),
             },
             Frame::Checkpoint { seq, epoch } => (T_CHECKPOINT, 0, *seq, 0, *epoch, &[]),
+            Frame::Marker { seq, mark } => {
+                for b in &mark.bases {
+                    let v = b.map_or(UNKNOWN_BASE, u32::from);
+                    hello_buf.extend_from_slice(&v.to_le_bytes());
+                }
+                (T_MARKER, 0, *seq, 0, mark.epoch, &hello_buf)
+            }
             Frame::Ack { seq } => (T_ACK, 0, *seq, 0, 0, &[]),
             Frame::Verify {
                 seq,
@@ -449,6 +482,35 @@ impl Frame {
                     matches: h.flags & FLAG_MATCH != 0,
                 }
             }
+            T_MARKER => {
+                if payload.is_empty()
+                    || payload.len() % 4 != 0
+                    || payload.len() > 4 * MAX_MARK_QUEUES
+                {
+                    return Err(ProtocolError::Malformed {
+                        kind: "MARKER",
+                        why: "payload is not 1 to 64 queue positions",
+                    });
+                }
+                let mut bases = Vec::with_capacity(payload.len() / 4);
+                for q in payload.chunks_exact(4) {
+                    let v = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
+                    bases.push(match v {
+                        UNKNOWN_BASE => None,
+                        v => Some(u16::try_from(v).map_err(|_| ProtocolError::Malformed {
+                            kind: "MARKER",
+                            why: "queue position above 65535",
+                        })?),
+                    });
+                }
+                Frame::Marker {
+                    seq: h.seq,
+                    mark: Mark {
+                        epoch: h.length,
+                        bases,
+                    },
+                }
+            }
             T_HEARTBEAT => {
                 no_payload("HEARTBEAT")?;
                 Frame::Heartbeat
@@ -573,6 +635,13 @@ mod tests {
                 change: Change::Flush,
             },
             Frame::Checkpoint { seq: 5, epoch: 9 },
+            Frame::Marker {
+                seq: 6,
+                mark: Mark {
+                    epoch: 10,
+                    bases: vec![Some(0), None, Some(65535)],
+                },
+            },
             Frame::Ack { seq: 5 },
             Frame::Heartbeat,
             Frame::Error {

@@ -22,7 +22,8 @@ use super::events::{self, FailoverReport, SecondaryStatus, Side};
 use super::layers::LayeredDisk;
 use super::link::{self, Stream, Timing};
 use super::metadata::{decide, Decision, MetaStore};
-use super::protocol::{Frame, Hello, ProtocolError, Welcome, VERSION};
+use super::protocol::{Frame, Hello, Mark, ProtocolError, Welcome, VERSION};
+use super::tls::LinkSecurity;
 use crate::qmp::EventSender;
 use crate::storage::{BlockDevice, Change};
 
@@ -30,11 +31,16 @@ use crate::storage::{BlockDevice, Change};
 #[derive(Debug, Clone)]
 pub struct SecondaryOptions {
     pub listen: String,
+    /// A Secondary VM may attach (`--socket`): COLO markers become tentative cuts that its
+    /// restart decides. Without one, a marker is a checkpoint of the disk.
+    pub serves_vm: bool,
     pub heartbeat_interval: Duration,
     pub peer_timeout: Duration,
     pub block_size: u32,
     /// The operator allows a full sync to overwrite this disk (`--allow-full-sync`).
     pub allow_full_sync: bool,
+    /// How the link is protected (TLS or plain TCP).
+    pub security: LinkSecurity,
 }
 
 /// Where the secondary's replication stands.
@@ -58,10 +64,23 @@ enum Peer {
     Streaming(String),
 }
 
+/// The Secondary VM's device, as QEMU drives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Svm {
+    /// Stopped by QEMU (a COLO checkpoint begins), or not started yet: `own` is where each
+    /// queue stood when it stopped (empty when it never ran).
+    Stopped { own: Vec<Option<u16>> },
+    /// Running since its restart.
+    Running,
+}
+
 #[derive(Debug)]
 struct SecState {
     stage: Stage,
     peer: Peer,
+    svm: Svm,
+    /// The Secondary VM's device logs dirty pages (it is in COLO).
+    svm_log_all: bool,
     applied_seq: u64,
     bytes_since_checkpoint: u64,
     bytes_total: u64,
@@ -124,6 +143,8 @@ impl Secondary {
             state: Mutex::new(SecState {
                 stage,
                 peer: Peer::Idle,
+                svm: Svm::Stopped { own: Vec::new() },
+                svm_log_all: false,
                 applied_seq: 0,
                 bytes_since_checkpoint: 0,
                 bytes_total: 0,
@@ -166,7 +187,15 @@ impl Secondary {
                     if let Err(e) = stream.set_nodelay(true) {
                         warn!("TCP_NODELAY on the link: {e}");
                     }
-                    tokio::spawn(self.clone().serve(stream, addr.to_string()));
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let addr = addr.to_string();
+                        // Authenticated before anything it sends is read as a frame.
+                        match me.opts.security.accept(stream, me.opts.peer_timeout).await {
+                            Ok(stream) => me.serve(stream, addr).await,
+                            Err(e) => me.session_ended(&addr, Err(ProtocolError::Io(e))),
+                        }
+                    });
                 }
                 Err(e) => warn!("accept failed: {e}"),
             }
@@ -355,7 +384,10 @@ impl Secondary {
                 match f {
                     Frame::Heartbeat => continue,
                     Frame::Error { message } => return Err(ProtocolError::Peer(message)),
-                    Frame::Change { .. } | Frame::Checkpoint { .. } | Frame::Verify { .. } => {
+                    Frame::Change { .. }
+                    | Frame::Checkpoint { .. }
+                    | Frame::Marker { .. }
+                    | Frame::Verify { .. } => {
                         if f.seq() != expected {
                             return Err(ProtocolError::Sequence {
                                 expected,
@@ -509,19 +541,160 @@ impl Secondary {
         let Some(frame) = group.first() else {
             return Ok(());
         };
-        if let Frame::Checkpoint { epoch, .. } = *frame {
-            let t = Instant::now();
-            self.disk.checkpoint_as(epoch)?;
-            // Durable before the ACK: the disk is this checkpoint of the source.
-            self.meta.checkpoint_done(epoch)?;
-            self.state().bytes_since_checkpoint = 0;
-            info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
-            self.events.send(&events::Checkpoint {
-                role: Side::Secondary,
-                epoch,
-            });
+        match frame {
+            Frame::Marker { mark, .. } => {
+                // Durable before the ACK: the disk holds the source's data at this marker.
+                self.meta.stream_epoch(mark.epoch)?;
+                self.apply_marker(mark)?
+            }
+            &Frame::Checkpoint { epoch, .. } => {
+                let t = Instant::now();
+                self.disk.checkpoint_as(epoch)?;
+                // Durable before the ACK: the disk is this checkpoint of the source.
+                self.meta.checkpoint_done(epoch)?;
+                self.state().bytes_since_checkpoint = 0;
+                info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
+                self.events.send(&events::Checkpoint {
+                    role: Side::Secondary,
+                    epoch,
+                });
+            }
+            _ => {}
         }
         Ok(())
+    }
+
+    /// A COLO marker (docs/colo-with-qemu.md): while the Secondary VM is stopped, a tentative
+    /// cut its restart decides; while it runs, not a checkpoint (the primary stopped for
+    /// another reason); without a Secondary VM, a checkpoint of the disk.
+    fn apply_marker(&self, mark: &Mark) -> io::Result<()> {
+        let svm = self.state().svm.clone();
+        match svm {
+            _ if !self.opts.serves_vm => {
+                self.disk.checkpoint_as(mark.epoch)?;
+                self.meta.checkpoint_done(mark.epoch)?;
+                self.state().bytes_since_checkpoint = 0;
+                info!("marker {}: checkpoint (no Secondary VM)", mark.epoch);
+                self.events.send(&events::Checkpoint {
+                    role: Side::Secondary,
+                    epoch: mark.epoch,
+                });
+            }
+            Svm::Stopped { .. } => {
+                self.disk.mark(mark.clone())?;
+                info!(
+                    "marker {}: tentative cut (the Secondary VM is stopped)",
+                    mark.epoch
+                );
+            }
+            Svm::Running => {
+                log::debug!(
+                    "marker {}: the Secondary VM runs, so not a checkpoint",
+                    mark.epoch
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The Secondary VM's queue `queue` runs again, from `next_avail`; on the first queue of a
+    /// restart, decides what the restart is (docs/colo-with-qemu.md): QEMU gave the Secondary
+    /// VM the primary's state of a tentative cut (its queue positions match that marker) → the
+    /// cut becomes the checkpoint before any request runs; it resumed its own state (its own
+    /// positions, the checkpoint was abandoned) → nothing changes; neither → refused loudly,
+    /// the disk stays at the last checkpoint.
+    fn svm_starting(&self, queue: u16, next_avail: u16) {
+        let (own, link_alive) = {
+            let mut st = self.state();
+            let Svm::Stopped { own } = std::mem::replace(&mut st.svm, Svm::Running) else {
+                return;
+            };
+            (own, matches!(st.peer, Peer::Streaming(_)))
+        };
+        if self.is_failed_over() {
+            return;
+        }
+        let q = usize::from(queue);
+        let own_base = own.get(q).copied().flatten();
+        let marks = self.disk.marks();
+        let matching = marks.iter().rev().find(|m| {
+            m.bases
+                .get(q)
+                .copied()
+                .flatten()
+                .is_none_or(|b| b == next_avail)
+        });
+        let resumed_own = own_base == Some(next_avail);
+        match matching {
+            // Both readings fit only when the primary and the Secondary VM stood at the same
+            // position; then a live primary means the checkpoint went through (QEMU resumes
+            // the primary only after the Secondary VM loaded its state).
+            Some(m) if !resumed_own || link_alive => {
+                let epoch = m.epoch;
+                match self
+                    .disk
+                    .commit_mark(epoch)
+                    .and_then(|()| self.meta.checkpoint_done(epoch).map(drop))
+                {
+                    Ok(()) => {
+                        self.state().bytes_since_checkpoint = 0;
+                        info!("checkpoint {epoch}: the Secondary VM runs the primary's state");
+                        self.events.send(&events::Checkpoint {
+                            role: Side::Secondary,
+                            epoch,
+                        });
+                    }
+                    Err(e) => self.report_svm_error(format!(
+                        "cannot make tentative cut {epoch} the checkpoint: {e}"
+                    )),
+                }
+            }
+            _ if resumed_own || marks.is_empty() => info!(
+                "the Secondary VM resumed its own state (queue {queue} at {next_avail}); \
+                 the disk stays at checkpoint {}",
+                self.disk.stats().epoch
+            ),
+            _ => self.report_svm_error(format!(
+                "the Secondary VM restarted queue {queue} at {next_avail}, which matches no \
+                 marker of the primary (tentative: {:?}); its disk stays at checkpoint {} and \
+                 does not match its memory: fail over only with a fresh Secondary VM",
+                marks,
+                self.disk.stats().epoch
+            )),
+        }
+    }
+
+    fn report_svm_error(&self, error: String) {
+        error!("{error}");
+        self.state().last_error = Some(error.clone());
+        self.events.send(&events::Error {
+            role: Side::Secondary,
+            error,
+        });
+    }
+
+    fn is_failed_over(&self) -> bool {
+        self.state().stage != Stage::Receiving
+    }
+
+    /// The Secondary VM's device switched dirty logging: off after on means QEMU ended COLO on
+    /// the Secondary VM (failover), so the disk becomes its own.
+    fn svm_log_all(self: &Arc<Self>, on: bool) {
+        let was = std::mem::replace(&mut self.state().svm_log_all, on);
+        if was && !on && !self.is_failed_over() {
+            info!("the Secondary VM left COLO: failing over");
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("colo-failover".into())
+                .spawn(move || {
+                    if let Err(e) = me.failover() {
+                        error!("failover when the Secondary VM left COLO: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                error!("cannot start the failover: {e}");
+            }
+        }
     }
 
     /// `replication-do-checkpoint` on the secondary: drop both layers now.
@@ -637,6 +810,25 @@ impl Secondary {
     }
 }
 
+/// The Secondary VM's device tells the secondary when QEMU stops and restarts it.
+pub struct SvmDevice(pub Arc<Secondary>);
+
+impl crate::vhost_user::DeviceObserver for SvmDevice {
+    fn log_all(&self, on: bool) {
+        self.0.svm_log_all(on);
+    }
+
+    fn queue_stopped(&self, _queue: u16, bases: &[Option<u16>], _log_all: bool) {
+        self.0.state().svm = Svm::Stopped {
+            own: bases.to_vec(),
+        };
+    }
+
+    fn queue_starting(&self, queue: u16, next_avail: u16) {
+        self.0.svm_starting(queue, next_avail);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,10 +851,12 @@ mod tests {
         let layered = Arc::new(LayeredDisk::new(base.clone(), dir, 4096).unwrap());
         let opts = SecondaryOptions {
             listen: "in-memory".into(),
+            serves_vm: false,
             heartbeat_interval: timing().heartbeat,
             peer_timeout: timing().peer_timeout,
             block_size: 512,
             allow_full_sync: false,
+            security: LinkSecurity::Insecure,
         };
         (Secondary::new(layered, opts, EventSender::new()), base)
     }
@@ -825,5 +1019,136 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("failed over"), "{e}");
+    }
+
+    fn colo_secondary(dir: &std::path::Path) -> (Arc<Secondary>, Arc<MemDisk>) {
+        let base = Arc::new(MemDisk::new(DISK as usize));
+        base.write_at(&vec![0x11; DISK as usize], 0).unwrap();
+        let layered = Arc::new(LayeredDisk::new(base.clone(), dir, 4096).unwrap());
+        let opts = SecondaryOptions {
+            listen: "in-memory".into(),
+            serves_vm: true,
+            heartbeat_interval: timing().heartbeat,
+            peer_timeout: timing().peer_timeout,
+            block_size: 512,
+            security: LinkSecurity::Insecure,
+            allow_full_sync: false,
+        };
+        (Secondary::new(layered, opts, EventSender::new()), base)
+    }
+
+    fn marker(seq: u64, epoch: u64, base: u16) -> Frame {
+        Frame::Marker {
+            seq,
+            mark: Mark {
+                epoch,
+                bases: vec![Some(base), None],
+            },
+        }
+    }
+
+    fn view(sec: &Secondary, offset: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        sec.disk.read_at(&mut v, offset).unwrap();
+        v
+    }
+
+    /// A COLO checkpoint as QEMU runs it: the Secondary VM stops, the primary's device stops
+    /// (MARKER), the Secondary VM restarts from the primary's queue positions: its disk is the
+    /// primary's at the marker (its own writes gone) before its first request runs. Restarting
+    /// from its own positions instead (an abandoned checkpoint) keeps the last checkpoint and its
+    /// writes. A marker while it runs is not a checkpoint.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn colo_cuts_follow_the_secondary_vms_restart() {
+        use crate::vhost_user::DeviceObserver;
+        for restart_from_marker in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (sec, base) = colo_secondary(dir.path());
+            let svm = SvmDevice(sec.clone());
+            svm.log_all(true);
+            svm.queue_starting(0, 0);
+            sec.disk.write_at(&[0x55; 4096], 65536).unwrap();
+            let (mut rd, mut wr) = connect(&sec, "p").await;
+            send(&mut wr, &[Frame::write(1, 0, vec![0x22; 8192])]).await;
+            wait_ack(&mut rd, 1).await;
+            // The primary stops while the Secondary VM runs (a user stop): not a checkpoint.
+            send(&mut wr, &[marker(2, 1, 3)]).await;
+            wait_ack(&mut rd, 2).await;
+            assert!(sec.disk.marks().is_empty());
+            // A checkpoint: the Secondary VM stops first, then the primary.
+            svm.queue_stopped(0, &[Some(9), None], true);
+            send(&mut wr, &[marker(3, 2, 4)]).await;
+            wait_ack(&mut rd, 3).await;
+            assert_eq!(sec.disk.marks().len(), 1);
+            // The primary resumes and writes before the Secondary VM's first request.
+            send(&mut wr, &[Frame::write(4, 4096, vec![0x33; 4096])]).await;
+            wait_ack(&mut rd, 4).await;
+            let svm_view = [view(&sec, 0, 8192), view(&sec, 65536, 4096)];
+            assert!(
+                svm_view[0].iter().all(|&b| b == 0x11),
+                "view still the old checkpoint"
+            );
+            assert!(svm_view[1].iter().all(|&b| b == 0x55));
+            if restart_from_marker {
+                svm.queue_starting(0, 4);
+                assert_eq!(sec.status().epoch, 2);
+                assert!(
+                    view(&sec, 0, 8192).iter().all(|&b| b == 0x22),
+                    "the marker's disk"
+                );
+                assert!(
+                    view(&sec, 65536, 4096).iter().all(|&b| b == 0x11),
+                    "own writes gone"
+                );
+            } else {
+                svm.queue_starting(0, 9);
+                assert_eq!(sec.status().epoch, 0);
+                assert_eq!([view(&sec, 0, 8192), view(&sec, 65536, 4096)], svm_view);
+            }
+            let snapshot = base.snapshot();
+            assert!(snapshot[..4096].iter().all(|&b| b == 0x22));
+            assert!(snapshot[4096..8192].iter().all(|&b| b == 0x33));
+            // Failover keeps exactly the Secondary VM's view.
+            let want = [view(&sec, 0, 8192), view(&sec, 65536, 4096)];
+            let s = sec.clone();
+            tokio::task::spawn_blocking(move || s.failover())
+                .await
+                .unwrap()
+                .unwrap();
+            let snapshot = base.snapshot();
+            assert_eq!(snapshot[..8192], want[0][..]);
+            assert_eq!(snapshot[65536..65536 + 4096], want[1][..]);
+        }
+    }
+
+    /// QEMU ending COLO on the Secondary VM (dirty logging switched off) fails over by itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leaving_colo_fails_over() {
+        use crate::vhost_user::DeviceObserver;
+        let dir = tempfile::tempdir().unwrap();
+        let (sec, _base) = colo_secondary(dir.path());
+        let svm = SvmDevice(sec.clone());
+        svm.log_all(true);
+        let (mut rd, mut wr) = connect(&sec, "p").await;
+        send(&mut wr, &[Frame::write(1, 0, vec![0x22; 8192])]).await;
+        wait_ack(&mut rd, 1).await;
+        svm.log_all(false);
+        // The failover ends the session: the primary sees the stream close.
+        while let Ok(Frame::Heartbeat | Frame::Ack { .. }) = read_frame(&mut rd).await {}
+        let s = sec.clone();
+        let st = tokio::task::spawn_blocking(move || loop {
+            let st = s.status();
+            if st.state == "failed-over" && st.hidden_bytes == 0 {
+                break st;
+            }
+            std::thread::yield_now();
+        })
+        .await
+        .unwrap();
+        assert_eq!(st.epoch, 0);
+        assert!(
+            view(&sec, 0, 8192).iter().all(|&b| b == 0x11),
+            "rolled back"
+        );
     }
 }

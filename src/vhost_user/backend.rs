@@ -27,6 +27,7 @@ use vmm_sys_util::event::{
 };
 
 use super::io_pool::{InFlight, IoPool};
+use super::lifecycle::{DeviceObserver, Lifecycle};
 use crate::storage::{BlockDevice, GuestMem};
 use crate::virtio::config::BlkConfig;
 use crate::virtio::request::{self, DeviceInfo, Limits, Parsed};
@@ -118,6 +119,8 @@ struct Shared {
     stats: StatsHandle,
     /// Requests popped but not completed, per queue.
     inflight: Vec<InFlight>,
+    /// QEMU's stop/start cycle, for replication (see `lifecycle`).
+    lifecycle: Lifecycle,
 }
 
 /// The backend handed to `VhostUserDaemon`. Cheap to clone; one is built per connection.
@@ -170,6 +173,7 @@ impl BlkBackend {
                 mem: RwLock::new(None),
                 stats,
                 inflight: (0..opts.num_queues).map(|_| InFlight::default()).collect(),
+                lifecycle: Lifecycle::new(opts.num_queues),
             }),
             pool,
         }
@@ -273,7 +277,15 @@ impl BlkBackend {
         if let Some(f) = self.shared.inflight.get(queue) {
             f.add(batch.len());
         }
+        self.shared
+            .lifecycle
+            .after_pop(queue as u16, state.get_queue().next_avail());
         Ok(batch)
+    }
+
+    /// Tells `observer` about QEMU's stop/start cycle of this connection's device.
+    pub(crate) fn set_observer(&self, observer: Arc<dyn DeviceObserver>) {
+        self.shared.lifecycle.set_observer(observer);
     }
 
     /// The counters this backend updates.
@@ -317,6 +329,11 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
+    fn acked_features(&self, features: u64) {
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        self.shared.lifecycle.features(log_all);
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.shared.event_idx.store(enabled, Ordering::Relaxed);
     }
@@ -351,6 +368,7 @@ impl VhostUserBackend for BlkBackend {
         if let Some(f) = self.shared.inflight.get(queue_index as usize) {
             f.wait_idle();
         }
+        self.shared.lifecycle.stopped(queue_index as u16);
         Ok(())
     }
 
@@ -390,6 +408,9 @@ impl VhostUserBackend for BlkBackend {
             }
         };
         // One queue per worker thread: the thread index is the queue index.
+        self.shared.lifecycle.before_pop(thread_id as u16, || {
+            vring.get_ref().get_queue().next_avail()
+        });
         let mut batch = self.pop_all(thread_id, vring, &mem)?;
         // All but the last request go to the I/O pool; the last runs here.
         let last = batch.pop();

@@ -18,6 +18,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::backend::{BlkBackend, DeviceOptions, StatsHandle};
 use super::io_pool::IoPool;
+use super::lifecycle::DeviceObserver;
 use crate::storage::BlockDevice;
 
 /// Errors of the vhost-user server.
@@ -74,6 +75,7 @@ pub struct Server {
     pool: Option<Arc<IoPool>>,
     control: ServerControl,
     stats: StatsHandle,
+    observer: Option<Arc<dyn DeviceObserver>>,
 }
 
 impl Server {
@@ -103,6 +105,7 @@ impl Server {
             pool,
             control: ServerControl::default(),
             stats,
+            observer: None,
         })
     }
 
@@ -117,14 +120,23 @@ impl Server {
         self.stats.clone()
     }
 
+    /// Tells `observer` about QEMU's stop/start cycle of every connection's device.
+    pub fn set_observer(&mut self, observer: Arc<dyn DeviceObserver>) {
+        self.observer = Some(observer);
+    }
+
     /// A fresh backend for the next connection, over the server's disk, pool and counters.
     fn backend(&self) -> BlkBackend {
-        BlkBackend::new(
+        let backend = BlkBackend::new(
             self.disk.clone(),
             &self.opts,
             self.stats.clone(),
             self.pool.clone(),
-        )
+        );
+        if let Some(o) = &self.observer {
+            backend.set_observer(o.clone());
+        }
+        backend
     }
 
     /// Serves connections until [`ServerControl::stop`] is called.

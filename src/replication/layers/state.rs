@@ -11,20 +11,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::replication::protocol::Mark;
+
 /// Name of the state file in the layer directory.
 pub(super) const STATE_FILE: &str = "layers.state";
 const FORMAT: u32 = 1;
-
-/// A point in the primary's stream where its device stopped (a COLO marker), with the
-/// position of each virtqueue at that point (the `GET_VRING_BASE` answers).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mark {
-    /// The epoch the primary ended with this marker.
-    pub epoch: u64,
-    /// `next_avail` of each queue of the primary's device, in queue order (`None`: the queue
-    /// did not run since the device last started, so its position is not known here).
-    pub bases: Vec<Option<u16>>,
-}
 
 /// A hidden layer and the markers it started at (none: the epoch's first hidden layer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
