@@ -116,32 +116,12 @@ impl Primary {
             mismatches.len()
         );
         if !mismatches.is_empty() {
-            // Dirty until fixed (also across a restart of this primary), and fixed now.
-            let mut repair = DirtyBitmap::new(self.local.capacity(), self.opts.dirty_granularity);
-            for &(offset, len) in &mismatches {
-                if let Some(l) = &self.log {
-                    if let Err(e) = l.record(offset, len) {
-                        warn!("recording a verify mismatch in the dirty log: {e}");
-                    }
-                }
-                self.dirty().mark(offset, len);
-                repair.mark(offset, len);
-            }
-            let started = {
-                let _order = self.order();
-                let mut st = self.state();
-                match st.link.session_mut().filter(|s| s.id == id) {
-                    Some(s) => {
-                        s.resync_remaining += repair.dirty_bytes();
-                        true
-                    }
-                    None => false,
-                }
-            };
-            if started {
-                let me = self.clone();
-                std::thread::spawn(move || me.resync(id, repair));
-            }
+            // Called from the link's reader: the repair (which syncs the dirty log and takes
+            // the order lock, which a writer waiting for window space may hold) runs on its
+            // own thread, so that acknowledgements keep flowing.
+            let me = self.clone();
+            let ranges = mismatches.clone();
+            std::thread::spawn(move || me.repair(id, &ranges));
         }
         self.events.send(&events::VerifyDone {
             role: Side::Primary,
@@ -149,6 +129,34 @@ impl Primary {
             mismatches: mismatches.len() as u64,
             complete: true,
         });
+    }
+
+    /// Marks `ranges` dirty (also across a restart of this primary) and resends them now.
+    fn repair(&self, id: u64, ranges: &[(u64, u64)]) {
+        let mut repair = DirtyBitmap::new(self.local.capacity(), self.opts.dirty_granularity);
+        for &(offset, len) in ranges {
+            if let Some(l) = &self.log {
+                if let Err(e) = l.record(offset, len) {
+                    warn!("recording a verify mismatch in the dirty log: {e}");
+                }
+            }
+            self.dirty().mark(offset, len);
+            repair.mark(offset, len);
+        }
+        let started = {
+            let _order = self.order();
+            let mut st = self.state();
+            match st.link.session_mut().filter(|s| s.id == id) {
+                Some(s) => {
+                    s.resync_remaining += repair.dirty_bytes();
+                    true
+                }
+                None => false,
+            }
+        };
+        if started {
+            self.resync(id, repair);
+        }
     }
 
     /// Session `id` ended: a verify running in it stops.
