@@ -326,8 +326,6 @@ fn run(data: &[u8]) {
         peer_timeout: Duration::from_secs(2),
         block_size: BLOCK,
         allow_full_sync: false,
-        serves_vm: false,
-        security: colo_blk::replication::tls::LinkSecurity::Insecure,
     };
     let sec = Secondary::new(Arc::new(layered), opts, EventSender::new());
 
