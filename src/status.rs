@@ -382,7 +382,7 @@ pub fn report_text(r: &Report, now: f64, with_progress: bool) -> String {
                 _ => "UNPROTECTED".to_string(),
             };
             let since = match ago("unprotected-since") {
-                Some((at, d)) if summary(rep) != "in-sync" => format!(" since {at} ({d})"),
+                Some((at, d)) if summary(rep) != "in-sync" => format!(" since {at} ({d} ago)"),
                 _ => String::new(),
             };
             out.push_str(&format!("  disk: {prot}{since}\n"));
@@ -429,7 +429,7 @@ pub fn report_text(r: &Report, now: f64, with_progress: bool) -> String {
                 "failing-over" => "FAILING OVER (committing the layers)".to_string(),
                 "failed-over" => "failed over: the disk is this side's own".to_string(),
                 _ => match ago("unprotected-since") {
-                    Some((at, d)) => format!("waiting for the primary since {at} ({d})"),
+                    Some((at, d)) => format!("waiting for the primary since {at} ({d} ago)"),
                     None => "waiting for the primary".to_string(),
                 },
             };
