@@ -283,14 +283,13 @@ fn render_common(o: &mut Out, m: &crate::replication::metrics::MetricsSnapshot) 
     );
 }
 
+/// Reads one counter of a queue.
+type QueueCounter = fn(&crate::vhost_user::QueueStatsSnapshot) -> u64;
+
 fn render_queues(o: &mut Out, stats: &StatsHandle) {
     let queues = stats.queues();
     let lat = stats.latencies();
-    let counters: [(
-        &str,
-        &str,
-        fn(&crate::vhost_user::QueueStatsSnapshot) -> u64,
-    ); 5] = [
+    let counters: [(&str, &str, QueueCounter); 5] = [
         (
             "queue_requests_total",
             "Well-formed requests completed.",
