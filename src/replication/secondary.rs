@@ -22,6 +22,7 @@ use super::events::{self, FailoverReport, SecondaryStatus, Side};
 use super::layers::LayeredDisk;
 use super::link::{self, Stream, Timing};
 use super::metadata::{decide, Decision, MetaStore};
+use super::metrics::ReplicationMetrics;
 use super::protocol::{Frame, Hello, Mark, ProtocolError, Welcome, VERSION};
 use super::tls::LinkSecurity;
 use crate::qmp::EventSender;
@@ -110,6 +111,8 @@ pub struct Secondary {
     meta: Arc<MetaStore>,
     /// The secondary disk under the layers (what VERIFY compares); `None`: the layered view.
     base: Option<Arc<dyn BlockDevice>>,
+    /// Counters and timestamps for operators.
+    metrics: ReplicationMetrics,
 }
 
 impl Secondary {
@@ -153,6 +156,7 @@ impl Secondary {
             cond: Condvar::new(),
             events,
             stop,
+            metrics: ReplicationMetrics::new(),
         })
     }
 
@@ -245,6 +249,12 @@ impl Secondary {
             was
         };
         self.cond.notify_all();
+        if was_streaming {
+            self.metrics.unprotected();
+        }
+        if r.is_err() {
+            self.metrics.link_error();
+        }
         if was_streaming {
             warn!("primary {addr} gone: {reason}");
             self.events.send(&events::PeerLost {
@@ -361,6 +371,8 @@ impl Secondary {
             hello.epoch,
             if hello.sync { "sync" } else { "async" }
         );
+        self.metrics.connected(0);
+        self.metrics.in_sync();
         self.events.send(&events::PeerConnected {
             role: Side::Secondary,
             peer: addr.to_string(),
@@ -553,6 +565,7 @@ impl Secondary {
                 // Durable before the ACK: the disk is this checkpoint of the source.
                 self.meta.checkpoint_done(epoch)?;
                 self.state().bytes_since_checkpoint = 0;
+                self.metrics.checkpoint(t.elapsed());
                 info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
                 self.events.send(&events::Checkpoint {
                     role: Side::Secondary,
@@ -571,9 +584,11 @@ impl Secondary {
         let svm = self.state().svm.clone();
         match svm {
             _ if !self.opts.serves_vm => {
+                let t = Instant::now();
                 self.disk.checkpoint_as(mark.epoch)?;
                 self.meta.checkpoint_done(mark.epoch)?;
                 self.state().bytes_since_checkpoint = 0;
+                self.metrics.checkpoint(t.elapsed());
                 info!("marker {}: checkpoint (no Secondary VM)", mark.epoch);
                 self.events.send(&events::Checkpoint {
                     role: Side::Secondary,
@@ -631,6 +646,7 @@ impl Secondary {
             // the primary only after the Secondary VM loaded its state).
             Some(m) if !resumed_own || link_alive => {
                 let epoch = m.epoch;
+                let t = Instant::now();
                 match self
                     .disk
                     .commit_mark(epoch)
@@ -638,6 +654,7 @@ impl Secondary {
                 {
                     Ok(()) => {
                         self.state().bytes_since_checkpoint = 0;
+                        self.metrics.checkpoint(t.elapsed());
                         info!("checkpoint {epoch}: the Secondary VM runs the primary's state");
                         self.events.send(&events::Checkpoint {
                             role: Side::Secondary,
@@ -702,8 +719,10 @@ impl Secondary {
         if self.state().stage != Stage::Receiving {
             return Err(SecondaryError::AlreadyFailedOver);
         }
+        let t = Instant::now();
         self.disk.checkpoint()?;
         self.state().bytes_since_checkpoint = 0;
+        self.metrics.checkpoint(t.elapsed());
         let epoch = self.disk.stats().epoch;
         self.meta.checkpoint_done(epoch)?;
         self.events.send(&events::Checkpoint {
@@ -747,7 +766,10 @@ impl Secondary {
             }
         }
         let before = self.disk.stats();
+        self.metrics
+            .failover_started(before.hidden_bytes + before.active_bytes);
         self.disk.failover()?;
+        self.metrics.failover_done(t.elapsed());
         let duration_ms = t.elapsed().as_secs_f64() * 1000.0;
         self.state().stage = Stage::FailedOver;
         let epoch = self.disk.stats().epoch;
@@ -778,6 +800,11 @@ impl Secondary {
         Ok(crc32c::crc32c(&buf) == crc)
     }
 
+    /// The secondary's counters and timestamps (for the metrics endpoint).
+    pub fn metrics(&self) -> &ReplicationMetrics {
+        &self.metrics
+    }
+
     /// `query-replication` for the secondary.
     pub fn status(&self) -> SecondaryStatus {
         let st = self.state();
@@ -787,6 +814,8 @@ impl Secondary {
             (Stage::Receiving, Peer::Streaming(a)) => ("connected", Some(a.clone())),
             (Stage::Receiving, _) => ("waiting", None),
         };
+        let m = self.metrics.snapshot();
+        let committing = st.stage == Stage::FailingOver;
         SecondaryStatus {
             role: Side::Secondary,
             state,
@@ -806,6 +835,19 @@ impl Secondary {
             },
             metadata: self.meta.status(),
             last_error: st.last_error.clone(),
+            unprotected_since: m.unprotected_since,
+            last_checkpoint_at: m.last_checkpoint_at,
+            checkpoints: m.checkpoints,
+            sessions: m.sessions,
+            link_errors: m.link_errors,
+            failover_total_bytes: m.failover_total_bytes,
+            failover_remaining_bytes: if committing {
+                layers.hidden_bytes + layers.active_bytes
+            } else {
+                0
+            },
+            failover_started_at: m.failover_started_at,
+            failovers: m.failovers,
         }
     }
 }

@@ -12,6 +12,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use log::{debug, warn};
 use serde::Serialize;
@@ -28,6 +29,7 @@ use vmm_sys_util::event::{
 
 use super::io_pool::{InFlight, IoPool};
 use super::lifecycle::{DeviceObserver, Lifecycle};
+use crate::histogram::{Histogram, HistogramSnapshot};
 use crate::storage::{BlockDevice, GuestMem};
 use crate::virtio::config::BlkConfig;
 use crate::virtio::request::{self, DeviceInfo, Limits, Parsed};
@@ -53,9 +55,16 @@ pub(crate) struct QueueStats {
     malformed: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    /// Time from execution start to completion of well-formed requests.
+    latency: Histogram,
 }
 
 impl QueueStats {
+    /// Counts the latency of a request whose execution began at `started`.
+    fn record_latency(&self, started: Instant) {
+        self.latency.record(started.elapsed());
+    }
+
     fn snapshot(&self) -> QueueStatsSnapshot {
         QueueStatsSnapshot {
             requests: self.requests.load(Ordering::Relaxed),
@@ -96,6 +105,11 @@ impl StatsHandle {
     /// The counters of every queue, in queue order.
     pub fn queues(&self) -> Vec<QueueStatsSnapshot> {
         self.0.iter().map(QueueStats::snapshot).collect()
+    }
+
+    /// The request latency histogram of every queue, in queue order.
+    pub fn latencies(&self) -> Vec<HistogramSnapshot> {
+        self.0.iter().map(|q| q.latency.snapshot()).collect()
     }
 
     fn queue(&self, index: usize) -> Option<&QueueStats> {
@@ -189,8 +203,10 @@ impl BlkBackend {
     ) -> request::Completion {
         match parsed {
             Parsed::Ok(req) => {
+                let started = Instant::now();
                 let c = request::execute(mem, shared.disk.as_ref(), &shared.info, &req);
                 if let Some(st) = stats {
+                    st.record_latency(started);
                     st.requests.fetch_add(1, Ordering::Relaxed);
                     if c.status == VIRTIO_BLK_S_OK as u8 {
                         let (read, written) = req.data_bytes();
