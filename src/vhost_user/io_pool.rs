@@ -69,8 +69,13 @@ impl InFlight {
 
     /// Counts one request completed.
     pub(crate) fn done(&self) {
+        self.done_n(1);
+    }
+
+    /// Counts `n` requests completed.
+    pub(crate) fn done_n(&self, n: usize) {
         let mut c = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        *c = c.saturating_sub(1);
+        *c = c.saturating_sub(n);
         if *c == 0 {
             self.idle.notify_all();
         }

@@ -5,6 +5,7 @@
 pub mod backend;
 pub(crate) mod io_pool;
 pub mod server;
+mod uring_queue;
 
 pub use backend::{DeviceOptions, QueueStatsSnapshot, StatsHandle};
 pub use server::{Server, ServerControl};
