@@ -162,6 +162,11 @@ impl RawImage {
         Ok(())
     }
 
+    /// Whether the image was opened with O_DIRECT.
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct
+    }
+
     /// Whether the image was opened read-only.
     pub(crate) fn is_read_only(&self) -> bool {
         self.read_only

@@ -161,16 +161,27 @@ impl ImageRing {
     ///
     /// The iovec array and every buffer it points to must stay valid and unmoved until the
     /// completion carrying `user_data` has been reaped.
+    ///
+    /// With `punt`, the kernel runs the read on one of its io-wq threads right away
+    /// (`IOSQE_ASYNC`) instead of first trying it inline in `io_uring_enter`: large page-cache
+    /// reads are memory copies, and this spreads them over the CPUs instead of doing them all on
+    /// the submitting thread.
     pub unsafe fn push_readv(
         &mut self,
         iov: *const libc::iovec,
         iov_len: u32,
         offset: u64,
         user_data: u64,
+        punt: bool,
     ) -> io::Result<()> {
         let e = match self.target {
             Target::Fixed(f) => opcode::Readv::new(f, iov, iov_len).offset(offset).build(),
             Target::Fd(f) => opcode::Readv::new(f, iov, iov_len).offset(offset).build(),
+        };
+        let e = if punt {
+            e.flags(squeue::Flags::ASYNC)
+        } else {
+            e
         };
         self.push(e.user_data(user_data))
     }
@@ -309,7 +320,7 @@ mod tests {
             iov_len: back.len(),
         }];
         // SAFETY: `riov` and `back` outlive the completion reaped below.
-        unsafe { ring.push_readv(riov.as_ptr(), 1, 8192, 9).unwrap() };
+        unsafe { ring.push_readv(riov.as_ptr(), 1, 8192, 9, false).unwrap() };
         ring.submit(1).unwrap();
         got.clear();
         ring.reap(|u, r| got.push((u, r)));

@@ -403,9 +403,9 @@ impl BlkBackend {
     }
 
     /// A kick with the `uring` engine: pops every chain, queues reads, writes and flushes on the
-    /// ring and runs the rest here, submits the batch with one system call (waiting for it when
-    /// it is the queue's only request, so queue depth 1 pays no extra wake-up), then completes
-    /// whatever is done with one used-ring update.
+    /// ring and runs the rest here, submits the batch with one system call, then completes
+    /// whatever is done with one used-ring update. A lone request on an idle queue runs here
+    /// synchronously instead (queue depth 1 pays no ring round trip).
     fn uring_kick(
         &self,
         queue: usize,
@@ -426,21 +426,26 @@ impl BlkBackend {
         }
         let batch = self.pop_all(queue, vring, mem)?;
         let stats = self.shared.stats.queue(queue);
-        let mut pushed = 0usize;
+        // A lone request (queue depth 1) runs synchronously right here, as with the thread
+        // engine: one preadv/pwritev is the cheapest way to do it, while io_uring would hand a
+        // buffered write (and any read that would block) to one of its worker threads.
+        let alone = batch.len() == 1 && st.queue.inflight() == 0;
         for (head, parsed) in batch {
-            match st
-                .queue
-                .try_push(head, parsed, mem, image, &self.shared.info)
-            {
-                Ok(()) => pushed += 1,
-                Err(parsed) => {
-                    let c = Self::run_chain(&self.shared, mem, head, parsed, stats);
-                    st.done.push((head, c.used_len));
+            let parsed = if alone {
+                parsed
+            } else {
+                match st
+                    .queue
+                    .try_push(head, parsed, mem, image, &self.shared.info)
+                {
+                    Ok(()) => continue,
+                    Err(parsed) => parsed,
                 }
-            }
+            };
+            let c = Self::run_chain(&self.shared, mem, head, parsed, stats);
+            st.done.push((head, c.used_len));
         }
-        let wait = usize::from(pushed == 1 && st.queue.inflight() == 1);
-        if let Err(e) = st.queue.ring.submit(wait) {
+        if let Err(e) = st.queue.ring.submit(0) {
             warn!("io_uring submission failed: {e}");
         }
         self.uring_complete_and_arm(queue, st);

@@ -28,6 +28,10 @@ use crate::virtio::request::{
     MAX_REQUEST_BYTES,
 };
 
+/// Buffered reads at least this large go straight to io_uring's worker threads: they are
+/// memory copies out of the page cache, which one queue's thread alone would do serially.
+const PUNT_READ_BYTES: u32 = 128 << 10;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Read,
@@ -134,7 +138,8 @@ impl UringQueue {
                 // every iovec points into guest memory that `slot.mem` keeps mapped until then.
                 unsafe {
                     if op == Op::Read {
-                        self.ring.push_readv(iov, n, offset, idx as u64)
+                        let punt = !image.is_direct() && len >= PUNT_READ_BYTES;
+                        self.ring.push_readv(iov, n, offset, idx as u64, punt)
                     } else {
                         self.ring.push_writev(iov, n, offset, idx as u64)
                     }
