@@ -750,4 +750,118 @@ mod tests {
         let json = serde_json::to_value(q[1]).unwrap();
         assert_eq!(json["bytes_written"], 2048);
     }
+
+    /// GET_VRING_BASE with requests still at the disk: `stop_vring` returns only once every one
+    /// of them is on the used ring with its status.
+    #[test]
+    fn stop_vring_waits_for_every_request_on_the_ring() {
+        use crate::storage::{RawImage, RawImageOptions};
+        use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+        use virtio_queue::desc::RawDescriptor;
+        use virtio_queue::mock::MockSplitQueue;
+
+        if let Err(e) = crate::storage::uring::probe() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "io_uring must be available in CI: {e}"
+            );
+            eprintln!("SKIPPED: io_uring is unavailable here: {e}");
+            return;
+        }
+        const N: u64 = 32;
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let content: Vec<u8> = (0..N * MIB).map(|i| (i / 4096 * 7 + 1) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        // O_DIRECT (when the file system has it) keeps the reads at the disk for a while.
+        let open = |direct| {
+            RawImage::open(&RawImageOptions {
+                path: path.clone(),
+                read_only: false,
+                direct,
+                create_size: None,
+            })
+        };
+        let image = open(true).or_else(|_| open(false)).unwrap();
+        let disk: Arc<dyn BlockDevice> = Arc::new(image);
+        let opts = DeviceOptions {
+            num_queues: 1,
+            queue_size: 128,
+            serial: String::new(),
+            read_only: false,
+            logical_block_size: 512,
+        };
+        let backend = BlkBackend::new(disk, &opts, StatsHandle::new(1), None, IoEngine::Uring);
+        assert!(backend.uses_uring());
+
+        let m: GuestMem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (8 + N) as usize * MIB as usize)])
+                .unwrap();
+        let vq = MockSplitQueue::new(&m, 128);
+        let (hdr, status, data) = (MIB, 2 * MIB, 8 * MIB);
+        let mut descs = Vec::new();
+        for i in 0..N {
+            m.write_obj(VIRTIO_BLK_T_IN, GuestAddress(hdr + 16 * i))
+                .unwrap();
+            m.write_obj(i * MIB / 512, GuestAddress(hdr + 16 * i + 8))
+                .unwrap();
+            m.write_obj(0xffu8, GuestAddress(status + i)).unwrap();
+            let next = |k: u64| (3 * i + k) as u16;
+            let f = VRING_DESC_F_NEXT as u16;
+            descs.push(RawDescriptor::from(Descriptor::new(
+                hdr + 16 * i,
+                16,
+                f,
+                next(1),
+            )));
+            descs.push(RawDescriptor::from(Descriptor::new(
+                data + i * MIB,
+                MIB as u32,
+                f | W,
+                next(2),
+            )));
+            descs.push(RawDescriptor::from(Descriptor::new(status + i, 1, W, 0)));
+        }
+        vq.add_desc_chains(&descs, 0).unwrap();
+
+        let atomic = GuestMemoryAtomic::new(m.clone());
+        backend.update_memory(atomic.clone()).unwrap();
+        let vring = Vring::new(atomic, 128).unwrap();
+        vring.set_queue_size(128);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        let on_ring = lock(&backend.shared.uring[0]).queue.inflight();
+        eprintln!("{on_ring} of {N} reads still on the ring when stop_vring is called");
+        assert!(
+            on_ring > 0,
+            "every read completed inline: nothing to wait for"
+        );
+        // On another thread, as the daemon thread would call it: it must return, and only with
+        // every request completed.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = backend.clone();
+        std::thread::spawn(move || tx.send(b.stop_vring(0).is_ok()));
+        let stopped = rx.recv_timeout(std::time::Duration::from_secs(60));
+        assert_eq!(stopped, Ok(true), "stop_vring did not return");
+        assert_eq!(vq.used().idx().load(), N as u16);
+        assert_eq!(lock(&backend.shared.uring[0]).queue.inflight(), 0);
+        for i in 0..N {
+            assert_eq!(m.read_obj::<u8>(GuestAddress(status + i)).unwrap(), 0);
+            let mut back = vec![0u8; MIB as usize];
+            m.read_slice(&mut back, GuestAddress(data + i * MIB))
+                .unwrap();
+            let want = &content[(i * MIB) as usize..((i + 1) * MIB) as usize];
+            assert!(back == want, "read {i} returned other bytes");
+        }
+        let q = backend.stats().queues();
+        assert_eq!(q[0].requests, N);
+        assert_eq!(q[0].bytes_read, N * MIB);
+    }
 }
