@@ -19,6 +19,10 @@
 #   --svm-script FILE  guest script for the SVM (default: the PVM's)
 #   --failover         let colo-ctl fail over to the secondary when the primary dies
 #   --colo-blk PATH    colo-blk binary (default: target/release/colo-blk, else target/debug)
+#   --qemu BIN         QEMU for both VMs (default $QEMU, else qemu-system-x86_64); QEMU 7.2 and
+#                      11 both work (run-vm.sh picks the chardev options by version). This
+#                      script uses colo-blk's own checkpoints (colo-ctl.py), not QEMU's x-colo;
+#                      for a real x-colo pair see colo-qemu-pair.sh.
 #   -h, --help         this text
 #
 # Files in DIR: primary.img secondary.img, pvm.sock svm.sock (vhost-user), primary.qmp
@@ -45,6 +49,7 @@ script=""
 svm_script=""
 failover=0
 bin=""
+qemu="${QEMU:-qemu-system-x86_64}"
 extra=()
 
 while [ $# -gt 0 ]; do
@@ -60,6 +65,7 @@ while [ $# -gt 0 ]; do
         --svm-script) svm_script="$2"; shift 2 ;;
         --failover) failover=1; shift ;;
         --colo-blk) bin="$2"; shift 2 ;;
+        --qemu) qemu="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; extra=("$@"); break ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -107,14 +113,14 @@ wait_socket() {
 
 svm_args=()
 if [ "$svm" = 1 ]; then svm_args=(--socket "$dir/svm.sock" --num-queues 2); fi
-"$bin" --role secondary --image "$dir/secondary.img" --size "$size" \
+"$bin" --role secondary --insecure-link --image "$dir/secondary.img" --size "$size" \
     --listen "127.0.0.1:$port" --layer-dir "$dir/layers" --qmp "$dir/secondary.qmp" \
     ${svm_args[@]+"${svm_args[@]}"} 2>"$dir/secondary.log" &
 pids+=($!)
 wait_socket "$dir/secondary.qmp"
 log "secondary backend: pid $!, log $dir/secondary.log"
 
-"$bin" --role primary --image "$dir/primary.img" --size "$size" --socket "$dir/pvm.sock" \
+"$bin" --role primary --insecure-link --image "$dir/primary.img" --size "$size" --socket "$dir/pvm.sock" \
     --num-queues 2 --peer "127.0.0.1:$port" --qmp "$dir/primary.qmp" 2>"$dir/primary.log" &
 pids+=($!)
 wait_socket "$dir/pvm.sock"
@@ -132,7 +138,7 @@ if [ "$svm" = 1 ]; then
     s="${svm_script:-$script}"
     s_args=()
     if [ -n "$s" ]; then s_args=(--script "$s"); fi
-    bash "$here/run-vm.sh" --socket "$dir/svm.sock" --qmp "$dir/svm.qmp" \
+    bash "$here/run-vm.sh" --qemu "$qemu" --socket "$dir/svm.sock" --qmp "$dir/svm.qmp" \
         ${s_args[@]+"${s_args[@]}"} </dev/null >"$dir/svm.log" 2>&1 &
     pids+=($!)
     log "Secondary VM: pid $!, console in $dir/svm.log"
@@ -142,7 +148,7 @@ p_args=()
 if [ -n "$script" ]; then p_args=(--script "$script"); fi
 log "Primary VM: console below (guest: poweroff -f to end; QEMU: Ctrl-A x)"
 rc=0
-bash "$here/run-vm.sh" --socket "$dir/pvm.sock" --qmp "$dir/pvm.qmp" \
+bash "$here/run-vm.sh" --qemu "$qemu" --socket "$dir/pvm.sock" --qmp "$dir/pvm.qmp" \
     ${p_args[@]+"${p_args[@]}"} -- ${extra[@]+"${extra[@]}"} || rc=$?
 log "Primary VM exited ($rc); stopping the rest"
 exit "$rc"

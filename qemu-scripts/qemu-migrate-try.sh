@@ -8,10 +8,17 @@
 #   --no-disk       no vhost-user-blk device at all (the control experiment)
 #   --private-ram   ordinary guest RAM instead of a shared memfd (only with --no-disk)
 # Prints the QMP exchange, the tails of both consoles and whether the guest kept ticking.
+# QEMU=BIN picks the QEMU (default qemu-system-x86_64, Debian 12's 7.2; e.g.
+# QEMU=/opt/colo-qemu/bin/qemu-system-x86_64 for install-colo-qemu.sh's QEMU 11, which also
+# needs the return-path capability for x-colo, set here on both sides).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR source=qemu-lib.sh
+. "$here/qemu-lib.sh"
+QEMU="${QEMU:-qemu-system-x86_64}"
+reconnect="$(qemu_reconnect_opt "$QEMU")" || { echo "$QEMU does not run" >&2; exit 2; }
 mode="${1:-}"
 shift || true
 machine=q35
@@ -74,10 +81,10 @@ qemu() {
     local dev=()
     if [ "$disk" = 1 ]; then
         # shellcheck disable=SC2054 # the commas are QEMU's
-        dev=(-chardev "socket,id=vub,path=$dir/$name.sock,reconnect=1"
+        dev=(-chardev "socket,id=vub,path=$dir/$name.sock,$reconnect"
             -device vhost-user-blk-pci,chardev=vub,num-queues=1)
     fi
-    qemu-system-x86_64 -machine "$machine" -accel tcg -smp 1 -m 192M \
+    "$QEMU" -machine "$machine" -accel tcg -smp 1 -m 192M \
         ${mem[@]+"${mem[@]}"} \
         ${dev[@]+"${dev[@]}"} -qmp "unix:$dir/$name.qmp,server=on,wait=off" \
         -kernel "$guest/vmlinuz" -initrd initrd \
@@ -120,9 +127,12 @@ async def main(mode, d):
             print(c.name, cmd, "->", type(e).__name__, e, flush=True)
 
     if mode == "colo":
-        for c in (src, dst):
+        # QEMU >= 8.1 refuses x-colo without return-path; set it on both sides, secondary first
+        # (7.2 accepts it too).
+        for c in (dst, src):
             await ex(c, "migrate-set-capabilities",
-                     {"capabilities": [{"capability": "x-colo", "state": True}]})
+                     {"capabilities": [{"capability": "return-path", "state": True},
+                                       {"capability": "x-colo", "state": True}]})
         await ex(src, "migrate-set-parameters", {"x-checkpoint-delay": 3000})
     await ex(src, "migrate", {"uri": "tcp:127.0.0.1:4444"})
     for _ in range(60):

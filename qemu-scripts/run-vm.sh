@@ -19,20 +19,26 @@
 #                     the Linux driver uses at most one queue per vCPU).
 #   --mem SIZE        guest RAM, also the size of the shared memfd backend (default 256M).
 #   --append STR      extra kernel command-line arguments.
+#   --qemu BIN        QEMU binary (default $QEMU, else qemu-system-x86_64).
 #   -h, --help        this text.
 #   -- ARGS...        anything after -- is passed to QEMU unchanged.
 #
 # Environment:
 #   COLO_BLK_ACCEL    QEMU accelerator: tcg (default) or kvm. -cpu host is never used.
-#   QEMU              QEMU binary (default qemu-system-x86_64).
+#   QEMU              QEMU binary (default qemu-system-x86_64); --qemu BIN does the same. Works
+#                     with QEMU 7.2 (Debian 12) and the QEMU 11 of install-colo-qemu.sh
+#                     ($COLO_QEMU): the chardev option is picked from the version.
 #
 # QEMU is started with -nographic -no-reboot: the serial console is on stdout/stdin, and the
 # guest's poweroff (or a kernel panic, with panic=-1) makes QEMU exit. The script's exit status is
 # QEMU's. Guest memory is a shared memfd, as vhost-user requires; the vhost-user chardev uses
-# reconnect=1, so QEMU waits for the backend and reconnects if it restarts.
+# reconnect=1 (QEMU < 9.2) or reconnect-ms=1000 (newer), so QEMU waits for the backend and
+# reconnects if it restarts.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=qemu-lib.sh
+. "$here/qemu-lib.sh"
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 die() { echo "run-vm: error: $*" >&2; exit 2; }
@@ -47,6 +53,7 @@ smp=2
 mem=256M
 append=""
 extra=()
+qemu="${QEMU:-qemu-system-x86_64}"
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -59,6 +66,7 @@ while [ $# -gt 0 ]; do
         --smp) smp="$2"; shift 2 ;;
         --mem) mem="$2"; shift 2 ;;
         --append) append="$2"; shift 2 ;;
+        --qemu) qemu="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; extra=("$@"); break ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -70,6 +78,7 @@ if [ ! -f "$guest/vmlinuz" ] || [ ! -f "$guest/initramfs.cpio.gz" ]; then
     die "no guest in $guest: run qemu-scripts/build-guest.sh first"
 fi
 
+reconnect="$(qemu_reconnect_opt "$qemu")" || die "$qemu does not run"
 case "${COLO_BLK_ACCEL:-tcg}" in
     tcg) accel=tcg ;;
     kvm) accel=kvm ;;
@@ -103,7 +112,7 @@ args=(
     -m "$mem"
     -object "memory-backend-memfd,id=mem,size=$mem,share=on"
     -machine memory-backend=mem
-    -chardev "socket,id=vub,path=$sock,reconnect=1"
+    -chardev "socket,id=vub,path=$sock,$reconnect"
     -device "vhost-user-blk-pci,chardev=vub,num-queues=$num_queues"
     -kernel "$guest/vmlinuz"
     -initrd "$initrd"
@@ -116,5 +125,5 @@ args=(
 # Not exec: the trap must remove the temporary initrd once QEMU exits. Callers that need to kill
 # QEMU should kill this script's process group.
 rc=0
-"${QEMU:-qemu-system-x86_64}" "${args[@]}" ${extra[@]+"${extra[@]}"} || rc=$?
+"$qemu" "${args[@]}" ${extra[@]+"${extra[@]}"} || rc=$?
 exit "$rc"

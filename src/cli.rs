@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use crate::replication::tls::LinkSecurityOptions;
+
 /// Parses a size such as `4096`, `512K`, `64M`, `10G`, `1T` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -26,6 +28,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("'{s}' is not a size (examples: 1048576, 512M, 10G)"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("'{s}' is not an octal mode such as 600 or 660")),
+    }
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -132,6 +141,11 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<PathBuf>,
 
+    /// Permissions of the QMP socket (octal; default owner-only: whoever can connect controls
+    /// checkpoints and failover)
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
+    pub qmp_mode: u32,
+
     /// primary: the secondary's replication address
     #[arg(long, value_name = "HOST:PORT", help_heading = "Primary")]
     pub peer: Option<String>,
@@ -159,6 +173,33 @@ pub struct Cli {
     /// secondary: copy-before-write cluster size of the layers
     #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size, help_heading = "Secondary")]
     pub cluster_size: u64,
+
+    /// Replication link: this host's certificate (PEM; with --tls-key and --tls-ca)
+    #[arg(long, value_name = "PATH", help_heading = "Replication link")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Replication link: the private key of --tls-cert (PEM)
+    #[arg(long, value_name = "PATH", help_heading = "Replication link")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Replication link: the CA that signed both sides' certificates (PEM)
+    #[arg(long, value_name = "PATH", help_heading = "Replication link")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Replication link: the name the peer's certificate must carry (primary: default the
+    /// host of --peer; secondary: the primary's name, unchecked when not given)
+    #[arg(long, value_name = "NAME", help_heading = "Replication link")]
+    pub tls_peer_name: Option<String>,
+
+    /// Replication link: a secret file both hosts hold (at least 16 bytes); TLS 1.3 with an
+    /// identity derived from it, no PKI needed
+    #[arg(long, value_name = "PATH", help_heading = "Replication link")]
+    pub tls_psk_file: Option<PathBuf>,
+
+    /// Replication link: plain TCP, no authentication, no encryption. Anyone who can reach
+    /// the secondary's port can write its disk: only for a trusted, isolated network
+    #[arg(long, help_heading = "Replication link")]
+    pub insecure_link: bool,
 
     /// Interval between heartbeats on the replication link
     #[arg(
@@ -256,6 +297,19 @@ impl Cli {
         if self.role != RoleArg::Secondary && (self.listen.is_some() || self.layer_dir.is_some()) {
             return Err("--listen and --layer-dir only apply to --role secondary".into());
         }
+        if self.role != RoleArg::Standalone {
+            self.link_security()?;
+        } else if self.tls_cert.is_some()
+            || self.tls_key.is_some()
+            || self.tls_ca.is_some()
+            || self.tls_psk_file.is_some()
+            || self.insecure_link
+        {
+            return Err(
+                "the --tls-* and --insecure-link options only apply to a primary or secondary"
+                    .into(),
+            );
+        }
         if self.role != RoleArg::Standalone && self.read_only {
             return Err("--read-only only applies to --role standalone".into());
         }
@@ -278,6 +332,45 @@ impl Cli {
             return Err("--peer-timeout-ms must be larger than --heartbeat-ms (> 0)".into());
         }
         Ok(())
+    }
+}
+
+impl Cli {
+    /// How the replication link is protected: exactly one of certificates (--tls-cert,
+    /// --tls-key, --tls-ca), a pre-shared key (--tls-psk-file) or --insecure-link.
+    pub fn link_security(&self) -> Result<LinkSecurityOptions, String> {
+        let certs = [&self.tls_cert, &self.tls_key, &self.tls_ca];
+        let some = certs.iter().filter(|c| c.is_some()).count();
+        let modes = usize::from(some > 0)
+            + usize::from(self.tls_psk_file.is_some())
+            + usize::from(self.insecure_link);
+        if modes > 1 {
+            return Err(
+                "choose one link protection: --tls-cert/--tls-key/--tls-ca, --tls-psk-file or \
+                 --insecure-link"
+                    .into(),
+            );
+        }
+        if let Some(f) = &self.tls_psk_file {
+            return Ok(LinkSecurityOptions::PreSharedKey { file: f.clone() });
+        }
+        if self.insecure_link {
+            return Ok(LinkSecurityOptions::Insecure);
+        }
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(LinkSecurityOptions::Certificates {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                peer_name: self.tls_peer_name.clone(),
+            }),
+            _ if some > 0 => Err("--tls-cert, --tls-key and --tls-ca go together".into()),
+            _ => Err(
+                "the replication link needs protection: --tls-cert/--tls-key/--tls-ca, \
+                 --tls-psk-file, or --insecure-link for plain TCP on a trusted network"
+                    .into(),
+            ),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use crate::qmp::args::{opt_bool, opt_u64, reject_unknown as only};
 use crate::qmp::{CommandHandler, QmpError};
 use crate::replication::primary::Primary;
 use crate::replication::secondary::Secondary;
+use crate::vhost_user::{QueueStatsSnapshot, StatsHandle};
 
 /// What this process is.
 #[derive(Clone)]
@@ -21,12 +22,20 @@ pub enum Role {
 /// The QMP command handler of a colo-blk process.
 pub struct Controller {
     role: Role,
+    /// The vhost-user device's per-queue counters, when this process serves a VM.
+    stats: Option<StatsHandle>,
 }
 
 impl Controller {
-    pub fn new(role: Role) -> Self {
-        Controller { role }
+    pub fn new(role: Role, stats: Option<StatsHandle>) -> Self {
+        Controller { role, stats }
     }
+}
+
+/// `query-stats`: the device's counters per queue (empty when no VM is served).
+#[derive(serde::Serialize)]
+struct Stats {
+    queues: Vec<QueueStatsSnapshot>,
 }
 
 fn timeout(args: &Map<String, Value>) -> Result<Option<Duration>, QmpError> {
@@ -42,7 +51,7 @@ fn generic(e: impl std::fmt::Display) -> QmpError {
     QmpError::Generic(e.to_string())
 }
 
-const COMMON: &[&str] = &["query-status", "query-replication", "quit"];
+const COMMON: &[&str] = &["query-status", "query-replication", "query-stats", "quit"];
 const PRIMARY: &[&str] = &[
     "replication-prepare-checkpoint",
     "replication-do-checkpoint",
@@ -73,6 +82,12 @@ impl CommandHandler for Controller {
                 // The QMP server replies, then the process stops like on SIGTERM.
                 only(args, &[])?;
                 Ok(json!({}))
+            }
+            ("query-stats", _) => {
+                only(args, &[])?;
+                to_value(Stats {
+                    queues: self.stats.as_ref().map(|s| s.queues()).unwrap_or_default(),
+                })
             }
             ("query-replication", Role::Standalone) => {
                 only(args, &[])?;

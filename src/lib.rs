@@ -6,10 +6,11 @@
 //! - [`vhost_user`]: the thin vhost-user glue and the reconnecting accept loop.
 //! - [`replication`]: COLO block replication: wire protocol, primary, secondary, disk buffer.
 //! - [`qmp`]: the QMP-compatible control server; [`control`]: the commands each role answers.
-//! - [`cli`]: command-line options.
+//! - [`cli`]: command-line options; [`faults`]: fault injection for crash tests.
 
 pub mod cli;
 pub mod control;
+pub mod faults;
 pub mod qmp;
 pub mod replication;
 pub mod storage;

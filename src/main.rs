@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use log::{error, info};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -14,8 +14,9 @@ use colo_blk::cli::{Cli, RoleArg};
 use colo_blk::control::{Controller, Role};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
-use colo_blk::replication::primary::{Primary, PrimaryOptions, ReplicatedDisk};
-use colo_blk::replication::secondary::{Secondary, SecondaryOptions};
+use colo_blk::replication::primary::{Primary, PrimaryDevice, PrimaryOptions, ReplicatedDisk};
+use colo_blk::replication::secondary::{Secondary, SecondaryOptions, SvmDevice};
+use colo_blk::replication::tls::LinkSecurity;
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
 use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
 
@@ -70,6 +71,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let events = EventSender::new();
     let heartbeat = Duration::from_millis(cli.heartbeat_ms);
+    let security = match cli.role {
+        RoleArg::Standalone => LinkSecurity::Insecure,
+        _ => {
+            let opts = cli.link_security()?;
+            let s = LinkSecurity::new(&opts, cli.peer.as_deref())?;
+            match &s {
+                LinkSecurity::Insecure => warn!(
+                    "replication link: plain TCP (--insecure-link): no authentication, no \
+                     encryption"
+                ),
+                other => info!("replication link: {other:?}"),
+            }
+            s
+        }
+    };
     let peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
 
     // The secondary's bound replication address (for the ready line).
@@ -89,6 +105,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     reconnect_interval: Duration::from_secs(1),
                     dirty_granularity: cli.dirty_granularity,
                     block_size: cli.logical_block_size,
+                    security: security.clone(),
                 },
                 events.clone(),
             );
@@ -106,12 +123,24 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 layered.clone(),
                 SecondaryOptions {
                     listen: cli.listen.clone().unwrap_or_default(),
+                    serves_vm: cli.socket.is_some(),
                     heartbeat_interval: heartbeat,
                     peer_timeout,
                     block_size: cli.logical_block_size,
+                    security: security.clone(),
                 },
                 events.clone(),
             );
+            if layered.failover_pending() {
+                let s = secondary.clone();
+                std::thread::Builder::new()
+                    .name("colo-failover".into())
+                    .spawn(move || {
+                        if let Err(e) = s.resume_failover() {
+                            error!("resuming the failover: {e}");
+                        }
+                    })?;
+            }
             let listener = runtime.block_on(secondary.bind())?;
             listen = Some(listener.local_addr()?.to_string());
             runtime.spawn(secondary.clone().run(listener));
@@ -120,7 +149,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     // vhost-user server (for the secondary: only when a Secondary VM attaches).
-    let server = match cli.socket.as_ref() {
+    let mut server = match cli.socket.as_ref() {
         Some(socket) => Some(
             Server::new(
                 socket,
@@ -166,12 +195,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         start_qmp(
             &runtime,
             qmp_path,
-            Controller::new(role.clone()),
+            cli.qmp_mode,
+            Controller::new(role.clone(), server.as_ref().map(Server::stats_handle)),
             events.clone(),
             stop.clone(),
         )?;
     }
 
+    // The device tells replication about QEMU's stop/start cycle (COLO checkpoints).
+    if let Some(server) = server.as_mut() {
+        match &role {
+            Role::Primary(p) => server.set_observer(Arc::new(PrimaryDevice(p.clone()))),
+            Role::Secondary(s) => server.set_observer(Arc::new(SvmDevice(s.clone()))),
+            Role::Standalone => {}
+        }
+    }
     print_ready(&cli, listen);
 
     let server_thread = match server {
@@ -215,6 +253,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 fn start_qmp(
     runtime: &tokio::runtime::Runtime,
     path: PathBuf,
+    mode: u32,
     controller: Controller,
     events: EventSender,
     stop: Arc<dyn Fn() + Send + Sync>,
@@ -226,7 +265,7 @@ fn start_qmp(
     ));
     let listener = {
         let _guard = runtime.enter();
-        QmpServer::bind_unix(&path)
+        QmpServer::bind_unix_mode(&path, mode)
             .map_err(|e| format!("cannot listen on QMP socket {}: {e}", path.display()))?
     };
     info!("QMP listening on {}", path.display());

@@ -32,6 +32,18 @@ fn start_secondary(
     port: u16,
     extra: &[&str],
 ) -> (Backend, u16) {
+    start_secondary_env(dir, image, svm, port, extra, &[])
+}
+
+/// [`start_secondary`] with extra environment variables for the process.
+fn start_secondary_env(
+    dir: &Path,
+    image: &str,
+    svm: bool,
+    port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Backend, u16) {
     let listen = format!("127.0.0.1:{port}");
     let img = dir.join(image).display().to_string();
     let layers = dir.join("layers").display().to_string();
@@ -40,6 +52,7 @@ fn start_secondary(
     let sock_s = sock.display().to_string();
     let size = DISK.to_string();
     let mut args = vec![
+        "--insecure-link",
         "--role",
         "secondary",
         "--image",
@@ -63,7 +76,7 @@ fn start_secondary(
         args.extend_from_slice(&["--socket", &sock_s, "--num-queues", "2"]);
     }
     args.extend_from_slice(extra);
-    let b = Backend::start_with(&args, &sock);
+    let b = Backend::start_with_env(&args, &sock, env);
     let port = b.listen_port();
     (b, port)
 }
@@ -76,6 +89,7 @@ fn start_primary(dir: &Path, port: u16, extra: &[&str]) -> Backend {
     let peer = format!("127.0.0.1:{port}");
     let size = DISK.to_string();
     let mut args = vec![
+        "--insecure-link",
         "--role",
         "primary",
         "--image",
@@ -566,4 +580,139 @@ fn overlapping_concurrent_writes_end_identical() {
     pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
         .unwrap();
     assert!(read_file(&p.path("secondary.img")) == read_file(&p.path("primary.img")));
+}
+
+/// Kills a backend without warning and reaps it.
+fn kill(b: Option<Backend>) {
+    let mut b = b.expect("running");
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+}
+
+/// Issue 9 b: the secondary is SIGKILLed mid-epoch and restarted on its image and layer
+/// directory; the primary resyncs it, then the primary is lost: failover gives exactly the last
+/// checkpoint (plus the Secondary VM's flushed writes when it has some).
+#[test]
+fn a_restarted_secondary_still_fails_over_to_the_last_checkpoint() {
+    for svm_writes in [false, true] {
+        let (mut p, mut pq, _sq) = pair(svm_writes, &[]);
+        let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
+        for b in 0..4 {
+            random_batch(&mut c, 500 + b, 32);
+        }
+        pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
+            .unwrap();
+        let mut expect = read_file(&p.path("primary.img"));
+        if svm_writes {
+            let mut svm = Client::connect(&p.path("svm.sock"), 2).unwrap();
+            for (i, off) in [0u64, 3 * MIB + 512, 17 * MIB].into_iter().enumerate() {
+                let data = pattern(900 + i as u64, 12288);
+                assert_eq!(svm.write(i % 2, off, &data), 0);
+                expect[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            }
+            assert_eq!(svm.flush(0), 0);
+        }
+        for b in 0..4 {
+            random_batch(&mut c, 600 + b, 32);
+        }
+        // Everything so far is applied on the secondary (not checkpointed).
+        pq.execute(
+            "replication-prepare-checkpoint",
+            json!({"timeout-ms": 60000}),
+        )
+        .unwrap();
+        kill(p.secondary.take());
+        pq.events.clear();
+        let (secondary, _) =
+            start_secondary(p.dir.path(), "secondary.img", svm_writes, p.port, &[]);
+        p.secondary = Some(secondary);
+        let mut sq = Qmp::connect(&p.path("secondary.qmp"));
+        let st = sq.execute("query-replication", json!({})).unwrap();
+        assert_eq!(st["epoch"], 1, "{st}");
+        pq.wait_event("REPLICATION_RESYNC_DONE");
+        for b in 0..2 {
+            random_batch(&mut c, 700 + b, 32);
+        }
+        pq.execute(
+            "replication-prepare-checkpoint",
+            json!({"timeout-ms": 60000}),
+        )
+        .unwrap();
+        kill(p.primary.take());
+        sq.wait_event("REPLICATION_PEER_LOST");
+        sq.execute("replication-failover", json!({})).unwrap();
+        assert!(
+            read_file(&p.path("secondary.img")) == expect,
+            "failover after a secondary restart (svm writes: {svm_writes}) is not the last \
+             checkpoint"
+        );
+    }
+}
+
+/// Issue 9 c: the secondary dies in the middle of a failover (fault injected after the second
+/// committed batch); restarted, it resumes the failover and the disk is exactly the checkpoint
+/// plus the Secondary VM's writes.
+#[test]
+fn a_failover_interrupted_by_a_crash_completes_after_the_restart() {
+    let dir = common::tempdir();
+    let (secondary, port) = start_secondary_env(
+        dir.path(),
+        "secondary.img",
+        true,
+        0,
+        &[],
+        &[("COLO_BLK_FAULT", "failover-batch:2")],
+    );
+    let mut sq = Qmp::connect(&dir.path().join("secondary.qmp"));
+    let primary = start_primary(dir.path(), port, &[]);
+    let mut pq = Qmp::connect(&dir.path().join("primary.qmp"));
+    wait_connected(&mut pq);
+    let mut p = Pair {
+        dir,
+        primary: Some(primary),
+        secondary: Some(secondary),
+        port,
+    };
+    let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
+    random_batch(&mut c, 800, 32);
+    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
+        .unwrap();
+    let mut expect = read_file(&p.path("primary.img"));
+    let mut svm = Client::connect(&p.path("svm.sock"), 2).unwrap();
+    let data = pattern(801, 2 * MIB as usize);
+    assert_eq!(svm.write(0, 5 * MIB, &data), 0);
+    assert_eq!(svm.flush(0), 0);
+    expect[5 * MIB as usize..7 * MIB as usize].copy_from_slice(&data);
+    // Enough rollback data for several commit batches.
+    for b in 0..8 {
+        random_batch(&mut c, 810 + b, 32);
+    }
+    pq.execute(
+        "replication-prepare-checkpoint",
+        json!({"timeout-ms": 60000}),
+    )
+    .unwrap();
+    kill(p.primary.take());
+    sq.wait_event("REPLICATION_PEER_LOST");
+    assert!(
+        sq.execute_or_disconnect("replication-failover", json!({}))
+            .is_none(),
+        "the fault must stop the failover"
+    );
+    let mut s = p.secondary.take().unwrap();
+    let status = s.child.wait().unwrap();
+    assert!(!status.success(), "secondary survived the injected fault");
+    drop(svm);
+    let (mut secondary, _) = start_secondary(p.dir.path(), "secondary.img", true, p.port, &[]);
+    secondary.wait_for_log("resuming the failover");
+    let mut sq = Qmp::connect(&p.path("secondary.qmp"));
+    // Finished by the resumed failover, or by this call (which then waits for it).
+    let _ = sq.execute("replication-failover", json!({}));
+    let st = sq.execute("query-replication", json!({})).unwrap();
+    assert_eq!(st["state"], "failed-over", "{st}");
+    assert!(
+        read_file(&p.path("secondary.img")) == expect,
+        "the resumed failover is not the checkpoint plus the SVM's writes"
+    );
+    p.secondary = Some(secondary);
 }

@@ -208,3 +208,60 @@ fn bad_command_line_is_a_one_line_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("number of queues"), "{err}");
 }
+
+/// QMP `query-stats` counts what a client did, per queue.
+#[test]
+fn query_stats_counts_requests_and_bytes_per_queue() {
+    let dir = common::tempdir();
+    let qmp = dir.path().join("s.qmp");
+    let qmp_s = qmp.display().to_string();
+    let b = Backend::start(
+        &dir.path().join("vhost.sock"),
+        &dir.path().join("disk.img"),
+        &["--size", "8M", "--num-queues", "2", "--qmp", &qmp_s],
+    );
+    let mut c = Client::connect(&b.socket, 2).expect("connect");
+    for i in 0..10u64 {
+        assert_eq!(c.write(0, i * 4096, &pattern(i, 4096)), 0);
+    }
+    for i in 0..3u64 {
+        assert_eq!(c.read(1, i * 4096, 8192).unwrap(), {
+            let mut v = pattern(i, 4096);
+            v.extend(pattern(i + 1, 4096));
+            v
+        });
+    }
+    let mut q = common::Qmp::connect(&qmp);
+    let stats = q.execute("query-stats", serde_json::json!({})).unwrap();
+    let queues = stats["queues"].as_array().unwrap();
+    assert_eq!(queues.len(), 2);
+    assert_eq!(queues[0]["requests"], 10);
+    assert_eq!(queues[0]["bytes-written"], 10 * 4096);
+    assert_eq!(queues[0]["bytes-read"], 0);
+    assert_eq!(queues[1]["requests"], 3);
+    assert_eq!(queues[1]["bytes-read"], 3 * 8192);
+    assert_eq!(queues[1]["errors"], 0);
+}
+
+/// The QMP socket is owner-only unless `--qmp-mode` says otherwise.
+#[test]
+fn the_qmp_socket_is_owner_only_by_default() {
+    use std::os::unix::fs::PermissionsExt;
+    for (extra, want) in [(None, 0o600), (Some("660"), 0o660)] {
+        let dir = common::tempdir();
+        let qmp = dir.path().join("s.qmp");
+        let qmp_s = qmp.display().to_string();
+        let mut args = vec!["--size", "1M", "--qmp", &qmp_s];
+        if let Some(m) = extra {
+            args.extend_from_slice(&["--qmp-mode", m]);
+        }
+        let _b = Backend::start(
+            &dir.path().join("vhost.sock"),
+            &dir.path().join("disk.img"),
+            &args,
+        );
+        let mode = std::fs::metadata(&qmp).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, want, "{extra:?}");
+        common::Qmp::connect(&qmp);
+    }
+}

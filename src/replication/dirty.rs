@@ -63,6 +63,7 @@ impl DirtyBitmap {
     }
 
     /// Number of dirty chunks.
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.count
     }

@@ -2,17 +2,18 @@
 //! link between them.
 //!
 //! - [`protocol`]: the frames on the wire; [`link`]: the session parts both ends share.
-//! - [`primary`]: the engine that forwards every [`crate::storage::Change`]; [`ordering`]:
-//!   how overlapping changes keep their order without a global lock; [`dirty`]: what changed
+//! - [`primary`]: the engine that forwards every [`crate::storage::Change`]; `ordering`:
+//!   how overlapping changes keep their order without a global lock; `dirty`: what changed
 //!   since the last checkpoint.
 //! - [`secondary`]: the endpoint applying the stream; [`layers`]: its hidden and active layers.
 //! - [`events`]: the QMP events and status answers both roles produce.
 
-pub mod dirty;
+pub(crate) mod dirty;
 pub mod events;
 pub mod layers;
 pub mod link;
-pub mod ordering;
+pub(crate) mod ordering;
 pub mod primary;
 pub mod protocol;
 pub mod secondary;
+pub mod tls;

@@ -83,6 +83,7 @@ impl ChangeOrder {
     }
 
     /// Number of changes registered and not yet released.
+    #[cfg(test)]
     pub fn in_progress(&self) -> usize {
         self.lock().ranges.len()
     }

@@ -13,7 +13,7 @@
 
 use bytes::Bytes;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::storage::Change;
 
@@ -98,6 +98,13 @@ pub enum Frame {
         seq: u64,
         epoch: u64,
     },
+    /// COLO: the primary's device stopped here (QEMU stopped the VM with dirty logging on, for
+    /// a checkpoint or otherwise). The secondary makes it a tentative cut, or ignores it while
+    /// its own VM runs (docs/colo-with-qemu.md).
+    Marker {
+        seq: u64,
+        mark: Mark,
+    },
     /// Secondary → primary: every frame up to and including `seq` is applied.
     Ack {
         seq: u64,
@@ -118,6 +125,23 @@ const T_CHECKPOINT: u8 = 7;
 const T_ACK: u8 = 8;
 const T_HEARTBEAT: u8 = 9;
 const T_ERROR: u8 = 10;
+const T_MARKER: u8 = 11;
+
+/// Most queues a MARKER describes (the device's limit).
+pub const MAX_MARK_QUEUES: usize = 64;
+const UNKNOWN_BASE: u32 = u32::MAX;
+
+/// A point in the primary's stream where its device stopped, with the position of each
+/// virtqueue there (the `GET_VRING_BASE` answers QEMU got, which it gives the Secondary VM's
+/// device when that VM takes the primary's state).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mark {
+    /// The epoch the primary ended with this marker.
+    pub epoch: u64,
+    /// `next_avail` of each queue, in queue order (`None`: the queue did not run since the
+    /// device last started, so its position is not known to the backend).
+    pub bases: Vec<Option<u16>>,
+}
 
 impl Frame {
     /// The frame's name, for messages.
@@ -127,6 +151,7 @@ impl Frame {
             Frame::Welcome(_) => "WELCOME",
             Frame::Change { change, .. } => change.kind(),
             Frame::Checkpoint { .. } => "CHECKPOINT",
+            Frame::Marker { .. } => "MARKER",
             Frame::Ack { .. } => "ACK",
             Frame::Heartbeat => "HEARTBEAT",
             Frame::Error { .. } => "ERROR",
@@ -136,7 +161,10 @@ impl Frame {
     /// Sequence number of a stream frame (0 for control frames).
     pub fn seq(&self) -> u64 {
         match self {
-            Frame::Change { seq, .. } | Frame::Checkpoint { seq, .. } | Frame::Ack { seq } => *seq,
+            Frame::Change { seq, .. }
+            | Frame::Checkpoint { seq, .. }
+            | Frame::Marker { seq, .. }
+            | Frame::Ack { seq } => *seq,
             _ => 0,
         }
     }
@@ -186,6 +214,13 @@ impl Frame {
                 Change::Flush => (T_FLUSH, 0, *seq, 0, 0, &[]),
             },
             Frame::Checkpoint { seq, epoch } => (T_CHECKPOINT, 0, *seq, 0, *epoch, &[]),
+            Frame::Marker { seq, mark } => {
+                for b in &mark.bases {
+                    let v = b.map_or(UNKNOWN_BASE, u32::from);
+                    hello_buf.extend_from_slice(&v.to_le_bytes());
+                }
+                (T_MARKER, 0, *seq, 0, mark.epoch, &hello_buf)
+            }
             Frame::Ack { seq } => (T_ACK, 0, *seq, 0, 0, &[]),
             Frame::Heartbeat => (T_HEARTBEAT, 0, 0, 0, 0, &[]),
             Frame::Error { message } => (T_ERROR, 0, 0, 0, 0, message.as_bytes()),
@@ -349,6 +384,35 @@ impl Frame {
                 no_payload("ACK")?;
                 Frame::Ack { seq: h.seq }
             }
+            T_MARKER => {
+                if payload.is_empty()
+                    || payload.len() % 4 != 0
+                    || payload.len() > 4 * MAX_MARK_QUEUES
+                {
+                    return Err(ProtocolError::Malformed {
+                        kind: "MARKER",
+                        why: "payload is not 1 to 64 queue positions",
+                    });
+                }
+                let mut bases = Vec::with_capacity(payload.len() / 4);
+                for q in payload.chunks_exact(4) {
+                    let v = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
+                    bases.push(match v {
+                        UNKNOWN_BASE => None,
+                        v => Some(u16::try_from(v).map_err(|_| ProtocolError::Malformed {
+                            kind: "MARKER",
+                            why: "queue position above 65535",
+                        })?),
+                    });
+                }
+                Frame::Marker {
+                    seq: h.seq,
+                    mark: Mark {
+                        epoch: h.length,
+                        bases,
+                    },
+                }
+            }
             T_HEARTBEAT => {
                 no_payload("HEARTBEAT")?;
                 Frame::Heartbeat
@@ -405,15 +469,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Protoc
     Frame::from_parts(header, payload)
 }
 
-/// Writes one frame (not flushed).
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), ProtocolError> {
-    w.write_all(&f.encode()).await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncWrite, AsyncWriteExt};
 
     fn samples() -> Vec<Frame> {
         vec![
@@ -450,6 +509,13 @@ mod tests {
                 change: Change::Flush,
             },
             Frame::Checkpoint { seq: 5, epoch: 9 },
+            Frame::Marker {
+                seq: 6,
+                mark: Mark {
+                    epoch: 10,
+                    bases: vec![Some(0), None, Some(65535)],
+                },
+            },
             Frame::Ack { seq: 5 },
             Frame::Heartbeat,
             Frame::Error {
@@ -495,6 +561,10 @@ mod tests {
             Frame::parse_header(&h),
             Err(ProtocolError::PayloadTooLarge(_))
         ));
+    }
+
+    async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
+        w.write_all(&f.encode()).await
     }
 
     #[tokio::test]

@@ -21,17 +21,23 @@ use tokio::sync::{mpsc, watch};
 use super::events::{self, FailoverReport, SecondaryStatus, Side};
 use super::layers::LayeredDisk;
 use super::link::{self, Stream, Timing};
-use super::protocol::{Frame, Hello, ProtocolError, Welcome, VERSION};
+use super::protocol::{Frame, Hello, Mark, ProtocolError, Welcome, VERSION};
+use super::tls::LinkSecurity;
 use crate::qmp::EventSender;
-use crate::storage::BlockDevice;
+use crate::storage::{BlockDevice, Change};
 
 /// How the secondary listens.
 #[derive(Debug, Clone)]
 pub struct SecondaryOptions {
     pub listen: String,
+    /// A Secondary VM may attach (`--socket`): COLO markers become tentative cuts that its
+    /// restart decides. Without one, a marker is a checkpoint of the disk.
+    pub serves_vm: bool,
     pub heartbeat_interval: Duration,
     pub peer_timeout: Duration,
     pub block_size: u32,
+    /// How the link is protected (TLS or plain TCP).
+    pub security: LinkSecurity,
 }
 
 /// Where the secondary's replication stands.
@@ -55,11 +61,23 @@ enum Peer {
     Streaming(String),
 }
 
+/// The Secondary VM's device, as QEMU drives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Svm {
+    /// Stopped by QEMU (a COLO checkpoint begins), or not started yet: `own` is where each
+    /// queue stood when it stopped (empty when it never ran).
+    Stopped { own: Vec<Option<u16>> },
+    /// Running since its restart.
+    Running,
+}
+
 #[derive(Debug)]
 struct SecState {
     stage: Stage,
     peer: Peer,
-    epoch: u64,
+    svm: Svm,
+    /// The Secondary VM's device logs dirty pages (it is in COLO).
+    svm_log_all: bool,
     applied_seq: u64,
     bytes_since_checkpoint: u64,
     bytes_total: u64,
@@ -88,15 +106,23 @@ pub struct Secondary {
 }
 
 impl Secondary {
+    /// The endpoint over `disk`. A disk buffer reopened after a failover (or in the middle of
+    /// one) takes no stream; see [`Secondary::resume_failover`].
     pub fn new(disk: Arc<LayeredDisk>, opts: SecondaryOptions, events: EventSender) -> Arc<Self> {
-        let (stop, _) = watch::channel(false);
+        let stage = match (disk.is_failed_over(), disk.failover_pending()) {
+            (false, _) => Stage::Receiving,
+            (true, true) => Stage::FailingOver,
+            (true, false) => Stage::FailedOver,
+        };
+        let (stop, _) = watch::channel(stage != Stage::Receiving);
         Arc::new(Secondary {
             disk,
             opts,
             state: Mutex::new(SecState {
-                stage: Stage::Receiving,
+                stage,
                 peer: Peer::Idle,
-                epoch: 0,
+                svm: Svm::Stopped { own: Vec::new() },
+                svm_log_all: false,
                 applied_seq: 0,
                 bytes_since_checkpoint: 0,
                 bytes_total: 0,
@@ -119,11 +145,6 @@ impl Secondary {
         }
     }
 
-    /// The disk the Secondary VM (if any) is served from.
-    pub fn disk(&self) -> Arc<LayeredDisk> {
-        self.disk.clone()
-    }
-
     /// Binds the listening socket (so that errors show at start-up).
     pub async fn bind(&self) -> io::Result<TcpListener> {
         let l = TcpListener::bind(&self.opts.listen).await?;
@@ -144,7 +165,15 @@ impl Secondary {
                     if let Err(e) = stream.set_nodelay(true) {
                         warn!("TCP_NODELAY on the link: {e}");
                     }
-                    tokio::spawn(self.clone().serve(stream, addr.to_string()));
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let addr = addr.to_string();
+                        // Authenticated before anything it sends is read as a frame.
+                        match me.opts.security.accept(stream, me.opts.peer_timeout).await {
+                            Ok(stream) => me.serve(stream, addr).await,
+                            Err(e) => me.session_ended(&addr, Err(ProtocolError::Io(e))),
+                        }
+                    });
                 }
                 Err(e) => warn!("accept failed: {e}"),
             }
@@ -292,7 +321,7 @@ impl Secondary {
                 match f {
                     Frame::Heartbeat => continue,
                     Frame::Error { message } => return Err(ProtocolError::Peer(message)),
-                    Frame::Change { .. } | Frame::Checkpoint { .. } => {
+                    Frame::Change { .. } | Frame::Checkpoint { .. } | Frame::Marker { .. } => {
                         if f.seq() != expected {
                             return Err(ProtocolError::Sequence {
                                 expected,
@@ -325,58 +354,108 @@ impl Secondary {
     }
 
     /// Applies frames in order and acknowledges them; stops at the first error (reported to
-    /// the primary in an ERROR frame) or when failover begins.
+    /// the primary in an ERROR frame) or when failover begins. What is queued is applied
+    /// together: a run of stream changes is one batch for the layers (one sync of the rollback
+    /// data per batch).
     fn apply_loop(&self, mut rx: mpsc::Receiver<Frame>, out: mpsc::UnboundedSender<Frame>) {
         // Acknowledge when caught up, and at least every ACK_EVERY_FRAMES frames or
         // ACK_EVERY_BYTES bytes: the primary's window must drain steadily, not in window-sized
         // steps (which would stall it until the whole window is applied).
         const ACK_EVERY_FRAMES: u32 = 32;
         const ACK_EVERY_BYTES: u64 = 1 << 20;
+        const BATCH_FRAMES: usize = 64;
+        const BATCH_BYTES: u64 = 8 << 20;
         let mut unacked = 0u32;
         let mut unacked_bytes = 0u64;
         let stop = self.stop.subscribe();
-        while let Some(frame) = rx.blocking_recv() {
-            if *stop.borrow() {
-                break; // failover: what is left belongs to the abandoned epoch
+        let mut frames = Vec::with_capacity(BATCH_FRAMES);
+        while let Some(first) = rx.blocking_recv() {
+            frames.clear();
+            frames.push(first);
+            let mut bytes = 0u64;
+            while frames.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(f) => {
+                        if let Frame::Change { change, .. } = &f {
+                            bytes += change.data_len();
+                        }
+                        frames.push(f)
+                    }
+                    Err(_) => break,
+                }
             }
-            let seq = frame.seq();
-            if let Frame::Change { change, .. } = &frame {
-                unacked_bytes += change.data_len();
-            }
-            if let Err(e) = self.apply(frame) {
-                let message = format!("secondary cannot apply frame {seq}: {e}");
-                error!("{message}");
-                let _ = out.send(Frame::Error { message });
-                break;
-            }
-            self.state().applied_seq = seq;
-            unacked += 1;
-            if rx.is_empty() || unacked >= ACK_EVERY_FRAMES || unacked_bytes >= ACK_EVERY_BYTES {
-                unacked = 0;
-                unacked_bytes = 0;
-                if out.send(Frame::Ack { seq }).is_err() {
-                    break;
+            let mut rest = &frames[..];
+            while !rest.is_empty() {
+                if *stop.borrow() {
+                    return; // failover: what is left belongs to the abandoned epoch
+                }
+                let run = rest
+                    .iter()
+                    .take_while(|f| matches!(f, Frame::Change { .. }))
+                    .count()
+                    .max(1);
+                let (group, tail) = rest.split_at(run);
+                rest = tail;
+                let last = group[group.len() - 1].seq();
+                if let Err(e) = self.apply(group) {
+                    let first = group[0].seq();
+                    let which = if first == last {
+                        format!("frame {first}")
+                    } else {
+                        format!("frames {first}..={last}")
+                    };
+                    let message = format!("secondary cannot apply {which}: {e}");
+                    error!("{message}");
+                    let _ = out.send(Frame::Error { message });
+                    return;
+                }
+                self.state().applied_seq = last;
+                unacked += group.len() as u32;
+                unacked_bytes += group
+                    .iter()
+                    .map(|f| match f {
+                        Frame::Change { change, .. } => change.data_len(),
+                        _ => 0,
+                    })
+                    .sum::<u64>();
+                let caught_up = rest.is_empty() && rx.is_empty();
+                if caught_up || unacked >= ACK_EVERY_FRAMES || unacked_bytes >= ACK_EVERY_BYTES {
+                    unacked = 0;
+                    unacked_bytes = 0;
+                    if out.send(Frame::Ack { seq: last }).is_err() {
+                        return;
+                    }
                 }
             }
         }
     }
 
-    fn apply(&self, frame: Frame) -> io::Result<()> {
+    /// Applies a run of stream changes as one batch, or one other frame.
+    fn apply(&self, group: &[Frame]) -> io::Result<()> {
+        if let [Frame::Change { .. }, ..] = group {
+            let changes: Vec<Change<&[u8]>> = group
+                .iter()
+                .filter_map(|f| match f {
+                    Frame::Change { change, .. } => Some(change.as_slice()),
+                    _ => None,
+                })
+                .collect();
+            self.disk.apply_primary_batch(&changes)?;
+            let bytes: u64 = changes.iter().map(Change::data_len).sum();
+            let mut st = self.state();
+            st.bytes_since_checkpoint += bytes;
+            st.bytes_total += bytes;
+            return Ok(());
+        }
+        let Some(frame) = group.first() else {
+            return Ok(());
+        };
         match frame {
-            Frame::Change { change, .. } => {
-                self.disk.apply_primary(&change.as_slice())?;
-                let bytes = change.data_len();
-                let mut st = self.state();
-                st.bytes_since_checkpoint += bytes;
-                st.bytes_total += bytes;
-            }
-            Frame::Checkpoint { epoch, .. } => {
+            Frame::Marker { mark, .. } => self.apply_marker(mark)?,
+            &Frame::Checkpoint { epoch, .. } => {
                 let t = Instant::now();
-                self.disk.checkpoint()?;
-                let mut st = self.state();
-                st.epoch = epoch;
-                st.bytes_since_checkpoint = 0;
-                drop(st);
+                self.disk.checkpoint_as(epoch)?;
+                self.state().bytes_since_checkpoint = 0;
                 info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
                 self.events.send(&events::Checkpoint {
                     role: Side::Secondary,
@@ -388,22 +467,157 @@ impl Secondary {
         Ok(())
     }
 
+    /// A COLO marker (docs/colo-with-qemu.md): while the Secondary VM is stopped, a tentative
+    /// cut its restart decides; while it runs, not a checkpoint (the primary stopped for
+    /// another reason); without a Secondary VM, a checkpoint of the disk.
+    fn apply_marker(&self, mark: &Mark) -> io::Result<()> {
+        let svm = self.state().svm.clone();
+        match svm {
+            _ if !self.opts.serves_vm => {
+                self.disk.checkpoint_as(mark.epoch)?;
+                self.state().bytes_since_checkpoint = 0;
+                info!("marker {}: checkpoint (no Secondary VM)", mark.epoch);
+                self.events.send(&events::Checkpoint {
+                    role: Side::Secondary,
+                    epoch: mark.epoch,
+                });
+            }
+            Svm::Stopped { .. } => {
+                self.disk.mark(mark.clone())?;
+                info!(
+                    "marker {}: tentative cut (the Secondary VM is stopped)",
+                    mark.epoch
+                );
+            }
+            Svm::Running => {
+                log::debug!(
+                    "marker {}: the Secondary VM runs, so not a checkpoint",
+                    mark.epoch
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The Secondary VM's queue `queue` runs again, from `next_avail`; on the first queue of a
+    /// restart, decides what the restart is (docs/colo-with-qemu.md): QEMU gave the Secondary
+    /// VM the primary's state of a tentative cut (its queue positions match that marker) → the
+    /// cut becomes the checkpoint before any request runs; it resumed its own state (its own
+    /// positions, the checkpoint was abandoned) → nothing changes; neither → refused loudly,
+    /// the disk stays at the last checkpoint.
+    fn svm_starting(&self, queue: u16, next_avail: u16) {
+        let (own, link_alive) = {
+            let mut st = self.state();
+            let Svm::Stopped { own } = std::mem::replace(&mut st.svm, Svm::Running) else {
+                return;
+            };
+            (own, matches!(st.peer, Peer::Streaming(_)))
+        };
+        if self.is_failed_over() {
+            return;
+        }
+        let q = usize::from(queue);
+        let own_base = own.get(q).copied().flatten();
+        let marks = self.disk.marks();
+        let matching = marks.iter().rev().find(|m| {
+            m.bases
+                .get(q)
+                .copied()
+                .flatten()
+                .is_none_or(|b| b == next_avail)
+        });
+        let resumed_own = own_base == Some(next_avail);
+        match matching {
+            // Both readings fit only when the primary and the Secondary VM stood at the same
+            // position; then a live primary means the checkpoint went through (QEMU resumes
+            // the primary only after the Secondary VM loaded its state).
+            Some(m) if !resumed_own || link_alive => {
+                let epoch = m.epoch;
+                match self.disk.commit_mark(epoch) {
+                    Ok(()) => {
+                        self.state().bytes_since_checkpoint = 0;
+                        info!("checkpoint {epoch}: the Secondary VM runs the primary's state");
+                        self.events.send(&events::Checkpoint {
+                            role: Side::Secondary,
+                            epoch,
+                        });
+                    }
+                    Err(e) => self.report_svm_error(format!(
+                        "cannot make tentative cut {epoch} the checkpoint: {e}"
+                    )),
+                }
+            }
+            _ if resumed_own || marks.is_empty() => info!(
+                "the Secondary VM resumed its own state (queue {queue} at {next_avail}); \
+                 the disk stays at checkpoint {}",
+                self.disk.stats().epoch
+            ),
+            _ => self.report_svm_error(format!(
+                "the Secondary VM restarted queue {queue} at {next_avail}, which matches no \
+                 marker of the primary (tentative: {:?}); its disk stays at checkpoint {} and \
+                 does not match its memory: fail over only with a fresh Secondary VM",
+                marks,
+                self.disk.stats().epoch
+            )),
+        }
+    }
+
+    fn report_svm_error(&self, error: String) {
+        error!("{error}");
+        self.state().last_error = Some(error.clone());
+        self.events.send(&events::Error {
+            role: Side::Secondary,
+            error,
+        });
+    }
+
+    fn is_failed_over(&self) -> bool {
+        self.state().stage != Stage::Receiving
+    }
+
+    /// The Secondary VM's device switched dirty logging: off after on means QEMU ended COLO on
+    /// the Secondary VM (failover), so the disk becomes its own.
+    fn svm_log_all(self: &Arc<Self>, on: bool) {
+        let was = std::mem::replace(&mut self.state().svm_log_all, on);
+        if was && !on && !self.is_failed_over() {
+            info!("the Secondary VM left COLO: failing over");
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("colo-failover".into())
+                .spawn(move || {
+                    if let Err(e) = me.failover() {
+                        error!("failover when the Secondary VM left COLO: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                error!("cannot start the failover: {e}");
+            }
+        }
+    }
+
     /// `replication-do-checkpoint` on the secondary: drop both layers now.
     pub fn do_checkpoint(&self) -> Result<u64, SecondaryError> {
         if self.state().stage != Stage::Receiving {
             return Err(SecondaryError::AlreadyFailedOver);
         }
         self.disk.checkpoint()?;
-        let mut st = self.state();
-        st.epoch += 1;
-        st.bytes_since_checkpoint = 0;
-        let epoch = st.epoch;
-        drop(st);
+        self.state().bytes_since_checkpoint = 0;
+        let epoch = self.disk.stats().epoch;
         self.events.send(&events::Checkpoint {
             role: Side::Secondary,
             epoch,
         });
         Ok(epoch)
+    }
+
+    /// Completes a failover that a previous process started (the disk buffer was reopened in
+    /// the middle of it). Does nothing otherwise.
+    pub fn resume_failover(&self) -> Result<(), SecondaryError> {
+        if self.state().stage != Stage::FailingOver {
+            return Ok(());
+        }
+        info!("resuming the failover a previous process started");
+        self.failover().map(|_| ())
     }
 
     /// `replication-failover`: stop taking the stream and make the Secondary VM's view (or,
@@ -429,11 +643,8 @@ impl Secondary {
         let before = self.disk.stats();
         self.disk.failover()?;
         let duration_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let epoch = {
-            let mut st = self.state();
-            st.stage = Stage::FailedOver;
-            st.epoch
-        };
+        self.state().stage = Stage::FailedOver;
+        let epoch = self.disk.stats().epoch;
         info!("failover done in {duration_ms:.1} ms (epoch {epoch})");
         let report = FailoverReport {
             epoch,
@@ -459,7 +670,7 @@ impl Secondary {
             state,
             peer_address,
             listen: self.opts.listen.clone(),
-            epoch: st.epoch,
+            epoch: layers.epoch,
             applied_seq: st.applied_seq,
             bytes_received_since_checkpoint: st.bytes_since_checkpoint,
             bytes_received_total: st.bytes_total,
@@ -468,6 +679,25 @@ impl Secondary {
             cluster_size: layers.cluster_size,
             last_error: st.last_error.clone(),
         }
+    }
+}
+
+/// The Secondary VM's device tells the secondary when QEMU stops and restarts it.
+pub struct SvmDevice(pub Arc<Secondary>);
+
+impl crate::vhost_user::DeviceObserver for SvmDevice {
+    fn log_all(&self, on: bool) {
+        self.0.svm_log_all(on);
+    }
+
+    fn queue_stopped(&self, _queue: u16, bases: &[Option<u16>], _log_all: bool) {
+        self.0.state().svm = Svm::Stopped {
+            own: bases.to_vec(),
+        };
+    }
+
+    fn queue_starting(&self, queue: u16, next_avail: u16) {
+        self.0.svm_starting(queue, next_avail);
     }
 }
 
@@ -493,9 +723,11 @@ mod tests {
         let layered = Arc::new(LayeredDisk::new(base.clone(), dir, 4096).unwrap());
         let opts = SecondaryOptions {
             listen: "in-memory".into(),
+            serves_vm: false,
             heartbeat_interval: timing().heartbeat,
             peer_timeout: timing().peer_timeout,
             block_size: 512,
+            security: LinkSecurity::Insecure,
         };
         (Secondary::new(layered, opts, EventSender::new()), base)
     }
@@ -657,5 +889,135 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("failed over"), "{e}");
+    }
+
+    fn colo_secondary(dir: &std::path::Path) -> (Arc<Secondary>, Arc<MemDisk>) {
+        let base = Arc::new(MemDisk::new(DISK as usize));
+        base.write_at(&vec![0x11; DISK as usize], 0).unwrap();
+        let layered = Arc::new(LayeredDisk::new(base.clone(), dir, 4096).unwrap());
+        let opts = SecondaryOptions {
+            listen: "in-memory".into(),
+            serves_vm: true,
+            heartbeat_interval: timing().heartbeat,
+            peer_timeout: timing().peer_timeout,
+            block_size: 512,
+            security: LinkSecurity::Insecure,
+        };
+        (Secondary::new(layered, opts, EventSender::new()), base)
+    }
+
+    fn marker(seq: u64, epoch: u64, base: u16) -> Frame {
+        Frame::Marker {
+            seq,
+            mark: Mark {
+                epoch,
+                bases: vec![Some(base), None],
+            },
+        }
+    }
+
+    fn view(sec: &Secondary, offset: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        sec.disk.read_at(&mut v, offset).unwrap();
+        v
+    }
+
+    /// A COLO checkpoint as QEMU runs it: the Secondary VM stops, the primary's device stops
+    /// (MARKER), the Secondary VM restarts from the primary's queue positions: its disk is the
+    /// primary's at the marker (its own writes gone) before its first request runs. Restarting
+    /// from its own positions instead (an abandoned checkpoint) keeps the last checkpoint and its
+    /// writes. A marker while it runs is not a checkpoint.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn colo_cuts_follow_the_secondary_vms_restart() {
+        use crate::vhost_user::DeviceObserver;
+        for restart_from_marker in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (sec, base) = colo_secondary(dir.path());
+            let svm = SvmDevice(sec.clone());
+            svm.log_all(true);
+            svm.queue_starting(0, 0);
+            sec.disk.write_at(&[0x55; 4096], 65536).unwrap();
+            let (mut rd, mut wr) = connect(&sec, "p").await;
+            send(&mut wr, &[Frame::write(1, 0, vec![0x22; 8192])]).await;
+            wait_ack(&mut rd, 1).await;
+            // The primary stops while the Secondary VM runs (a user stop): not a checkpoint.
+            send(&mut wr, &[marker(2, 1, 3)]).await;
+            wait_ack(&mut rd, 2).await;
+            assert!(sec.disk.marks().is_empty());
+            // A checkpoint: the Secondary VM stops first, then the primary.
+            svm.queue_stopped(0, &[Some(9), None], true);
+            send(&mut wr, &[marker(3, 2, 4)]).await;
+            wait_ack(&mut rd, 3).await;
+            assert_eq!(sec.disk.marks().len(), 1);
+            // The primary resumes and writes before the Secondary VM's first request.
+            send(&mut wr, &[Frame::write(4, 4096, vec![0x33; 4096])]).await;
+            wait_ack(&mut rd, 4).await;
+            let svm_view = [view(&sec, 0, 8192), view(&sec, 65536, 4096)];
+            assert!(
+                svm_view[0].iter().all(|&b| b == 0x11),
+                "view still the old checkpoint"
+            );
+            assert!(svm_view[1].iter().all(|&b| b == 0x55));
+            if restart_from_marker {
+                svm.queue_starting(0, 4);
+                assert_eq!(sec.status().epoch, 2);
+                assert!(
+                    view(&sec, 0, 8192).iter().all(|&b| b == 0x22),
+                    "the marker's disk"
+                );
+                assert!(
+                    view(&sec, 65536, 4096).iter().all(|&b| b == 0x11),
+                    "own writes gone"
+                );
+            } else {
+                svm.queue_starting(0, 9);
+                assert_eq!(sec.status().epoch, 0);
+                assert_eq!([view(&sec, 0, 8192), view(&sec, 65536, 4096)], svm_view);
+            }
+            let snapshot = base.snapshot();
+            assert!(snapshot[..4096].iter().all(|&b| b == 0x22));
+            assert!(snapshot[4096..8192].iter().all(|&b| b == 0x33));
+            // Failover keeps exactly the Secondary VM's view.
+            let want = [view(&sec, 0, 8192), view(&sec, 65536, 4096)];
+            let s = sec.clone();
+            tokio::task::spawn_blocking(move || s.failover())
+                .await
+                .unwrap()
+                .unwrap();
+            let snapshot = base.snapshot();
+            assert_eq!(snapshot[..8192], want[0][..]);
+            assert_eq!(snapshot[65536..65536 + 4096], want[1][..]);
+        }
+    }
+
+    /// QEMU ending COLO on the Secondary VM (dirty logging switched off) fails over by itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leaving_colo_fails_over() {
+        use crate::vhost_user::DeviceObserver;
+        let dir = tempfile::tempdir().unwrap();
+        let (sec, _base) = colo_secondary(dir.path());
+        let svm = SvmDevice(sec.clone());
+        svm.log_all(true);
+        let (mut rd, mut wr) = connect(&sec, "p").await;
+        send(&mut wr, &[Frame::write(1, 0, vec![0x22; 8192])]).await;
+        wait_ack(&mut rd, 1).await;
+        svm.log_all(false);
+        // The failover ends the session: the primary sees the stream close.
+        while let Ok(Frame::Heartbeat | Frame::Ack { .. }) = read_frame(&mut rd).await {}
+        let s = sec.clone();
+        let st = tokio::task::spawn_blocking(move || loop {
+            let st = s.status();
+            if st.state == "failed-over" && st.hidden_bytes == 0 {
+                break st;
+            }
+            std::thread::yield_now();
+        })
+        .await
+        .unwrap();
+        assert_eq!(st.epoch, 0);
+        assert!(
+            view(&sec, 0, 8192).iter().all(|&b| b == 0x11),
+            "rolled back"
+        );
     }
 }

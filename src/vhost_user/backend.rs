@@ -27,6 +27,7 @@ use vmm_sys_util::event::{
 };
 
 use super::io_pool::{InFlight, IoPool};
+use super::lifecycle::{DeviceObserver, Lifecycle};
 use super::uring_queue::{Finished, UringQueue};
 use crate::storage::uring::IoEngine;
 use crate::storage::{BlockDevice, GuestMem};
@@ -81,6 +82,7 @@ impl QueueStats {
 
 /// A copy of one queue's counters (see the module comment for what each counts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct QueueStatsSnapshot {
     /// Well-formed requests completed.
     pub requests: u64,
@@ -134,6 +136,8 @@ struct Shared {
     /// queue's entry for a kick or a completion event; `stop_vring` and `wait_idle` lock it to
     /// drain the ring.
     uring: Vec<Mutex<UringState>>,
+    /// QEMU's stop/start cycle, for replication (see `lifecycle`).
+    lifecycle: Lifecycle,
 }
 
 /// One queue of the `uring` engine: its ring, the vring its completions go to (set at the first
@@ -222,6 +226,7 @@ impl BlkBackend {
                 stats,
                 inflight: (0..opts.num_queues).map(|_| InFlight::default()).collect(),
                 uring,
+                lifecycle: Lifecycle::new(opts.num_queues),
             }),
             pool,
         }
@@ -318,6 +323,9 @@ impl BlkBackend {
         if let Some(f) = self.shared.inflight.get(queue) {
             f.add(batch.len());
         }
+        self.shared
+            .lifecycle
+            .after_pop(queue as u16, state.get_queue().next_avail());
         Ok(batch)
     }
 
@@ -486,6 +494,11 @@ impl BlkBackend {
         }
     }
 
+    /// Tells `observer` about QEMU's stop/start cycle of this connection's device.
+    pub(crate) fn set_observer(&self, observer: Arc<dyn DeviceObserver>) {
+        self.shared.lifecycle.set_observer(observer);
+    }
+
     /// The counters this backend updates.
     #[cfg(test)]
     pub(crate) fn stats(&self) -> &StatsHandle {
@@ -530,6 +543,11 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
+    fn acked_features(&self, features: u64) {
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        self.shared.lifecycle.features(log_all);
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.shared.event_idx.store(enabled, Ordering::Relaxed);
     }
@@ -565,6 +583,7 @@ impl VhostUserBackend for BlkBackend {
         if let Some(f) = self.shared.inflight.get(queue_index as usize) {
             f.wait_idle();
         }
+        self.shared.lifecycle.stopped(queue_index as u16);
         Ok(())
     }
 
@@ -608,6 +627,9 @@ impl VhostUserBackend for BlkBackend {
             }
         };
         // One queue per worker thread: the thread index is the queue index.
+        self.shared.lifecycle.before_pop(thread_id as u16, || {
+            vring.get_ref().get_queue().next_avail()
+        });
         if self.uses_uring() {
             return self.uring_kick(thread_id, vring, &mem);
         }
@@ -746,9 +768,9 @@ mod tests {
                 },
             ]
         );
-        // The snapshot serialises as a flat object, ready for a QMP reply.
+        // The snapshot serialises as a flat kebab-case object, ready for a QMP reply.
         let json = serde_json::to_value(q[1]).unwrap();
-        assert_eq!(json["bytes_written"], 2048);
+        assert_eq!(json["bytes-written"], 2048);
     }
 
     /// GET_VRING_BASE with requests still at the disk: `stop_vring` returns only once every one

@@ -18,6 +18,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::backend::{BlkBackend, DeviceOptions, StatsHandle};
 use super::io_pool::IoPool;
+use super::lifecycle::DeviceObserver;
 use crate::storage::uring::{self, IoEngine};
 use crate::storage::BlockDevice;
 
@@ -76,6 +77,7 @@ pub struct Server {
     control: ServerControl,
     stats: StatsHandle,
     engine: IoEngine,
+    observer: Option<Arc<dyn DeviceObserver>>,
 }
 
 impl Server {
@@ -106,6 +108,7 @@ impl Server {
             control: ServerControl::default(),
             stats,
             engine: IoEngine::Threads,
+            observer: None,
         })
     }
 
@@ -156,15 +159,24 @@ impl Server {
         self.stats.clone()
     }
 
+    /// Tells `observer` about QEMU's stop/start cycle of every connection's device.
+    pub fn set_observer(&mut self, observer: Arc<dyn DeviceObserver>) {
+        self.observer = Some(observer);
+    }
+
     /// A fresh backend for the next connection, over the server's disk, pool and counters.
     fn backend(&self) -> BlkBackend {
-        BlkBackend::new(
+        let backend = BlkBackend::new(
             self.disk.clone(),
             &self.opts,
             self.stats.clone(),
             self.pool.clone(),
             self.engine,
-        )
+        );
+        if let Some(o) = &self.observer {
+            backend.set_observer(o.clone());
+        }
+        backend
     }
 
     /// Serves connections until [`ServerControl::stop`] is called.

@@ -2,4 +2,6 @@
 //! execution ([`request`]). Everything here is used by the vhost-user backend only.
 
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod request;

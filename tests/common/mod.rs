@@ -27,8 +27,14 @@ impl Backend {
     /// Starts `colo-blk` with `args` and waits for its ready line on stdout (every socket
     /// bound; see `print_ready` in src/main.rs and the README).
     pub fn start_with(args: &[&str], socket: &Path) -> Backend {
+        Backend::start_with_env(args, socket, &[])
+    }
+
+    /// [`Backend::start_with`] with extra environment variables (e.g. `COLO_BLK_FAULT`).
+    pub fn start_with_env(args: &[&str], socket: &Path, env: &[(&str, &str)]) -> Backend {
         let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::piped())
@@ -295,6 +301,17 @@ impl Qmp {
     }
 
     /// Runs a command; `Err` holds the error object.
+    /// Sends a command whose reply may never come (the process may die running it): the
+    /// reply, or `None` when the connection closes first.
+    pub fn execute_or_disconnect(
+        &mut self,
+        cmd: &str,
+        args: serde_json::Value,
+    ) -> Option<Result<serde_json::Value, serde_json::Value>> {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(cmd, args)));
+        r.ok()
+    }
+
     pub fn execute(
         &mut self,
         cmd: &str,

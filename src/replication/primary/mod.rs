@@ -33,7 +33,8 @@ use tokio::sync::{mpsc, watch};
 use super::dirty::DirtyBitmap;
 use super::events::{self, PrimaryStatus, Side};
 use super::ordering::ChangeOrder;
-use super::protocol::{Frame, HEADER_LEN, MAX_PAYLOAD};
+use super::protocol::{Frame, Mark, HEADER_LEN, MAX_PAYLOAD};
+use super::tls::LinkSecurity;
 use crate::qmp::EventSender;
 use crate::storage::{BlockDevice, Change, GuestSlice};
 
@@ -55,6 +56,8 @@ pub struct PrimaryOptions {
     pub dirty_granularity: u64,
     /// Logical block size, checked against the secondary's.
     pub block_size: u32,
+    /// How the link is protected (TLS or plain TCP).
+    pub security: LinkSecurity,
 }
 
 /// Where the link to the secondary stands.
@@ -380,6 +383,32 @@ impl Primary {
     /// `replication-checkpoint`: puts an epoch marker into the stream and waits until the
     /// secondary applied everything before it and dropped its layers.
     pub fn checkpoint(&self, timeout: Option<Duration>) -> Result<u64, ReplicationError> {
+        self.end_epoch(timeout, |seq, epoch| Frame::Checkpoint { seq, epoch })
+    }
+
+    /// COLO: QEMU stopped the device with dirty logging on (a COLO checkpoint, the end of the
+    /// migration into COLO, or a user `stop` during one), and no request is in flight. A
+    /// MARKER with the queues' positions goes into the stream and this waits until the
+    /// secondary applied everything before it (at most the peer timeout), so QEMU's state of
+    /// this point never reaches the Secondary VM before the disk of this point reaches its
+    /// backend. Without a secondary in sync it returns at once (unprotected).
+    pub fn device_stopped(&self, bases: &[Option<u16>]) -> Result<u64, ReplicationError> {
+        let bases = bases.to_vec();
+        self.end_epoch(Some(self.opts.peer_timeout), move |seq, epoch| {
+            Frame::Marker {
+                seq,
+                mark: Mark { epoch, bases },
+            }
+        })
+    }
+
+    /// Ends the epoch with the frame `make(seq, epoch)` and waits for its acknowledgement. On
+    /// failure the epoch's changes stay in the dirty record.
+    fn end_epoch(
+        &self,
+        timeout: Option<Duration>,
+        make: impl FnOnce(u64, u64) -> Frame,
+    ) -> Result<u64, ReplicationError> {
         let (sent, epoch, old_dirty, old_sent) = {
             let _order = self.order();
             let epoch = {
@@ -392,7 +421,7 @@ impl Primary {
                 st.epoch + 1
             };
             let sent = self
-                .enqueue(HEADER_LEN as u64, |seq| Frame::Checkpoint { seq, epoch })
+                .enqueue(HEADER_LEN as u64, |seq| make(seq, epoch))
                 .ok_or(ReplicationError::NotConnected)?;
             let old_dirty = self.dirty().take();
             let old_sent = std::mem::take(&mut self.state().sent_since_checkpoint);
@@ -477,6 +506,25 @@ impl Primary {
             reason: reason.to_string(),
             dirty_bytes: Some(dirty),
         });
+    }
+}
+
+/// The Primary VM's device tells the primary when QEMU stops it (see
+/// [`Primary::device_stopped`]).
+pub struct PrimaryDevice(pub Arc<Primary>);
+
+impl crate::vhost_user::DeviceObserver for PrimaryDevice {
+    fn queue_stopped(&self, queue: u16, bases: &[Option<u16>], log_all: bool) {
+        if !log_all {
+            return; // a plain stop: no checkpoint follows
+        }
+        match self.0.device_stopped(bases) {
+            Ok(epoch) => log::debug!("device stop (queue {queue}): marker of epoch {epoch}"),
+            Err(e) => log::warn!(
+                "QEMU stopped the device (queue {queue}) but the secondary did not get the \
+                 marker: {e}; the Secondary VM cannot take this point's state"
+            ),
+        }
     }
 }
 
@@ -574,6 +622,7 @@ mod tests {
             reconnect_interval: Duration::from_secs(1),
             dirty_granularity: 4096,
             block_size: 512,
+            security: LinkSecurity::Insecure,
         }
     }
 

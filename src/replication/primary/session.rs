@@ -43,8 +43,18 @@ impl Primary {
                     if let Err(e) = stream.set_nodelay(true) {
                         warn!("TCP_NODELAY on the link: {e}");
                     }
+                    let me = self.clone();
+                    let connected = async move {
+                        let stream = me
+                            .opts
+                            .security
+                            .connect(stream, me.opts.peer_timeout)
+                            .await
+                            .map_err(ProtocolError::Io)?;
+                        me.session(stream, addr).await
+                    };
                     let reason = tokio::select! {
-                        r = self.clone().session(stream, addr) => match r {
+                        r = connected => match r {
                             Ok(()) => "closed by the secondary".to_string(),
                             Err(e) => e.to_string(),
                         },

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""colo-pause-bench.py -- how long QEMU's COLO checkpoint pauses the Primary VM, with a colo-blk
+disk (vhost-user-blk) and with no disk at all (the same VM otherwise).
+
+For each configuration it starts a pair with colo-qemu-pair.sh (QEMU from $COLO_QEMU, TCG unless
+COLO_BLK_ACCEL=kvm), follows the PVM's QMP events, and takes every STOP->RESUME interval (QEMU's
+own event timestamps) of the next N checkpoints (the first checkpoint, which carries the state
+after the initial migration, is reported apart), then stops the pair.
+
+Usage: colo-pause-bench.py [-n 30] [--delay 500] [--dir /tmp/colo-pause-bench]
+                           [--disk-checkpoint none|on-stop] [--only disk|nodisk]
+Prints one JSON line per configuration: n, min/median/p90/max/mean pause in ms, first_ms.
+The numbers depend on the machine's load (TCG, a shared host): compare the two lines of one
+run, not runs on different days.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from qemu.qmp import QMPClient
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+
+
+async def measure(qmp_path, n, timeout):
+    c = QMPClient("bench")
+    await c.connect(qmp_path)
+    pauses = []
+    stop = None
+    deadline = time.monotonic() + timeout
+    try:
+        async def collect():
+            nonlocal stop
+            async for ev in c.events:
+                t = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+                if ev["event"] == "STOP":
+                    stop = t
+                elif ev["event"] == "RESUME" and stop is not None:
+                    pauses.append((t - stop) * 1000)
+                    stop = None
+                    if len(pauses) >= n + 1:
+                        return
+        await asyncio.wait_for(collect(), max(1, deadline - time.monotonic()))
+    finally:
+        await c.disconnect()
+    return pauses
+
+
+def run(name, args, extra):
+    d = os.path.join(args.dir, name)
+    pair = os.path.join(HERE, "colo-qemu-pair.sh")
+    start = ["bash", pair, "start", "--dir", d, "--delay", str(args.delay)] + extra
+    r = subprocess.run(start, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        sys.stderr.write(r.stderr)
+        raise SystemExit(f"colo-pause-bench: {name}: colo-qemu-pair.sh start failed")
+    try:
+        # The first pause may already be over when we connect: measure n + 1 from now and
+        # report the first one we saw apart only if it is the initial checkpoint (from the
+        # events log the pair's watcher keeps).
+        pauses = asyncio.run(measure(os.path.join(d, "pvm.qmp"), args.n,
+                                     args.timeout or (args.n + 5) * (args.delay / 1000 + 2) + 60))
+    finally:
+        subprocess.run(["bash", pair, "stop", "--dir", d], stderr=subprocess.DEVNULL)
+    first = None
+    try:
+        for line in open(os.path.join(d, "events.log")):
+            e = json.loads(line)
+            if e.get("vm") == "pvm" and "pause_ms" in e:
+                first = e["pause_ms"]
+                break
+    except (OSError, ValueError):
+        pass
+    xs = pauses[1:] if len(pauses) > args.n else pauses
+    return {
+        "config": name, "n": len(xs), "delay_ms": args.delay,
+        "min_ms": round(min(xs), 2), "median_ms": round(statistics.median(xs), 2),
+        "p90_ms": round(pct(xs, 0.9), 2), "max_ms": round(max(xs), 2),
+        "mean_ms": round(statistics.mean(xs), 2), "first_ms": first,
+        "load": os.getloadavg()[0],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-n", type=int, default=30, help="checkpoints per configuration")
+    ap.add_argument("--delay", type=int, default=500, help="x-checkpoint-delay in ms")
+    ap.add_argument("--dir", default="/tmp/colo-pause-bench")
+    ap.add_argument("--disk-checkpoint", choices=["none", "on-stop"], default="none")
+    ap.add_argument("--only", choices=["disk", "nodisk"])
+    ap.add_argument("--timeout", type=float, default=0)
+    args = ap.parse_args()
+    if args.only != "nodisk":
+        print(json.dumps(run("disk", args, ["--disk-checkpoint", args.disk_checkpoint])), flush=True)
+    if args.only != "disk":
+        print(json.dumps(run("nodisk", args, ["--no-disk"])), flush=True)
+
+
+if __name__ == "__main__":
+    main()

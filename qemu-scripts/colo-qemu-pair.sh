@@ -1,0 +1,422 @@
+#!/usr/bin/env bash
+# colo-qemu-pair.sh -- a real COLO pair (QEMU's own x-colo) on one host, both VMs' disks served
+# by colo-blk over vhost-user-blk.
+#
+# Usage: colo-qemu-pair.sh start    [options]   start everything (in the background), migrate
+#                                                into COLO, print the QMP sockets, return
+#        colo-qemu-pair.sh status   [--dir DIR] query-status / query-colo-status / query-migrate
+#        colo-qemu-pair.sh failover [--dir DIR] the PVM's host "dies": SIGKILL the PVM's QEMU and
+#                                                the primary backend, then replication-failover
+#                                                on the secondary backend and
+#                                                x-colo-lost-heartbeat on the SVM's QEMU
+#        colo-qemu-pair.sh failover-pvm [--dir DIR] the SVM's host "dies": SIGKILL the SVM's
+#                                                QEMU and the secondary backend, then
+#                                                x-colo-lost-heartbeat on the PVM's QEMU (the
+#                                                primary backend notices the lost peer itself)
+#        colo-qemu-pair.sh stop     [--dir DIR] kill everything this pair started
+#
+# What start runs (files in DIR):
+#   1. secondary backend: colo-blk --role secondary --listen 127.0.0.1:PORT --layer-dir layers
+#      --socket svm.sock --qmp secondary.qmp (log secondary.log), serving the SVM's disk;
+#   2. primary backend: colo-blk --role primary --peer 127.0.0.1:PORT --socket pvm.sock
+#      --qmp primary.qmp (log primary.log);
+#   3. the SVM's QEMU with -incoming defer on svm.sock (console svm.log, QMP svm.qmp);
+#   4. the PVM's QEMU on pvm.sock (console pvm.log, QMP pvm.qmp); both with
+#      memory-backend-memfd share=on, the tiny guest of build-guest.sh running a loop that writes
+#      and reads back /dev/vda every second ("TICK n ok", "IOERR n" on error);
+#   5. QMP, per QEMU's docs/COLO-FT.txt: return-path + x-colo on the SVM, migrate-incoming;
+#      return-path + x-colo on the PVM, x-checkpoint-delay, migrate; waits for status "colo";
+#   6. colo-qemu-watch.py (log events.log: every QMP event of both QEMUs with QEMU's timestamp,
+#      the PVM's STOP->RESUME pause per checkpoint, and the backend checkpoints).
+#
+# Options (start):
+#   --dir DIR              working directory (default ./colo-qemu-pair)
+#   --size SIZE            disk size of the fresh images (default 64M)
+#   --machine q35|pc       machine type (default q35)
+#   --mem SIZE             guest RAM (default 256M)
+#   --smp N                vCPUs (default 1); the disk has as many queues
+#   --delay MS             x-checkpoint-delay (default 2000)
+#   --port N               replication port (default 7790); migration N+1, NIC chardevs N+2..N+5
+#   --nic                  add a NIC (-netdev user, restricted) with colo-compare on the PVM,
+#                          filter-mirror / filter-redirector / filter-rewriter as in COLO-FT.txt
+#   --disk-checkpoint M    how the backends' disk checkpoints follow QEMU's (default on-stop):
+#                            none     the backends only replicate; no replication-checkpoint
+#                            on-stop  at every PVM STOP event run replication-checkpoint on the
+#                                     primary backend (QEMU does not wait for it; events.log
+#                                     says whether it finished before RESUME)
+#                          Deriving the checkpoint from QEMU's own cycle inside colo-blk is not
+#                          done yet: docs/colo-with-qemu.md.
+#   --no-disk              no vhost-user-blk device at all (a control; no backends)
+#   --strace               run both backends under strace -f (recvmsg/sendmsg, in
+#                          primary.strace / secondary.strace) to see the vhost-user messages
+#   --colo-blk PATH        colo-blk binary (default target/release/colo-blk, else target/debug)
+#
+# Environment: COLO_QEMU (QEMU, default /opt/colo-qemu/bin/qemu-system-x86_64, from
+# install-colo-qemu.sh; QEMU 7.2 does not work for x-colo), COLO_BLK_ACCEL=tcg|kvm (default tcg),
+# COLO_GUEST_DIR (the guest of build-guest.sh, default qemu-scripts/guest).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR source=qemu-lib.sh
+. "$here/qemu-lib.sh"
+
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+die() { echo "colo-qemu-pair: error: $*" >&2; exit 2; }
+log() { echo "colo-qemu-pair: $*" >&2; }
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    start|status|failover|failover-pvm|stop) ;;
+    -h|--help|help) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+esac
+
+dir=./colo-qemu-pair
+size=64M
+machine=q35
+mem=256M
+smp=1
+delay=2000
+port=7790
+nic=0
+disk_ckpt=on-stop
+disk=1
+strace=0
+bin=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dir) dir="$2"; shift 2 ;;
+        --size) size="$2"; shift 2 ;;
+        --machine) machine="$2"; shift 2 ;;
+        --mem) mem="$2"; shift 2 ;;
+        --smp) smp="$2"; shift 2 ;;
+        --delay) delay="$2"; shift 2 ;;
+        --port) port="$2"; shift 2 ;;
+        --nic) nic=1; shift ;;
+        --disk-checkpoint) disk_ckpt="$2"; shift 2 ;;
+        --no-disk) disk=0; shift ;;
+        --strace) strace=1; shift ;;
+        --colo-blk) bin="$2"; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+case "$disk_ckpt" in none|on-stop) ;; *) die "--disk-checkpoint must be none or on-stop" ;; esac
+[ "$disk" = 1 ] || disk_ckpt=none
+qemu="${COLO_QEMU:-$COLO_QEMU_DEFAULT}"
+
+# qmp SOCKET COMMAND [JSON-ARGS]: runs one QMP command, prints its answer as JSON.
+qmp() {
+    python3 - "$@" <<'EOF'
+import asyncio, json, sys
+from qemu.qmp import QMPClient
+async def main(path, cmd, args):
+    c = QMPClient("colo-qemu-pair")
+    await c.connect(path)
+    try:
+        r = await asyncio.wait_for(c.execute(cmd, json.loads(args) if args else None), 30)
+        print(json.dumps(r))
+    finally:
+        await c.disconnect()
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""))
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+if [ "$cmd" != start ]; then
+    [ -d "$dir" ] || die "no pair in $dir"
+    dir="$(cd "$dir" && pwd)"
+    pid_of() { sed -n "s/^$1 //p" "$dir/pids" 2>/dev/null; }
+    # A zombie (killed, not yet reaped by whoever inherited it) counts as dead.
+    alive() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && ! awk '{exit $3 == "Z" ? 0 : 1}' "/proc/$1/stat" 2>/dev/null; }
+    case "$cmd" in
+    status)
+        for vm in pvm svm; do
+            if alive "$(pid_of "$vm")"; then
+                echo "$vm query-status: $(qmp "$dir/$vm.qmp" query-status)"
+                echo "$vm query-colo-status: $(qmp "$dir/$vm.qmp" query-colo-status)"
+            else
+                echo "$vm: not running"
+            fi
+        done
+        if alive "$(pid_of pvm)"; then
+            qmp "$dir/pvm.qmp" query-migrate | python3 -c 'import json,sys; m=json.load(sys.stdin); print("pvm query-migrate: status", m.get("status"), "checkpoints", m.get("colo-checkpoints", m.get("ram", {}).get("dirty-sync-count")))' || true
+        fi
+        echo "checkpoints (PVM STOP->RESUME in events.log): $(grep -c '"pvm", "event": "RESUME"' "$dir/events.log" 2>/dev/null || true)"
+        ;;
+    failover|failover-pvm)
+        # failover: the PVM's side dies, the SVM takes over; failover-pvm: the SVM's side dies,
+        # the PVM goes on alone.
+        if [ "$cmd" = failover ]; then dead=(pvm primary); vm=svm; backend=secondary
+        else dead=(svm secondary); vm=pvm; backend=""; fi
+        t0=$(date +%s.%N)
+        for p in "${dead[@]}"; do
+            if alive "$(pid_of "$p")"; then kill -9 "$(pid_of "$p")"; fi
+        done
+        # Wait until both are really gone (a SIGKILLed process can take a moment to be reaped).
+        for p in "${dead[@]}"; do
+            while alive "$(pid_of "$p")"; do sleep 0.05; done
+        done
+        t1=$(date +%s.%N)
+        log "killed ${dead[*]} ($(python3 -c "import sys; print(f'{1000*(float(sys.argv[2])-float(sys.argv[1])):.1f}')" "$t0" "$t1") ms)"
+        bq=""
+        if [ -n "$backend" ] && [ -n "$(pid_of "$backend")" ]; then bq="$dir/$backend.qmp"; fi
+        nic_objs=""
+        if [ -f "$dir/nic" ]; then
+            # COLO-FT.txt "Secondary Failover" / "Primary Failover": the filters go.
+            if [ "$vm" = svm ]; then nic_objs="f2 f1"; else nic_objs="comp0 iothread1 m0 redire0 redire1"; fi
+        fi
+        python3 - "$dir/$vm.qmp" "$bq" "$nic_objs" <<'EOF2'
+import asyncio, json, sys, time
+from qemu.qmp import QMPClient
+async def main(vm_path, backend_path, nic_objs):
+    vm = QMPClient("vm")
+    await vm.connect(vm_path)
+    if backend_path:
+        # Disk first, so the VM's next I/O already sees the committed disk.
+        b = QMPClient("backend")
+        await b.connect(backend_path)
+        t = time.monotonic()
+        r = await b.execute("replication-failover")
+        print(f"backend replication-failover: {json.dumps(r)} ({1000*(time.monotonic()-t):.1f} ms)")
+        await b.disconnect()
+    t = time.monotonic()
+    r = await vm.execute("x-colo-lost-heartbeat")
+    print(f"x-colo-lost-heartbeat: {json.dumps(r)} ({1000*(time.monotonic()-t):.1f} ms)")
+    for o in nic_objs.split():
+        try:
+            await vm.execute("object-del", {"id": o})
+        except Exception as e:
+            print(f"object-del {o}: {e}")
+    # Wait until QEMU left COLO (the failover runs in QEMU's migration thread).
+    while (await vm.execute("query-colo-status"))["mode"] != "none":
+        await asyncio.sleep(0.01)
+    print(f"left COLO after {1000*(time.monotonic()-t):.1f} ms")
+    print("query-status:", json.dumps(await vm.execute("query-status")))
+    print("query-colo-status:", json.dumps(await vm.execute("query-colo-status")))
+    await vm.disconnect()
+asyncio.run(main(*sys.argv[1:4]))
+EOF2
+        ;;
+    stop)
+        # Each process was started in its own session (setsid): signal its process group, so
+        # an strace wrapper and its tracee go together. QEMU in COLO can ignore SIGTERM; after
+        # 5 s, SIGKILL.
+        while read -r name p; do
+            if alive "$p"; then kill -TERM -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; log "stopping $name ($p)"; fi
+        done <"$dir/pids"
+        while read -r name p; do
+            for _ in $(seq 1 50); do alive "$p" || break; sleep 0.1; done
+            if alive "$p"; then kill -KILL -- "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null || true; log "killed $name ($p) with SIGKILL"; fi
+        done <"$dir/pids"
+        ;;
+    esac
+    exit 0
+fi
+
+# --- start ------------------------------------------------------------------------------------
+if [ -z "$bin" ]; then
+    for b in "$repo/target/release/colo-blk" "$repo/target/debug/colo-blk"; do
+        if [ -x "$b" ]; then bin="$b"; break; fi
+    done
+fi
+if [ "$disk" = 1 ]; then
+    { [ -n "$bin" ] && [ -x "$bin" ]; } || die "no colo-blk binary: run 'cargo build --release' first"
+fi
+qemu_at_least "$qemu" 8 1 \
+    || die "$qemu is not a QEMU >= 8.1 (x-colo needs QEMU 11 here): run qemu-scripts/install-colo-qemu.sh, or set COLO_QEMU"
+python3 -c 'import qemu.qmp' 2>/dev/null || die "python3 qemu.qmp missing: pip install qemu.qmp"
+[ "$strace" = 0 ] || command -v strace >/dev/null || die "strace not installed"
+guest="${COLO_GUEST_DIR:-$here/guest}"
+{ [ -f "$guest/vmlinuz" ] && [ -f "$guest/initramfs.cpio.gz" ]; } \
+    || die "no guest in $guest: run qemu-scripts/build-guest.sh first"
+case "${COLO_BLK_ACCEL:-tcg}" in tcg|kvm) accel="${COLO_BLK_ACCEL:-tcg}" ;; *) die "COLO_BLK_ACCEL must be tcg or kvm" ;; esac
+reconnect="$(qemu_reconnect_opt "$qemu")"
+
+mkdir -p "$dir"
+dir="$(cd "$dir" && pwd)"
+if [ -f "$dir/pids" ]; then
+    while read -r _ p; do
+        if kill -0 "$p" 2>/dev/null; then die "a pair is still running in $dir (colo-qemu-pair.sh stop --dir $dir)"; fi
+    done <"$dir/pids"
+fi
+rm -rf "$dir/layers" "$dir/root"
+rm -f "$dir"/*.sock "$dir"/*.qmp "$dir"/*.log "$dir"/*.strace "$dir/pids" "$dir/nic" \
+    "$dir/primary.img" "$dir/secondary.img"
+: >"$dir/pids"
+[ "$nic" = 1 ] && : >"$dir/nic"
+
+started=0
+# shellcheck disable=SC2317 # called by the trap
+on_exit() {
+    if [ "$started" = 0 ]; then
+        log "start failed; stopping what was started (logs in $dir)"
+        local name p
+        while read -r name p; do kill "$p" 2>/dev/null || true; done <"$dir/pids"
+    fi
+}
+trap on_exit EXIT
+
+# spawn NAME LOG CMD...: runs CMD in its own session in the background, records its pid.
+spawn() {
+    local name="$1" logf="$2"
+    shift 2
+    setsid "$@" </dev/null >"$logf" 2>&1 &
+    echo "$name $!" >>"$dir/pids"
+}
+# tracee NAME: under --strace, NAME's recorded pid is strace's; record colo-blk's own pid as
+# NAME (what failover kills: SIGKILL of strace would leave its tracee running) and strace's
+# as NAME-strace.
+tracee() {
+    [ "$strace" = 1 ] || return 0
+    local sp child
+    sp="$(sed -n "s/^$1 //p" "$dir/pids")"
+    child="$(pgrep -P "$sp" | head -n1)"
+    [ -n "$child" ] || die "no process under strace $sp"
+    sed -i "s/^$1 $sp\$/$1-strace $sp\n$1 $child/" "$dir/pids"
+}
+wait_for() {  # wait_for WHAT TEST...
+    local what="$1" _
+    shift
+    for _ in $(seq 1 600); do
+        if "$@"; then return 0; fi
+        sleep 0.1
+    done
+    die "timed out waiting for $what (logs in $dir)"
+}
+
+# The guest: write a tick to /dev/vda, read it back, every second.
+mkdir -p "$dir/root/colo"
+if [ "$disk" = 1 ]; then
+    cat >"$dir/root/colo/test.sh" <<'EOF'
+i=0
+while true; do
+  i=$((i + 1))
+  echo "tick $i" >/tmp/t
+  if dd if=/tmp/t of=/dev/vda bs=512 seek=$((i % 1000)) count=1 conv=sync oflag=direct 2>/dev/null \
+     && dd if=/dev/vda of=/tmp/r bs=512 skip=$((i % 1000)) count=1 iflag=direct 2>/dev/null \
+     && [ "$(head -n1 /tmp/r | tr -d '\000')" = "tick $i" ]; then
+    echo "TICK $i ok"
+  else
+    echo "IOERR $i"
+  fi
+  sleep 1
+done
+EOF
+else
+    # shellcheck disable=SC2016 # expanded by the guest's shell
+    printf 'i=0\nwhile true; do i=$((i + 1)); echo "TICK $i nodisk"; sleep 1; done\n' >"$dir/root/colo/test.sh"
+fi
+cat "$guest/initramfs.cpio.gz" >"$dir/initrd"
+isz=$(stat -c %s "$dir/initrd")
+head -c $(( (512 - isz % 512) % 512 )) /dev/zero >>"$dir/initrd"
+(cd "$dir/root" && find colo | cpio --quiet -o -H newc -R 0:0) >>"$dir/initrd"
+
+tracer=()
+# shellcheck disable=SC2054 # the commas are strace's
+if [ "$strace" = 1 ]; then tracer=(strace -f -tt -T -xx -s 256 -e trace=recvmsg,sendmsg -o); fi
+
+if [ "$disk" = 1 ]; then
+    t=()
+    [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/secondary.strace")
+    spawn secondary "$dir/secondary.log" ${t[@]+"${t[@]}"} "$bin" --role secondary --insecure-link \
+        --image "$dir/secondary.img" --size "$size" --listen "127.0.0.1:$port" \
+        --layer-dir "$dir/layers" --socket "$dir/svm.sock" --num-queues "$smp" --qmp "$dir/secondary.qmp"
+    wait_for "the secondary backend" test -S "$dir/svm.sock"
+    tracee secondary
+    t=()
+    [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/primary.strace")
+    spawn primary "$dir/primary.log" ${t[@]+"${t[@]}"} "$bin" --role primary --insecure-link \
+        --image "$dir/primary.img" --size "$size" --peer "127.0.0.1:$port" \
+        --socket "$dir/pvm.sock" --num-queues "$smp" --qmp "$dir/primary.qmp"
+    wait_for "the primary backend" test -S "$dir/pvm.sock"
+    tracee primary
+    log "backends up: secondary $dir/secondary.qmp, primary $dir/primary.qmp"
+fi
+
+mport=$((port + 1))
+common=(
+    -machine "$machine" -accel "$accel" -smp "$smp" -m "$mem"
+    -object "memory-backend-memfd,id=mem,size=$mem,share=on" -machine memory-backend=mem
+    -kernel "$guest/vmlinuz" -initrd "$dir/initrd"
+    -append "console=ttyS0 panic=-1 loglevel=4 edd=off"
+    -nographic -no-reboot -nodefaults -serial stdio
+)
+vm_args() {  # vm_args pvm|svm: the per-VM devices
+    local vm="$1"
+    if [ "$disk" = 1 ]; then
+        echo "-chardev socket,id=vub,path=$dir/$vm.sock,$reconnect"
+        echo "-device vhost-user-blk-pci,chardev=vub,num-queues=$smp,id=disk0"
+    fi
+    echo "-qmp unix:$dir/$vm.qmp,server=on,wait=off"
+    echo "-qmp unix:$dir/$vm-watch.qmp,server=on,wait=off"
+    if [ "$nic" = 1 ]; then
+        echo "-netdev user,id=hn0,restrict=on"
+        echo "-device virtio-net-pci,id=e0,netdev=hn0,mac=52:54:00:c0:10:01"
+        local m=$((port + 2)) c=$((port + 3)) p=$((port + 4)) o=$((port + 5))
+        if [ "$vm" = pvm ]; then
+            echo "-chardev socket,id=mirror0,host=127.0.0.1,port=$m,server=on,wait=off"
+            echo "-chardev socket,id=compare1,host=127.0.0.1,port=$c,server=on,wait=off"
+            echo "-chardev socket,id=compare0,host=127.0.0.1,port=$p,server=on,wait=off"
+            echo "-chardev socket,id=compare0-0,host=127.0.0.1,port=$p"
+            echo "-chardev socket,id=compare_out,host=127.0.0.1,port=$o,server=on,wait=off"
+            echo "-chardev socket,id=compare_out0,host=127.0.0.1,port=$o"
+            echo "-object filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0"
+            echo "-object filter-redirector,netdev=hn0,id=redire0,queue=rx,indev=compare_out"
+            echo "-object filter-redirector,netdev=hn0,id=redire1,queue=rx,outdev=compare0"
+            echo "-object iothread,id=iothread1"
+            echo "-object colo-compare,id=comp0,primary_in=compare0-0,secondary_in=compare1,outdev=compare_out0,iothread=iothread1"
+        else
+            echo "-chardev socket,id=red0,host=127.0.0.1,port=$m,$reconnect"
+            echo "-chardev socket,id=red1,host=127.0.0.1,port=$c,$reconnect"
+            echo "-object filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0"
+            echo "-object filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1"
+            echo "-object filter-rewriter,id=rew0,netdev=hn0,queue=all"
+        fi
+    fi
+}
+mapfile -t pvm_dev < <(vm_args pvm | tr ' ' '\n')
+mapfile -t svm_dev < <(vm_args svm | tr ' ' '\n')
+
+# With --nic the PVM must listen before the SVM connects its redirectors (they reconnect anyway).
+spawn pvm "$dir/pvm.log" "$qemu" -name primary "${common[@]}" "${pvm_dev[@]}"
+spawn svm "$dir/svm.log" "$qemu" -name secondary "${common[@]}" "${svm_dev[@]}" -incoming defer
+wait_for "the PVM's QMP socket" test -S "$dir/pvm.qmp"
+wait_for "the SVM's QMP socket" test -S "$dir/svm.qmp"
+log "QEMUs up ($("$qemu" --version | head -n1)); waiting for the PVM's guest to run"
+wait_for "the PVM's guest (TICK 2 in pvm.log)" grep -q "TICK 2 " "$dir/pvm.log"
+
+w_args=()
+if [ "$disk" = 1 ]; then w_args=(--primary-qmp "$dir/primary.qmp"); fi
+spawn watch "$dir/events.log" python3 "$here/colo-qemu-watch.py" --pvm-qmp "$dir/pvm-watch.qmp" \
+    --svm-qmp "$dir/svm-watch.qmp" --disk-checkpoint "$disk_ckpt" ${w_args[@]+"${w_args[@]}"}
+wait_for "colo-qemu-watch" grep -q '"watching"' "$dir/events.log"
+
+caps='{"capabilities": [{"capability": "return-path", "state": true}, {"capability": "x-colo", "state": true}]}'
+log "svm migrate-set-capabilities return-path x-colo: $(qmp "$dir/svm.qmp" migrate-set-capabilities "$caps")"
+log "svm migrate-incoming: $(qmp "$dir/svm.qmp" migrate-incoming "{\"uri\": \"tcp:127.0.0.1:$mport\"}")"
+log "pvm migrate-set-capabilities return-path x-colo: $(qmp "$dir/pvm.qmp" migrate-set-capabilities "$caps")"
+log "pvm x-checkpoint-delay $delay: $(qmp "$dir/pvm.qmp" migrate-set-parameters "{\"x-checkpoint-delay\": $delay}")"
+log "pvm migrate: $(qmp "$dir/pvm.qmp" migrate "{\"uri\": \"tcp:127.0.0.1:$mport\"}")"
+in_colo() { qmp "$dir/pvm.qmp" query-migrate 2>/dev/null | grep -q '"status": "colo"'; }
+wait_for "query-migrate status colo" in_colo
+log "in COLO: pvm $(qmp "$dir/pvm.qmp" query-colo-status), svm $(qmp "$dir/svm.qmp" query-colo-status)"
+started=1
+
+cat <<EOF
+COLO pair running in $dir (x-checkpoint-delay $delay ms, disk checkpoints: $disk_ckpt)
+  PVM QEMU QMP:            $dir/pvm.qmp      console $dir/pvm.log
+  SVM QEMU QMP:            $dir/svm.qmp      console $dir/svm.log
+EOF
+if [ "$disk" = 1 ]; then
+    cat <<EOF
+  primary backend QMP:     $dir/primary.qmp  log $dir/primary.log
+  secondary backend QMP:   $dir/secondary.qmp  log $dir/secondary.log
+EOF
+fi
+cat <<EOF
+  events (STOP/RESUME...): $dir/events.log
+  $0 status --dir $dir | failover --dir $dir | stop --dir $dir
+EOF

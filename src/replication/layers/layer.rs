@@ -1,0 +1,411 @@
+//! One layer of the disk buffer: a sparse file holding cluster data at the disk's own offsets,
+//! followed by the layer's *index log*, which says which clusters the layer holds so that a
+//! restarted secondary finds them again.
+//!
+//! ```text
+//!  layer file:  [0, capacity)  cluster data (sparse: absent clusters are holes)
+//!               [log_start, …) index records, 24 bytes each, appended
+//!  record:      cluster u64 | data crc32c u32 | flags u32 | reserved u32 | record crc32c u32
+//!  flags:       1 = DATA_CRC (hidden: the crc of the cluster as saved)
+//!               2 = REMOVED  (a failover committed the cluster: it is in no layer any more)
+//! ```
+//!
+//! The index is never ahead of the data:
+//! - a *hidden* record carries the crc of the cluster it describes and is written with it; the
+//!   caller syncs the file before the base write that needs the saved original. On replay a
+//!   record whose data does not match (its data never reached the disk, so neither did the base
+//!   write after it) is ignored: base still holds that original.
+//! - an *active* record (the Secondary VM's writes) is only written at a flush, after the data
+//!   was synced; writes not flushed may be forgotten, as a disk may forget unflushed writes.
+//!
+//! Replay reads every record slot of the log and skips invalid ones (torn, or a hole left by a
+//! concurrent append), so a valid record written after an invalid one is never lost.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Size of one index record.
+pub(super) const RECORD_LEN: usize = 24;
+const FLAG_DATA_CRC: u32 = 1;
+const FLAG_REMOVED: u32 = 2;
+
+/// What a layer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// Originals saved by copy-before-write (never overwritten in an epoch).
+    Hidden,
+    /// The Secondary VM's writes.
+    Active,
+}
+
+/// One index record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Record {
+    /// The layer holds `cluster`; for hidden, its data has checksum `crc`.
+    Holds { cluster: u64, crc: Option<u32> },
+    /// A failover committed `cluster` to base: no layer holds it any more.
+    Removed { cluster: u64 },
+}
+
+impl Record {
+    fn encode(self, out: &mut Vec<u8>) {
+        let (cluster, crc, flags) = match self {
+            Record::Holds { cluster, crc } => (
+                cluster,
+                crc.unwrap_or(0),
+                if crc.is_some() { FLAG_DATA_CRC } else { 0 },
+            ),
+            Record::Removed { cluster } => (cluster, 0, FLAG_REMOVED),
+        };
+        let start = out.len();
+        out.extend_from_slice(&cluster.to_le_bytes());
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        let rc = crc32c::crc32c(&out[start..]);
+        out.extend_from_slice(&rc.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> Option<Record> {
+        let b: &[u8; RECORD_LEN] = b.try_into().ok()?;
+        let le32 = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        if b.iter().all(|&x| x == 0) || crc32c::crc32c(&b[..20]) != le32(20) {
+            return None;
+        }
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&b[..8]);
+        let cluster = u64::from_le_bytes(c);
+        let flags = le32(12);
+        Some(if flags & FLAG_REMOVED != 0 {
+            Record::Removed { cluster }
+        } else {
+            Record::Holds {
+                cluster,
+                crc: (flags & FLAG_DATA_CRC != 0).then(|| le32(8)),
+            }
+        })
+    }
+}
+
+/// One layer: its file and the clusters it holds.
+pub(super) struct Layer {
+    pub(super) file: File,
+    path: PathBuf,
+    pub(super) kind: Kind,
+    /// Indices of the clusters present in this layer.
+    pub(super) clusters: BTreeSet<u64>,
+    /// No write to the data region ever failed and the file was created empty, so the regions
+    /// of absent clusters are still holes (they read back as zeros): storing an all-zero
+    /// cluster needs no data write. Only used for hidden, whose clusters are written once.
+    pristine: bool,
+    /// Where the next record goes.
+    log_end: u64,
+    /// Records built but not yet written to the log.
+    pending: Vec<u8>,
+    /// Active: clusters added since the index was last logged (at a flush).
+    unlogged: Vec<u64>,
+    /// Remove the file when the layer is dropped (set for layers that are no longer needed;
+    /// the current layers outlive the process).
+    pub(super) discard_on_drop: bool,
+}
+
+impl Layer {
+    fn log_start(capacity: u64) -> u64 {
+        capacity.div_ceil(4096) * 4096
+    }
+
+    /// Creates an empty layer file at `path` (which must not exist).
+    pub(super) fn create(path: PathBuf, kind: Kind, capacity: u64) -> io::Result<Layer> {
+        // std opens with O_CLOEXEC.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let log_start = Self::log_start(capacity);
+        // Until it is referenced by the state file, a new layer is removed when dropped.
+        let layer = Layer {
+            file,
+            path,
+            kind,
+            clusters: BTreeSet::new(),
+            pristine: true,
+            log_end: log_start,
+            pending: Vec::new(),
+            unlogged: Vec::new(),
+            discard_on_drop: true,
+        };
+        layer.file.set_len(log_start)?;
+        Ok(layer)
+    }
+
+    /// Opens an existing layer file and replays its index. `removed` collects the clusters
+    /// that the log says a failover committed. Hidden records whose data does not match their
+    /// checksum are ignored (see the module comment).
+    pub(super) fn open(
+        path: PathBuf,
+        kind: Kind,
+        capacity: u64,
+        cluster_size: u64,
+        removed: &mut BTreeSet<u64>,
+    ) -> io::Result<Layer> {
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let log_start = Self::log_start(capacity);
+        let len = file.metadata()?.len();
+        if len < log_start {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("layer file {} is shorter than the disk", path.display()),
+            ));
+        }
+        let mut log = vec![0u8; (len - log_start) as usize];
+        file.read_exact_at(&mut log, log_start)?;
+        let mut clusters = BTreeSet::new();
+        let mut buf = Vec::new();
+        let mut ignored = 0usize;
+        for rec in log.chunks_exact(RECORD_LEN).filter_map(Record::decode) {
+            match rec {
+                Record::Removed { cluster } => {
+                    removed.insert(cluster);
+                    clusters.remove(&cluster);
+                }
+                Record::Holds { cluster, crc } => {
+                    let start = cluster.saturating_mul(cluster_size);
+                    if start >= capacity {
+                        ignored += 1;
+                        continue;
+                    }
+                    if let Some(crc) = crc {
+                        buf.resize(cluster_size.min(capacity - start) as usize, 0);
+                        file.read_exact_at(&mut buf, start)?;
+                        if crc32c::crc32c(&buf) != crc {
+                            ignored += 1;
+                            continue;
+                        }
+                    }
+                    clusters.insert(cluster);
+                }
+            }
+        }
+        if ignored > 0 {
+            log::warn!(
+                "{}: {ignored} index records without their data ignored (never applied)",
+                path.display()
+            );
+        }
+        let log_end = log_start + (log.len() / RECORD_LEN * RECORD_LEN) as u64;
+        Ok(Layer {
+            file,
+            path,
+            kind,
+            clusters,
+            pristine: false,
+            log_end,
+            pending: Vec::new(),
+            unlogged: Vec::new(),
+            discard_on_drop: false,
+        })
+    }
+
+    /// The file's name in its directory.
+    pub(super) fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn has(&self, cluster: u64) -> bool {
+        self.clusters.contains(&cluster)
+    }
+
+    /// Hidden: stores the originals `data` (cluster aligned, starting at cluster `first`) and
+    /// queues their index records. On a pristine layer, all-zero clusters are not written
+    /// (their region of the file is still a hole). The caller then calls [`Layer::sync`]
+    /// before overwriting those clusters in base.
+    pub(super) fn save(&mut self, data: &[u8], first: u64, cluster_size: usize) -> io::Result<()> {
+        let offset = first * cluster_size as u64;
+        let r = if self.pristine {
+            self.store_nonzero(data, offset, cluster_size)
+        } else {
+            self.file.write_all_at(data, offset)
+        };
+        if r.is_err() {
+            self.pristine = false;
+        }
+        r?;
+        for (i, chunk) in data.chunks(cluster_size).enumerate() {
+            let cluster = first + i as u64;
+            Record::Holds {
+                cluster,
+                crc: Some(crc32c::crc32c(chunk)),
+            }
+            .encode(&mut self.pending);
+            self.clusters.insert(cluster);
+        }
+        Ok(())
+    }
+
+    /// Active: records that the layer now holds `cluster` (logged at the next flush).
+    pub(super) fn add(&mut self, cluster: u64) {
+        if self.clusters.insert(cluster) {
+            self.unlogged.push(cluster);
+        }
+    }
+
+    /// Queues a record that a failover committed `cluster` (written at the next flush).
+    pub(super) fn note_removed(&mut self, cluster: u64) {
+        Record::Removed { cluster }.encode(&mut self.pending);
+    }
+
+    /// Whether records wait to be written.
+    pub(super) fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.unlogged.is_empty()
+    }
+
+    /// Writes the queued records to the log and syncs the file (data and records).
+    ///
+    /// For hidden, one sync covers the saved data and its records (their checksums tell a
+    /// replay whether the data made it). For active, the data is synced before the records are
+    /// written, so a record never describes data that is not on the disk.
+    pub(super) fn sync(&mut self) -> io::Result<()> {
+        if self.kind == Kind::Active && !self.unlogged.is_empty() {
+            self.file.sync_data()?;
+            for c in std::mem::take(&mut self.unlogged) {
+                Record::Holds {
+                    cluster: c,
+                    crc: None,
+                }
+                .encode(&mut self.pending);
+            }
+        }
+        if !self.pending.is_empty() {
+            self.file.write_all_at(&self.pending, self.log_end)?;
+            self.log_end += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        self.file.sync_data()
+    }
+
+    fn store_nonzero(&self, data: &[u8], offset: u64, cluster_size: usize) -> io::Result<()> {
+        let mut i = 0;
+        while i < data.len() {
+            let e = (i + cluster_size).min(data.len());
+            if is_zero(&data[i..e]) {
+                i = e;
+                continue;
+            }
+            // Extend the run of non-zero clusters and write it in one go.
+            let mut j = e;
+            while j < data.len() {
+                let e = (j + cluster_size).min(data.len());
+                if is_zero(&data[j..e]) {
+                    break;
+                }
+                j = e;
+            }
+            self.file.write_all_at(&data[i..j], offset + i as u64)?;
+            i = j;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Layer {
+    fn drop(&mut self) {
+        if !self.discard_on_drop {
+            return;
+        }
+        // Unlink now; the blocks are freed when `file` is closed right after.
+        if let Err(e) = fs::remove_file(&self.path) {
+            log::warn!("cannot remove layer file {}: {e}", self.path.display());
+        }
+    }
+}
+
+pub(super) fn is_zero(data: &[u8]) -> bool {
+    data.iter().all(|&b| b == 0)
+}
+
+/// Layer files in `dir` (`hidden-N.img`, `active-N.img`).
+pub(super) fn layer_files(dir: &Path) -> io::Result<Vec<String>> {
+    let mut v: Vec<String> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| (n.starts_with("hidden-") || n.starts_with("active-")) && n.ends_with(".img"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_damage_is_detected() {
+        for r in [
+            Record::Holds {
+                cluster: 7,
+                crc: Some(0xdead_beef),
+            },
+            Record::Holds {
+                cluster: u64::MAX,
+                crc: None,
+            },
+            Record::Removed { cluster: 3 },
+        ] {
+            let mut b = Vec::new();
+            r.encode(&mut b);
+            assert_eq!(b.len(), RECORD_LEN);
+            assert_eq!(Record::decode(&b), Some(r));
+            for i in 0..RECORD_LEN {
+                let mut bad = b.clone();
+                bad[i] ^= 0x10;
+                assert_eq!(Record::decode(&bad), None, "flip at {i}");
+            }
+        }
+        assert_eq!(Record::decode(&[0; RECORD_LEN]), None);
+    }
+
+    #[test]
+    fn replay_keeps_synced_clusters_and_drops_records_without_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cap, cs) = (64 * 4096u64, 4096usize);
+        let path = dir.path().join("hidden-0.img");
+        let mut h = Layer::create(path.clone(), Kind::Hidden, cap).unwrap();
+        h.save(&[1u8; 8192], 2, cs).unwrap();
+        h.save(&[0u8; 4096], 9, cs).unwrap();
+        h.sync().unwrap();
+        // A record whose data never made it to the file (the crash case).
+        h.save(&[5u8; 4096], 20, cs).unwrap();
+        h.sync().unwrap();
+        h.file.write_all_at(&[0u8; 4096], 20 * 4096).unwrap();
+        h.discard_on_drop = false;
+        drop(h);
+        let mut removed = BTreeSet::new();
+        let h = Layer::open(path, Kind::Hidden, cap, cs as u64, &mut removed).unwrap();
+        assert_eq!(h.clusters.iter().copied().collect::<Vec<_>>(), [2, 3, 9]);
+        assert!(removed.is_empty());
+
+        // Active: only what was logged at a flush, minus what a failover removed.
+        let path = dir.path().join("active-0.img");
+        let mut a = Layer::create(path.clone(), Kind::Active, cap).unwrap();
+        a.file.write_all_at(&[7u8; 4096], 0).unwrap();
+        a.add(0);
+        a.add(1);
+        a.sync().unwrap();
+        a.add(5); // never flushed
+        a.note_removed(1);
+        a.file.write_all_at(&a.pending.clone(), a.log_end).unwrap();
+        a.discard_on_drop = false;
+        drop(a);
+        let mut removed = BTreeSet::new();
+        let a = Layer::open(path, Kind::Active, cap, cs as u64, &mut removed).unwrap();
+        assert_eq!(a.clusters.iter().copied().collect::<Vec<_>>(), [0]);
+        assert_eq!(removed.iter().copied().collect::<Vec<_>>(), [1]);
+    }
+}

@@ -1,0 +1,954 @@
+//! Tests of the layered disk: a model-based proptest, unit tests and a concurrency test.
+use super::*;
+use crate::storage::{RawImage, RawImageOptions};
+use proptest::prelude::*;
+use std::fs::OpenOptions;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+const SECTOR: u64 = 512;
+
+/// The primary stream's changes, one per kind.
+impl LayeredDisk {
+    fn primary_write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.apply_primary(&Change::Write { offset, data })
+    }
+    fn primary_write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.apply_primary(&Change::WriteZeroes { offset, len, unmap })
+    }
+    fn primary_discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.apply_primary(&Change::Discard { offset, len })
+    }
+}
+
+/// Deterministic bytes for a write: depend on the seed and the absolute disk offset.
+fn pattern(seed: u32, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x = (offset + i)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(u64::from(seed).wrapping_mul(0x2545_f491_4f6c_dd1d));
+            (x >> 56) as u8 | 1 // never zero, so zero-skipping cannot hide bugs
+        })
+        .collect()
+}
+
+fn raw(dir: &Path, size: u64) -> Arc<RawImage> {
+    Arc::new(
+        RawImage::open(&RawImageOptions {
+            path: dir.join("disk.img"),
+            read_only: false,
+            direct: false,
+            create_size: Some(size),
+        })
+        .unwrap(),
+    )
+}
+
+fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
+    let mut v = vec![0u8; dev.capacity() as usize];
+    dev.read_at(&mut v, 0).unwrap();
+    v
+}
+
+fn read(dev: &dyn BlockDevice, offset: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    dev.read_at(&mut v, offset).unwrap();
+    v
+}
+
+fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a == b {
+        return None; // memcmp: fast even in debug builds
+    }
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+fn layer_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("hidden-") || n.starts_with("active-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Waits for the reaper to remove old layer files.
+fn wait_for_files(dir: &Path, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let files = layer_files(dir);
+        if files == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "layer files {files:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+// ---- model-based test ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    PrimaryWrite {
+        sector: u64,
+        sectors: u64,
+        seed: u32,
+    },
+    PrimaryZeroes {
+        sector: u64,
+        sectors: u64,
+        unmap: bool,
+    },
+    PrimaryDiscard {
+        sector: u64,
+        sectors: u64,
+    },
+    SvmWrite {
+        sector: u64,
+        sectors: u64,
+        seed: u32,
+    },
+    SvmZeroes {
+        sector: u64,
+        sectors: u64,
+        unmap: bool,
+    },
+    SvmDiscard {
+        sector: u64,
+        sectors: u64,
+    },
+    SvmRead {
+        sector: u64,
+        sectors: u64,
+    },
+    Checkpoint,
+    /// Starts the failover and commits only this many clusters: the SVM then runs on a
+    /// half-committed disk until a full `Failover`.
+    FailoverPartial {
+        clusters: u8,
+    },
+    Failover,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    // Offsets and lengths in sectors: unaligned to clusters, sometimes spanning several.
+    let range = (0u64..512, prop_oneof![3 => 0u64..24, 1 => 0u64..200]);
+    prop_oneof![
+        5 => (range.clone(), any::<u32>())
+            .prop_map(|((sector, sectors), seed)| Op::PrimaryWrite { sector, sectors, seed }),
+        1 => (range.clone(), any::<bool>())
+            .prop_map(|((sector, sectors), unmap)| Op::PrimaryZeroes { sector, sectors, unmap }),
+        1 => range.clone().prop_map(|(sector, sectors)| Op::PrimaryDiscard { sector, sectors }),
+        4 => (range.clone(), any::<u32>())
+            .prop_map(|((sector, sectors), seed)| Op::SvmWrite { sector, sectors, seed }),
+        1 => (range.clone(), any::<bool>())
+            .prop_map(|((sector, sectors), unmap)| Op::SvmZeroes { sector, sectors, unmap }),
+        1 => range.clone().prop_map(|(sector, sectors)| Op::SvmDiscard { sector, sectors }),
+        3 => range.prop_map(|(sector, sectors)| Op::SvmRead { sector, sectors }),
+        1 => Just(Op::Checkpoint),
+        1 => (0u8..8).prop_map(|clusters| Op::FailoverPartial { clusters }),
+        1 => Just(Op::Failover),
+    ]
+}
+
+/// Runs `ops` against a LayeredDisk and the reference model:
+/// - `primary`: the primary's disk (base must equal it until failover);
+/// - `checkpoint`: the primary's disk at the last checkpoint;
+/// - `view`: the SVM's view, i.e. `checkpoint` with the SVM's writes since applied
+///   (after failover, base must equal it);
+/// - `hidden`, `active`: the clusters each layer must hold (for `stats()`).
+fn run_model(cluster_size: u64, capacity: u64, ops: &[Op]) -> Result<(), TestCaseError> {
+    #[derive(PartialEq)]
+    enum Mode {
+        Replicating,
+        Committing,
+        Standalone,
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = raw(tmp.path(), capacity);
+    let initial = pattern(0xa5a5, 0, capacity as usize);
+    base.write_at(&initial, 0).unwrap();
+    // Leave a zero hole in the initial disk to exercise hidden's zero-cluster skipping.
+    base.write_zeroes(capacity / 4, capacity / 8, true).unwrap();
+    let mut primary = read_all(&*base);
+    let ld_dir = tmp.path().join("layers");
+    let ld = LayeredDisk::new(base.clone(), &ld_dir, cluster_size).unwrap();
+    let mut checkpoint = primary.clone();
+    let mut view = primary.clone();
+    let mut hidden = BTreeSet::new();
+    let mut active = BTreeSet::new();
+    let mut mode = Mode::Replicating;
+    let mut epoch = 0;
+    let cap_sectors = capacity / SECTOR;
+    let clip = |sector: u64, sectors: u64| {
+        let sector = sector % cap_sectors;
+        let sectors = sectors.min(cap_sectors - sector);
+        ((sector * SECTOR) as usize, (sectors * SECTOR) as usize)
+    };
+    let clusters = |off: usize, len: usize| ld.clusters(off as u64, len as u64);
+    let bytes = |set: &BTreeSet<u64>| -> u64 {
+        set.iter()
+            .map(|&c| cluster_size.min(capacity - c * cluster_size))
+            .sum()
+    };
+
+    for (i, op) in ops.iter().enumerate() {
+        let streaming = mode == Mode::Replicating;
+        // Applies a primary op's outcome to the model.
+        let mut primary_op = |r: io::Result<()>, off: usize, data: Option<&[u8]>, len| {
+            if !streaming {
+                prop_assert!(r.is_err(), "op {i}: stream accepted after failover");
+                return Ok(());
+            }
+            r.unwrap();
+            match data {
+                Some(d) => primary[off..off + len].copy_from_slice(d),
+                None => primary[off..off + len].fill(0),
+            }
+            hidden.extend(clusters(off, len));
+            Ok(())
+        };
+        match *op {
+            Op::PrimaryWrite {
+                sector,
+                sectors,
+                seed,
+            } => {
+                let (off, len) = clip(sector, sectors);
+                let data = pattern(seed, off as u64, len);
+                primary_op(ld.primary_write(off as u64, &data), off, Some(&data), len)?;
+            }
+            Op::PrimaryZeroes {
+                sector,
+                sectors,
+                unmap,
+            } => {
+                let (off, len) = clip(sector, sectors);
+                let r = ld.primary_write_zeroes(off as u64, len as u64, unmap);
+                primary_op(r, off, None, len)?;
+            }
+            Op::PrimaryDiscard { sector, sectors } => {
+                let (off, len) = clip(sector, sectors);
+                primary_op(ld.primary_discard(off as u64, len as u64), off, None, len)?;
+            }
+            Op::SvmWrite { .. } | Op::SvmZeroes { .. } | Op::SvmDiscard { .. } => {
+                let (off, len, data) = match *op {
+                    Op::SvmWrite {
+                        sector,
+                        sectors,
+                        seed,
+                    } => {
+                        let (off, len) = clip(sector, sectors);
+                        let data = pattern(seed ^ 0x5555, off as u64, len);
+                        ld.write_at(&data, off as u64).unwrap();
+                        (off, len, Some(data))
+                    }
+                    Op::SvmZeroes {
+                        sector,
+                        sectors,
+                        unmap,
+                    } => {
+                        let (off, len) = clip(sector, sectors);
+                        ld.write_zeroes(off as u64, len as u64, unmap).unwrap();
+                        (off, len, None)
+                    }
+                    Op::SvmDiscard { sector, sectors } => {
+                        let (off, len) = clip(sector, sectors);
+                        ld.discard(off as u64, len as u64).unwrap();
+                        (off, len, None)
+                    }
+                    _ => unreachable!(),
+                };
+                match data {
+                    Some(d) => view[off..off + len].copy_from_slice(&d),
+                    None => view[off..off + len].fill(0),
+                }
+                match mode {
+                    Mode::Replicating => active.extend(clusters(off, len)),
+                    Mode::Committing => {
+                        for c in clusters(off, len) {
+                            active.remove(&c);
+                            hidden.remove(&c);
+                        }
+                    }
+                    Mode::Standalone => {}
+                }
+            }
+            Op::SvmRead { sector, sectors } => {
+                let (off, len) = clip(sector, sectors);
+                let got = read(&ld, off as u64, len);
+                prop_assert!(
+                    first_diff(&got, &view[off..off + len]).is_none(),
+                    "op {i}: SVM read {off}+{len} differs at +{:?}",
+                    first_diff(&got, &view[off..off + len])
+                );
+            }
+            Op::Checkpoint => {
+                let r = ld.checkpoint();
+                if streaming {
+                    r.unwrap();
+                    epoch += 1;
+                    checkpoint = primary.clone();
+                    view = checkpoint.clone();
+                    hidden.clear();
+                    active.clear();
+                } else {
+                    prop_assert!(r.is_err(), "op {i}: checkpoint accepted after failover");
+                }
+            }
+            Op::FailoverPartial { clusters: n } => {
+                if ld.begin_failover().unwrap() {
+                    mode = Mode::Committing;
+                    ld.commit_batch(n as usize, &mut Vec::new()).unwrap();
+                    for _ in 0..n {
+                        let first = active.union(&hidden).next().copied();
+                        if let Some(c) = first {
+                            active.remove(&c);
+                            hidden.remove(&c);
+                        }
+                    }
+                }
+            }
+            Op::Failover => {
+                ld.failover().unwrap();
+                mode = Mode::Standalone;
+                hidden.clear();
+                active.clear();
+            }
+        }
+
+        // Invariants after every step.
+        let base_now = read_all(&*base);
+        match mode {
+            Mode::Replicating => prop_assert!(
+                first_diff(&base_now, &primary).is_none(),
+                "op {i} ({op:?}): base differs from the primary disk at byte {:?}",
+                first_diff(&base_now, &primary)
+            ),
+            // Half committed: base is a mix; only the view is defined.
+            Mode::Committing => {}
+            Mode::Standalone => prop_assert!(
+                first_diff(&base_now, &view).is_none(),
+                "op {i} ({op:?}): base differs from the SVM view at byte {:?}",
+                first_diff(&base_now, &view)
+            ),
+        }
+        let view_now = read_all(&ld);
+        prop_assert!(
+            first_diff(&view_now, &view).is_none(),
+            "op {i} ({op:?}): SVM view differs at byte {:?}",
+            first_diff(&view_now, &view)
+        );
+        let s = ld.stats();
+        let want = LayerStats {
+            hidden_bytes: bytes(&hidden),
+            active_bytes: bytes(&active),
+            cluster_size,
+            epoch,
+            failed_over: mode != Mode::Replicating,
+        };
+        prop_assert_eq!(s, want, "op {}", i);
+    }
+    let _ = checkpoint;
+    ld.flush().unwrap();
+    drop(ld);
+    // Old layers are gone; the current ones stay for a restart (none once standalone).
+    let want = if mode == Mode::Standalone { 0 } else { 2 };
+    prop_assert_eq!(layer_files(&ld_dir).len(), want, "layer files left behind");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn model(
+        cluster_size in prop_oneof![Just(4096u64), Just(8192u64)],
+        short_tail in any::<bool>(),
+        ops in prop::collection::vec(op_strategy(), 1..60),
+    ) {
+        // 256 KiB, or cut short so that the last cluster is partial.
+        let capacity = if short_tail { (256 << 10) - 1536 } else { 256 << 10 };
+        run_model(cluster_size, capacity, &ops)?;
+    }
+}
+
+// ---- unit tests ----
+
+fn setup(capacity: u64, cluster_size: u64) -> (tempfile::TempDir, Arc<RawImage>, LayeredDisk) {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = raw(tmp.path(), capacity);
+    let ld = LayeredDisk::new(base.clone(), tmp.path().join("layers"), cluster_size).unwrap();
+    (tmp, base, ld)
+}
+
+#[test]
+fn copy_before_write_never_overwrites_hidden() {
+    let (_t, base, ld) = setup(1 << 20, 65536);
+    let original = pattern(1, 0, 1 << 20);
+    base.write_at(&original, 0).unwrap();
+    // Two primary writes to the same cluster: hidden must keep the first original.
+    ld.primary_write(65536 + 512, &pattern(2, 0, 8192)).unwrap();
+    ld.primary_write(65536, &pattern(3, 0, 65536 * 2)).unwrap();
+    ld.primary_write_zeroes(65536 + 4096, 4096, false).unwrap();
+    ld.primary_discard(65536, 512).unwrap();
+    assert_eq!(
+        read(&ld, 0, 1 << 20),
+        original,
+        "SVM view is the checkpoint"
+    );
+    assert_eq!(ld.stats().hidden_bytes, 2 * 65536);
+    ld.failover().unwrap();
+    assert_eq!(read_all(&*base), original, "failover restores the original");
+}
+
+#[test]
+fn checkpoint_then_failover_rolls_back_to_the_checkpoint() {
+    let (_t, base, ld) = setup(1 << 20, 4096);
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    ld.primary_write(10_000, &pattern(2, 10_000, 50_000))
+        .unwrap();
+    ld.checkpoint().unwrap();
+    let at_checkpoint = read_all(&*base);
+    assert_eq!(read_all(&ld), at_checkpoint);
+    ld.primary_write(20_480, &pattern(3, 20_480, 70_000))
+        .unwrap();
+    ld.primary_write(20_992, &pattern(4, 20_992, 1024)).unwrap();
+    assert_eq!(read_all(&ld), at_checkpoint);
+    ld.failover().unwrap();
+    assert_eq!(read_all(&*base), at_checkpoint);
+    assert_eq!(ld.stats().epoch, 1);
+}
+
+#[test]
+fn svm_writes_stay_off_base_until_failover() {
+    let (_t, base, ld) = setup(1 << 20, 65536);
+    let original = pattern(1, 0, 1 << 20);
+    base.write_at(&original, 0).unwrap();
+    // SVM writes a partial cluster; the primary then changes the same cluster.
+    let svm = pattern(7, 0, 1000);
+    ld.write_at(&svm, 70_000).unwrap();
+    ld.primary_write(65536, &pattern(8, 0, 65536)).unwrap();
+    assert_eq!(read_all(&*base)[65536..131072], pattern(8, 0, 65536)[..]);
+    let mut want = original.clone();
+    want[70_000..71_000].copy_from_slice(&svm);
+    assert_eq!(read_all(&ld), want);
+    assert_eq!(ld.stats().active_bytes, 65536);
+    ld.failover().unwrap();
+    assert_eq!(read_all(&*base), want);
+    // Standalone from now on: plain reads and writes on base.
+    ld.write_at(&[9; 512], 0).unwrap();
+    want[..512].fill(9);
+    assert_eq!(read_all(&*base), want);
+    assert_eq!(read_all(&ld), want);
+}
+
+#[test]
+fn hidden_does_not_store_zero_clusters() {
+    let (_t, _base, ld) = setup(16 << 20, 65536);
+    // The base is a fresh sparse image: the originals are all zeros.
+    ld.primary_write(0, &vec![0xee; 8 << 20]).unwrap();
+    let st = ld.read_state();
+    let hidden = &st.stage.layers().unwrap().hidden[0].layer;
+    assert_eq!(hidden.clusters.len(), 128);
+    use std::os::unix::fs::MetadataExt;
+    // Only the index log (128 records of 24 bytes, after the data region) takes space.
+    assert!(hidden.file.metadata().unwrap().blocks() * 512 <= 4096);
+    drop(st);
+    assert_eq!(read(&ld, 0, 8 << 20), vec![0; 8 << 20]);
+}
+
+#[test]
+fn stream_and_checkpoint_refused_after_failover() {
+    let (_t, _base, ld) = setup(1 << 20, 4096);
+    ld.failover().unwrap();
+    ld.failover().unwrap();
+    assert!(ld.is_failed_over());
+    assert!(ld.primary_write(0, &[1; 512]).is_err());
+    assert!(ld.primary_write_zeroes(0, 512, false).is_err());
+    assert!(ld.primary_discard(0, 512).is_err());
+    assert!(ld.checkpoint().is_err());
+    let s = ld.stats();
+    assert!(s.failed_over);
+    assert_eq!((s.hidden_bytes, s.active_bytes), (0, 0));
+}
+
+#[test]
+fn out_of_range_is_an_error() {
+    let (_t, _base, ld) = setup(1 << 20, 4096);
+    let cap = 1u64 << 20;
+    let inval = |r: io::Result<()>| {
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    };
+    for failed_over in [false, true] {
+        if failed_over {
+            ld.failover().unwrap();
+        }
+        let mut buf = [0u8; 512];
+        inval(ld.read_at(&mut buf, cap - 511));
+        inval(ld.read_at(&mut buf, u64::MAX - 10));
+        inval(ld.write_at(&buf, cap));
+        inval(ld.write_at(&buf, u64::MAX));
+        inval(ld.write_zeroes(cap - 512, 1024, true));
+        inval(ld.discard(u64::MAX, 2));
+        if !failed_over {
+            inval(ld.primary_write(cap - 1, &buf));
+            inval(ld.primary_write(u64::MAX - 100, &buf));
+            inval(ld.primary_write_zeroes(0, cap + 1, false));
+            inval(ld.primary_discard(cap, 1));
+            inval(ld.primary_discard(1, u64::MAX));
+        }
+        // Empty requests at the very end are fine.
+        ld.read_at(&mut [], cap).unwrap();
+        ld.write_at(&[], cap).unwrap();
+    }
+}
+
+#[test]
+fn invalid_cluster_sizes_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = raw(tmp.path(), 1 << 20);
+    for cs in [0, 512, 2048, 3 * 4096, 65537, MAX_CLUSTER_SIZE * 2] {
+        let err = LayeredDisk::new(base.clone(), tmp.path().join("l"), cs).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{cs}");
+    }
+    let ld = LayeredDisk::new(base, tmp.path().join("l"), DEFAULT_CLUSTER_SIZE).unwrap();
+    assert_eq!(ld.cluster_size(), DEFAULT_CLUSTER_SIZE);
+}
+
+#[test]
+fn layer_files_are_named_rotated_and_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = raw(tmp.path(), 1 << 20);
+    let dir = tmp.path().join("layers");
+    // A stale file with a colliding name is skipped, never clobbered.
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("active-0.img"), b"not ours").unwrap();
+    let ld = LayeredDisk::new(base, &dir, 4096).unwrap();
+    assert_eq!(
+        layer_files(&dir),
+        ["active-0.img", "active-1.img", "hidden-1.img"]
+    );
+    ld.primary_write(0, &[1; 8192]).unwrap();
+    ld.checkpoint().unwrap();
+    wait_for_files(&dir, &["active-0.img", "active-2.img", "hidden-2.img"]);
+    assert_eq!(
+        fs::metadata(dir.join("hidden-2.img")).unwrap().len(),
+        1 << 20
+    );
+    drop(ld);
+    // The current layers outlive the process (the state file names them); the stale file is
+    // still not ours.
+    assert_eq!(
+        layer_files(&dir),
+        ["active-0.img", "active-2.img", "hidden-2.img"]
+    );
+    assert_eq!(fs::read(dir.join("active-0.img")).unwrap(), b"not ours");
+}
+
+/// Checkpoint correctness with little and much buffered data. (Its cost does not depend on
+/// the amount: see `checkpoint_drop_timing`, which is ignored because it measures.)
+#[test]
+fn checkpoint_drops_small_and_large_buffers() {
+    for buffered in [1u64 << 20, 64 << 20] {
+        let (tmp, base, ld) = setup(buffered + (1 << 20), 65536);
+        let dir = tmp.path().join("layers");
+        let original = vec![0x11u8; buffered as usize];
+        base.write_at(&original, 0).unwrap();
+        ld.primary_write(0, &vec![0x22; buffered as usize]).unwrap();
+        ld.write_at(&[0x33; 1 << 20], 512).unwrap();
+        let s = ld.stats();
+        assert_eq!(s.hidden_bytes, buffered);
+        assert_eq!(s.active_bytes, (1 << 20) + 65536);
+        ld.checkpoint().unwrap();
+        let s = ld.stats();
+        assert_eq!((s.hidden_bytes, s.active_bytes, s.epoch), (0, 0, 1));
+        wait_for_files(&dir, &["active-1.img", "hidden-1.img"]);
+        // The view is now the primary's disk; a failover right away changes nothing.
+        let at_checkpoint = read_all(&*base);
+        assert_eq!(read_all(&ld), at_checkpoint);
+        ld.failover().unwrap();
+        assert_eq!(read_all(&*base), at_checkpoint);
+        wait_for_files(&dir, &[]);
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The primary stream, three SVM queue threads and then a failover, all at once. The SVM
+/// threads own interleaved 1536-byte runs of the first 2 MiB (so they share clusters and
+/// race on read-modify-write) and check that they read back their own writes, never the
+/// primary's. At the end the disk holds the SVM's writes and, elsewhere, the content of
+/// the last checkpoint (the initial disk).
+#[test]
+fn concurrent_stream_svm_and_failover() {
+    const CAP: u64 = 4 << 20;
+    const RUN: u64 = 1536;
+    const THREADS: u64 = 3;
+    const OWNED: u64 = 2 << 20;
+    let (_t, base, ld) = setup(CAP, 4096);
+    let initial = pattern(42, 0, CAP as usize);
+    base.write_at(&initial, 0).unwrap();
+    let ld = Arc::new(ld);
+    let stop = Arc::new(AtomicBool::new(false));
+    let runs = OWNED / RUN;
+
+    let svm: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let ld = ld.clone();
+            let stop = stop.clone();
+            let mut model = initial.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x1234 + t);
+                let mine = |r: u64| r % THREADS == t;
+                let mut ops = 0u64;
+                while !stop.load(Ordering::Relaxed) || ops < 200 {
+                    ops += 1;
+                    let r = rng.below(runs / THREADS) * THREADS + t;
+                    let off = r * RUN;
+                    match rng.below(4) {
+                        0 | 1 => {
+                            let data = pattern(rng.next() as u32, off, RUN as usize);
+                            ld.write_at(&data, off).unwrap();
+                            model[off as usize..(off + RUN) as usize].copy_from_slice(&data);
+                        }
+                        2 => {
+                            ld.write_zeroes(off, RUN, rng.below(2) == 0).unwrap();
+                            model[off as usize..(off + RUN) as usize].fill(0);
+                        }
+                        _ => {
+                            // A read over many runs; only ours are checked.
+                            let first = r.saturating_sub(20);
+                            let last = (r + 20).min(runs - 1);
+                            let got = read(&*ld, first * RUN, ((last - first + 1) * RUN) as usize);
+                            for rr in (first..=last).filter(|&rr| mine(rr)) {
+                                let a = ((rr - first) * RUN) as usize;
+                                let b = (rr * RUN) as usize;
+                                assert_eq!(
+                                    got[a..a + RUN as usize],
+                                    model[b..b + RUN as usize],
+                                    "thread {t} run {rr}"
+                                );
+                            }
+                        }
+                    }
+                }
+                model
+            })
+        })
+        .collect();
+
+    let primary = {
+        let ld = ld.clone();
+        let mut model = initial.clone();
+        std::thread::spawn(move || {
+            let mut rng = Rng(99);
+            for _ in 0..400 {
+                let off = rng.below(CAP / SECTOR) * SECTOR;
+                let len = ((1 + rng.below(128)) * SECTOR).min(CAP - off);
+                if rng.below(5) == 0 {
+                    ld.primary_write_zeroes(off, len, false).unwrap();
+                    model[off as usize..(off + len) as usize].fill(0);
+                } else {
+                    let data = pattern(rng.next() as u32, off, len as usize);
+                    ld.primary_write(off, &data).unwrap();
+                    model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+            }
+            model
+        })
+    };
+    let primary_model = primary.join().unwrap();
+    assert!(first_diff(&read_all(&*base), &primary_model).is_none());
+
+    ld.failover().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let models: Vec<Vec<u8>> = svm.into_iter().map(|h| h.join().unwrap()).collect();
+
+    let disk = read_all(&*base);
+    for (i, &byte) in disk.iter().enumerate() {
+        let pos = i as u64;
+        let want = if pos < OWNED {
+            models[((pos / RUN) % THREADS) as usize][i]
+        } else {
+            initial[i]
+        };
+        assert_eq!(byte, want, "byte {i}");
+    }
+    assert_eq!(ld.stats().hidden_bytes + ld.stats().active_bytes, 0);
+}
+
+/// Measures what a checkpoint costs with 1 MiB and 1 GiB buffered, and how long the
+/// background drop of the old layer (unlink + close of the file) takes.
+/// Run: `cargo test --lib layers::tests::checkpoint_drop_timing -- --ignored --nocapture`
+/// (set COLO_TIMING_DIR to measure on another file system than the temp dir's).
+#[test]
+#[ignore]
+fn checkpoint_drop_timing() {
+    let root = std::env::var_os("COLO_TIMING_DIR").map(PathBuf::from);
+    for size in [1u64 << 20, 1 << 30] {
+        let tmp = match &root {
+            Some(r) => tempfile::tempdir_in(r).unwrap(),
+            None => tempfile::tempdir().unwrap(),
+        };
+        let chunk = vec![0x5au8; 8 << 20];
+
+        // 1. Removing one layer-like file with `size` bytes of data, written back to disk
+        //    or still dirty in the page cache: the unlink, then the close of the last
+        //    descriptor (which frees the blocks).
+        for synced in [true, false] {
+            let path = tmp.path().join("hidden-x.img");
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .unwrap();
+            let mut pos = 0;
+            while pos < size {
+                let n = (size - pos).min(chunk.len() as u64);
+                file.write_all_at(&chunk[..n as usize], pos).unwrap();
+                pos += n;
+            }
+            if synced {
+                file.sync_all().unwrap();
+            }
+            let t = Instant::now();
+            fs::remove_file(&path).unwrap();
+            let unlink = t.elapsed();
+            let t = Instant::now();
+            drop(file);
+            let close = t.elapsed();
+            eprintln!(
+                "{:>5} MiB layer file ({}): unlink {unlink:?}, close {close:?}",
+                size >> 20,
+                if synced { "synced" } else { "dirty" }
+            );
+        }
+
+        // 2. checkpoint() with `size` bytes in hidden: call time, and time until the
+        //    background thread has removed the old files.
+        let base = raw(tmp.path(), size);
+        let ld = LayeredDisk::new(base.clone(), tmp.path().join("layers"), 65536).unwrap();
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(chunk.len() as u64);
+            base.write_at(&chunk[..n as usize], pos).unwrap();
+            pos += n;
+        }
+        let other = vec![0xa5u8; 8 << 20];
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(other.len() as u64);
+            ld.primary_write(pos, &other[..n as usize]).unwrap();
+            pos += n;
+        }
+        ld.flush().unwrap();
+        assert_eq!(ld.stats().hidden_bytes, size);
+        let t = Instant::now();
+        ld.checkpoint().unwrap();
+        let call = t.elapsed();
+        let dir = tmp.path().join("layers");
+        while layer_files(&dir) != ["active-1.img", "hidden-1.img"] {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let reaped = t.elapsed();
+        eprintln!(
+            "{:>5} MiB buffered: checkpoint() returned in {call:?}, \
+             old layers gone after {reaped:?}",
+            size >> 20
+        );
+    }
+}
+
+// ---- restart and COLO cuts ----
+
+/// Opens the layer directory again as a restarted secondary does; the old process "died":
+/// its disk is leaked, no destructor runs (as after SIGKILL).
+fn restart(base: &Arc<RawImage>, dir: &Path, cs: u64, old: LayeredDisk) -> LayeredDisk {
+    std::mem::forget(old);
+    LayeredDisk::new(base.clone(), dir, cs).unwrap()
+}
+
+#[test]
+fn a_restart_mid_epoch_keeps_the_rollback_and_the_flushed_svm_writes() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    let dir = tmp.path().join("layers");
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    ld.primary_write(0, &pattern(2, 0, 64 << 10)).unwrap();
+    ld.checkpoint().unwrap();
+    let at_checkpoint = read_all(&*base);
+    ld.primary_write(8192, &pattern(3, 8192, 200_000)).unwrap();
+    let svm = pattern(4, 0, 10_000);
+    ld.write_at(&svm, 300_000).unwrap();
+    ld.flush().unwrap();
+    // Not flushed: may be forgotten by the restart.
+    ld.write_at(&pattern(5, 0, 4096), 600 << 10).unwrap();
+    let ld = restart(&base, &dir, 4096, ld);
+    assert_eq!(ld.stats().epoch, 1);
+    let mut want = at_checkpoint.clone();
+    want[300_000..310_000].copy_from_slice(&svm);
+    let view = read_all(&ld);
+    let unflushed = (600 << 10)..(604 << 10);
+    let mut masked = view.clone();
+    masked[unflushed.clone()].copy_from_slice(&want[unflushed.clone()]);
+    assert!(first_diff(&masked, &want).is_none(), "view after restart");
+    // The stream goes on after the restart: copy-before-write still keeps the checkpoint.
+    ld.primary_write(0, &pattern(6, 0, 1 << 20)).unwrap();
+    ld.failover().unwrap();
+    let mut disk = read_all(&*base);
+    disk[unflushed.clone()].copy_from_slice(&want[unflushed]);
+    assert!(first_diff(&disk, &want).is_none(), "failover after restart");
+}
+
+#[test]
+fn an_interrupted_failover_resumes_after_a_restart() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    let dir = tmp.path().join("layers");
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    let at_checkpoint = read_all(&*base);
+    ld.primary_write(0, &pattern(2, 0, 512 << 10)).unwrap();
+    let svm = pattern(3, 0, 8192);
+    ld.write_at(&svm, 100_000).unwrap();
+    ld.flush().unwrap();
+    let mut want = at_checkpoint.clone();
+    want[100_000..108_192].copy_from_slice(&svm);
+    assert!(ld.begin_failover().unwrap());
+    ld.commit_batch(10, &mut Vec::new()).unwrap();
+    // The SVM writes through a half-committed disk, flushes, and the process dies.
+    let late = pattern(4, 0, 4096);
+    ld.write_at(&late, 200 << 10).unwrap();
+    ld.flush().unwrap();
+    want[200 << 10..204 << 10].copy_from_slice(&late);
+    let ld = restart(&base, &dir, 4096, ld);
+    assert!(ld.failover_pending());
+    assert!(ld.apply_primary(&Change::Flush).is_err(), "stream refused");
+    assert!(
+        first_diff(&read_all(&ld), &want).is_none(),
+        "view mid-failover"
+    );
+    ld.failover().unwrap();
+    assert!(!ld.failover_pending());
+    assert!(first_diff(&read_all(&*base), &want).is_none());
+    let ld = restart(&base, &dir, 4096, ld);
+    assert!(ld.is_failed_over() && !ld.failover_pending());
+    assert!(layer_files(&dir).is_empty());
+}
+
+fn mark(epoch: u64) -> Mark {
+    Mark {
+        epoch,
+        bases: vec![Some(epoch as u16)],
+    }
+}
+
+/// A COLO checkpoint: the SVM is stopped, the primary's marker starts a tentative cut, the
+/// stream goes on, and the SVM restarts with the primary's state: the view is the disk at the
+/// marker. Across a restart too.
+#[test]
+fn a_committed_cut_is_the_disk_at_the_marker() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    let dir = tmp.path().join("layers");
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    ld.primary_write(0, &pattern(2, 0, 100_000)).unwrap();
+    ld.write_at(&pattern(3, 0, 5000), 500_000).unwrap();
+    ld.mark(mark(1)).unwrap();
+    let at_marker = read_all(&*base);
+    ld.primary_write(50_000, &pattern(4, 0, 100_000)).unwrap();
+    let ld = restart(&base, &dir, 4096, ld);
+    assert_eq!(ld.marks(), [mark(1)]);
+    ld.commit_mark(1).unwrap();
+    assert_eq!(ld.stats().epoch, 1);
+    assert_eq!(ld.stats().active_bytes, 0);
+    assert!(ld.marks().is_empty());
+    assert!(
+        first_diff(&read_all(&ld), &at_marker).is_none(),
+        "view is the cut"
+    );
+    ld.failover().unwrap();
+    assert!(first_diff(&read_all(&*base), &at_marker).is_none());
+    assert!(ld.commit_mark(1).is_err());
+}
+
+/// An abandoned checkpoint (the primary died before the SVM got its state): the tentative cuts
+/// change nothing; failover gives the last checkpoint plus the SVM's writes.
+#[test]
+fn abandoned_cuts_keep_the_last_checkpoint() {
+    let (_tmp, base, ld) = setup(1 << 20, 4096);
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    let at_checkpoint = read_all(&*base);
+    ld.primary_write(0, &pattern(2, 0, 100_000)).unwrap();
+    let svm = pattern(3, 0, 5000);
+    ld.write_at(&svm, 500_000).unwrap();
+    ld.mark(mark(1)).unwrap();
+    ld.primary_write(50_000, &pattern(4, 0, 100_000)).unwrap();
+    ld.mark(mark(2)).unwrap();
+    ld.primary_write(0, &pattern(5, 0, 300_000)).unwrap();
+    assert_eq!(ld.marks(), [mark(1), mark(2)]);
+    let mut want = at_checkpoint.clone();
+    want[500_000..505_000].copy_from_slice(&svm);
+    assert!(
+        first_diff(&read_all(&ld), &want).is_none(),
+        "view unchanged"
+    );
+    assert!(ld.commit_mark(7).is_err(), "no such cut");
+    ld.failover().unwrap();
+    assert!(first_diff(&read_all(&*base), &want).is_none());
+}
+
+#[test]
+fn a_layer_directory_of_another_geometry_is_refused() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    drop(ld);
+    let e = LayeredDisk::new(base, tmp.path().join("layers"), 8192).unwrap_err();
+    assert!(e.to_string().contains("--cluster-size"), "{e}");
+}
+
+/// A marker with no stream change after it costs no layer; cutting there is a plain checkpoint
+/// at that epoch, and later markers stay tentative.
+#[test]
+fn cuts_at_idle_markers_and_later_marks_stay_tentative() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    let dir = tmp.path().join("layers");
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    ld.primary_write(0, &pattern(2, 0, 100_000)).unwrap();
+    ld.write_at(&pattern(3, 0, 5000), 500_000).unwrap();
+    ld.mark(mark(4)).unwrap();
+    ld.mark(mark(5)).unwrap();
+    let files = layer_files(&dir);
+    assert_eq!(files.len(), 2, "idle markers create no layer: {files:?}");
+    assert_eq!(ld.marks(), [mark(4), mark(5)]);
+    let at_markers = read_all(&*base);
+    ld.commit_mark(4).unwrap();
+    assert_eq!(ld.marks(), [mark(5)]);
+    assert_eq!(ld.stats().epoch, 4);
+    assert!(first_diff(&read_all(&ld), &at_markers).is_none());
+    // A pending marker is forgotten by a crash; the rollback data is not.
+    ld.primary_write(8192, &pattern(6, 0, 8192)).unwrap();
+    ld.mark(mark(6)).unwrap();
+    let ld = restart(&base, &dir, 4096, ld);
+    assert!(ld.marks().iter().all(|m| m.epoch != 6), "{:?}", ld.marks());
+    ld.failover().unwrap();
+    assert!(first_diff(&read_all(&*base), &at_markers).is_none());
+}
