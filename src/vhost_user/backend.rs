@@ -394,6 +394,11 @@ impl BlkBackend {
     /// on so that the worker's epoll loop wakes up for them.
     fn uring_complete_and_arm(&self, queue: usize, st: &mut UringState) {
         loop {
+            // Entries left queued by a submission the kernel refused (-EBUSY: completion ring
+            // and overflow list full) go in now that there is room (no system call otherwise).
+            if let Err(e) = st.queue.ring.submit(0) {
+                warn!("io_uring submission failed: {e}");
+            }
             self.uring_reap(queue, st);
             if let Some(vring) = st.vring.as_ref() {
                 self.complete_batch(queue, vring, &mut st.done);
