@@ -679,6 +679,7 @@ impl VhostUserBackend for BlkBackend {
 /// Counts a reaped request and queues it for the used ring.
 fn uring_finished(stats: Option<&QueueStats>, done: &mut Vec<(u16, u32)>, f: Finished) {
     if let Some(st) = stats {
+        st.record_latency(f.started);
         st.count(f.completion.status == VIRTIO_BLK_S_OK as u8, f.data);
     }
     done.push((f.head, f.completion.used_len));

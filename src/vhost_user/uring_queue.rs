@@ -51,6 +51,8 @@ struct Slot {
     iov: Vec<libc::iovec>,
     /// Keeps the memory the iovecs point into mapped until the completion.
     mem: Option<GuestMemoryLoadGuard<GuestMem>>,
+    /// When the request was submitted (for the latency histogram).
+    started: Option<std::time::Instant>,
 }
 
 /// What one completed request did.
@@ -59,6 +61,8 @@ pub(crate) struct Finished {
     pub completion: Completion,
     /// Bytes of disk data moved: `(read, written)`, as [`Request::data_bytes`].
     pub data: (u64, u64),
+    /// When it was submitted.
+    pub started: std::time::Instant,
 }
 
 /// The ring and the in-flight requests of one queue.
@@ -155,6 +159,7 @@ impl UringQueue {
         slot.op = Some(op);
         slot.req = Some(req);
         slot.mem = Some(mem.clone());
+        slot.started = Some(std::time::Instant::now());
         self.inflight += 1;
         Ok(())
     }
@@ -188,6 +193,7 @@ impl UringQueue {
                 head: slot.head,
                 completion,
                 data: req.data_bytes(),
+                started: slot.started.take().unwrap_or_else(std::time::Instant::now),
             });
             free.push(idx as u32);
             *inflight -= 1;
