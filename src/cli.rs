@@ -73,6 +73,27 @@ pub enum RoleArg {
     Secondary,
 }
 
+/// How a queue runs its requests (`--io-engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IoEngineArg {
+    /// io_uring when the kernel allows it and the device is a plain raw image, else threads
+    Auto,
+    /// io_uring per queue (start fails when the kernel refuses it)
+    Uring,
+    /// synchronous requests plus the --io-threads pool
+    Threads,
+}
+
+impl From<IoEngineArg> for crate::storage::uring::IoEngine {
+    fn from(a: IoEngineArg) -> Self {
+        match a {
+            IoEngineArg::Auto => Self::Auto,
+            IoEngineArg::Uring => Self::Uring,
+            IoEngineArg::Threads => Self::Threads,
+        }
+    }
+}
+
 /// Log verbosity.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogLevel {
@@ -269,6 +290,12 @@ pub struct Cli {
     /// runs its requests one at a time)
     #[arg(long, value_name = "N", default_value = "64")]
     pub io_threads: usize,
+
+    /// How queues run reads, writes and flushes of a standalone raw image: auto (io_uring when
+    /// the kernel allows it, else the thread pool), uring, or threads. The replication roles
+    /// always use threads.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub io_engine: IoEngineArg,
 
     /// Logical block size reported to the guest
     #[arg(long, value_name = "BYTES", default_value = "512", value_parser = parse_block_size)]

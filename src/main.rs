@@ -199,18 +199,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 
     // vhost-user server (for the secondary: only when a Secondary VM attaches).
     let mut server = match cli.socket.as_ref() {
-        Some(socket) => Some(Server::new(
-            socket,
-            disk.clone(),
-            DeviceOptions {
-                num_queues: cli.num_queues,
-                queue_size: cli.queue_size,
-                serial: cli.serial.clone(),
-                read_only: cli.read_only,
-                logical_block_size: cli.logical_block_size,
-            },
-            cli.io_threads,
-        )?),
+        Some(socket) => Some(
+            Server::new(
+                socket,
+                disk.clone(),
+                DeviceOptions {
+                    num_queues: cli.num_queues,
+                    queue_size: cli.queue_size,
+                    serial: cli.serial.clone(),
+                    read_only: cli.read_only,
+                    logical_block_size: cli.logical_block_size,
+                },
+                cli.io_threads,
+            )?
+            .with_io_engine(cli.io_engine.into())?,
+        ),
         None => None,
     };
 
