@@ -816,6 +816,12 @@ fn link_down_longer_than_the_peer_timeout_then_incremental_resync() {
     random_batch(&mut c, 2, 32);
     let lost = p.pq.wait_event("REPLICATION_PEER_LOST");
     eprintln!("primary: {lost}");
+    // The primary noticed the silence itself (the secondary reported nothing).
+    let reason = lost["data"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("no heartbeat") && !reason.contains("peer reported"),
+        "{lost}"
+    );
     // Unprotected, still serving.
     for seed in 3..8 {
         random_batch(&mut c, seed, 32);
