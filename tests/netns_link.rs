@@ -959,8 +959,7 @@ fn short_partition_during_checkpoint_keeps_the_secondary_whole() {
     }
     let st = p.sstatus();
     eprintln!(
-        "after a {} checkpoint and a short partition: primary epoch {}, secondary {st}",
-        "failed",
+        "after a failed checkpoint and a short partition: primary epoch {}, secondary {st}",
         p.pstatus()["epoch"]
     );
     let whole = st["epoch"] == 1 && st["hidden-bytes"] == hidden;
