@@ -1081,8 +1081,8 @@ fn slow_link_bounds_the_window_and_the_primarys_memory() {
         "the window never filled ({max_in_flight}): the link was not the bottleneck"
     );
     // What the primary may hold beyond the baseline: the window's frames (4 MiB), the writer's
-    // batch buffer and BufWriter (1 MiB each, plus one frame encoded into them: 2 x 1 MiB), and
-    // allocator slack (8 MiB). Buffering the stream instead would grow by up to 28 MiB here.
+    // buffers (at most 4 MiB, generous: since main's vectored writer it copies only headers),
+    // and allocator slack (8 MiB). Buffering the stream instead would grow by up to 28 MiB here.
     let bound_kib = (WINDOW + 4 * MIB + 8 * MIB) / 1024;
     assert!(
         grown <= bound_kib,
