@@ -73,6 +73,27 @@ pub enum RoleArg {
     Secondary,
 }
 
+/// How a queue runs its requests (`--io-engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IoEngineArg {
+    /// io_uring when the kernel allows it and the device is a plain raw image, else threads
+    Auto,
+    /// io_uring per queue (start fails when the kernel refuses it)
+    Uring,
+    /// synchronous requests plus the --io-threads pool
+    Threads,
+}
+
+impl From<IoEngineArg> for crate::storage::uring::IoEngine {
+    fn from(a: IoEngineArg) -> Self {
+        match a {
+            IoEngineArg::Auto => Self::Auto,
+            IoEngineArg::Uring => Self::Uring,
+            IoEngineArg::Threads => Self::Threads,
+        }
+    }
+}
+
 /// Log verbosity.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogLevel {
@@ -101,12 +122,26 @@ impl LogLevel {
 ///
 ///   colo-blk --socket /tmp/vhost.sock --image disk.img --size 1G
 ///
+/// Shows running processes (one or more --qmp sockets):
+///
+///   colo-blk status [--json] [--watch[=SECS]] /run/colo/p.qmp /run/colo/s.qmp
+///
 ///   qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on
 ///   -machine memory-backend=mem -chardev socket,id=vub,path=/tmp/vhost.sock
 ///   -device vhost-user-blk-pci,chardev=vub,num-queues=1 ...
 #[derive(Debug, Parser)]
-#[command(name = "colo-blk", version, verbatim_doc_comment)]
+#[command(
+    name = "colo-blk",
+    version,
+    verbatim_doc_comment,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    /// Without a command, the process serves the disk (the options below).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// What this process is: a plain backend, the primary or the secondary of a COLO pair
     #[arg(long, value_enum, default_value = "standalone")]
     pub role: RoleArg,
@@ -198,9 +233,9 @@ pub struct Cli {
     )]
     pub peer_timeout_ms: u64,
 
-    /// Raw disk image (regular file or block device)
-    #[arg(long, short = 'i', value_name = "PATH")]
-    pub image: PathBuf,
+    /// Raw disk image (regular file or block device). Required to serve
+    #[arg(long, short = 'i', value_name = "PATH", required = true)]
+    pub image: Option<PathBuf>,
 
     /// Create the image with this size when it does not exist (e.g. 1G, 512M)
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -231,22 +266,49 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value = "64")]
     pub io_threads: usize,
 
+    /// How queues run reads, writes and flushes of a standalone raw image: auto (io_uring when
+    /// the kernel allows it, else the thread pool), uring, or threads. The replication roles
+    /// always use threads.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub io_engine: IoEngineArg,
+
     /// Logical block size reported to the guest
     #[arg(long, value_name = "BYTES", default_value = "512", value_parser = parse_block_size)]
     pub logical_block_size: u32,
+
+    /// Serve Prometheus metrics over HTTP on this address (GET /metrics), e.g.
+    /// 127.0.0.1:9750 (port 0: any free port, shown in the ready line)
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
 
     /// Log level (RUST_LOG overrides it)
     #[arg(long, value_enum, default_value = "info")]
     pub log_level: LogLevel,
 }
 
+/// The commands beside serving a disk.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Show one or more running colo-blk processes (role, link, sync, checkpoints, layers)
+    /// from their QMP sockets, like `drbdadm status`
+    Status(crate::status::StatusArgs),
+}
+
 impl Cli {
+    /// The image to serve (`--image`; clap requires it unless a command is given).
+    pub fn image(&self) -> &std::path::Path {
+        self.image.as_deref().unwrap_or(std::path::Path::new(""))
+    }
+
     /// Checks the combinations clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        if self.image.is_none() {
+            return Err("--image is required".into());
+        }
         if self.serial.len() > 20 {
             return Err("--serial: at most 20 bytes".into());
         }
-        if self.read_only && self.size.is_some() && !self.image.exists() {
+        if self.read_only && self.size.is_some() && !self.image().exists() {
             return Err("--size creates the image, which --read-only forbids".into());
         }
         match self.role {
@@ -359,5 +421,31 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn status_is_a_command_and_serving_still_needs_an_image() {
+        let c = Cli::try_parse_from(["colo-blk", "status", "--json", "/a.qmp", "/b.qmp"]).unwrap();
+        match c.command {
+            Some(Command::Status(a)) => {
+                assert!(a.json);
+                assert_eq!(a.sockets.len(), 2);
+            }
+            None => panic!("no command"),
+        }
+        let c = Cli::try_parse_from(["colo-blk", "status", "--watch=0.5", "/a.qmp"]).unwrap();
+        let Some(Command::Status(a)) = c.command else {
+            panic!("no command")
+        };
+        assert_eq!(a.watch.as_deref(), Some("0.5"));
+        // The flat serving invocation is unchanged.
+        let c = Cli::try_parse_from(["colo-blk", "--socket", "/s", "--image", "/i"]).unwrap();
+        assert!(c.command.is_none());
+        assert_eq!(c.image(), std::path::Path::new("/i"));
+        c.validate().unwrap();
+        let e = Cli::try_parse_from(["colo-blk", "--socket", "/s"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        // Serving options do not mix with a command.
+        assert!(Cli::try_parse_from(["colo-blk", "--image", "/i", "status", "/a"]).is_err());
     }
 }

@@ -10,7 +10,7 @@ use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use colo_blk::cli::{Cli, RoleArg};
+use colo_blk::cli::{Cli, Command, RoleArg};
 use colo_blk::control::{Controller, Role};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
@@ -22,6 +22,13 @@ use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Status(args)) = &cli.command {
+        env_logger::Builder::new()
+            .filter_level(log::LevelFilter::Warn)
+            .parse_default_env()
+            .init();
+        return ExitCode::from(colo_blk::status::run(args));
+    }
     env_logger::Builder::new()
         .filter_level(cli.log_level.filter())
         .parse_default_env()
@@ -50,7 +57,7 @@ fn stop_server(control: &ServerControl, socket: &std::path::Path) {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let image = RawImage::open(&RawImageOptions {
-        path: cli.image.clone(),
+        path: cli.image().to_path_buf(),
         read_only: cli.read_only,
         direct: cli.direct,
         create_size: cli.size,
@@ -58,7 +65,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     info!(
         "{:?} role: {} ({} bytes{}{})",
         cli.role,
-        cli.image.display(),
+        cli.image().display(),
         image.capacity(),
         if cli.read_only { ", read-only" } else { "" },
         if cli.direct { ", O_DIRECT" } else { "" }
@@ -150,18 +157,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 
     // vhost-user server (for the secondary: only when a Secondary VM attaches).
     let mut server = match cli.socket.as_ref() {
-        Some(socket) => Some(Server::new(
-            socket,
-            disk.clone(),
-            DeviceOptions {
-                num_queues: cli.num_queues,
-                queue_size: cli.queue_size,
-                serial: cli.serial.clone(),
-                read_only: cli.read_only,
-                logical_block_size: cli.logical_block_size,
-            },
-            cli.io_threads,
-        )?),
+        Some(socket) => Some(
+            Server::new(
+                socket,
+                disk.clone(),
+                DeviceOptions {
+                    num_queues: cli.num_queues,
+                    queue_size: cli.queue_size,
+                    serial: cli.serial.clone(),
+                    read_only: cli.read_only,
+                    logical_block_size: cli.logical_block_size,
+                },
+                cli.io_threads,
+            )?
+            .with_io_engine(cli.io_engine.into())?,
+        ),
         None => None,
     };
 
@@ -188,6 +198,18 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             })?;
     }
 
+    let metrics = match cli.metrics.as_deref() {
+        Some(addr) => Some(start_metrics(
+            &runtime,
+            addr,
+            colo_blk::metrics::MetricsSource {
+                role: role.clone(),
+                stats: server.as_ref().map(Server::stats_handle),
+            },
+        )?),
+        None => None,
+    };
+
     if let Some(qmp_path) = cli.qmp.clone() {
         start_qmp(
             &runtime,
@@ -207,7 +229,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Role::Standalone => {}
         }
     }
-    print_ready(&cli, listen);
+    print_ready(&cli, listen, metrics);
+    // systemd (Type=notify): the sockets are up. The vhost-user socket was bound by
+    // Server::new, so a front-end may connect from now on.
+    colo_blk::notify::notify_logged("READY=1\nSTATUS=serving");
 
     let server_thread = match server {
         Some(server) => {
@@ -229,6 +254,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 
     // Wait for a stop request (or the server failing on its own).
     let _ = stop_rx.recv();
+    colo_blk::notify::notify_logged("STOPPING=1");
     if let Some((handle, control, socket)) = server_thread {
         stop_server(&control, &socket);
         match handle.join() {
@@ -244,6 +270,22 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     runtime.shutdown_timeout(Duration::from_secs(1));
     info!("stopped");
     Ok(())
+}
+
+/// Binds the Prometheus endpoint (`--metrics`) and serves it on the runtime; returns the bound
+/// address.
+fn start_metrics(
+    runtime: &tokio::runtime::Runtime,
+    addr: &str,
+    source: colo_blk::metrics::MetricsSource,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .map_err(|e| format!("cannot listen on --metrics {addr}: {e}"))?;
+    let bound = listener.local_addr()?.to_string();
+    info!("metrics on http://{bound}/metrics");
+    runtime.spawn(colo_blk::metrics::serve(listener, Arc::new(source)));
+    Ok(bound)
 }
 
 /// Starts the QMP control socket; a client's `quit` stops the process like SIGTERM.
@@ -282,9 +324,9 @@ fn start_qmp(
 
 /// The one line on stdout, printed once every socket is bound (vhost-user, QMP, replication
 /// listener), so that scripts and tests wait for it instead of scraping the log:
-/// `{"ready":{"role":"secondary","socket":"/run/s.sock","qmp":"/run/s.qmp","listen":"127.0.0.1:7790"}}`
-/// (absent members are `null`).
-fn print_ready(cli: &Cli, listen: Option<String>) {
+/// `{"ready":{"role":"secondary","socket":"/run/s.sock","qmp":"/run/s.qmp","listen":"127.0.0.1:7790","metrics":null}}`
+/// (absent members are `null`; `metrics` is the bound `--metrics` address).
+fn print_ready(cli: &Cli, listen: Option<String>, metrics: Option<String>) {
     use std::io::Write;
     let role = match cli.role {
         RoleArg::Standalone => "standalone",
@@ -296,6 +338,7 @@ fn print_ready(cli: &Cli, listen: Option<String>) {
         "socket": cli.socket.as_ref().map(|p| p.display().to_string()),
         "qmp": cli.qmp.as_ref().map(|p| p.display().to_string()),
         "listen": listen,
+        "metrics": metrics,
     }});
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
