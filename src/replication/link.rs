@@ -43,7 +43,7 @@ pub async fn read_within<R: AsyncRead + Unpin>(
 ) -> Result<Frame, ProtocolError> {
     match tokio::time::timeout(timeout, read_frame(r)).await {
         Ok(f) => f,
-        Err(_) => Err(ProtocolError::Peer(format!("no heartbeat for {timeout:?}"))),
+        Err(_) => Err(ProtocolError::PeerTimeout(timeout)),
     }
 }
 
@@ -304,6 +304,9 @@ mod tests {
         let e = read_within(&mut ard, Duration::from_millis(10))
             .await
             .unwrap_err();
+        assert!(matches!(e, ProtocolError::PeerTimeout(_)), "{e}");
+        // Detected locally: the reason must not claim that the peer reported it.
+        assert!(!e.to_string().contains("peer reported"), "{e}");
         assert!(e.to_string().contains("no heartbeat"), "{e}");
     }
 

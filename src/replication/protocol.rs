@@ -56,6 +56,9 @@ pub enum ProtocolError {
     },
     #[error("peer reported an error: {0}")]
     Peer(String),
+    /// Nothing (not even a heartbeat) came from the peer in time: detected here, not reported.
+    #[error("no heartbeat from the peer for {0:?}")]
+    PeerTimeout(std::time::Duration),
     #[error("handshake refused: {0}")]
     Refused(String),
     #[error("unexpected {got} frame (expected {expected})")]

@@ -32,9 +32,24 @@ impl Backend {
 
     /// [`Backend::start_with`] with extra environment variables (e.g. `COLO_BLK_FAULT`).
     pub fn start_with_env(args: &[&str], socket: &Path, env: &[(&str, &str)]) -> Backend {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
-            .args(args)
-            .envs(env.iter().copied())
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_colo-blk"));
+        cmd.args(args).envs(env.iter().copied());
+        Backend::spawn(cmd, socket)
+    }
+
+    /// [`Backend::start_with`] inside the network namespace `netns` (`ip netns exec`, which
+    /// execs colo-blk: the child's pid is colo-blk's).
+    pub fn start_in_netns(netns: &str, args: &[&str], socket: &Path) -> Backend {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_colo-blk")])
+            .args(args);
+        Backend::spawn(cmd, socket)
+    }
+
+    /// Spawns `cmd` (colo-blk, possibly behind a wrapper that execs it) and waits for its
+    /// ready line.
+    fn spawn(mut cmd: Command, socket: &Path) -> Backend {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::piped())
