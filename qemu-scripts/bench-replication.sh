@@ -95,11 +95,11 @@ run_primary() {
     fallocate -l $SIZE "$WORKDIR/p.img"
     fallocate -l $SIZE "$WORKDIR/s.img"
     local spid ppid
-    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --image "$WORKDIR/s.img" \
+    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --insecure-link --image "$WORKDIR/s.img" \
         --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp")
     local port
     port=$(grep -o '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --image "$WORKDIR/p.img" \
+    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --insecure-link --image "$WORKDIR/p.img" \
         --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp")
     "$BENCH" --socket "$WORKDIR/p.sock" --workload $WORKLOADS --seconds "$SECONDS_PER" --json --label primary >>"$RESULTS"
     qmp "$WORKDIR/p.qmp" replication-checkpoint '{"timeout-ms": 600000}' >/dev/null
@@ -143,10 +143,10 @@ checkpoint_and_failover() { # BUFFERED_MIB SVM_MIB
     fallocate -l $SIZE "$WORKDIR/p.img"
     fallocate -l $SIZE "$WORKDIR/s.img"
     local spid ppid port
-    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --image "$WORKDIR/s.img" \
+    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --insecure-link --image "$WORKDIR/s.img" \
         --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp" --socket "$WORKDIR/svm.sock")
     port=$(grep -o '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --image "$WORKDIR/p.img" \
+    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --insecure-link --image "$WORKDIR/p.img" \
         --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp")
     # Fill the hidden layer: sequential 1 MiB primary writes over the first BUFFERED_MIB of the
     # disk, long enough to cover it (query-replication below reports what is buffered).

@@ -2,40 +2,48 @@
 # Compares colo-blk with qemu-storage-daemon (qsd) serving the same raw image over vhost-user-blk,
 # driven by the same load generator (benches/blkbench.rs). See docs/performance.md.
 #
-# For every cache mode asked for, the two backends run one after the other on the same image,
-# with the same O_DIRECT setting and the same number of queues, REPS times each, in ABBA order
-# (qsd colo colo qsd qsd colo ...) so that slow drift of the machine hits both alike. The table
-# shows per-backend medians over the repetitions and the colo-blk/qsd ratios.
+# qsd runs in each of its AIO configurations in the same run: aio=threads, aio=io_uring and (with
+# cache.direct=on only: qsd refuses it on the page cache) aio=native. For every cache mode and
+# queue count asked for, all backends run one after the other on the same image, with the same
+# O_DIRECT setting and number of queues, REPS times each, in ABBA order (the backend order is
+# reversed on every other repetition) so that slow drift of the machine hits them alike. The
+# table gives per-backend medians over the repetitions and colo-blk / best qsd per row (the best
+# qsd configuration of that row, by median IOPS).
 set -euo pipefail
 
 usage() {
-    cat <<'EOF'
+    cat <<'USAGE'
 usage: qemu-scripts/bench.sh [options]
   --direct off|on|both   cache.direct / --direct setting(s) to measure (default: both)
-  --queues N             virtqueues (qsd num-queues=, colo-blk --num-queues, blkbench --queues) (1)
-  --reps N               runs per backend and cache mode (default: 3)
-  --seconds S            measured seconds per workload (default: 5)
+  --queues LIST          comma-separated queue counts (qsd num-queues=, colo-blk --num-queues,
+                         blkbench --queues) (default: 1,2)
+  --reps N               runs per backend, cache mode and queue count (default: 3)
+  --seconds S            measured seconds per workload (default: 3)
   --warmup S             warm-up seconds per workload (default: 1)
-  --size SIZE            image size (default: 2G); the whole image is the working set
+  --size SIZE            image size (default: 1G); the whole image is the working set
   --workloads LIST       comma-separated blkbench workloads (default: all)
+  --qsd-aio LIST         qsd aio= settings (default: threads,io_uring,native)
+  --io-engine E          colo-blk --io-engine (default: auto)
   --dir DIR              where the image and sockets go (default: a new dir under /var/tmp);
                          must be a real disk-backed filesystem, not tmpfs
   --out DIR              results directory (default: target/bench-results/<date>)
   --no-build             use the existing release binaries
   --keep                 keep the image
 Environment: QSD (default qemu-storage-daemon), CARGO (default cargo).
-EOF
+USAGE
 }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 QSD=${QSD:-qemu-storage-daemon}
 CARGO=${CARGO:-cargo}
 MODES=(off on)
-QUEUES=1
+QUEUE_LIST=1,2
 REPS=3
-MEASURE=5
+MEASURE=3
 WARMUP=1
-SIZE=2G
+SIZE=1G
+QSD_AIO=threads,io_uring,native
+ENGINE=auto
 WORKLOADS=
 WORKDIR=
 OUT=
@@ -51,7 +59,9 @@ while [ $# -gt 0 ]; do
         *) echo "--direct: off, on or both" >&2; exit 2 ;;
         esac
         shift 2 ;;
-    --queues) QUEUES=$2; shift 2 ;;
+    --queues) QUEUE_LIST=$2; shift 2 ;;
+    --qsd-aio) QSD_AIO=$2; shift 2 ;;
+    --io-engine) ENGINE=$2; shift 2 ;;
     --reps) REPS=$2; shift 2 ;;
     --seconds) MEASURE=$2; shift 2 ;;
     --warmup) WARMUP=$2; shift 2 ;;
@@ -148,7 +158,8 @@ dd if=/dev/zero of="$IMG" bs=1M count=$((SIZE_BYTES / 1048576)) oflag=direct con
     echo "filesystem: $FSTYPE on $(df --output=source "$WORKDIR" | tail -1) ($WORKDIR)"
     echo "qsd: $("$QSD" --version | head -1)"
     echo "colo-blk: $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
-    echo "image: $SIZE, queues: $QUEUES, reps: $REPS, ${WARMUP}s warm-up + ${MEASURE}s per workload"
+    echo "image: $SIZE, queues: $QUEUE_LIST, reps: $REPS, ${WARMUP}s warm-up + ${MEASURE}s per workload"
+    echo "qsd aio: $QSD_AIO; colo-blk --io-engine $ENGINE"
 } >"$OUT/environment.txt"
 cat "$OUT/environment.txt" >&2
 
@@ -193,38 +204,40 @@ wait_log() {
     return 1
 }
 
-run_one() { # backend mode rep
-    local backend=$1 mode=$2 rep=$3
-    local logf=$OUT/logs/$mode-$rep-$backend.log
-    local res=$OUT/raw/$mode-$rep-$backend.jsonl
+run_one() { # backend mode queues rep
+    local backend=$1 mode=$2 queues=$3 rep=$4
+    local tag="${mode}__q${queues}__${rep}__${backend}"
+    local logf=$OUT/logs/$tag.log
+    local res=$OUT/raw/$tag.jsonl
     prepare_cache "$mode"
     rm -f "$SOCK"
     case "$backend" in
-    qsd)
+    qsd-*)
+        local aio=${backend#qsd-}
         "$QSD" \
-            --blockdev "driver=file,node-name=file,filename=$IMG,cache.direct=$mode" \
+            --blockdev "driver=file,node-name=file,filename=$IMG,cache.direct=$mode,aio=$aio" \
             --blockdev driver=raw,node-name=disk,file=file \
-            --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES" \
+            --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$queues" \
             >"$logf" 2>&1 &
         PID=$!
-        wait_socket || { cat "$logf" >&2; die "qemu-storage-daemon did not come up"; }
+        wait_socket || { cat "$logf" >&2; die "qemu-storage-daemon ($backend) did not come up"; }
         ;;
     colo-blk)
         local direct=()
         [ "$mode" = on ] && direct=(--direct)
-        RUST_LOG=info "$COLO" --socket "$SOCK" --image "$IMG" --num-queues "$QUEUES" "${direct[@]}" \
-            >"$logf" 2>&1 &
+        RUST_LOG=info "$COLO" --socket "$SOCK" --image "$IMG" --num-queues "$queues" \
+            --io-engine "$ENGINE" "${direct[@]}" >"$logf" 2>&1 &
         PID=$!
         wait_log "$logf" || { cat "$logf" >&2; die "colo-blk did not come up"; }
         ;;
     esac
     local load
     load=$(cut -d' ' -f1 /proc/loadavg)
-    log "direct=$mode rep $rep/$REPS: $backend (pid $PID), load average $load"
-    echo "$mode $rep $backend $load" >>"$OUT/runs.txt"
+    log "direct=$mode queues=$queues rep $rep/$REPS: $backend (pid $PID), load average $load"
+    echo "$mode $queues $rep $backend $load" >>"$OUT/runs.txt"
     local wl=()
     [ -n "$WORKLOADS" ] && wl=(--workload "$WORKLOADS")
-    if ! "$BENCH" --socket "$SOCK" --seconds "$MEASURE" --warmup "$WARMUP" --queues "$QUEUES" \
+    if ! "$BENCH" --socket "$SOCK" --seconds "$MEASURE" --warmup "$WARMUP" --queues "$queues" \
         --json --label "$backend" "${wl[@]}" >"$res" 2> >(sed 's/^/    /' >&2); then
         log "blkbench failed against $backend; its log:"
         tail -20 "$logf" >&2
@@ -233,32 +246,42 @@ run_one() { # backend mode rep
     stop_backend
 }
 
+IFS=, read -r -a QUEUES <<<"$QUEUE_LIST"
+IFS=, read -r -a AIOS <<<"$QSD_AIO"
 for mode in "${MODES[@]}"; do
-    for rep in $(seq "$REPS"); do
-        # ABBA: odd repetitions start with qsd, even ones with colo-blk.
-        if [ $((rep % 2)) = 1 ]; then order=(qsd colo-blk); else order=(colo-blk qsd); fi
-        for backend in "${order[@]}"; do
-            run_one "$backend" "$mode" "$rep"
+    backends=()
+    for aio in "${AIOS[@]}"; do
+        # qsd refuses aio=native without O_DIRECT.
+        [ "$aio" = native ] && [ "$mode" = off ] && continue
+        backends+=("qsd-$aio")
+    done
+    backends+=(colo-blk)
+    for queues in "${QUEUES[@]}"; do
+        for rep in $(seq "$REPS"); do
+            # ABBA: odd repetitions in list order, even ones reversed.
+            order=("${backends[@]}")
+            if [ $((rep % 2)) = 0 ]; then
+                order=()
+                for ((i = ${#backends[@]} - 1; i >= 0; i--)); do order+=("${backends[i]}"); done
+            fi
+            for backend in "${order[@]}"; do
+                run_one "$backend" "$mode" "$queues" "$rep"
+            done
         done
     done
 done
 
 # ---- table -------------------------------------------------------------------------------------
-python3 - "$OUT" "$QUEUES" "$REPS" "$WARMUP" "$MEASURE" >"$OUT/summary.md" <<'EOF'
+python3 - "$OUT" "$REPS" "$WARMUP" "$MEASURE" >"$OUT/summary.md" <<'EOF'
 import glob, json, os, statistics, sys
 
-out, queues, reps, warmup, measure = sys.argv[1:6]
-rows = {}  # (mode, workload) -> backend -> list of results
-order = []
+out, reps, warmup, measure = sys.argv[1:5]
+rows = {}  # (mode, queues, workload) -> backend -> list of results
 for path in sorted(glob.glob(os.path.join(out, "raw", "*.jsonl"))):
-    mode, rep, backend = os.path.basename(path)[:-6].split("-", 2)
+    mode, queues, rep, backend = os.path.basename(path)[:-6].split("__")
     for line in open(path):
         r = json.loads(line)
-        key = (mode, r["workload"])
-        if key not in rows:
-            rows[key] = {}
-            order.append(key)
-        rows[key].setdefault(backend, []).append(r)
+        rows.setdefault((mode, int(queues[1:]), r["workload"]), {}).setdefault(backend, []).append(r)
 
 def med(rs, k):
     return statistics.median(r[k] for r in rs)
@@ -268,39 +291,43 @@ def fmt(v):
 
 wl_order = ["randread-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd1", "randwrite-4k-qd32",
             "seqwrite-1m-qd8", "seqread-1m-qd8"]
-order.sort(key=lambda k: (k[0] != "off", wl_order.index(k[1]) if k[1] in wl_order else 99))
-for mode in ["off", "on"]:
-    keys = [k for k in order if k[0] == mode]
-    if not keys:
-        continue
+def wl_key(w):
+    return wl_order.index(w) if w in wl_order else 99
+
+groups = sorted({(k[0], k[1]) for k in rows}, key=lambda g: (g[0] != "off", g[1]))
+for mode, queues in groups:
+    keys = sorted([k for k in rows if k[:2] == (mode, queues)], key=lambda k: wl_key(k[2]))
+    qsds = sorted({b for k in keys for b in rows[k] if b.startswith("qsd-")})
     print(f"### cache.direct={mode} ({'O_DIRECT' if mode == 'on' else 'host page cache'}), "
           f"{queues} queue(s), median of {reps} runs x {measure}s (after {warmup}s warm-up)\n")
-    print("| workload | qsd IOPS | colo-blk IOPS | IOPS ratio | qsd MiB/s | colo-blk MiB/s "
-          "| qsd p50 µs | colo-blk p50 µs | p50 ratio | qsd p99 µs | colo-blk p99 µs | p99 ratio |")
-    print("|---|" + "---:|" * 11)
+    print("| workload | " + " | ".join(f"{b} IOPS" for b in qsds) +
+          " | colo-blk IOPS | **colo-blk / best qsd** | best qsd | colo-blk p50 µs "
+          "| best-qsd p50 µs | colo-blk p99 µs | best-qsd p99 µs |")
+    print("|---|" + "---:|" * (len(qsds) + 7))
     for k in keys:
-        q, c = rows[k].get("qsd", []), rows[k].get("colo-blk", [])
-        if not q or not c:
+        c = rows[k].get("colo-blk", [])
+        q = {b: rows[k][b] for b in qsds if b in rows[k]}
+        if not c or not q:
             continue
-        qi, ci = med(q, "iops"), med(c, "iops")
-        q50, c50 = med(q, "lat_p50_us"), med(c, "lat_p50_us")
-        q99, c99 = med(q, "lat_p99_us"), med(c, "lat_p99_us")
-        print(f"| {k[1]} | {fmt(qi)} | {fmt(ci)} | **{ci / qi:.2f}** | {fmt(med(q, 'mib_s'))} "
-              f"| {fmt(med(c, 'mib_s'))} | {fmt(q50)} | {fmt(c50)} | {c50 / q50:.2f} "
-              f"| {fmt(q99)} | {fmt(c99)} | {c99 / q99:.2f} |")
+        best = max(q, key=lambda b: med(q[b], "iops"))
+        bi, ci = med(q[best], "iops"), med(c, "iops")
+        cells = " | ".join(fmt(med(q[b], "iops")) if b in q else "-" for b in qsds)
+        print(f"| {k[2]} | {cells} | {fmt(ci)} | **{ci / bi:.2f}** | {best[4:]} "
+              f"| {fmt(med(c, 'lat_p50_us'))} | {fmt(med(q[best], 'lat_p50_us'))} "
+              f"| {fmt(med(c, 'lat_p99_us'))} | {fmt(med(q[best], 'lat_p99_us'))} |")
     print()
     print("IOPS of every run (repetition 1 / 2 / ...):\n")
-    print("| workload | qsd | colo-blk |")
-    print("|---|---|---|")
+    print("| workload | " + " | ".join(qsds) + " | colo-blk |")
+    print("|---|" + "---|" * (len(qsds) + 1))
     for k in keys:
-        q, c = rows[k].get("qsd", []), rows[k].get("colo-blk", [])
-        print(f"| {k[1]} | {' / '.join(fmt(r['iops']) for r in q)} "
-              f"| {' / '.join(fmt(r['iops']) for r in c)} |")
+        cells = [" / ".join(fmt(r["iops"]) for r in rows[k].get(b, [])) for b in qsds + ["colo-blk"]]
+        print(f"| {k[2]} | " + " | ".join(cells) + " |")
     print()
-loads = [float(l.split()[3]) for l in open(os.path.join(out, "runs.txt"))]
-print(f"1-minute load average when the runs started: {min(loads):.2f} to {max(loads):.2f}.\n")
-print("IOPS ratio = colo-blk / qsd (higher is better for colo-blk); "
-      "latency ratios = colo-blk / qsd (lower is better for colo-blk).")
+loads = [float(l.split()[4]) for l in open(os.path.join(out, "runs.txt"))]
+print(f"1-minute load average when the runs started: {min(loads):.2f} to {max(loads):.2f} "
+      f"(median {statistics.median(loads):.2f}).\n")
+print("colo-blk / best qsd = colo-blk's median IOPS over the median IOPS of the best qsd aio= "
+      "configuration of that row (higher is better for colo-blk).")
 EOF
 log "results in $OUT"
 echo

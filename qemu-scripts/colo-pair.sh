@@ -113,14 +113,14 @@ wait_socket() {
 
 svm_args=()
 if [ "$svm" = 1 ]; then svm_args=(--socket "$dir/svm.sock" --num-queues 2); fi
-"$bin" --role secondary --image "$dir/secondary.img" --size "$size" \
+"$bin" --role secondary --insecure-link --image "$dir/secondary.img" --size "$size" \
     --listen "127.0.0.1:$port" --layer-dir "$dir/layers" --qmp "$dir/secondary.qmp" \
     ${svm_args[@]+"${svm_args[@]}"} 2>"$dir/secondary.log" &
 pids+=($!)
 wait_socket "$dir/secondary.qmp"
 log "secondary backend: pid $!, log $dir/secondary.log"
 
-"$bin" --role primary --image "$dir/primary.img" --size "$size" --socket "$dir/pvm.sock" \
+"$bin" --role primary --insecure-link --image "$dir/primary.img" --size "$size" --socket "$dir/pvm.sock" \
     --num-queues 2 --peer "127.0.0.1:$port" --qmp "$dir/primary.qmp" 2>"$dir/primary.log" &
 pids+=($!)
 wait_socket "$dir/pvm.sock"

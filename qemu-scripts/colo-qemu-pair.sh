@@ -191,7 +191,7 @@ start_secondary() {  # start_secondary IMAGE: the secondary backend serving svm.
     rm -rf "$dir/layers"
     rm -f "$dir/svm.sock" "$dir/secondary.qmp"
     [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/secondary.strace")
-    spawn secondary "$dir/secondary.log" ${t[@]+"${t[@]}"} "$bin" --role secondary \
+    spawn secondary "$dir/secondary.log" ${t[@]+"${t[@]}"} "$bin" --role secondary --insecure-link \
         --image "$1" --size "$size" --listen "127.0.0.1:$port" \
         --layer-dir "$dir/layers" --socket "$dir/svm.sock" --num-queues "$smp" --qmp "$dir/secondary.qmp"
     wait_for "the secondary backend" test -S "$dir/svm.sock"
@@ -517,7 +517,7 @@ if [ "$disk" = 1 ]; then
     start_secondary "$dir/secondary.img"
     t=()
     [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/primary.strace")
-    spawn primary "$dir/primary.log" ${t[@]+"${t[@]}"} "$bin" --role primary \
+    spawn primary "$dir/primary.log" ${t[@]+"${t[@]}"} "$bin" --role primary --insecure-link \
         --image "$dir/primary.img" --size "$size" --peer "127.0.0.1:$port" \
         --socket "$dir/pvm.sock" --num-queues "$smp" --qmp "$dir/primary.qmp"
     wait_for "the primary backend" test -S "$dir/pvm.sock"

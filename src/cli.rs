@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use crate::replication::tls::LinkSecurityOptions;
+
 /// Parses a size such as `4096`, `512K`, `64M`, `10G`, `1T` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -26,6 +28,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("'{s}' is not a size (examples: 1048576, 512M, 10G)"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("'{s}' is not an octal mode such as 600 or 660")),
+    }
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -64,6 +73,27 @@ pub enum RoleArg {
     Secondary,
 }
 
+/// How a queue runs its requests (`--io-engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IoEngineArg {
+    /// io_uring when the kernel allows it and the device is a plain raw image, else threads
+    Auto,
+    /// io_uring per queue (start fails when the kernel refuses it)
+    Uring,
+    /// synchronous requests plus the --io-threads pool
+    Threads,
+}
+
+impl From<IoEngineArg> for crate::storage::uring::IoEngine {
+    fn from(a: IoEngineArg) -> Self {
+        match a {
+            IoEngineArg::Auto => Self::Auto,
+            IoEngineArg::Uring => Self::Uring,
+            IoEngineArg::Threads => Self::Threads,
+        }
+    }
+}
+
 /// Log verbosity.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogLevel {
@@ -92,12 +122,26 @@ impl LogLevel {
 ///
 ///   colo-blk --socket /tmp/vhost.sock --image disk.img --size 1G
 ///
+/// Shows running processes (one or more --qmp sockets):
+///
+///   colo-blk status [--json] [--watch[=SECS]] /run/colo/p.qmp /run/colo/s.qmp
+///
 ///   qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on
 ///   -machine memory-backend=mem -chardev socket,id=vub,path=/tmp/vhost.sock
 ///   -device vhost-user-blk-pci,chardev=vub,num-queues=1 ...
 #[derive(Debug, Parser)]
-#[command(name = "colo-blk", version, verbatim_doc_comment)]
+#[command(
+    name = "colo-blk",
+    version,
+    verbatim_doc_comment,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    /// Without a command, the process serves the disk (the options below).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// What this process is: a plain backend, the primary or the secondary of a COLO pair
     #[arg(long, value_enum, default_value = "standalone")]
     pub role: RoleArg,
@@ -110,6 +154,11 @@ pub struct Cli {
     /// QMP-compatible control socket (unix path)
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<PathBuf>,
+
+    /// Permissions of the QMP socket (octal; default owner-only: whoever can connect controls
+    /// checkpoints and failover)
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
+    pub qmp_mode: u32,
 
     /// primary: the secondary's replication address
     #[arg(long, value_name = "HOST:PORT", help_heading = "Primary")]
@@ -139,6 +188,33 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size, help_heading = "Secondary")]
     pub cluster_size: u64,
 
+    /// Replication link: this host's certificate (PEM; with --tls-key and --tls-ca)
+    #[arg(long, value_name = "PATH", help_heading = "Replication link")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Replication link: the private key of --tls-cert (PEM)
+    #[arg(long, value_name = "PATH", help_heading = "Replication link")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Replication link: the CA that signed both sides' certificates (PEM)
+    #[arg(long, value_name = "PATH", help_heading = "Replication link")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Replication link: the name the peer's certificate must carry (primary: default the
+    /// host of --peer; secondary: the primary's name, unchecked when not given)
+    #[arg(long, value_name = "NAME", help_heading = "Replication link")]
+    pub tls_peer_name: Option<String>,
+
+    /// Replication link: a secret file both hosts hold (at least 16 bytes); TLS 1.3 with an
+    /// identity derived from it, no PKI needed
+    #[arg(long, value_name = "PATH", help_heading = "Replication link")]
+    pub tls_psk_file: Option<PathBuf>,
+
+    /// Replication link: plain TCP, no authentication, no encryption. Anyone who can reach
+    /// the secondary's port can write its disk: only for a trusted, isolated network
+    #[arg(long, help_heading = "Replication link")]
+    pub insecure_link: bool,
+
     /// Interval between heartbeats on the replication link
     #[arg(
         long,
@@ -157,9 +233,9 @@ pub struct Cli {
     )]
     pub peer_timeout_ms: u64,
 
-    /// Raw disk image (regular file or block device)
-    #[arg(long, short = 'i', value_name = "PATH")]
-    pub image: PathBuf,
+    /// Raw disk image (regular file or block device). Required to serve
+    #[arg(long, short = 'i', value_name = "PATH", required = true)]
+    pub image: Option<PathBuf>,
 
     /// Create the image with this size when it does not exist (e.g. 1G, 512M)
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -190,22 +266,49 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value = "64")]
     pub io_threads: usize,
 
+    /// How queues run reads, writes and flushes of a standalone raw image: auto (io_uring when
+    /// the kernel allows it, else the thread pool), uring, or threads. The replication roles
+    /// always use threads.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub io_engine: IoEngineArg,
+
     /// Logical block size reported to the guest
     #[arg(long, value_name = "BYTES", default_value = "512", value_parser = parse_block_size)]
     pub logical_block_size: u32,
+
+    /// Serve Prometheus metrics over HTTP on this address (GET /metrics), e.g.
+    /// 127.0.0.1:9750 (port 0: any free port, shown in the ready line)
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
 
     /// Log level (RUST_LOG overrides it)
     #[arg(long, value_enum, default_value = "info")]
     pub log_level: LogLevel,
 }
 
+/// The commands beside serving a disk.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Show one or more running colo-blk processes (role, link, sync, checkpoints, layers)
+    /// from their QMP sockets, like `drbdadm status`
+    Status(crate::status::StatusArgs),
+}
+
 impl Cli {
+    /// The image to serve (`--image`; clap requires it unless a command is given).
+    pub fn image(&self) -> &std::path::Path {
+        self.image.as_deref().unwrap_or(std::path::Path::new(""))
+    }
+
     /// Checks the combinations clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        if self.image.is_none() {
+            return Err("--image is required".into());
+        }
         if self.serial.len() > 20 {
             return Err("--serial: at most 20 bytes".into());
         }
-        if self.read_only && self.size.is_some() && !self.image.exists() {
+        if self.read_only && self.size.is_some() && !self.image().exists() {
             return Err("--size creates the image, which --read-only forbids".into());
         }
         match self.role {
@@ -228,6 +331,19 @@ impl Cli {
         }
         if self.role != RoleArg::Secondary && (self.listen.is_some() || self.layer_dir.is_some()) {
             return Err("--listen and --layer-dir only apply to --role secondary".into());
+        }
+        if self.role != RoleArg::Standalone {
+            self.link_security()?;
+        } else if self.tls_cert.is_some()
+            || self.tls_key.is_some()
+            || self.tls_ca.is_some()
+            || self.tls_psk_file.is_some()
+            || self.insecure_link
+        {
+            return Err(
+                "the --tls-* and --insecure-link options only apply to a primary or secondary"
+                    .into(),
+            );
         }
         if self.role != RoleArg::Standalone && self.read_only {
             return Err("--read-only only applies to --role standalone".into());
@@ -254,6 +370,45 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// How the replication link is protected: exactly one of certificates (--tls-cert,
+    /// --tls-key, --tls-ca), a pre-shared key (--tls-psk-file) or --insecure-link.
+    pub fn link_security(&self) -> Result<LinkSecurityOptions, String> {
+        let certs = [&self.tls_cert, &self.tls_key, &self.tls_ca];
+        let some = certs.iter().filter(|c| c.is_some()).count();
+        let modes = usize::from(some > 0)
+            + usize::from(self.tls_psk_file.is_some())
+            + usize::from(self.insecure_link);
+        if modes > 1 {
+            return Err(
+                "choose one link protection: --tls-cert/--tls-key/--tls-ca, --tls-psk-file or \
+                 --insecure-link"
+                    .into(),
+            );
+        }
+        if let Some(f) = &self.tls_psk_file {
+            return Ok(LinkSecurityOptions::PreSharedKey { file: f.clone() });
+        }
+        if self.insecure_link {
+            return Ok(LinkSecurityOptions::Insecure);
+        }
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(LinkSecurityOptions::Certificates {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                peer_name: self.tls_peer_name.clone(),
+            }),
+            _ if some > 0 => Err("--tls-cert, --tls-key and --tls-ca go together".into()),
+            _ => Err(
+                "the replication link needs protection: --tls-cert/--tls-key/--tls-ca, \
+                 --tls-psk-file, or --insecure-link for plain TCP on a trusted network"
+                    .into(),
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +421,31 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn status_is_a_command_and_serving_still_needs_an_image() {
+        let c = Cli::try_parse_from(["colo-blk", "status", "--json", "/a.qmp", "/b.qmp"]).unwrap();
+        match c.command {
+            Some(Command::Status(a)) => {
+                assert!(a.json);
+                assert_eq!(a.sockets.len(), 2);
+            }
+            None => panic!("no command"),
+        }
+        let c = Cli::try_parse_from(["colo-blk", "status", "--watch=0.5", "/a.qmp"]).unwrap();
+        let Some(Command::Status(a)) = c.command else {
+            panic!("no command")
+        };
+        assert_eq!(a.watch.as_deref(), Some("0.5"));
+        // The flat serving invocation is unchanged.
+        let c = Cli::try_parse_from(["colo-blk", "--socket", "/s", "--image", "/i"]).unwrap();
+        assert!(c.command.is_none());
+        assert_eq!(c.image(), std::path::Path::new("/i"));
+        c.validate().unwrap();
+        let e = Cli::try_parse_from(["colo-blk", "--socket", "/s"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        // Serving options do not mix with a command.
+        assert!(Cli::try_parse_from(["colo-blk", "--image", "/i", "status", "/a"]).is_err());
     }
 }

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::histogram::HistogramSnapshot;
 use crate::qmp::args::{opt_bool, opt_u64, reject_unknown as only};
 use crate::qmp::{CommandHandler, QmpError};
+use crate::replication::metrics::MetricsSnapshot;
 use crate::replication::primary::Primary;
 use crate::replication::secondary::Secondary;
 use crate::vhost_user::{QueueStatsSnapshot, StatsHandle};
@@ -32,10 +34,82 @@ impl Controller {
     }
 }
 
-/// `query-stats`: the device's counters per queue (empty when no VM is served).
+/// `query-stats`: the device's counters per queue (empty when no VM is served), each with
+/// its request latency histogram, and the replication counters of a primary or secondary.
 #[derive(serde::Serialize)]
 struct Stats {
-    queues: Vec<QueueStatsSnapshot>,
+    queues: Vec<QueueReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication: Option<Value>,
+}
+
+#[derive(serde::Serialize)]
+struct QueueReport {
+    #[serde(flatten)]
+    counters: QueueStatsSnapshot,
+    latency: HistogramSnapshot,
+}
+
+impl Controller {
+    fn stats(&self) -> Stats {
+        let queues = match &self.stats {
+            Some(s) => s
+                .queues()
+                .into_iter()
+                .zip(s.latencies())
+                .map(|(counters, latency)| QueueReport { counters, latency })
+                .collect(),
+            None => Vec::new(),
+        };
+        let replication = match &self.role {
+            Role::Standalone => None,
+            Role::Primary(p) => {
+                let st = p.status();
+                Some(with_counters(
+                    json!({
+                        "bytes-sent-total": st.bytes_sent_total,
+                        "bytes-acked-total": st.bytes_acked_total,
+                        "bytes-in-flight": st.bytes_in_flight,
+                        "resync-total-bytes": st.resync_total_bytes,
+                        "resync-remaining-bytes": st.resync_remaining_bytes,
+                    }),
+                    &p.metrics().snapshot(),
+                ))
+            }
+            Role::Secondary(s) => {
+                let st = s.status();
+                Some(with_counters(
+                    json!({
+                        "bytes-received-total": st.bytes_received_total,
+                        "hidden-bytes": st.hidden_bytes,
+                        "active-bytes": st.active_bytes,
+                        "failovers": st.failovers,
+                        "failover-remaining-bytes": st.failover_remaining_bytes,
+                    }),
+                    &s.metrics().snapshot(),
+                ))
+            }
+        };
+        Stats {
+            queues,
+            replication,
+        }
+    }
+}
+
+/// `base` plus the counters both replication roles have.
+fn with_counters(mut base: Value, m: &MetricsSnapshot) -> Value {
+    if let Value::Object(o) = &mut base {
+        o.insert("checkpoints".into(), m.checkpoints.into());
+        o.insert("checkpoint-failures".into(), m.checkpoint_failures.into());
+        o.insert(
+            "checkpoint-duration".into(),
+            serde_json::to_value(&m.checkpoint_duration).unwrap_or_default(),
+        );
+        o.insert("sessions".into(), m.sessions.into());
+        o.insert("link-errors".into(), m.link_errors.into());
+    }
+    base
 }
 
 fn timeout(args: &Map<String, Value>) -> Result<Option<Duration>, QmpError> {
@@ -85,9 +159,7 @@ impl CommandHandler for Controller {
             }
             ("query-stats", _) => {
                 only(args, &[])?;
-                to_value(Stats {
-                    queues: self.stats.as_ref().map(|s| s.queues()).unwrap_or_default(),
-                })
+                to_value(self.stats())
             }
             ("query-replication", Role::Standalone) => {
                 only(args, &[])?;

@@ -7,12 +7,18 @@
 //! - [`replication`]: COLO block replication: wire protocol, primary, secondary, disk buffer.
 //! - [`qmp`]: the QMP-compatible control server; [`control`]: the commands each role answers.
 //! - [`cli`]: command-line options; [`faults`]: fault injection for crash tests.
+//! - Operating: [`status`] (`colo-blk status`), [`metrics`] (Prometheus `--metrics`),
+//!   [`notify`] (systemd readiness), [`histogram`] (latency buckets).
 
 pub mod cli;
 pub mod control;
 pub mod faults;
+pub mod histogram;
+pub mod metrics;
+pub mod notify;
 pub mod qmp;
 pub mod replication;
+pub mod status;
 pub mod storage;
 pub mod vhost_user;
 pub mod virtio;

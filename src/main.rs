@@ -6,21 +6,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use log::{error, info};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use colo_blk::cli::{Cli, RoleArg};
+use colo_blk::cli::{Cli, Command, RoleArg};
 use colo_blk::control::{Controller, Role};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
 use colo_blk::replication::primary::{Primary, PrimaryDevice, PrimaryOptions, ReplicatedDisk};
 use colo_blk::replication::secondary::{Secondary, SecondaryOptions, SvmDevice};
+use colo_blk::replication::tls::LinkSecurity;
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
 use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Status(args)) = &cli.command {
+        env_logger::Builder::new()
+            .filter_level(log::LevelFilter::Warn)
+            .parse_default_env()
+            .init();
+        return ExitCode::from(colo_blk::status::run(args));
+    }
     env_logger::Builder::new()
         .filter_level(cli.log_level.filter())
         .parse_default_env()
@@ -49,7 +57,7 @@ fn stop_server(control: &ServerControl, socket: &std::path::Path) {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let image = RawImage::open(&RawImageOptions {
-        path: cli.image.clone(),
+        path: cli.image().to_path_buf(),
         read_only: cli.read_only,
         direct: cli.direct,
         create_size: cli.size,
@@ -57,7 +65,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     info!(
         "{:?} role: {} ({} bytes{}{})",
         cli.role,
-        cli.image.display(),
+        cli.image().display(),
         image.capacity(),
         if cli.read_only { ", read-only" } else { "" },
         if cli.direct { ", O_DIRECT" } else { "" }
@@ -70,6 +78,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let events = EventSender::new();
     let heartbeat = Duration::from_millis(cli.heartbeat_ms);
+    let security = match cli.role {
+        RoleArg::Standalone => LinkSecurity::Insecure,
+        _ => {
+            let opts = cli.link_security()?;
+            let s = LinkSecurity::new(&opts, cli.peer.as_deref())?;
+            match &s {
+                LinkSecurity::Insecure => warn!(
+                    "replication link: plain TCP (--insecure-link): no authentication, no \
+                     encryption"
+                ),
+                other => info!("replication link: {other:?}"),
+            }
+            s
+        }
+    };
     let peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
 
     // The secondary's bound replication address (for the ready line).
@@ -89,6 +112,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     reconnect_interval: Duration::from_secs(1),
                     dirty_granularity: cli.dirty_granularity,
                     block_size: cli.logical_block_size,
+                    security: security.clone(),
                 },
                 events.clone(),
             );
@@ -110,6 +134,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     heartbeat_interval: heartbeat,
                     peer_timeout,
                     block_size: cli.logical_block_size,
+                    security: security.clone(),
                 },
                 events.clone(),
             );
@@ -132,18 +157,21 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 
     // vhost-user server (for the secondary: only when a Secondary VM attaches).
     let mut server = match cli.socket.as_ref() {
-        Some(socket) => Some(Server::new(
-            socket,
-            disk.clone(),
-            DeviceOptions {
-                num_queues: cli.num_queues,
-                queue_size: cli.queue_size,
-                serial: cli.serial.clone(),
-                read_only: cli.read_only,
-                logical_block_size: cli.logical_block_size,
-            },
-            cli.io_threads,
-        )?),
+        Some(socket) => Some(
+            Server::new(
+                socket,
+                disk.clone(),
+                DeviceOptions {
+                    num_queues: cli.num_queues,
+                    queue_size: cli.queue_size,
+                    serial: cli.serial.clone(),
+                    read_only: cli.read_only,
+                    logical_block_size: cli.logical_block_size,
+                },
+                cli.io_threads,
+            )?
+            .with_io_engine(cli.io_engine.into())?,
+        ),
         None => None,
     };
 
@@ -170,10 +198,23 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             })?;
     }
 
+    let metrics = match cli.metrics.as_deref() {
+        Some(addr) => Some(start_metrics(
+            &runtime,
+            addr,
+            colo_blk::metrics::MetricsSource {
+                role: role.clone(),
+                stats: server.as_ref().map(Server::stats_handle),
+            },
+        )?),
+        None => None,
+    };
+
     if let Some(qmp_path) = cli.qmp.clone() {
         start_qmp(
             &runtime,
             qmp_path,
+            cli.qmp_mode,
             Controller::new(role.clone(), server.as_ref().map(Server::stats_handle)),
             events.clone(),
             stop.clone(),
@@ -188,7 +229,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Role::Standalone => {}
         }
     }
-    print_ready(&cli, listen);
+    print_ready(&cli, listen, metrics);
+    // systemd (Type=notify): the sockets are up. The vhost-user socket was bound by
+    // Server::new, so a front-end may connect from now on.
+    colo_blk::notify::notify_logged("READY=1\nSTATUS=serving");
 
     let server_thread = match server {
         Some(server) => {
@@ -210,6 +254,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 
     // Wait for a stop request (or the server failing on its own).
     let _ = stop_rx.recv();
+    colo_blk::notify::notify_logged("STOPPING=1");
     if let Some((handle, control, socket)) = server_thread {
         stop_server(&control, &socket);
         match handle.join() {
@@ -227,10 +272,27 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Binds the Prometheus endpoint (`--metrics`) and serves it on the runtime; returns the bound
+/// address.
+fn start_metrics(
+    runtime: &tokio::runtime::Runtime,
+    addr: &str,
+    source: colo_blk::metrics::MetricsSource,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .map_err(|e| format!("cannot listen on --metrics {addr}: {e}"))?;
+    let bound = listener.local_addr()?.to_string();
+    info!("metrics on http://{bound}/metrics");
+    runtime.spawn(colo_blk::metrics::serve(listener, Arc::new(source)));
+    Ok(bound)
+}
+
 /// Starts the QMP control socket; a client's `quit` stops the process like SIGTERM.
 fn start_qmp(
     runtime: &tokio::runtime::Runtime,
     path: PathBuf,
+    mode: u32,
     controller: Controller,
     events: EventSender,
     stop: Arc<dyn Fn() + Send + Sync>,
@@ -242,7 +304,7 @@ fn start_qmp(
     ));
     let listener = {
         let _guard = runtime.enter();
-        QmpServer::bind_unix(&path)
+        QmpServer::bind_unix_mode(&path, mode)
             .map_err(|e| format!("cannot listen on QMP socket {}: {e}", path.display()))?
     };
     info!("QMP listening on {}", path.display());
@@ -262,9 +324,9 @@ fn start_qmp(
 
 /// The one line on stdout, printed once every socket is bound (vhost-user, QMP, replication
 /// listener), so that scripts and tests wait for it instead of scraping the log:
-/// `{"ready":{"role":"secondary","socket":"/run/s.sock","qmp":"/run/s.qmp","listen":"127.0.0.1:7790"}}`
-/// (absent members are `null`).
-fn print_ready(cli: &Cli, listen: Option<String>) {
+/// `{"ready":{"role":"secondary","socket":"/run/s.sock","qmp":"/run/s.qmp","listen":"127.0.0.1:7790","metrics":null}}`
+/// (absent members are `null`; `metrics` is the bound `--metrics` address).
+fn print_ready(cli: &Cli, listen: Option<String>, metrics: Option<String>) {
     use std::io::Write;
     let role = match cli.role {
         RoleArg::Standalone => "standalone",
@@ -276,6 +338,7 @@ fn print_ready(cli: &Cli, listen: Option<String>) {
         "socket": cli.socket.as_ref().map(|p| p.display().to_string()),
         "qmp": cli.qmp.as_ref().map(|p| p.display().to_string()),
         "listen": listen,
+        "metrics": metrics,
     }});
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");

@@ -199,6 +199,7 @@ impl Setup {
         let listen = format!("127.0.0.1:{port}");
         let size = DISK.to_string();
         let args = [
+            "--insecure-link",
             "--role",
             "secondary",
             "--image",
@@ -227,6 +228,7 @@ impl Setup {
         let peer = format!("127.0.0.1:{port}");
         let size = DISK.to_string();
         let args = [
+            "--insecure-link",
             "--role",
             "primary",
             "--image",

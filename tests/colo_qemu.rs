@@ -330,6 +330,7 @@ impl Pair {
         let args = [
             "--role",
             "secondary",
+            "--insecure-link",
             "--image",
             &self.s(image),
             "--size",
@@ -358,6 +359,7 @@ impl Pair {
         let args = [
             "--role",
             "primary",
+            "--insecure-link",
             "--image",
             &self.s("primary.img"),
             "--size",

@@ -52,6 +52,7 @@ fn start_secondary_env(
     let sock_s = sock.display().to_string();
     let size = DISK.to_string();
     let mut args = vec![
+        "--insecure-link",
         "--role",
         "secondary",
         "--image",
@@ -88,6 +89,7 @@ fn start_primary(dir: &Path, port: u16, extra: &[&str]) -> Backend {
     let peer = format!("127.0.0.1:{port}");
     let size = DISK.to_string();
     let mut args = vec![
+        "--insecure-link",
         "--role",
         "primary",
         "--image",

@@ -242,3 +242,26 @@ fn query_stats_counts_requests_and_bytes_per_queue() {
     assert_eq!(queues[1]["bytes-read"], 3 * 8192);
     assert_eq!(queues[1]["errors"], 0);
 }
+
+/// The QMP socket is owner-only unless `--qmp-mode` says otherwise.
+#[test]
+fn the_qmp_socket_is_owner_only_by_default() {
+    use std::os::unix::fs::PermissionsExt;
+    for (extra, want) in [(None, 0o600), (Some("660"), 0o660)] {
+        let dir = common::tempdir();
+        let qmp = dir.path().join("s.qmp");
+        let qmp_s = qmp.display().to_string();
+        let mut args = vec!["--size", "1M", "--qmp", &qmp_s];
+        if let Some(m) = extra {
+            args.extend_from_slice(&["--qmp-mode", m]);
+        }
+        let _b = Backend::start(
+            &dir.path().join("vhost.sock"),
+            &dir.path().join("disk.img"),
+            &args,
+        );
+        let mode = std::fs::metadata(&qmp).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, want, "{extra:?}");
+        common::Qmp::connect(&qmp);
+    }
+}

@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
     input_buffer(data);
 
     let server = Arc::new(QmpServer::new(
-        Arc::new(Controller::new(Role::Standalone)),
+        Arc::new(Controller::new(Role::Standalone, None)),
         EventSender::new(),
         QmpVersion::default(),
     ));

@@ -300,9 +300,13 @@ fn run(data: &[u8]) {
     let initial = common::pattern(DISK as usize);
     let want = model(&stream);
     let base = Arc::new(common::StrictDisk::new(initial.clone()));
+    // The layers persist across processes: every input starts from an empty directory.
+    let _ = std::fs::remove_dir_all(layer_dir());
     let layered = LayeredDisk::new(base.clone(), layer_dir(), CLUSTER).expect("layered disk");
     let opts = SecondaryOptions {
         listen: "fuzz".into(),
+        serves_vm: false,
+        security: colo_blk::replication::tls::LinkSecurity::Insecure,
         heartbeat_interval: Duration::from_secs(1),
         peer_timeout: Duration::from_secs(2),
         block_size: BLOCK,

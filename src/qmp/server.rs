@@ -91,6 +91,14 @@ impl QmpServer {
     /// of existing file is an `AlreadyExists` error). Must be called inside a tokio runtime.
     /// Binding before serving lets callers connect as soon as this returns.
     pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+        Self::bind_unix_mode(path, 0o600)
+    }
+
+    /// [`bind_unix`](Self::bind_unix) with the socket's permission bits `mode`. The socket is
+    /// bound under a temporary name, given its mode, then renamed into place, so it is never
+    /// reachable with wider permissions.
+    pub fn bind_unix_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
+        use std::os::unix::fs::PermissionsExt;
         match std::fs::symlink_metadata(path) {
             Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path)?,
             Ok(_) => {
@@ -102,7 +110,18 @@ impl QmpServer {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        UnixListener::bind(path)
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)?;
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(listener)
     }
 
     /// Binds `path` (see [`bind_unix`](Self::bind_unix)) and serves it until the returned

@@ -112,6 +112,24 @@ pub struct PrimaryStatus {
     pub dirty_bytes: u64,
     pub dirty_granularity: u64,
     pub last_error: Option<String>,
+    // ---- for operators (colo-blk status, metrics); timestamps are seconds since the epoch ----
+    /// Since when the guest's writes are not protected (no secondary connected and in sync);
+    /// `None` while protected.
+    pub unprotected_since: Option<f64>,
+    /// When the last checkpoint completed (`None`: none yet).
+    pub last_checkpoint_at: Option<f64>,
+    /// Checkpoints completed / refused or failed since start.
+    pub checkpoints: u64,
+    pub checkpoint_failures: u64,
+    /// What the current session had to resend when it connected (with
+    /// `resync-remaining-bytes`: the resync's progress), and when it started.
+    pub resync_total_bytes: u64,
+    pub resync_started_at: Option<f64>,
+    /// Stream bytes the secondary acknowledged since start (same units as `bytes-sent-total`).
+    pub bytes_acked_total: u64,
+    /// Sessions that passed their handshake / sessions or handshakes that ended, since start.
+    pub sessions: u64,
+    pub link_errors: u64,
 }
 
 /// `query-replication` on a secondary.
@@ -131,6 +149,22 @@ pub struct SecondaryStatus {
     pub active_bytes: u64,
     pub cluster_size: u64,
     pub last_error: Option<String>,
+    // ---- for operators (colo-blk status, metrics); timestamps are seconds since the epoch ----
+    /// Since when no primary streams to this secondary (`None` while one does).
+    pub unprotected_since: Option<f64>,
+    /// When the last checkpoint completed (`None`: none yet).
+    pub last_checkpoint_at: Option<f64>,
+    pub checkpoints: u64,
+    /// Sessions that passed their handshake / sessions that failed or primaries refused.
+    pub sessions: u64,
+    pub link_errors: u64,
+    /// A failover's commit: layer bytes it started with, bytes still to commit (0 when none
+    /// runs), and when it started.
+    pub failover_total_bytes: u64,
+    pub failover_remaining_bytes: u64,
+    pub failover_started_at: Option<f64>,
+    /// Failovers completed by this process (0 or 1).
+    pub failovers: u64,
 }
 
 #[cfg(test)]

@@ -12,7 +12,10 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use std::io::IoSlice;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::protocol::{read_frame, Frame, Hello, ProtocolError, Welcome, VERSION};
@@ -110,29 +113,32 @@ pub async fn accept<R: AsyncRead + Unpin>(
 }
 
 /// The writer half of a session: writes every frame `rx` yields, batching what is queued into
-/// one write, and a heartbeat whenever `timing.heartbeat` passes. An ERROR frame is written and
+/// one vectored write (headers from one buffer, guest data straight from the frames' shared
+/// buffers), and a heartbeat whenever `timing.heartbeat` passes. An ERROR frame is written and
 /// ends the session with that error; the channel closing ends it cleanly.
 pub async fn write_loop<W: AsyncWrite + Unpin>(
-    wr: W,
+    mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Frame>,
     timing: Timing,
 ) -> Result<(), ProtocolError> {
-    let mut wr = BufWriter::with_capacity(BATCH_BYTES, wr);
     let mut tick = tokio::time::interval(timing.heartbeat);
-    let mut buf = Vec::with_capacity(BATCH_BYTES);
+    let mut batch = Batch::default();
     loop {
         tokio::select! {
             f = rx.recv() => {
                 let Some(mut f) = f else { return Ok(()) };
-                buf.clear();
+                batch.clear();
                 loop {
-                    f.encode_into(&mut buf);
-                    if let Frame::Error { message } = f {
-                        wr.write_all(&buf).await?;
-                        wr.flush().await?;
+                    let error = match &f {
+                        Frame::Error { message } => Some(message.clone()),
+                        _ => None,
+                    };
+                    batch.push(&f);
+                    if let Some(message) = error {
+                        batch.write(&mut wr).await?;
                         return Err(ProtocolError::Apply(message));
                     }
-                    if buf.len() >= BATCH_BYTES {
+                    if batch.bytes >= BATCH_BYTES {
                         break;
                     }
                     match rx.try_recv() {
@@ -140,14 +146,69 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
                         Err(_) => break,
                     }
                 }
-                wr.write_all(&buf).await?;
-                wr.flush().await?;
+                batch.write(&mut wr).await?;
             }
             _ = tick.tick() => {
                 wr.write_all(&Frame::Heartbeat.encode()).await?;
                 wr.flush().await?;
             }
         }
+    }
+}
+
+/// Frames encoded for one vectored write: `parts` are ranges of `head` or shared data buffers.
+#[derive(Default)]
+struct Batch {
+    head: Vec<u8>,
+    parts: Vec<Part>,
+    bytes: usize,
+}
+
+enum Part {
+    Head(std::ops::Range<usize>),
+    Data(Bytes),
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.head.clear();
+        self.parts.clear();
+        self.bytes = 0;
+    }
+
+    fn push(&mut self, f: &Frame) {
+        let start = self.head.len();
+        let data = f.encode_head(&mut self.head);
+        self.bytes += self.head.len() - start;
+        match self.parts.last_mut() {
+            Some(Part::Head(r)) if r.end == start => r.end = self.head.len(),
+            _ => self.parts.push(Part::Head(start..self.head.len())),
+        }
+        if let Some(d) = data {
+            self.bytes += d.len();
+            self.parts.push(Part::Data(d));
+        }
+    }
+
+    /// Writes everything, however the stream splits it.
+    async fn write<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> std::io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = self
+            .parts
+            .iter()
+            .map(|p| match p {
+                Part::Head(r) => IoSlice::new(&self.head[r.clone()]),
+                Part::Data(d) => IoSlice::new(d),
+            })
+            .collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = wr.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        wr.flush().await
     }
 }
 
@@ -239,5 +300,31 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("no heartbeat"), "{e}");
+    }
+
+    /// A stream that takes a few bytes at a time: every frame still arrives whole, in order.
+    #[tokio::test]
+    async fn the_writer_survives_short_writes() {
+        let (a, b) = tokio::io::duplex(97);
+        let (mut brd, _bwr) = split(b);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let frames: Vec<Frame> = (1..=20u64)
+            .map(|i| Frame::write(i, i * 4096, vec![i as u8; 1000 + i as usize * 300]))
+            .chain([Frame::Ack { seq: 3 }])
+            .collect();
+        for f in &frames {
+            tx.send(f.clone()).unwrap();
+        }
+        drop(tx);
+        let writer = tokio::spawn(write_loop(a, rx, timing()));
+        let mut got = Vec::new();
+        while got.len() < frames.len() {
+            match read_within(&mut brd, timing().peer_timeout).await.unwrap() {
+                Frame::Heartbeat => {}
+                f => got.push(f),
+            }
+        }
+        assert_eq!(got, frames);
+        writer.await.unwrap().unwrap();
     }
 }

@@ -6,13 +6,16 @@
 //!   how overlapping changes keep their order without a global lock; `dirty`: what changed
 //!   since the last checkpoint.
 //! - [`secondary`]: the endpoint applying the stream; [`layers`]: its hidden and active layers.
-//! - [`events`]: the QMP events and status answers both roles produce.
+//! - [`events`]: the QMP events and status answers both roles produce; [`metrics`]: the
+//!   counters and timestamps behind their operator fields.
 
 pub(crate) mod dirty;
 pub mod events;
 pub mod layers;
 pub mod link;
+pub mod metrics;
 pub(crate) mod ordering;
 pub mod primary;
 pub mod protocol;
 pub mod secondary;
+pub mod tls;

@@ -182,6 +182,15 @@ impl Frame {
 
     /// Appends the encoded frame to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
+        if let Some(data) = self.encode_head(out) {
+            out.extend_from_slice(&data);
+        }
+    }
+
+    /// Appends the encoded frame to `out`, except a WRITE's data, which it returns instead
+    /// (shared, not copied) for the caller to send right after: the link writes guest data
+    /// straight from the buffer the primary's local write used.
+    pub fn encode_head(&self, out: &mut Vec<u8>) -> Option<Bytes> {
         let mut hello_buf = Vec::new();
         let (ty, flags, seq, offset, length, payload): (u8, u8, u64, u64, u64, &[u8]) = match self {
             Frame::Hello(h) => {
@@ -236,7 +245,16 @@ impl Frame {
         out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 36]), payload);
         out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(payload);
+        match self {
+            Frame::Change {
+                change: Change::Write { data, .. },
+                ..
+            } => Some(data.clone()),
+            _ => {
+                out.extend_from_slice(payload);
+                None
+            }
+        }
     }
 
     /// The encoded frame.

@@ -21,7 +21,9 @@ use tokio::sync::{mpsc, watch};
 use super::events::{self, FailoverReport, SecondaryStatus, Side};
 use super::layers::LayeredDisk;
 use super::link::{self, Stream, Timing};
+use super::metrics::ReplicationMetrics;
 use super::protocol::{Frame, Hello, Mark, ProtocolError, Welcome, VERSION};
+use super::tls::LinkSecurity;
 use crate::qmp::EventSender;
 use crate::storage::{BlockDevice, Change};
 
@@ -35,6 +37,8 @@ pub struct SecondaryOptions {
     pub heartbeat_interval: Duration,
     pub peer_timeout: Duration,
     pub block_size: u32,
+    /// How the link is protected (TLS or plain TCP).
+    pub security: LinkSecurity,
 }
 
 /// Where the secondary's replication stands.
@@ -100,6 +104,8 @@ pub struct Secondary {
     events: EventSender,
     /// Flips to true on failover: the session ends and no new one is accepted.
     stop: watch::Sender<bool>,
+    /// Counters and timestamps for operators.
+    metrics: ReplicationMetrics,
 }
 
 impl Secondary {
@@ -128,6 +134,7 @@ impl Secondary {
             cond: Condvar::new(),
             events,
             stop,
+            metrics: ReplicationMetrics::new(),
         })
     }
 
@@ -162,7 +169,15 @@ impl Secondary {
                     if let Err(e) = stream.set_nodelay(true) {
                         warn!("TCP_NODELAY on the link: {e}");
                     }
-                    tokio::spawn(self.clone().serve(stream, addr.to_string()));
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let addr = addr.to_string();
+                        // Authenticated before anything it sends is read as a frame.
+                        match me.opts.security.accept(stream, me.opts.peer_timeout).await {
+                            Ok(stream) => me.serve(stream, addr).await,
+                            Err(e) => me.session_ended(&addr, Err(ProtocolError::Io(e))),
+                        }
+                    });
                 }
                 Err(e) => warn!("accept failed: {e}"),
             }
@@ -212,6 +227,12 @@ impl Secondary {
             was
         };
         self.cond.notify_all();
+        if was_streaming {
+            self.metrics.unprotected();
+        }
+        if r.is_err() {
+            self.metrics.link_error();
+        }
         if was_streaming {
             warn!("primary {addr} gone: {reason}");
             self.events.send(&events::PeerLost {
@@ -287,6 +308,8 @@ impl Secondary {
             hello.epoch,
             if hello.sync { "sync" } else { "async" }
         );
+        self.metrics.connected(0);
+        self.metrics.in_sync();
         self.events.send(&events::PeerConnected {
             role: Side::Secondary,
             peer: addr.to_string(),
@@ -445,6 +468,7 @@ impl Secondary {
                 let t = Instant::now();
                 self.disk.checkpoint_as(epoch)?;
                 self.state().bytes_since_checkpoint = 0;
+                self.metrics.checkpoint(t.elapsed());
                 info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
                 self.events.send(&events::Checkpoint {
                     role: Side::Secondary,
@@ -463,8 +487,10 @@ impl Secondary {
         let svm = self.state().svm.clone();
         match svm {
             _ if !self.opts.serves_vm => {
+                let t = Instant::now();
                 self.disk.checkpoint_as(mark.epoch)?;
                 self.state().bytes_since_checkpoint = 0;
+                self.metrics.checkpoint(t.elapsed());
                 info!("marker {}: checkpoint (no Secondary VM)", mark.epoch);
                 self.events.send(&events::Checkpoint {
                     role: Side::Secondary,
@@ -522,9 +548,11 @@ impl Secondary {
             // the primary only after the Secondary VM loaded its state).
             Some(m) if !resumed_own || link_alive => {
                 let epoch = m.epoch;
+                let t = Instant::now();
                 match self.disk.commit_mark(epoch) {
                     Ok(()) => {
                         self.state().bytes_since_checkpoint = 0;
+                        self.metrics.checkpoint(t.elapsed());
                         info!("checkpoint {epoch}: the Secondary VM runs the primary's state");
                         self.events.send(&events::Checkpoint {
                             role: Side::Secondary,
@@ -589,8 +617,10 @@ impl Secondary {
         if self.state().stage != Stage::Receiving {
             return Err(SecondaryError::AlreadyFailedOver);
         }
+        let t = Instant::now();
         self.disk.checkpoint()?;
         self.state().bytes_since_checkpoint = 0;
+        self.metrics.checkpoint(t.elapsed());
         let epoch = self.disk.stats().epoch;
         self.events.send(&events::Checkpoint {
             role: Side::Secondary,
@@ -630,7 +660,10 @@ impl Secondary {
             }
         }
         let before = self.disk.stats();
+        self.metrics
+            .failover_started(before.hidden_bytes + before.active_bytes);
         self.disk.failover()?;
+        self.metrics.failover_done(t.elapsed());
         let duration_ms = t.elapsed().as_secs_f64() * 1000.0;
         self.state().stage = Stage::FailedOver;
         let epoch = self.disk.stats().epoch;
@@ -645,6 +678,11 @@ impl Secondary {
         Ok(report)
     }
 
+    /// The secondary's counters and timestamps (for the metrics endpoint).
+    pub fn metrics(&self) -> &ReplicationMetrics {
+        &self.metrics
+    }
+
     /// `query-replication` for the secondary.
     pub fn status(&self) -> SecondaryStatus {
         let st = self.state();
@@ -654,6 +692,8 @@ impl Secondary {
             (Stage::Receiving, Peer::Streaming(a)) => ("connected", Some(a.clone())),
             (Stage::Receiving, _) => ("waiting", None),
         };
+        let m = self.metrics.snapshot();
+        let committing = st.stage == Stage::FailingOver;
         SecondaryStatus {
             role: Side::Secondary,
             state,
@@ -667,6 +707,19 @@ impl Secondary {
             active_bytes: layers.active_bytes,
             cluster_size: layers.cluster_size,
             last_error: st.last_error.clone(),
+            unprotected_since: m.unprotected_since,
+            last_checkpoint_at: m.last_checkpoint_at,
+            checkpoints: m.checkpoints,
+            sessions: m.sessions,
+            link_errors: m.link_errors,
+            failover_total_bytes: m.failover_total_bytes,
+            failover_remaining_bytes: if committing {
+                layers.hidden_bytes + layers.active_bytes
+            } else {
+                0
+            },
+            failover_started_at: m.failover_started_at,
+            failovers: m.failovers,
         }
     }
 }
@@ -702,7 +755,8 @@ mod tests {
     fn timing() -> Timing {
         Timing {
             heartbeat: Duration::from_millis(50),
-            peer_timeout: Duration::from_secs(10),
+            // Long: a heavily loaded test machine must not time a session out.
+            peer_timeout: Duration::from_secs(60),
         }
     }
 
@@ -716,6 +770,7 @@ mod tests {
             heartbeat_interval: timing().heartbeat,
             peer_timeout: timing().peer_timeout,
             block_size: 512,
+            security: LinkSecurity::Insecure,
         };
         (Secondary::new(layered, opts, EventSender::new()), base)
     }
@@ -889,6 +944,7 @@ mod tests {
             heartbeat_interval: timing().heartbeat,
             peer_timeout: timing().peer_timeout,
             block_size: 512,
+            security: LinkSecurity::Insecure,
         };
         (Secondary::new(layered, opts, EventSender::new()), base)
     }

@@ -8,6 +8,7 @@
 //!
 //! - [`change`]: [`Change`], the one type of a disk modification along the whole data path;
 //! - [`raw`]: [`RawImage`], a file or block device (optionally O_DIRECT);
+//! - [`uring`]: an io_uring bound to a raw image, for the vhost-user `uring` I/O engine;
 //! - [`fallocate`]: hole punching and range zeroing for any file-backed layer;
 //! - `mem`: `MemDisk`, a RAM disk for unit tests (test builds only).
 
@@ -16,6 +17,7 @@ pub mod fallocate;
 #[cfg(test)]
 pub(crate) mod mem;
 pub mod raw;
+pub mod uring;
 
 use std::io;
 
@@ -77,6 +79,13 @@ pub trait BlockDevice: Send + Sync {
     fn write_from_guest(&self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         let tmp = gather(bufs);
         self.write_at(&tmp, offset)
+    }
+
+    /// The plain raw image this device is, if it is one: the data plane then may run its reads,
+    /// writes and flushes on the image's descriptor itself (io_uring) instead of calling the
+    /// methods above. Devices that observe or transform I/O (replication, layers) return `None`.
+    fn as_raw_image(&self) -> Option<&RawImage> {
+        None
     }
 }
 

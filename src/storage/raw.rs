@@ -20,7 +20,7 @@ use super::{check_range, total_len, BlockDevice, GuestSlice};
 /// size in use (512 B and 4 KiB).
 const DIRECT_ALIGN: usize = 4096;
 /// Most iovecs one `preadv`/`pwritev` call takes (Linux UIO_MAXIOV).
-const MAX_IOV: usize = 1024;
+pub const MAX_IOV: usize = 1024;
 
 /// How to open a raw image.
 #[derive(Debug, Clone)]
@@ -99,7 +99,9 @@ impl RawImage {
         })
     }
 
-    fn aligned(
+    /// Whether a transfer of `len` bytes at `offset` through buffers `addrs` (address, length)
+    /// can go to the file as it is (always without O_DIRECT; with it, everything 4 KiB aligned).
+    pub(crate) fn aligned(
         &self,
         offset: u64,
         len: usize,
@@ -160,6 +162,16 @@ impl RawImage {
         Ok(())
     }
 
+    /// Whether the image was opened with O_DIRECT.
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Whether the image was opened read-only.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
     fn check_writable(&self) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::new(
@@ -171,9 +183,19 @@ impl RawImage {
     }
 }
 
+impl AsRawFd for RawImage {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 impl BlockDevice for RawImage {
     fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    fn as_raw_image(&self) -> Option<&RawImage> {
+        Some(self)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

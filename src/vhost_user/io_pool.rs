@@ -57,21 +57,28 @@ fn worker(rx: Arc<Mutex<Receiver<Job>>>) {
 /// wait until every one of them is completed.
 #[derive(Default)]
 pub(crate) struct InFlight {
-    count: Mutex<usize>,
+    /// (requests in flight, threads waiting in `wait_idle`)
+    count: Mutex<(usize, usize)>,
     idle: Condvar,
 }
 
 impl InFlight {
     /// Counts `n` more requests in flight.
     pub(crate) fn add(&self, n: usize) {
-        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += n;
+        self.count.lock().unwrap_or_else(|e| e.into_inner()).0 += n;
     }
 
     /// Counts one request completed.
     pub(crate) fn done(&self) {
+        self.done_n(1);
+    }
+
+    /// Counts `n` requests completed. Wakes waiters only when there are any (otherwise every
+    /// completion would cost a futex call).
+    pub(crate) fn done_n(&self, n: usize) {
         let mut c = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        *c = c.saturating_sub(1);
-        if *c == 0 {
+        c.0 = c.0.saturating_sub(n);
+        if c.0 == 0 && c.1 > 0 {
             self.idle.notify_all();
         }
     }
@@ -79,9 +86,11 @@ impl InFlight {
     /// Blocks until no request is in flight.
     pub(crate) fn wait_idle(&self) {
         let mut c = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        while *c > 0 {
+        c.1 += 1;
+        while c.0 > 0 {
             c = self.idle.wait(c).unwrap_or_else(|e| e.into_inner());
         }
+        c.1 -= 1;
     }
 }
 

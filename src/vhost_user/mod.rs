@@ -7,6 +7,7 @@ pub mod backend;
 pub(crate) mod io_pool;
 pub mod lifecycle;
 pub mod server;
+mod uring_queue;
 
 pub use backend::{DeviceOptions, QueueStatsSnapshot, StatsHandle};
 pub use lifecycle::DeviceObserver;

@@ -19,6 +19,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use super::backend::{BlkBackend, DeviceOptions, StatsHandle};
 use super::io_pool::IoPool;
 use super::lifecycle::DeviceObserver;
+use crate::storage::uring::{self, IoEngine};
 use crate::storage::BlockDevice;
 
 /// Errors of the vhost-user server.
@@ -75,6 +76,7 @@ pub struct Server {
     pool: Option<Arc<IoPool>>,
     control: ServerControl,
     stats: StatsHandle,
+    engine: IoEngine,
     observer: Option<Arc<dyn DeviceObserver>>,
 }
 
@@ -105,8 +107,45 @@ impl Server {
             pool,
             control: ServerControl::default(),
             stats,
+            engine: IoEngine::Threads,
             observer: None,
         })
+    }
+
+    /// Chooses the I/O engine (`--io-engine`) and logs the choice. `Auto` takes io_uring when the
+    /// kernel allows it and the device is a plain raw image, the thread pool otherwise; `Uring`
+    /// fails when the kernel refuses io_uring. Devices that are not raw images (the replication
+    /// roles) always keep the thread pool.
+    pub fn with_io_engine(mut self, engine: IoEngine) -> Result<Self, ServerError> {
+        let raw = self.disk.as_raw_image().is_some();
+        self.engine = match engine {
+            IoEngine::Threads => {
+                info!("I/O engine: threads (--io-engine threads)");
+                IoEngine::Threads
+            }
+            IoEngine::Auto | IoEngine::Uring if !raw => {
+                info!("I/O engine: threads (the device is not a plain raw image)");
+                IoEngine::Threads
+            }
+            IoEngine::Auto => match uring::probe() {
+                Ok(()) => {
+                    info!("I/O engine: io_uring (one ring per queue)");
+                    IoEngine::Uring
+                }
+                Err(e) => {
+                    info!("I/O engine: threads (io_uring unavailable: {e})");
+                    IoEngine::Threads
+                }
+            },
+            IoEngine::Uring => {
+                uring::probe().map_err(|e| {
+                    ServerError::Daemon(format!("--io-engine uring: io_uring unavailable: {e}"))
+                })?;
+                info!("I/O engine: io_uring (one ring per queue)");
+                IoEngine::Uring
+            }
+        };
+        Ok(self)
     }
 
     /// The handle that stops this server.
@@ -132,6 +171,7 @@ impl Server {
             &self.opts,
             self.stats.clone(),
             self.pool.clone(),
+            self.engine,
         );
         if let Some(o) = &self.observer {
             backend.set_observer(o.clone());
@@ -147,6 +187,11 @@ impl Server {
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let mut daemon = VhostUserDaemon::new("colo-blk".to_string(), backend.clone(), mem)
                 .map_err(|e| ServerError::Daemon(e.to_string()))?;
+            if backend.uses_uring() {
+                backend
+                    .register_uring_listeners(&daemon.get_epoll_handlers())
+                    .map_err(|e| ServerError::Daemon(format!("io_uring eventfd: {e}")))?;
+            }
             if let Err(e) = daemon.start(&mut listener) {
                 warn!("accepting a vhost-user connection failed: {e}");
                 continue;
@@ -175,7 +220,7 @@ impl Server {
                 st.connection = None;
             }
             // Dropping the daemon stops and joins the queue workers; then every request they
-            // handed to the I/O pool is waited for.
+            // handed to the I/O pool or left on their io_uring is waited for.
             drop(daemon);
             backend.wait_idle();
             if let Err(e) = self.disk.flush() {

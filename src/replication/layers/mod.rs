@@ -30,8 +30,8 @@
 //!   recorded before it starts and resumes when a restarted secondary opens the directory.
 //!
 //! Each layer is a sparse file the size of the disk holding its data at the disk's offsets, with
-//! its index log after the data ([`layer`]); `layers.state` names the current files
-//! ([`state`]). docs/layers.md has the formats and why a crash at any point is recoverable.
+//! its index log after the data (`layer.rs`); `layers.state` names the current files
+//! (`state.rs`). docs/layers.md has the formats and why a crash at any point is recoverable.
 
 mod layer;
 mod state;

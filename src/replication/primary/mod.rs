@@ -32,8 +32,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::dirty::DirtyBitmap;
 use super::events::{self, PrimaryStatus, Side};
+use super::metrics::ReplicationMetrics;
 use super::ordering::ChangeOrder;
 use super::protocol::{Frame, Mark, HEADER_LEN, MAX_PAYLOAD};
+use super::tls::LinkSecurity;
 use crate::qmp::EventSender;
 use crate::storage::{BlockDevice, Change, GuestSlice};
 
@@ -55,6 +57,8 @@ pub struct PrimaryOptions {
     pub dirty_granularity: u64,
     /// Logical block size, checked against the secondary's.
     pub block_size: u32,
+    /// How the link is protected (TLS or plain TCP).
+    pub security: LinkSecurity,
 }
 
 /// Where the link to the secondary stands.
@@ -178,6 +182,8 @@ pub struct Primary {
     dirty: Mutex<DirtyBitmap>,
     events: EventSender,
     enabled: watch::Sender<bool>,
+    /// Counters and timestamps for operators.
+    metrics: ReplicationMetrics,
 }
 
 impl Primary {
@@ -205,6 +211,7 @@ impl Primary {
             dirty: Mutex::new(dirty),
             events,
             enabled,
+            metrics: ReplicationMetrics::new(),
         })
     }
 
@@ -349,6 +356,13 @@ impl Primary {
 
     /// `replication-do-checkpoint`: starts a new epoch locally. Everything must be acked.
     pub fn do_checkpoint(&self) -> Result<u64, ReplicationError> {
+        let t = Instant::now();
+        let r = self.do_checkpoint_inner();
+        self.count_checkpoint(&r, t);
+        r
+    }
+
+    fn do_checkpoint_inner(&self) -> Result<u64, ReplicationError> {
         let _order = self.order();
         let mut st = self.state();
         match st.link.session() {
@@ -402,6 +416,30 @@ impl Primary {
     /// Ends the epoch with the frame `make(seq, epoch)` and waits for its acknowledgement. On
     /// failure the epoch's changes stay in the dirty record.
     fn end_epoch(
+        &self,
+        timeout: Option<Duration>,
+        make: impl FnOnce(u64, u64) -> Frame,
+    ) -> Result<u64, ReplicationError> {
+        let t = Instant::now();
+        let r = self.end_epoch_inner(timeout, make);
+        self.count_checkpoint(&r, t);
+        r
+    }
+
+    /// Counts a checkpoint attempt that started at `t`.
+    fn count_checkpoint(&self, r: &Result<u64, ReplicationError>, t: Instant) {
+        match r {
+            Ok(_) => self.metrics.checkpoint(t.elapsed()),
+            Err(_) => self.metrics.checkpoint_failed(),
+        }
+    }
+
+    /// The primary's counters and timestamps (for the metrics endpoint).
+    pub fn metrics(&self) -> &ReplicationMetrics {
+        &self.metrics
+    }
+
+    fn end_epoch_inner(
         &self,
         timeout: Option<Duration>,
         make: impl FnOnce(u64, u64) -> Frame,
@@ -473,6 +511,7 @@ impl Primary {
         let st = self.state();
         let dirty = self.dirty();
         let s = st.link.session();
+        let m = self.metrics.snapshot();
         PrimaryStatus {
             role: Side::Primary,
             state: st.link.name(),
@@ -491,11 +530,21 @@ impl Primary {
             dirty_bytes: dirty.dirty_bytes(),
             dirty_granularity: dirty.granularity(),
             last_error: st.last_error.clone(),
+            unprotected_since: m.unprotected_since,
+            last_checkpoint_at: m.last_checkpoint_at,
+            checkpoints: m.checkpoints,
+            checkpoint_failures: m.checkpoint_failures,
+            resync_total_bytes: s.map_or(0, |_| m.resync_total_bytes),
+            resync_started_at: s.and(m.resync_started_at),
+            bytes_acked_total: m.acked_bytes,
+            sessions: m.sessions,
+            link_errors: m.link_errors,
         }
     }
 
     /// Reports a session that ended after its handshake (the guest keeps running).
     fn session_lost(&self, _session: &Session, reason: &str) {
+        self.metrics.unprotected();
         log::warn!("replication link lost: {reason}; the guest keeps running, changes are tracked");
         let dirty = self.dirty().dirty_bytes();
         self.events.send(&events::PeerLost {
@@ -624,6 +673,7 @@ mod tests {
             reconnect_interval: Duration::from_secs(1),
             dirty_granularity: 4096,
             block_size: 512,
+            security: LinkSecurity::Insecure,
         }
     }
 

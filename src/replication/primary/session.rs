@@ -43,8 +43,18 @@ impl Primary {
                     if let Err(e) = stream.set_nodelay(true) {
                         warn!("TCP_NODELAY on the link: {e}");
                     }
+                    let me = self.clone();
+                    let connected = async move {
+                        let stream = me
+                            .opts
+                            .security
+                            .connect(stream, me.opts.peer_timeout)
+                            .await
+                            .map_err(ProtocolError::Io)?;
+                        me.session(stream, addr).await
+                    };
                     let reason = tokio::select! {
-                        r = self.clone().session(stream, addr) => match r {
+                        r = connected => match r {
                             Ok(()) => "closed by the secondary".to_string(),
                             Err(e) => e.to_string(),
                         },
@@ -84,6 +94,9 @@ impl Primary {
             (ended, new_error)
         };
         self.cond.notify_all();
+        if reason != "replication stopped" {
+            self.metrics.link_error();
+        }
         match ended {
             Some(s) => self.session_lost(&s, reason),
             // The secondary refused us (or broke the handshake): say so once per new reason,
@@ -129,6 +142,7 @@ impl Primary {
             st.link = Link::Connected(Session::new(id, tx, addr.clone(), dirty.dirty_bytes()));
             (id, dirty)
         };
+        self.metrics.connected(resync.dirty_bytes());
         info!(
             "replicating to {addr} ({} bytes to resync)",
             resync.dirty_bytes()
@@ -182,12 +196,15 @@ impl Primary {
             });
         }
         s.acked_seq = seq;
+        let mut freed = 0;
         while s.in_flight.front().is_some_and(|&(n, _)| n <= seq) {
             if let Some((_, cost)) = s.in_flight.pop_front() {
                 s.in_flight_bytes -= cost;
+                freed += cost;
             }
         }
         drop(st);
+        self.metrics.acked(freed);
         self.cond.notify_all();
         Ok(())
     }
@@ -234,6 +251,7 @@ impl Primary {
             Some(s) => s.resync_remaining = 0,
             None => return,
         }
+        self.metrics.in_sync();
         info!("resync complete");
         self.events.send(&events::ResyncDone {
             role: Side::Primary,
