@@ -1,10 +1,11 @@
 //! An io_uring instance bound to one [`RawImage`]: the queue-side half of the `uring` I/O engine.
 //!
 //! One [`ImageRing`] per virtqueue. The queue's worker pushes vectored reads and writes (iovecs
-//! pointing straight into guest memory, as [`RawImage::read_to_guest`] uses them) and
-//! `fdatasync`s, submits them with one `io_uring_enter` per batch and reaps completions by
-//! `user_data`. The image's descriptor is a registered file when the kernel allows it (saves the
-//! per-request file reference counting). An eventfd is registered with the ring so that the
+//! pointing straight into guest memory, as
+//! [`BlockDevice::read_to_guest`](super::BlockDevice::read_to_guest) uses them) and `fdatasync`s,
+//! submits them with one `io_uring_enter` per batch and reaps completions by `user_data`. The
+//! image's descriptor is a registered file when the kernel allows it (saves the per-request file
+//! reference counting). An eventfd is registered with the ring so that the
 //! worker's epoll loop wakes up for completions; it can be switched off while the worker is busy
 //! anyway (`IORING_CQ_EVENTFD_DISABLED`), so completions that arrive inline with the submission
 //! cost no wake-up.
