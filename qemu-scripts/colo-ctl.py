@@ -1,7 +1,26 @@
 #!/usr/bin/env python3
 """colo-ctl.py -- the COLO checkpoint manager for a colo-blk protected VM.
 
-Drives three QMP sockets:
+Two modes:
+
+  --mode pause (default)  disk-only protection for QEMUs without a working COLO (QEMU 7.2):
+                          colo-ctl itself pauses the VM and checkpoints the disks (below).
+  --mode colo             QEMU's own COLO (x-colo, QEMU 11) runs the checkpoints and the
+                          backends follow them by themselves (docs/colo-with-qemu.md): colo-ctl
+                          only watches both QEMUs (--qemu-qmp: the PVM's, --svm-qmp: the
+                          SVM's) and both backends, reports each checkpoint, and on the loss of
+                          the PVM's side (its QEMU's or the primary backend's QMP connection
+                          ends) sends x-colo-lost-heartbeat to the SVM's QEMU with
+                          --failover-on-primary-loss; the secondary backend fails over by
+                          itself (checked; replication-failover only if it did not within 5 s,
+                          reported as "manual": true). On the loss of the SVM's side it sends
+                          x-colo-lost-heartbeat to the PVM's QEMU and prints the re-protect
+                          steps. No stop/cont, no replication-checkpoint. Events: ready,
+                          checkpoint {epoch, pause_ms (PVM STOP->RESUME, QEMU timestamps)},
+                          failover {reason, epoch, duration_ms, manual}, unprotected
+                          {reason, reprotect: [...]}.
+
+The pause mode drives three QMP sockets:
 
   --qemu-qmp       the Primary VM's QEMU (stop / cont)
   --primary-qmp    the primary colo-blk backend (query-replication, replication-checkpoint)
@@ -337,10 +356,136 @@ class Ctl:
                         pass
 
 
+class ColoWatch:
+    """--mode colo: QEMU runs COLO; watch it, fail over on loss (see the module docstring)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.clients = {
+            "pvm": QMPClient("pvm"), "svm": QMPClient("svm"),
+            "primary": QMPClient("primary"), "secondary": QMPClient("secondary"),
+        }
+        self.paths = {"pvm": args.qemu_qmp, "svm": args.svm_qmp,
+                      "primary": args.primary_qmp, "secondary": args.secondary_qmp}
+        self.lost = asyncio.Queue()
+        self.stop_ts = None
+        self.epoch = None
+
+    async def watch(self, name):
+        c = self.clients[name]
+        while True:
+            state = await c.runstate_changed()
+            if state in (Runstate.DISCONNECTING, Runstate.IDLE):
+                await self.lost.put(name)
+                return
+
+    async def pump(self, name):
+        def ts(ev):
+            t = ev.get("timestamp", {})
+            return t.get("seconds", 0) + t.get("microseconds", 0) / 1e6
+        async for ev in self.clients[name].events:
+            e = ev["event"]
+            if name == "pvm" and e == "STOP":
+                self.stop_ts = ts(ev)
+            elif name == "pvm" and e == "RESUME" and self.stop_ts is not None:
+                emit("checkpoint", epoch=self.epoch,
+                     pause_ms=round((ts(ev) - self.stop_ts) * 1000, 3))
+                self.stop_ts = None
+            elif name == "secondary" and e == "REPLICATION_CHECKPOINT":
+                self.epoch = ev.get("data", {}).get("epoch")
+            elif e in ("COLO_EXIT", "REPLICATION_ERROR", "REPLICATION_PEER_LOST",
+                       "REPLICATION_FAILOVER_DONE"):
+                log(f"{name} {e} {json.dumps(ev.get('data', {}))}")
+
+    async def fail_over_to_svm(self, reason):
+        svm, sec = self.clients["svm"], self.clients["secondary"]
+        t0 = time.monotonic()
+        try:
+            await svm.execute("x-colo-lost-heartbeat")
+            while (await svm.execute("query-colo-status"))["mode"] != "none":
+                await asyncio.sleep(0.01)
+        except Exception as e:
+            emit("failover-error", reason=reason, error=f"x-colo-lost-heartbeat: {e}")
+            return 1
+        left_ms = (time.monotonic() - t0) * 1000
+        manual = False
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                r = await sec.execute("query-replication")
+                if r.get("state") == "failed-over" and r.get("hidden-bytes", 0) == 0:
+                    break
+                if time.monotonic() > deadline:
+                    log("the secondary backend did not fail over by itself: replication-failover")
+                    manual = True
+                    await sec.execute("replication-failover")
+                    r = await sec.execute("query-replication")
+                    break
+                await asyncio.sleep(0.01)
+        except Exception as e:
+            emit("failover-error", reason=reason, error=f"secondary backend: {e}")
+            return 1
+        emit("failover", reason=reason, epoch=r.get("epoch"), left_colo_ms=round(left_ms, 3),
+             duration_ms=round((time.monotonic() - t0) * 1000, 3), manual=manual)
+        return 0
+
+    async def secondary_lost(self, reason):
+        try:
+            await self.clients["pvm"].execute("x-colo-lost-heartbeat")
+            while (await self.clients["pvm"].execute("query-colo-status"))["mode"] != "none":
+                await asyncio.sleep(0.01)
+        except Exception as e:
+            log(f"x-colo-lost-heartbeat on the PVM: {e}")
+        emit("unprotected", reason=reason, reprotect=[
+            "start a new secondary backend on the old --listen port (fresh image)",
+            'primary backend: replication-start {"full": true}; wait for REPLICATION_RESYNC_DONE',
+            "a new SVM QEMU with -incoming defer on the new backend's socket",
+            "SVM: migrate-set-capabilities return-path,x-colo; migrate-incoming",
+            "PVM: migrate-set-capabilities return-path,x-colo; migrate (x-colo again)",
+            "or: qemu-scripts/colo-qemu-pair.sh reprotect --dir DIR",
+        ])
+
+    async def run(self):
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        ctl = Ctl.__new__(Ctl)
+        ctl.args = self.args
+        for name, c in self.clients.items():
+            await Ctl.connect(ctl, c, self.paths[name], name)
+        tasks = [asyncio.create_task(self.watch(n)) for n in self.clients]
+        tasks += [asyncio.create_task(self.pump(n)) for n in self.clients]
+        try:
+            emit("ready", pvm=await self.clients["pvm"].execute("query-colo-status"),
+                 svm=await self.clients["svm"].execute("query-colo-status"))
+            while True:
+                name = await self.lost.get()
+                if name in ("pvm", "primary"):
+                    reason = f"{name} QMP connection lost"
+                    if not self.args.failover_on_primary_loss:
+                        emit("primary-lost", reason=reason)
+                        return 1
+                    return await self.fail_over_to_svm(reason)
+                await self.secondary_lost(f"{name} QMP connection lost")
+                return 0
+        finally:
+            for t in tasks:
+                t.cancel()
+            for c in self.clients.values():
+                try:
+                    await c.disconnect()
+                except Exception:
+                    pass
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description="COLO checkpoint manager for colo-blk (see the module docstring).")
+    p.add_argument("--mode", choices=["pause", "colo"], default="pause",
+                   help="pause: colo-ctl checkpoints (default); colo: QEMU's x-colo does")
     p.add_argument("--qemu-qmp", required=True, help="Primary VM's QEMU QMP unix socket")
+    p.add_argument("--svm-qmp", help="--mode colo: the Secondary VM's QEMU QMP unix socket")
     p.add_argument("--primary-qmp", required=True, help="primary colo-blk QMP unix socket")
     p.add_argument("--secondary-qmp", help="secondary colo-blk QMP unix socket (for failover)")
     p.add_argument("--interval-ms", type=int, default=1000,
@@ -361,6 +506,8 @@ def parse_args(argv):
     p.add_argument("--connect-timeout", type=float, default=30.0,
                    help="seconds to wait for the QMP sockets to appear (default 30)")
     a = p.parse_args(argv)
+    if a.mode == "colo" and not (a.svm_qmp and a.secondary_qmp):
+        p.error("--mode colo needs --svm-qmp and --secondary-qmp")
     if a.failover_on_primary_loss and not a.secondary_qmp:
         p.error("--failover-on-primary-loss needs --secondary-qmp")
     if a.interval_ms <= 0 or a.poll_ms <= 0:
@@ -372,7 +519,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.CRITICAL)  # qemu.qmp logs disconnects loudly
     try:
-        return asyncio.run(Ctl(args).run())
+        return asyncio.run((ColoWatch(args) if args.mode == "colo" else Ctl(args)).run())
     except (KeyboardInterrupt, asyncio.CancelledError):
         log("stopped by a signal")
         return 143

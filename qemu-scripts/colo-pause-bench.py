@@ -8,8 +8,15 @@ own event timestamps) of the next N checkpoints (the first checkpoint, which car
 after the initial migration, is reported apart), then stops the pair.
 
 Usage: colo-pause-bench.py [-n 30] [--delay 500] [--dir /tmp/colo-pause-bench]
-                           [--disk-checkpoint none|on-stop] [--only disk|nodisk]
-Prints one JSON line per configuration: n, min/median/p90/max/mean pause in ms, first_ms.
+                           [--disk-checkpoint qemu|on-stop]
+                           [--only disk|disk-write|nodisk[,...]]
+Configurations: disk (the guest ticks once a second: idle), disk-write (the guest writes 64 KiB
+with O_DIRECT in a loop, all the time), nodisk (no vhost-user-blk device).
+Prints one JSON line per configuration: n, min/median/p90/max/mean pause in ms, first_ms; for
+the disk configurations also the backend's share of each pause: the primary backend runs with
+RUST_LOG=debug and logs, per device stop, how long the MARKER took until the secondary applied
+it ("applied by the secondary in X ms": the time QEMU's GET_VRING_BASE waits in the backend),
+summarised as backend_median_ms / backend_p90_ms / backend_max_ms over the same checkpoints.
 The numbers depend on the machine's load (TCG, a shared host): compare the two lines of one
 run, not runs on different days.
 """
@@ -57,11 +64,29 @@ async def measure(qmp_path, n, timeout):
     return pauses
 
 
+WRITER = """echo "TICK 1 "; echo "TICK 2 "
+i=0
+while true; do
+  i=$((i + 1))
+  dd if=/dev/zero of=/dev/vda bs=64k count=1 seek=$((i % 500)) oflag=direct 2>/dev/null || echo "IOERR $i"
+done
+"""
+
+
 def run(name, args, extra):
     d = os.path.join(args.dir, name)
     pair = os.path.join(HERE, "colo-qemu-pair.sh")
     start = ["bash", pair, "start", "--dir", d, "--delay", str(args.delay)] + extra
-    r = subprocess.run(start, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if name != "nodisk":
+        env["RUST_LOG"] = "debug"
+    if name == "disk-write":
+        os.makedirs(args.dir, exist_ok=True)
+        script = os.path.join(args.dir, "writer.sh")
+        with open(script, "w") as f:
+            f.write(WRITER)
+        env["COLO_PAIR_SCRIPT"] = script
+    r = subprocess.run(start, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if r.returncode != 0:
         sys.stderr.write(r.stderr)
         raise SystemExit(f"colo-pause-bench: {name}: colo-qemu-pair.sh start failed")
@@ -83,12 +108,33 @@ def run(name, args, extra):
     except (OSError, ValueError):
         pass
     xs = pauses[1:] if len(pauses) > args.n else pauses
+    backend = {}
+    if name != "nodisk":
+        # The last len(xs) + 1 device stops of the primary backend before the pair was
+        # stopped (the last is the stop at `stop`, dropped), one per checkpoint.
+        ms = []
+        try:
+            for line in open(os.path.join(d, "primary.log")):
+                if "applied by the secondary in" in line:
+                    ms.append(float(line.rsplit(" in ", 1)[1].split()[0]))
+        except OSError:
+            pass
+        ms = ms[1:]  # the end of the migration into COLO
+        if ms:
+            backend = {
+                "backend_n": len(ms),
+                "backend_median_ms": round(statistics.median(ms), 3),
+                "backend_p90_ms": round(pct(ms, 0.9), 3),
+                "backend_max_ms": round(max(ms), 3),
+                "backend_share_of_median_pause": round(statistics.median(ms) / statistics.median(xs), 4),
+            }
     return {
         "config": name, "n": len(xs), "delay_ms": args.delay,
         "min_ms": round(min(xs), 2), "median_ms": round(statistics.median(xs), 2),
         "p90_ms": round(pct(xs, 0.9), 2), "max_ms": round(max(xs), 2),
         "mean_ms": round(statistics.mean(xs), 2), "first_ms": first,
         "load": os.getloadavg()[0],
+        **backend,
     }
 
 
@@ -97,14 +143,19 @@ def main():
     ap.add_argument("-n", type=int, default=30, help="checkpoints per configuration")
     ap.add_argument("--delay", type=int, default=500, help="x-checkpoint-delay in ms")
     ap.add_argument("--dir", default="/tmp/colo-pause-bench")
-    ap.add_argument("--disk-checkpoint", choices=["none", "on-stop"], default="none")
-    ap.add_argument("--only", choices=["disk", "nodisk"])
+    ap.add_argument("--disk-checkpoint", choices=["qemu", "on-stop"], default="qemu")
+    ap.add_argument("--only", default="disk,disk-write,nodisk",
+                    help="comma-separated: disk, disk-write, nodisk (default all)")
     ap.add_argument("--timeout", type=float, default=0)
     args = ap.parse_args()
-    if args.only != "nodisk":
-        print(json.dumps(run("disk", args, ["--disk-checkpoint", args.disk_checkpoint])), flush=True)
-    if args.only != "disk":
-        print(json.dumps(run("nodisk", args, ["--no-disk"])), flush=True)
+    for name in args.only.split(","):
+        if name in ("disk", "disk-write"):
+            extra = ["--disk-checkpoint", args.disk_checkpoint]
+        elif name == "nodisk":
+            extra = ["--no-disk"]
+        else:
+            raise SystemExit(f"colo-pause-bench: unknown configuration {name}")
+        print(json.dumps(run(name, args, extra)), flush=True)
 
 
 if __name__ == "__main__":

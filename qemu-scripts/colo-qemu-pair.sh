@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
 # colo-qemu-pair.sh -- a real COLO pair (QEMU's own x-colo) on one host, both VMs' disks served
-# by colo-blk over vhost-user-blk.
+# by colo-blk over vhost-user-blk. The backends follow QEMU's checkpoints by themselves (no
+# manager, no replication-checkpoint): docs/colo-with-qemu.md.
 #
 # Usage: colo-qemu-pair.sh start    [options]   start everything (in the background), migrate
 #                                                into COLO, print the QMP sockets, return
 #        colo-qemu-pair.sh status   [--dir DIR] query-status / query-colo-status / query-migrate
+#                                                of both QEMUs, query-replication of both backends
 #        colo-qemu-pair.sh failover [--dir DIR] the PVM's host "dies": SIGKILL the PVM's QEMU and
-#                                                the primary backend, then replication-failover
-#                                                on the secondary backend and
-#                                                x-colo-lost-heartbeat on the SVM's QEMU
+#                                                the primary backend, then x-colo-lost-heartbeat
+#                                                on the SVM's QEMU; the secondary backend fails
+#                                                over by itself when QEMU ends COLO on the SVM
+#                                                (checked; if it did not within 5 s,
+#                                                replication-failover is sent and reported)
 #        colo-qemu-pair.sh failover-pvm [--dir DIR] the SVM's host "dies": SIGKILL the SVM's
 #                                                QEMU and the secondary backend, then
 #                                                x-colo-lost-heartbeat on the PVM's QEMU (the
 #                                                primary backend notices the lost peer itself)
+#        colo-qemu-pair.sh reprotect [--dir DIR] [--resync full|copy]  after failover-pvm: a new
+#                                                secondary backend (on the same port) on a fresh
+#                                                image with a full resync (replication-start
+#                                                {"full": true}; default), or on a copy of the
+#                                                primary's image taken while the PVM is paused
+#                                                (copy: replication-stop, stop, cp, start, cont:
+#                                                the incremental resync of what the PVM wrote
+#                                                since); a new SVM QEMU with -incoming; migrate
+#                                                with x-colo again; returns in COLO
 #        colo-qemu-pair.sh stop     [--dir DIR] kill everything this pair started
 #
 # What start runs (files in DIR):
@@ -27,7 +40,7 @@
 #   5. QMP, per QEMU's docs/COLO-FT.txt: return-path + x-colo on the SVM, migrate-incoming;
 #      return-path + x-colo on the PVM, x-checkpoint-delay, migrate; waits for status "colo";
 #   6. colo-qemu-watch.py (log events.log: every QMP event of both QEMUs with QEMU's timestamp,
-#      the PVM's STOP->RESUME pause per checkpoint, and the backend checkpoints).
+#      the PVM's STOP->RESUME pause per checkpoint).
 #
 # Options (start):
 #   --dir DIR              working directory (default ./colo-qemu-pair)
@@ -39,13 +52,16 @@
 #   --port N               replication port (default 7790); migration N+1, NIC chardevs N+2..N+5
 #   --nic                  add a NIC (-netdev user, restricted) with colo-compare on the PVM,
 #                          filter-mirror / filter-redirector / filter-rewriter as in COLO-FT.txt
-#   --disk-checkpoint M    how the backends' disk checkpoints follow QEMU's (default on-stop):
-#                            none     the backends only replicate; no replication-checkpoint
-#                            on-stop  at every PVM STOP event run replication-checkpoint on the
-#                                     primary backend (QEMU does not wait for it; events.log
-#                                     says whether it finished before RESUME)
-#                          Deriving the checkpoint from QEMU's own cycle inside colo-blk is not
-#                          done yet: docs/colo-with-qemu.md.
+#                          (not with reprotect)
+#   --disk-checkpoint M    how the backends' disk checkpoints follow QEMU's (default qemu):
+#                            qemu     the backends follow QEMU's own checkpoints (a MARKER per
+#                                     device stop with dirty logging on; the SVM's restart
+#                                     decides): nothing else runs
+#                            on-stop  in addition, at every PVM STOP event colo-qemu-watch.py
+#                                     runs replication-checkpoint on the primary backend (the
+#                                     old helper, for a colo-blk without QEMU-driven
+#                                     checkpoints; QEMU does not wait for it)
+#                            none     same as qemu (kept for old scripts)
 #   --no-disk              no vhost-user-blk device at all (a control; no backends)
 #   --strace               run both backends under strace -f (recvmsg/sendmsg, in
 #                          primary.strace / secondary.strace) to see the vhost-user messages
@@ -53,7 +69,8 @@
 #
 # Environment: COLO_QEMU (QEMU, default /opt/colo-qemu/bin/qemu-system-x86_64, from
 # install-colo-qemu.sh; QEMU 7.2 does not work for x-colo), COLO_BLK_ACCEL=tcg|kvm (default tcg),
-# COLO_GUEST_DIR (the guest of build-guest.sh, default qemu-scripts/guest).
+# COLO_GUEST_DIR (the guest of build-guest.sh, default qemu-scripts/guest), RUST_LOG (the
+# backends' log level, default info; debug shows every marker).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -68,7 +85,7 @@ log() { echo "colo-qemu-pair: $*" >&2; }
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
-    start|status|failover|failover-pvm|stop) ;;
+    start|status|failover|failover-pvm|reprotect|stop) ;;
     -h|--help|help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
 esac
@@ -81,8 +98,9 @@ smp=1
 delay=2000
 port=7790
 nic=0
-disk_ckpt=on-stop
+disk_ckpt=qemu
 disk=1
+resync=full
 strace=0
 bin=""
 while [ $# -gt 0 ]; do
@@ -99,12 +117,15 @@ while [ $# -gt 0 ]; do
         --no-disk) disk=0; shift ;;
         --strace) strace=1; shift ;;
         --colo-blk) bin="$2"; shift 2 ;;
+        --resync) resync="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
-case "$disk_ckpt" in none|on-stop) ;; *) die "--disk-checkpoint must be none or on-stop" ;; esac
-[ "$disk" = 1 ] || disk_ckpt=none
+case "$disk_ckpt" in qemu|none|on-stop) ;; *) die "--disk-checkpoint must be qemu, on-stop or none" ;; esac
+[ "$disk_ckpt" = none ] && disk_ckpt=qemu
+[ "$disk" = 1 ] || disk_ckpt=qemu
+case "$resync" in full|copy) ;; *) die "--resync must be full or copy" ;; esac
 qemu="${COLO_QEMU:-$COLO_QEMU_DEFAULT}"
 
 # qmp SOCKET COMMAND [JSON-ARGS]: runs one QMP command, prints its answer as JSON.
@@ -125,145 +146,17 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------------------
-if [ "$cmd" != start ]; then
-    [ -d "$dir" ] || die "no pair in $dir"
-    dir="$(cd "$dir" && pwd)"
-    pid_of() { sed -n "s/^$1 //p" "$dir/pids" 2>/dev/null; }
-    # A zombie (killed, not yet reaped by whoever inherited it) counts as dead.
-    alive() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && ! awk '{exit $3 == "Z" ? 0 : 1}' "/proc/$1/stat" 2>/dev/null; }
-    case "$cmd" in
-    status)
-        for vm in pvm svm; do
-            if alive "$(pid_of "$vm")"; then
-                echo "$vm query-status: $(qmp "$dir/$vm.qmp" query-status)"
-                echo "$vm query-colo-status: $(qmp "$dir/$vm.qmp" query-colo-status)"
-            else
-                echo "$vm: not running"
-            fi
-        done
-        if alive "$(pid_of pvm)"; then
-            qmp "$dir/pvm.qmp" query-migrate | python3 -c 'import json,sys; m=json.load(sys.stdin); print("pvm query-migrate: status", m.get("status"), "checkpoints", m.get("colo-checkpoints", m.get("ram", {}).get("dirty-sync-count")))' || true
-        fi
-        echo "checkpoints (PVM STOP->RESUME in events.log): $(grep -c '"pvm", "event": "RESUME"' "$dir/events.log" 2>/dev/null || true)"
-        ;;
-    failover|failover-pvm)
-        # failover: the PVM's side dies, the SVM takes over; failover-pvm: the SVM's side dies,
-        # the PVM goes on alone.
-        if [ "$cmd" = failover ]; then dead=(pvm primary); vm=svm; backend=secondary
-        else dead=(svm secondary); vm=pvm; backend=""; fi
-        t0=$(date +%s.%N)
-        for p in "${dead[@]}"; do
-            if alive "$(pid_of "$p")"; then kill -9 "$(pid_of "$p")"; fi
-        done
-        # Wait until both are really gone (a SIGKILLed process can take a moment to be reaped).
-        for p in "${dead[@]}"; do
-            while alive "$(pid_of "$p")"; do sleep 0.05; done
-        done
-        t1=$(date +%s.%N)
-        log "killed ${dead[*]} ($(python3 -c "import sys; print(f'{1000*(float(sys.argv[2])-float(sys.argv[1])):.1f}')" "$t0" "$t1") ms)"
-        bq=""
-        if [ -n "$backend" ] && [ -n "$(pid_of "$backend")" ]; then bq="$dir/$backend.qmp"; fi
-        nic_objs=""
-        if [ -f "$dir/nic" ]; then
-            # COLO-FT.txt "Secondary Failover" / "Primary Failover": the filters go.
-            if [ "$vm" = svm ]; then nic_objs="f2 f1"; else nic_objs="comp0 iothread1 m0 redire0 redire1"; fi
-        fi
-        python3 - "$dir/$vm.qmp" "$bq" "$nic_objs" <<'EOF2'
-import asyncio, json, sys, time
-from qemu.qmp import QMPClient
-async def main(vm_path, backend_path, nic_objs):
-    vm = QMPClient("vm")
-    await vm.connect(vm_path)
-    if backend_path:
-        # Disk first, so the VM's next I/O already sees the committed disk.
-        b = QMPClient("backend")
-        await b.connect(backend_path)
-        t = time.monotonic()
-        r = await b.execute("replication-failover")
-        print(f"backend replication-failover: {json.dumps(r)} ({1000*(time.monotonic()-t):.1f} ms)")
-        await b.disconnect()
-    t = time.monotonic()
-    r = await vm.execute("x-colo-lost-heartbeat")
-    print(f"x-colo-lost-heartbeat: {json.dumps(r)} ({1000*(time.monotonic()-t):.1f} ms)")
-    for o in nic_objs.split():
-        try:
-            await vm.execute("object-del", {"id": o})
-        except Exception as e:
-            print(f"object-del {o}: {e}")
-    # Wait until QEMU left COLO (the failover runs in QEMU's migration thread).
-    while (await vm.execute("query-colo-status"))["mode"] != "none":
-        await asyncio.sleep(0.01)
-    print(f"left COLO after {1000*(time.monotonic()-t):.1f} ms")
-    print("query-status:", json.dumps(await vm.execute("query-status")))
-    print("query-colo-status:", json.dumps(await vm.execute("query-colo-status")))
-    await vm.disconnect()
-asyncio.run(main(*sys.argv[1:4]))
-EOF2
-        ;;
-    stop)
-        # Each process was started in its own session (setsid): signal its process group, so
-        # an strace wrapper and its tracee go together. QEMU in COLO can ignore SIGTERM; after
-        # 5 s, SIGKILL.
-        while read -r name p; do
-            if alive "$p"; then kill -TERM -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; log "stopping $name ($p)"; fi
-        done <"$dir/pids"
-        while read -r name p; do
-            for _ in $(seq 1 50); do alive "$p" || break; sleep 0.1; done
-            if alive "$p"; then kill -KILL -- "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null || true; log "killed $name ($p) with SIGKILL"; fi
-        done <"$dir/pids"
-        ;;
-    esac
-    exit 0
-fi
-
-# --- start ------------------------------------------------------------------------------------
-if [ -z "$bin" ]; then
-    for b in "$repo/target/release/colo-blk" "$repo/target/debug/colo-blk"; do
-        if [ -x "$b" ]; then bin="$b"; break; fi
-    done
-fi
-if [ "$disk" = 1 ]; then
-    { [ -n "$bin" ] && [ -x "$bin" ]; } || die "no colo-blk binary: run 'cargo build --release' first"
-fi
-qemu_at_least "$qemu" 8 1 \
-    || die "$qemu is not a QEMU >= 8.1 (x-colo needs QEMU 11 here): run qemu-scripts/install-colo-qemu.sh, or set COLO_QEMU"
-python3 -c 'import qemu.qmp' 2>/dev/null || die "python3 qemu.qmp missing: pip install qemu.qmp"
-[ "$strace" = 0 ] || command -v strace >/dev/null || die "strace not installed"
-guest="${COLO_GUEST_DIR:-$here/guest}"
-{ [ -f "$guest/vmlinuz" ] && [ -f "$guest/initramfs.cpio.gz" ]; } \
-    || die "no guest in $guest: run qemu-scripts/build-guest.sh first"
-case "${COLO_BLK_ACCEL:-tcg}" in tcg|kvm) accel="${COLO_BLK_ACCEL:-tcg}" ;; *) die "COLO_BLK_ACCEL must be tcg or kvm" ;; esac
-reconnect="$(qemu_reconnect_opt "$qemu")"
-
-mkdir -p "$dir"
-dir="$(cd "$dir" && pwd)"
-if [ -f "$dir/pids" ]; then
-    while read -r _ p; do
-        if kill -0 "$p" 2>/dev/null; then die "a pair is still running in $dir (colo-qemu-pair.sh stop --dir $dir)"; fi
-    done <"$dir/pids"
-fi
-rm -rf "$dir/layers" "$dir/root"
-rm -f "$dir"/*.sock "$dir"/*.qmp "$dir"/*.log "$dir"/*.strace "$dir/pids" "$dir/nic" \
-    "$dir/primary.img" "$dir/secondary.img"
-: >"$dir/pids"
-[ "$nic" = 1 ] && : >"$dir/nic"
-
-started=0
-# shellcheck disable=SC2317 # called by the trap
-on_exit() {
-    if [ "$started" = 0 ]; then
-        log "start failed; stopping what was started (logs in $dir)"
-        local name p
-        while read -r name p; do kill "$p" 2>/dev/null || true; done <"$dir/pids"
-    fi
-}
-trap on_exit EXIT
+pid_of() { sed -n "s/^$1 //p" "$dir/pids" 2>/dev/null | tail -n1; }
+# A zombie (killed, not yet reaped by whoever inherited it) counts as dead.
+alive() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && ! awk '{exit $3 == "Z" ? 0 : 1}' "/proc/$1/stat" 2>/dev/null; }
+ms_since() { python3 -c "import sys,time; print(f'{1000*(time.time()-float(sys.argv[1])):.1f}')" "$1"; }
 
 # spawn NAME LOG CMD...: runs CMD in its own session in the background, records its pid.
 spawn() {
     local name="$1" logf="$2"
     shift 2
     setsid "$@" </dev/null >"$logf" 2>&1 &
+    sed -i "/^$name /d" "$dir/pids"
     echo "$name $!" >>"$dir/pids"
 }
 # tracee NAME: under --strace, NAME's recorded pid is strace's; record colo-blk's own pid as
@@ -272,7 +165,7 @@ spawn() {
 tracee() {
     [ "$strace" = 1 ] || return 0
     local sp child
-    sp="$(sed -n "s/^$1 //p" "$dir/pids")"
+    sp="$(pid_of "$1")"
     child="$(pgrep -P "$sp" | head -n1)"
     [ -n "$child" ] || die "no process under strace $sp"
     sed -i "s/^$1 $sp\$/$1-strace $sp\n$1 $child/" "$dir/pids"
@@ -287,63 +180,33 @@ wait_for() {  # wait_for WHAT TEST...
     die "timed out waiting for $what (logs in $dir)"
 }
 
-# The guest: write a tick to /dev/vda, read it back, every second.
-mkdir -p "$dir/root/colo"
-if [ "$disk" = 1 ]; then
-    cat >"$dir/root/colo/test.sh" <<'EOF'
-i=0
-while true; do
-  i=$((i + 1))
-  echo "tick $i" >/tmp/t
-  if dd if=/tmp/t of=/dev/vda bs=512 seek=$((i % 1000)) count=1 conv=sync oflag=direct 2>/dev/null \
-     && dd if=/dev/vda of=/tmp/r bs=512 skip=$((i % 1000)) count=1 iflag=direct 2>/dev/null \
-     && [ "$(head -n1 /tmp/r | tr -d '\000')" = "tick $i" ]; then
-    echo "TICK $i ok"
-  else
-    echo "IOERR $i"
-  fi
-  sleep 1
-done
-EOF
-else
-    # shellcheck disable=SC2016 # expanded by the guest's shell
-    printf 'i=0\nwhile true; do i=$((i + 1)); echo "TICK $i nodisk"; sleep 1; done\n' >"$dir/root/colo/test.sh"
-fi
-cat "$guest/initramfs.cpio.gz" >"$dir/initrd"
-isz=$(stat -c %s "$dir/initrd")
-head -c $(( (512 - isz % 512) % 512 )) /dev/zero >>"$dir/initrd"
-(cd "$dir/root" && find colo | cpio --quiet -o -H newc -R 0:0) >>"$dir/initrd"
+# The settings a later command (reprotect) needs again.
+save_config() {
+    declare -p size machine mem smp delay port nic disk disk_ckpt strace bin qemu accel \
+        reconnect guest >"$dir/config"
+}
 
-tracer=()
-# shellcheck disable=SC2054 # the commas are strace's
-if [ "$strace" = 1 ]; then tracer=(strace -f -tt -T -xx -s 256 -e trace=recvmsg,sendmsg -o); fi
-
-if [ "$disk" = 1 ]; then
-    t=()
+start_secondary() {  # start_secondary IMAGE: the secondary backend serving svm.sock
+    local t=()
+    rm -rf "$dir/layers"
+    rm -f "$dir/svm.sock" "$dir/secondary.qmp"
     [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/secondary.strace")
     spawn secondary "$dir/secondary.log" ${t[@]+"${t[@]}"} "$bin" --role secondary --insecure-link \
-        --image "$dir/secondary.img" --size "$size" --listen "127.0.0.1:$port" \
+        --image "$1" --size "$size" --listen "127.0.0.1:$port" \
         --layer-dir "$dir/layers" --socket "$dir/svm.sock" --num-queues "$smp" --qmp "$dir/secondary.qmp"
     wait_for "the secondary backend" test -S "$dir/svm.sock"
     tracee secondary
-    t=()
-    [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/primary.strace")
-    spawn primary "$dir/primary.log" ${t[@]+"${t[@]}"} "$bin" --role primary --insecure-link \
-        --image "$dir/primary.img" --size "$size" --peer "127.0.0.1:$port" \
-        --socket "$dir/pvm.sock" --num-queues "$smp" --qmp "$dir/primary.qmp"
-    wait_for "the primary backend" test -S "$dir/pvm.sock"
-    tracee primary
-    log "backends up: secondary $dir/secondary.qmp, primary $dir/primary.qmp"
-fi
+}
 
-mport=$((port + 1))
-common=(
-    -machine "$machine" -accel "$accel" -smp "$smp" -m "$mem"
-    -object "memory-backend-memfd,id=mem,size=$mem,share=on" -machine memory-backend=mem
-    -kernel "$guest/vmlinuz" -initrd "$dir/initrd"
-    -append "console=ttyS0 panic=-1 loglevel=4 edd=off"
-    -nographic -no-reboot -nodefaults -serial stdio
-)
+common_args() {
+    common=(
+        -machine "$machine" -accel "$accel" -smp "$smp" -m "$mem"
+        -object "memory-backend-memfd,id=mem,size=$mem,share=on" -machine memory-backend=mem
+        -kernel "$guest/vmlinuz" -initrd "$dir/initrd"
+        -append "console=ttyS0 panic=-1 loglevel=4 edd=off"
+        -nographic -no-reboot -nodefaults -serial stdio
+    )
+}
 vm_args() {  # vm_args pvm|svm: the per-VM devices
     local vm="$1"
     if [ "$disk" = 1 ]; then
@@ -377,32 +240,302 @@ vm_args() {  # vm_args pvm|svm: the per-VM devices
         fi
     fi
 }
-mapfile -t pvm_dev < <(vm_args pvm | tr ' ' '\n')
-mapfile -t svm_dev < <(vm_args svm | tr ' ' '\n')
+start_svm() {  # the SVM's QEMU, -incoming defer
+    local svm_dev
+    common_args
+    rm -f "$dir/svm.qmp" "$dir/svm-watch.qmp"
+    mapfile -t svm_dev < <(vm_args svm | tr ' ' '\n')
+    spawn svm "$dir/svm.log" "$qemu" -name secondary "${common[@]}" "${svm_dev[@]}" -incoming defer
+    wait_for "the SVM's QMP socket" test -S "$dir/svm.qmp"
+}
+watch_events() {  # (re)start colo-qemu-watch.py, appending to events.log
+    local w_args=() mode=none
+    if [ "$disk" = 1 ]; then w_args=(--primary-qmp "$dir/primary.qmp"); fi
+    [ "$disk_ckpt" = on-stop ] && mode=on-stop
+    local p
+    p="$(pid_of watch)"
+    if alive "$p"; then kill "$p" 2>/dev/null || true; fi
+    setsid python3 "$here/colo-qemu-watch.py" --pvm-qmp "$dir/pvm-watch.qmp" \
+        --svm-qmp "$dir/svm-watch.qmp" --disk-checkpoint "$mode" ${w_args[@]+"${w_args[@]}"} \
+        </dev/null >>"$dir/events.log" 2>&1 &
+    sed -i "/^watch /d" "$dir/pids"
+    echo "watch $!" >>"$dir/pids"
+    local n
+    n=$(watching)
+    wait_for "colo-qemu-watch" watching_more "$n"
+}
+watching() { local c; c=$(grep -c '"watching"' "$dir/events.log" 2>/dev/null || true); echo "${c:-0}"; }
+# shellcheck disable=SC2317 # called by wait_for
+watching_more() { [ "$(watching)" -gt "$1" ]; }
+migrate_colo() {  # QMP per COLO-FT.txt: into COLO, wait for status colo
+    local mport=$((port + 1))
+    local caps='{"capabilities": [{"capability": "return-path", "state": true}, {"capability": "x-colo", "state": true}]}'
+    log "svm migrate-set-capabilities return-path x-colo: $(qmp "$dir/svm.qmp" migrate-set-capabilities "$caps")"
+    log "svm migrate-incoming: $(qmp "$dir/svm.qmp" migrate-incoming "{\"uri\": \"tcp:127.0.0.1:$mport\"}")"
+    log "pvm migrate-set-capabilities return-path x-colo: $(qmp "$dir/pvm.qmp" migrate-set-capabilities "$caps")"
+    log "pvm x-checkpoint-delay $delay: $(qmp "$dir/pvm.qmp" migrate-set-parameters "{\"x-checkpoint-delay\": $delay}")"
+    log "pvm migrate: $(qmp "$dir/pvm.qmp" migrate "{\"uri\": \"tcp:127.0.0.1:$mport\"}")"
+    in_colo() { qmp "$dir/pvm.qmp" query-migrate 2>/dev/null | grep -q '"status": "colo"'; }
+    wait_for "query-migrate status colo" in_colo
+    log "in COLO: pvm $(qmp "$dir/pvm.qmp" query-colo-status), svm $(qmp "$dir/svm.qmp" query-colo-status)"
+}
+tracer=()
+# shellcheck disable=SC2054 # the commas are strace's
+if [ "$strace" = 1 ]; then tracer=(strace -f -tt -T -xx -s 256 -e trace=recvmsg,sendmsg -o); fi
 
+# ---------------------------------------------------------------------------------------------
+if [ "$cmd" != start ]; then
+    [ -d "$dir" ] || die "no pair in $dir"
+    dir="$(cd "$dir" && pwd)"
+    case "$cmd" in
+    status)
+        for vm in pvm svm; do
+            if alive "$(pid_of "$vm")"; then
+                echo "$vm query-status: $(qmp "$dir/$vm.qmp" query-status)"
+                echo "$vm query-colo-status: $(qmp "$dir/$vm.qmp" query-colo-status)"
+            else
+                echo "$vm: not running"
+            fi
+        done
+        if alive "$(pid_of pvm)"; then
+            qmp "$dir/pvm.qmp" query-migrate | python3 -c 'import json,sys; m=json.load(sys.stdin); print("pvm query-migrate: status", m.get("status"))' || true
+        fi
+        for b in primary secondary; do
+            if alive "$(pid_of "$b")"; then
+                echo "$b backend query-replication: $(qmp "$dir/$b.qmp" query-replication)"
+            elif [ -n "$(pid_of "$b")" ]; then
+                echo "$b backend: not running"
+            fi
+        done
+        echo "checkpoints (PVM STOP->RESUME in events.log): $(grep -c '"pvm", "event": "RESUME"' "$dir/events.log" 2>/dev/null || true)"
+        echo "checkpoints taken by the secondary backend: $(grep -c "runs the primary's state" "$dir/secondary.log" 2>/dev/null || true)"
+        ;;
+    failover|failover-pvm)
+        # failover: the PVM's side dies, the SVM takes over; failover-pvm: the SVM's side dies,
+        # the PVM goes on alone.
+        if [ "$cmd" = failover ]; then dead=(pvm primary); vm=svm; backend=secondary
+        else dead=(svm secondary); vm=pvm; backend=""; fi
+        t0=$(date +%s.%N)
+        for p in "${dead[@]}"; do
+            if alive "$(pid_of "$p")"; then kill -9 "$(pid_of "$p")"; fi
+        done
+        # Wait until both are really gone (a SIGKILLed process can take a moment to be reaped).
+        for p in "${dead[@]}"; do
+            while alive "$(pid_of "$p")"; do sleep 0.05; done
+        done
+        t1=$(date +%s.%N)
+        log "killed ${dead[*]} ($(python3 -c "import sys; print(f'{1000*(float(sys.argv[2])-float(sys.argv[1])):.1f}')" "$t0" "$t1") ms)"
+        bq=""
+        if [ -n "$backend" ] && [ -n "$(pid_of "$backend")" ]; then bq="$dir/$backend.qmp"; fi
+        nic_objs=""
+        if [ -f "$dir/nic" ]; then
+            # COLO-FT.txt "Secondary Failover" / "Primary Failover": the filters go.
+            if [ "$vm" = svm ]; then nic_objs="f2 f1"; else nic_objs="comp0 iothread1 m0 redire0 redire1"; fi
+        fi
+        python3 - "$dir/$vm.qmp" "$bq" "$nic_objs" "$t0" <<'EOF2'
+import asyncio, json, sys, time
+from qemu.qmp import QMPClient
+async def main(vm_path, backend_path, nic_objs, t0):
+    t0 = float(t0)
+    vm = QMPClient("vm")
+    await vm.connect(vm_path)
+    t = time.monotonic()
+    r = await vm.execute("x-colo-lost-heartbeat")
+    print(f"x-colo-lost-heartbeat: {json.dumps(r)} ({1000*(time.monotonic()-t):.1f} ms)")
+    for o in nic_objs.split():
+        try:
+            await vm.execute("object-del", {"id": o})
+        except Exception as e:
+            print(f"object-del {o}: {e}")
+    # Wait until QEMU left COLO (the failover runs in QEMU's migration thread).
+    while (await vm.execute("query-colo-status"))["mode"] != "none":
+        await asyncio.sleep(0.01)
+    print(f"left COLO after {1000*(time.monotonic()-t):.1f} ms ({1000*(time.time()-t0):.1f} ms after the kill)")
+    print("query-status:", json.dumps(await vm.execute("query-status")))
+    print("query-colo-status:", json.dumps(await vm.execute("query-colo-status")))
+    await vm.disconnect()
+    if backend_path:
+        # QEMU switched dirty logging off on the SVM: the secondary backend fails over by
+        # itself. Check it; only if it did not, fail over by hand (and say so).
+        b = QMPClient("backend")
+        await b.connect(backend_path)
+        deadline = time.monotonic() + 5
+        while True:
+            r = await b.execute("query-replication")
+            if r["state"] == "failed-over" and r.get("hidden-bytes", 0) == 0:
+                print(f"secondary backend failed over by itself: epoch {r['epoch']} "
+                      f"({1000*(time.time()-t0):.1f} ms after the kill)")
+                break
+            if time.monotonic() > deadline:
+                print(f"secondary backend did NOT fail over by itself within 5 s ({json.dumps(r)}); "
+                      "sending replication-failover")
+                r = await b.execute("replication-failover")
+                print(f"replication-failover: {json.dumps(r)}")
+                break
+            await asyncio.sleep(0.01)
+        await b.disconnect()
+asyncio.run(main(*sys.argv[1:5]))
+EOF2
+        ;;
+    reprotect)
+        [ -f "$dir/config" ] || die "no $dir/config (start the pair with this version)"
+        # shellcheck disable=SC1091
+        . "$dir/config"
+        [ "$nic" = 0 ] || die "reprotect does not re-add the NIC filters (start without --nic)"
+        [ "$disk" = 1 ] || die "reprotect needs the disks"
+        alive "$(pid_of pvm)" || die "the PVM is not running (reprotect follows failover-pvm)"
+        alive "$(pid_of primary)" || die "the primary backend is not running"
+        ! alive "$(pid_of svm)" || die "an SVM is still running: failover-pvm first"
+        alive "$(pid_of secondary)" && kill -9 "$(pid_of secondary)"
+        [ "$(qmp "$dir/pvm.qmp" query-colo-status | python3 -c 'import json,sys; print(json.load(sys.stdin)["mode"])')" = none ] \
+            || die "the PVM is still in COLO: failover-pvm first"
+        t0=$(date +%s.%N)
+        n=$(( $(grep -c '^secondary-gen' "$dir/pids" 2>/dev/null || true) + 2 ))
+        echo "secondary-gen $n" >>"$dir/pids"
+        img="$dir/secondary$n.img"
+        rm -f "$img"
+        for f in secondary svm; do [ -f "$dir/$f.log" ] && mv "$dir/$f.log" "$dir/$f-gen$((n - 1)).log"; done
+        resyncs=$(grep -c 'resync complete' "$dir/primary.log" 2>/dev/null || true)
+        log "replication-stop on the primary: $(qmp "$dir/primary.qmp" replication-stop)"
+        if [ "$resync" = copy ]; then
+            # A copy of the primary's image while the PVM is paused, then the incremental
+            # resync of what it wrote since (the primary's dirty record).
+            log "pvm stop: $(qmp "$dir/pvm.qmp" stop)"
+            cp --sparse=always "$dir/primary.img" "$img"
+            log "copied primary.img while the PVM was paused"
+            start_secondary "$img"
+            log "replication-start: $(qmp "$dir/primary.qmp" replication-start)"
+            log "pvm cont: $(qmp "$dir/pvm.qmp" cont)"
+        else
+            start_secondary "$img"
+            log "replication-start full: $(qmp "$dir/primary.qmp" replication-start '{"full": true}')"
+        fi
+        # shellcheck disable=SC2317 # called by wait_for
+        synced() {
+            [ "$(grep -c 'resync complete' "$dir/primary.log" 2>/dev/null || true)" -gt "$resyncs" ] \
+                && qmp "$dir/primary.qmp" query-replication | grep -q '"state": "connected"'
+        }
+        wait_for "the resync of the new secondary" synced
+        log "new secondary backend in sync ($(ms_since "$t0") ms): $(qmp "$dir/primary.qmp" query-replication)"
+        start_svm
+        watch_events
+        migrate_colo
+        log "re-protected in $(ms_since "$t0") ms (secondary image $img)"
+        ;;
+    stop)
+        # Each process was started in its own session (setsid): signal its process group, so
+        # an strace wrapper and its tracee go together. QEMU in COLO can ignore SIGTERM; after
+        # 5 s, SIGKILL.
+        while read -r name p; do
+            [ "$name" = secondary-gen ] && continue
+            if alive "$p"; then kill -TERM -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; log "stopping $name ($p)"; fi
+        done <"$dir/pids"
+        while read -r name p; do
+            [ "$name" = secondary-gen ] && continue
+            for _ in $(seq 1 50); do alive "$p" || break; sleep 0.1; done
+            if alive "$p"; then kill -KILL -- "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null || true; log "killed $name ($p) with SIGKILL"; fi
+        done <"$dir/pids"
+        ;;
+    esac
+    exit 0
+fi
+
+# --- start ------------------------------------------------------------------------------------
+if [ -z "$bin" ]; then
+    for b in "$repo/target/release/colo-blk" "$repo/target/debug/colo-blk"; do
+        if [ -x "$b" ]; then bin="$b"; break; fi
+    done
+fi
+if [ "$disk" = 1 ]; then
+    { [ -n "$bin" ] && [ -x "$bin" ]; } || die "no colo-blk binary: run 'cargo build --release' first"
+fi
+qemu_at_least "$qemu" 8 1 \
+    || die "$qemu is not a QEMU >= 8.1 (x-colo needs QEMU 11 here): run qemu-scripts/install-colo-qemu.sh, or set COLO_QEMU"
+python3 -c 'import qemu.qmp' 2>/dev/null || die "python3 qemu.qmp missing: pip install qemu.qmp"
+[ "$strace" = 0 ] || command -v strace >/dev/null || die "strace not installed"
+guest="${COLO_GUEST_DIR:-$here/guest}"
+{ [ -f "$guest/vmlinuz" ] && [ -f "$guest/initramfs.cpio.gz" ]; } \
+    || die "no guest in $guest: run qemu-scripts/build-guest.sh first"
+case "${COLO_BLK_ACCEL:-tcg}" in tcg|kvm) accel="${COLO_BLK_ACCEL:-tcg}" ;; *) die "COLO_BLK_ACCEL must be tcg or kvm" ;; esac
+reconnect="$(qemu_reconnect_opt "$qemu")"
+
+mkdir -p "$dir"
+dir="$(cd "$dir" && pwd)"
+if [ -f "$dir/pids" ]; then
+    while read -r name p; do
+        [ "$name" = secondary-gen ] && continue
+        if kill -0 "$p" 2>/dev/null; then die "a pair is still running in $dir (colo-qemu-pair.sh stop --dir $dir)"; fi
+    done <"$dir/pids"
+fi
+rm -rf "$dir/layers" "$dir/root"
+rm -f "$dir"/*.sock "$dir"/*.qmp "$dir"/*.log "$dir"/*.strace "$dir/pids" "$dir/nic" \
+    "$dir"/primary.img "$dir"/secondary*.img "$dir/config"
+: >"$dir/pids"
+[ "$nic" = 1 ] && : >"$dir/nic"
+save_config
+
+started=0
+# shellcheck disable=SC2317 # called by the trap
+on_exit() {
+    if [ "$started" = 0 ]; then
+        log "start failed; stopping what was started (logs in $dir)"
+        local name p
+        while read -r name p; do kill "$p" 2>/dev/null || true; done <"$dir/pids"
+    fi
+}
+trap on_exit EXIT
+
+# The guest: write a tick to /dev/vda, read it back, every second.
+mkdir -p "$dir/root/colo"
+if [ "$disk" = 1 ]; then
+    cat >"$dir/root/colo/test.sh" <<'EOF'
+i=0
+while true; do
+  i=$((i + 1))
+  echo "tick $i" >/tmp/t
+  if dd if=/tmp/t of=/dev/vda bs=512 seek=$((i % 1000)) count=1 conv=sync oflag=direct 2>/dev/null \
+     && dd if=/dev/vda of=/tmp/r bs=512 skip=$((i % 1000)) count=1 iflag=direct 2>/dev/null \
+     && [ "$(head -n1 /tmp/r | tr -d '\000')" = "tick $i" ]; then
+    echo "TICK $i ok"
+  else
+    echo "IOERR $i"
+  fi
+  sleep 1
+done
+EOF
+else
+    # shellcheck disable=SC2016 # expanded by the guest's shell
+    printf 'i=0\nwhile true; do i=$((i + 1)); echo "TICK $i nodisk"; sleep 1; done\n' >"$dir/root/colo/test.sh"
+fi
+if [ -n "${COLO_PAIR_SCRIPT:-}" ]; then cp "$COLO_PAIR_SCRIPT" "$dir/root/colo/test.sh"; fi
+cat "$guest/initramfs.cpio.gz" >"$dir/initrd"
+isz=$(stat -c %s "$dir/initrd")
+head -c $(( (512 - isz % 512) % 512 )) /dev/zero >>"$dir/initrd"
+(cd "$dir/root" && find colo | cpio --quiet -o -H newc -R 0:0) >>"$dir/initrd"
+
+if [ "$disk" = 1 ]; then
+    start_secondary "$dir/secondary.img"
+    t=()
+    [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/primary.strace")
+    spawn primary "$dir/primary.log" ${t[@]+"${t[@]}"} "$bin" --role primary --insecure-link \
+        --image "$dir/primary.img" --size "$size" --peer "127.0.0.1:$port" \
+        --socket "$dir/pvm.sock" --num-queues "$smp" --qmp "$dir/primary.qmp"
+    wait_for "the primary backend" test -S "$dir/pvm.sock"
+    tracee primary
+    log "backends up: secondary $dir/secondary.qmp, primary $dir/primary.qmp"
+fi
+
+common_args
+mapfile -t pvm_dev < <(vm_args pvm | tr ' ' '\n')
 # With --nic the PVM must listen before the SVM connects its redirectors (they reconnect anyway).
 spawn pvm "$dir/pvm.log" "$qemu" -name primary "${common[@]}" "${pvm_dev[@]}"
-spawn svm "$dir/svm.log" "$qemu" -name secondary "${common[@]}" "${svm_dev[@]}" -incoming defer
+start_svm
 wait_for "the PVM's QMP socket" test -S "$dir/pvm.qmp"
-wait_for "the SVM's QMP socket" test -S "$dir/svm.qmp"
 log "QEMUs up ($("$qemu" --version | head -n1)); waiting for the PVM's guest to run"
-wait_for "the PVM's guest (TICK 2 in pvm.log)" grep -q "TICK 2 " "$dir/pvm.log"
+wait_for "the PVM's guest (${COLO_PAIR_READY:-TICK 2 } in pvm.log)" grep -q "${COLO_PAIR_READY:-TICK 2 }" "$dir/pvm.log"
 
-w_args=()
-if [ "$disk" = 1 ]; then w_args=(--primary-qmp "$dir/primary.qmp"); fi
-spawn watch "$dir/events.log" python3 "$here/colo-qemu-watch.py" --pvm-qmp "$dir/pvm-watch.qmp" \
-    --svm-qmp "$dir/svm-watch.qmp" --disk-checkpoint "$disk_ckpt" ${w_args[@]+"${w_args[@]}"}
-wait_for "colo-qemu-watch" grep -q '"watching"' "$dir/events.log"
-
-caps='{"capabilities": [{"capability": "return-path", "state": true}, {"capability": "x-colo", "state": true}]}'
-log "svm migrate-set-capabilities return-path x-colo: $(qmp "$dir/svm.qmp" migrate-set-capabilities "$caps")"
-log "svm migrate-incoming: $(qmp "$dir/svm.qmp" migrate-incoming "{\"uri\": \"tcp:127.0.0.1:$mport\"}")"
-log "pvm migrate-set-capabilities return-path x-colo: $(qmp "$dir/pvm.qmp" migrate-set-capabilities "$caps")"
-log "pvm x-checkpoint-delay $delay: $(qmp "$dir/pvm.qmp" migrate-set-parameters "{\"x-checkpoint-delay\": $delay}")"
-log "pvm migrate: $(qmp "$dir/pvm.qmp" migrate "{\"uri\": \"tcp:127.0.0.1:$mport\"}")"
-in_colo() { qmp "$dir/pvm.qmp" query-migrate 2>/dev/null | grep -q '"status": "colo"'; }
-wait_for "query-migrate status colo" in_colo
-log "in COLO: pvm $(qmp "$dir/pvm.qmp" query-colo-status), svm $(qmp "$dir/svm.qmp" query-colo-status)"
+watch_events
+migrate_colo
 started=1
 
 cat <<EOF
@@ -418,5 +551,5 @@ EOF
 fi
 cat <<EOF
   events (STOP/RESUME...): $dir/events.log
-  $0 status --dir $dir | failover --dir $dir | stop --dir $dir
+  $0 status --dir $dir | failover --dir $dir | failover-pvm --dir $dir | reprotect --dir $dir | stop --dir $dir
 EOF

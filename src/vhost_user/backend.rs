@@ -319,6 +319,14 @@ impl BlkBackend {
         let mut state = vring.get_mut();
         let mut batch = Vec::new();
         loop {
+            // A queue QEMU stopped (SET_VRING_ENABLE 0, GET_VRING_BASE) pops nothing, while
+            // enable_notification() below still compares the guest's avail index with
+            // next_avail and says "more": without this check a kick that arrives while the
+            // queue is not ready spins here forever, holding the vring lock, so the next
+            // vhost-user message for this queue (and QEMU with it) blocks.
+            if !state.get_queue().ready() {
+                break;
+            }
             if event_idx {
                 state
                     .disable_notification()
@@ -720,6 +728,37 @@ mod tests {
         let parsed = request::parse(m, descs.iter().copied(), backend.shared.limits);
         let stats = backend.shared.stats.queue(queue);
         BlkBackend::run_chain(&backend.shared, m, 0, parsed, stats);
+    }
+
+    /// Regression: a kick for a queue that is not ready (QEMU stopped it) while the guest's
+    /// avail index is ahead of next_avail (seen with QEMU 11's COLO, the Secondary VM's RAM
+    /// replaced at a checkpoint) must return an empty batch, not spin under the vring lock.
+    #[test]
+    fn pop_on_a_stopped_queue_returns_at_once() {
+        use vhost_user_backend::VringT;
+        use vm_memory::GuestMemoryAtomic;
+        let disk: Arc<dyn BlockDevice> = Arc::new(MemDisk::new(1 << 20));
+        let backend = BlkBackend::new(disk, &opts(), StatsHandle::new(2), None, IoEngine::Threads);
+        backend.shared.event_idx.store(true, Ordering::Relaxed);
+        let m: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_000)]).unwrap();
+        let (desc, avail, used) = (0x4000u64, 0x5000u64, 0x6000u64);
+        // The guest published 5 requests the backend has not seen (next_avail is 0).
+        m.write_obj(5u16, GuestAddress(avail + 2)).unwrap();
+        let atomic = GuestMemoryAtomic::new(m);
+        let vring = Vring::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(desc, avail, used).unwrap();
+        vring.set_queue_ready(false);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (b, v) = (backend.clone(), vring.clone());
+        std::thread::spawn(move || {
+            let mem = atomic.memory();
+            let _ = tx.send(b.pop_all(0, &v, &mem).map(|batch| batch.len()));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("pop_all on a stopped queue did not return");
+        assert_eq!(got.unwrap(), 0);
     }
 
     #[test]

@@ -671,8 +671,13 @@ impl crate::vhost_user::DeviceObserver for PrimaryDevice {
         if !log_all {
             return; // a plain stop: no checkpoint follows
         }
+        let t = std::time::Instant::now();
         match self.0.device_stopped(bases) {
-            Ok(epoch) => log::debug!("device stop (queue {queue}): marker of epoch {epoch}"),
+            Ok(epoch) => log::debug!(
+                "device stop (queue {queue}): marker of epoch {epoch} applied by the secondary \
+                 in {:.3} ms",
+                t.elapsed().as_secs_f64() * 1000.0
+            ),
             Err(e) => log::warn!(
                 "QEMU stopped the device (queue {queue}) but the secondary did not get the \
                  marker: {e}; the Secondary VM cannot take this point's state"

@@ -1,0 +1,992 @@
+//! QEMU's own COLO (x-colo, QEMU 11) on colo-blk disks, with no checkpoint manager: the
+//! backends follow QEMU's checkpoints by themselves (docs/colo-with-qemu.md, "Checkpoints follow
+//! QEMU's cycle"). The primary backend puts a MARKER into the stream at every device stop with
+//! dirty logging on and waits until the secondary applied it; the secondary backend makes the
+//! marker the checkpoint when QEMU restarts the Secondary VM from the primary's queue positions,
+//! and fails over by itself when QEMU switches dirty logging off on the SVM (COLO ended). The
+//! only manual step at failover is QEMU's `x-colo-lost-heartbeat` on the SVM's QEMU.
+//!
+//! Each test runs a real pair on one host: secondary backend (`--socket svm.sock`), primary
+//! backend, the SVM's QEMU with `-incoming`, the PVM's QEMU, both with the tiny guest of
+//! qemu-scripts/build-guest.sh running a test script; `migrate` with `x-colo` and a short
+//! `x-checkpoint-delay`. Synchronisation is by serial-console lines, QMP events and backend log
+//! lines; timeouts are failure guards only. The guest scripts check the disk against their own
+//! memory and print `FAIL` lines; any `FAIL` or `IOERR` on either console fails the test.
+//!
+//! QEMU: `COLO_QEMU` (default /opt/colo-qemu/bin/qemu-system-x86_64, from
+//! qemu-scripts/install-colo-qemu.sh). Skipped loudly when it is missing, unless `CI` is set
+//! (then the tests fail). TCG unless `COLO_BLK_ACCEL=kvm`. The tests of this file run one at a
+//! time (a lock), each pair takes 2 QEMUs under TCG.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{tempdir, Backend, Qmp};
+use serde_json::{json, Value};
+
+const DISK: u64 = 32 << 20;
+/// x-checkpoint-delay (ms).
+const DELAY_MS: u64 = 300;
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn colo_qemu() -> String {
+    std::env::var("COLO_QEMU").unwrap_or_else(|_| "/opt/colo-qemu/bin/qemu-system-x86_64".into())
+}
+
+/// True when the COLO QEMU runs; otherwise prints SKIPPED (or panics in CI).
+fn prerequisites(test: &str) -> bool {
+    let qemu = colo_qemu();
+    let ok = Command::new(&qemu)
+        .arg("--version")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            // "QEMU emulator version 11.1.3 ...": x-colo with vhost-user-blk needs >= 8.1
+            // here (QEMU 7.2 hangs at the first checkpoint: docs/colo-with-qemu.md).
+            let out = String::from_utf8_lossy(&o.stdout).to_string();
+            let major = out
+                .split("version ")
+                .nth(1)
+                .and_then(|v| v.split('.').next())
+                .and_then(|m| m.parse::<u32>().ok());
+            o.status.success() && major.is_some_and(|m| m >= 9)
+        })
+        .unwrap_or(false);
+    if ok {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: no COLO-capable QEMU at {qemu} (COLO_QEMU), but CI must run it (.ci/run)");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** {test}: SKIPPED: no COLO-capable QEMU at {qemu}\n*** run `sudo bash \
+         qemu-scripts/install-colo-qemu.sh` or set COLO_QEMU"
+    );
+    false
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+// ---- processes -------------------------------------------------------------------------------
+
+/// A QEMU in its own process group; its serial console lines arrive on a channel.
+struct Vm {
+    name: &'static str,
+    child: Child,
+    rx: mpsc::Receiver<(f64, String)>,
+    lines: Vec<(f64, String)>,
+    dead: bool,
+}
+
+impl Vm {
+    fn drain(&mut self) {
+        while let Ok(l) = self.rx.try_recv() {
+            self.lines.push(l);
+        }
+    }
+
+    fn tail(&self) -> String {
+        let s = self.lines.len().saturating_sub(30);
+        self.lines[s..]
+            .iter()
+            .map(|l| l.1.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits for the next line matching `pred` (lines already seen do not count).
+    fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok((t, line)) => {
+                    self.lines.push((t, line.clone()));
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "{}: no {what} within {timeout:?} ({e:?}). Last output:\n{}",
+                    self.name,
+                    self.tail()
+                ),
+            }
+        }
+    }
+
+    fn wait_marker(&mut self, marker: &str, timeout: Duration) -> String {
+        self.wait_line(marker, timeout, |l| l.contains(marker))
+    }
+
+    /// Waits until the process exited (its output closed).
+    fn wait_exit(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => self.lines.push(l),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("{} did not exit. Last output:\n{}", self.name, self.tail())
+                }
+            }
+        }
+        let _ = self.child.wait();
+        self.dead = true;
+    }
+
+    /// Every line with FAIL or IOERR.
+    fn failures(&mut self) -> Vec<String> {
+        self.drain();
+        self.lines
+            .iter()
+            .filter(|l| l.1.contains("FAIL") || l.1.contains("IOERR"))
+            .map(|l| l.1.clone())
+            .collect()
+    }
+
+    fn kill(&mut self) {
+        if !self.dead {
+            // SAFETY: kill(2) on the process group we created.
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            let _ = self.child.wait();
+            self.dead = true;
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// QMP events of one QEMU (a second monitor), read by a thread.
+struct Events {
+    rx: mpsc::Receiver<Value>,
+}
+
+impl Events {
+    fn connect(path: &Path) -> Events {
+        wait_path(path);
+        let s = UnixStream::connect(path).expect("connect QMP");
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        writeln!(w, r#"{{"execute": "qmp_capabilities"}}"#).unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _keep = w;
+            let mut line = String::new();
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v.get("event").is_some() && tx.send(v).is_err() {
+                        break;
+                    }
+                }
+                line.clear();
+            }
+        });
+        Events { rx }
+    }
+
+    /// Drops the events received so far.
+    fn clear(&self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+
+    fn wait(&self, name: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(v) if v["event"] == name => return v,
+                Ok(_) => {}
+                Err(e) => panic!("no QMP event {name} within {timeout:?}: {e:?}"),
+            }
+        }
+    }
+}
+
+fn wait_path(path: &Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---- the pair --------------------------------------------------------------------------------
+
+struct Pair {
+    dir: tempfile::TempDir,
+    initrd: PathBuf,
+    guest: PathBuf,
+    secondary: Option<Backend>,
+    primary: Option<Backend>,
+    pvm: Option<Vm>,
+    svm: Option<Vm>,
+    /// The SVMs started so far (svm, svm2, ...): names for their files.
+    svm_gen: u32,
+    port: u16,
+}
+
+impl Pair {
+    /// Writes the guest's initrd (the test guest plus `/colo/test.sh` = `script`). Images are
+    /// created by the backends when missing; `prepare` may create them first.
+    fn new(script: &str, prepare: impl FnOnce(&Path)) -> Pair {
+        let guest = common::guest_dir();
+        let dir = tempdir();
+        prepare(dir.path());
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("colo")).unwrap();
+        std::fs::write(root.join("colo/test.sh"), script).unwrap();
+        let mut initrd = std::fs::read(guest.join("initramfs.cpio.gz")).unwrap();
+        initrd.resize(initrd.len().div_ceil(512) * 512, 0);
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("find colo | cpio --quiet -o -H newc -R 0:0")
+            .current_dir(&root)
+            .output()
+            .expect("cpio");
+        assert!(out.status.success(), "cpio failed");
+        initrd.extend_from_slice(&out.stdout);
+        let path = dir.path().join("initrd");
+        std::fs::write(&path, initrd).unwrap();
+        Pair {
+            dir,
+            initrd: path,
+            guest,
+            secondary: None,
+            primary: None,
+            pvm: None,
+            svm: None,
+            svm_gen: 0,
+            port: 0,
+        }
+    }
+
+    fn p(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn s(&self, name: &str) -> String {
+        self.p(name).display().to_string()
+    }
+
+    fn svm_name(&self) -> String {
+        if self.svm_gen <= 1 {
+            "svm".into()
+        } else {
+            format!("svm{}", self.svm_gen)
+        }
+    }
+
+    /// Starts the secondary backend (image `image`, its layers and sockets per SVM generation).
+    fn start_secondary(&mut self, image: &str) {
+        self.svm_gen += 1;
+        let n = self.svm_name();
+        let size = DISK.to_string();
+        let listen = format!("127.0.0.1:{}", self.port);
+        let args = [
+            "--role",
+            "secondary",
+            "--insecure-link",
+            "--image",
+            &self.s(image),
+            "--size",
+            &size,
+            "--listen",
+            &listen,
+            "--layer-dir",
+            &self.s(&format!("{n}-layers")),
+            "--qmp",
+            &self.s(&format!("{n}-backend.qmp")),
+            "--socket",
+            &self.s(&format!("{n}.sock")),
+            "--heartbeat-ms",
+            "100",
+            "--peer-timeout-ms",
+            "2000",
+        ];
+        let b = Backend::start_with(&args, &self.p(&format!("{n}.sock")));
+        self.port = b.listen_port();
+        self.secondary = Some(b);
+    }
+
+    fn start_primary(&mut self) {
+        let size = DISK.to_string();
+        let peer = format!("127.0.0.1:{}", self.port);
+        let args = [
+            "--role",
+            "primary",
+            "--insecure-link",
+            "--image",
+            &self.s("primary.img"),
+            "--size",
+            &size,
+            "--socket",
+            &self.s("pvm.sock"),
+            "--peer",
+            &peer,
+            "--qmp",
+            &self.s("primary.qmp"),
+            "--heartbeat-ms",
+            "100",
+            "--peer-timeout-ms",
+            "2000",
+        ];
+        self.primary = Some(Backend::start_with(&args, &self.p("pvm.sock")));
+    }
+
+    fn qemu(&self, name: &str, incoming: bool) -> Vm {
+        let accel = std::env::var("COLO_BLK_ACCEL").unwrap_or_else(|_| "tcg".into());
+        let mut cmd = Command::new(colo_qemu());
+        cmd.args(["-name", name, "-machine", "q35", "-accel", &accel])
+            .args(["-smp", "1", "-m", "192M"])
+            .args(["-object", "memory-backend-memfd,id=mem,size=192M,share=on"])
+            .args(["-machine", "memory-backend=mem"])
+            .arg("-kernel")
+            .arg(self.guest.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .args(["-append", "console=ttyS0 panic=-1 loglevel=4 edd=off"])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=vub,path={},reconnect-ms=1000",
+                self.s(&format!("{name}.sock"))
+            ))
+            .args([
+                "-device",
+                "vhost-user-blk-pci,chardev=vub,num-queues=1,id=disk0",
+            ])
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                self.s(&format!("{name}.qmp"))
+            ))
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                self.s(&format!("{name}-ev.qmp"))
+            ));
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
+        let label: &'static str = Box::leak(format!("[{name}]").into_boxed_str());
+        let (child, rx) = common::spawn_group(cmd, label);
+        Vm {
+            name: label,
+            child,
+            rx,
+            lines: Vec::new(),
+            dead: false,
+        }
+    }
+
+    /// Backends, both QEMUs, and the migration into COLO. `ready` is the console line the PVM's
+    /// script prints once it runs.
+    fn start(&mut self, ready: &str) {
+        self.start_secondary("secondary.img");
+        self.start_primary();
+        self.secondary
+            .as_mut()
+            .unwrap()
+            .wait_for_log("connected (epoch");
+        let mut pvm = self.qemu("pvm", false);
+        pvm.wait_marker(ready, TIMEOUT);
+        self.pvm = Some(pvm);
+        self.protect();
+    }
+
+    /// A fresh SVM QEMU with -incoming on the current secondary backend, and `migrate` with
+    /// x-colo from the PVM; returns once the PVM is in COLO.
+    fn protect(&mut self) {
+        let n = self.svm_name();
+        self.svm = Some(self.qemu(&n, true));
+        let mport = free_port();
+        let caps = json!({"capabilities": [
+            {"capability": "return-path", "state": true},
+            {"capability": "x-colo", "state": true}]});
+        let mut svm = self.qmp(&format!("{n}.qmp"));
+        svm.execute("migrate-set-capabilities", caps.clone())
+            .expect("svm caps");
+        svm.execute(
+            "migrate-incoming",
+            json!({"uri": format!("tcp:127.0.0.1:{mport}")}),
+        )
+        .expect("migrate-incoming");
+        let mut pvm = self.qmp("pvm.qmp");
+        pvm.execute("migrate-set-capabilities", caps)
+            .expect("pvm caps");
+        pvm.execute(
+            "migrate-set-parameters",
+            json!({"x-checkpoint-delay": DELAY_MS}),
+        )
+        .expect("x-checkpoint-delay");
+        pvm.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{mport}")}))
+            .expect("migrate");
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let m = pvm.execute("query-migrate", json!({})).unwrap();
+            if m["status"] == "colo" {
+                break;
+            }
+            assert!(
+                m["status"] != "failed" && Instant::now() < deadline,
+                "migration into COLO: {m}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn qmp(&self, name: &str) -> Qmp {
+        let p = self.p(name);
+        wait_path(&p);
+        Qmp::connect(&p)
+    }
+
+    fn pvm(&mut self) -> &mut Vm {
+        self.pvm.as_mut().unwrap()
+    }
+
+    fn svm(&mut self) -> &mut Vm {
+        self.svm.as_mut().unwrap()
+    }
+
+    /// The PVM's host dies: SIGKILL of its QEMU and the primary backend; then
+    /// x-colo-lost-heartbeat on the SVM's QEMU, and the secondary backend must fail over by
+    /// itself (its SVM left COLO). Returns (kill time, time QEMU left COLO).
+    fn fail_over_to_svm(&mut self) -> (f64, f64) {
+        let t_kill = now();
+        self.pvm().kill();
+        if let Some(mut p) = self.primary.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        let n = self.svm_name();
+        let mut svm = self.qmp(&format!("{n}.qmp"));
+        svm.execute("x-colo-lost-heartbeat", json!({}))
+            .expect("x-colo-lost-heartbeat");
+        let deadline = Instant::now() + TIMEOUT;
+        while svm.execute("query-colo-status", json!({})).unwrap()["mode"] != "none" {
+            assert!(Instant::now() < deadline, "the SVM never left COLO");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let t_out = now();
+        let st = svm.execute("query-status", json!({})).unwrap();
+        assert_eq!(st["status"], "running", "SVM after failover: {st}");
+        // The rule under test: no replication-failover by hand.
+        let mut b = self.qmp(&format!("{n}-backend.qmp"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = b.execute("query-replication", json!({})).unwrap();
+            if r["state"] == "failed-over" && r["hidden-bytes"] == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the secondary backend did not fail over by itself: {r}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (t_kill, t_out)
+    }
+
+    fn assert_no_failures(&mut self) {
+        let mut all = Vec::new();
+        for vm in [self.pvm.as_mut(), self.svm.as_mut()].into_iter().flatten() {
+            all.extend(
+                vm.failures()
+                    .into_iter()
+                    .map(|l| format!("{} {l}", vm.name)),
+            );
+        }
+        assert!(all.is_empty(), "guest checks failed:\n{}", all.join("\n"));
+    }
+}
+
+// ---- guest scripts ---------------------------------------------------------------------------
+
+/// The records writer (tests a, c). Record `i` is the 4 KiB block `i`: "REC i\n" and zeros.
+/// Before writing block i it checks the block is still all zeros (a record from an epoch the
+/// guest's memory does not know about would be there otherwise); after every 5th write it
+/// re-reads blocks 0..i and checks each holds exactly its record (none missing, none torn).
+/// `i` lives in the shell's memory, so after a failover it is the SVM's, i.e. the last
+/// checkpoint's plus what the SVM ran since: the disk must agree with it.
+const WRITER: &str = r#"i=0
+echo "COLO-A: start"
+while [ $i -lt 6000 ]; do
+  n=$(dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | tr -d '\000' | wc -c)
+  if [ "$n" -ne 0 ]; then
+    echo "COLO-A: FAIL block $i not empty before its write: $(dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -c 40)"
+  fi
+  if ! echo "REC $i" | dd of=/dev/vda bs=4096 seek=$i count=1 conv=sync oflag=direct 2>/tmp/err; then
+    echo "COLO-A: IOERR $i $(cat /tmp/err)"
+  fi
+  echo "COLO-A: wrote $i"
+  i=$((i + 1))
+  if [ $((i % 5)) = 0 ]; then
+    r=$(dd if=/dev/vda bs=4096 count=$i iflag=direct 2>/dev/null | tr -d '\000' | awk -v n=$i '
+      $0 != "REC " (NR - 1) { bad++; if (first == "") first = (NR - 1) ": " $0 }
+      END { if (NR != n || bad) printf "FAIL %d records read for %d, %d bad, first bad [%s]", NR, n, bad, first; else printf "ok" }')
+    echo "COLO-A: verified $i $r"
+  fi
+done
+echo "COLO-A: done"
+"#;
+
+/// The `verified N ok` count of a console line.
+fn verified(line: &str) -> Option<u64> {
+    let rest = line.split("COLO-A: verified ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Host side: the image holds records 0..n exactly and zeros after; returns n.
+fn records_in(image: &Path) -> u64 {
+    let data = std::fs::read(image).expect("read image");
+    let mut n = 0u64;
+    loop {
+        let blk = &data[n as usize * 4096..(n as usize + 1) * 4096];
+        if blk.iter().all(|&b| b == 0) {
+            break;
+        }
+        let want = format!("REC {n}\n");
+        assert!(
+            blk.starts_with(want.as_bytes()) && blk[want.len()..].iter().all(|&b| b == 0),
+            "{}: block {n} is not record {n}: {:?}",
+            image.display(),
+            String::from_utf8_lossy(&blk[..32])
+        );
+        n += 1;
+    }
+    if let Some(pos) = data[n as usize * 4096..].iter().position(|&b| b != 0) {
+        panic!(
+            "{}: data after the last record {n} at byte {}",
+            image.display(),
+            n as usize * 4096 + pos
+        );
+    }
+    n
+}
+
+/// After a failover: the same guest process goes on on the SVM; waits until it verified
+/// `beyond` + 10 records (past everything the PVM ever wrote), with no FAIL line.
+fn svm_continues(pair: &mut Pair, beyond: u64, t_out: f64) -> (u64, f64) {
+    let want = beyond + 10;
+    let mut first_after: Option<f64> = None;
+    let mut last = 0;
+    let mut after = 0;
+    // Lines the SVM printed before QEMU left COLO do not count: between checkpoints the SVM
+    // runs ahead of the PVM (it pauses less) and is reset at the next checkpoint.
+    while last < want || after < 2 {
+        let l = pair
+            .svm()
+            .wait_line("verified records after the failover", TIMEOUT, |l| {
+                l.contains("COLO-A: ") && !l.contains(": start")
+            });
+        assert!(!l.contains("FAIL") && !l.contains("IOERR"), "SVM: {l}");
+        let at = pair.svm().lines.last().unwrap().0;
+        if at < t_out {
+            continue;
+        }
+        if l.contains("COLO-A: wrote") {
+            first_after.get_or_insert(at);
+            continue;
+        }
+        last = verified(&l).unwrap();
+        after += 1;
+    }
+    (last, first_after.unwrap() - t_out)
+}
+
+// ---- tests -----------------------------------------------------------------------------------
+
+/// (a) RAM agrees with disk after failover. For three kill points (after 2 and 5 verified
+/// lines of the PVM, i.e. at an arbitrary moment of an epoch, and right at a checkpoint's STOP
+/// event, i.e. during QEMU's checkpoint), a fresh pair runs [`WRITER`]; the PVM's QEMU and the
+/// primary backend are SIGKILLed, `x-colo-lost-heartbeat` goes to the SVM's QEMU, the
+/// secondary backend fails over by itself, and the same guest shell goes on on the SVM: it
+/// must find no record missing and none from the lost epoch, and write 10 more than the PVM
+/// ever verified. Then the secondary image holds exactly records 0..n.
+#[test]
+fn ram_agrees_with_disk_after_failover() {
+    if !prerequisites("ram_agrees_with_disk_after_failover") {
+        return;
+    }
+    let _one = serial();
+    // (checkpoints taken by the secondary before the kill, verified lines after them, kill at
+    // the next STOP event)
+    for (ckpts, lines, at_stop) in [(3, 1, false), (6, 2, false), (4, 1, true)] {
+        let kill_at = if at_stop {
+            format!("at the STOP after checkpoint {ckpts}")
+        } else {
+            format!("{lines} verified lines after checkpoint {ckpts}")
+        };
+        eprintln!("=== kill point: {kill_at}");
+        let mut pair = Pair::new(WRITER, |_| {});
+        pair.start("COLO-A: start");
+        let ev = Events::connect(&pair.p("pvm-ev.qmp"));
+        for _ in 0..ckpts {
+            pair.secondary
+                .as_mut()
+                .unwrap()
+                .wait_for_log("the Secondary VM runs the primary's state");
+        }
+        pair.pvm().drain();
+        pair.pvm().lines.clear();
+        let mut pvm_max = 0;
+        for _ in 0..lines {
+            let l = pair
+                .pvm()
+                .wait_line("verified", TIMEOUT, |l| l.contains("COLO-A: verified"));
+            pvm_max = verified(&l).unwrap();
+        }
+        let mut stop_ts = None;
+        if at_stop {
+            ev.clear();
+            let e = ev.wait("STOP", TIMEOUT);
+            stop_ts = Some(
+                e["timestamp"]["seconds"].as_f64().unwrap()
+                    + e["timestamp"]["microseconds"].as_f64().unwrap() / 1e6,
+            );
+        }
+        let (t_kill, t_out) = pair.fail_over_to_svm();
+        if let Some(ts) = stop_ts {
+            eprintln!(
+                "killed {:.1} ms after the STOP event",
+                (t_kill - ts) * 1000.0
+            );
+        }
+        pair.pvm().drain();
+        for (_, l) in &pair.pvm().lines {
+            if let Some(v) = verified(l) {
+                pvm_max = pvm_max.max(v);
+            }
+        }
+        let done = pair
+            .secondary
+            .as_mut()
+            .unwrap()
+            .wait_for_log("failover done");
+        eprintln!("secondary: {done}");
+        let epoch: u64 = done
+            .rsplit("(epoch ")
+            .next()
+            .and_then(|e| e.trim_end_matches(')').parse().ok())
+            .expect("failover epoch");
+        assert!(epoch >= ckpts, "failover at epoch {epoch}: {done}");
+        let (last, first_ms) = svm_continues(&mut pair, pvm_max, t_out);
+        pair.assert_no_failures();
+        eprintln!(
+            "TIMING kill {kill_at}: PVM had verified {pvm_max}; out of COLO {:.1} ms after the \
+             kill; first write completed on the SVM {:.0} ms after that; SVM verified {last}",
+            (t_out - t_kill) * 1000.0,
+            first_ms * 1000.0
+        );
+        pair.svm().kill();
+        let sec = pair.secondary.take().unwrap();
+        sec.terminate();
+        let n = records_in(&pair.p("secondary.img"));
+        assert!(
+            n >= last,
+            "secondary image has {n} records, SVM verified {last}"
+        );
+    }
+}
+
+/// (b) The SVM's own divergence is dropped at the next checkpoint. Block 100 of the two
+/// images differs on purpose: "ROLE PVM" on the primary's, "ROLE SVM" on the secondary's (no
+/// guest ever writes it, so replication never makes them equal). The guest loop reads its role
+/// from block 100, reads block 101 and checks it equals `last`, the line it wrote there itself
+/// in the previous iteration (a shell variable: guest RAM), then writes `W <role> <i>` to block
+/// 101. On the PVM the role is always PVM. The SVM, between checkpoints, runs from the
+/// primary's state of the last checkpoint and reads role SVM from its own disk, so it writes
+/// `W SVM i`, and must read that back (its writes are visible to it). At the next checkpoint
+/// QEMU replaces its RAM by the PVM's (`last` = `W PVM j`) and the secondary backend must cut
+/// its disk to the primary's at that point: the SVM then reads `W PVM j`, not its own `W SVM
+/// k` (any mismatch prints FAIL). The test waits on the SVM's console for a `read=[W SVM`
+/// line followed by a `role=ROLE SVM read=[W PVM` line, and no FAIL on either console; the PVM must
+/// never read anything the SVM wrote.
+#[test]
+fn svm_divergence_is_dropped_at_the_next_checkpoint() {
+    if !prerequisites("svm_divergence_is_dropped_at_the_next_checkpoint") {
+        return;
+    }
+    let _one = serial();
+    let script = r#"rd() { dd if=/dev/vda bs=4096 skip=$1 count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -n1; }
+last=""
+i=0
+echo "COLO-B: start"
+while [ $i -lt 100000 ]; do
+  i=$((i + 1))
+  role=$(rd 100)
+  x=$(rd 101)
+  if [ -n "$last" ] && [ "$x" != "$last" ]; then echo "COLO-B: FAIL $i role=$role read=[$x] want=[$last]"; fi
+  echo "COLO-B: $i role=$role read=[$x]"
+  last="W ${role#ROLE } $i"
+  echo "$last" | dd of=/dev/vda bs=4096 seek=101 count=1 conv=sync oflag=direct 2>/dev/null || echo "COLO-B: IOERR $i"
+  usleep 20000
+done
+"#;
+    let mut pair = Pair::new(script, |dir| {
+        for (img, role) in [("primary.img", "PVM"), ("secondary.img", "SVM")] {
+            let mut data = vec![0u8; DISK as usize];
+            let tag = format!("ROLE {role}\n");
+            data[100 * 4096..100 * 4096 + tag.len()].copy_from_slice(tag.as_bytes());
+            std::fs::write(dir.join(img), data).unwrap();
+        }
+    });
+    pair.start("COLO-B: start");
+    let own = pair
+        .svm()
+        .wait_line("the SVM reading its own write", TIMEOUT, |l| {
+            l.contains("role=ROLE SVM read=[W SVM")
+        });
+    let gone = pair.svm().wait_line(
+        "the SVM reading the PVM's block after a checkpoint",
+        TIMEOUT,
+        |l| l.contains("role=ROLE SVM read=[W PVM"),
+    );
+    // Several more rounds, to see it repeat (and give a FAIL a chance to show).
+    for _ in 0..3 {
+        pair.svm().wait_line("own write again", TIMEOUT, |l| {
+            l.contains("role=ROLE SVM read=[W SVM")
+        });
+        pair.svm().wait_line("dropped again", TIMEOUT, |l| {
+            l.contains("role=ROLE SVM read=[W PVM")
+        });
+    }
+    eprintln!("SVM saw its own write: {own}\nthen the PVM's again: {gone}");
+    pair.pvm().drain();
+    let leaked: Vec<_> = pair
+        .pvm()
+        .lines
+        .iter()
+        .filter(|l| l.1.contains("SVM"))
+        .map(|l| l.1.clone())
+        .collect();
+    assert!(leaked.is_empty(), "the PVM read the SVM's data: {leaked:?}");
+    pair.assert_no_failures();
+}
+
+/// (c) Secondary lost, then re-protected. A pair runs [`WRITER`]; the SVM's QEMU and the
+/// secondary backend are SIGKILLed; `x-colo-lost-heartbeat` on the PVM's QEMU; the PVM keeps
+/// writing without an I/O error. A new secondary backend on a fresh image, a full resync
+/// (`replication-start {"full": true}` on the primary), a new SVM QEMU with -incoming and
+/// `migrate` with x-colo again: COLO resumes. Then the PVM's side is killed and the new SVM
+/// must go on as in (a).
+#[test]
+fn secondary_lost_then_reprotected() {
+    if !prerequisites("secondary_lost_then_reprotected") {
+        return;
+    }
+    let _one = serial();
+    let mut pair = Pair::new(WRITER, |_| {});
+    pair.start("COLO-A: start");
+    pair.pvm()
+        .wait_line("verified", TIMEOUT, |l| l.contains("COLO-A: verified"));
+    // The SVM's host dies.
+    pair.svm().kill();
+    if let Some(mut s) = pair.secondary.take() {
+        let _ = s.child.kill();
+        let _ = s.child.wait();
+    }
+    let t = Instant::now();
+    let mut pvm_qmp = pair.qmp("pvm.qmp");
+    pvm_qmp
+        .execute("x-colo-lost-heartbeat", json!({}))
+        .expect("x-colo-lost-heartbeat on the PVM");
+    let deadline = Instant::now() + TIMEOUT;
+    while pvm_qmp.execute("query-colo-status", json!({})).unwrap()["mode"] != "none" {
+        assert!(Instant::now() < deadline, "the PVM never left COLO");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "TIMING PVM out of COLO {:?} after the SVM's loss",
+        t.elapsed()
+    );
+    // A QEMU QMP socket serves one client at a time.
+    drop(pvm_qmp);
+    // The PVM goes on alone, unprotected, without I/O errors.
+    for _ in 0..3 {
+        pair.pvm()
+            .wait_line("verified while unprotected", TIMEOUT, |l| {
+                l.contains("COLO-A: verified")
+            });
+    }
+    pair.assert_no_failures();
+    // Re-protect: a new secondary backend on a fresh image (unknown content: full resync).
+    let mut primary_qmp = pair.qmp("primary.qmp");
+    primary_qmp.execute("replication-stop", json!({})).unwrap();
+    // The primary's peer address is fixed: the new secondary listens where the old one did.
+    pair.start_secondary("secondary2.img");
+    primary_qmp
+        .execute("replication-start", json!({"full": true}))
+        .unwrap();
+    // The primary's log: the new session with the whole disk to resync, then its end.
+    let p = pair.primary.as_mut().unwrap();
+    let t = Instant::now();
+    loop {
+        let l = p.wait_for_log("replicating to");
+        if !l.contains("(0 bytes to resync)") {
+            eprintln!("resync: {l}");
+            break;
+        }
+    }
+    p.wait_for_log("resync complete");
+    eprintln!("TIMING full resync of {DISK} bytes: {:?}", t.elapsed());
+    pair.protect();
+    pair.svm().wait_line("the new SVM running", TIMEOUT, |l| {
+        l.contains("COLO-A: verified")
+    });
+    for _ in 0..3 {
+        pair.secondary
+            .as_mut()
+            .unwrap()
+            .wait_for_log("the Secondary VM runs the primary's state");
+    }
+    let mut pvm_max = 0;
+    for _ in 0..2 {
+        let l = pair
+            .pvm()
+            .wait_line("verified", TIMEOUT, |l| l.contains("COLO-A: verified"));
+        pvm_max = verified(&l).unwrap();
+    }
+    let (_, t_out) = pair.fail_over_to_svm();
+    let (last, _) = svm_continues(&mut pair, pvm_max, t_out);
+    pair.assert_no_failures();
+    pair.svm().kill();
+    pair.secondary.take().unwrap().terminate();
+    let n = records_in(&pair.p("secondary2.img"));
+    assert!(
+        n >= last,
+        "new secondary image has {n} records, SVM verified {last}"
+    );
+}
+
+/// (d) ext4 through a failover. One `mkfs.ext4` image copied to both sides; the guest mounts
+/// it and writes, `sync`s and lists files in a loop; the PVM's side is killed after 10 files;
+/// the same guest goes on on the SVM to file 40, checks every file's content, unmounts and
+/// powers off. Then `e2fsck -fn` on the secondary image must pass.
+#[test]
+fn ext4_through_failover() {
+    if !prerequisites("ext4_through_failover") {
+        return;
+    }
+    if !common::in_path("mkfs.ext4") || !common::in_path("e2fsck") {
+        if std::env::var_os("CI").is_some() {
+            panic!("ext4_through_failover: e2fsprogs missing in CI");
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** ext4_through_failover: SKIPPED: e2fsprogs not installed"
+        );
+        return;
+    }
+    let _one = serial();
+    let script = r#"mkdir -p /mnt
+mount -t ext4 /dev/vda /mnt || { echo "COLO-FS: FAIL mount"; exit 1; }
+echo "COLO-FS: mounted"
+i=0
+while [ $i -lt 40 ]; do
+  i=$((i + 1))
+  seq 1 $((i * 20)) | sed "s/^/file $i line /" >/mnt/f$i || echo "COLO-FS: FAIL write $i"
+  sync
+  echo "COLO-FS: synced $i"
+  usleep 100000
+done
+bad=0
+for k in $(seq 1 40); do
+  [ "$(seq 1 $((k * 20)) | sed "s/^/file $k line /" | md5sum)" = "$(md5sum </mnt/f$k)" ] || { bad=$((bad + 1)); echo "COLO-FS: FAIL content of f$k"; }
+done
+echo "COLO-FS: verified 40 files, $bad bad"
+umount /mnt && echo "COLO-FS: unmounted" || echo "COLO-FS: FAIL umount"
+"#;
+    let mut pair = Pair::new(script, |dir| {
+        let img = dir.join("primary.img");
+        std::fs::write(&img, vec![0u8; DISK as usize]).unwrap();
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096"])
+            .arg(&img)
+            .output()
+            .expect("mkfs.ext4");
+        assert!(out.status.success(), "mkfs.ext4: {out:?}");
+        std::fs::copy(&img, dir.join("secondary.img")).unwrap();
+    });
+    pair.start("COLO-FS: mounted");
+    pair.pvm().wait_marker("COLO-FS: synced 10", TIMEOUT);
+    let (t_kill, _) = pair.fail_over_to_svm();
+    pair.svm()
+        .wait_marker("COLO-FS: unmounted", Duration::from_secs(180));
+    let after = pair
+        .svm()
+        .lines
+        .iter()
+        .filter(|l| l.0 > t_kill && l.1.contains("COLO-FS: synced"))
+        .count();
+    assert!(
+        after >= 20,
+        "only {after} files synced on the SVM after the failover"
+    );
+    pair.svm().wait_exit(TIMEOUT);
+    pair.assert_no_failures();
+    pair.secondary.take().unwrap().terminate();
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(pair.p("secondary.img"))
+        .output()
+        .expect("e2fsck");
+    assert!(
+        out.status.success(),
+        "e2fsck -fn secondary.img: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
