@@ -155,6 +155,8 @@ struct LogState {
     in_flight: Vec<u32>,
     /// Bumped on every change of `on_disk`.
     generation: u64,
+    /// The generation known durable (mirrors `DirtyLog::durable`, readable under this lock).
+    synced: u64,
     /// A sync failed: the record can no longer be trusted, changes fail.
     broken: Option<String>,
 }
@@ -261,6 +263,7 @@ impl DirtyLog {
                 prev: Bits::new(extents),
                 in_flight: vec![0; extents as usize],
                 generation: 1,
+                synced: 0,
                 broken: None,
             }),
             durable: Mutex::new(0),
@@ -322,19 +325,21 @@ impl DirtyLog {
             if let Some(e) = &st.broken {
                 return Err(io::Error::other(format!("dirty log: {e}")));
             }
-            let mut need = false;
+            let mut newly = false;
             for e in first..=last {
                 st.cur.set(e);
                 st.in_flight[e as usize] += 1;
                 if !st.on_disk.get(e) {
                     st.on_disk.set(e);
-                    need = true;
+                    newly = true;
                 }
             }
-            if need {
+            if newly {
                 st.generation += 1;
             }
-            need.then_some(st.generation)
+            // A bit another writer set may still be on its way to the disk: this change
+            // waits for that sync too, never only for the bit to be set in memory.
+            (st.synced < st.generation).then_some(st.generation)
         };
         let guard = LogGuard {
             log: self,
@@ -367,6 +372,8 @@ impl DirtyLog {
         match r {
             Ok(()) => {
                 *durable = gen;
+                let mut st = self.lock();
+                st.synced = st.synced.max(gen);
                 Ok(())
             }
             Err(e) => {
@@ -500,5 +507,29 @@ mod tests {
         }
         let per = t.elapsed().as_nanos() as f64 / n as f64;
         eprintln!("dirty log fast path: {per:.1} ns per 4 KiB change (no I/O)");
+    }
+
+    /// A writer whose extent another writer marked a moment ago, but whose sync has not
+    /// finished, must not go ahead before that bit is durable.
+    #[test]
+    fn a_bit_set_but_not_yet_synced_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.colo-dirty");
+        let (log, _) = DirtyLog::open(&path, 1 << 20, 4096, false).unwrap();
+        {
+            // Writer A's first half: the bit is set in memory, its sync still to come.
+            let mut st = log.lock();
+            st.on_disk.set(3);
+            st.generation += 1;
+        }
+        // Writer B to the same extent.
+        let _guard = log.record(3 * 4096, 512).unwrap();
+        let st = log.lock();
+        assert_eq!(st.synced, st.generation, "B went ahead of A's sync");
+        drop(st);
+        // And the file says so.
+        drop(_guard);
+        let (_again, ranges) = DirtyLog::open(&path, 1 << 20, 4096, true).unwrap();
+        assert!(ranges.contains(&(3 * 4096, 4096)), "{ranges:?}");
     }
 }
