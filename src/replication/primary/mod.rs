@@ -163,7 +163,10 @@ struct Sent {
 struct State {
     link: Link,
     sessions: u64,
+    /// The last epoch the secondary acknowledged.
     epoch: u64,
+    /// The last epoch number put into the stream (acknowledged or not).
+    attempted_epoch: u64,
     sent_since_checkpoint: u64,
     total_sent: u64,
     last_error: Option<String>,
@@ -256,6 +259,7 @@ impl Primary {
                 link: Link::Connecting,
                 sessions: 0,
                 epoch: started.gens.epoch,
+                attempted_epoch: started.gens.epoch,
                 sent_since_checkpoint: 0,
                 total_sent: 0,
                 last_error: None,
@@ -538,11 +542,14 @@ impl Primary {
                         "resynchronisation in progress; checkpoint after it completes".into(),
                     ));
                 }
-                st.epoch + 1
+                // A number once sent is never sent again for another point: a marker that
+                // timed out here may still be applied by the secondary later.
+                st.epoch.max(st.attempted_epoch) + 1
             };
             let sent = self
                 .enqueue(HEADER_LEN as u64, |seq| make(seq, epoch))
                 .ok_or(ReplicationError::NotConnected)?;
+            self.state().attempted_epoch = epoch;
             let old_dirty = self.dirty().take();
             if let Some(l) = &self.log {
                 l.epoch_boundary();
