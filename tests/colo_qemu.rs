@@ -337,6 +337,8 @@ impl Pair {
             &size,
             "--listen",
             &listen,
+            // The tests copy images colo-blk did not create: a first full sync is expected.
+            "--allow-full-sync",
             "--layer-dir",
             &self.s(&format!("{n}-layers")),
             "--qmp",
@@ -433,12 +435,22 @@ impl Pair {
     /// Backends, both QEMUs, and the migration into COLO. `ready` is the console line the PVM's
     /// script prints once it runs.
     fn start(&mut self, ready: &str) {
+        self.start_backends();
+        self.start_vms(ready);
+    }
+
+    /// Both backends, connected.
+    fn start_backends(&mut self) {
         self.start_secondary("secondary.img");
         self.start_primary();
         self.secondary
             .as_mut()
             .unwrap()
             .wait_for_log("connected (epoch");
+    }
+
+    /// Both QEMUs (backends running), and the migration into COLO.
+    fn start_vms(&mut self, ready: &str) {
         let mut pvm = self.qemu("pvm", false);
         pvm.wait_marker(ready, TIMEOUT);
         self.pvm = Some(pvm);
@@ -775,15 +787,22 @@ while [ $i -lt 100000 ]; do
   usleep 20000
 done
 "#;
-    let mut pair = Pair::new(script, |dir| {
-        for (img, role) in [("primary.img", "PVM"), ("secondary.img", "SVM")] {
-            let mut data = vec![0u8; DISK as usize];
-            let tag = format!("ROLE {role}\n");
-            data[100 * 4096..100 * 4096 + tag.len()].copy_from_slice(tag.as_bytes());
-            std::fs::write(dir.join(img), data).unwrap();
-        }
-    });
-    pair.start("COLO-B: start");
+    // colo-blk creates both images (so their generations say "identical"), then block 100 is
+    // made to differ behind its back: the primary never sends it, so each VM reads its own
+    // role there for the whole test.
+    let mut pair = Pair::new(script, |_| {});
+    pair.start_backends();
+    for (img, role) in [("primary.img", "PVM"), ("secondary.img", "SVM")] {
+        use std::os::unix::fs::FileExt;
+        let tag = format!("ROLE {role}\n");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(pair.p(img))
+            .unwrap();
+        f.write_all_at(tag.as_bytes(), 100 * 4096).unwrap();
+        f.sync_all().unwrap();
+    }
+    pair.start_vms("COLO-B: start");
     let own = pair
         .svm()
         .wait_line("the SVM reading its own write", TIMEOUT, |l| {

@@ -99,9 +99,16 @@ impl Backend {
 
     /// Blocks until a log line contains `marker`; panics after [`STARTUP_TIMEOUT`].
     pub fn wait_for_log(&mut self, marker: &str) -> String {
+        // A hang guard over the whole wait: a process that keeps logging other lines (a peer
+        // refused at every retry) must not keep the test waiting forever.
+        let deadline = std::time::Instant::now() + 4 * STARTUP_TIMEOUT;
         loop {
-            match self.lines.recv_timeout(STARTUP_TIMEOUT) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left.min(STARTUP_TIMEOUT)) {
                 Ok(line) if line.contains(marker) => return line,
+                Ok(_) if left.is_zero() => {
+                    panic!("colo-blk logged other lines but never {marker:?}")
+                }
                 Ok(_) => {}
                 Err(e) => panic!("colo-blk never logged {marker:?}: {e}"),
             }
