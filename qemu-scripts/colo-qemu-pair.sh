@@ -191,8 +191,10 @@ start_secondary() {  # start_secondary IMAGE: the secondary backend serving svm.
     rm -rf "$dir/layers"
     rm -f "$dir/svm.sock" "$dir/secondary.qmp"
     [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/secondary.strace")
+    # --allow-full-sync: a re-protect's new secondary disk (fresh or a copy) has no common
+    # generation with the primary and is fully synced; a fresh pair starts in sync anyway.
     spawn secondary "$dir/secondary.log" ${t[@]+"${t[@]}"} "$bin" --role secondary --insecure-link \
-        --image "$1" --size "$size" --listen "127.0.0.1:$port" \
+        --allow-full-sync --image "$1" --size "$size" --listen "127.0.0.1:$port" \
         --layer-dir "$dir/layers" --socket "$dir/svm.sock" --num-queues "$smp" --qmp "$dir/secondary.qmp"
     wait_for "the secondary backend" test -S "$dir/svm.sock"
     tracee secondary
