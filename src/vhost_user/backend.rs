@@ -443,6 +443,18 @@ impl BlkBackend {
     /// ring and runs the rest here, submits the batch with one system call, then completes
     /// whatever is done with one used-ring update. A lone request on an idle queue runs here
     /// synchronously instead (queue depth 1 pays no ring round trip).
+    /// The guest memory map as it is now (`old` if there is none). Popped requests run on it,
+    /// not on the map of when the event began: a front-end adds a region (ADD_MEM_REG,
+    /// acknowledged) before it queues a request using it, and a pop loop that started earlier
+    /// may take that request (seen: "data buffer outside guest memory" on a client's first
+    /// write).
+    fn mem_now(&self, old: GuestMemoryLoadGuard<GuestMem>) -> GuestMemoryLoadGuard<GuestMem> {
+        match self.shared.mem.read() {
+            Ok(m) => m.as_ref().map_or(old, |m| m.memory()),
+            Err(_) => old,
+        }
+    }
+
     fn uring_kick(
         &self,
         queue: usize,
@@ -462,6 +474,7 @@ impl BlkBackend {
             st.vring = Some(vring.clone());
         }
         let batch = self.pop_all(queue, vring, mem)?;
+        let mem = &self.mem_now(mem.clone());
         let stats = self.shared.stats.queue(queue);
         // A lone request (queue depth 1) runs synchronously right here, as with the thread
         // engine: one preadv/pwritev is the cheapest way to do it, while io_uring would hand a
@@ -663,6 +676,7 @@ impl VhostUserBackend for BlkBackend {
             return self.uring_kick(thread_id, vring, &mem);
         }
         let mut batch = self.pop_all(thread_id, vring, &mem)?;
+        let mem = self.mem_now(mem);
         // All but the last request go to the I/O pool; the last runs here.
         let last = batch.pop();
         if let Some(pool) = self.pool.as_ref() {

@@ -33,7 +33,9 @@ impl Backend {
     /// [`Backend::start_with`] with extra environment variables (e.g. `COLO_BLK_FAULT`).
     pub fn start_with_env(args: &[&str], socket: &Path, env: &[(&str, &str)]) -> Backend {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_colo-blk"));
-        cmd.args(args).envs(env.iter().copied());
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
         Backend::spawn(cmd, socket)
     }
 
@@ -49,8 +51,10 @@ impl Backend {
     /// Spawns `cmd` (colo-blk, possibly behind a wrapper that execs it) and waits for its
     /// ready line.
     fn spawn(mut cmd: Command, socket: &Path) -> Backend {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
         let mut child = cmd
-            .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
