@@ -443,7 +443,12 @@ EOF2
 fi
 
 # --- start ------------------------------------------------------------------------------------
-if [ -z "$bin" ]; then
+if [ -z "$bin" ] && [ "$disk" = 1 ]; then
+    # Built here, so that a checkout never runs a stale binary from an older build.
+    if command -v cargo >/dev/null; then
+        log "building colo-blk (cargo build --release)"
+        (cd "$repo" && cargo build --release --quiet) || die "cargo build --release failed"
+    fi
     for b in "$repo/target/release/colo-blk" "$repo/target/debug/colo-blk"; do
         if [ -x "$b" ]; then bin="$b"; break; fi
     done
