@@ -543,11 +543,22 @@ impl Secondary {
                     _ => None,
                 })
                 .collect();
-            self.disk.apply_primary_batch(&changes)?;
-            let bytes: u64 = changes.iter().map(Change::data_len).sum();
+            let r = self.disk.apply_primary_batch(&changes);
+            let applied = match &r {
+                Ok(()) => changes.len(),
+                Err(e) => e.applied,
+            };
+            let bytes: u64 = changes[..applied].iter().map(Change::data_len).sum();
             let mut st = self.state();
             st.bytes_since_checkpoint += bytes;
             st.bytes_total += bytes;
+            if let Err(e) = r {
+                // What was applied is reported as applied (the frames before the bad one).
+                if let Some(f) = applied.checked_sub(1).and_then(|i| group.get(i)) {
+                    st.applied_seq = f.seq();
+                }
+                return Err(e.error);
+            }
             return Ok(());
         }
         let Some(frame) = group.first() else {

@@ -75,6 +75,14 @@ const COMMIT_BATCH: u64 = 256 << 10;
 /// Zero buffer size for file ranges that cannot be hole-punched.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// A batch of the primary's stream that failed part way.
+#[derive(Debug)]
+pub struct BatchError {
+    /// How many changes at the start of the batch were applied.
+    pub applied: usize,
+    pub error: io::Error,
+}
+
 /// A snapshot of the layered disk's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerStats {
@@ -453,6 +461,7 @@ impl LayeredDisk {
     /// Applies one change of the primary's stream (see [`LayeredDisk::apply_primary_batch`]).
     pub fn apply_primary(&self, change: &Change<&[u8]>) -> io::Result<()> {
         self.apply_primary_batch(std::slice::from_ref(change))
+            .map_err(|e| e.error)
     }
 
     /// Applies changes of the primary's stream, in order: copy-before-write into the newest
@@ -461,35 +470,51 @@ impl LayeredDisk {
     /// byte-identical to the primary's raw image, which reads zeros after a discard. A flush
     /// makes everything before it durable on base.
     ///
-    /// On an error the changes before the failing one are applied. Fails once `failover()`
+    /// On an error, [`BatchError::applied`] changes (a prefix) were applied: exactly those
+    /// before an invalid one; after an I/O error, those before the failing run (a few after
+    /// them may have reached base too, behind their saved originals). Fails once `failover()`
     /// has been called.
-    pub fn apply_primary_batch(&self, changes: &[Change<&[u8]>]) -> io::Result<()> {
-        for run in changes.split_inclusive(|c| matches!(c, Change::Flush)) {
+    pub fn apply_primary_batch(&self, changes: &[Change<&[u8]>]) -> Result<(), BatchError> {
+        // Validate first: the changes before a bad one are still applied.
+        let valid = changes
+            .iter()
+            .position(|c| {
+                let (o, l) = c.range();
+                check_range(self.capacity, o, l).is_err()
+            })
+            .unwrap_or(changes.len());
+        let mut done = 0;
+        for run in changes[..valid].split_inclusive(|c| matches!(c, Change::Flush)) {
+            let fail = |error| BatchError {
+                applied: done,
+                error,
+            };
             let (writes, flush) = match run.split_last() {
                 Some((Change::Flush, rest)) => (rest, true),
                 _ => (run, false),
             };
-            // Validate first: the changes before a bad one are still applied.
-            let valid = writes
-                .iter()
-                .position(|c| {
-                    let (o, l) = c.range();
-                    check_range(self.capacity, o, l).is_err()
-                })
-                .unwrap_or(writes.len());
-            self.apply_writes(&writes[..valid])?;
-            if let Some(bad) = writes.get(valid) {
-                let (o, l) = bad.range();
-                return check_range(self.capacity, o, l);
-            }
+            self.apply_writes(writes).map_err(fail)?;
             if flush {
                 if !matches!(self.read_state().stage, Stage::Buffering(_)) {
-                    return Err(replication_over());
+                    return Err(fail(replication_over()));
                 }
-                self.base.flush()?;
+                self.base.flush().map_err(fail)?;
             }
+            done += run.len();
         }
-        Ok(())
+        match changes.get(valid) {
+            Some(bad) => {
+                let (o, l) = bad.range();
+                let error = check_range(self.capacity, o, l)
+                    .err()
+                    .unwrap_or_else(|| io::Error::other("invalid change"));
+                Err(BatchError {
+                    applied: valid,
+                    error,
+                })
+            }
+            None => Ok(()),
+        }
     }
 
     /// Copy-before-write and base writes of validated, flush-free changes.

@@ -952,3 +952,37 @@ fn cuts_at_idle_markers_and_later_marks_stay_tentative() {
     ld.failover().unwrap();
     assert!(first_diff(&read_all(&*base), &at_markers).is_none());
 }
+
+/// A batch with an invalid change: the ones before it are applied, and the error says how many.
+#[test]
+fn a_batch_reports_how_much_of_it_was_applied() {
+    let (_tmp, base, ld) = setup(1 << 20, 4096);
+    let one = [1u8; 512];
+    let two = [2u8; 512];
+    let batch = [
+        Change::Write {
+            offset: 0,
+            data: &one[..],
+        },
+        Change::Flush,
+        Change::Write {
+            offset: 4096,
+            data: &two[..],
+        },
+        Change::WriteZeroes {
+            offset: (1 << 20) - 512,
+            len: 1024,
+            unmap: false,
+        },
+        Change::Write {
+            offset: 8192,
+            data: &two[..],
+        },
+    ];
+    let e = ld.apply_primary_batch(&batch).unwrap_err();
+    assert_eq!(e.applied, 3);
+    assert_eq!(e.error.kind(), io::ErrorKind::InvalidInput);
+    assert_eq!(read(&*base, 0, 512), one);
+    assert_eq!(read(&*base, 4096, 512), two);
+    assert_eq!(read(&*base, 8192, 512), [0u8; 512]);
+}
