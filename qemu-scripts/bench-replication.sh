@@ -7,6 +7,7 @@
 #  2. checkpoint cost with 1 MiB and with 1 GiB buffered on the secondary;
 #  3. failover time without and with Secondary VM writes.
 # Usage: qemu-scripts/bench-replication.sh [--reps N] [--seconds S] [--dir DIR] [--throughput-only]
+# Environment: COLO_BLK (the colo-blk binary to measure; default: build target/release/colo-blk)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,14 +29,15 @@ done
 log() { echo "[bench-replication] $*" >&2; }
 
 cd "$REPO"
-cargo build --release -q
+# COLO_BLK: a colo-blk binary to measure (e.g. a copy of an older build) instead of building.
+[ -n "${COLO_BLK:-}" ] || cargo build --release -q
 BENCH=$(cargo bench --bench blkbench --no-run --message-format=json-render-diagnostics 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="blkbench" and m.get("executable"):
         print(m["executable"])' | tail -n1)
-COLO=$REPO/target/release/colo-blk
+COLO=${COLO_BLK:-$REPO/target/release/colo-blk}
 [ -x "$BENCH" ] || { echo "blkbench not built" >&2; exit 1; }
 
 [ -n "$WORKDIR" ] || WORKDIR=$(mktemp -d /var/tmp/colo-blk-repl.XXXXXX)
@@ -63,6 +65,15 @@ start() {
     return 1
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# Waits until the primary's session is up (its ready line may come before or after it).
+wait_session() { # LOGFILE
+    for _ in $(seq 1 600); do
+        grep -q "replicating to" "$1" && return 0
+        sleep 0.05
+    done
+    echo "timeout waiting for the primary's session in $1" >&2
+    return 1
+}
 
 qmp() { # qmp SOCKET COMMAND [JSON-ARGS]
     python3 - "$@" <<'PY'
@@ -120,7 +131,7 @@ PY
 run_standalone() {
     rm -f "$WORKDIR/p.img"
     local pid w
-    pid=$(start "$WORKDIR/standalone.log" "vhost-user socket listening" --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img" --size $SIZE)
+    pid=$(start "$WORKDIR/standalone.log" "{\"ready\"" --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img" --size $SIZE)
     for w in ${WORKLOADS//,/ }; do
         measure "$w" standalone "$WORKDIR/p.sock" - "$pid"
     done
@@ -134,12 +145,13 @@ run_primary() { # LABEL [PRIMARY-OPTIONS...]
     # made by fallocate would carry no replication metadata and need a full sync).
     rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
     local spid ppid w
-    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
+    spid=$(start "$WORKDIR/secondary.log" "{\"ready\"" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
         --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp")
     local port
-    port=$(grep -o '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
+    port=$(grep -ao '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
+    ppid=$(start "$WORKDIR/primary.log" "{\"ready\"" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
         --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp" "$@")
+    wait_session "$WORKDIR/primary.log"
     for w in ${WORKLOADS//,/ }; do
         measure "$w" "$label" "$WORKDIR/p.sock" "$WORKDIR/p.qmp" "$ppid" "$spid"
         # A checkpoint between workloads, so each starts with empty layers.
@@ -199,11 +211,12 @@ checkpoint_and_failover() { # BUFFERED_MIB SVM_MIB
     # made by fallocate would carry no replication metadata and need a full sync).
     rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
     local spid ppid port
-    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
+    spid=$(start "$WORKDIR/secondary.log" "{\"ready\"" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
         --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp" --socket "$WORKDIR/svm.sock")
-    port=$(grep -o '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
+    port=$(grep -ao '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
+    ppid=$(start "$WORKDIR/primary.log" "{\"ready\"" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
         --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp")
+    wait_session "$WORKDIR/primary.log"
     # Fill the hidden layer: sequential 1 MiB primary writes over the first BUFFERED_MIB of the
     # disk, long enough to cover it (query-replication below reports what is buffered).
     fill "$WORKDIR/p.sock" "$buffered"
