@@ -43,6 +43,35 @@ One JSON object per line on stdout (flushed), e.g.
   {"event": "failover", "epoch": 7, "duration_ms": ..., "reason": "..."}
   {"event": "primary-lost", "reason": "..."}     (without --failover-on-primary-loss)
 
+Consistency groups (docs/consistency-groups.md): a VM with several disks, or several VMs (on
+any hosts) forming one service, checkpointed and failed over together, so that after a failover
+every disk of every member is from the same group checkpoint:
+
+  --vm QEMU_QMP --disk PRIMARY_QMP:SECONDARY_QMP [--disk ...] [--vm ... --disk ...]
+  --group FILE.json   {"members": [{"name", "qemu-qmp", "disks": [{"name", "primary-qmp",
+                      "secondary-qmp"}]}]}   (instead of --qemu-qmp/--primary-qmp/...)
+
+A group checkpoint G is a two-phase commit: `stop` every VM -> PREPARE every disk (primary
+`replication-prepare-checkpoint`, then secondary `replication-prepare {group: G, applied-seq:
+S}` with S the primary's last sequence number: the secondary records durably that it holds
+exactly the primary's disk) -> --pause-hook (COLO_EPOCH=G) -> COMMIT every disk (primary
+`replication-checkpoint`) -> `cont` every VM. A failure before the first commit aborts G on
+every disk (all keep G-1); after it the remaining disks are still committed (retried). Lines:
+checkpoint {epoch: G, group: G, pause_ms, stop_ms, prepare_ms, hook_ms, commit_ms, disks:
+{name: {epoch, bytes}}}, checkpoint-error {phase, error, committed, failed}. With
+--failover-on-primary-loss the loss of any member's QEMU or primary backend stops the other
+members' VMs and fails the whole group over (as below).
+
+  --mode group-failover (--disk :SECONDARY_QMP ... or the same --vm/--disk/--group) [--dry-run]
+      reads every secondary's group record; G = the newest group checkpoint any disk is at;
+      disks one behind but prepared for G are committed to G (secondary
+      `replication-do-checkpoint {group: G}`), then every disk fails over. Any other disk
+      stops it before anything is failed over (failover-error names it). Lines: failover
+      {group, committed, disks}, failover-plan (--dry-run), failover-error {members}.
+
+COLO_CTL_FAULT=exit-after-commit:K (tests): exit 70 right after the K-th commit of a group
+checkpoint, without `cont` (a coordinator crash); the commits then run one after the other.
+
 The Primary VM is never left stopped: every path after `stop` runs `cont` (unless QEMU itself
 is gone), also SIGTERM/SIGINT during a pause. Exit status: 0 after --count checkpoints or a
 failover, 1 when the primary was lost without --failover-on-primary-loss (or failover failed),
@@ -557,6 +586,17 @@ def build_group(p, a):
     return members
 
 
+async def reconnect(client, path):
+    """Connects `client` again if its connection ended (a restarted secondary backend)."""
+    if client.runstate == Runstate.RUNNING:
+        return
+    try:
+        await client.disconnect()
+    except Exception:
+        pass
+    await client.connect(path)
+
+
 def parse_fault():
     """COLO_CTL_FAULT=exit-after-commit:K (tests): exit, as abruptly as a crash (no `cont`),
     right after the K-th disk of a group checkpoint committed. Commits then run one by one."""
@@ -751,6 +791,7 @@ class GroupCtl(Ctl):
                              f"resync {q1.get('resync-remaining-bytes')}, seq {seq}/"
                              f"{q1.get('last-seq')})")
         try:
+            await reconnect(d.secondary, d.secondary_qmp)
             await d.secondary.execute("replication-prepare", {"group": g, "applied-seq": seq})
         except Exception as e:
             raise GroupAbort(f"{d.name}: secondary replication-prepare: {e}") from e
@@ -915,6 +956,11 @@ class GroupCtl(Ctl):
                     log(f"{m.name}: stopped (the group fails over)")
                 except Exception as e:
                     log(f"{m.name}: stop: {e}")
+        for d in self.disks:
+            try:
+                await reconnect(d.secondary, d.secondary_qmp)
+            except Exception as e:
+                log(f"{d.name} secondary backend: {e}")
         return await group_failover([(d.name, d.secondary) for d in self.disks], reason)
 
     async def run(self):
