@@ -523,7 +523,7 @@ fn one_vm_two_disks_fail_over_to_one_checkpoint() {
         return;
     }
     let t = Setup::new();
-    let mut pairs = vec![t.pair("a"), t.pair("b")];
+    let mut pairs = [t.pair("a"), t.pair("b")];
     let vm = t.vm(
         "pvm",
         &["a", "b"],
@@ -563,7 +563,7 @@ fn two_vms_fail_over_to_one_checkpoint() {
         return;
     }
     let t = Setup::new();
-    let mut pairs = vec![t.pair("a"), t.pair("b")];
+    let mut pairs = [t.pair("a"), t.pair("b")];
     let vm1 = t.vm("vm1", &["a"], &writer_script(&["vda"]), "vm1.qmp");
     let vm2 = t.vm("vm2", &["b"], &writer_script(&["vda"]), "vm2.qmp");
     let mut vms = [vm1, vm2];
@@ -649,7 +649,7 @@ fn coordinator_crash_between_commits() {
     }
     for wrote_after_crash in [false, true] {
         let t = Setup::new();
-        let mut pairs = vec![t.pair("a"), t.pair("b")];
+        let mut pairs = [t.pair("a"), t.pair("b")];
         let mut qemu = t.fake_qemu("qemu.qmp");
         write_blocks(&t, "a", 1, 0, 8);
         write_blocks(&t, "b", 1, 0, 8);
@@ -736,7 +736,7 @@ fn prepare_record_survives_a_secondary_restart() {
         return;
     }
     let t = Setup::new();
-    let mut pairs = vec![t.pair("a"), t.pair("b")];
+    let mut pairs = [t.pair("a"), t.pair("b")];
     let mut pq: Vec<Qmp> = ["a", "b"]
         .iter()
         .map(|n| Qmp::connect(&t.p(&format!("{n}-primary.qmp"))))
