@@ -841,7 +841,8 @@ class GroupCtl(Ctl):
         stopped_at = time.time()
         t0 = time.monotonic()
         rec = dict(epoch=g, group=g, bytes=sum(sent.values()), stopped_at=round(stopped_at, 6))
-        error = phase = None
+        error = None
+        phase = "stop"
         committed, failed = {}, {}
         t_stopped = t_prepared = t_hook = None
         try:
