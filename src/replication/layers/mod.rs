@@ -53,7 +53,7 @@ use layer::{Kind, Layer};
 pub use state::{GroupCommitted, GroupPrepared, GroupRecord, Mark};
 use state::{SavedHidden, SavedStage, SavedState};
 
-use crate::storage::{check_range, fallocate, BlockDevice, Change};
+use crate::storage::{check_range, fallocate, BlockDevice, Change, RawImage};
 
 /// Default cluster size: 64 KiB.
 ///
@@ -223,6 +223,9 @@ struct State {
 /// per request or batch, or per small batch of clusters during failover).
 pub struct LayeredDisk {
     base: Arc<dyn BlockDevice>,
+    /// The base image opened a second time without readahead, for copy-before-write reads
+    /// ([`RawImage::random_reader`]); `None`: they go through `base`.
+    cbw_reader: Option<File>,
     dir: PathBuf,
     capacity: u64,
     cluster_size: u64,
@@ -286,9 +289,11 @@ impl LayeredDisk {
                     log::debug!("dropped old layers in {:?}", t.elapsed());
                 }
             })?;
+        let cbw_reader = base.as_raw_image().and_then(RawImage::random_reader);
         let mut disk = LayeredDisk {
             capacity: base.capacity(),
             base,
+            cbw_reader,
             dir,
             cluster_size,
             state: RwLock::new(State {
@@ -1022,7 +1027,10 @@ impl LayeredDisk {
             let start = c * cs;
             let stop = (end * cs).min(self.capacity);
             buf.resize((stop - start) as usize, 0);
-            self.base.read_at(&mut buf, start)?;
+            match &self.cbw_reader {
+                Some(f) => f.read_exact_at(&mut buf, start)?,
+                None => self.base.read_at(&mut buf, start)?,
+            }
             hidden.save(&buf, c, cs as usize)?;
             c = end;
         }
