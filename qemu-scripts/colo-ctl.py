@@ -896,7 +896,8 @@ class GroupCtl(Ctl):
         if t_prepared is not None:
             rec["prepare_ms"] = round((t_prepared - t_stopped) * 1000, 3)
         if t_hook is not None:
-            rec["hook_ms"] = round((t_hook - t_prepared) * 1000, 3)
+            if self.args.pause_hook:
+                rec["hook_ms"] = round((t_hook - t_prepared) * 1000, 3)
             rec["commit_ms"] = round((t1 - t_hook) * 1000, 3)
             rec["replication_ms"] = round((t1 - t_hook + t_prepared - t_stopped) * 1000, 3)
         if error is not None or failed:

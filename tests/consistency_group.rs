@@ -840,3 +840,50 @@ fn prepare_record_survives_a_secondary_restart() {
         (Some("failed-over"), Some(2))
     );
 }
+
+/// A secondary of the group dies: colo-ctl reports the group unprotected and takes no group
+/// checkpoint (the VM keeps running); the secondary comes back on the same port, colo-ctl
+/// reconnects to its QMP socket, reports protected, and the next group checkpoint brings both
+/// disks to it. SIGTERM leaves the VM running.
+#[test]
+fn a_lost_secondary_pauses_group_checkpoints_until_it_is_back() {
+    if !prerequisites(
+        "a_lost_secondary_pauses_group_checkpoints_until_it_is_back",
+        false,
+    ) {
+        return;
+    }
+    let t = Setup::new();
+    let mut pairs = [t.pair("a"), t.pair("b")];
+    let _qemu = t.fake_qemu("qemu.qmp");
+    let args = group_args(&t, "qemu.qmp", &["a", "b"], &["--interval-ms", "100"]);
+    let mut ctl = t.colo_ctl(&args, &[]);
+    wait_ctl(&mut ctl, "checkpoint", CTL_TIMEOUT);
+    let port = pairs[1].secondary.listen_port();
+    {
+        let b = &mut pairs[1].secondary;
+        let _ = b.child.kill();
+        let _ = b.child.wait();
+    }
+    let u = wait_ctl(&mut ctl, "unprotected", CTL_TIMEOUT);
+    assert!(u["reason"].to_string().contains("vm0/vdb"), "{u}");
+    write_blocks(&t, "a", 7, 0, 4);
+    write_blocks(&t, "b", 7, 0, 4);
+    pairs[1].secondary = t.start_secondary("b", port);
+    wait_ctl(&mut ctl, "protected", CTL_TIMEOUT);
+    let c = wait_ctl(&mut ctl, "checkpoint", CTL_TIMEOUT);
+    let g = c["group"].as_u64().unwrap();
+    for n in ["a", "b"] {
+        let q = Qmp::connect(&t.p(&format!("{n}-secondary.qmp")))
+            .execute("query-replication", json!({}))
+            .unwrap();
+        assert!(q["group"]["current"].as_u64().unwrap() >= g, "{n}: {q}");
+    }
+    // SAFETY: kill(2) on the child we spawned (colo-ctl leads its own process group).
+    unsafe { libc::kill(ctl.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(ctl.wait_exit(CTL_TIMEOUT).code(), Some(143));
+    let st = Qmp::connect(&t.p("qemu.qmp"))
+        .execute("query-status", json!({}))
+        .unwrap();
+    assert_eq!(st["running"], true, "colo-ctl left the VM stopped");
+}
