@@ -439,10 +439,6 @@ impl BlkBackend {
         }
     }
 
-    /// A kick with the `uring` engine: pops every chain, queues reads, writes and flushes on the
-    /// ring and runs the rest here, submits the batch with one system call, then completes
-    /// whatever is done with one used-ring update. A lone request on an idle queue runs here
-    /// synchronously instead (queue depth 1 pays no ring round trip).
     /// The guest memory map as it is now (`old` if there is none). Popped requests run on it,
     /// not on the map of when the event began: a front-end adds a region (ADD_MEM_REG,
     /// acknowledged) before it queues a request using it, and a pop loop that started earlier
@@ -455,6 +451,11 @@ impl BlkBackend {
         }
     }
 
+    /// A kick with the `uring` engine: pops every chain, queues reads, writes and flushes on the
+    /// ring and runs the rest here, submits the batch with one system call, then completes
+    /// whatever is done with one used-ring update. A lone request on an idle queue runs here
+    /// synchronously instead (queue depth 1 pays no ring round trip), and buffered writes of
+    /// [`POOL_WRITE_BYTES`] or more go to the I/O pool.
     fn uring_kick(
         &self,
         queue: usize,

@@ -5,6 +5,8 @@
 //! flush into one SQE whose iovecs point straight into guest memory, runs anything else
 //! (discard, write-zeroes, GET_ID, malformed chains, O_DIRECT requests that need a bounce
 //! buffer) synchronously as before, and submits the whole batch with one `io_uring_enter`.
+//! Buffered writes of 128 KiB or more skip the ring and go to the I/O pool (`BlkBackend`'s
+//! `uring_kick`): io-wq would copy them into the page cache one at a time.
 //! Completions are reaped in batches (right after the submission, and whenever the ring's
 //! eventfd wakes the worker's epoll loop) and put on the used ring under one lock with one
 //! notification.
