@@ -32,6 +32,18 @@ impl Controller {
     pub fn new(role: Role, stats: Option<StatsHandle>) -> Self {
         Controller { role, stats }
     }
+
+    /// The role commands go to: a secondary promoted in place (`replication-promote`) answers
+    /// as the primary it became.
+    fn role(&self) -> Role {
+        match &self.role {
+            Role::Secondary(s) => match s.promoted() {
+                Some(p) => Role::Primary(p),
+                None => self.role.clone(),
+            },
+            r => r.clone(),
+        }
+    }
 }
 
 /// `query-stats`: the device's counters per queue (empty when no VM is served), each with
@@ -61,7 +73,7 @@ impl Controller {
                 .collect(),
             None => Vec::new(),
         };
-        let replication = match &self.role {
+        let replication = match &self.role() {
             Role::Standalone => None,
             Role::Primary(p) => {
                 let st = p.status();
@@ -134,12 +146,16 @@ const PRIMARY: &[&str] = &[
     "replication-start",
     "replication-verify",
 ];
-const SECONDARY: &[&str] = &["replication-do-checkpoint", "replication-failover"];
+const SECONDARY: &[&str] = &[
+    "replication-do-checkpoint",
+    "replication-failover",
+    "replication-promote",
+];
 
 impl CommandHandler for Controller {
     fn commands(&self) -> Vec<&'static str> {
         let mut v = COMMON.to_vec();
-        match self.role {
+        match self.role() {
             Role::Standalone => {}
             Role::Primary(_) => v.extend_from_slice(PRIMARY),
             Role::Secondary(_) => v.extend_from_slice(SECONDARY),
@@ -148,7 +164,8 @@ impl CommandHandler for Controller {
     }
 
     fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        match (name, &self.role) {
+        let role = self.role();
+        match (name, &role) {
             ("query-status", _) => {
                 only(args, &[])?;
                 Ok(json!({"status": "running", "running": true, "singlestep": false}))
@@ -217,6 +234,15 @@ impl CommandHandler for Controller {
                     s.failover()
                 };
                 to_value(report.map_err(generic)?)
+            }
+            ("replication-promote", Role::Secondary(s)) => {
+                only(args, &["peer"])?;
+                let peer = args
+                    .get("peer")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| QmpError::Generic("'peer' (HOST:PORT) is required".into()))?;
+                let p = s.promote(peer).map_err(generic)?;
+                Ok(json!({"role": "primary", "peer": peer, "dirty-bytes": p.status().dirty_bytes}))
             }
             (n, _) if PRIMARY.contains(&n) || SECONDARY.contains(&n) => Err(QmpError::Generic(
                 format!("{n} is not available in this role"),
