@@ -14,9 +14,9 @@ use colo_blk::cli::{Cli, Command, RoleArg};
 use colo_blk::control::{Controller, Role};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
+use colo_blk::replication::metadata::DiskRole;
 use colo_blk::replication::metadata::{self, MetaStore};
 use colo_blk::replication::primary::{Primary, PrimaryDevice, PrimaryOptions, ReplicatedDisk};
-use colo_blk::replication::metadata::DiskRole;
 use colo_blk::replication::secondary::{
     FailoverLogSpec, Promotion, Secondary, SecondaryOptions, SvmDevice,
 };
@@ -177,13 +177,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             };
             let mut opts = primary_options(cli.peer.as_deref().unwrap_or_default())?;
             opts.security = security.clone();
-            let primary = Primary::open(
-                image.clone(),
-                opts,
-                events.clone(),
-                meta,
-                log,
-            )?;
+            let primary = Primary::open(image.clone(), opts, events.clone(), meta, log)?;
             runtime.spawn(primary.clone().run_link());
             (
                 Arc::new(ReplicatedDisk::new(primary.clone())),

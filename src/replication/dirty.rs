@@ -248,7 +248,8 @@ impl DirtyLog {
             all = true;
         } else if expect_existing {
             log::warn!(
-                "{}: no dirty log for a disk with replication history: the whole disk counts                  as dirty",
+                "{}: no dirty log for a disk with replication history: the whole disk counts \
+                 as dirty",
                 path.display()
             );
             all = true;
@@ -477,7 +478,12 @@ impl DirtyLog {
         let st = self.lock();
         st.on_disk
             .ones()
-            .map(|e| (e * self.extent, self.extent.min(self.capacity - e * self.extent)))
+            .map(|e| {
+                (
+                    e * self.extent,
+                    self.extent.min(self.capacity - e * self.extent),
+                )
+            })
             .collect()
     }
 
@@ -787,14 +793,19 @@ mod tests {
         let path = dir.path().join("d.colo-dirty");
         let cap = 10 * 4096 + 100; // 11 extents of 4 KiB, the last one short
         let (log, _) = DirtyLog::open(&path, cap, 4096, false).unwrap();
-        log.mark_ranges(&[(0, 1), (5 * 4096, 8192), (cap - 1, 1)]).unwrap();
+        log.mark_ranges(&[(0, 1), (5 * 4096, 8192), (cap - 1, 1)])
+            .unwrap();
         let x = log.extents();
         assert_eq!(
             x.ranges().collect::<Vec<_>>(),
             vec![(0, 4096), (20480, 4096), (24576, 4096), (40960, 100)]
         );
         assert_eq!(DirtyLog::peek(&path, cap).unwrap(), Some(x.clone()));
-        assert_eq!(DirtyLog::peek(&path, cap + 4096).unwrap(), None, "other size");
+        assert_eq!(
+            DirtyLog::peek(&path, cap + 4096).unwrap(),
+            None,
+            "other size"
+        );
         assert_eq!(DirtyLog::peek(&dir.path().join("none"), cap).unwrap(), None);
         let back = DirtyExtents::decode(x.extent(), x.disk_size(), x.bits()).unwrap();
         assert_eq!(back, x);
@@ -831,7 +842,10 @@ mod tests {
         drop(log);
         let log = DirtyLog::create_reset(&path, cap, 4096).unwrap();
         assert_eq!(log.recorded_bytes(), 0);
-        assert_eq!(DirtyLog::peek(&path, cap).unwrap().unwrap().dirty_bytes(), 0);
+        assert_eq!(
+            DirtyLog::peek(&path, cap).unwrap().unwrap().dirty_bytes(),
+            0
+        );
     }
 
     #[test]
@@ -845,7 +859,11 @@ mod tests {
                 Ok(())
             }
             fn write_at(&self, _: &[u8], offset: u64) -> io::Result<()> {
-                let on = self.0.recorded_ranges().iter().any(|&(o, l)| o <= offset && offset < o + l);
+                let on = self
+                    .0
+                    .recorded_ranges()
+                    .iter()
+                    .any(|&(o, l)| o <= offset && offset < o + l);
                 self.1.lock().unwrap().push(on);
                 Ok(())
             }

@@ -325,7 +325,8 @@ pub fn decide_with(p: &Generations, s: &Generations, policy: &SyncPolicy) -> Dec
     if policy.discard_my_data && !p.knows(s.current) && (common || s_past) {
         if common && policy.primary_dirty_log && policy.secondary_dirty_log {
             return Decision::Failback(format!(
-                "both disks diverged from generation {:016x} and both kept a dirty record                  since; {DISCARD_MY_DATA_FLAG}: the primary resends the union of both records",
+                "both disks diverged from generation {:016x} and both kept a dirty record \
+                 since; {DISCARD_MY_DATA_FLAG}: the primary resends the union of both records",
                 s.bitmap
             ));
         }
@@ -654,9 +655,7 @@ impl MetaStore {
     /// of that generation (which would resync only the primary's own dirty record).
     pub fn secondary_start(&self) -> io::Result<Metadata> {
         self.update(|m| {
-            if m.role == DiskRole::Primary
-                && m.gens.current == m.gens.bitmap
-                && m.gens.current != 0
+            if m.role == DiskRole::Primary && m.gens.current == m.gens.bitmap && m.gens.current != 0
             {
                 m.new_current();
             }
@@ -1207,7 +1206,10 @@ mod tests {
         assert_eq!(st.failover(false, true).unwrap(), f);
         // Started as primary: the bitmap is kept (the dirty log covers since then).
         let p = st.primary_start(true).unwrap();
-        assert_eq!((p.gens.current, p.gens.bitmap), (f.gens.current, primary.current));
+        assert_eq!(
+            (p.gens.current, p.gens.bitmap),
+            (f.gens.current, primary.current)
+        );
         // Without a log: no ancestor.
         let st = MetaStore::in_memory(1 << 20);
         st.secondary_accept(&primary, false).unwrap();

@@ -514,9 +514,7 @@ impl Frame {
                     ProtocolError::Malformed {
                         kind: "PEER_DIRTY",
                         why: match e {
-                            crate::replication::dirty::ExtentsError::BadExtent => {
-                                "bad extent size"
-                            }
+                            crate::replication::dirty::ExtentsError::BadExtent => "bad extent size",
                             crate::replication::dirty::ExtentsError::EmptyDisk => "disk size 0",
                             crate::replication::dirty::ExtentsError::BadLength => {
                                 "bitmap length does not match the disk"
@@ -754,7 +752,8 @@ mod tests {
             b[36..40].copy_from_slice(&crc.to_le_bytes());
             decode(&b)
         };
-        let bad: [&dyn Fn(&mut Vec<u8>); 5] = [
+        type Forgery<'a> = &'a dyn Fn(&mut Vec<u8>);
+        let bad: [Forgery; 5] = [
             &|b| b[16..24].copy_from_slice(&4095u64.to_le_bytes()), // extent
             &|b| b[24..32].copy_from_slice(&0u64.to_le_bytes()),    // disk size
             &|b| b[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes()), // bits too few
@@ -766,7 +765,13 @@ mod tests {
         ];
         for (i, f) in bad.iter().enumerate() {
             assert!(
-                matches!(forge(f), Err(ProtocolError::Malformed { kind: "PEER_DIRTY", .. })),
+                matches!(
+                    forge(f),
+                    Err(ProtocolError::Malformed {
+                        kind: "PEER_DIRTY",
+                        ..
+                    })
+                ),
                 "forgery {i}"
             );
         }

@@ -371,9 +371,7 @@ impl Secondary {
         let own_dirty = match &decision {
             Decision::Failback(_) => match self.own_dirty() {
                 Some(x) => Some(x),
-                None => {
-                    return Err(link::refuse(&mut wr, "failback: no dirty record".into()).await)
-                }
+                None => return Err(link::refuse(&mut wr, "failback: no dirty record".into()).await),
             },
             _ => None,
         };

@@ -849,7 +849,10 @@ impl LayeredDisk {
     /// Routes the SVM's changes to base through `dev` from now on (a failed-over disk only:
     /// its dirty log's [`LoggedDisk`], or a promoted primary). Waits until the changes in
     /// flight are done and holds new ones back meanwhile; returns the previous device.
-    pub fn set_through(&self, dev: Arc<dyn BlockDevice>) -> io::Result<Option<Arc<dyn BlockDevice>>> {
+    pub fn set_through(
+        &self,
+        dev: Arc<dyn BlockDevice>,
+    ) -> io::Result<Option<Arc<dyn BlockDevice>>> {
         if !self.is_failed_over() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -887,7 +890,10 @@ impl LayeredDisk {
 
     /// The device the SVM's changes go through, if any.
     pub fn through(&self) -> Option<Arc<dyn BlockDevice>> {
-        self.through.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.through
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn read_state(&self) -> RwLockReadGuard<'_, State> {

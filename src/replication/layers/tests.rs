@@ -1002,7 +1002,8 @@ fn a_logged_failover_records_every_range_it_and_the_svm_write() {
     // The primary changed [0, 64K) and [512K, 520K) after the checkpoint; the SVM wrote
     // [128K, 136K) (flushed) and [900K, 901K).
     ld.primary_write(0, &pattern(2, 0, 64 << 10)).unwrap();
-    ld.primary_write(512 << 10, &pattern(3, 0, 8 << 10)).unwrap();
+    ld.primary_write(512 << 10, &pattern(3, 0, 8 << 10))
+        .unwrap();
     ld.write_at(&pattern(4, 0, 8 << 10), 128 << 10).unwrap();
     ld.write_at(&pattern(5, 0, 1024), 900 << 10).unwrap();
     ld.flush().unwrap();
@@ -1023,7 +1024,10 @@ fn a_logged_failover_records_every_range_it_and_the_svm_write() {
     let mut want_set: BTreeSet<u64> = (0..16).chain(128..130).chain(32..34).collect();
     want_set.insert(225);
     let on_disk: BTreeSet<u64> = recorded(&log_path).into_iter().collect();
-    assert_eq!(on_disk, want_set, "the buffered clusters, before any commit");
+    assert_eq!(
+        on_disk, want_set,
+        "the buffered clusters, before any commit"
+    );
     // Crash point 2: part of the commit done, the process dies, a new one resumes.
     ld.commit_batch(3, &mut Vec::new()).unwrap();
     drop(log);
@@ -1038,13 +1042,19 @@ fn a_logged_failover_records_every_range_it_and_the_svm_write() {
     want_set.insert(175);
     want_set.insert(200);
     let on_disk: BTreeSet<u64> = recorded(&log_path).into_iter().collect();
-    assert_eq!(on_disk, want_set, "after the resumed commit and later writes");
+    assert_eq!(
+        on_disk, want_set,
+        "after the resumed commit and later writes"
+    );
     // The invariant itself: every extent where the disk differs from the checkpoint is set.
     let now = read_all(&*base);
     for e in 0..256u64 {
         let r = (e * 4096) as usize..((e + 1) * 4096) as usize;
         if now[r.clone()] != at_checkpoint[r] {
-            assert!(on_disk.contains(&e), "extent {e} changed but is not recorded");
+            assert!(
+                on_disk.contains(&e),
+                "extent {e} changed but is not recorded"
+            );
         }
     }
     // A crash before the state file said committing (the log was written, the layers not

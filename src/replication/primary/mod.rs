@@ -63,6 +63,9 @@ pub struct PrimaryOptions {
     pub security: LinkSecurity,
 }
 
+/// A dirty log shared with its previous owner, and the byte ranges it records.
+pub type SharedLog = (Arc<DirtyLog>, Vec<(u64, u64)>);
+
 /// Size of one range of `replication-verify`.
 pub const VERIFY_RANGE: u64 = 1 << 20;
 
@@ -244,7 +247,7 @@ impl Primary {
         opts: PrimaryOptions,
         events: EventSender,
         meta: Arc<MetaStore>,
-        log: Option<(Arc<DirtyLog>, Vec<(u64, u64)>)>,
+        log: Option<SharedLog>,
     ) -> io::Result<Arc<Self>> {
         let started = meta.primary_start(log.is_some())?;
         let mut dirty = DirtyBitmap::new(local.capacity(), opts.dirty_granularity);

@@ -38,11 +38,14 @@ pub struct FailoverLogSpec {
     pub extent: u64,
 }
 
+/// Builds a primary's options for a `--peer` address.
+pub type PrimaryOptionsFor = Box<dyn Fn(&str) -> io::Result<PrimaryOptions> + Send + Sync>;
+
 /// How this process may become a primary in place.
 pub struct Promotion {
     /// The primary's options for a given `--peer` (the link protection, window, timeouts of
     /// this process).
-    pub options: Box<dyn Fn(&str) -> io::Result<PrimaryOptions> + Send + Sync>,
+    pub options: PrimaryOptionsFor,
     /// Where the primary's link task runs.
     pub runtime: tokio::runtime::Handle,
 }
@@ -192,7 +195,9 @@ impl Secondary {
         }
         let promotion = lock(&self.fb.promotion);
         let Some(promotion) = promotion.as_ref() else {
-            return Err(invalid("this process cannot be promoted (no promotion set up)"));
+            return Err(invalid(
+                "this process cannot be promoted (no promotion set up)",
+            ));
         };
         let opts = (promotion.options)(peer)?;
         let base = self.base_disk()?;
@@ -200,7 +205,10 @@ impl Secondary {
         let mut made = None;
         // Stop the world: no write of the Secondary VM runs while the primary takes over.
         self.disk.replace_through(|_old| {
-            let ranges = log.as_ref().map(|l| l.recorded_ranges()).unwrap_or_default();
+            let ranges = log
+                .as_ref()
+                .map(|l| l.recorded_ranges())
+                .unwrap_or_default();
             let primary = Primary::open_shared(
                 base.clone(),
                 opts,
