@@ -422,3 +422,33 @@ fn failback_without_the_old_primarys_dirty_log_needs_a_full_sync() {
         "full failback",
     );
 }
+
+/// (c) The hole of a primary killed while connected: its current generation is still the one
+/// the survivor's bitmap names, although it wrote beyond it (regions the survivor never saw).
+/// Taken for a copy of that generation, it would get only the survivor's dirty record
+/// (rule 5) and keep its own writes: the disks would differ. It takes a new generation when
+/// it starts as a secondary, so the decision is the failback and the disks end equal.
+#[test]
+fn an_old_primary_killed_while_connected_is_not_taken_for_a_copy() {
+    let dir = common::tempdir();
+    let d = dir.path();
+    let Diverged { s, .. } = diverge(d, &[], &[]);
+    let (p2, mut p2q) = old_primary_as_secondary(d, &[]);
+    let port = p2.listen_port();
+    let mut sq = qmp(d, "s");
+    sq.execute(
+        "replication-promote",
+        json!({"peer": format!("127.0.0.1:{port}")}),
+    )
+    .unwrap();
+    wait_in_sync(&mut sq);
+    checkpoint(&mut sq);
+    assert_same(
+        &read(&d.join("p.img")),
+        &read(&d.join("s.img")),
+        "the old primary's own writes were resent",
+    );
+    let (what, why) = decision(&mut p2q);
+    assert_eq!(what, "incremental-failback", "{why}");
+    drop((p2, s));
+}
