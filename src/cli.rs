@@ -325,6 +325,10 @@ pub enum Command {
     /// Show one or more running colo-blk processes (role, link, sync, checkpoints, layers)
     /// from their QMP sockets, like `drbdadm status`
     Status(crate::status::StatusArgs),
+    /// Re-protect after a failover: promote the survivor (a failed-over secondary) to the
+    /// primary of its old primary's disk, started as `--role secondary --discard-my-data`;
+    /// wait for the resync, take the first checkpoint; JSON report on stdout
+    Reprotect(crate::reprotect::ReprotectArgs),
 }
 
 impl Cli {

@@ -34,6 +34,13 @@ fn main() -> ExitCode {
             .init();
         return ExitCode::from(colo_blk::status::run(args));
     }
+    if let Some(Command::Reprotect(args)) = &cli.command {
+        env_logger::Builder::new()
+            .filter_level(log::LevelFilter::Warn)
+            .parse_default_env()
+            .init();
+        return ExitCode::from(colo_blk::reprotect::run(args));
+    }
     env_logger::Builder::new()
         .filter_level(cli.log_level.filter())
         .parse_default_env()

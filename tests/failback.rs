@@ -98,6 +98,10 @@ fn primary(dir: &Path, name: &str, image: &str, port: u16, extra: &[&str]) -> Ba
     Backend::start_with(&args, &sock)
 }
 
+fn s_(dir: &Path, name: &str) -> String {
+    s(&dir.join(name))
+}
+
 fn qmp(dir: &Path, name: &str) -> Qmp {
     Qmp::connect(&dir.join(format!("{name}.qmp")))
 }
@@ -435,14 +439,26 @@ fn an_old_primary_killed_while_connected_is_not_taken_for_a_copy() {
     let Diverged { s, .. } = diverge(d, &[], &[]);
     let (p2, mut p2q) = old_primary_as_secondary(d, &[]);
     let port = p2.listen_port();
-    let mut sq = qmp(d, "s");
-    sq.execute(
-        "replication-promote",
-        json!({"peer": format!("127.0.0.1:{port}")}),
-    )
-    .unwrap();
-    wait_in_sync(&mut sq);
-    checkpoint(&mut sq);
+    // The driver: promote, wait for the resync, first checkpoint, check the target.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+        .args([
+            "reprotect",
+            "--survivor",
+            &s_(d, "s.qmp"),
+            "--target",
+            &s_(d, "p2.qmp"),
+        ])
+        .args(["--peer", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("reprotect: {report}");
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["promoted"], true);
+    assert!(report["epoch"].as_u64().unwrap() >= 2, "{report}");
+    let resync = report["resync-total-bytes"].as_u64().unwrap();
+    assert!(resync > 0 && resync < DISK / 2, "{report}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resync: "));
     assert_same(
         &read(&d.join("p.img")),
         &read(&d.join("s.img")),
