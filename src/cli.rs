@@ -488,8 +488,37 @@ mod tests {
                 assert!(a.json);
                 assert_eq!(a.sockets.len(), 2);
             }
-            None => panic!("no command"),
+            _ => panic!("not status"),
         }
+        let c = Cli::try_parse_from([
+            "colo-blk",
+            "reprotect",
+            "--survivor",
+            "/s.qmp",
+            "--peer",
+            "h:1",
+        ])
+        .unwrap();
+        let Some(Command::Reprotect(a)) = c.command else {
+            panic!("not reprotect")
+        };
+        assert_eq!((a.peer.as_str(), a.target), ("h:1", None));
+        // --discard-my-data is the secondary's.
+        let c = Cli::try_parse_from([
+            "colo-blk",
+            "--role",
+            "primary",
+            "--socket",
+            "/s",
+            "--image",
+            "/i",
+            "--peer",
+            "h:1",
+            "--insecure-link",
+            "--discard-my-data",
+        ])
+        .unwrap();
+        assert!(c.validate().unwrap_err().contains("--discard-my-data"));
         let c = Cli::try_parse_from(["colo-blk", "status", "--watch=0.5", "/a.qmp"]).unwrap();
         let Some(Command::Status(a)) = c.command else {
             panic!("no command")
