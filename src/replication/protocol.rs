@@ -775,6 +775,16 @@ mod tests {
                 "forgery {i}"
             );
         }
+        // The fuzz seed (fuzz/seeds.py): WELCOME, a good PEER_DIRTY, a forged one.
+        let seed = include_bytes!("../../fuzz/corpus/frame_decode/welcome-peer-dirty");
+        let (w, n) = Frame::decode(seed).unwrap();
+        assert!(matches!(w, Frame::Welcome(_)));
+        let (x, m) = Frame::decode(&seed[n..]).unwrap();
+        let Frame::PeerDirty(x) = x else {
+            panic!("{x:?}")
+        };
+        assert_eq!(x.ranges().count(), 2);
+        assert!(Frame::decode(&seed[n + m..]).is_err());
         // Truncated anywhere: an error, never a panic.
         for n in 0..good.len() {
             assert!(Frame::decode(&good[..n]).is_err());
