@@ -825,7 +825,11 @@ impl Secondary {
             .failover_started(before.hidden_bytes + before.active_bytes);
         let resume = self.disk.failover_pending()
             || self.meta.get().role == super::metadata::DiskRole::FailedOver;
-        let log = self.failover_log(resume)?;
+        let log = if self.failover_log_applies() {
+            self.failover_log(resume)?
+        } else {
+            None
+        };
         self.disk.prepare_failover(log.clone())?;
         // The new lineage is on disk before any cluster is committed.
         self.meta.failover(force, log.is_some())?;

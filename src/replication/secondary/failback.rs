@@ -96,6 +96,17 @@ impl Secondary {
         lock(&self.fb.own_dirty).clone()
     }
 
+    /// Whether this disk's failover keeps a dirty log: a consistent secondary's (its
+    /// checkpoint is the common generation), or a failed-over disk that recorded one. Never a
+    /// disk that did not take a stream as a secondary (e.g. a primary's disk started as a
+    /// secondary and failed over at once): its log is its own record as a primary and is left
+    /// alone (its failover names no ancestor).
+    pub(super) fn failover_log_applies(&self) -> bool {
+        let m = self.meta.get();
+        self.meta.failover_keeps_ancestor()
+            || (m.role == DiskRole::FailedOver && m.gens.bitmap != 0)
+    }
+
     /// The failover's dirty log: reset (a new failover: what it recorded before is about
     /// another lineage) or reopened as it is (a failover a previous process started, or
     /// finished: its bits are this disk's record; missing, everything counts as dirty).
@@ -136,8 +147,7 @@ impl Secondary {
         if stage == Stage::Receiving {
             return Ok(());
         }
-        let m = self.meta.get();
-        if stage == Stage::FailedOver && (m.role != DiskRole::FailedOver || m.gens.bitmap == 0) {
+        if !self.failover_log_applies() {
             return Ok(());
         }
         let Some(log) = self.failover_log(true)? else {
