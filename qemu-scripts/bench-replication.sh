@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Replication benchmark (docs/performance.md, "Replication"):
-#  1. write throughput of a primary with a live secondary on loopback vs the same image served
-#     standalone, in one run, alternating (4 KiB random write QD32, 1 MiB sequential write);
+#  1. write throughput of a primary with a live secondary on loopback, asynchronous and --sync,
+#     vs the same image served standalone, in one run, ABBA (4 KiB random write QD32, 1 MiB
+#     sequential write QD8), with the CPU time each process used per GiB written (for the
+#     replicated runs until the secondary applied everything);
 #  2. checkpoint cost with 1 MiB and with 1 GiB buffered on the secondary;
 #  3. failover time without and with Secondary VM writes.
 # Usage: qemu-scripts/bench-replication.sh [--reps N] [--seconds S] [--dir DIR] [--throughput-only]
+# Environment: COLO_BLK (the colo-blk binary to measure; default: build target/release/colo-blk)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,14 +29,15 @@ done
 log() { echo "[bench-replication] $*" >&2; }
 
 cd "$REPO"
-cargo build --release -q
+# COLO_BLK: a colo-blk binary to measure (e.g. a copy of an older build) instead of building.
+[ -n "${COLO_BLK:-}" ] || cargo build --release -q
 BENCH=$(cargo bench --bench blkbench --no-run --message-format=json-render-diagnostics 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="blkbench" and m.get("executable"):
         print(m["executable"])' | tail -n1)
-COLO=$REPO/target/release/colo-blk
+COLO=${COLO_BLK:-$REPO/target/release/colo-blk}
 [ -x "$BENCH" ] || { echo "blkbench not built" >&2; exit 1; }
 
 [ -n "$WORKDIR" ] || WORKDIR=$(mktemp -d /var/tmp/colo-blk-repl.XXXXXX)
@@ -61,6 +65,15 @@ start() {
     return 1
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# Waits until the primary's session is up (its ready line may come before or after it).
+wait_session() { # LOGFILE
+    for _ in $(seq 1 600); do
+        grep -q "replicating to" "$1" && return 0
+        sleep 0.05
+    done
+    echo "timeout waiting for the primary's session in $1" >&2
+    return 1
+}
 
 qmp() { # qmp SOCKET COMMAND [JSON-ARGS]
     python3 - "$@" <<'PY'
@@ -81,36 +94,85 @@ WORKLOADS=randwrite-4k-qd32,seqwrite-1m-qd8
 RESULTS=$WORKDIR/results.jsonl
 : >"$RESULTS"
 
+# CPU time (user + system, seconds) a process has used so far.
+cpu_of() { # PID
+    python3 - "$1" <<'PY'
+import os, sys
+f = open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")", 1)[1].split()
+print((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
+PY
+}
+
+# One blkbench run of workload W against SOCKET with label L; adds to its JSON line the CPU
+# seconds each PID used from the start of the run until (for replication) the secondary has
+# applied everything (replication-prepare-checkpoint), and that per GiB written.
+measure() { # W L SOCKET PRIMARY_QMP|- PID...
+    local w=$1 label=$2 sock=$3 pqmp=$4
+    shift 4
+    local before=() after=() p
+    for p in "$@"; do before+=("$(cpu_of "$p")"); done
+    local line
+    line=$("$BENCH" --socket "$sock" --workload "$w" --seconds "$SECONDS_PER" --warmup 0 --json --label "$label")
+    [ "$pqmp" = - ] || qmp "$pqmp" replication-prepare-checkpoint '{"timeout-ms": 600000}' >/dev/null
+    for p in "$@"; do after+=("$(cpu_of "$p")"); done
+    python3 - "$line" "${before[*]}" "${after[*]}" "$(cat /proc/loadavg)" <<'PY' >>"$RESULTS"
+import json, sys
+r = json.loads(sys.argv[1])
+b = [float(x) for x in sys.argv[2].split()]
+a = [float(x) for x in sys.argv[3].split()]
+gib = r["mib_s"] * r["seconds"] / 1024
+r["cpu_s"] = [round(y - x, 3) for x, y in zip(b, a)]
+r["cpu_s_per_gib"] = [round((y - x) / gib, 3) if gib else None for x, y in zip(b, a)]
+r["load"] = float(sys.argv[4].split()[0])
+print(json.dumps(r))
+PY
+}
+
 run_standalone() {
     rm -f "$WORKDIR/p.img"
-    local pid
-    pid=$(start "$WORKDIR/standalone.log" "vhost-user socket listening" --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img" --size $SIZE)
-    "$BENCH" --socket "$WORKDIR/p.sock" --workload $WORKLOADS --seconds "$SECONDS_PER" --json --label standalone >>"$RESULTS"
+    local pid w
+    pid=$(start "$WORKDIR/standalone.log" "{\"ready\"" --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img" --size $SIZE)
+    for w in ${WORKLOADS//,/ }; do
+        measure "$w" standalone "$WORKDIR/p.sock" - "$pid"
+    done
     stop "$pid"
 }
 
-run_primary() {
+run_primary() { # LABEL [PRIMARY-OPTIONS...]
+    local label=$1
+    shift
     # colo-blk creates both images (--size): known zero, so the pair starts in sync (images
     # made by fallocate would carry no replication metadata and need a full sync).
     rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
-    local spid ppid
-    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
+    local spid ppid w
+    spid=$(start "$WORKDIR/secondary.log" "{\"ready\"" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
         --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp")
     local port
-    port=$(grep -o '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
-        --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp")
-    "$BENCH" --socket "$WORKDIR/p.sock" --workload $WORKLOADS --seconds "$SECONDS_PER" --json --label primary >>"$RESULTS"
-    qmp "$WORKDIR/p.qmp" replication-checkpoint '{"timeout-ms": 600000}' >/dev/null
+    port=$(grep -ao '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
+    ppid=$(start "$WORKDIR/primary.log" "{\"ready\"" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
+        --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp" "$@")
+    wait_session "$WORKDIR/primary.log"
+    for w in ${WORKLOADS//,/ }; do
+        measure "$w" "$label" "$WORKDIR/p.sock" "$WORKDIR/p.qmp" "$ppid" "$spid"
+        # A checkpoint between workloads, so each starts with empty layers.
+        qmp "$WORKDIR/p.qmp" replication-checkpoint '{"timeout-ms": 600000}' >/dev/null
+    done
     stop "$ppid"
     stop "$spid"
 }
 
 for rep in $(seq 1 "$REPS"); do
-    log "rep $rep: standalone"
-    run_standalone
-    log "rep $rep: primary + secondary"
-    run_primary
+    # ABBA: the order of the three configurations is reversed on every other repetition.
+    order=(standalone async sync)
+    [ $((rep % 2)) = 0 ] && order=(sync async standalone)
+    for c in "${order[@]}"; do
+        log "rep $rep: $c (load $(cut -d' ' -f1 /proc/loadavg))"
+        case $c in
+        standalone) run_standalone ;;
+        async) run_primary primary-async ;;
+        sync) run_primary primary-sync --sync ;;
+        esac
+    done
 done
 
 python3 - "$RESULTS" <<'PY'
@@ -119,14 +181,21 @@ rows = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     rows.setdefault((r["workload"], r["label"]), []).append(r)
-print("| workload | standalone IOPS | primary IOPS | primary/standalone | standalone MiB/s | primary MiB/s |")
-print("|---|---:|---:|---:|---:|---:|")
+med = statistics.median
+print("| workload | mode | IOPS | MiB/s | / standalone | CPU s per GiB: primary (standalone: the backend) | CPU s per GiB: secondary | load |")
+print("|---|---|---:|---:|---:|---:|---:|---|")
 for w in sorted({k[0] for k in rows}):
-    s = statistics.median(x["iops"] for x in rows[(w, "standalone")])
-    p = statistics.median(x["iops"] for x in rows[(w, "primary")])
-    sm = statistics.median(x["mib_s"] for x in rows[(w, "standalone")])
-    pm = statistics.median(x["mib_s"] for x in rows[(w, "primary")])
-    print(f"| {w} | {s:,.0f} | {p:,.0f} | **{p/s:.2f}** | {sm:,.0f} | {pm:,.0f} |")
+    base = med(x["iops"] for x in rows[(w, "standalone")])
+    for label in ("standalone", "primary-async", "primary-sync"):
+        rs = rows.get((w, label))
+        if not rs:
+            continue
+        iops = med(x["iops"] for x in rs)
+        mib = med(x["mib_s"] for x in rs)
+        cp = med(x["cpu_s_per_gib"][0] for x in rs)
+        cs = "-" if label == "standalone" else f'{med(x["cpu_s_per_gib"][1] for x in rs):.2f}'
+        loads = "/".join(f'{x["load"]:.1f}' for x in rs)
+        print(f"| {w} | {label} | {iops:,.0f} | {mib:,.0f} | **{iops/base:.2f}** | {cp:.2f} | {cs} | {loads} |")
 PY
 
 # Sequential 1 MiB writes over the first MIB MiB of a device until each block was written.
@@ -142,11 +211,12 @@ checkpoint_and_failover() { # BUFFERED_MIB SVM_MIB
     # made by fallocate would carry no replication metadata and need a full sync).
     rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
     local spid ppid port
-    spid=$(start "$WORKDIR/secondary.log" "waiting for the primary" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
+    spid=$(start "$WORKDIR/secondary.log" "{\"ready\"" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
         --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp" --socket "$WORKDIR/svm.sock")
-    port=$(grep -o '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "replicating to" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
+    port=$(grep -ao '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
+    ppid=$(start "$WORKDIR/primary.log" "{\"ready\"" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
         --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp")
+    wait_session "$WORKDIR/primary.log"
     # Fill the hidden layer: sequential 1 MiB primary writes over the first BUFFERED_MIB of the
     # disk, long enough to cover it (query-replication below reports what is buffered).
     fill "$WORKDIR/p.sock" "$buffered"

@@ -29,7 +29,9 @@ usage: qemu-scripts/bench.sh [options]
   --out DIR              results directory (default: target/bench-results/<date>)
   --no-build             use the existing release binaries
   --keep                 keep the image
-Environment: QSD (default qemu-storage-daemon), CARGO (default cargo).
+Environment: QSD (default qemu-storage-daemon), CARGO (default cargo), COLO_BLK (a colo-blk
+binary to measure instead of building target/release/colo-blk; e.g. a copy, so that a build
+during the run does not change what is measured).
 USAGE
 }
 
@@ -85,8 +87,8 @@ command -v "$QSD" >/dev/null || die "$QSD not found"
 
 # ---- build -------------------------------------------------------------------------------------
 cd "$REPO"
-COLO=$REPO/target/release/colo-blk
-if [ "$BUILD" = 1 ]; then
+COLO=${COLO_BLK:-$REPO/target/release/colo-blk}
+if [ "$BUILD" = 1 ] && [ -z "${COLO_BLK:-}" ]; then
     log "cargo build --release"
     "$CARGO" build --release
 fi

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # run-vm.sh -- boots the test guest (see build-guest.sh) in QEMU against a colo-blk
-# vhost-user socket. The guest disk appears as /dev/vda.
+# vhost-user socket. The guest disk appears as /dev/vda (more --socket: /dev/vdb, ...).
 #
 # Usage: run-vm.sh --socket PATH [options] [-- EXTRA-QEMU-ARGS...]
 #
 # Options:
 #   --socket PATH     vhost-user-blk socket of a running colo-blk (required; env COLO_SOCKET).
+#                     Repeatable: one vhost-user-blk device per socket, in order, so the
+#                     first is /dev/vda, the second /dev/vdb, ... (a VM with several disks).
 #   --guest DIR       directory holding vmlinuz and initramfs.cpio.gz
 #                     (default: qemu-scripts/guest; env COLO_GUEST_DIR).
 #   --script FILE     shell script the guest's /init runs (installed as /colo/test.sh). Without
@@ -43,7 +45,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 die() { echo "run-vm: error: $*" >&2; exit 2; }
 
-sock="${COLO_SOCKET:-}"
+socks=()
 guest="${COLO_GUEST_DIR:-$here/guest}"
 script=""
 files=()
@@ -57,7 +59,7 @@ qemu="${QEMU:-qemu-system-x86_64}"
 
 while [ $# -gt 0 ]; do
     case "$1" in
-        --socket) sock="$2"; shift 2 ;;
+        --socket) socks+=("$2"); shift 2 ;;
         --guest) guest="$2"; shift 2 ;;
         --script) script="$2"; shift 2 ;;
         --file) files+=("$2"); shift 2 ;;
@@ -73,7 +75,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-[ -n "$sock" ] || die "--socket is required"
+if [ ${#socks[@]} -eq 0 ] && [ -n "${COLO_SOCKET:-}" ]; then socks=("$COLO_SOCKET"); fi
+[ ${#socks[@]} -gt 0 ] || die "--socket is required"
 if [ ! -f "$guest/vmlinuz" ] || [ ! -f "$guest/initramfs.cpio.gz" ]; then
     die "no guest in $guest: run qemu-scripts/build-guest.sh first"
 fi
@@ -112,14 +115,18 @@ args=(
     -m "$mem"
     -object "memory-backend-memfd,id=mem,size=$mem,share=on"
     -machine memory-backend=mem
-    -chardev "socket,id=vub,path=$sock,$reconnect"
-    -device "vhost-user-blk-pci,chardev=vub,num-queues=$num_queues"
     -kernel "$guest/vmlinuz"
     -initrd "$initrd"
     -append "console=ttyS0 panic=-1 loglevel=4 edd=off $append"
     -nographic -no-reboot
     -nic none
 )
+# One device per socket; the first keeps the id of the single-disk setup (vub).
+for i in "${!socks[@]}"; do
+    id=vub; [ "$i" = 0 ] || id="vub$i"
+    args+=(-chardev "socket,id=$id,path=${socks[$i]},$reconnect"
+           -device "vhost-user-blk-pci,chardev=$id,num-queues=$num_queues")
+done
 [ -n "$qmp" ] && args+=(-qmp "unix:$qmp,server=on,wait=off")
 
 # Not exec: the trap must remove the temporary initrd once QEMU exits. Callers that need to kill

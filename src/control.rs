@@ -148,6 +148,7 @@ const PRIMARY: &[&str] = &[
 ];
 const SECONDARY: &[&str] = &[
     "replication-do-checkpoint",
+    "replication-prepare",
     "replication-failover",
     "replication-promote",
 ];
@@ -222,9 +223,20 @@ impl CommandHandler for Controller {
                 Ok(json!({"ranges": ranges}))
             }
             ("replication-do-checkpoint", Role::Secondary(s)) => {
-                only(args, &[])?;
-                let epoch = s.do_checkpoint().map_err(generic)?;
+                only(args, &["group"])?;
+                let epoch = match opt_u64(args, "group")? {
+                    Some(g) => s.commit_group(g),
+                    None => s.do_checkpoint(),
+                }
+                .map_err(generic)?;
                 Ok(json!({"epoch": epoch}))
+            }
+            ("replication-prepare", Role::Secondary(s)) => {
+                only(args, &["group", "applied-seq"])?;
+                let group = crate::qmp::args::u64(args, "group")?;
+                let seq = crate::qmp::args::u64(args, "applied-seq")?;
+                let p = s.prepare_group(group, seq).map_err(generic)?;
+                to_value(p)
             }
             ("replication-failover", Role::Secondary(s)) => {
                 only(args, &["force"])?;

@@ -16,7 +16,7 @@ use common::{pattern, Backend, Client, CLIENT_BUF};
 const DISK: u64 = 64 << 20;
 /// Each request of a batch stays inside its own cell, so the batch's outcome does not depend
 /// on the order the requests run in.
-const CELL: u64 = 32 << 10;
+const CELL: u64 = 256 << 10;
 const QUEUES: usize = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +68,6 @@ fn batch(rng: &mut Rng, qd: usize, serial: &mut u64) -> Vec<Req> {
             // Half 4 KiB aligned (the io_uring fast path even with O_DIRECT), half 512 B.
             let unit = if rng.below(2) == 0 { 4096 } else { 512 };
             let units = CELL / unit;
-            let n = 1 + rng.below(units.min(8 * 4096 / unit));
-            let start = rng.below(units - n + 1);
             let op = match rng.below(20) {
                 0..=7 => Op::Write,
                 8..=15 => Op::Read,
@@ -78,6 +76,14 @@ fn batch(rng: &mut Rng, qd: usize, serial: &mut u64) -> Vec<Req> {
                 18 => Op::WriteZeroes { unmap: false },
                 _ => Op::WriteZeroes { unmap: true },
             };
+            // Up to 32 KiB; one write in 16 is a whole 256 KiB cell (the size from which the
+            // io_uring engine hands buffered writes to the I/O pool).
+            let n = if op == Op::Write && rng.below(16) == 0 {
+                units
+            } else {
+                1 + rng.below(units.min(8 * 4096 / unit))
+            };
+            let start = rng.below(units - n + 1);
             *serial += 1;
             out.push(Req {
                 q,

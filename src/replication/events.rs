@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use super::layers::{GroupCommitted, GroupPrepared};
 use super::metadata::MetaStatus;
 use crate::qmp::QmpEvent;
 
@@ -230,6 +231,21 @@ pub struct SecondaryStatus {
     pub failover_started_at: Option<f64>,
     /// Failovers completed by this process (0 or 1).
     pub failovers: u64,
+    /// Consistency groups (docs/consistency-groups.md).
+    pub group: GroupStatus,
+}
+
+/// The `group` object of the secondary's `query-replication`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct GroupStatus {
+    /// The group checkpoint the disk is at now (a failover keeps it), or `None`: the last
+    /// checkpoint was not a group checkpoint (or none was ever taken).
+    pub current: Option<u64>,
+    /// The last group checkpoint committed here, with the layer epoch it became.
+    pub committed: Option<GroupCommitted>,
+    /// The group checkpoint this disk is prepared for (nothing applied since the prepare).
+    pub prepared: Option<GroupPrepared>,
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use super::events::{self, FailoverReport, SecondaryStatus, Side};
-use super::layers::LayeredDisk;
+use super::layers::{GroupPrepared, LayeredDisk};
 use super::link::{self, Stream, Timing};
 use super::metadata::{decide_with, Decision, MetaStore, SyncPolicy};
 use super::metrics::ReplicationMetrics;
@@ -100,6 +100,15 @@ struct SecState {
 pub enum SecondaryError {
     #[error("failover already done")]
     AlreadyFailedOver,
+    #[error("no primary is connected: {0}")]
+    NotConnected(&'static str),
+    #[error(
+        "applied sequence number is {applied}, not {expected}: the secondary did not apply \
+         exactly what the primary sent, so it is not prepared"
+    )]
+    SeqMismatch { expected: u64, applied: u64 },
+    #[error("{0}")]
+    NotPrepared(String),
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
 }
@@ -122,6 +131,9 @@ pub struct Secondary {
     metrics: ReplicationMetrics,
     /// Failback and promotion (failback.rs).
     fb: failback::Failback,
+    /// Held while a batch is applied and its sequence number recorded, and by the group
+    /// prepare and commit: they see the disk exactly at `applied_seq`.
+    apply_gate: Mutex<()>,
 }
 
 impl Secondary {
@@ -167,6 +179,7 @@ impl Secondary {
             stop,
             metrics: ReplicationMetrics::new(),
             fb: failback::Failback::default(),
+            apply_gate: Mutex::new(()),
         })
     }
 
@@ -537,6 +550,7 @@ impl Secondary {
                         }
                     }
                 }
+                let gate = self.apply_gate.lock().unwrap_or_else(|e| e.into_inner());
                 if let Err(e) = self.apply(group) {
                     let first = group[0].seq();
                     let which = if first == last {
@@ -550,6 +564,7 @@ impl Secondary {
                     return;
                 }
                 self.state().applied_seq = last;
+                drop(gate);
                 unacked += group.len() as u32;
                 unacked_bytes += group
                     .iter()
@@ -762,10 +777,21 @@ impl Secondary {
         }
     }
 
-    /// `replication-do-checkpoint` on the secondary: drop both layers now.
+    /// `replication-do-checkpoint` on the secondary: drop both layers now. Only while a
+    /// primary streams: without one nothing says that the disk is a checkpoint (a prepared
+    /// group checkpoint is committed with [`Secondary::commit_group`]).
     pub fn do_checkpoint(&self) -> Result<u64, SecondaryError> {
-        if self.state().stage != Stage::Receiving {
-            return Err(SecondaryError::AlreadyFailedOver);
+        {
+            let st = self.state();
+            if st.stage != Stage::Receiving {
+                return Err(SecondaryError::AlreadyFailedOver);
+            }
+            if !matches!(st.peer, Peer::Streaming(_)) {
+                return Err(SecondaryError::NotConnected(
+                    "a checkpoint now would not be known to match the primary; a prepared \
+                     group checkpoint is committed with replication-do-checkpoint {\"group\": G}",
+                ));
+            }
         }
         let t = Instant::now();
         self.disk.checkpoint()?;
@@ -773,6 +799,71 @@ impl Secondary {
         self.metrics.checkpoint(t.elapsed());
         let epoch = self.disk.stats().epoch;
         self.meta.checkpoint_done(epoch)?;
+        self.events.send(&events::Checkpoint {
+            role: Side::Secondary,
+            epoch,
+        });
+        Ok(epoch)
+    }
+
+    /// `replication-prepare {"group": G, "applied-seq": S}` (docs/consistency-groups.md):
+    /// records durably that the disk is group checkpoint `G`, if a primary streams and the
+    /// stream is applied exactly up to its sequence number `S` (what the primary sent, read by
+    /// the coordinator after `replication-prepare-checkpoint`). Refused otherwise: then the
+    /// disk is not prepared (an earlier prepared record stays as it was).
+    pub fn prepare_group(
+        &self,
+        group: u64,
+        applied_seq: u64,
+    ) -> Result<GroupPrepared, SecondaryError> {
+        let _gate = self.apply_gate.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let st = self.state();
+            if st.stage != Stage::Receiving {
+                return Err(SecondaryError::AlreadyFailedOver);
+            }
+            if !matches!(st.peer, Peer::Streaming(_)) {
+                return Err(SecondaryError::NotConnected(
+                    "a group checkpoint is prepared while the primary streams",
+                ));
+            }
+            if st.applied_seq != applied_seq {
+                return Err(SecondaryError::SeqMismatch {
+                    expected: applied_seq,
+                    applied: st.applied_seq,
+                });
+            }
+        }
+        let p = self.disk.group_prepare(group, applied_seq)?;
+        info!(
+            "prepared for group checkpoint {group} at epoch {} (applied seq {applied_seq})",
+            p.epoch
+        );
+        Ok(p)
+    }
+
+    /// `replication-do-checkpoint {"group": G}`: commits the prepared group checkpoint `G`
+    /// (the layers are dropped, the disk's epoch advances), with or without a primary. Refused,
+    /// changing nothing, unless the disk is prepared for `G` at its current epoch with nothing
+    /// applied since. Used by a group failover for members whose commit the coordinator did
+    /// not get to.
+    pub fn commit_group(&self, group: u64) -> Result<u64, SecondaryError> {
+        let _gate = self.apply_gate.lock().unwrap_or_else(|e| e.into_inner());
+        if self.state().stage != Stage::Receiving {
+            return Err(SecondaryError::AlreadyFailedOver);
+        }
+        let t = Instant::now();
+        let epoch = match self.disk.checkpoint_group(group) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                return Err(SecondaryError::NotPrepared(e.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.state().bytes_since_checkpoint = 0;
+        self.metrics.checkpoint(t.elapsed());
+        self.meta.checkpoint_done(epoch)?;
+        info!("group checkpoint {group} committed locally: epoch {epoch}");
         self.events.send(&events::Checkpoint {
             role: Side::Secondary,
             epoch,
@@ -912,6 +1003,14 @@ impl Secondary {
             },
             failover_started_at: m.failover_started_at,
             failovers: m.failovers,
+            group: {
+                let (epoch, g) = self.disk.group();
+                events::GroupStatus {
+                    current: g.committed.filter(|c| c.epoch == epoch).map(|c| c.group),
+                    committed: g.committed,
+                    prepared: g.prepared.filter(|p| p.epoch == epoch),
+                }
+            },
         }
     }
 }

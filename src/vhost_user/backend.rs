@@ -32,9 +32,9 @@ use super::lifecycle::{DeviceObserver, Lifecycle};
 use super::uring_queue::{Finished, UringQueue};
 use crate::histogram::{Histogram, HistogramSnapshot};
 use crate::storage::uring::IoEngine;
-use crate::storage::{BlockDevice, GuestMem};
+use crate::storage::{BlockDevice, GuestMem, RawImage};
 use crate::virtio::config::BlkConfig;
-use crate::virtio::request::{self, DeviceInfo, Limits, Parsed};
+use crate::virtio::request::{self, DeviceInfo, Limits, Parsed, RequestKind};
 
 type Mem = GuestMemoryAtomic<GuestMem>;
 type Vring = VringRwLock<Mem>;
@@ -483,6 +483,19 @@ impl BlkBackend {
         for (head, parsed) in batch {
             let parsed = if alone {
                 parsed
+            } else if let (Some(pool), true) =
+                (self.pool.as_ref(), copies_to_page_cache(&parsed, image))
+            {
+                // A large buffered write is a page-cache memcpy that io_uring would run on its
+                // io-wq, one write to the file at a time (ext4 has no async buffered writes and
+                // io-wq serialises writes to one regular file): the pool copies several at once.
+                let (me, vring, mem) = (self.clone(), vring.clone(), mem.clone());
+                pool.spawn(move || {
+                    let stats = me.shared.stats.queue(queue);
+                    let c = Self::run_chain(&me.shared, &mem, head, parsed, stats);
+                    me.complete(queue, &vring, head, c.used_len);
+                });
+                continue;
             } else {
                 match st
                     .queue
@@ -556,6 +569,16 @@ impl BlkBackend {
             f.wait_idle();
         }
     }
+}
+
+/// Buffered writes at least this large go to the I/O pool under the `uring` engine.
+const POOL_WRITE_BYTES: u64 = 128 << 10;
+
+/// Whether `parsed` is a write of at least [`POOL_WRITE_BYTES`] into the page cache of `image`.
+fn copies_to_page_cache(parsed: &Parsed, image: &RawImage) -> bool {
+    matches!(parsed, Parsed::Ok(r) if r.kind == RequestKind::Out
+        && !image.is_direct()
+        && r.data_bytes().1 >= POOL_WRITE_BYTES)
 }
 
 impl VhostUserBackend for BlkBackend {

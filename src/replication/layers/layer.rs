@@ -327,7 +327,10 @@ impl Drop for Layer {
 }
 
 pub(super) fn is_zero(data: &[u8]) -> bool {
-    data.iter().all(|&b| b == 0)
+    // OR-folding a block vectorises (a byte-wise `all` with its early exit does not: it cost a
+    // fifth of the secondary's CPU on 64 KiB clusters); the block-wise `all` still stops early.
+    data.chunks(512)
+        .all(|b| b.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 /// Layer files in `dir` (`hidden-N.img`, `active-N.img`).
@@ -344,6 +347,21 @@ pub(super) fn layer_files(dir: &Path) -> io::Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_zero_finds_a_single_non_zero_byte_anywhere() {
+        for len in [0usize, 1, 511, 512, 513, 4096, 65_536 + 100] {
+            let mut b = vec![0u8; len];
+            assert!(is_zero(&b), "len {len}");
+            for pos in [0, len / 2, len.saturating_sub(1)] {
+                if pos < len {
+                    b[pos] = 0x80;
+                    assert!(!is_zero(&b), "len {len} pos {pos}");
+                    b[pos] = 0;
+                }
+            }
+        }
+    }
 
     #[test]
     fn records_round_trip_and_damage_is_detected() {

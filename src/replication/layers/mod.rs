@@ -53,11 +53,11 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use layer::{Kind, Layer};
-pub use state::Mark;
+pub use state::{GroupCommitted, GroupPrepared, GroupRecord, Mark};
 use state::{SavedHidden, SavedStage, SavedState};
 
 use super::dirty::{DirtyLog, LoggedDisk};
-use crate::storage::{check_range, fallocate, BlockDevice, Change};
+use crate::storage::{check_range, fallocate, BlockDevice, Change, RawImage};
 
 /// Default cluster size: 64 KiB.
 ///
@@ -215,6 +215,8 @@ impl Stage {
 struct State {
     stage: Stage,
     epoch: u64,
+    /// Consistency groups: the last group checkpoint and the one prepared (layers.state).
+    group: GroupRecord,
 }
 
 /// The secondary's disk: the hidden and active layers over the secondary disk (`base`).
@@ -225,6 +227,9 @@ struct State {
 /// per request or batch, or per small batch of clusters during failover).
 pub struct LayeredDisk {
     base: Arc<dyn BlockDevice>,
+    /// The base image opened a second time without readahead, for copy-before-write reads
+    /// ([`RawImage::random_reader`]); `None`: they go through `base`.
+    cbw_reader: Option<File>,
     dir: PathBuf,
     capacity: u64,
     cluster_size: u64,
@@ -292,14 +297,17 @@ impl LayeredDisk {
                     log::debug!("dropped old layers in {:?}", t.elapsed());
                 }
             })?;
+        let cbw_reader = base.as_raw_image().and_then(RawImage::random_reader);
         let mut disk = LayeredDisk {
             capacity: base.capacity(),
             base,
+            cbw_reader,
             dir,
             cluster_size,
             state: RwLock::new(State {
                 stage: Stage::Standalone,
                 epoch: 0,
+                group: GroupRecord::default(),
             }),
             next_file: AtomicU64::new(next_file),
             reaper_tx: Some(tx),
@@ -310,12 +318,18 @@ impl LayeredDisk {
             Some(saved) => disk.reopen(saved)?,
             None => {
                 let mut layers = disk.create_layers()?;
-                disk.saved(0, SavedStage::Buffering, Some(&layers))
-                    .store(&disk.dir)?;
+                disk.saved(
+                    GroupRecord::default(),
+                    0,
+                    SavedStage::Buffering,
+                    Some(&layers),
+                )
+                .store(&disk.dir)?;
                 layers.keep_files();
                 State {
                     stage: Stage::Buffering(layers),
                     epoch: 0,
+                    group: GroupRecord::default(),
                 }
             }
         };
@@ -390,6 +404,7 @@ impl LayeredDisk {
         let st = State {
             stage,
             epoch: saved.epoch,
+            group: saved.group,
         };
         let stats = self.stats_of(&st);
         log::info!(
@@ -533,13 +548,28 @@ impl LayeredDisk {
         }
         let mut st = self.write_state();
         let epoch = st.epoch;
+        if st.group.prepared.is_some() {
+            // Base is about to differ from the prepared group checkpoint: the record goes
+            // first, durably (a crash after the change must not leave it standing).
+            let group = GroupRecord {
+                prepared: None,
+                ..st.group
+            };
+            let Stage::Buffering(layers) = &st.stage else {
+                return Err(replication_over());
+            };
+            self.saved(group, epoch, SavedStage::Buffering, Some(layers))
+                .store(&self.dir)?;
+            st.group = group;
+        }
+        let group = st.group;
         let Stage::Buffering(layers) = &mut st.stage else {
             return Err(replication_over());
         };
         if !layers.pending.is_empty() {
             // The first change after tentative cuts: their rollback layer starts here.
             let mut fresh = Layer::create(self.new_hidden_file(), Kind::Hidden, self.capacity)?;
-            let mut saved = self.saved(epoch, SavedStage::Buffering, Some(layers));
+            let mut saved = self.saved(group, epoch, SavedStage::Buffering, Some(layers));
             saved.hidden.push(SavedHidden {
                 file: fresh.file_name(),
                 marks: layers.pending.clone(),
@@ -584,12 +614,51 @@ impl LayeredDisk {
     ///
     /// Fails once `failover()` has been called.
     pub fn checkpoint(&self) -> io::Result<()> {
-        self.cut(None, None)
+        self.cut(None, None, None)
     }
 
     /// [`LayeredDisk::checkpoint`], naming the new epoch (the primary's number for it).
     pub fn checkpoint_as(&self, epoch: u64) -> io::Result<()> {
-        self.cut(None, Some(epoch))
+        self.cut(None, Some(epoch), None)
+    }
+
+    /// The consistency-group record (docs/consistency-groups.md) and the epoch, read together.
+    pub fn group(&self) -> (u64, GroupRecord) {
+        let st = self.read_state();
+        (st.epoch, st.group)
+    }
+
+    /// Records, durably, that base is the disk of group checkpoint `group` (the primary's
+    /// stream applied up to `applied_seq`; the caller guarantees that nothing else is being
+    /// applied meanwhile). Replaces an earlier prepared record. Fails once `failover()` has
+    /// been called.
+    pub fn group_prepare(&self, group: u64, applied_seq: u64) -> io::Result<GroupPrepared> {
+        let mut st = self.write_state();
+        let Stage::Buffering(layers) = &st.stage else {
+            return Err(replication_over());
+        };
+        let prepared = GroupPrepared {
+            group,
+            epoch: st.epoch,
+            applied_seq,
+        };
+        let record = GroupRecord {
+            prepared: Some(prepared),
+            ..st.group
+        };
+        self.saved(record, st.epoch, SavedStage::Buffering, Some(layers))
+            .store(&self.dir)?;
+        st.group = record;
+        Ok(prepared)
+    }
+
+    /// Commits the prepared group checkpoint `group`: a [`LayeredDisk::checkpoint`] that
+    /// happens only if the disk is still prepared for it at this epoch (checked under the same
+    /// lock as the stream's writes); otherwise an `InvalidInput` error and nothing changed.
+    /// Returns the new epoch.
+    pub fn checkpoint_group(&self, group: u64) -> io::Result<u64> {
+        self.cut(None, None, Some(group))?;
+        Ok(self.read_state().epoch)
     }
 
     /// COLO: the primary's device stopped at `mark` while the SVM is stopped: a tentative
@@ -615,13 +684,20 @@ impl LayeredDisk {
     /// the checkpoint is complete. The active layer and the hidden layers older than the cut
     /// are dropped; the view is now the primary's disk at the cut.
     pub fn commit_mark(&self, epoch: u64) -> io::Result<()> {
-        self.cut(Some(epoch), Some(epoch))
+        self.cut(Some(epoch), Some(epoch), None)
     }
 
     /// Drops the active layer and the hidden layers before the cut at `mark` (all of them
     /// without one, or when the cut is still pending: no change came after it); the new epoch
-    /// is `epoch` (the next one without).
-    fn cut(&self, mark: Option<u64>, epoch: Option<u64>) -> io::Result<()> {
+    /// is `epoch` (the next one without). With `require_group`, only if the disk is prepared
+    /// for that group checkpoint at the current epoch. A full cut while prepared makes the
+    /// prepared group checkpoint the committed one; a COLO cut drops the prepared record.
+    fn cut(
+        &self,
+        mark: Option<u64>,
+        epoch: Option<u64>,
+        require_group: Option<u64>,
+    ) -> io::Result<()> {
         if !matches!(self.read_state().stage, Stage::Buffering(_)) {
             return Err(replication_over());
         }
@@ -635,6 +711,21 @@ impl LayeredDisk {
         } = self.create_layers()?;
         let mut st = self.write_state();
         let epoch_before = st.epoch;
+        if let Some(g) = require_group {
+            match st.group.prepared {
+                Some(p) if p.group == g && p.epoch == epoch_before => {}
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "not prepared for group checkpoint {g} at epoch {epoch_before} \
+                             (prepared: {other:?})"
+                        ),
+                    ))
+                }
+            }
+        }
+        let group_before = st.group;
         let Stage::Buffering(layers) = &mut st.stage else {
             return Err(replication_over());
         };
@@ -666,6 +757,19 @@ impl LayeredDisk {
             }
         };
         let epoch = epoch.unwrap_or(epoch_before + 1);
+        let group = match (mark, group_before.prepared) {
+            (None, Some(p)) if p.epoch == epoch_before => GroupRecord {
+                committed: Some(GroupCommitted {
+                    group: p.group,
+                    epoch,
+                }),
+                prepared: None,
+            },
+            _ => GroupRecord {
+                prepared: None,
+                ..group_before
+            },
+        };
         // The layers after the cut, recorded first: on an error nothing has changed.
         let kept_names: Vec<SavedHidden> = if keep_from < layers.hidden.len() {
             layers.hidden[keep_from..]
@@ -694,6 +798,7 @@ impl LayeredDisk {
         saved.epoch = epoch;
         saved.active = Some(fresh_active.file_name());
         saved.hidden = kept_names;
+        saved.group = group;
         saved.store(&self.dir)?;
 
         let mut kept = layers.hidden.split_off(keep_from);
@@ -715,6 +820,7 @@ impl LayeredDisk {
             pending: Vec::new(),
         };
         st.epoch = epoch;
+        st.group = group;
         drop(st);
         old.hidden.append(&mut unused);
         old.discard_files();
@@ -759,7 +865,7 @@ impl LayeredDisk {
             let mut st = self.write_state();
             match &st.stage {
                 Stage::Committing(l) if l.is_empty() => {
-                    self.saved(st.epoch, SavedStage::Standalone, None)
+                    self.saved(st.group, st.epoch, SavedStage::Standalone, None)
                         .store(&self.dir)?;
                     match std::mem::replace(&mut st.stage, Stage::Standalone) {
                         Stage::Committing(l) => Some(l),
@@ -813,7 +919,7 @@ impl LayeredDisk {
         match &st.stage {
             Stage::Buffering(l) => {
                 // Recorded first: a restarted secondary resumes the commit.
-                self.saved(st.epoch, SavedStage::Committing, Some(l))
+                self.saved(st.group, st.epoch, SavedStage::Committing, Some(l))
                     .store(&self.dir)?;
                 if let Stage::Buffering(l) = std::mem::replace(&mut st.stage, Stage::Standalone) {
                     st.stage = Stage::Committing(l);
@@ -906,9 +1012,16 @@ impl LayeredDisk {
     }
 
     /// What the state file says for these layers.
-    fn saved(&self, epoch: u64, stage: SavedStage, layers: Option<&Layers>) -> SavedState {
+    fn saved(
+        &self,
+        group: GroupRecord,
+        epoch: u64,
+        stage: SavedStage,
+        layers: Option<&Layers>,
+    ) -> SavedState {
         let mut saved = SavedState::new(self.capacity, self.cluster_size);
         saved.epoch = epoch;
+        saved.group = group;
         saved.stage = stage;
         if let Some(l) = layers {
             saved.active = Some(l.active.file_name());
@@ -1016,7 +1129,10 @@ impl LayeredDisk {
             let start = c * cs;
             let stop = (end * cs).min(self.capacity);
             buf.resize((stop - start) as usize, 0);
-            self.base.read_at(&mut buf, start)?;
+            match &self.cbw_reader {
+                Some(f) => f.read_exact_at(&mut buf, start)?,
+                None => self.base.read_at(&mut buf, start)?,
+            }
             hidden.save(&buf, c, cs as usize)?;
             c = end;
         }

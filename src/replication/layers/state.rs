@@ -32,6 +32,44 @@ pub(super) enum SavedStage {
     Standalone,
 }
 
+/// A group checkpoint this disk is prepared for (docs/consistency-groups.md): at layer epoch
+/// `epoch`, with the primary's stream applied up to `applied_seq`, base is the disk of group
+/// checkpoint `group`. Valid only while nothing else reaches base: the first stream change
+/// after it removes it (durably, before the change is written), a checkpoint turns it into
+/// [`GroupCommitted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GroupPrepared {
+    pub group: u64,
+    pub epoch: u64,
+    pub applied_seq: u64,
+}
+
+/// The last group checkpoint this disk reached: layer epoch `epoch` is group checkpoint
+/// `group`. Current only while the layer epoch is still `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GroupCommitted {
+    pub group: u64,
+    pub epoch: u64,
+}
+
+/// What `layers.state` records about consistency groups (both parts survive restarts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GroupRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<GroupCommitted>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<GroupPrepared>,
+}
+
+impl GroupRecord {
+    fn is_empty(&self) -> bool {
+        *self == GroupRecord::default()
+    }
+}
+
 /// Everything `layers.state` records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct SavedState {
@@ -44,6 +82,9 @@ pub(super) struct SavedState {
     pub active: Option<String>,
     /// The hidden layers, oldest first.
     pub hidden: Vec<SavedHidden>,
+    /// Consistency groups (absent in files written before them, and when empty).
+    #[serde(default, skip_serializing_if = "GroupRecord::is_empty")]
+    pub group: GroupRecord,
 }
 
 impl SavedState {
@@ -56,6 +97,7 @@ impl SavedState {
             stage: SavedStage::Buffering,
             active: None,
             hidden: Vec::new(),
+            group: GroupRecord::default(),
         }
     }
 
@@ -124,6 +166,20 @@ mod tests {
                 }],
             },
         ];
+        st.store(dir.path()).unwrap();
+        assert_eq!(SavedState::load(dir.path()).unwrap(), Some(st.clone()));
+        // Without a group record the file is what older builds wrote; with one it round-trips.
+        assert!(!fs::read_to_string(dir.path().join(STATE_FILE))
+            .unwrap()
+            .contains("group"));
+        st.group = GroupRecord {
+            committed: Some(GroupCommitted { group: 4, epoch: 3 }),
+            prepared: Some(GroupPrepared {
+                group: 5,
+                epoch: 3,
+                applied_seq: 99,
+            }),
+        };
         st.store(dir.path()).unwrap();
         assert_eq!(SavedState::load(dir.path()).unwrap(), Some(st));
         fs::write(dir.path().join(STATE_FILE), b"{ broken").unwrap();

@@ -1070,3 +1070,88 @@ fn a_logged_failover_records_every_range_it_and_the_svm_write() {
     let l2 = crate::replication::dirty::DirtyLog::create_reset(&path2, 1 << 20, 4096).unwrap();
     assert_eq!(l2.recorded_bytes(), 0);
 }
+
+// ---- consistency groups ----
+
+/// A prepared group checkpoint survives a restart and is then committed; a stream change after
+/// a prepare removes the record (durably), so a later commit is refused and changes nothing; a
+/// plain checkpoint while prepared commits it; a COLO cut drops it.
+#[test]
+fn group_prepare_survives_restarts_and_stream_changes_cancel_it() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    let dir = tmp.path().join("layers");
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    ld.primary_write(0, &pattern(2, 0, 64 << 10)).unwrap();
+    let prepared = ld.group_prepare(7, 42).unwrap();
+    assert_eq!(
+        prepared,
+        GroupPrepared {
+            group: 7,
+            epoch: 0,
+            applied_seq: 42
+        }
+    );
+    let at_prepare = read_all(&*base);
+    let ld = restart(&base, &dir, 4096, ld);
+    assert_eq!(ld.group().1.prepared, Some(prepared));
+    // Not the prepared group: refused, nothing changed.
+    let e = ld.checkpoint_group(8).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+    assert_eq!(ld.stats().epoch, 0);
+    assert_eq!(ld.checkpoint_group(7).unwrap(), 1);
+    assert_eq!(
+        ld.group(),
+        (
+            1,
+            GroupRecord {
+                committed: Some(GroupCommitted { group: 7, epoch: 1 }),
+                prepared: None
+            }
+        )
+    );
+    let ld = restart(&base, &dir, 4096, ld);
+    assert_eq!(
+        ld.group().1.committed,
+        Some(GroupCommitted { group: 7, epoch: 1 })
+    );
+    // Prepared again, then a stream change: the record is gone, also after a restart.
+    ld.group_prepare(8, 50).unwrap();
+    ld.primary_write(4096, &pattern(3, 4096, 8192)).unwrap();
+    assert_eq!(ld.group().1.prepared, None);
+    let ld = restart(&base, &dir, 4096, ld);
+    assert_eq!(ld.group().1.prepared, None);
+    assert!(ld.checkpoint_group(8).is_err());
+    assert_eq!(ld.stats().epoch, 1);
+    // The rollback still goes to the committed group checkpoint.
+    ld.failover().unwrap();
+    assert!(first_diff(&read_all(&*base), &at_prepare).is_none());
+    assert_eq!(
+        ld.group().1.committed,
+        Some(GroupCommitted { group: 7, epoch: 1 })
+    );
+}
+
+#[test]
+fn a_checkpoint_while_prepared_commits_the_group_and_a_colo_cut_does_not() {
+    let (_t, _base, ld) = setup(1 << 20, 4096);
+    ld.group_prepare(3, 1).unwrap();
+    ld.checkpoint_as(5).unwrap();
+    assert_eq!(
+        ld.group(),
+        (
+            5,
+            GroupRecord {
+                committed: Some(GroupCommitted { group: 3, epoch: 5 }),
+                prepared: None
+            }
+        )
+    );
+    ld.group_prepare(4, 2).unwrap();
+    ld.mark(mark(6)).unwrap();
+    ld.commit_mark(6).unwrap();
+    assert_eq!(ld.group().1.prepared, None);
+    assert_eq!(
+        ld.group().1.committed,
+        Some(GroupCommitted { group: 3, epoch: 5 })
+    );
+}
