@@ -21,6 +21,20 @@ pub enum Role {
     Secondary(Arc<Secondary>),
 }
 
+impl Role {
+    /// What this process is now: a secondary promoted in place (`replication-promote`) is
+    /// the primary it became (commands, status, metrics).
+    pub fn effective(&self) -> Role {
+        match self {
+            Role::Secondary(s) => match s.promoted() {
+                Some(p) => Role::Primary(p),
+                None => self.clone(),
+            },
+            r => r.clone(),
+        }
+    }
+}
+
 /// The QMP command handler of a colo-blk process.
 pub struct Controller {
     role: Role,
@@ -33,16 +47,9 @@ impl Controller {
         Controller { role, stats }
     }
 
-    /// The role commands go to: a secondary promoted in place (`replication-promote`) answers
-    /// as the primary it became.
+    /// The role commands go to (see [`Role::effective`]).
     fn role(&self) -> Role {
-        match &self.role {
-            Role::Secondary(s) => match s.promoted() {
-                Some(p) => Role::Primary(p),
-                None => self.role.clone(),
-            },
-            r => r.clone(),
-        }
+        self.role.effective()
     }
 }
 

@@ -109,6 +109,9 @@ pub enum SecondaryError {
     SeqMismatch { expected: u64, applied: u64 },
     #[error("{0}")]
     NotPrepared(String),
+    /// `replication-promote` refused (not failed over, already promoted, not set up).
+    #[error("{0}")]
+    CannotPromote(&'static str),
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
 }

@@ -184,7 +184,7 @@ impl Secondary {
     /// common generation as bitmap); from then on every write of the Secondary VM goes through
     /// that primary. Its link task then connects to `peer`.
     pub fn promote(&self, peer: &str) -> Result<Arc<Primary>, SecondaryError> {
-        let invalid = |m: &str| SecondaryError::Io(io::Error::new(io::ErrorKind::InvalidInput, m));
+        let invalid = SecondaryError::CannotPromote;
         if self.fb.promoted.get().is_some() {
             return Err(invalid("already promoted: this process is a primary"));
         }
