@@ -1,5 +1,6 @@
 //! The primary's link task: connects to the secondary, handshakes, streams the queued frames,
-//! resends what the dirty record holds, and takes acknowledgements; reconnects after a break.
+//! resends what the dirty record holds (after a failback handshake, joined by the secondary's
+//! own record, PEER_DIRTY), and takes acknowledgements; reconnects after a break.
 
 use std::sync::Arc;
 
