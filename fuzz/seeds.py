@@ -50,6 +50,12 @@ stream = (write(1, 8192, bytes(range(256)) * 16) + zeroes(2, 0, 512) + heartbeat
 put("frame_decode", "hello", hello())
 put("frame_decode", "welcome-ack-error", welcome() + ack(3) + error(b"disk size mismatch"))
 put("frame_decode", "stream", stream)
+# Failback: PEER_DIRTY (offset = extent size, length = disk size, one bit per extent), a good
+# one (extents 0 and 3 of 16) after WELCOME, then one with a bit past the last extent.
+peer_dirty = lambda extent, disk, bits: frame(14, 0, extent, disk, bits)
+put("frame_decode", "welcome-peer-dirty",
+    welcome() + peer_dirty(DISK // 16, DISK, bytes([0x09, 0x00]))
+    + peer_dirty(DISK // 8, DISK // 8 * 7, bytes([0x80])))
 put("frame_decode", "garbage-then-frame", b"COLO\x03junk" + write(9, 0, b"x" * 512))
 
 put("secondary_session", "raw-hello-stream", b"\x00" + hello() + stream)

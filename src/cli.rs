@@ -177,12 +177,14 @@ pub struct Cli {
     pub dirty_granularity: u64,
 
     /// primary: persistent dirty log, so that a restarted primary resyncs what it may have
-    /// written since the last checkpoint [default: IMAGE.colo-dirty]
+    /// written since the last checkpoint; secondary: the log a failover starts (and a
+    /// failback's sync target offers to its new primary) [default: IMAGE.colo-dirty]
     #[arg(long, value_name = "PATH", help_heading = "Primary")]
     pub dirty_log: Option<PathBuf>,
 
     /// primary: keep no persistent dirty log (after a primary restart every secondary then
-    /// needs a full sync)
+    /// needs a full sync); secondary: a failover keeps none (the old primary then needs a
+    /// full sync to come back)
     #[arg(long, help_heading = "Primary")]
     pub no_dirty_log: bool,
 
@@ -195,6 +197,12 @@ pub struct Cli {
     /// unrelated or stale (otherwise such a primary is refused). Never applies to a split brain
     #[arg(long, help_heading = "Secondary")]
     pub allow_full_sync: bool,
+
+    /// secondary: failback target: give up what this disk wrote since the generation it
+    /// shares with the primary (a split brain after a failover); the primary resends the
+    /// union of both dirty records (a full sync needs --allow-full-sync too)
+    #[arg(long, help_heading = "Secondary")]
+    pub discard_my_data: bool,
 
     /// primary and secondary: replication metadata file (disk id, generations, last
     /// checkpoint, role) [default: IMAGE.colo-meta]
@@ -317,6 +325,10 @@ pub enum Command {
     /// Show one or more running colo-blk processes (role, link, sync, checkpoints, layers)
     /// from their QMP sockets, like `drbdadm status`
     Status(crate::status::StatusArgs),
+    /// Re-protect after a failover: promote the survivor (a failed-over secondary) to the
+    /// primary of its old primary's disk, started as `--role secondary --discard-my-data`;
+    /// wait for the resync, take the first checkpoint; JSON report on stdout
+    Reprotect(crate::reprotect::ReprotectArgs),
 }
 
 impl Cli {
@@ -357,8 +369,10 @@ impl Cli {
         if self.role != RoleArg::Secondary && (self.listen.is_some() || self.layer_dir.is_some()) {
             return Err("--listen and --layer-dir only apply to --role secondary".into());
         }
-        if self.role != RoleArg::Primary && (self.dirty_log.is_some() || self.no_dirty_log) {
-            return Err("--dirty-log and --no-dirty-log only apply to --role primary".into());
+        if self.role == RoleArg::Standalone && (self.dirty_log.is_some() || self.no_dirty_log) {
+            return Err(
+                "--dirty-log and --no-dirty-log only apply to --role primary or secondary".into(),
+            );
         }
         if self.dirty_log.is_some() && self.no_dirty_log {
             return Err("--dirty-log and --no-dirty-log exclude each other".into());
@@ -368,6 +382,9 @@ impl Cli {
         }
         if self.role != RoleArg::Secondary && self.allow_full_sync {
             return Err("--allow-full-sync only applies to --role secondary".into());
+        }
+        if self.role != RoleArg::Secondary && self.discard_my_data {
+            return Err("--discard-my-data only applies to --role secondary".into());
         }
         if self.role == RoleArg::Standalone && self.meta.is_some() {
             return Err("--meta only applies to --role primary and --role secondary".into());
@@ -471,8 +488,37 @@ mod tests {
                 assert!(a.json);
                 assert_eq!(a.sockets.len(), 2);
             }
-            None => panic!("no command"),
+            _ => panic!("not status"),
         }
+        let c = Cli::try_parse_from([
+            "colo-blk",
+            "reprotect",
+            "--survivor",
+            "/s.qmp",
+            "--peer",
+            "h:1",
+        ])
+        .unwrap();
+        let Some(Command::Reprotect(a)) = c.command else {
+            panic!("not reprotect")
+        };
+        assert_eq!((a.peer.as_str(), a.target), ("h:1", None));
+        // --discard-my-data is the secondary's.
+        let c = Cli::try_parse_from([
+            "colo-blk",
+            "--role",
+            "primary",
+            "--socket",
+            "/s",
+            "--image",
+            "/i",
+            "--peer",
+            "h:1",
+            "--insecure-link",
+            "--discard-my-data",
+        ])
+        .unwrap();
+        assert!(c.validate().unwrap_err().contains("--discard-my-data"));
         let c = Cli::try_parse_from(["colo-blk", "status", "--watch=0.5", "/a.qmp"]).unwrap();
         let Some(Command::Status(a)) = c.command else {
             panic!("no command")

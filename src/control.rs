@@ -21,6 +21,20 @@ pub enum Role {
     Secondary(Arc<Secondary>),
 }
 
+impl Role {
+    /// What this process is now: a secondary promoted in place (`replication-promote`) is
+    /// the primary it became (commands, status, metrics).
+    pub fn effective(&self) -> Role {
+        match self {
+            Role::Secondary(s) => match s.promoted() {
+                Some(p) => Role::Primary(p),
+                None => self.clone(),
+            },
+            r => r.clone(),
+        }
+    }
+}
+
 /// The QMP command handler of a colo-blk process.
 pub struct Controller {
     role: Role,
@@ -31,6 +45,11 @@ pub struct Controller {
 impl Controller {
     pub fn new(role: Role, stats: Option<StatsHandle>) -> Self {
         Controller { role, stats }
+    }
+
+    /// The role commands go to (see [`Role::effective`]).
+    fn role(&self) -> Role {
+        self.role.effective()
     }
 }
 
@@ -61,7 +80,7 @@ impl Controller {
                 .collect(),
             None => Vec::new(),
         };
-        let replication = match &self.role {
+        let replication = match &self.role() {
             Role::Standalone => None,
             Role::Primary(p) => {
                 let st = p.status();
@@ -138,12 +157,13 @@ const SECONDARY: &[&str] = &[
     "replication-do-checkpoint",
     "replication-prepare",
     "replication-failover",
+    "replication-promote",
 ];
 
 impl CommandHandler for Controller {
     fn commands(&self) -> Vec<&'static str> {
         let mut v = COMMON.to_vec();
-        match self.role {
+        match self.role() {
             Role::Standalone => {}
             Role::Primary(_) => v.extend_from_slice(PRIMARY),
             Role::Secondary(_) => v.extend_from_slice(SECONDARY),
@@ -152,7 +172,8 @@ impl CommandHandler for Controller {
     }
 
     fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        match (name, &self.role) {
+        let role = self.role();
+        match (name, &role) {
             ("query-status", _) => {
                 only(args, &[])?;
                 Ok(json!({"status": "running", "running": true, "singlestep": false}))
@@ -232,6 +253,15 @@ impl CommandHandler for Controller {
                     s.failover()
                 };
                 to_value(report.map_err(generic)?)
+            }
+            ("replication-promote", Role::Secondary(s)) => {
+                only(args, &["peer"])?;
+                let peer = args
+                    .get("peer")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| QmpError::Generic("'peer' (HOST:PORT) is required".into()))?;
+                let p = s.promote(peer).map_err(generic)?;
+                Ok(json!({"role": "primary", "peer": peer, "dirty-bytes": p.status().dirty_bytes}))
             }
             (n, _) if PRIMARY.contains(&n) || SECONDARY.contains(&n) => Err(QmpError::Generic(
                 format!("{n} is not available in this role"),

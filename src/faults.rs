@@ -1,6 +1,8 @@
 //! Fault injection for crash tests: with `COLO_BLK_FAULT=NAME:N` in the environment, the
 //! process aborts (as abruptly as SIGKILL: no destructor, no flush) the N-th time it reaches
-//! the point `NAME`. Points: `failover-batch` (after each committed batch of a failover).
+//! the point `NAME`. Points: `failover-batch` (after each committed batch of a failover),
+//! `failover-logged` (a failover recorded its ranges in the dirty log, before the state file
+//! says committing).
 //! Without the variable a point costs one relaxed atomic load.
 
 use std::sync::atomic::{AtomicU64, Ordering};

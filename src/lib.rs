@@ -7,7 +7,8 @@
 //! - [`replication`]: COLO block replication: wire protocol, primary, secondary, disk buffer.
 //! - [`qmp`]: the QMP-compatible control server; [`control`]: the commands each role answers.
 //! - [`cli`]: command-line options; [`faults`]: fault injection for crash tests.
-//! - Operating: [`status`] (`colo-blk status`), [`metrics`] (Prometheus `--metrics`),
+//! - Operating: [`status`] (`colo-blk status`), [`reprotect`] (`colo-blk reprotect`, the
+//!   failback driver), [`metrics`] (Prometheus `--metrics`),
 //!   [`notify`] (systemd readiness), [`histogram`] (latency buckets).
 
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod notify;
 pub mod qmp;
 pub mod replication;
+pub mod reprotect;
 pub mod status;
 pub mod storage;
 pub mod vhost_user;

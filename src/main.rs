@@ -14,9 +14,12 @@ use colo_blk::cli::{Cli, Command, RoleArg};
 use colo_blk::control::{Controller, Role};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
+use colo_blk::replication::metadata::DiskRole;
 use colo_blk::replication::metadata::{self, MetaStore};
 use colo_blk::replication::primary::{Primary, PrimaryDevice, PrimaryOptions, ReplicatedDisk};
-use colo_blk::replication::secondary::{Secondary, SecondaryOptions, SvmDevice};
+use colo_blk::replication::secondary::{
+    FailoverLogSpec, Promotion, Secondary, SecondaryOptions, SvmDevice,
+};
 use colo_blk::replication::tls::LinkSecurity;
 use colo_blk::replication::DirtyLog;
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
@@ -30,6 +33,13 @@ fn main() -> ExitCode {
             .parse_default_env()
             .init();
         return ExitCode::from(colo_blk::status::run(args));
+    }
+    if let Some(Command::Reprotect(args)) = &cli.command {
+        env_logger::Builder::new()
+            .filter_level(log::LevelFilter::Warn)
+            .parse_default_env()
+            .init();
+        return ExitCode::from(colo_blk::reprotect::run(args));
     }
     env_logger::Builder::new()
         .filter_level(cli.log_level.filter())
@@ -113,6 +123,44 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
+    // The primary's options for a given peer (a primary, or a secondary promoted in place).
+    let link_opts = match cli.role {
+        RoleArg::Standalone => None,
+        _ => Some(cli.link_security()?),
+    };
+    let primary_options = {
+        let (window, sync, granularity, block_size) = (
+            cli.window,
+            cli.sync,
+            cli.dirty_granularity,
+            cli.logical_block_size,
+        );
+        move |peer: &str| -> std::io::Result<PrimaryOptions> {
+            let security = match &link_opts {
+                Some(o) => LinkSecurity::new(o, Some(peer))?,
+                None => LinkSecurity::Insecure,
+            };
+            Ok(PrimaryOptions {
+                peer: peer.to_string(),
+                window_bytes: window,
+                sync,
+                heartbeat_interval: heartbeat,
+                peer_timeout,
+                reconnect_interval: Duration::from_secs(1),
+                dirty_granularity: granularity,
+                block_size,
+                security,
+            })
+        }
+    };
+    // The persistent dirty log's path (primary; secondary: its failover's, and its own record
+    // as a failback target).
+    let dirty_log_path = (!cli.no_dirty_log).then(|| {
+        cli.dirty_log
+            .clone()
+            .unwrap_or_else(|| metadata::default_path(cli.image(), ".colo-dirty"))
+    });
+
     // The secondary's bound replication address (for the ready line).
     let mut listen = None;
     // The disk the guest (or the Secondary VM) sees, and the role object behind it.
@@ -120,13 +168,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         RoleArg::Standalone => (image.clone(), Role::Standalone),
         RoleArg::Primary => {
             let meta = meta.clone().ok_or("no metadata")?;
-            let log = if cli.no_dirty_log {
-                None
-            } else {
-                let path = cli
-                    .dirty_log
-                    .clone()
-                    .unwrap_or_else(|| metadata::default_path(cli.image(), ".colo-dirty"));
+            let log = if let Some(path) = dirty_log_path.clone() {
                 // A disk with a history but no log: everything counts as dirty.
                 let history = !created && meta.gens().current != 0;
                 let opened =
@@ -137,24 +179,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     opened.1.len()
                 );
                 Some(opened)
+            } else {
+                None
             };
-            let primary = Primary::open(
-                image.clone(),
-                PrimaryOptions {
-                    peer: cli.peer.clone().unwrap_or_default(),
-                    window_bytes: cli.window,
-                    sync: cli.sync,
-                    heartbeat_interval: heartbeat,
-                    peer_timeout,
-                    reconnect_interval: Duration::from_secs(1),
-                    dirty_granularity: cli.dirty_granularity,
-                    block_size: cli.logical_block_size,
-                    security: security.clone(),
-                },
-                events.clone(),
-                meta,
-                log,
-            )?;
+            let mut opts = primary_options(cli.peer.as_deref().unwrap_or_default())?;
+            opts.security = security.clone();
+            let primary = Primary::open(image.clone(), opts, events.clone(), meta, log)?;
             runtime.spawn(primary.clone().run_link());
             (
                 Arc::new(ReplicatedDisk::new(primary.clone())),
@@ -165,10 +195,32 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let dir = cli.layer_dir.clone().unwrap_or_default();
             std::fs::create_dir_all(&dir)?;
             let layered = Arc::new(LayeredDisk::new(image.clone(), &dir, cli.cluster_size)?);
+            let meta = meta.clone().ok_or("no metadata")?;
+            // A primary's disk that wrote beyond its peer's generation diverges first.
+            let started = meta.secondary_start()?;
+            // A failback target's own record: the dirty log of its life as a primary (or as a
+            // failed-over disk), if it is a valid log of this disk.
+            let own_dirty = match (&dirty_log_path, started.role) {
+                (Some(path), DiskRole::Primary | DiskRole::FailedOver)
+                    if started.gens.bitmap != 0 =>
+                {
+                    let x = DirtyLog::peek(path, image.capacity())?;
+                    match &x {
+                        Some(x) => info!(
+                            "own dirty record {} ({} bytes) for a failback",
+                            path.display(),
+                            x.dirty_bytes()
+                        ),
+                        None => info!("no usable own dirty record at {}", path.display()),
+                    }
+                    x
+                }
+                _ => None,
+            };
             let secondary = Secondary::new_durable(
                 layered.clone(),
                 Some(image.clone()),
-                meta.clone().ok_or("no metadata")?,
+                meta,
                 SecondaryOptions {
                     listen: cli.listen.clone().unwrap_or_default(),
                     serves_vm: cli.socket.is_some(),
@@ -180,6 +232,17 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 },
                 events.clone(),
             );
+            secondary.set_failback(cli.discard_my_data, own_dirty);
+            secondary.set_failover_log(dirty_log_path.clone().map(|path| FailoverLogSpec {
+                path,
+                extent: cli.dirty_log_extent,
+            }));
+            secondary.set_promotion(Promotion {
+                options: Box::new(primary_options),
+                runtime: runtime.handle().clone(),
+            });
+            // Before the Secondary VM can write: a failed-over disk's writes are recorded.
+            secondary.reopen_failover_log()?;
             if layered.failover_pending() {
                 let s = secondary.clone();
                 std::thread::Builder::new()

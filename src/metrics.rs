@@ -80,7 +80,8 @@ fn opt_ts(v: Option<f64>) -> f64 {
 /// The metrics text of this process.
 pub fn render(src: &MetricsSource) -> String {
     let mut o = Out(String::new());
-    let role = match src.role {
+    let current = src.role.effective();
+    let role = match current {
         Role::Standalone => "standalone",
         Role::Primary(_) => "primary",
         Role::Secondary(_) => "secondary",
@@ -94,7 +95,7 @@ pub fn render(src: &MetricsSource) -> String {
     if let Some(stats) = &src.stats {
         render_queues(&mut o, stats);
     }
-    match &src.role {
+    match &current {
         Role::Standalone => {}
         Role::Primary(p) => {
             let st = p.status();

@@ -70,14 +70,14 @@ impl StatusArgs {
     }
 }
 
-/// A small synchronous QMP client.
-struct Client {
+/// A small synchronous QMP client (also `colo-blk reprotect`'s).
+pub(crate) struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
 
 impl Client {
-    fn connect(path: &Path, timeout: Duration) -> Result<Client, String> {
+    pub(crate) fn connect(path: &Path, timeout: Duration) -> Result<Client, String> {
         let s = UnixStream::connect(path).map_err(|e| format!("cannot connect: {e}"))?;
         s.set_read_timeout(Some(timeout))
             .map_err(|e| e.to_string())?;
@@ -104,8 +104,13 @@ impl Client {
         }
     }
 
-    fn execute(&mut self, cmd: &str) -> Result<Value, String> {
-        let msg = json!({ "execute": cmd });
+    pub(crate) fn execute(&mut self, cmd: &str) -> Result<Value, String> {
+        self.execute_with(cmd, json!({}))
+    }
+
+    /// Runs `cmd` with `args`; events that arrive meanwhile are skipped.
+    pub(crate) fn execute_with(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        let msg = json!({ "execute": cmd, "arguments": args });
         writeln!(self.writer, "{msg}").map_err(|e| format!("writing: {e}"))?;
         loop {
             let m = self.read()?;

@@ -151,6 +151,7 @@ fn psk_replicates_and_a_wrong_psk_or_plain_tcp_changes_nothing() {
             block_size: 512,
             epoch: 0,
             sync: false,
+            dirty_log: false,
             gens: colo_blk::replication::metadata::Generations::fresh_primary(),
         });
         let _ = t.write_all(&hello.encode());

@@ -410,6 +410,7 @@ fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
             block_size: 512,
             epoch: 0,
             sync: false,
+            dirty_log: false,
             // What a primary on an image colo-blk has just created announces.
             gens,
         });

@@ -61,6 +61,7 @@ fn hello() -> Frame {
         block_size: BLOCK,
         epoch: 0,
         sync: false,
+        dirty_log: false,
         // A primary on a disk colo-blk created: the fresh secondary takes its stream.
         gens: Generations {
             disk_id: 1,

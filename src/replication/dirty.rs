@@ -1,4 +1,4 @@
-//! Dirty tracking on the primary.
+//! Dirty tracking on the primary (and on a failed-over secondary, which may become one).
 //!
 //! - [`DirtyBitmap`]: in memory, fine-grained: which chunks changed since the last completed
 //!   checkpoint. The primary keeps one whether or not a secondary is connected, so that after
@@ -16,6 +16,11 @@
 //!  checkpoint marker ─► log.epoch_boundary()      touched(prev) := touched(cur), cur := ∅
 //!  checkpoint done   ─► log.checkpoint_done()     clear on_disk ∖ (prev ∪ cur ∪ in flight)
 //! ```
+//!
+//! - [`DirtyExtents`]: a log's bits as one value, what a failback's sync target sends its new
+//!   primary (the PEER_DIRTY frame) so that the resync covers both sides' writes.
+//! - [`LoggedDisk`]: a disk whose every change is recorded in a log first: the write path of a
+//!   failed-over secondary (docs/replication-protocol.md, "Failback").
 
 /// One bit per `granularity` bytes of disk.
 #[derive(Debug, Clone)]
@@ -108,7 +113,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::storage::{BlockDevice, Change};
 
 const LOG_MAGIC: &[u8; 8] = b"COLODLOG";
 const LOG_VERSION: u32 = 1;
@@ -241,7 +248,8 @@ impl DirtyLog {
             all = true;
         } else if expect_existing {
             log::warn!(
-                "{}: no dirty log for a disk with replication history: the whole disk counts                  as dirty",
+                "{}: no dirty log for a disk with replication history: the whole disk counts \
+                 as dirty",
                 path.display()
             );
             all = true;
@@ -414,6 +422,106 @@ impl DirtyLog {
         self.sync_to(g)
     }
 
+    /// A fresh log at `path` (created, or reset when it exists: whatever it recorded before
+    /// is forgotten) with no bit set, durable before it returns. A failover starts the
+    /// failed-over disk's record this way (then [`DirtyLog::mark_ranges`]).
+    pub fn create_reset(path: &Path, capacity: u64, extent: u64) -> io::Result<DirtyLog> {
+        {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            f.sync_all()?;
+        }
+        let (log, ranges) = DirtyLog::open(path, capacity, extent, false)?;
+        debug_assert!(ranges.is_empty());
+        if let Some(dir) = path.parent() {
+            super::metadata::sync_dir(dir);
+        }
+        Ok(log)
+    }
+
+    /// Durably sets the bits of every extent the ranges touch (one write and sync for all).
+    /// They count as touched in the current epoch.
+    pub fn mark_ranges(&self, ranges: &[(u64, u64)]) -> io::Result<()> {
+        let g = {
+            let mut st = self.lock();
+            if let Some(e) = &st.broken {
+                return Err(io::Error::other(format!("dirty log: {e}")));
+            }
+            let mut newly = false;
+            for &(offset, len) in ranges {
+                let (first, last) = self.span(offset, len);
+                for e in first..=last {
+                    st.cur.set(e);
+                    if !st.on_disk.get(e) {
+                        st.on_disk.set(e);
+                        newly = true;
+                    }
+                }
+            }
+            if newly {
+                st.generation += 1;
+            }
+            (st.synced < st.generation).then_some(st.generation)
+        };
+        match g {
+            Some(g) => self.sync_to(g),
+            None => Ok(()),
+        }
+    }
+
+    /// The byte ranges recorded on disk, one per extent (the last one may be short).
+    pub fn recorded_ranges(&self) -> Vec<(u64, u64)> {
+        let st = self.lock();
+        st.on_disk
+            .ones()
+            .map(|e| {
+                (
+                    e * self.extent,
+                    self.extent.min(self.capacity - e * self.extent),
+                )
+            })
+            .collect()
+    }
+
+    /// The recorded extents as one value (what PEER_DIRTY carries).
+    pub fn extents(&self) -> DirtyExtents {
+        let st = self.lock();
+        DirtyExtents::from_extents(self.extent, self.capacity, st.on_disk.ones())
+    }
+
+    /// Reads the log at `path` without changing it: its extents, when the file is a valid log
+    /// of a disk of `capacity` bytes; `None` when it is missing, damaged or of another disk
+    /// size (the caller then has no usable record). A sync target of a failback sends this.
+    pub fn peek(path: &Path, capacity: u64) -> io::Result<Option<DirtyExtents>> {
+        let raw = match std::fs::read(path) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        };
+        if raw.len() < 28 {
+            return Ok(None);
+        }
+        let extent = u64::from_le_bytes(raw[12..20].try_into().unwrap_or_default());
+        if !extent.is_power_of_two() || extent < 512 {
+            return Ok(None);
+        }
+        let header = Self::header(capacity, extent);
+        if raw.len() < LOG_HEADER as usize || raw[..header.len()] != header[..] {
+            return Ok(None);
+        }
+        let extents = capacity.div_ceil(extent).max(1);
+        let body = &raw[LOG_HEADER as usize..];
+        let ones = (0..extents).filter(|&e| {
+            body.get((e / 8) as usize)
+                .is_some_and(|b| b & (1 << (e % 8)) != 0)
+        });
+        Ok(Some(DirtyExtents::from_extents(extent, capacity, ones)))
+    }
+
     /// Extents recorded on disk (tests and status).
     pub fn recorded_bytes(&self) -> u64 {
         let st = self.lock();
@@ -421,6 +529,152 @@ impl DirtyLog {
             .ones()
             .map(|e| self.extent.min(self.capacity - e * self.extent))
             .sum()
+    }
+}
+
+/// A set of dirty extents of a disk: `extent` bytes per bit, bit `i` of byte `i / 8` (least
+/// significant first) for extent `i`. What the PEER_DIRTY frame carries; built only through
+/// [`DirtyExtents::from_extents`] or the checked [`DirtyExtents::decode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyExtents {
+    extent: u64,
+    disk_size: u64,
+    bits: Vec<u8>,
+}
+
+/// Why a PEER_DIRTY payload is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ExtentsError {
+    #[error("extent size is not a power of two of at least 512 bytes")]
+    BadExtent,
+    #[error("disk size is 0")]
+    EmptyDisk,
+    #[error("bitmap length does not match the disk size and extent size")]
+    BadLength,
+    #[error("bits set past the last extent")]
+    TrailingBits,
+}
+
+impl DirtyExtents {
+    /// The extents `ones` (indexes below the disk's extent count; others are ignored).
+    pub fn from_extents(extent: u64, disk_size: u64, ones: impl Iterator<Item = u64>) -> Self {
+        let n = disk_size.div_ceil(extent.max(1)).max(1);
+        let mut bits = vec![0u8; n.div_ceil(8) as usize];
+        for e in ones.filter(|&e| e < n) {
+            bits[(e / 8) as usize] |= 1 << (e % 8);
+        }
+        DirtyExtents {
+            extent,
+            disk_size,
+            bits,
+        }
+    }
+
+    /// Checks a received payload: a valid extent size, exactly one bit per extent (rounded up
+    /// to a byte), nothing set past the last extent. `bits.len()` is bounded by the frame's
+    /// payload limit before this is called.
+    pub fn decode(extent: u64, disk_size: u64, bits: &[u8]) -> Result<Self, ExtentsError> {
+        if !extent.is_power_of_two() || extent < 512 {
+            return Err(ExtentsError::BadExtent);
+        }
+        if disk_size == 0 {
+            return Err(ExtentsError::EmptyDisk);
+        }
+        let n = disk_size.div_ceil(extent);
+        if n.div_ceil(8) != bits.len() as u64 {
+            return Err(ExtentsError::BadLength);
+        }
+        if n % 8 != 0 {
+            if let Some(last) = bits.last() {
+                if last >> (n % 8) != 0 {
+                    return Err(ExtentsError::TrailingBits);
+                }
+            }
+        }
+        Ok(DirtyExtents {
+            extent,
+            disk_size,
+            bits: bits.to_vec(),
+        })
+    }
+
+    pub fn extent(&self) -> u64 {
+        self.extent
+    }
+
+    pub fn disk_size(&self) -> u64 {
+        self.disk_size
+    }
+
+    /// The encoded bitmap.
+    pub fn bits(&self) -> &[u8] {
+        &self.bits
+    }
+
+    /// The dirty byte ranges, one per extent, in disk order (the last one may be short).
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let n = self.disk_size.div_ceil(self.extent);
+        (0..n)
+            .filter(|&e| self.bits[(e / 8) as usize] & (1 << (e % 8)) != 0)
+            .map(|e| {
+                let off = e * self.extent;
+                (off, self.extent.min(self.disk_size - off))
+            })
+    }
+
+    /// Bytes the set extents cover.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.ranges().map(|(_, l)| l).sum()
+    }
+}
+
+/// A disk whose every change is durably recorded in a dirty log before it reaches the disk
+/// (the same rule as the primary's [`DirtyLog::record`]): a failed-over secondary's writes, so
+/// that it can later resync its old primary incrementally.
+pub struct LoggedDisk {
+    disk: Arc<dyn BlockDevice>,
+    log: Arc<DirtyLog>,
+}
+
+impl LoggedDisk {
+    pub fn new(disk: Arc<dyn BlockDevice>, log: Arc<DirtyLog>) -> Self {
+        LoggedDisk { disk, log }
+    }
+
+    pub fn log(&self) -> &Arc<DirtyLog> {
+        &self.log
+    }
+
+    fn change(&self, change: Change<&[u8]>) -> io::Result<()> {
+        let (offset, len) = change.range();
+        let _logged = self.log.record(offset, len)?;
+        change.apply_to(&*self.disk)
+    }
+}
+
+impl BlockDevice for LoggedDisk {
+    fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.disk.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.change(Change::Write { offset, data: buf })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.disk.flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.change(Change::Discard { offset, len })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.change(Change::WriteZeroes { offset, len, unmap })
     }
 }
 
@@ -531,5 +785,110 @@ mod tests {
         drop(_guard);
         let (_again, ranges) = DirtyLog::open(&path, 1 << 20, 4096, true).unwrap();
         assert!(ranges.contains(&(3 * 4096, 4096)), "{ranges:?}");
+    }
+
+    #[test]
+    fn extents_round_trip_and_forged_payloads_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.colo-dirty");
+        let cap = 10 * 4096 + 100; // 11 extents of 4 KiB, the last one short
+        let (log, _) = DirtyLog::open(&path, cap, 4096, false).unwrap();
+        log.mark_ranges(&[(0, 1), (5 * 4096, 8192), (cap - 1, 1)])
+            .unwrap();
+        let x = log.extents();
+        assert_eq!(
+            x.ranges().collect::<Vec<_>>(),
+            vec![(0, 4096), (20480, 4096), (24576, 4096), (40960, 100)]
+        );
+        assert_eq!(DirtyLog::peek(&path, cap).unwrap(), Some(x.clone()));
+        assert_eq!(
+            DirtyLog::peek(&path, cap + 4096).unwrap(),
+            None,
+            "other size"
+        );
+        assert_eq!(DirtyLog::peek(&dir.path().join("none"), cap).unwrap(), None);
+        let back = DirtyExtents::decode(x.extent(), x.disk_size(), x.bits()).unwrap();
+        assert_eq!(back, x);
+        // Forged or damaged: every one an error.
+        assert_eq!(
+            DirtyExtents::decode(4095, cap, x.bits()),
+            Err(ExtentsError::BadExtent)
+        );
+        assert_eq!(
+            DirtyExtents::decode(0, cap, x.bits()),
+            Err(ExtentsError::BadExtent)
+        );
+        assert_eq!(
+            DirtyExtents::decode(4096, 0, &[]),
+            Err(ExtentsError::EmptyDisk)
+        );
+        assert_eq!(
+            DirtyExtents::decode(4096, cap, &x.bits()[..1]),
+            Err(ExtentsError::BadLength)
+        );
+        assert_eq!(
+            DirtyExtents::decode(4096, cap, &[0, 0, 0]),
+            Err(ExtentsError::BadLength)
+        );
+        assert_eq!(
+            DirtyExtents::decode(4096, cap, &[0, 0x08]),
+            Err(ExtentsError::TrailingBits)
+        );
+        assert_eq!(
+            DirtyExtents::decode(512, u64::MAX, &[0; 8]),
+            Err(ExtentsError::BadLength)
+        );
+        // A reset forgets everything.
+        drop(log);
+        let log = DirtyLog::create_reset(&path, cap, 4096).unwrap();
+        assert_eq!(log.recorded_bytes(), 0);
+        assert_eq!(
+            DirtyLog::peek(&path, cap).unwrap().unwrap().dirty_bytes(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_logged_disk_records_before_it_writes() {
+        struct Spy(Arc<DirtyLog>, std::sync::Mutex<Vec<bool>>);
+        impl BlockDevice for Spy {
+            fn capacity(&self) -> u64 {
+                1 << 20
+            }
+            fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
+                Ok(())
+            }
+            fn write_at(&self, _: &[u8], offset: u64) -> io::Result<()> {
+                let on = self
+                    .0
+                    .recorded_ranges()
+                    .iter()
+                    .any(|&(o, l)| o <= offset && offset < o + l);
+                self.1.lock().unwrap().push(on);
+                Ok(())
+            }
+            fn flush(&self) -> io::Result<()> {
+                Ok(())
+            }
+            fn discard(&self, _: u64, _: u64) -> io::Result<()> {
+                Ok(())
+            }
+            fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.colo-dirty");
+        let log = Arc::new(DirtyLog::create_reset(&path, 1 << 20, 4096).unwrap());
+        let spy = Arc::new(Spy(log.clone(), Default::default()));
+        let disk = LoggedDisk::new(spy.clone(), log.clone());
+        disk.write_at(&[1; 512], 8192).unwrap();
+        disk.write_zeroes(65536, 4096, false).unwrap();
+        assert_eq!(*spy.1.lock().unwrap(), vec![true]);
+        let on_disk = DirtyLog::peek(&path, 1 << 20).unwrap().unwrap();
+        assert_eq!(
+            on_disk.ranges().collect::<Vec<_>>(),
+            vec![(8192, 4096), (65536, 4096)]
+        );
     }
 }

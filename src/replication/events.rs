@@ -64,8 +64,8 @@ pub struct Error {
 pub struct SyncDecision {
     pub role: Side,
     pub peer: String,
-    /// `incremental`, `full-sync`, `split-brain`, `full-sync-needed`, `inconsistent`,
-    /// `same-disk` (the last four are refusals).
+    /// `incremental`, `full-sync`, `incremental-failback`, `split-brain`, `full-sync-needed`,
+    /// `inconsistent`, `same-disk` (the last four are refusals).
     pub decision: String,
     pub reason: String,
 }
@@ -80,6 +80,20 @@ pub struct VerifyDone {
     pub complete: bool,
 }
 
+/// `REPLICATION_PROMOTED`: a failed-over secondary became the primary of a new pair without
+/// a restart (`replication-promote`); its Secondary VM's writes are replicated from now on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Promoted {
+    /// The new secondary's replication address.
+    pub peer: String,
+    /// Bytes the failed-over disk's dirty log recorded (the first resync sends these).
+    pub dirty_bytes: u64,
+}
+
+impl QmpEvent for Promoted {
+    const NAME: &'static str = "REPLICATION_PROMOTED";
+}
 impl QmpEvent for SyncDecision {
     const NAME: &'static str = "REPLICATION_SYNC_DECISION";
 }

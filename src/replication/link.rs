@@ -232,6 +232,7 @@ mod tests {
             block_size: 512,
             epoch: 0,
             sync: false,
+            dirty_log: false,
             gens: Generations::fresh_primary(),
         }
     }
@@ -251,6 +252,8 @@ mod tests {
                 gens: Generations::default(),
                 decision: 1,
                 allow_full: false,
+                discard_my_data: false,
+                own_dirty: false,
             }))
             .unwrap();
             tx.send(Frame::Ack { seq: 9 }).unwrap();

@@ -161,6 +161,11 @@ pub enum Decision {
     Incremental(String),
     /// The secondary's whole disk is overwritten (it is inconsistent until the next checkpoint).
     Full(String),
+    /// Failback: both disks diverged from the same generation (the primary's and the
+    /// secondary's bitmap) and both kept a dirty record since; the secondary's operator
+    /// discards its data (`--discard-my-data`). The secondary sends its record (PEER_DIRTY),
+    /// the primary resends the union; the secondary is inconsistent until the next checkpoint.
+    Failback(String),
     Refuse(Refusal, String),
 }
 
@@ -170,6 +175,7 @@ impl Decision {
         match self {
             Decision::Incremental(_) => "incremental",
             Decision::Full(_) => "full-sync",
+            Decision::Failback(_) => "incremental-failback",
             Decision::Refuse(Refusal::SplitBrain, _) => "split-brain",
             Decision::Refuse(Refusal::FullSyncNeeded, _) => "full-sync-needed",
             Decision::Refuse(Refusal::Inconsistent, _) => "inconsistent",
@@ -179,7 +185,10 @@ impl Decision {
 
     pub fn reason(&self) -> &str {
         match self {
-            Decision::Incremental(r) | Decision::Full(r) | Decision::Refuse(_, r) => r,
+            Decision::Incremental(r)
+            | Decision::Full(r)
+            | Decision::Failback(r)
+            | Decision::Refuse(_, r) => r,
         }
     }
 
@@ -188,18 +197,57 @@ impl Decision {
         match self {
             Decision::Incremental(_) => 1,
             Decision::Full(_) => 2,
+            Decision::Failback(_) => 3,
             Decision::Refuse(..) => 0,
         }
+    }
+
+    /// Whether the secondary's disk holds no checkpoint while this stream runs (it is marked
+    /// inconsistent until the next one).
+    pub fn overwrites(&self) -> bool {
+        matches!(self, Decision::Full(_) | Decision::Failback(_))
     }
 }
 
 /// The flag an operator passes to the secondary to allow a full sync over its disk.
 pub const ALLOW_FULL_SYNC_FLAG: &str = "--allow-full-sync";
+/// The flag an operator passes to the secondary to give up what its disk wrote since the
+/// pair's last common generation (a failback's sync target; DRBD's name).
+pub const DISCARD_MY_DATA_FLAG: &str = "--discard-my-data";
+
+/// What else, besides both sides' generations, the decision depends on. Both ends know all of
+/// it: the primary says whether it keeps a dirty log in HELLO, the secondary its flags in
+/// WELCOME.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncPolicy {
+    /// The secondary's operator allows a full sync (`--allow-full-sync`).
+    pub allow_full: bool,
+    /// The secondary's operator discards its disk's own writes (`--discard-my-data`).
+    pub discard_my_data: bool,
+    /// The primary keeps a persistent dirty log.
+    pub primary_dirty_log: bool,
+    /// The secondary has a readable dirty log of its own (of this disk's geometry).
+    pub secondary_dirty_log: bool,
+}
 
 /// The decision table (docs/replication-protocol.md): what primary `p` and secondary `s` do,
-/// given whether the secondary's operator allowed a full sync. A pure function: both ends
-/// compute it, the secondary's answer is checked by the primary.
+/// given whether the secondary's operator allowed a full sync (no failback: see
+/// [`decide_with`]).
 pub fn decide(p: &Generations, s: &Generations, allow_full: bool) -> Decision {
+    decide_with(
+        p,
+        s,
+        &SyncPolicy {
+            allow_full,
+            ..SyncPolicy::default()
+        },
+    )
+}
+
+/// The whole decision table. A pure function: both ends compute it, the secondary's answer is
+/// checked by the primary.
+pub fn decide_with(p: &Generations, s: &Generations, policy: &SyncPolicy) -> Decision {
+    let allow_full = policy.allow_full;
     let full_or_refuse = |why: String| {
         if allow_full {
             Decision::Full(format!(
@@ -271,13 +319,40 @@ pub fn decide(p: &Generations, s: &Generations, allow_full: bool) -> Decision {
         ));
     }
     let s_past = s.bitmap != 0 && p.knows(s.bitmap) || s.history.iter().any(|&g| p.knows(g));
+    // Failback (rule 8a/8b): both diverged from the generation both bitmaps name; the
+    // secondary's operator gives up its side.
+    let common = s.bitmap == p.bitmap && s.bitmap != 0 && s.bitmap != ZERO_GENERATION;
+    if policy.discard_my_data && !p.knows(s.current) && (common || s_past) {
+        if common && policy.primary_dirty_log && policy.secondary_dirty_log {
+            return Decision::Failback(format!(
+                "both disks diverged from generation {:016x} and both kept a dirty record \
+                 since; {DISCARD_MY_DATA_FLAG}: the primary resends the union of both records",
+                s.bitmap
+            ));
+        }
+        let why = if common {
+            format!(
+                "both disks diverged from generation {:016x} and {}",
+                s.bitmap,
+                match (policy.primary_dirty_log, policy.secondary_dirty_log) {
+                    (false, false) => "neither kept a dirty record since",
+                    (false, _) => "the primary kept no dirty record since (--no-dirty-log)",
+                    _ => "the secondary has no readable dirty record of its own",
+                }
+            )
+        } else {
+            "the disks share no generation both dirty records start from".to_string()
+        };
+        return full_or_refuse(format!("{DISCARD_MY_DATA_FLAG} given, but {why}"));
+    }
     if !p.knows(s.current) && s_past {
         return Decision::Refuse(
             Refusal::SplitBrain,
             format!(
                 "split brain: the secondary's disk moved on to generation {:016x} (e.g. a \
                  failover) while the primary wrote since their last common generation; \
-                 neither disk is overwritten",
+                 neither disk is overwritten (to resync this disk from the primary, start the \
+                 secondary with {DISCARD_MY_DATA_FLAG})",
                 s.current
             ),
         );
@@ -573,12 +648,29 @@ impl MetaStore {
 
     // ---- the secondary's transitions ----
 
+    /// A disk starts as a secondary, before it answers any HELLO. A primary's disk whose
+    /// current generation is still the one its peer holds (it was killed while connected,
+    /// after a checkpoint) has written beyond it since (its dirty log says where): it takes a
+    /// new current generation, keeping the bitmap, so that no primary mistakes it for a copy
+    /// of that generation (which would resync only the primary's own dirty record).
+    pub fn secondary_start(&self) -> io::Result<Metadata> {
+        self.update(|m| {
+            if m.role == DiskRole::Primary && m.gens.current == m.gens.bitmap && m.gens.current != 0
+            {
+                m.new_current();
+            }
+        })
+    }
+
     /// A primary's stream is accepted: record its generation as the source before any frame is
-    /// applied; for a full sync also mark the disk inconsistent.
+    /// applied; for a full sync (or a failback) also mark the disk inconsistent. The disk's own
+    /// dirty record (from a life as primary) is no longer about this disk's data: `bitmap = 0`,
+    /// so it is never used again (a later failover starts a new one).
     pub fn secondary_accept(&self, primary: &Generations, full: bool) -> io::Result<Metadata> {
         self.update(|m| {
             m.set_role(DiskRole::Secondary);
             m.gens.source = primary.current;
+            m.gens.bitmap = 0;
             if full {
                 m.gens.flags |= FLAG_INCONSISTENT;
             }
@@ -621,25 +713,44 @@ impl MetaStore {
         })
     }
 
+    /// Whether a failover may start: refuses an inconsistent disk unless `force`.
+    pub fn failover_check(&self, force: bool) -> io::Result<()> {
+        let m = self.get();
+        if m.role != DiskRole::FailedOver && m.gens.inconsistent() && !force {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the secondary's disk is inconsistent (a full sync or a failback resync has \
+                 not reached a checkpoint): it holds no checkpoint to fail over to; use \
+                 replication-failover {\"force\": true} to take it anyway",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the failover about to be recorded by [`MetaStore::failover`] can name a common
+    /// generation: a consistent secondary's checkpoint.
+    pub fn failover_keeps_ancestor(&self) -> bool {
+        let m = self.get();
+        m.role == DiskRole::Secondary && !m.gens.inconsistent() && m.gens.current != 0
+    }
+
     /// Before a failover commits anything: refuses an inconsistent disk unless `force`, then
-    /// records the new lineage (a new current generation, no peer covered).
-    pub fn failover(&self, force: bool) -> io::Result<Metadata> {
+    /// records the new lineage (a new current generation). With `dirty_log` (the failed-over
+    /// disk's dirty log already records every range the commit will write) the bitmap names
+    /// the checkpoint generation it diverges from (the pair's common ancestor, see
+    /// [`MetaStore::failover_keeps_ancestor`]); without one no peer is covered (`bitmap = 0`).
+    pub fn failover(&self, force: bool, dirty_log: bool) -> io::Result<Metadata> {
         let m = self.get();
         if m.role == DiskRole::FailedOver {
             return Ok(m); // resuming an interrupted failover
         }
-        if m.gens.inconsistent() && !force {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the secondary's disk is inconsistent (a full sync has not reached a \
-                 checkpoint): it holds no checkpoint to fail over to; use \
-                 replication-failover {\"force\": true} to take it anyway",
-            ));
-        }
+        self.failover_check(force)?;
+        let ancestor = dirty_log && self.failover_keeps_ancestor();
         self.update(|m| {
+            let before = m.gens.current;
             m.set_role(DiskRole::FailedOver);
             m.new_current();
-            m.gens.bitmap = 0;
+            m.gens.bitmap = if ancestor { before } else { 0 };
             m.gens.source = 0;
             m.gens.flags &= !FLAG_INCONSISTENT;
         })
@@ -935,6 +1046,199 @@ mod tests {
     }
 
     #[test]
+    fn failback_rules() {
+        // The survivor failed over from checkpoint generation 10 (bitmap 10, new current 30);
+        // the old primary wrote beyond 10 too (new current 31 at its start as a secondary).
+        let survivor = p(30, 10, &[10], 3);
+        let old = {
+            let mut g = s(31, &[10], 0, 3, 0);
+            g.bitmap = 10;
+            g
+        };
+        let all = SyncPolicy {
+            allow_full: false,
+            discard_my_data: true,
+            primary_dirty_log: true,
+            secondary_dirty_log: true,
+        };
+        let cases: Vec<(&str, Generations, Generations, SyncPolicy, &str)> = vec![
+            ("failback", survivor, old, all, "incremental-failback"),
+            (
+                "failback, full allowed too",
+                survivor,
+                old,
+                SyncPolicy {
+                    allow_full: true,
+                    ..all
+                },
+                "incremental-failback",
+            ),
+            (
+                "no discard: split brain as before",
+                survivor,
+                old,
+                SyncPolicy {
+                    discard_my_data: false,
+                    allow_full: true,
+                    ..all
+                },
+                "split-brain",
+            ),
+            (
+                "secondary has no log",
+                survivor,
+                old,
+                SyncPolicy {
+                    secondary_dirty_log: false,
+                    ..all
+                },
+                "full-sync-needed",
+            ),
+            (
+                "secondary has no log, full allowed",
+                survivor,
+                old,
+                SyncPolicy {
+                    secondary_dirty_log: false,
+                    allow_full: true,
+                    ..all
+                },
+                "full-sync",
+            ),
+            (
+                "primary has no log",
+                survivor,
+                old,
+                SyncPolicy {
+                    primary_dirty_log: false,
+                    ..all
+                },
+                "full-sync-needed",
+            ),
+            (
+                "survivor without a dirty log (bitmap 0)",
+                p(30, 0, &[10], 3),
+                old,
+                all,
+                "full-sync-needed",
+            ),
+            (
+                "survivor without a dirty log, full allowed",
+                p(30, 0, &[10], 3),
+                old,
+                SyncPolicy {
+                    allow_full: true,
+                    ..all
+                },
+                "full-sync",
+            ),
+            // The hole of a primary killed while connected: without its new generation at its
+            // start as secondary it would look like a copy of 10 (rule 5, missing its writes);
+            // decide() cannot see that, secondary_start() prevents it (test below).
+            (
+                "old primary still at 10 (not started through secondary_start)",
+                survivor,
+                {
+                    let mut g = s(10, &[], 0, 3, 0);
+                    g.bitmap = 10;
+                    g
+                },
+                all,
+                "incremental",
+            ),
+            // A bitmap that is the created-disk generation is no common ancestor.
+            (
+                "zero generation is no ancestor",
+                p(30, ZERO_GENERATION, &[], 0),
+                {
+                    let mut g = s(31, &[ZERO_GENERATION], 0, 0, 0);
+                    g.bitmap = ZERO_GENERATION;
+                    g
+                },
+                all,
+                "full-sync-needed",
+            ),
+            // An interrupted failback: the target is inconsistent, rule 2 restarts in full.
+            (
+                "interrupted failback",
+                survivor,
+                {
+                    let mut g = s(31, &[10], 30, 3, FLAG_INCONSISTENT);
+                    g.bitmap = 0;
+                    g
+                },
+                all,
+                "full-sync",
+            ),
+            // Discard given to a plain incremental case: nothing to discard, rule 5.
+            (
+                "discard on a clean copy",
+                p(11, 10, &[10], 3),
+                s(10, &[], 10, 3, 0),
+                all,
+                "incremental",
+            ),
+        ];
+        for (name, pg, sg, policy, want) in cases {
+            let d = decide_with(&pg, &sg, &policy);
+            assert_eq!(d.name(), want, "{name}: {d:?}");
+            if let Decision::Refuse(Refusal::FullSyncNeeded, why) = &d {
+                assert!(why.contains(ALLOW_FULL_SYNC_FLAG), "{name}: {why}");
+            }
+            if let Decision::Refuse(Refusal::SplitBrain, why) = &d {
+                assert!(why.contains(DISCARD_MY_DATA_FLAG), "{name}: {why}");
+            }
+            assert!(d.overwrites() == matches!(d, Decision::Full(_) | Decision::Failback(_)));
+        }
+    }
+
+    #[test]
+    fn failover_records_the_common_ancestor_and_a_primary_diverges_at_secondary_start() {
+        let primary = Generations::fresh_primary();
+        // Failover with a dirty log: bitmap = the checkpoint generation.
+        let st = MetaStore::in_memory(1 << 20);
+        st.secondary_accept(&primary, false).unwrap();
+        st.checkpoint_done(1).unwrap();
+        let f = st.failover(false, true).unwrap();
+        assert_eq!(f.gens.bitmap, primary.current);
+        assert_ne!(f.gens.current, primary.current);
+        // Resumed: unchanged.
+        assert_eq!(st.failover(false, true).unwrap(), f);
+        // Started as primary: the bitmap is kept (the dirty log covers since then).
+        let p = st.primary_start(true).unwrap();
+        assert_eq!(
+            (p.gens.current, p.gens.bitmap),
+            (f.gens.current, primary.current)
+        );
+        // Without a log: no ancestor.
+        let st = MetaStore::in_memory(1 << 20);
+        st.secondary_accept(&primary, false).unwrap();
+        st.checkpoint_done(1).unwrap();
+        assert_eq!(st.failover(false, false).unwrap().gens.bitmap, 0);
+        // A forced failover of an inconsistent disk: no ancestor either.
+        let st = MetaStore::in_memory(1 << 20);
+        st.secondary_accept(&primary, true).unwrap();
+        assert!(st.failover(false, true).is_err());
+        assert_eq!(st.failover(true, true).unwrap().gens.bitmap, 0);
+
+        // A primary killed while connected (current == bitmap) started as a secondary: a new
+        // current, the bitmap kept.
+        let st = MetaStore::in_memory(1 << 20);
+        st.primary_start(true).unwrap();
+        let c = st.primary_checkpoint(4).unwrap();
+        assert_eq!(c.gens.current, c.gens.bitmap);
+        let s2 = st.secondary_start().unwrap();
+        assert_ne!(s2.gens.current, c.gens.current);
+        assert_eq!(s2.gens.bitmap, c.gens.bitmap);
+        assert_eq!(s2.gens.history[0], c.gens.current);
+        // Idempotent, and nothing for a disk that is not a primary's.
+        assert_eq!(st.secondary_start().unwrap(), s2);
+        // Accepting a stream retires the disk's own record.
+        let a = st.secondary_accept(&primary, true).unwrap();
+        assert_eq!(a.gens.bitmap, 0);
+    }
+
+    #[test]
     fn slots_survive_a_torn_write() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.colo-meta");
@@ -969,16 +1273,16 @@ mod tests {
         let primary = Generations::fresh_primary();
         st.secondary_accept(&primary, true).unwrap();
         assert!(st.gens().inconsistent());
-        assert!(st.failover(false).is_err());
+        assert!(st.failover(false, false).is_err());
         // A marker the layers did not make a checkpoint: still inconsistent.
         let m = st.stream_epoch(1).unwrap();
         assert!(m.gens.inconsistent());
-        assert!(st.failover(false).is_err());
+        assert!(st.failover(false, false).is_err());
         let m = st.checkpoint_done(1).unwrap();
         assert_eq!((m.gens.current, m.gens.epoch), (primary.current, 1));
         assert!(!m.gens.inconsistent());
         // Failover: a new lineage, the old one remembered; a restart as primary is allowed.
-        let f = st.failover(false).unwrap();
+        let f = st.failover(false, false).unwrap();
         assert_ne!(f.gens.current, primary.current);
         assert_eq!(f.gens.history[0], primary.current);
         assert_eq!(f.role, DiskRole::FailedOver);

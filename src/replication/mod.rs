@@ -21,4 +21,4 @@ pub mod protocol;
 pub mod secondary;
 pub mod tls;
 
-pub use dirty::{DirtyLog, LogGuard};
+pub use dirty::{DirtyExtents, DirtyLog, ExtentsError, LogGuard, LoggedDisk};

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::dirty::DirtyExtents;
 use super::metadata::{Generations, GENERATIONS_LEN};
 use crate::storage::Change;
 
@@ -29,8 +30,11 @@ pub const MAX_PAYLOAD: usize = 4 << 20;
 
 const FLAG_UNMAP: u8 = 1;
 const FLAG_SYNC: u32 = 1;
+const FLAG_DIRTY_LOG: u32 = 2;
 const FLAG_MATCH: u8 = 1;
 const FLAG_ALLOW_FULL: u32 = 1;
+const FLAG_DISCARD_MY_DATA: u32 = 2;
+const FLAG_OWN_DIRTY: u32 = 4;
 /// HELLO payload size.
 pub const HELLO_LEN: usize = 28 + GENERATIONS_LEN;
 /// WELCOME payload size.
@@ -82,6 +86,8 @@ pub struct Hello {
     pub epoch: u64,
     /// Writes complete only when the secondary has applied them.
     pub sync: bool,
+    /// The primary keeps a persistent dirty log (a failback needs one on both sides).
+    pub dirty_log: bool,
     /// The primary disk's replication metadata.
     pub gens: Generations,
 }
@@ -94,10 +100,15 @@ pub struct Welcome {
     pub block_size: u32,
     /// The secondary disk's replication metadata (after it recorded the primary as source).
     pub gens: Generations,
-    /// The secondary's decision: 1 incremental, 2 full sync (see `metadata::decide`).
+    /// The secondary's decision: 1 incremental, 2 full sync, 3 incremental failback (see
+    /// `metadata::decide_with`).
     pub decision: u32,
     /// The secondary's operator allowed a full sync (`--allow-full-sync`).
     pub allow_full: bool,
+    /// The secondary's operator discards its disk's own writes (`--discard-my-data`).
+    pub discard_my_data: bool,
+    /// The secondary has a readable dirty log of its own.
+    pub own_dirty: bool,
 }
 
 /// One frame on the link.
@@ -138,6 +149,9 @@ pub enum Frame {
         seq: u64,
         mark: Mark,
     },
+    /// Secondary → primary, right after WELCOME when the decision is a failback: the extents
+    /// the secondary's disk wrote since the common generation (its dirty log).
+    PeerDirty(DirtyExtents),
     /// Secondary → primary: every frame up to and including `seq` is applied.
     Ack {
         seq: u64,
@@ -161,6 +175,7 @@ const T_ERROR: u8 = 10;
 const T_VERIFY: u8 = 12;
 const T_VERIFY_RESULT: u8 = 13;
 const T_MARKER: u8 = 11;
+const T_PEER_DIRTY: u8 = 14;
 
 /// Most queues a MARKER describes (the device's limit).
 pub const MAX_MARK_QUEUES: usize = 64;
@@ -188,6 +203,7 @@ impl Frame {
             Frame::Checkpoint { .. } => "CHECKPOINT",
             Frame::Marker { .. } => "MARKER",
             Frame::Ack { .. } => "ACK",
+            Frame::PeerDirty(_) => "PEER_DIRTY",
             Frame::Verify { .. } => "VERIFY",
             Frame::VerifyResult { .. } => "VERIFY_RESULT",
             Frame::Heartbeat => "HEARTBEAT",
@@ -237,7 +253,9 @@ impl Frame {
                 hello_buf.extend_from_slice(&h.block_size.to_le_bytes());
                 hello_buf.extend_from_slice(&h.disk_size.to_le_bytes());
                 hello_buf.extend_from_slice(&h.epoch.to_le_bytes());
-                hello_buf.extend_from_slice(&(if h.sync { FLAG_SYNC } else { 0 }).to_le_bytes());
+                let flags = if h.sync { FLAG_SYNC } else { 0 }
+                    | if h.dirty_log { FLAG_DIRTY_LOG } else { 0 };
+                hello_buf.extend_from_slice(&flags.to_le_bytes());
                 h.gens.encode_into(&mut hello_buf);
                 (T_HELLO, 0, 0, 0, 0, &hello_buf)
             }
@@ -246,7 +264,13 @@ impl Frame {
                 hello_buf.extend_from_slice(&w.block_size.to_le_bytes());
                 hello_buf.extend_from_slice(&w.disk_size.to_le_bytes());
                 hello_buf.extend_from_slice(&w.decision.to_le_bytes());
-                let flags = if w.allow_full { FLAG_ALLOW_FULL } else { 0 };
+                let flags = if w.allow_full { FLAG_ALLOW_FULL } else { 0 }
+                    | if w.discard_my_data {
+                        FLAG_DISCARD_MY_DATA
+                    } else {
+                        0
+                    }
+                    | if w.own_dirty { FLAG_OWN_DIRTY } else { 0 };
                 hello_buf.extend_from_slice(&flags.to_le_bytes());
                 w.gens.encode_into(&mut hello_buf);
                 (T_WELCOME, 0, 0, 0, 0, &hello_buf)
@@ -275,6 +299,7 @@ impl Frame {
                 (T_MARKER, 0, *seq, 0, mark.epoch, &hello_buf)
             }
             Frame::Ack { seq } => (T_ACK, 0, *seq, 0, 0, &[]),
+            Frame::PeerDirty(x) => (T_PEER_DIRTY, 0, 0, x.extent(), x.disk_size(), x.bits()),
             Frame::Verify {
                 seq,
                 offset,
@@ -403,6 +428,7 @@ impl Frame {
                     disk_size: le64(8),
                     epoch: le64(16),
                     sync: le32(24) & FLAG_SYNC != 0,
+                    dirty_log: le32(24) & FLAG_DIRTY_LOG != 0,
                     gens,
                 })
             }
@@ -423,6 +449,8 @@ impl Frame {
                     disk_size: le64(8),
                     decision: le32(16),
                     allow_full: le32(20) & FLAG_ALLOW_FULL != 0,
+                    discard_my_data: le32(20) & FLAG_DISCARD_MY_DATA != 0,
+                    own_dirty: le32(20) & FLAG_OWN_DIRTY != 0,
                     gens,
                 })
             }
@@ -479,6 +507,25 @@ impl Frame {
             T_ACK => {
                 no_payload("ACK")?;
                 Frame::Ack { seq: h.seq }
+            }
+            T_PEER_DIRTY => {
+                // offset = extent size, length = disk size, payload = one bit per extent.
+                let x = DirtyExtents::decode(h.offset, h.length, &payload).map_err(|e| {
+                    ProtocolError::Malformed {
+                        kind: "PEER_DIRTY",
+                        why: match e {
+                            crate::replication::dirty::ExtentsError::BadExtent => "bad extent size",
+                            crate::replication::dirty::ExtentsError::EmptyDisk => "disk size 0",
+                            crate::replication::dirty::ExtentsError::BadLength => {
+                                "bitmap length does not match the disk"
+                            }
+                            crate::replication::dirty::ExtentsError::TrailingBits => {
+                                "bits past the last extent"
+                            }
+                        },
+                    }
+                })?;
+                Frame::PeerDirty(x)
             }
             T_VERIFY => {
                 if payload.len() != 4 || h.length == 0 || h.length > MAX_PAYLOAD as u64 {
@@ -613,6 +660,7 @@ mod tests {
                 block_size: 512,
                 epoch: 7,
                 sync: true,
+                dirty_log: true,
                 gens: gens(),
             }),
             Frame::Welcome(Welcome {
@@ -622,7 +670,14 @@ mod tests {
                 gens: Generations { flags: 1, ..gens() },
                 decision: 2,
                 allow_full: true,
+                discard_my_data: true,
+                own_dirty: false,
             }),
+            Frame::PeerDirty(DirtyExtents::from_extents(
+                4 << 20,
+                (64 << 20) + 512,
+                [0u64, 3, 16].into_iter(),
+            )),
             Frame::Verify {
                 seq: 6,
                 offset: 1 << 20,
@@ -681,6 +736,58 @@ mod tests {
     fn every_frame_round_trips() {
         for f in samples() {
             assert_eq!(decode(&f.encode()).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn peer_dirty_is_checked() {
+        let x = DirtyExtents::from_extents(4096, 10 * 4096 + 1, [0u64, 10].into_iter());
+        let good = Frame::PeerDirty(x).encode();
+        assert!(decode(&good).is_ok());
+        // Re-encoded with a forged header field (and a correct checksum): refused.
+        let forge = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = good.clone();
+            f(&mut b);
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..36]), &b[HEADER_LEN..]);
+            b[36..40].copy_from_slice(&crc.to_le_bytes());
+            decode(&b)
+        };
+        type Forgery<'a> = &'a dyn Fn(&mut Vec<u8>);
+        let bad: [Forgery; 5] = [
+            &|b| b[16..24].copy_from_slice(&4095u64.to_le_bytes()), // extent
+            &|b| b[24..32].copy_from_slice(&0u64.to_le_bytes()),    // disk size
+            &|b| b[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes()), // bits too few
+            &|b| {
+                b.push(0); // a byte too many
+                b[32..36].copy_from_slice(&3u32.to_le_bytes());
+            },
+            &|b| b[HEADER_LEN + 1] |= 0x80, // a bit past the last extent
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            assert!(
+                matches!(
+                    forge(f),
+                    Err(ProtocolError::Malformed {
+                        kind: "PEER_DIRTY",
+                        ..
+                    })
+                ),
+                "forgery {i}"
+            );
+        }
+        // The fuzz seed (fuzz/seeds.py): WELCOME, a good PEER_DIRTY, a forged one.
+        let seed = include_bytes!("../../fuzz/corpus/frame_decode/welcome-peer-dirty");
+        let (w, n) = Frame::decode(seed).unwrap();
+        assert!(matches!(w, Frame::Welcome(_)));
+        let (x, m) = Frame::decode(&seed[n..]).unwrap();
+        let Frame::PeerDirty(x) = x else {
+            panic!("{x:?}")
+        };
+        assert_eq!(x.ranges().count(), 2);
+        assert!(Frame::decode(&seed[n + m..]).is_err());
+        // Truncated anywhere: an error, never a panic.
+        for n in 0..good.len() {
+            assert!(Frame::decode(&good[..n]).is_err());
         }
     }
 

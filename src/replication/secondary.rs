@@ -9,6 +9,13 @@
 //!
 //! One primary at a time: a connection claims the session slot atomically before its
 //! handshake, so a second primary is refused even while the first is still handshaking.
+//!
+//! `failback.rs`: the failback parts (the disk's own dirty record offered to a primary, the
+//! failed-over disk's dirty log, promotion to a primary in place).
+
+mod failback;
+
+pub use failback::{FailoverLogSpec, Promotion};
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -21,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 use super::events::{self, FailoverReport, SecondaryStatus, Side};
 use super::layers::{GroupPrepared, LayeredDisk};
 use super::link::{self, Stream, Timing};
-use super::metadata::{decide, Decision, MetaStore};
+use super::metadata::{decide_with, Decision, MetaStore, SyncPolicy};
 use super::metrics::ReplicationMetrics;
 use super::protocol::{Frame, Hello, Mark, ProtocolError, Welcome, VERSION};
 use super::tls::LinkSecurity;
@@ -102,6 +109,9 @@ pub enum SecondaryError {
     SeqMismatch { expected: u64, applied: u64 },
     #[error("{0}")]
     NotPrepared(String),
+    /// `replication-promote` refused (not failed over, already promoted, not set up).
+    #[error("{0}")]
+    CannotPromote(&'static str),
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
 }
@@ -122,6 +132,8 @@ pub struct Secondary {
     base: Option<Arc<dyn BlockDevice>>,
     /// Counters and timestamps for operators.
     metrics: ReplicationMetrics,
+    /// Failback and promotion (failback.rs).
+    fb: failback::Failback,
     /// Held while a batch is applied and its sequence number recorded, and by the group
     /// prepare and commit: they see the disk exactly at `applied_seq`.
     apply_gate: Mutex<()>,
@@ -169,6 +181,7 @@ impl Secondary {
             events,
             stop,
             metrics: ReplicationMetrics::new(),
+            fb: failback::Failback::default(),
             apply_gate: Mutex::new(()),
         })
     }
@@ -290,9 +303,19 @@ impl Secondary {
         if let Some(why) = self.basic_refusal(hello) {
             return Err(why);
         }
-        match decide(&hello.gens, &self.meta.gens(), self.opts.allow_full_sync) {
+        match decide_with(&hello.gens, &self.meta.gens(), &self.policy(hello)) {
             Decision::Refuse(_, why) => Err(why),
             d => Ok(d),
+        }
+    }
+
+    /// What the decision depends on besides the generations.
+    fn policy(&self, hello: &Hello) -> SyncPolicy {
+        SyncPolicy {
+            allow_full: self.opts.allow_full_sync,
+            discard_my_data: self.discard_my_data(),
+            primary_dirty_log: hello.dirty_log,
+            secondary_dirty_log: self.own_dirty().is_some(),
         }
     }
 
@@ -339,7 +362,7 @@ impl Secondary {
         let (name, reason) = match &decision {
             Ok(d) => (d.name(), d.reason().to_string()),
             Err(why) => (
-                decide(&hello.gens, &mine, self.opts.allow_full_sync).name(),
+                decide_with(&hello.gens, &mine, &self.policy(&hello)).name(),
                 why.clone(),
             ),
         };
@@ -359,7 +382,15 @@ impl Secondary {
         info!("primary {addr}: {name}: {reason}");
         // The source is on disk before any of its frames is (and a full sync's target is
         // marked inconsistent until its first checkpoint).
-        let full = matches!(decision, Decision::Full(_));
+        // A failback's target holds no checkpoint either until the resync reached one.
+        let full = decision.overwrites();
+        let own_dirty = match &decision {
+            Decision::Failback(_) => match self.own_dirty() {
+                Some(x) => Some(x),
+                None => return Err(link::refuse(&mut wr, "failback: no dirty record".into()).await),
+            },
+            _ => None,
+        };
         if let Err(e) = self.meta.secondary_accept(&hello.gens, full) {
             return Err(link::refuse(&mut wr, format!("secondary metadata: {e}")).await);
         }
@@ -371,9 +402,18 @@ impl Secondary {
             gens: mine,
             decision: decision.code(),
             allow_full: self.opts.allow_full_sync,
+            discard_my_data: self.discard_my_data(),
+            own_dirty: self.own_dirty().is_some(),
         });
         // First in the writer's queue: nothing else is queued before the applier starts.
         let _ = out_tx.send(welcome);
+        if let Some(x) = own_dirty {
+            info!(
+                "failback: sending this disk's own dirty record ({} bytes) to {addr}",
+                x.dirty_bytes()
+            );
+            let _ = out_tx.send(Frame::PeerDirty(x));
+        }
         {
             let mut st = self.state();
             st.peer = Peer::Streaming(addr.to_string());
@@ -848,9 +888,16 @@ impl Secondary {
     /// without one, the last checkpoint) the disk. After an I/O error, calling it again
     /// resumes the commit.
     pub fn failover(&self) -> Result<FailoverReport, SecondaryError> {
-        // An inconsistent disk holds no checkpoint; the new lineage is on disk before any
-        // cluster is committed.
-        self.meta.failover(false)?;
+        self.failover_with(false)
+    }
+
+    /// The failover. Order (each step durable before the next; docs/replication-protocol.md,
+    /// "Failback", says why a crash anywhere is recoverable): refuse an inconsistent disk
+    /// unless `force`; stop the stream; the dirty log records every buffered range and the
+    /// SVM's writes go through it; the metadata records the new lineage (bitmap: the
+    /// checkpoint generation, when there is a log); the commit.
+    fn failover_with(&self, force: bool) -> Result<FailoverReport, SecondaryError> {
+        self.meta.failover_check(force)?;
         let t = Instant::now();
         {
             let mut st = self.state();
@@ -870,6 +917,16 @@ impl Secondary {
         let before = self.disk.stats();
         self.metrics
             .failover_started(before.hidden_bytes + before.active_bytes);
+        let resume = self.disk.failover_pending()
+            || self.meta.get().role == super::metadata::DiskRole::FailedOver;
+        let log = if self.failover_log_applies() {
+            self.failover_log(resume)?
+        } else {
+            None
+        };
+        self.disk.prepare_failover(log.clone())?;
+        // The new lineage is on disk before any cluster is committed.
+        self.meta.failover(force, log.is_some())?;
         self.disk.failover()?;
         self.metrics.failover_done(t.elapsed());
         let duration_ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -888,8 +945,7 @@ impl Secondary {
 
     /// `replication-failover {"force": true}`: fails over even an inconsistent disk.
     pub fn force_failover(&self) -> Result<FailoverReport, SecondaryError> {
-        self.meta.failover(true)?;
-        self.failover()
+        self.failover_with(true)
     }
 
     /// Whether `[offset, offset+len)` of the secondary disk has crc32c `crc`.
@@ -970,7 +1026,13 @@ impl crate::vhost_user::DeviceObserver for SvmDevice {
         self.0.svm_log_all(on);
     }
 
-    fn queue_stopped(&self, _queue: u16, bases: &[Option<u16>], _log_all: bool) {
+    fn queue_stopped(&self, queue: u16, bases: &[Option<u16>], log_all: bool) {
+        if let Some(p) = self.0.promoted() {
+            // Promoted: this VM is the primary's now (a COLO checkpoint of the new pair).
+            let device = super::primary::PrimaryDevice(p);
+            crate::vhost_user::DeviceObserver::queue_stopped(&device, queue, bases, log_all);
+            return;
+        }
         self.0.state().svm = Svm::Stopped {
             own: bases.to_vec(),
         };
@@ -1021,6 +1083,7 @@ mod tests {
             block_size: 512,
             epoch: 0,
             sync: false,
+            dirty_log: false,
             gens: crate::replication::metadata::Generations::fresh_primary(),
         }
     }

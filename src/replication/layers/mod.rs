@@ -28,6 +28,9 @@
 //! - [`LayeredDisk::failover`] writes the SVM's view of every buffered cluster into base, cluster
 //!   by cluster while the SVM keeps running, and then serves the SVM straight from base. It is
 //!   recorded before it starts and resumes when a restarted secondary opens the directory.
+//!   [`LayeredDisk::failover_logged`] first records every range the commit will write in a dirty
+//!   log, and from then on the SVM's changes reach base through a [`LayeredDisk::set_through`]
+//!   device (the log's [`LoggedDisk`], later a promoted primary) instead of directly.
 //!
 //! Each layer is a sparse file the size of the disk holding its data at the disk's offsets, with
 //! its index log after the data (`layer.rs`); `layers.state` names the current files
@@ -53,6 +56,7 @@ use layer::{Kind, Layer};
 pub use state::{GroupCommitted, GroupPrepared, GroupRecord, Mark};
 use state::{SavedHidden, SavedStage, SavedState};
 
+use super::dirty::{DirtyLog, LoggedDisk};
 use crate::storage::{check_range, fallocate, BlockDevice, Change, RawImage};
 
 /// Default cluster size: 64 KiB.
@@ -233,6 +237,10 @@ pub struct LayeredDisk {
     next_file: AtomicU64,
     reaper_tx: Option<mpsc::Sender<Layers>>,
     reaper: Option<JoinHandle<()>>,
+    /// Where the SVM's changes to base go once a failover started (`None`: base itself). Each
+    /// change holds the read lock while it runs, so replacing it waits for the changes in
+    /// flight and holds new ones back (stop the world, see [`LayeredDisk::set_through`]).
+    through: RwLock<Option<Arc<dyn BlockDevice>>>,
 }
 
 impl fmt::Debug for LayeredDisk {
@@ -304,6 +312,7 @@ impl LayeredDisk {
             next_file: AtomicU64::new(next_file),
             reaper_tx: Some(tx),
             reaper: Some(reaper),
+            through: RwLock::new(None),
         };
         let state = match saved {
             Some(saved) => disk.reopen(saved)?,
@@ -831,7 +840,17 @@ impl LayeredDisk {
     ///
     /// Idempotent; after an I/O error or a restart, calling it again resumes the commit.
     pub fn failover(&self) -> io::Result<()> {
-        if !self.begin_failover()? {
+        self.failover_logged(None)
+    }
+
+    /// [`LayeredDisk::failover`] that keeps a dirty record of the failed-over disk in `log`:
+    /// before the commit writes its first cluster, the range of every cluster any layer holds
+    /// (hidden ones it rolls back, active ones it commits) is durably set in the log, and the
+    /// SVM's changes reach base through a [`LoggedDisk`] over it (recorded before written)
+    /// from then on. On a resumed commit the clusters still buffered are recorded again
+    /// (idempotent); those committed before were recorded by the first attempt.
+    pub fn failover_logged(&self, log: Option<Arc<DirtyLog>>) -> io::Result<()> {
+        if !self.begin_failover(log)? {
             return Ok(());
         }
         let per_batch = (COMMIT_BATCH / self.cluster_size).max(1) as usize;
@@ -865,9 +884,38 @@ impl LayeredDisk {
     }
 
     /// Refuses the primary stream from now on (recorded in the state file). Returns false if
-    /// there is nothing to commit (a previous failover completed).
-    fn begin_failover(&self) -> io::Result<bool> {
+    /// there is nothing to commit (a previous failover completed). With a log, the layers'
+    /// ranges are recorded in it and the SVM's changes go through it, before the state file
+    /// says committing (a crash in between: still buffering, the log holds extra bits).
+    fn begin_failover(&self, log: Option<Arc<DirtyLog>>) -> io::Result<bool> {
         let mut st = self.write_state();
+        if let Some(log) = log {
+            if let Some(layers) = st.stage.layers() {
+                let mut ranges: Vec<(u64, u64)> = Vec::new();
+                let mut clusters: Vec<u64> = layers
+                    .all()
+                    .flat_map(|l| l.clusters.iter().copied())
+                    .collect();
+                clusters.sort_unstable();
+                clusters.dedup();
+                for c in clusters {
+                    let (start, len) = self.span(c);
+                    match ranges.last_mut() {
+                        Some((o, l)) if *o + *l == start => *l += len as u64,
+                        _ => ranges.push((start, len as u64)),
+                    }
+                }
+                log::info!(
+                    "failover: {} bytes of buffered clusters recorded in the dirty log {}",
+                    ranges.iter().map(|r| r.1).sum::<u64>(),
+                    log.path().display()
+                );
+                log.mark_ranges(&ranges)?;
+            }
+            crate::faults::point("failover-logged");
+            let logged: Arc<dyn BlockDevice> = Arc::new(LoggedDisk::new(self.base.clone(), log));
+            *self.through_mut() = Some(logged);
+        }
         match &st.stage {
             Stage::Buffering(l) => {
                 // Recorded first: a restarted secondary resumes the commit.
@@ -898,6 +946,60 @@ impl LayeredDisk {
             }
         }
         Ok(layers.is_empty())
+    }
+
+    fn through_mut(&self) -> RwLockWriteGuard<'_, Option<Arc<dyn BlockDevice>>> {
+        self.through.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Routes the SVM's changes to base through `dev` from now on (a failed-over disk only:
+    /// its dirty log's [`LoggedDisk`], or a promoted primary). Waits until the changes in
+    /// flight are done and holds new ones back meanwhile; returns the previous device.
+    pub fn set_through(
+        &self,
+        dev: Arc<dyn BlockDevice>,
+    ) -> io::Result<Option<Arc<dyn BlockDevice>>> {
+        if !self.is_failed_over() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the disk buffer has not failed over",
+            ));
+        }
+        Ok(self.through_mut().replace(dev))
+    }
+
+    /// Like [`LayeredDisk::set_through`], with the new device made by `make` while the SVM's
+    /// changes are held back (it sees the current one): what `make` reads of the disk's state
+    /// cannot be changed by a write racing with the switch.
+    pub fn replace_through(
+        &self,
+        make: impl FnOnce(Option<&Arc<dyn BlockDevice>>) -> io::Result<Arc<dyn BlockDevice>>,
+    ) -> io::Result<()> {
+        if !matches!(self.read_state().stage, Stage::Standalone) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the disk buffer has not finished its failover",
+            ));
+        }
+        let mut through = self.through_mut();
+        let dev = make(through.as_ref())?;
+        *through = Some(dev);
+        Ok(())
+    }
+
+    /// Starts a failover without committing anything yet: the stream is refused from now on
+    /// and, with `log`, the buffered ranges are recorded in it and the SVM's changes go
+    /// through it (see [`LayeredDisk::failover_logged`], which continues from here).
+    pub fn prepare_failover(&self, log: Option<Arc<DirtyLog>>) -> io::Result<()> {
+        self.begin_failover(log).map(drop)
+    }
+
+    /// The device the SVM's changes go through, if any.
+    pub fn through(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.through
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn read_state(&self) -> RwLockReadGuard<'_, State> {
@@ -1122,8 +1224,14 @@ impl LayeredDisk {
         }
     }
 
+    /// A change of the SVM that reaches base: through the failed-over disk's device (held
+    /// for the whole change, see [`LayeredDisk::set_through`]) or directly.
     fn apply_to_base(&self, change: Change<&[u8]>) -> io::Result<()> {
-        change.apply_to(&*self.base)
+        let through = self.through.read().unwrap_or_else(PoisonError::into_inner);
+        match &*through {
+            Some(dev) => change.apply_to(&**dev),
+            None => change.apply_to(&*self.base),
+        }
     }
 
     /// Applies an SVM change to active. The partial clusters at both ends that active does not
@@ -1204,7 +1312,11 @@ impl BlockDevice for LayeredDisk {
 
     fn flush(&self) -> io::Result<()> {
         self.flush_layers()?;
-        self.base.flush()
+        let through = self.through.read().unwrap_or_else(PoisonError::into_inner);
+        match &*through {
+            Some(dev) => dev.flush(),
+            None => self.base.flush(),
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -307,7 +307,7 @@ fn run_model(cluster_size: u64, capacity: u64, ops: &[Op]) -> Result<(), TestCas
                 }
             }
             Op::FailoverPartial { clusters: n } => {
-                if ld.begin_failover().unwrap() {
+                if ld.begin_failover(None).unwrap() {
                     mode = Mode::Committing;
                     ld.commit_batch(n as usize, &mut Vec::new()).unwrap();
                     for _ in 0..n {
@@ -834,7 +834,7 @@ fn an_interrupted_failover_resumes_after_a_restart() {
     ld.flush().unwrap();
     let mut want = at_checkpoint.clone();
     want[100_000..108_192].copy_from_slice(&svm);
-    assert!(ld.begin_failover().unwrap());
+    assert!(ld.begin_failover(None).unwrap());
     ld.commit_batch(10, &mut Vec::new()).unwrap();
     // The SVM writes through a half-committed disk, flushes, and the process dies.
     let late = pattern(4, 0, 4096);
@@ -985,6 +985,90 @@ fn a_batch_reports_how_much_of_it_was_applied() {
     assert_eq!(read(&*base, 0, 512), one);
     assert_eq!(read(&*base, 4096, 512), two);
     assert_eq!(read(&*base, 8192, 512), [0u8; 512]);
+}
+
+/// Every extent where the disk may differ from the checkpoint (the primary's changes the
+/// failover rolls back, the SVM's writes it commits, the SVM's writes after it) is in the
+/// failed-over disk's dirty log before base changes there; across a crash mid-commit too
+/// (the resumed commit records what is still buffered again, the log keeps the rest).
+#[test]
+fn a_logged_failover_records_every_range_it_and_the_svm_write() {
+    let (tmp, base, ld) = setup(1 << 20, 4096);
+    let dir = tmp.path().join("layers");
+    let log_path = tmp.path().join("disk.colo-dirty");
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    ld.checkpoint().unwrap();
+    let at_checkpoint = read_all(&*base);
+    // The primary changed [0, 64K) and [512K, 520K) after the checkpoint; the SVM wrote
+    // [128K, 136K) (flushed) and [900K, 901K).
+    ld.primary_write(0, &pattern(2, 0, 64 << 10)).unwrap();
+    ld.primary_write(512 << 10, &pattern(3, 0, 8 << 10))
+        .unwrap();
+    ld.write_at(&pattern(4, 0, 8 << 10), 128 << 10).unwrap();
+    ld.write_at(&pattern(5, 0, 1024), 900 << 10).unwrap();
+    ld.flush().unwrap();
+    let recorded = |path: &Path| -> Vec<u64> {
+        crate::replication::dirty::DirtyLog::peek(path, 1 << 20)
+            .unwrap()
+            .unwrap()
+            .ranges()
+            .map(|(o, _)| o / 4096)
+            .collect()
+    };
+    let log = Arc::new(
+        crate::replication::dirty::DirtyLog::create_reset(&log_path, 1 << 20, 4096).unwrap(),
+    );
+    // Crash point 1: recorded and committing, nothing committed yet.
+    ld.prepare_failover(Some(log.clone())).unwrap();
+    // Extents of 4K: primary [0, 16) and [128, 130), SVM [32, 34) and 225.
+    let mut want_set: BTreeSet<u64> = (0..16).chain(128..130).chain(32..34).collect();
+    want_set.insert(225);
+    let on_disk: BTreeSet<u64> = recorded(&log_path).into_iter().collect();
+    assert_eq!(
+        on_disk, want_set,
+        "the buffered clusters, before any commit"
+    );
+    // Crash point 2: part of the commit done, the process dies, a new one resumes.
+    ld.commit_batch(3, &mut Vec::new()).unwrap();
+    drop(log);
+    let ld = restart(&base, &dir, 4096, ld);
+    assert!(ld.failover_pending());
+    let (log, _) =
+        crate::replication::dirty::DirtyLog::open(&log_path, 1 << 20, 4096, true).unwrap();
+    ld.failover_logged(Some(Arc::new(log))).unwrap();
+    // After the failover the SVM writes go through the log.
+    ld.write_at(&pattern(6, 0, 4096), 700 << 10).unwrap();
+    ld.write_zeroes(800 << 10, 4096, false).unwrap();
+    want_set.insert(175);
+    want_set.insert(200);
+    let on_disk: BTreeSet<u64> = recorded(&log_path).into_iter().collect();
+    assert_eq!(
+        on_disk, want_set,
+        "after the resumed commit and later writes"
+    );
+    // The invariant itself: every extent where the disk differs from the checkpoint is set.
+    let now = read_all(&*base);
+    for e in 0..256u64 {
+        let r = (e * 4096) as usize..((e + 1) * 4096) as usize;
+        if now[r.clone()] != at_checkpoint[r] {
+            assert!(
+                on_disk.contains(&e),
+                "extent {e} changed but is not recorded"
+            );
+        }
+    }
+    // A crash before the state file said committing (the log was written, the layers not
+    // touched): a plain secondary again, whose next failover resets the log.
+    let (tmp2, base2, ld2) = setup(1 << 20, 4096);
+    ld2.write_at(&pattern(7, 0, 4096), 0).unwrap();
+    let path2 = tmp2.path().join("d.colo-dirty");
+    let l2 = crate::replication::dirty::DirtyLog::create_reset(&path2, 1 << 20, 4096).unwrap();
+    l2.mark_ranges(&[(0, 4096)]).unwrap(); // what begin_failover writes first
+    let ld2 = restart(&base2, &tmp2.path().join("layers"), 4096, ld2);
+    assert!(!ld2.is_failed_over());
+    drop(l2);
+    let l2 = crate::replication::dirty::DirtyLog::create_reset(&path2, 1 << 20, 4096).unwrap();
+    assert_eq!(l2.recorded_bytes(), 0);
 }
 
 // ---- consistency groups ----

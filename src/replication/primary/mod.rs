@@ -31,7 +31,7 @@ use bytes::Bytes;
 use log::info;
 use tokio::sync::{mpsc, watch};
 
-use super::dirty::{DirtyBitmap, DirtyLog};
+use super::dirty::{DirtyBitmap, DirtyExtents, DirtyLog};
 use super::events::{self, PrimaryStatus, Side, VerifyStatus};
 use super::metadata::MetaStore;
 use super::metrics::ReplicationMetrics;
@@ -62,6 +62,9 @@ pub struct PrimaryOptions {
     /// How the link is protected (TLS or plain TCP).
     pub security: LinkSecurity,
 }
+
+/// A dirty log shared with its previous owner, and the byte ranges it records.
+pub type SharedLog = (Arc<DirtyLog>, Vec<(u64, u64)>);
 
 /// Size of one range of `replication-verify`.
 pub const VERIFY_RANGE: u64 = 1 << 20;
@@ -203,8 +206,9 @@ pub struct Primary {
     enabled: watch::Sender<bool>,
     /// The disk's replication metadata (generations, last checkpoint).
     meta: Arc<MetaStore>,
-    /// The persistent dirty record, when kept.
-    log: Option<DirtyLog>,
+    /// The persistent dirty record, when kept (shared with the failed-over secondary it was
+    /// promoted from, if so).
+    log: Option<Arc<DirtyLog>>,
     verify: Mutex<Verify>,
     /// Counters and timestamps for operators.
     metrics: ReplicationMetrics,
@@ -231,6 +235,19 @@ impl Primary {
         events: EventSender,
         meta: Arc<MetaStore>,
         log: Option<(DirtyLog, Vec<(u64, u64)>)>,
+    ) -> io::Result<Arc<Self>> {
+        let log = log.map(|(l, r)| (Arc::new(l), r));
+        Self::open_shared(local, opts, events, meta, log)
+    }
+
+    /// [`Primary::open`] with a log another owner shares: a failed-over secondary promoted
+    /// in place hands its dirty log over (its bits are `ranges`).
+    pub fn open_shared(
+        local: Arc<dyn BlockDevice>,
+        opts: PrimaryOptions,
+        events: EventSender,
+        meta: Arc<MetaStore>,
+        log: Option<SharedLog>,
     ) -> io::Result<Arc<Self>> {
         let started = meta.primary_start(log.is_some())?;
         let mut dirty = DirtyBitmap::new(local.capacity(), opts.dirty_granularity);
@@ -273,6 +290,34 @@ impl Primary {
             log,
             verify: Mutex::new(Verify::default()),
         }))
+    }
+
+    /// Failback: the new secondary's own dirty record (PEER_DIRTY) joins this primary's, in
+    /// the persistent log first (durably: a primary restart still resends it) and then in
+    /// the dirty bitmap the coming resync sends.
+    fn merge_peer_dirty(&self, peer: &DirtyExtents) -> Result<u64, ReplicationError> {
+        if peer.disk_size() != self.local.capacity() {
+            return Err(ReplicationError::Invalid(format!(
+                "the secondary's dirty record describes a disk of {} bytes, this one has {}",
+                peer.disk_size(),
+                self.local.capacity()
+            )));
+        }
+        let ranges: Vec<(u64, u64)> = peer.ranges().collect();
+        if let Some(l) = &self.log {
+            l.mark_ranges(&ranges)?;
+        }
+        let _order = self.order();
+        let mut dirty = self.dirty();
+        for (offset, len) in ranges {
+            dirty.mark(offset, len);
+        }
+        Ok(peer.dirty_bytes())
+    }
+
+    /// Whether this primary keeps a persistent dirty log.
+    pub fn has_dirty_log(&self) -> bool {
+        self.log.is_some()
     }
 
     fn verify_state(&self) -> MutexGuard<'_, Verify> {

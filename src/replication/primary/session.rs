@@ -1,5 +1,6 @@
 //! The primary's link task: connects to the secondary, handshakes, streams the queued frames,
-//! resends what the dirty record holds, and takes acknowledgements; reconnects after a break.
+//! resends what the dirty record holds (after a failback handshake, joined by the secondary's
+//! own record, PEER_DIRTY), and takes acknowledgements; reconnects after a break.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use super::{events, Link, Primary, Session, Side};
 use crate::replication::dirty::DirtyBitmap;
 use crate::replication::link::{self, Stream, Timing};
-use crate::replication::metadata::{decide, Decision};
+use crate::replication::metadata::{decide_with, Decision, SyncPolicy};
 use crate::replication::protocol::{Frame, Hello, ProtocolError, VERSION};
 use crate::storage::Change;
 
@@ -127,6 +128,7 @@ impl Primary {
             block_size: self.opts.block_size,
             epoch: self.state().epoch,
             sync: self.opts.sync,
+            dirty_log: self.has_dirty_log(),
             gens,
         };
         let welcome = match link::offer(&mut rd, &mut wr, hello, self.timing()).await {
@@ -143,7 +145,13 @@ impl Primary {
             Err(e) => return Err(e),
         };
         // The secondary decided from both sides' generations; the same table here must agree.
-        let decision = decide(&gens, &welcome.gens, welcome.allow_full);
+        let policy = SyncPolicy {
+            allow_full: welcome.allow_full,
+            discard_my_data: welcome.discard_my_data,
+            primary_dirty_log: self.has_dirty_log(),
+            secondary_dirty_log: welcome.own_dirty,
+        };
+        let decision = decide_with(&gens, &welcome.gens, &policy);
         if decision.code() != welcome.decision || decision.code() == 0 {
             let why = format!(
                 "the secondary decided {} but this primary's generations say {} ({})",
@@ -166,6 +174,34 @@ impl Primary {
             decision: decision.name().into(),
             reason: decision.reason().into(),
         });
+
+        // Failback: the secondary's own dirty record comes right after WELCOME; it joins this
+        // primary's before the resync below takes its snapshot.
+        if matches!(decision, Decision::Failback(_)) {
+            let x = loop {
+                match link::read_within(&mut rd, self.opts.peer_timeout).await? {
+                    Frame::Heartbeat => continue,
+                    Frame::PeerDirty(x) => break x,
+                    Frame::Error { message } => return Err(ProtocolError::Peer(message)),
+                    other => {
+                        return Err(ProtocolError::Unexpected {
+                            got: other.kind(),
+                            expected: "PEER_DIRTY",
+                        })
+                    }
+                }
+            };
+            match self.merge_peer_dirty(&x) {
+                Ok(bytes) => info!(
+                    "secondary {addr}: its own dirty record ({bytes} bytes in {}-byte extents) \
+                     joins the resync",
+                    x.extent()
+                ),
+                Err(e) => {
+                    return Err(link::refuse(&mut wr, format!("failback: {e}")).await);
+                }
+            }
+        }
 
         // Open the stream. Whatever changed since the last checkpoint is sent again first
         // (everything, for a full sync).
