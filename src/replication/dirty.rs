@@ -168,6 +168,27 @@ struct LogState {
     broken: Option<String>,
 }
 
+impl LogState {
+    /// Marks `extents` touched in the current epoch and set on disk; returns the generation
+    /// the caller must see synced before it goes on (`None`: every bit is already durable). A
+    /// bit another writer set may still be on its way to the disk: the caller then waits for
+    /// that sync too, never only for the bit to be set in memory.
+    fn touch(&mut self, extents: impl IntoIterator<Item = u64>) -> Option<u64> {
+        let mut newly = false;
+        for e in extents {
+            self.cur.set(e);
+            if !self.on_disk.get(e) {
+                self.on_disk.set(e);
+                newly = true;
+            }
+        }
+        if newly {
+            self.generation += 1;
+        }
+        (self.synced < self.generation).then_some(self.generation)
+    }
+}
+
 /// The primary's persistent dirty record (see the module comment).
 #[derive(Debug)]
 pub struct DirtyLog {
@@ -333,21 +354,10 @@ impl DirtyLog {
             if let Some(e) = &st.broken {
                 return Err(io::Error::other(format!("dirty log: {e}")));
             }
-            let mut newly = false;
             for e in first..=last {
-                st.cur.set(e);
                 st.in_flight[e as usize] += 1;
-                if !st.on_disk.get(e) {
-                    st.on_disk.set(e);
-                    newly = true;
-                }
             }
-            if newly {
-                st.generation += 1;
-            }
-            // A bit another writer set may still be on its way to the disk: this change
-            // waits for that sync too, never only for the bit to be set in memory.
-            (st.synced < st.generation).then_some(st.generation)
+            st.touch(first..=last)
         };
         let guard = LogGuard {
             log: self,
@@ -451,21 +461,11 @@ impl DirtyLog {
             if let Some(e) = &st.broken {
                 return Err(io::Error::other(format!("dirty log: {e}")));
             }
-            let mut newly = false;
-            for &(offset, len) in ranges {
+            let extents = ranges.iter().flat_map(|&(offset, len)| {
                 let (first, last) = self.span(offset, len);
-                for e in first..=last {
-                    st.cur.set(e);
-                    if !st.on_disk.get(e) {
-                        st.on_disk.set(e);
-                        newly = true;
-                    }
-                }
-            }
-            if newly {
-                st.generation += 1;
-            }
-            (st.synced < st.generation).then_some(st.generation)
+                first..=last
+            });
+            st.touch(extents)
         };
         match g {
             Some(g) => self.sync_to(g),
