@@ -8,15 +8,15 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{pattern, Backend, Client, Qmp};
-use serde_json::{json, Value};
+use common::pair::{
+    assert_same_files, checkpoint, decision, hot_writes, kill9, last_error, qmp, query, read,
+    wait_in_sync, write_all, Node, WriteReq,
+};
+use common::{pattern, Backend, Client};
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 16 * MIB;
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 /// Starts a secondary on `dir/image` (created when missing) listening on `port` (0: any),
 /// with the layer directory of that image.
@@ -31,136 +31,33 @@ fn secondary_with_layers(
     port: u16,
     extra: &[&str],
 ) -> Backend {
-    let listen = format!("127.0.0.1:{port}");
-    let (img, layers, qmp) = (
-        s(&dir.join(image)),
-        s(&dir.join(layers)),
-        s(&dir.join("secondary.qmp")),
-    );
-    let size = DISK.to_string();
-    let mut args = vec![
-        "--role",
-        "secondary",
-        "--insecure-link",
-        "--image",
-        &img,
-        "--size",
-        &size,
-        "--listen",
-        &listen,
-        "--layer-dir",
-        &layers,
-        "--qmp",
-        &qmp,
-        "--cluster-size",
-        "4K",
-        "--heartbeat-ms",
-        "100",
-        "--peer-timeout-ms",
-        "2000",
-    ];
-    args.extend_from_slice(extra);
-    Backend::start_with(&args, &dir.join("unused.sock"))
+    Node::secondary(dir, image, DISK, port)
+        .layers(layers)
+        .qmp("secondary.qmp")
+        .cluster_size("4K")
+        .args(extra)
+        .start()
 }
 
 /// Starts a primary on `dir/image` (created when missing) replicating to `port`.
 fn primary(dir: &Path, image: &str, port: u16, extra: &[&str]) -> Backend {
-    let (img, qmp) = (s(&dir.join(image)), s(&dir.join("primary.qmp")));
-    let sock = dir.join("primary.sock");
-    let sock_s = s(&sock);
-    let peer = format!("127.0.0.1:{port}");
-    let size = DISK.to_string();
-    let mut args = vec![
-        "--role",
-        "primary",
-        "--insecure-link",
-        "--image",
-        &img,
-        "--size",
-        &size,
-        "--socket",
-        &sock_s,
-        "--peer",
-        &peer,
-        "--qmp",
-        &qmp,
-        "--num-queues",
-        "4",
-        "--heartbeat-ms",
-        "100",
-        "--peer-timeout-ms",
-        "2000",
+    Node::primary(dir, image, DISK, port)
+        .socket("primary.sock")
+        .qmp("primary.qmp")
+        .queues(4)
         // Small extents: the lazy clearing and the re-marking are exercised on a small disk.
-        "--dirty-log-extent",
-        "256K",
-    ];
-    args.extend_from_slice(extra);
-    Backend::start_with(&args, &sock)
-}
-
-fn qmp(dir: &Path, name: &str) -> Qmp {
-    Qmp::connect(&dir.join(name))
-}
-
-fn query(q: &mut Qmp) -> Value {
-    q.execute("query-replication", json!({})).unwrap()
-}
-
-/// Waits until the primary is connected and its resync is done (query first: the events may
-/// predate this QMP connection).
-fn wait_in_sync(pq: &mut Qmp) {
-    let st = query(pq);
-    if st["state"] == "connected" && st["resync-remaining-bytes"] == 0 {
-        return;
-    }
-    pq.wait_event("REPLICATION_RESYNC_DONE");
-}
-
-fn checkpoint(pq: &mut Qmp) -> u64 {
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap()["epoch"]
-        .as_u64()
-        .unwrap()
-}
-
-fn read(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap()
-}
-
-fn assert_same(a: &Path, b: &Path, what: &str) {
-    let (x, y) = (read(a), read(b));
-    assert_eq!(x.len(), y.len(), "{what}: sizes differ");
-    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
-        panic!("{what}: the disks differ first at byte {i}");
-    }
+        .dirty_log_extent("256K")
+        .args(extra)
+        .start()
 }
 
 /// `n` random writes of several sizes on four queues, overlapping, seeded.
-fn batch(seed: u64, n: usize) -> Vec<(usize, u64, Vec<u8>)> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let len = [512usize, 4096, 16384, 65536][(x % 4) as usize];
-            let span = if i % 2 == 0 { MIB } else { DISK };
-            let off = ((x >> 8) % ((span - len as u64) / 512)) * 512;
-            (i % 4, off, pattern(seed * 1000 + i as u64, len))
-        })
-        .collect()
+fn batch(seed: u64, n: usize) -> Vec<WriteReq> {
+    hot_writes(seed, n, &[512, 4096, 16384, 65536], DISK)
 }
 
 fn write_batch(c: &mut Client, seed: u64, n: usize) {
-    for r in c.write_concurrently(&batch(seed, n)) {
-        assert_eq!(r, 0);
-    }
-}
-
-fn kill9(b: &mut Backend) {
-    // SAFETY: kill(2) on a child we own.
-    unsafe { libc::kill(b.child.id() as i32, libc::SIGKILL) };
-    b.child.wait().unwrap();
+    write_all(c, &batch(seed, n));
 }
 
 /// Test a: the primary is SIGKILLed at 21 points of a write stream on four queues (after 0 to
@@ -180,7 +77,7 @@ fn primary_sigkilled_mid_stream_resyncs_from_its_dirty_log() {
         wait_in_sync(&mut pq);
         // Every restart ends equal: resync, then a checkpoint, then the bytes.
         let epoch = checkpoint(&mut pq);
-        assert_same(
+        assert_same_files(
             &d.join("secondary.img"),
             &d.join("primary.img"),
             &format!("kill point {point}, checkpoint {epoch} after the restart"),
@@ -217,26 +114,9 @@ fn primary_sigkilled_mid_stream_resyncs_from_its_dirty_log() {
     let mut pq = qmp(d, "primary.qmp");
     wait_in_sync(&mut pq);
     checkpoint(&mut pq);
-    assert_same(&d.join("secondary.img"), &d.join("primary.img"), "final");
+    assert_same_files(&d.join("secondary.img"), &d.join("primary.img"), "final");
     drop(sec);
     p.child.kill().unwrap();
-}
-
-/// The last `REPLICATION_SYNC_DECISION` reason, or the last error, as seen by a query.
-fn last_error(q: &mut Qmp) -> String {
-    query(q)["last-error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// Waits for the secondary's decision event and returns (decision, reason).
-fn decision(sq: &mut Qmp) -> (String, String) {
-    let ev = sq.wait_event("REPLICATION_SYNC_DECISION");
-    (
-        ev["data"]["decision"].as_str().unwrap().to_string(),
-        ev["data"]["reason"].as_str().unwrap().to_string(),
-    )
 }
 
 /// Test d1: a blank disk (not created by colo-blk, no metadata) is refused with an error naming
@@ -302,7 +182,7 @@ fn blank_disk_is_refused_then_fully_synced_when_allowed() {
     wait_in_sync(&mut pq);
     checkpoint(&mut pq);
     assert_eq!(query(&mut sq)["consistency"], "consistent");
-    assert_same(
+    assert_same_files(
         &d.join("secondary.img"),
         &d.join("primary.img"),
         "after full sync",
@@ -345,7 +225,7 @@ fn unrelated_disk_is_refused_then_fully_synced_when_allowed() {
     assert_eq!(what, "full-sync", "{why}");
     wait_in_sync(&mut pq);
     checkpoint(&mut pq);
-    assert_same(
+    assert_same_files(
         &d.join("other.img"),
         &d.join("primary.img"),
         "after full sync",
@@ -448,7 +328,7 @@ fn verify_finds_a_corrupted_sector_and_the_resync_repairs_it() {
     assert_eq!(ev["data"]["ranges"], DISK / MIB, "{ev}");
     assert_eq!(ev["data"]["mismatches"], 0, "{ev}");
     checkpoint(&mut pq);
-    assert_same(&d.join("secondary.img"), &d.join("primary.img"), "before");
+    assert_same_files(&d.join("secondary.img"), &d.join("primary.img"), "before");
 
     // One corrupted sector on the secondary.
     let at = 5 * MIB + 3 * 512;
@@ -471,7 +351,7 @@ fn verify_finds_a_corrupted_sector_and_the_resync_repairs_it() {
     assert_eq!(st["verify"]["ranges-compared"], DISK / MIB, "{st}");
     pq.wait_event("REPLICATION_RESYNC_DONE");
     checkpoint(&mut pq);
-    assert_same(
+    assert_same_files(
         &d.join("secondary.img"),
         &d.join("primary.img"),
         "after repair",

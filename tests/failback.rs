@@ -8,175 +8,58 @@ mod common;
 
 use std::path::Path;
 
-use common::{pattern, Backend, Client, Qmp};
+use common::pair::{
+    self, assert_same, checkpoint, decision, kill9, prepare_checkpoint, query, read, seeded_writes,
+    signal, wait_in_sync, write_all, Node, WriteReq,
+};
+use common::{Backend, Client, Qmp};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 64 * MIB;
 
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
 /// A secondary on `dir/image` with its own layer directory, QMP socket and vhost-user socket
 /// (the Secondary VM's), named after `name`.
 fn secondary(dir: &Path, name: &str, image: &str, extra: &[&str]) -> Backend {
-    let (img, layers, qmp, sock) = (
-        s(&dir.join(image)),
-        s(&dir.join(format!("layers-{name}"))),
-        s(&dir.join(format!("{name}.qmp"))),
-        dir.join(format!("{name}.sock")),
-    );
-    let sock_s = s(&sock);
-    let size = DISK.to_string();
-    let mut args = vec![
-        "--role",
-        "secondary",
-        "--insecure-link",
-        "--image",
-        &img,
-        "--size",
-        &size,
-        "--listen",
-        "127.0.0.1:0",
-        "--layer-dir",
-        &layers,
-        "--qmp",
-        &qmp,
-        "--socket",
-        &sock_s,
-        "--num-queues",
-        "4",
-        "--cluster-size",
-        "4K",
-        "--dirty-log-extent",
-        "256K",
-        "--heartbeat-ms",
-        "100",
-        "--peer-timeout-ms",
-        "20000",
-    ];
-    args.extend_from_slice(extra);
-    Backend::start_with(&args, &sock)
+    Node::secondary(dir, image, DISK, 0)
+        .layers(&format!("layers-{name}"))
+        .qmp(&format!("{name}.qmp"))
+        .socket(&format!("{name}.sock"))
+        .queues(4)
+        .cluster_size("4K")
+        .dirty_log_extent("256K")
+        .peer_timeout_ms(20000)
+        .args(extra)
+        .start()
 }
 
 /// A primary on `dir/image` replicating to `port`.
 fn primary(dir: &Path, name: &str, image: &str, port: u16, extra: &[&str]) -> Backend {
-    let (img, qmp, sock) = (
-        s(&dir.join(image)),
-        s(&dir.join(format!("{name}.qmp"))),
-        dir.join(format!("{name}.sock")),
-    );
-    let sock_s = s(&sock);
-    let peer = format!("127.0.0.1:{port}");
-    let size = DISK.to_string();
-    let mut args = vec![
-        "--role",
-        "primary",
-        "--insecure-link",
-        "--image",
-        &img,
-        "--size",
-        &size,
-        "--socket",
-        &sock_s,
-        "--peer",
-        &peer,
-        "--qmp",
-        &qmp,
-        "--num-queues",
-        "4",
-        "--dirty-log-extent",
-        "256K",
-        "--heartbeat-ms",
-        "100",
+    Node::primary(dir, image, DISK, port)
+        .socket(&format!("{name}.sock"))
+        .qmp(&format!("{name}.qmp"))
+        .queues(4)
+        .dirty_log_extent("256K")
         // Long: a stopped secondary is not noticed before the test kills the primary.
-        "--peer-timeout-ms",
-        "20000",
-    ];
-    args.extend_from_slice(extra);
-    Backend::start_with(&args, &sock)
+        .peer_timeout_ms(20000)
+        .args(extra)
+        .start()
 }
 
-fn s_(dir: &Path, name: &str) -> String {
-    s(&dir.join(name))
-}
-
+/// The QMP socket of the process named `name`.
 fn qmp(dir: &Path, name: &str) -> Qmp {
-    Qmp::connect(&dir.join(format!("{name}.qmp")))
-}
-
-fn query(q: &mut Qmp) -> Value {
-    q.execute("query-replication", json!({})).unwrap()
-}
-
-/// Waits until the primary is connected and resynced (query first: the event may be older
-/// than this QMP connection).
-fn wait_in_sync(pq: &mut Qmp) -> Value {
-    let st = query(pq);
-    if st["state"] == "connected" && st["resync-remaining-bytes"] == 0 {
-        return st;
-    }
-    pq.wait_event("REPLICATION_RESYNC_DONE");
-    query(pq)
-}
-
-fn checkpoint(pq: &mut Qmp) -> u64 {
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap()["epoch"]
-        .as_u64()
-        .unwrap()
-}
-
-fn read(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap()
-}
-
-fn assert_same(a: &[u8], b: &[u8], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: sizes differ");
-    if let Some(i) = a.iter().zip(b).position(|(p, q)| p != q) {
-        panic!("{what}: the disks differ first at byte {i}");
-    }
+    pair::qmp(dir, &format!("{name}.qmp"))
 }
 
 /// `n` writes of 4 to 64 KiB at seeded offsets within `[from, to)`, on four queues.
-fn batch(seed: u64, n: usize, from: u64, to: u64) -> Vec<(usize, u64, Vec<u8>)> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let len = [4096usize, 16384, 65536][(x % 3) as usize];
-            let off = from + ((x >> 8) % ((to - from - len as u64) / 4096)) * 4096;
-            (i % 4, off, pattern(seed * 1000 + i as u64, len))
-        })
-        .collect()
+fn batch(seed: u64, n: usize, from: u64, to: u64) -> Vec<WriteReq> {
+    seeded_writes(seed, n, &[4096, 16384, 65536], |_, r, len| {
+        from + (r % ((to - from - len as u64) / 4096)) * 4096
+    })
 }
 
 fn write_batch(c: &mut Client, seed: u64, n: usize, from: u64, to: u64) {
-    for r in c.write_concurrently(&batch(seed, n, from, to)) {
-        assert_eq!(r, 0);
-    }
-}
-
-fn signal(b: &Backend, sig: i32) {
-    // SAFETY: kill(2) on a child we own.
-    unsafe { libc::kill(b.child.id() as i32, sig) };
-}
-
-fn kill9(b: &mut Backend) {
-    signal(b, libc::SIGKILL);
-    b.child.wait().unwrap();
-}
-
-/// Waits for the secondary's decision event: (decision, reason).
-fn decision(sq: &mut Qmp) -> (String, String) {
-    let ev = sq.wait_event("REPLICATION_SYNC_DECISION");
-    (
-        ev["data"]["decision"].as_str().unwrap().to_string(),
-        ev["data"]["reason"].as_str().unwrap().to_string(),
-    )
+    write_all(c, &batch(seed, n, from, to));
 }
 
 /// The pair of the tests, up to the failover: P primary of S; writes, a checkpoint, more writes
@@ -188,7 +71,7 @@ struct Diverged {
     s: Backend,
     p_disk: Vec<u8>,
     s_disk: Vec<u8>,
-    svm_writes: Vec<(usize, u64, Vec<u8>)>,
+    svm_writes: Vec<WriteReq>,
 }
 
 fn diverge(d: &Path, p_extra: &[&str], s_extra: &[&str]) -> Diverged {
@@ -202,11 +85,7 @@ fn diverge(d: &Path, p_extra: &[&str], s_extra: &[&str]) -> Diverged {
     checkpoint(&mut pq);
     // Reach S (buffered in its hidden layer): acknowledged.
     write_batch(&mut c, 2, 24, 0, DISK / 2);
-    pq.execute(
-        "replication-prepare-checkpoint",
-        json!({"timeout-ms": 60000}),
-    )
-    .unwrap();
+    prepare_checkpoint(&mut pq);
     // S stops; P keeps writing, also where nothing was written before (the last 16 MiB).
     signal(&sec, libc::SIGSTOP);
     write_batch(&mut c, 3, 16, DISK / 2, DISK);
@@ -231,9 +110,7 @@ fn diverge(d: &Path, p_extra: &[&str], s_extra: &[&str]) -> Diverged {
     let mut svm = Client::connect(&d.join("s.sock"), 4).unwrap();
     // The Secondary VM writes over P's regions and its own.
     let svm_writes = batch(5, 24, DISK / 8, DISK * 5 / 8);
-    for r in svm.write_concurrently(&svm_writes) {
-        assert_eq!(r, 0);
-    }
+    write_all(&mut svm, &svm_writes);
     assert_eq!(svm.flush(0), 0);
     drop(svm);
     let s_disk = read(&d.join("s.img"));
@@ -327,11 +204,7 @@ fn failback(live: bool) {
     eprintln!("failback: equal disks at checkpoint {epoch}");
     // More writes reach P's layers, then the survivor dies and P fails over to the checkpoint.
     write_batch(&mut vm, 7, 16, 0, DISK);
-    spq.execute(
-        "replication-prepare-checkpoint",
-        json!({"timeout-ms": 60000}),
-    )
-    .unwrap();
+    prepare_checkpoint(&mut spq);
     drop(vm);
     kill9(&mut sp);
     drop(sp);
@@ -444,9 +317,9 @@ fn an_old_primary_killed_while_connected_is_not_taken_for_a_copy() {
         .args([
             "reprotect",
             "--survivor",
-            &s_(d, "s.qmp"),
+            &pair::s(&d.join("s.qmp")),
             "--target",
-            &s_(d, "p2.qmp"),
+            &pair::s(&d.join("p2.qmp")),
         ])
         .args(["--peer", &format!("127.0.0.1:{port}")])
         .output()

@@ -5,6 +5,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::pair::{
+    checkpoint, hot_writes, kill9, prepare_checkpoint, query, read, signal, wait_connected,
+    write_all, Node,
+};
 use common::{pattern, Backend, Client, Qmp};
 use serde_json::json;
 
@@ -44,73 +48,25 @@ fn start_secondary_env(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (Backend, u16) {
-    let listen = format!("127.0.0.1:{port}");
-    let img = dir.join(image).display().to_string();
-    let layers = dir.join("layers").display().to_string();
-    let qmp = dir.join("secondary.qmp").display().to_string();
-    let sock = dir.join("svm.sock");
-    let sock_s = sock.display().to_string();
-    let size = DISK.to_string();
-    let mut args = vec![
-        "--insecure-link",
-        "--role",
-        "secondary",
-        "--image",
-        &img,
-        "--size",
-        &size,
-        "--listen",
-        &listen,
-        "--layer-dir",
-        &layers,
-        "--qmp",
-        &qmp,
-        "--cluster-size",
-        "4K",
-        "--heartbeat-ms",
-        "100",
-        "--peer-timeout-ms",
-        "2000",
-    ];
+    let mut node = Node::secondary(dir, image, DISK, port)
+        .layers("layers")
+        .qmp("secondary.qmp")
+        .cluster_size("4K");
     if svm {
-        args.extend_from_slice(&["--socket", &sock_s, "--num-queues", "2"]);
+        node = node.socket("svm.sock").queues(2);
     }
-    args.extend_from_slice(extra);
-    let b = Backend::start_with_env(&args, &sock, env);
+    let b = node.args(extra).env(env).start();
     let port = b.listen_port();
     (b, port)
 }
 
 fn start_primary(dir: &Path, port: u16, extra: &[&str]) -> Backend {
-    let img = dir.join("primary.img").display().to_string();
-    let qmp = dir.join("primary.qmp").display().to_string();
-    let sock = dir.join("primary.sock");
-    let sock_s = sock.display().to_string();
-    let peer = format!("127.0.0.1:{port}");
-    let size = DISK.to_string();
-    let mut args = vec![
-        "--insecure-link",
-        "--role",
-        "primary",
-        "--image",
-        &img,
-        "--size",
-        &size,
-        "--socket",
-        &sock_s,
-        "--peer",
-        &peer,
-        "--qmp",
-        &qmp,
-        "--num-queues",
-        "4",
-        "--heartbeat-ms",
-        "100",
-        "--peer-timeout-ms",
-        "2000",
-    ];
-    args.extend_from_slice(extra);
-    Backend::start_with(&args, &sock)
+    Node::primary(dir, "primary.img", DISK, port)
+        .socket("primary.sock")
+        .qmp("primary.qmp")
+        .queues(4)
+        .args(extra)
+        .start()
 }
 
 /// A connected pair; returns it with a QMP client on each side, after the link is up.
@@ -134,34 +90,9 @@ fn pair(svm: bool, primary_extra: &[&str]) -> (Pair, Qmp, Qmp) {
     )
 }
 
-fn wait_connected(pq: &mut Qmp) {
-    let st = pq.execute("query-replication", json!({})).unwrap();
-    if st["state"] != "connected" {
-        pq.wait_event("REPLICATION_PEER_CONNECTED");
-    }
-}
-
-fn read_file(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap()
-}
-
 /// Random writes of several sizes, submitted concurrently on four queues, overlapping.
 fn random_batch(c: &mut Client, seed: u64, n: usize) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut writes = Vec::new();
-    for i in 0..n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let len = [512usize, 4096, 8192, 65536][(x % 4) as usize];
-        // A small hot area makes overlaps between concurrent writes common.
-        let span = if i % 2 == 0 { MIB } else { DISK };
-        let off = ((x >> 8) % ((span - len as u64) / 512)) * 512;
-        writes.push(((i % 4), off, pattern(seed * 1000 + i as u64, len)));
-    }
-    for r in c.write_concurrently(&writes) {
-        assert_eq!(r, 0);
-    }
+    write_all(c, &hot_writes(seed, n, &[512, 4096, 8192, 65536], DISK));
 }
 
 #[test]
@@ -174,20 +105,16 @@ fn secondary_equals_primary_at_every_checkpoint() {
         }
         assert_eq!(c.write_zeroes(0, round * MIB, 64 * 1024, false), 0);
         assert_eq!(c.discard(1, 3 * MIB + round * 8192, 4096), 0);
-        let sent = pq.execute("query-replication", json!({})).unwrap()
-            ["bytes-sent-since-checkpoint"]
+        let sent = query(&mut pq)["bytes-sent-since-checkpoint"]
             .as_u64()
             .unwrap();
         assert!(sent > 0);
-        let r = pq
-            .execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-            .unwrap();
-        assert_eq!(r["epoch"], round + 1);
-        let q = pq.execute("query-replication", json!({})).unwrap();
+        assert_eq!(checkpoint(&mut pq), round + 1);
+        let q = query(&mut pq);
         assert_eq!(q["bytes-sent-since-checkpoint"], 0);
         assert_eq!(q["bytes-in-flight"], 0);
         assert!(
-            read_file(&p.path("secondary.img")) == read_file(&p.path("primary.img")),
+            read(&p.path("secondary.img")) == read(&p.path("primary.img")),
             "round {round}: secondary differs from primary at the checkpoint"
         );
     }
@@ -199,13 +126,9 @@ fn sync_mode_and_prepare_then_do_checkpoint() {
     let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
     random_batch(&mut c, 9, 64);
     assert_eq!(c.flush(0), 0);
-    pq.execute(
-        "replication-prepare-checkpoint",
-        json!({"timeout-ms": 60000}),
-    )
-    .unwrap();
+    prepare_checkpoint(&mut pq);
     // Everything is applied on the secondary: the disks are already equal.
-    assert!(read_file(&p.path("secondary.img")) == read_file(&p.path("primary.img")));
+    assert!(read(&p.path("secondary.img")) == read(&p.path("primary.img")));
     assert_eq!(
         pq.execute("replication-do-checkpoint", json!({})).unwrap()["epoch"],
         1
@@ -214,7 +137,7 @@ fn sync_mode_and_prepare_then_do_checkpoint() {
         sq.execute("replication-do-checkpoint", json!({})).unwrap()["epoch"],
         1
     );
-    let s = sq.execute("query-replication", json!({})).unwrap();
+    let s = query(&mut sq);
     assert_eq!(s["hidden-bytes"], 0);
 }
 
@@ -232,39 +155,31 @@ fn secondary_vm_writes_are_buffered_dropped_at_checkpoint_and_kept_by_failover()
     );
     // The SVM sees its own writes over the checkpoint state (zeros), not the primary's stream.
     assert_eq!(svm.read(0, 0, 4096).unwrap(), vec![0u8; 4096]);
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap();
+    checkpoint(&mut pq);
     // After the checkpoint the SVM's writes are gone: it sees the primary's disk.
-    let primary_now = read_file(&p.path("primary.img"));
+    let primary_now = read(&p.path("primary.img"));
     assert!(svm.read(0, 0, 512 * 1024).unwrap() == primary_now[..512 * 1024]);
-    assert!(read_file(&p.path("secondary.img")) == primary_now);
+    assert!(read(&p.path("secondary.img")) == primary_now);
 
     // Epoch 2: more writes on both sides, then failover.
     assert_eq!(pc.write(1, 64 * 1024, &pattern(3, 128 * 1024)), 0);
     assert_eq!(svm.write(1, MIB + 512, &pattern(4, 8192 + 1024)), 0);
     assert_eq!(svm.write(0, 32 * 1024, &pattern(5, 4096)), 0);
-    pq.execute(
-        "replication-prepare-checkpoint",
-        json!({"timeout-ms": 60000}),
-    )
-    .unwrap();
+    prepare_checkpoint(&mut pq);
     let r = sq.execute("replication-failover", json!({})).unwrap();
     assert!(r["duration-ms"].as_f64().is_some());
     let mut expect = primary_now.clone();
     expect[MIB as usize + 512..MIB as usize + 512 + 9216].copy_from_slice(&pattern(4, 9216));
     expect[32 * 1024..36 * 1024].copy_from_slice(&pattern(5, 4096));
     assert!(
-        read_file(&p.path("secondary.img")) == expect,
+        read(&p.path("secondary.img")) == expect,
         "disk != checkpoint + SVM writes"
     );
     // The SVM keeps being served, now straight from the disk.
     assert_eq!(svm.read(0, MIB + 512, 9216).unwrap(), pattern(4, 9216));
     assert_eq!(svm.write(0, 0, &pattern(6, 4096)), 0);
     assert_eq!(svm.flush(0), 0);
-    assert_eq!(
-        read_file(&p.path("secondary.img"))[..4096],
-        pattern(6, 4096)[..]
-    );
+    assert_eq!(read(&p.path("secondary.img"))[..4096], pattern(6, 4096)[..]);
     assert!(sq.execute("replication-failover", json!({})).is_err());
 }
 
@@ -275,9 +190,8 @@ fn primary_killed_mid_stream_failover_restores_the_last_checkpoint() {
     for b in 0..4 {
         random_batch(&mut c, 50 + b, 32);
     }
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap();
-    let at_checkpoint = read_file(&p.path("primary.img"));
+    checkpoint(&mut pq);
+    let at_checkpoint = read(&p.path("primary.img"));
     // Keep writing, then kill the primary without warning.
     for b in 0..6 {
         random_batch(&mut c, 70 + b, 32);
@@ -288,7 +202,7 @@ fn primary_killed_mid_stream_failover_restores_the_last_checkpoint() {
     sq.wait_event("REPLICATION_PEER_LOST");
     sq.execute("replication-failover", json!({})).unwrap();
     assert!(
-        read_file(&p.path("secondary.img")) == at_checkpoint,
+        read(&p.path("secondary.img")) == at_checkpoint,
         "after failover the secondary must hold exactly the last checkpoint"
     );
     drop(primary);
@@ -299,8 +213,7 @@ fn secondary_killed_primary_keeps_serving_and_resyncs_a_new_secondary() {
     let (mut p, mut pq, _sq) = pair(false, &[]);
     let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
     random_batch(&mut c, 1, 32);
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap();
+    checkpoint(&mut pq);
     let mut secondary = p.secondary.take().unwrap();
     secondary.child.kill().unwrap();
     secondary.child.wait().unwrap();
@@ -313,7 +226,7 @@ fn secondary_killed_primary_keeps_serving_and_resyncs_a_new_secondary() {
     // Forget the first connection's events; the next ones belong to the new secondary.
     pq.events.clear();
     random_batch(&mut c, 300, 32);
-    let q = pq.execute("query-replication", json!({})).unwrap();
+    let q = query(&mut pq);
     assert_ne!(q["state"], "connected");
     assert!(q["dirty-bytes"].as_u64().unwrap() > 0);
     assert!(pq
@@ -327,9 +240,8 @@ fn secondary_killed_primary_keeps_serving_and_resyncs_a_new_secondary() {
     pq.wait_event("REPLICATION_PEER_CONNECTED");
     pq.wait_event("REPLICATION_RESYNC_DONE");
     random_batch(&mut c, 400, 16);
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap();
-    assert!(read_file(&p.path("secondary.img")) == read_file(&p.path("primary.img")));
+    checkpoint(&mut pq);
+    assert!(read(&p.path("secondary.img")) == read(&p.path("primary.img")));
 }
 
 #[test]
@@ -353,7 +265,7 @@ fn mismatched_disk_size_is_refused_with_a_clear_error() {
         "{ev}"
     );
     let mut pq = Qmp::connect(&dir.path().join("primary.qmp"));
-    let q = pq.execute("query-replication", json!({})).unwrap();
+    let q = query(&mut pq);
     assert_ne!(q["state"], "connected");
     // The primary reports the refusal too (its event may predate our QMP connection).
     let err = match q["last-error"].as_str() {
@@ -471,7 +383,7 @@ fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
     drop(t);
 
     // Only the good frames reached the disk.
-    let disk = read_file(&dir.path().join("secondary.img"));
+    let disk = read(&dir.path().join("secondary.img"));
     assert_eq!(disk[..4096], pattern(1, 4096)[..]);
     assert!(
         disk[8192..12288].iter().all(|&b| b == 0),
@@ -485,7 +397,7 @@ fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
     assert!(disk[(DISK - 512) as usize..].iter().all(|&b| b == 0));
     // And the rollback restores the checkpoint (all zeros).
     sq.execute("replication-failover", json!({})).unwrap();
-    assert!(read_file(&dir.path().join("secondary.img"))
+    assert!(read(&dir.path().join("secondary.img"))
         .iter()
         .all(|&b| b == 0));
 }
@@ -497,8 +409,7 @@ fn a_frozen_secondary_is_declared_lost_by_heartbeat() {
     let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
     random_batch(&mut c, 5, 16);
     let s = p.secondary.as_mut().unwrap();
-    // SAFETY: kill(2) on a child we own.
-    unsafe { libc::kill(s.child.id() as i32, libc::SIGSTOP) };
+    signal(s, libc::SIGSTOP);
     let ev = pq.wait_event("REPLICATION_PEER_LOST");
     assert!(
         ev["data"]["reason"].as_str().unwrap().contains("heartbeat"),
@@ -506,14 +417,8 @@ fn a_frozen_secondary_is_declared_lost_by_heartbeat() {
     );
     // The guest's writes keep completing, tracked as dirty.
     random_batch(&mut c, 6, 16);
-    assert!(
-        pq.execute("query-replication", json!({})).unwrap()["dirty-bytes"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
-    // SAFETY: as above.
-    unsafe { libc::kill(s.child.id() as i32, libc::SIGCONT) };
+    assert!(query(&mut pq)["dirty-bytes"].as_u64().unwrap() > 0);
+    signal(s, libc::SIGCONT);
 }
 
 /// The stock python QMP client (`qemu.qmp`, as used by QEMU's own tooling) drives a checkpoint.
@@ -548,7 +453,7 @@ fn stock_python_qmp_client_drives_a_checkpoint() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(read_file(&p.path("secondary.img")) == read_file(&p.path("primary.img")));
+    assert!(read(&p.path("secondary.img")) == read(&p.path("primary.img")));
 }
 
 /// SIGTERM on either side of a pair: clean exit 0, nothing lost on the primary's disk.
@@ -560,7 +465,7 @@ fn sigterm_stops_both_roles_cleanly() {
     assert!(p.primary.take().unwrap().terminate().success());
     assert!(p.secondary.take().unwrap().terminate().success());
     assert_eq!(
-        read_file(&p.path("primary.img"))[12288..20480],
+        read(&p.path("primary.img"))[12288..20480],
         pattern(42, 8192)[..]
     );
 }
@@ -583,16 +488,8 @@ fn overlapping_concurrent_writes_end_identical() {
             assert_eq!(r, 0);
         }
     }
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap();
-    assert!(read_file(&p.path("secondary.img")) == read_file(&p.path("primary.img")));
-}
-
-/// Kills a backend without warning and reaps it.
-fn kill(b: Option<Backend>) {
-    let mut b = b.expect("running");
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    checkpoint(&mut pq);
+    assert!(read(&p.path("secondary.img")) == read(&p.path("primary.img")));
 }
 
 /// Issue 9 b: the secondary is SIGKILLed mid-epoch and restarted on its image and layer
@@ -606,9 +503,8 @@ fn a_restarted_secondary_still_fails_over_to_the_last_checkpoint() {
         for b in 0..4 {
             random_batch(&mut c, 500 + b, 32);
         }
-        pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-            .unwrap();
-        let mut expect = read_file(&p.path("primary.img"));
+        checkpoint(&mut pq);
+        let mut expect = read(&p.path("primary.img"));
         if svm_writes {
             let mut svm = Client::connect(&p.path("svm.sock"), 2).unwrap();
             for (i, off) in [0u64, 3 * MIB + 512, 17 * MIB].into_iter().enumerate() {
@@ -622,33 +518,25 @@ fn a_restarted_secondary_still_fails_over_to_the_last_checkpoint() {
             random_batch(&mut c, 600 + b, 32);
         }
         // Everything so far is applied on the secondary (not checkpointed).
-        pq.execute(
-            "replication-prepare-checkpoint",
-            json!({"timeout-ms": 60000}),
-        )
-        .unwrap();
-        kill(p.secondary.take());
+        prepare_checkpoint(&mut pq);
+        kill9(&mut p.secondary.take().expect("running"));
         pq.events.clear();
         let (secondary, _) =
             start_secondary(p.dir.path(), "secondary.img", svm_writes, p.port, &[]);
         p.secondary = Some(secondary);
         let mut sq = Qmp::connect(&p.path("secondary.qmp"));
-        let st = sq.execute("query-replication", json!({})).unwrap();
+        let st = query(&mut sq);
         assert_eq!(st["epoch"], 1, "{st}");
         pq.wait_event("REPLICATION_RESYNC_DONE");
         for b in 0..2 {
             random_batch(&mut c, 700 + b, 32);
         }
-        pq.execute(
-            "replication-prepare-checkpoint",
-            json!({"timeout-ms": 60000}),
-        )
-        .unwrap();
-        kill(p.primary.take());
+        prepare_checkpoint(&mut pq);
+        kill9(&mut p.primary.take().expect("running"));
         sq.wait_event("REPLICATION_PEER_LOST");
         sq.execute("replication-failover", json!({})).unwrap();
         assert!(
-            read_file(&p.path("secondary.img")) == expect,
+            read(&p.path("secondary.img")) == expect,
             "failover after a secondary restart (svm writes: {svm_writes}) is not the last \
              checkpoint"
         );
@@ -681,9 +569,8 @@ fn a_failover_interrupted_by_a_crash_completes_after_the_restart() {
     };
     let mut c = Client::connect(&p.path("primary.sock"), 4).unwrap();
     random_batch(&mut c, 800, 32);
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap();
-    let mut expect = read_file(&p.path("primary.img"));
+    checkpoint(&mut pq);
+    let mut expect = read(&p.path("primary.img"));
     let mut svm = Client::connect(&p.path("svm.sock"), 2).unwrap();
     let data = pattern(801, 2 * MIB as usize);
     assert_eq!(svm.write(0, 5 * MIB, &data), 0);
@@ -693,12 +580,8 @@ fn a_failover_interrupted_by_a_crash_completes_after_the_restart() {
     for b in 0..8 {
         random_batch(&mut c, 810 + b, 32);
     }
-    pq.execute(
-        "replication-prepare-checkpoint",
-        json!({"timeout-ms": 60000}),
-    )
-    .unwrap();
-    kill(p.primary.take());
+    prepare_checkpoint(&mut pq);
+    kill9(&mut p.primary.take().expect("running"));
     sq.wait_event("REPLICATION_PEER_LOST");
     assert!(
         sq.execute_or_disconnect("replication-failover", json!({}))
@@ -714,10 +597,10 @@ fn a_failover_interrupted_by_a_crash_completes_after_the_restart() {
     let mut sq = Qmp::connect(&p.path("secondary.qmp"));
     // Finished by the resumed failover, or by this call (which then waits for it).
     let _ = sq.execute("replication-failover", json!({}));
-    let st = sq.execute("query-replication", json!({})).unwrap();
+    let st = query(&mut sq);
     assert_eq!(st["state"], "failed-over", "{st}");
     assert!(
-        read_file(&p.path("secondary.img")) == expect,
+        read(&p.path("secondary.img")) == expect,
         "the resumed failover is not the checkpoint plus the SVM's writes"
     );
     p.secondary = Some(secondary);

@@ -1,6 +1,11 @@
 //! Test support: start the real `colo-blk` binary and drive it with a real vhost-user-blk
-//! client (libblkio's pure-Rust `blkio` crate).
+//! client (libblkio's pure-Rust `blkio` crate). Replication pairs: [`pair`].
+//!
+//! Every tests/*.rs file is a crate of its own that uses some of this: what one does not use
+//! is allowed to be dead code.
 #![allow(dead_code)]
+
+pub mod pair;
 
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;

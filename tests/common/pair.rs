@@ -1,0 +1,323 @@
+//! Test support for replication pairs: starting a primary or a secondary `colo-blk` in a test
+//! directory ([`Node`]), the QMP calls the tests repeat (query, checkpoint, the secondary's
+//! sync decision), seeded write batches, disk comparison and signals to a backend.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::{pattern, Backend, Client, Qmp};
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The options of one `colo-blk` process of a pair, files named relative to a test directory.
+/// Every node has `--insecure-link --heartbeat-ms 100` and, unless changed,
+/// `--peer-timeout-ms 2000`; the rest is what the test asks for.
+pub struct Node {
+    dir: PathBuf,
+    /// `--role` and the flag naming the other side's port (`--listen` or `--peer`).
+    role: &'static str,
+    port: u16,
+    image: String,
+    size: u64,
+    layers: Option<String>,
+    qmp: Option<String>,
+    socket: Option<String>,
+    num_queues: Option<usize>,
+    cluster_size: Option<&'static str>,
+    dirty_log_extent: Option<&'static str>,
+    peer_timeout_ms: u64,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Node {
+    fn new(role: &'static str, dir: &Path, image: &str, size: u64, port: u16) -> Node {
+        Node {
+            dir: dir.to_path_buf(),
+            role,
+            port,
+            image: image.to_string(),
+            size,
+            layers: None,
+            qmp: None,
+            socket: None,
+            num_queues: None,
+            cluster_size: None,
+            dirty_log_extent: None,
+            peer_timeout_ms: 2000,
+            extra: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// A secondary on `dir/image` (created when missing) of `size` bytes, listening on
+    /// 127.0.0.1:`port` (0: any free port).
+    pub fn secondary(dir: &Path, image: &str, size: u64, port: u16) -> Node {
+        Node::new("secondary", dir, image, size, port)
+    }
+
+    /// A primary on `dir/image` (created when missing) of `size` bytes, replicating to
+    /// 127.0.0.1:`port`.
+    pub fn primary(dir: &Path, image: &str, size: u64, port: u16) -> Node {
+        Node::new("primary", dir, image, size, port)
+    }
+
+    /// `--layer-dir dir/name` (a secondary's).
+    pub fn layers(mut self, name: &str) -> Node {
+        self.layers = Some(name.to_string());
+        self
+    }
+
+    /// `--qmp dir/name`.
+    pub fn qmp(mut self, name: &str) -> Node {
+        self.qmp = Some(name.to_string());
+        self
+    }
+
+    /// `--socket dir/name`: the vhost-user socket (the PVM's, or the Secondary VM's).
+    pub fn socket(mut self, name: &str) -> Node {
+        self.socket = Some(name.to_string());
+        self
+    }
+
+    /// `--num-queues n`.
+    pub fn queues(mut self, n: usize) -> Node {
+        self.num_queues = Some(n);
+        self
+    }
+
+    /// `--cluster-size size` (a secondary's).
+    pub fn cluster_size(mut self, size: &'static str) -> Node {
+        self.cluster_size = Some(size);
+        self
+    }
+
+    /// `--dirty-log-extent size`.
+    pub fn dirty_log_extent(mut self, size: &'static str) -> Node {
+        self.dirty_log_extent = Some(size);
+        self
+    }
+
+    /// `--peer-timeout-ms ms` instead of 2000.
+    pub fn peer_timeout_ms(mut self, ms: u64) -> Node {
+        self.peer_timeout_ms = ms;
+        self
+    }
+
+    /// More arguments, after all the others.
+    pub fn args(mut self, extra: &[&str]) -> Node {
+        self.extra.extend(extra.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Environment variables for the process (e.g. `COLO_BLK_FAULT`).
+    pub fn env(mut self, env: &[(&str, &str)]) -> Node {
+        self.env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// The command line of this node.
+    pub fn command_line(&self) -> Vec<String> {
+        let path = |name: &str| s(&self.dir.join(name));
+        let mut args: Vec<String> = ["--role", self.role, "--insecure-link", "--image"]
+            .map(String::from)
+            .to_vec();
+        args.push(path(&self.image));
+        args.extend(["--size".to_string(), self.size.to_string()]);
+        let other = format!("127.0.0.1:{}", self.port);
+        if self.role == "secondary" {
+            args.extend(["--listen".to_string(), other]);
+        } else {
+            args.extend(["--peer".to_string(), other]);
+        }
+        for (flag, name) in [
+            ("--layer-dir", &self.layers),
+            ("--qmp", &self.qmp),
+            ("--socket", &self.socket),
+        ] {
+            if let Some(name) = name {
+                args.extend([flag.to_string(), path(name)]);
+            }
+        }
+        if let Some(n) = self.num_queues {
+            args.extend(["--num-queues".to_string(), n.to_string()]);
+        }
+        for (flag, size) in [
+            ("--cluster-size", self.cluster_size),
+            ("--dirty-log-extent", self.dirty_log_extent),
+        ] {
+            if let Some(size) = size {
+                args.extend([flag.to_string(), size.to_string()]);
+            }
+        }
+        args.extend([
+            "--heartbeat-ms".to_string(),
+            "100".to_string(),
+            "--peer-timeout-ms".to_string(),
+            self.peer_timeout_ms.to_string(),
+        ]);
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// Starts the process and waits for its ready line.
+    pub fn start(self) -> Backend {
+        let args = self.command_line();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        // Without a vhost-user socket the path is only recorded, never used.
+        let socket = self
+            .dir
+            .join(self.socket.as_deref().unwrap_or("unused.sock"));
+        Backend::start_with_env(&refs, &socket, &env)
+    }
+}
+
+/// Connects to the QMP socket `dir/name`.
+pub fn qmp(dir: &Path, name: &str) -> Qmp {
+    Qmp::connect(&dir.join(name))
+}
+
+/// `query-replication`.
+pub fn query(q: &mut Qmp) -> Value {
+    q.execute("query-replication", json!({})).unwrap()
+}
+
+/// Waits until the primary is connected and resynced, and returns its state then (query
+/// first: the event may be older than this QMP connection).
+pub fn wait_in_sync(pq: &mut Qmp) -> Value {
+    let st = query(pq);
+    if st["state"] == "connected" && st["resync-remaining-bytes"] == 0 {
+        return st;
+    }
+    pq.wait_event("REPLICATION_RESYNC_DONE");
+    query(pq)
+}
+
+/// Waits until the primary is connected (query first, as in [`wait_in_sync`]).
+pub fn wait_connected(pq: &mut Qmp) {
+    let st = query(pq);
+    if st["state"] != "connected" {
+        pq.wait_event("REPLICATION_PEER_CONNECTED");
+    }
+}
+
+/// `replication-checkpoint` (60 s timeout); returns the new epoch.
+pub fn checkpoint(pq: &mut Qmp) -> u64 {
+    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
+        .unwrap()["epoch"]
+        .as_u64()
+        .unwrap()
+}
+
+/// `replication-prepare-checkpoint` (60 s timeout): everything written so far is applied on
+/// the secondary, not yet checkpointed.
+pub fn prepare_checkpoint(pq: &mut Qmp) {
+    pq.execute(
+        "replication-prepare-checkpoint",
+        json!({"timeout-ms": 60000}),
+    )
+    .unwrap();
+}
+
+/// Waits for the secondary's decision event: (decision, reason).
+pub fn decision(sq: &mut Qmp) -> (String, String) {
+    let ev = sq.wait_event("REPLICATION_SYNC_DECISION");
+    (
+        ev["data"]["decision"].as_str().unwrap().to_string(),
+        ev["data"]["reason"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The last `REPLICATION_SYNC_DECISION` reason, or the last error, as seen by a query (empty
+/// when there is none).
+pub fn last_error(q: &mut Qmp) -> String {
+    query(q)["last-error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A whole file.
+pub fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+/// Two disks are equal byte for byte; else the first differing byte is named.
+pub fn assert_same(a: &[u8], b: &[u8], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: sizes differ");
+    if let Some(i) = a.iter().zip(b).position(|(p, q)| p != q) {
+        panic!("{what}: the disks differ first at byte {i}");
+    }
+}
+
+/// [`assert_same`] on two image files.
+pub fn assert_same_files(a: &Path, b: &Path, what: &str) {
+    assert_same(&read(a), &read(b), what);
+}
+
+/// One write of a batch: (queue, offset, data).
+pub type WriteReq = (usize, u64, Vec<u8>);
+
+/// `n` seeded writes on four queues (write `i` on queue `i % 4`, data
+/// `pattern(seed * 1000 + i)`): a xorshift state `x` steps once a write, the length is
+/// `lens[x % lens.len()]` and the offset `offset(i, x >> 8, len)`.
+pub fn seeded_writes(
+    seed: u64,
+    n: usize,
+    lens: &[usize],
+    offset: impl Fn(usize, u64, usize) -> u64,
+) -> Vec<WriteReq> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = lens[(x % lens.len() as u64) as usize];
+            (
+                i % 4,
+                offset(i, x >> 8, len),
+                pattern(seed * 1000 + i as u64, len),
+            )
+        })
+        .collect()
+}
+
+/// [`seeded_writes`] of the `lens` sizes at 512-byte aligned offsets, every other one in the
+/// first MiB (a small hot area makes overlaps between concurrent writes common), the others
+/// anywhere on a `disk`-byte disk.
+pub fn hot_writes(seed: u64, n: usize, lens: &[usize], disk: u64) -> Vec<WriteReq> {
+    seeded_writes(seed, n, lens, |i, r, len| {
+        let span = if i % 2 == 0 { 1 << 20 } else { disk };
+        (r % ((span - len as u64) / 512)) * 512
+    })
+}
+
+/// Submits `writes` concurrently and asserts every one succeeded.
+pub fn write_all(c: &mut Client, writes: &[WriteReq]) {
+    for r in c.write_concurrently(writes) {
+        assert_eq!(r, 0);
+    }
+}
+
+/// Sends `sig` to a backend.
+pub fn signal(b: &Backend, sig: i32) {
+    // SAFETY: kill(2) on a child we own.
+    unsafe { libc::kill(b.child.id() as i32, sig) };
+}
+
+/// SIGKILLs a backend and reaps it.
+pub fn kill9(b: &mut Backend) {
+    signal(b, libc::SIGKILL);
+    b.child.wait().unwrap();
+}
