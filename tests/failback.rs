@@ -123,6 +123,15 @@ fn diverge(d: &Path, p_extra: &[&str], s_extra: &[&str]) -> Diverged {
     }
 }
 
+/// `replication-promote` of the survivor, to a new secondary listening on `port`.
+fn promote(sq: &mut Qmp, port: u16) -> Value {
+    sq.execute(
+        "replication-promote",
+        json!({"peer": format!("127.0.0.1:{port}")}),
+    )
+    .unwrap()
+}
+
 /// The old primary's disk as the secondary of the failed-over one.
 fn old_primary_as_secondary(d: &Path, extra: &[&str]) -> (Backend, Qmp) {
     let mut args = vec!["--discard-my-data"];
@@ -152,12 +161,7 @@ fn failback(live: bool) {
     let port = p2.listen_port();
     let (mut sp, mut spq, sock) = if live {
         let mut sq = qmp(d, "s");
-        let r = sq
-            .execute(
-                "replication-promote",
-                json!({"peer": format!("127.0.0.1:{port}")}),
-            )
-            .unwrap();
+        let r = promote(&mut sq, port);
         assert_eq!(r["role"], "primary", "{r}");
         sq.wait_event("REPLICATION_PROMOTED");
         (s, sq, d.join("s.sock"))
@@ -243,11 +247,7 @@ fn failback_without_discard_my_data_is_a_split_brain() {
     let mut p2q = qmp(d, "p2");
     let port = p2.listen_port();
     let mut sq = qmp(d, "s");
-    sq.execute(
-        "replication-promote",
-        json!({"peer": format!("127.0.0.1:{port}")}),
-    )
-    .unwrap();
+    promote(&mut sq, port);
     let (what, why) = decision(&mut p2q);
     assert_eq!(what, "refused");
     assert!(why.contains("split brain"), "{why}");
@@ -269,11 +269,7 @@ fn failback_without_the_old_primarys_dirty_log_needs_a_full_sync() {
     let (p2, mut p2q) = old_primary_as_secondary(d, &[]);
     let port = p2.listen_port();
     let mut sq = qmp(d, "s");
-    sq.execute(
-        "replication-promote",
-        json!({"peer": format!("127.0.0.1:{port}")}),
-    )
-    .unwrap();
+    promote(&mut sq, port);
     let (what, why) = decision(&mut p2q);
     assert_eq!(what, "refused");
     assert!(why.contains("--allow-full-sync"), "{why}");
