@@ -15,161 +15,21 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::pair::Node;
+use common::qemu::{
+    ctl_event, e2fsprogs, prerequisites, record, records_in, wait_ctl, wait_mid_epoch, Proc, RECORD,
+};
 use common::{tempdir, Backend, Client, Qmp};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const DISK: u64 = 32 << 20;
-const RECORD: usize = 4096;
 /// The writer stops after this many records (16 MiB), the reader scans that far.
 const MAX_RECORDS: u64 = 4096;
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// True when QEMU and python qemu.qmp are there; otherwise prints SKIPPED (or panics in CI).
-fn prerequisites(test: &str) -> bool {
-    let qemu = common::in_path("qemu-system-x86_64");
-    let qmp = Command::new("python3")
-        .args(["-c", "import qemu.qmp"])
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if qemu && qmp {
-        return true;
-    }
-    let what = if qemu {
-        "python qemu.qmp not installed"
-    } else {
-        "QEMU not installed"
-    };
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: {what}, but CI must run the QEMU tests (see .ci/run)");
-    }
-    // Straight to stderr, not eprintln!: the test harness would capture that for a passing test.
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** {test}: SKIPPED: {what}\n*** install qemu-system-x86 and `pip install qemu.qmp` \
-         (see .ci/run)"
-    );
-    false
-}
-
-// ---- processes -------------------------------------------------------------------------------
-
-/// A child in its own process group whose stdout+stderr lines arrive on a channel.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    rx: mpsc::Receiver<(f64, String)>,
-    lines: Vec<String>,
-    /// When each line was received (wall clock seconds), parallel to `lines`.
-    times: Vec<f64>,
-    exited: Option<ExitStatus>,
-}
-
-impl Proc {
-    fn spawn(cmd: Command, name: &'static str) -> Proc {
-        let (child, rx) = common::spawn_group(cmd, &format!("[{name}]"));
-        Proc {
-            name,
-            child,
-            rx,
-            lines: Vec::new(),
-            times: Vec::new(),
-            exited: None,
-        }
-    }
-
-    fn tail(&self) -> String {
-        let s = self.lines.len().saturating_sub(40);
-        self.lines[s..].join("\n")
-    }
-
-    /// Waits for the next line (after those already seen) matching `pred`.
-    fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok((t, line)) => {
-                    self.lines.push(line.clone());
-                    self.times.push(t);
-                    if pred(&line) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!(
-                    "{}: no {what} within {timeout:?} ({e:?}). Last output:\n{}",
-                    self.name,
-                    self.tail()
-                ),
-            }
-        }
-    }
-
-    fn wait_marker(&mut self, marker: &str, timeout: Duration) -> String {
-        self.wait_line(marker, timeout, |l| l.contains(marker))
-    }
-
-    /// Waits until the process closed its output and exited.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok((t, line)) => {
-                    self.lines.push(line);
-                    self.times.push(t);
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                    "{} did not exit within {timeout:?}. Last output:\n{}",
-                    self.name,
-                    self.tail()
-                ),
-            }
-        }
-        let st = self.child.wait().expect("wait");
-        self.exited = Some(st);
-        st
-    }
-
-    /// Takes in every line already received, so later waits only see newer output.
-    fn drain(&mut self) {
-        while let Ok((t, line)) = self.rx.try_recv() {
-            self.lines.push(line);
-            self.times.push(t);
-        }
-    }
-
-    fn has_line(&self, marker: &str) -> bool {
-        self.lines.iter().any(|l| l.contains(marker))
-    }
-
-    /// SIGKILL to the whole process group (run-vm.sh and its QEMU).
-    fn kill(&mut self) {
-        if self.exited.is_none() {
-            // SAFETY: kill(2) on the process group we created.
-            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-            self.exited = self.child.wait().ok();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 // ---- the pair --------------------------------------------------------------------------------
 
@@ -201,145 +61,79 @@ impl Setup {
 
     /// [`Setup::secondary`] with more arguments.
     fn secondary_with(&self, port: u16, extra: &[&str]) -> (Backend, u16) {
-        let listen = format!("127.0.0.1:{port}");
-        let size = DISK.to_string();
-        let (img, layers, qmp, sock) = (
-            self.s("secondary.img"),
-            self.s("layers"),
-            self.s("secondary.qmp"),
-            self.s("svm.sock"),
-        );
-        let mut args = vec![
-            "--insecure-link",
-            "--role",
-            "secondary",
-            "--image",
-            &img,
-            "--size",
-            &size,
-            "--listen",
-            &listen,
-            "--layer-dir",
-            &layers,
-            "--qmp",
-            &qmp,
-            "--socket",
-            &sock,
-            "--heartbeat-ms",
-            "100",
-            "--peer-timeout-ms",
-            "2000",
-        ];
-        args.extend_from_slice(extra);
-        let b = Backend::start_with(&args, &self.p("svm.sock"));
+        let b = Node::secondary(self.dir.path(), "secondary.img", DISK, port)
+            .layers("layers")
+            .qmp("secondary.qmp")
+            .socket("svm.sock")
+            .args(extra)
+            .start();
         let port = b.listen_port();
         (b, port)
     }
 
     fn primary(&self, port: u16) -> Backend {
-        let peer = format!("127.0.0.1:{port}");
-        let size = DISK.to_string();
-        let args = [
-            "--insecure-link",
-            "--role",
-            "primary",
-            "--image",
-            &self.s("primary.img"),
-            "--size",
-            &size,
-            "--socket",
-            &self.s("pvm.sock"),
-            "--peer",
-            &peer,
-            "--qmp",
-            &self.s("primary.qmp"),
-            "--heartbeat-ms",
-            "100",
-            "--peer-timeout-ms",
-            "2000",
-        ];
-        Backend::start_with(&args, &self.p("pvm.sock"))
+        Node::primary(self.dir.path(), "primary.img", DISK, port)
+            .socket("pvm.sock")
+            .qmp("primary.qmp")
+            .start()
     }
 
     /// Boots the test guest on `socket` running `script`; `qmp` opens QEMU's QMP socket.
-    fn vm(&self, name: &'static str, socket: &str, script: &str, qmp: Option<&str>) -> Proc {
-        let script_path = self.p(&format!("{name}.sh"));
-        std::fs::write(&script_path, script).unwrap();
-        let mut cmd = Command::new("bash");
-        cmd.arg(common::repo().join("qemu-scripts/run-vm.sh"))
-            .arg("--guest")
-            .arg(&self.guest)
-            .arg("--socket")
-            .arg(self.p(socket))
-            .args(["--num-queues", "1", "--smp", "1", "--mem", "192M"])
-            .arg("--script")
-            .arg(&script_path);
-        if let Some(q) = qmp {
-            cmd.arg("--qmp").arg(self.p(q));
-        }
-        Proc::spawn(cmd, name)
+    fn vm(&self, name: &str, socket: &str, script: &str, qmp: Option<&str>) -> Proc {
+        let qmp = qmp.map(|q| self.p(q));
+        common::qemu::run_vm(
+            self.dir.path(),
+            name,
+            &self.guest,
+            &[self.p(socket)],
+            "192M",
+            script,
+            qmp.as_deref(),
+        )
     }
 
     /// Starts colo-ctl.py against pvm.qmp / primary.qmp / secondary.qmp.
     fn colo_ctl(&self, extra: &[&str]) -> Proc {
-        let mut cmd = Command::new("python3");
-        cmd.arg(common::repo().join("qemu-scripts/colo-ctl.py"))
-            .args(["--qemu-qmp", &self.s("pvm.qmp")])
-            .args(["--primary-qmp", &self.s("primary.qmp")])
-            .args(["--secondary-qmp", &self.s("secondary.qmp")])
-            .args(extra)
-            .current_dir(self.dir.path());
-        Proc::spawn(cmd, "colo-ctl")
+        let mut args = vec![
+            "--qemu-qmp".to_string(),
+            self.s("pvm.qmp"),
+            "--primary-qmp".to_string(),
+            self.s("primary.qmp"),
+            "--secondary-qmp".to_string(),
+            self.s("secondary.qmp"),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        common::qemu::colo_ctl(self.dir.path(), &args, &[])
     }
-}
 
-/// Parses a colo-ctl JSON line with `"event": name`.
-fn ctl_event(line: &str, name: &str) -> Option<Value> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    (v["event"] == name).then_some(v)
-}
-
-fn wait_ctl(ctl: &mut Proc, name: &str, timeout: Duration) -> Value {
-    let l = ctl.wait_line(name, timeout, |l| ctl_event(l, name).is_some());
-    ctl_event(&l, name).unwrap()
+    /// colo-ctl checkpointing every 400 ms and failing over when the primary is lost, with a
+    /// pause hook that copies the primary image to `snap/EPOCH.img` at each checkpoint while
+    /// the PVM is paused (keeping the last two); returns it with the `snap` directory.
+    fn failover_ctl(&self) -> (Proc, PathBuf) {
+        let snap = self.p("snap");
+        std::fs::create_dir_all(&snap).unwrap();
+        let hook = format!(
+            "cp {img} {snap}/$COLO_EPOCH.img && rm -f {snap}/$((COLO_EPOCH - 2)).img",
+            img = self.s("primary.img"),
+            snap = snap.display()
+        );
+        let ctl = self.colo_ctl(&[
+            "--interval-ms",
+            "400",
+            "--failover-on-primary-loss",
+            "--pause-hook",
+            &hook,
+        ]);
+        (ctl, snap)
+    }
 }
 
 // ---- records ---------------------------------------------------------------------------------
 
-fn payload(i: u64) -> String {
-    format!("{:010}", i * 7919).repeat(5)
-}
-
-/// The exact bytes of record `i`.
-fn record(i: u64) -> Vec<u8> {
-    let mut s = String::with_capacity(RECORD);
-    for k in 0..64 {
-        s.push_str(&format!("R{i:08}-{k:02}-{}\n", payload(i)));
-    }
-    assert_eq!(s.len(), RECORD);
-    s.into_bytes()
-}
-
-/// Guest script: writes records 0, 1, … with O_DIRECT, printing progress; stops at MAX_RECORDS.
+/// Guest script: writes records 0, 1, … to /dev/vda with O_DIRECT, progress every 25 records;
+/// stops at MAX_RECORDS.
 fn writer_script() -> String {
-    format!(
-        r#"i=0
-: >/tmp/tpl
-for k in $(seq -w 0 63); do echo "R@@@@@@@@-$k-PPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPP" >>/tmp/tpl; done
-echo "COLO-WRITER: start"
-while [ $i -lt {MAX_RECORDS} ]; do
-  n=$(printf %08d $i); p=$(printf %010d $((i * 7919)))
-  sed "s/@@@@@@@@/$n/; s/PPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPP/$p$p$p$p$p/" /tmp/tpl >/tmp/rec
-  if ! dd if=/tmp/rec of=/dev/vda bs=4096 count=1 seek=$i oflag=direct 2>/tmp/err; then
-    echo "COLO-WRITER: IOERR at $i: $(cat /tmp/err)"
-  fi
-  i=$((i + 1))
-  [ $((i % 25)) = 0 ] && echo "COLO-WRITER: progress $i"
-done
-echo "COLO-WRITER: done $i"
-sleep 100000
-"#
-    )
+    common::qemu::writer_script(&["vda"], MAX_RECORDS, 25)
 }
 
 /// Guest script: scans the record area and prints a summary line.
@@ -363,40 +157,13 @@ END {{ if (cur >= 0) done_rec(); printf "COLO-RECORDS: ok=%d torn=%d gaps=%d bad
     )
 }
 
-/// Checks an image: records 0..n exact, zeros after. Returns n. Panics on a torn record.
-fn records_in(image: &Path) -> u64 {
-    let data = std::fs::read(image).expect("read image");
-    let mut n = 0u64;
-    while (n as usize + 1) * RECORD <= data.len() {
-        let blk = &data[n as usize * RECORD..(n as usize + 1) * RECORD];
-        if blk.iter().all(|&b| b == 0) {
-            break;
-        }
-        assert!(
-            blk == record(n).as_slice(),
-            "{}: record {n} is torn or wrong: {:?}",
-            image.display(),
-            String::from_utf8_lossy(&blk[..80])
-        );
-        n += 1;
-    }
-    if let Some(pos) = data[n as usize * RECORD..].iter().position(|&b| b != 0) {
-        panic!(
-            "{}: data after the last record {n}: byte {}",
-            image.display(),
-            n as usize * RECORD + pos
-        );
-    }
-    n
-}
-
 // ---- tests -----------------------------------------------------------------------------------
 
 /// (a) Kill the primary QEMU and backend mid-run: after failover the secondary disk holds
 /// exactly the records of the last checkpoint, and a fresh guest reads them from it.
 #[test]
 fn failover_keeps_the_last_checkpoint() {
-    if !prerequisites("failover_keeps_the_last_checkpoint") {
+    if !prerequisites("failover_keeps_the_last_checkpoint", true) {
         return;
     }
     let t = Setup::new();
@@ -405,20 +172,7 @@ fn failover_keeps_the_last_checkpoint() {
     secondary.wait_for_log("connected (epoch");
     let mut pvm = t.vm("pvm", "pvm.sock", &writer_script(), Some("pvm.qmp"));
     // A copy of the primary disk at each checkpoint, taken while the PVM is paused.
-    let snap = t.p("snap");
-    std::fs::create_dir_all(&snap).unwrap();
-    let hook = format!(
-        "cp {img} {snap}/$COLO_EPOCH.img && rm -f {snap}/$((COLO_EPOCH - 2)).img",
-        img = t.s("primary.img"),
-        snap = snap.display()
-    );
-    let mut ctl = t.colo_ctl(&[
-        "--interval-ms",
-        "400",
-        "--failover-on-primary-loss",
-        "--pause-hook",
-        &hook,
-    ]);
+    let (mut ctl, snap) = t.failover_ctl();
     pvm.wait_marker("COLO-WRITER: progress", GUEST_TIMEOUT);
     // Six checkpoints that carried guest writes.
     let mut pauses = Vec::new();
@@ -438,17 +192,11 @@ fn failover_keeps_the_last_checkpoint() {
         !pvm.has_line("COLO-WRITER: done"),
         "writer finished too early"
     );
-    let mut pq = Qmp::connect(&t.p("primary.qmp"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while pq.execute("query-replication", json!({})).unwrap()["bytes-sent-since-checkpoint"]
-        .as_u64()
-        .unwrap()
-        < 3 * RECORD as u64
-    {
-        assert!(Instant::now() < deadline, "the guest stopped writing");
-        // A polling interval, not synchronisation.
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_mid_epoch(
+        &t.p("primary.qmp"),
+        3 * RECORD as u64,
+        Duration::from_secs(30),
+    );
     let t_kill = Instant::now();
     pvm.kill();
     drop(primary); // SIGKILL
@@ -502,7 +250,7 @@ fn failover_keeps_the_last_checkpoint() {
 /// "unprotected"; a restarted secondary is resynchronised and checkpoints resume.
 #[test]
 fn secondary_lost_pvm_keeps_running() {
-    if !prerequisites("secondary_lost_pvm_keeps_running") {
+    if !prerequisites("secondary_lost_pvm_keeps_running", true) {
         return;
     }
     let t = Setup::new();
@@ -542,7 +290,10 @@ fn secondary_lost_pvm_keeps_running() {
 /// checkpoint survives the failover, on top of exactly the checkpoint's disk.
 #[test]
 fn secondary_vm_writes_dropped_at_checkpoint_kept_at_failover() {
-    if !prerequisites("secondary_vm_writes_dropped_at_checkpoint_kept_at_failover") {
+    if !prerequisites(
+        "secondary_vm_writes_dropped_at_checkpoint_kept_at_failover",
+        true,
+    ) {
         return;
     }
     let t = Setup::new();
@@ -656,16 +407,13 @@ fn host(cmd: &str, args: &[&str]) -> (bool, String) {
 /// last checkpoint is there with its content.
 #[test]
 fn ext4_survives_failover() {
-    if !prerequisites("ext4_survives_failover") {
+    if !prerequisites("ext4_survives_failover", true) {
         return;
     }
-    if !common::in_path("mkfs.ext4") || !common::in_path("e2fsck") || !common::in_path("debugfs") {
-        assert!(std::env::var_os("CI").is_none(), "e2fsprogs missing in CI");
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "*** ext4_survives_failover: SKIPPED: e2fsprogs not installed"
-        );
+    if !e2fsprogs(
+        "ext4_survives_failover",
+        &["mkfs.ext4", "e2fsck", "debugfs"],
+    ) {
         return;
     }
     let t = Setup::new();
@@ -702,20 +450,7 @@ done
 sleep 100000
 "#;
     let mut pvm = t.vm("pvm", "pvm.sock", writer, Some("pvm.qmp"));
-    let snap = t.p("snap");
-    std::fs::create_dir_all(&snap).unwrap();
-    let hook = format!(
-        "cp {img} {snap}/$COLO_EPOCH.img && rm -f {snap}/$((COLO_EPOCH - 2)).img",
-        img = t.s("primary.img"),
-        snap = snap.display()
-    );
-    let mut ctl = t.colo_ctl(&[
-        "--interval-ms",
-        "400",
-        "--failover-on-primary-loss",
-        "--pause-hook",
-        &hook,
-    ]);
+    let (mut ctl, snap) = t.failover_ctl();
     pvm.wait_marker("COLO-FS: synced 5", GUEST_TIMEOUT);
     let mut checkpoints = Vec::new();
     while checkpoints.len() < 5 {
@@ -734,7 +469,7 @@ sleep 100000
     let stopped_at = ctl
         .lines
         .iter()
-        .filter_map(|l| ctl_event(l, "checkpoint"))
+        .filter_map(|(_, l)| ctl_event(l, "checkpoint"))
         .find(|c| c["epoch"] == epoch)
         .map(|c| c["stopped_at"].as_f64().unwrap())
         .expect("checkpoint line of the failover epoch");
@@ -743,9 +478,8 @@ sleep 100000
     let synced: Vec<u64> = pvm
         .lines
         .iter()
-        .zip(&pvm.times)
-        .filter(|(_, &t)| t < stopped_at)
-        .filter_map(|(l, _)| l.split("COLO-FS: synced ").nth(1))
+        .filter(|(t, _)| *t < stopped_at)
+        .filter_map(|(_, l)| l.split("COLO-FS: synced ").nth(1))
         .map(|n| n.trim().parse().unwrap())
         .collect();
     assert!(

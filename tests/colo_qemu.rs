@@ -23,10 +23,12 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::pair::Node;
+use common::qemu::{e2fsprogs, skip, Proc};
 use common::{tempdir, Backend, Qmp};
 use serde_json::{json, Value};
 
@@ -65,18 +67,15 @@ fn prerequisites(test: &str) -> bool {
             o.status.success() && major.is_some_and(|m| m >= 9)
         })
         .unwrap_or(false);
-    if ok {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: no COLO-capable QEMU at {qemu} (COLO_QEMU), but CI must run it (.ci/run)");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** {test}: SKIPPED: no COLO-capable QEMU at {qemu}\n*** run `sudo bash \
-         qemu-scripts/install-colo-qemu.sh` or set COLO_QEMU"
-    );
-    false
+    ok || skip(
+        &format!(
+            "{test}: no COLO-capable QEMU at {qemu} (COLO_QEMU), but CI must run it (.ci/run)"
+        ),
+        &format!(
+            "\n*** {test}: SKIPPED: no COLO-capable QEMU at {qemu}\n*** run `sudo bash \
+             qemu-scripts/install-colo-qemu.sh` or set COLO_QEMU"
+        ),
+    )
 }
 
 fn now() -> f64 {
@@ -86,104 +85,7 @@ fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-// ---- processes -------------------------------------------------------------------------------
-
-/// A QEMU in its own process group; its serial console lines arrive on a channel.
-struct Vm {
-    name: &'static str,
-    child: Child,
-    rx: mpsc::Receiver<(f64, String)>,
-    lines: Vec<(f64, String)>,
-    dead: bool,
-}
-
-impl Vm {
-    fn drain(&mut self) {
-        while let Ok(l) = self.rx.try_recv() {
-            self.lines.push(l);
-        }
-    }
-
-    fn tail(&self) -> String {
-        let s = self.lines.len().saturating_sub(30);
-        self.lines[s..]
-            .iter()
-            .map(|l| l.1.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Waits for the next line matching `pred` (lines already seen do not count).
-    fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok((t, line)) => {
-                    self.lines.push((t, line.clone()));
-                    if pred(&line) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!(
-                    "{}: no {what} within {timeout:?} ({e:?}). Last output:\n{}",
-                    self.name,
-                    self.tail()
-                ),
-            }
-        }
-    }
-
-    fn wait_marker(&mut self, marker: &str, timeout: Duration) -> String {
-        self.wait_line(marker, timeout, |l| l.contains(marker))
-    }
-
-    /// Waits until the process exited (its output closed).
-    fn wait_exit(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(l) => self.lines.push(l),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("{} did not exit. Last output:\n{}", self.name, self.tail())
-                }
-            }
-        }
-        let _ = self.child.wait();
-        self.dead = true;
-    }
-
-    /// Every line with FAIL or IOERR.
-    fn failures(&mut self) -> Vec<String> {
-        self.drain();
-        self.lines
-            .iter()
-            .filter(|l| l.1.contains("FAIL") || l.1.contains("IOERR"))
-            .map(|l| l.1.clone())
-            .collect()
-    }
-
-    fn kill(&mut self) {
-        if !self.dead {
-            // SAFETY: kill(2) on the process group we created.
-            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-            let _ = self.child.wait();
-            self.dead = true;
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+// ---- QMP events, paths, ports -----------------------------------------------------------------
 
 /// QMP events of one QEMU (a second monitor), read by a thread.
 struct Events {
@@ -247,6 +149,18 @@ fn wait_path(path: &Path) {
     }
 }
 
+/// `x-colo-lost-heartbeat` to the QEMU of `who` (PVM or SVM), then waits until it left COLO.
+fn lost_heartbeat(q: &mut Qmp, who: &str) {
+    q.execute("x-colo-lost-heartbeat", json!({}))
+        .unwrap_or_else(|e| panic!("x-colo-lost-heartbeat on the {who}: {e}"));
+    let deadline = Instant::now() + TIMEOUT;
+    while q.execute("query-colo-status", json!({})).unwrap()["mode"] != "none" {
+        assert!(Instant::now() < deadline, "the {who} never left COLO");
+        // A polling interval, not synchronisation.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -263,8 +177,8 @@ struct Pair {
     guest: PathBuf,
     secondary: Option<Backend>,
     primary: Option<Backend>,
-    pvm: Option<Vm>,
-    svm: Option<Vm>,
+    pvm: Option<Proc>,
+    svm: Option<Proc>,
     /// The SVMs started so far (svm, svm2, ...): names for their files.
     svm_gen: u32,
     port: u16,
@@ -325,62 +239,26 @@ impl Pair {
     fn start_secondary(&mut self, image: &str) {
         self.svm_gen += 1;
         let n = self.svm_name();
-        let size = DISK.to_string();
-        let listen = format!("127.0.0.1:{}", self.port);
-        let args = [
-            "--role",
-            "secondary",
-            "--insecure-link",
-            "--image",
-            &self.s(image),
-            "--size",
-            &size,
-            "--listen",
-            &listen,
+        let b = Node::secondary(self.dir.path(), image, DISK, self.port)
             // The tests copy images colo-blk did not create: a first full sync is expected.
-            "--allow-full-sync",
-            "--layer-dir",
-            &self.s(&format!("{n}-layers")),
-            "--qmp",
-            &self.s(&format!("{n}-backend.qmp")),
-            "--socket",
-            &self.s(&format!("{n}.sock")),
-            "--heartbeat-ms",
-            "100",
-            "--peer-timeout-ms",
-            "2000",
-        ];
-        let b = Backend::start_with(&args, &self.p(&format!("{n}.sock")));
+            .args(&["--allow-full-sync"])
+            .layers(&format!("{n}-layers"))
+            .qmp(&format!("{n}-backend.qmp"))
+            .socket(&format!("{n}.sock"))
+            .start();
         self.port = b.listen_port();
         self.secondary = Some(b);
     }
 
     fn start_primary(&mut self) {
-        let size = DISK.to_string();
-        let peer = format!("127.0.0.1:{}", self.port);
-        let args = [
-            "--role",
-            "primary",
-            "--insecure-link",
-            "--image",
-            &self.s("primary.img"),
-            "--size",
-            &size,
-            "--socket",
-            &self.s("pvm.sock"),
-            "--peer",
-            &peer,
-            "--qmp",
-            &self.s("primary.qmp"),
-            "--heartbeat-ms",
-            "100",
-            "--peer-timeout-ms",
-            "2000",
-        ];
-        self.primary = Some(Backend::start_with(&args, &self.p("pvm.sock")));
+        let b = Node::primary(self.dir.path(), "primary.img", DISK, self.port)
+            .socket("pvm.sock")
+            .qmp("primary.qmp")
+            .start();
+        self.primary = Some(b);
     }
 
-    fn qemu(&self, name: &str, incoming: bool) -> Vm {
+    fn qemu(&self, name: &str, incoming: bool) -> Proc {
         let accel = std::env::var("COLO_BLK_ACCEL").unwrap_or_else(|_| "tcg".into());
         let mut cmd = Command::new(colo_qemu());
         cmd.args(["-name", name, "-machine", "q35", "-accel", &accel])
@@ -421,15 +299,7 @@ impl Pair {
         if incoming {
             cmd.args(["-incoming", "defer"]);
         }
-        let label: &'static str = Box::leak(format!("[{name}]").into_boxed_str());
-        let (child, rx) = common::spawn_group(cmd, label);
-        Vm {
-            name: label,
-            child,
-            rx,
-            lines: Vec::new(),
-            dead: false,
-        }
+        Proc::spawn(cmd, name)
     }
 
     /// Backends, both QEMUs, and the migration into COLO. `ready` is the console line the PVM's
@@ -504,11 +374,11 @@ impl Pair {
         Qmp::connect(&p)
     }
 
-    fn pvm(&mut self) -> &mut Vm {
+    fn pvm(&mut self) -> &mut Proc {
         self.pvm.as_mut().unwrap()
     }
 
-    fn svm(&mut self) -> &mut Vm {
+    fn svm(&mut self) -> &mut Proc {
         self.svm.as_mut().unwrap()
     }
 
@@ -524,13 +394,7 @@ impl Pair {
         }
         let n = self.svm_name();
         let mut svm = self.qmp(&format!("{n}.qmp"));
-        svm.execute("x-colo-lost-heartbeat", json!({}))
-            .expect("x-colo-lost-heartbeat");
-        let deadline = Instant::now() + TIMEOUT;
-        while svm.execute("query-colo-status", json!({})).unwrap()["mode"] != "none" {
-            assert!(Instant::now() < deadline, "the SVM never left COLO");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        lost_heartbeat(&mut svm, "SVM");
         let t_out = now();
         let st = svm.execute("query-status", json!({})).unwrap();
         assert_eq!(st["status"], "running", "SVM after failover: {st}");
@@ -557,7 +421,7 @@ impl Pair {
             all.extend(
                 vm.failures()
                     .into_iter()
-                    .map(|l| format!("{} {l}", vm.name)),
+                    .map(|l| format!("[{}] {l}", vm.name)),
             );
         }
         assert!(all.is_empty(), "guest checks failed:\n{}", all.join("\n"));
@@ -859,14 +723,7 @@ fn secondary_lost_then_reprotected() {
     }
     let t = Instant::now();
     let mut pvm_qmp = pair.qmp("pvm.qmp");
-    pvm_qmp
-        .execute("x-colo-lost-heartbeat", json!({}))
-        .expect("x-colo-lost-heartbeat on the PVM");
-    let deadline = Instant::now() + TIMEOUT;
-    while pvm_qmp.execute("query-colo-status", json!({})).unwrap()["mode"] != "none" {
-        assert!(Instant::now() < deadline, "the PVM never left COLO");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    lost_heartbeat(&mut pvm_qmp, "PVM");
     eprintln!(
         "TIMING PVM out of COLO {:?} after the SVM's loss",
         t.elapsed()
@@ -939,14 +796,7 @@ fn ext4_through_failover() {
     if !prerequisites("ext4_through_failover") {
         return;
     }
-    if !common::in_path("mkfs.ext4") || !common::in_path("e2fsck") {
-        if std::env::var_os("CI").is_some() {
-            panic!("ext4_through_failover: e2fsprogs missing in CI");
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** ext4_through_failover: SKIPPED: e2fsprogs not installed"
-        );
+    if !e2fsprogs("ext4_through_failover", &["mkfs.ext4", "e2fsck"]) {
         return;
     }
     let _one = serial();

@@ -16,164 +16,22 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
+use common::pair::Node;
+use common::qemu::{
+    ctl_event, prerequisites, records_in, wait_ctl, wait_mid_epoch, writer_script, Proc, RECORD,
+};
 use common::{tempdir, Backend, Client, Qmp};
 use serde_json::{json, Value};
 
 const DISK: u64 = 16 << 20;
-const RECORD: usize = 4096;
 /// The guest writers stop after this many records (8 MiB), far more than a test needs.
 const MAX_RECORDS: u64 = 2048;
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const CTL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// True when python `qemu.qmp` (and, with `qemu`, QEMU) is there; otherwise prints SKIPPED
-/// (or panics in CI).
-fn prerequisites(test: &str, qemu: bool) -> bool {
-    let have_qemu = !qemu || common::in_path("qemu-system-x86_64");
-    let qmp = Command::new("python3")
-        .args(["-c", "import qemu.qmp"])
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if have_qemu && qmp {
-        return true;
-    }
-    let what = if have_qemu {
-        "python qemu.qmp not installed"
-    } else {
-        "QEMU not installed"
-    };
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: {what}, but CI must run the QEMU tests (see .ci/run)");
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** {test}: SKIPPED: {what}\n*** install qemu-system-x86 and `pip install qemu.qmp` \
-         (see .ci/run)"
-    );
-    false
-}
-
-// ---- processes -------------------------------------------------------------------------------
-
-/// A child in its own process group whose stdout+stderr lines arrive on a channel.
-struct Proc {
-    name: String,
-    child: Child,
-    rx: mpsc::Receiver<(f64, String)>,
-    lines: Vec<String>,
-    exited: Option<ExitStatus>,
-}
-
-impl Proc {
-    fn spawn(cmd: Command, name: &str) -> Proc {
-        let (child, rx) = common::spawn_group(cmd, &format!("[{name}]"));
-        Proc {
-            name: name.to_string(),
-            child,
-            rx,
-            lines: Vec::new(),
-            exited: None,
-        }
-    }
-
-    fn tail(&self) -> String {
-        let s = self.lines.len().saturating_sub(40);
-        self.lines[s..].join("\n")
-    }
-
-    /// Waits for the next line (after those already seen) matching `pred`.
-    fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok((_, line)) => {
-                    self.lines.push(line.clone());
-                    if pred(&line) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!(
-                    "{}: no {what} within {timeout:?} ({e:?}). Last output:\n{}",
-                    self.name,
-                    self.tail()
-                ),
-            }
-        }
-    }
-
-    fn wait_marker(&mut self, marker: &str, timeout: Duration) -> String {
-        self.wait_line(marker, timeout, |l| l.contains(marker))
-    }
-
-    /// Waits until the process closed its output and exited.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok((_, line)) => self.lines.push(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                    "{} did not exit within {timeout:?}. Last output:\n{}",
-                    self.name,
-                    self.tail()
-                ),
-            }
-        }
-        let st = self.child.wait().expect("wait");
-        self.exited = Some(st);
-        st
-    }
-
-    fn drain(&mut self) {
-        while let Ok((_, line)) = self.rx.try_recv() {
-            self.lines.push(line);
-        }
-    }
-
-    fn has_line(&self, marker: &str) -> bool {
-        self.lines.iter().any(|l| l.contains(marker))
-    }
-
-    /// SIGKILL to the whole process group (run-vm.sh and its QEMU).
-    fn kill(&mut self) {
-        if self.exited.is_none() {
-            // SAFETY: kill(2) on the process group we created.
-            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-            self.exited = self.child.wait().ok();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Parses a colo-ctl JSON line with `"event": name`.
-fn ctl_event(line: &str, name: &str) -> Option<Value> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    (v["event"] == name).then_some(v)
-}
-
-fn wait_ctl(ctl: &mut Proc, name: &str, timeout: Duration) -> Value {
-    let l = ctl.wait_line(name, timeout, |l| ctl_event(l, name).is_some());
-    ctl_event(&l, name).unwrap()
-}
 
 // ---- pairs -----------------------------------------------------------------------------------
 
@@ -202,60 +60,25 @@ impl Setup {
         self.p(name).display().to_string()
     }
 
-    fn secondary_args(&self, n: &str, port: u16) -> Vec<String> {
-        [
-            "--insecure-link",
-            "--role",
-            "secondary",
-            "--image",
-            &self.s(&format!("{n}-secondary.img")),
-            "--size",
-            &DISK.to_string(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--layer-dir",
-            &self.s(&format!("{n}-layers")),
-            "--qmp",
-            &self.s(&format!("{n}-secondary.qmp")),
-            "--heartbeat-ms",
-            "100",
-            "--peer-timeout-ms",
-            "2000",
-        ]
-        .map(String::from)
-        .to_vec()
-    }
-
     fn start_secondary(&self, n: &str, port: u16) -> Backend {
-        let args = self.secondary_args(n, port);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Backend::start_with(&refs, &self.p(&format!("{n}-secondary.qmp")))
+        Node::secondary(self.dir.path(), &format!("{n}-secondary.img"), DISK, port)
+            .layers(&format!("{n}-layers"))
+            .qmp(&format!("{n}-secondary.qmp"))
+            .start()
     }
 
     /// Starts pair `n` and waits until its primary is connected.
     fn pair(&self, n: &str) -> Pair {
         let mut secondary = self.start_secondary(n, 0);
-        let peer = format!("127.0.0.1:{}", secondary.listen_port());
-        let args = [
-            "--insecure-link",
-            "--role",
-            "primary",
-            "--image",
-            &self.s(&format!("{n}-primary.img")),
-            "--size",
-            &DISK.to_string(),
-            "--socket",
-            &self.s(&format!("{n}-pvm.sock")),
-            "--peer",
-            &peer,
-            "--qmp",
-            &self.s(&format!("{n}-primary.qmp")),
-            "--heartbeat-ms",
-            "100",
-            "--peer-timeout-ms",
-            "2000",
-        ];
-        let primary = Backend::start_with(&args, &self.p(&format!("{n}-pvm.sock")));
+        let primary = Node::primary(
+            self.dir.path(),
+            &format!("{n}-primary.img"),
+            DISK,
+            secondary.listen_port(),
+        )
+        .socket(&format!("{n}-pvm.sock"))
+        .qmp(&format!("{n}-primary.qmp"))
+        .start();
         secondary.wait_for_log("connected (epoch");
         Pair {
             name: n.to_string(),
@@ -275,21 +98,19 @@ impl Setup {
 
     /// Boots the test guest with one disk per pair in `disks` (vda, vdb, ...) running `script`.
     fn vm(&self, name: &str, disks: &[&str], script: &str, qmp: &str) -> Proc {
-        let script_path = self.p(&format!("{name}.sh"));
-        std::fs::write(&script_path, script).unwrap();
-        let mut cmd = Command::new("bash");
-        cmd.arg(common::repo().join("qemu-scripts/run-vm.sh"))
-            .arg("--guest")
-            .arg(common::guest_dir());
-        for d in disks {
-            cmd.arg("--socket").arg(self.p(&format!("{d}-pvm.sock")));
-        }
-        cmd.args(["--num-queues", "1", "--smp", "1", "--mem", "160M"])
-            .arg("--script")
-            .arg(&script_path)
-            .arg("--qmp")
-            .arg(self.p(qmp));
-        Proc::spawn(cmd, name)
+        let sockets: Vec<PathBuf> = disks
+            .iter()
+            .map(|d| self.p(&format!("{d}-pvm.sock")))
+            .collect();
+        common::qemu::run_vm(
+            self.dir.path(),
+            name,
+            &common::guest_dir(),
+            &sockets,
+            "160M",
+            script,
+            Some(&self.p(qmp)),
+        )
     }
 
     /// A stand-in for a VM's QEMU (stop/cont over QMP only).
@@ -303,12 +124,7 @@ impl Setup {
     }
 
     fn colo_ctl(&self, args: &[String], env: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new("python3");
-        cmd.arg(common::repo().join("qemu-scripts/colo-ctl.py"))
-            .args(args)
-            .envs(env.iter().copied())
-            .current_dir(self.dir.path());
-        Proc::spawn(cmd, "colo-ctl")
+        common::qemu::colo_ctl(self.dir.path(), args, env)
     }
 
     /// The hook: copies every pair's primary image to `snap/G-PAIR.img` while all VMs are
@@ -348,89 +164,10 @@ fn assert_at_group(t: &Setup, n: &str, g: u64) {
     assert_eq!(got.len(), want.len());
 }
 
-// ---- records ---------------------------------------------------------------------------------
-
-/// The exact bytes of record `i`: 64 lines `R{i:08}-{k:02}-{payload}` (see tests/colo_e2e.rs).
-fn record(i: u64) -> Vec<u8> {
-    let payload = format!("{:010}", i * 7919).repeat(5);
-    let mut s = String::with_capacity(RECORD);
-    for k in 0..64 {
-        s.push_str(&format!("R{i:08}-{k:02}-{payload}\n"));
-    }
-    assert_eq!(s.len(), RECORD);
-    s.into_bytes()
-}
-
-/// Checks an image: records 0..n exact, zeros after. Returns n.
-fn records_in(image: &Path) -> u64 {
-    let data = std::fs::read(image).expect("read image");
-    let mut n = 0u64;
-    while (n as usize + 1) * RECORD <= data.len() {
-        let blk = &data[n as usize * RECORD..(n as usize + 1) * RECORD];
-        if blk.iter().all(|&b| b == 0) {
-            break;
-        }
-        assert!(
-            blk == record(n).as_slice(),
-            "{}: record {n} is torn or wrong: {:?}",
-            image.display(),
-            String::from_utf8_lossy(&blk[..80])
-        );
-        n += 1;
-    }
-    if let Some(pos) = data[n as usize * RECORD..].iter().position(|&b| b != 0) {
-        panic!(
-            "{}: data after the last record {n}: byte {}",
-            image.display(),
-            n as usize * RECORD + pos
-        );
-    }
-    n
-}
-
-/// Guest script: record i to block i of every disk in `disks`, in that order, per iteration
-/// (O_DIRECT), printing progress.
-fn writer_script(disks: &[&str]) -> String {
-    let writes: String = disks
-        .iter()
-        .map(|d| {
-            format!(
-                "  dd if=/tmp/rec of=/dev/{d} bs=4096 count=1 seek=$i oflag=direct 2>/tmp/err \
-                 || echo \"COLO-WRITER: IOERR {d} at $i: $(cat /tmp/err)\"\n"
-            )
-        })
-        .collect();
-    format!(
-        r#"i=0
-: >/tmp/tpl
-for k in $(seq -w 0 63); do echo "R@@@@@@@@-$k-PPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPP" >>/tmp/tpl; done
-echo "COLO-WRITER: start"
-while [ $i -lt {MAX_RECORDS} ]; do
-  n=$(printf %08d $i); p=$(printf %010d $((i * 7919)))
-  sed "s/@@@@@@@@/$n/; s/PPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPP/$p$p$p$p$p/" /tmp/tpl >/tmp/rec
-{writes}  i=$((i + 1))
-  [ $((i % 20)) = 0 ] && echo "COLO-WRITER: progress $i"
-done
-echo "COLO-WRITER: done $i"
-sleep 100000
-"#
-    )
-}
-
-/// Waits until pair `n`'s primary forwarded at least `bytes` since its last checkpoint, so
-/// that the failover has something to roll back.
-fn wait_mid_epoch(t: &Setup, n: &str, bytes: u64) {
-    let mut q = Qmp::connect(&t.p(&format!("{n}-primary.qmp")));
-    let deadline = Instant::now() + CTL_TIMEOUT;
-    while q.execute("query-replication", json!({})).unwrap()["bytes-sent-since-checkpoint"]
-        .as_u64()
-        .unwrap()
-        < bytes
-    {
-        assert!(Instant::now() < deadline, "the guest stopped writing");
-        // A polling interval, not synchronisation.
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// Guest script: record i to block i of every disk in `disks` per iteration, progress every
+/// 20 records; stops at MAX_RECORDS.
+fn writer(disks: &[&str]) -> String {
+    writer_script(disks, MAX_RECORDS, 20)
 }
 
 /// Runs the group in pause mode with `members` (each: QEMU QMP name, its pairs) until `k`
@@ -483,10 +220,14 @@ fn run_and_lose_primaries(
     assert!(
         !ctl.lines
             .iter()
-            .any(|l| ctl_event(l, "checkpoint-error").is_some()),
+            .any(|(_, l)| ctl_event(l, "checkpoint-error").is_some()),
         "a group checkpoint failed"
     );
-    wait_mid_epoch(t, &pairs[0].name, 3 * RECORD as u64);
+    wait_mid_epoch(
+        &t.p(&format!("{}-primary.qmp", pairs[0].name)),
+        3 * RECORD as u64,
+        CTL_TIMEOUT,
+    );
     for vm in vms.iter_mut() {
         vm.kill();
     }
@@ -524,12 +265,7 @@ fn one_vm_two_disks_fail_over_to_one_checkpoint() {
     }
     let t = Setup::new();
     let mut pairs = [t.pair("a"), t.pair("b")];
-    let vm = t.vm(
-        "pvm",
-        &["a", "b"],
-        &writer_script(&["vda", "vdb"]),
-        "pvm.qmp",
-    );
+    let vm = t.vm("pvm", &["a", "b"], &writer(&["vda", "vdb"]), "pvm.qmp");
     let mut vms = [vm];
     let (f, pauses, _ctl) =
         run_and_lose_primaries(&t, &mut pairs, &mut vms, &[("pvm.qmp", &["a", "b"])], 5);
@@ -564,8 +300,8 @@ fn two_vms_fail_over_to_one_checkpoint() {
     }
     let t = Setup::new();
     let mut pairs = [t.pair("a"), t.pair("b")];
-    let vm1 = t.vm("vm1", &["a"], &writer_script(&["vda"]), "vm1.qmp");
-    let vm2 = t.vm("vm2", &["b"], &writer_script(&["vda"]), "vm2.qmp");
+    let vm1 = t.vm("vm1", &["a"], &writer(&["vda"]), "vm1.qmp");
+    let vm2 = t.vm("vm2", &["b"], &writer(&["vda"]), "vm2.qmp");
     let mut vms = [vm1, vm2];
     let (f, pauses, _ctl) = run_and_lose_primaries(
         &t,

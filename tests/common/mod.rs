@@ -1,11 +1,13 @@
 //! Test support: start the real `colo-blk` binary and drive it with a real vhost-user-blk
-//! client (libblkio's pure-Rust `blkio` crate). Replication pairs: [`pair`].
+//! client (libblkio's pure-Rust `blkio` crate). Replication pairs: [`pair`]; QEMU guests,
+//! colo-ctl and other children whose output lines the tests wait on: [`qemu`].
 //!
 //! Every tests/*.rs file is a crate of its own that uses some of this: what one does not use
 //! is allowed to be dead code.
 #![allow(dead_code)]
 
 pub mod pair;
+pub mod qemu;
 
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
