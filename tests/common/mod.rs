@@ -283,17 +283,20 @@ impl Client {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+/// The xorshift sequence of `seed`: deterministic pseudo-random numbers, so failures reproduce.
+pub fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    std::iter::repeat_with(move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    })
+}
+
+/// Deterministic pseudo-random bytes (the low bytes of [`xorshift`]), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    xorshift(seed).take(len).map(|x| x as u8).collect()
 }
 
 /// A fresh temporary directory for one test.

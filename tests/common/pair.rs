@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::{pattern, Backend, Client, Qmp};
+use super::{pattern, xorshift, Backend, Client, Qmp};
 
 /// A path as a command-line argument.
 pub fn s(p: &Path) -> String {
@@ -277,12 +277,10 @@ pub fn seeded_writes(
     lens: &[usize],
     offset: impl Fn(usize, u64, usize) -> u64,
 ) -> Vec<WriteReq> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+    xorshift(seed)
+        .take(n)
+        .enumerate()
+        .map(|(i, x)| {
             let len = lens[(x % lens.len() as u64) as usize];
             (
                 i % 4,
