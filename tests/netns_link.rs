@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use common::pair::hot_writes;
 use common::{pattern, Backend, Client, Qmp};
 use serde_json::{json, Value};
 
@@ -696,17 +697,7 @@ impl Pair {
 /// Random writes of several sizes on four queues, concurrently, partly overlapping; every
 /// guest write must succeed.
 fn random_batch(c: &mut Client, seed: u64, n: usize) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut writes = Vec::new();
-    for i in 0..n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let len = [512usize, 4096, 8192, 65536][(x % 4) as usize];
-        let span = if i % 2 == 0 { MIB } else { DISK };
-        let off = ((x >> 8) % ((span - len as u64) / 512)) * 512;
-        writes.push((i % 4, off, pattern(seed * 1000 + i as u64, len)));
-    }
+    let writes = hot_writes(seed, n, &[512, 4096, 8192, 65536], DISK);
     for (i, r) in c.write_concurrently(&writes).into_iter().enumerate() {
         assert_eq!(r, 0, "guest write {i} of batch {seed} failed");
     }
