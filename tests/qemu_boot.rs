@@ -289,14 +289,15 @@ fn check_image(image: &Path, pat: &[u8]) {
 fn qemu_guest_writes_and_reads_back_across_reconnect() {
     let qemu = qemu_binary();
     if !common::in_path(&qemu) {
-        if std::env::var_os("CI").is_some() {
-            panic!("{qemu} is not installed, but CI must run the QEMU test (see .ci/run)");
-        }
-        eprintln!();
-        eprintln!("**************************************************************");
-        eprintln!("*** SKIPPED: QEMU not installed ({qemu} not in PATH)");
-        eprintln!("*** install it as .ci/run does to run qemu_boot");
-        eprintln!("**************************************************************");
+        common::qemu::skip(
+            &format!("{qemu} is not installed, but CI must run the QEMU test (see .ci/run)"),
+            &format!(
+                "\n**************************************************************\n\
+                 *** SKIPPED: QEMU not installed ({qemu} not in PATH)\n\
+                 *** install it as .ci/run does to run qemu_boot\n\
+                 **************************************************************"
+            ),
+        );
         return;
     }
 
