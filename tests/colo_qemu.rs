@@ -85,7 +85,7 @@ fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-// ---- QMP events, paths, ports -----------------------------------------------------------------
+// ---- QMP events ------------------------------------------------------------------------------
 
 /// QMP events of one QEMU (a second monitor), read by a thread.
 struct Events {
@@ -159,14 +159,6 @@ fn lost_heartbeat(q: &mut Qmp, who: &str) {
         // A polling interval, not synchronisation.
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 // ---- the pair --------------------------------------------------------------------------------
@@ -332,7 +324,7 @@ impl Pair {
     fn protect(&mut self) {
         let n = self.svm_name();
         self.svm = Some(self.qemu(&n, true));
-        let mport = free_port();
+        let mport = common::free_port();
         let caps = json!({"capabilities": [
             {"capability": "return-path", "state": true},
             {"capability": "x-colo", "state": true}]});

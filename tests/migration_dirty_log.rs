@@ -172,14 +172,6 @@ fn md5_hex(data: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap()[..32].to_string()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn backend_writes_during_migration_reach_the_destination() {
     if !common::in_path("qemu-system-x86_64") {
@@ -217,7 +209,7 @@ fn backend_writes_during_migration_reach_the_destination() {
         &["--size", &size, "--num-queues", "1"],
     );
 
-    let port = free_port();
+    let port = common::free_port();
     let vm = |name: &'static str, extra: &[&str]| {
         let mut cmd = Command::new("bash");
         cmd.arg(common::repo().join("qemu-scripts/run-vm.sh"))
