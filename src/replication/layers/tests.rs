@@ -489,7 +489,8 @@ fn originals_in_holes_of_base_are_zeros_without_being_read_or_stored() {
     }
     // One write over three quarters of it (three copy-before-write runs), one over the tail.
     ld.primary_write(0, &pattern(2, 0, 3 << 20)).unwrap();
-    ld.primary_write((4 << 20) - 8192, &pattern(3, 0, 8192)).unwrap();
+    ld.primary_write((4 << 20) - 8192, &pattern(3, 0, 8192))
+        .unwrap();
     assert_eq!(read_all(&ld), original, "SVM view is the checkpoint");
     let st = ld.read_state();
     let hidden = &st.stage.layers().unwrap().hidden[0].layer;
