@@ -13,6 +13,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+. "$REPO/qemu-scripts/bench-lib.sh"
 REPS=3
 SECONDS_PER=5
 WORKDIR=
@@ -78,22 +80,8 @@ start() {
     echo "timeout waiting for the ready line of $logf" >&2
     return 1
 }
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 ready_port() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ready"]["listen"].rsplit(":",1)[1])' "$1"; }
 
-qmp() { # qmp SOCKET COMMAND [JSON-ARGS]
-    python3 - "$@" <<'PY'
-import asyncio, json, sys
-from qemu.qmp import QMPClient
-async def main(path, cmd, args):
-    q = QMPClient("bench")
-    await q.connect(path)
-    r = await q.execute(cmd, json.loads(args) if args else None)
-    print(json.dumps(r))
-    await q.disconnect()
-asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""))
-PY
-}
 
 # sampler SOCKET OUT: polls query-replication every 50 ms until killed; one JSON line per
 # sample; its pid is in $SAMPLER.

@@ -11,6 +11,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+. "$REPO/qemu-scripts/bench-lib.sh"
 REPS=3
 SECONDS_PER=5
 WORKDIR=
@@ -53,7 +55,8 @@ trap cleanup EXIT
 start() {
     local logf=$1 marker=$2
     shift 2
-    "$COLO" "$@" >"$logf" 2>&1 &
+    : >"$logf"
+    "$COLO" "$@" >>"$logf" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     for _ in $(seq 1 600); do
@@ -64,7 +67,6 @@ start() {
     echo "timeout waiting for '$marker' in $logf" >&2
     return 1
 }
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 # Waits until the primary's session is up (its ready line may come before or after it).
 wait_session() { # LOGFILE
     for _ in $(seq 1 600); do
@@ -75,19 +77,6 @@ wait_session() { # LOGFILE
     return 1
 }
 
-qmp() { # qmp SOCKET COMMAND [JSON-ARGS]
-    python3 - "$@" <<'PY'
-import asyncio, json, sys
-from qemu.qmp import QMPClient
-async def main(path, cmd, args):
-    q = QMPClient("bench")
-    await q.connect(path)
-    r = await q.execute(cmd, json.loads(args) if args else None)
-    print(json.dumps(r))
-    await q.disconnect()
-asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""))
-PY
-}
 
 SIZE=2G
 WORKLOADS=randwrite-4k-qd32,seqwrite-1m-qd8
@@ -110,6 +99,8 @@ measure() { # W L SOCKET PRIMARY_QMP|- PID...
     local w=$1 label=$2 sock=$3 pqmp=$4
     shift 4
     local before=() after=() p
+    # Every run starts without the previous runs' dirty pages still being written back.
+    sync
     for p in "$@"; do before+=("$(cpu_of "$p")"); done
     local line
     line=$("$BENCH" --socket "$sock" --workload "$w" --seconds "$SECONDS_PER" --warmup 0 --json --label "$label")

@@ -630,8 +630,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Protoc
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h).await?;
     let header = Frame::parse_header(&h)?;
-    let mut payload = vec![0u8; header.payload_len];
-    r.read_exact(&mut payload).await?;
+    // Read into the buffer's spare capacity: zero-filling up to MAX_PAYLOAD bytes first would
+    // cost a memset as large as the copy out of the socket.
+    let n = header.payload_len;
+    let mut payload = Vec::with_capacity(n);
+    while payload.len() < n {
+        let mut rest = (&mut *r).take((n - payload.len()) as u64);
+        if rest.read_buf(&mut payload).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
     Frame::from_parts(header, payload)
 }
 
@@ -829,6 +837,27 @@ mod tests {
         }
         for f in samples() {
             assert_eq!(read_frame(&mut b).await.unwrap(), f);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_payload_that_arrives_in_pieces_is_read_whole_and_a_cut_one_is_an_error() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + 1) as u8).collect();
+        let f = Frame::write(9, 1 << 20, data);
+        // A 5-byte pipe: every read returns a few bytes of the payload.
+        let (mut a, mut b) = tokio::io::duplex(5);
+        let bytes = f.encode();
+        let writer = tokio::spawn(async move { a.write_all(&bytes).await.map(|()| a) });
+        assert_eq!(read_frame(&mut b).await.unwrap(), f);
+        drop(writer.await.unwrap().unwrap());
+        // The stream ends in the middle of the payload.
+        let bytes = f.encode();
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        a.write_all(&bytes[..bytes.len() - 1]).await.unwrap();
+        drop(a);
+        match read_frame(&mut b).await {
+            Err(ProtocolError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+            other => panic!("a cut payload gave {other:?}"),
         }
     }
 }

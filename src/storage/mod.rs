@@ -96,12 +96,26 @@ pub(crate) fn total_len(bufs: &[GuestSlice<'_>]) -> usize {
 
 /// Copies a list of guest buffers into one host buffer.
 pub(crate) fn gather(bufs: &[GuestSlice<'_>]) -> Vec<u8> {
-    let mut out = vec![0u8; total_len(bufs)];
-    let mut pos = 0;
+    let len = total_len(bufs);
+    // Copied straight into the new buffer's capacity: zero-filling it first would cost as
+    // much as the copy (a 1 MiB write is one memset of 1 MiB more).
+    let mut out = Vec::<u8>::with_capacity(len);
+    // SAFETY: `out` owns `len` bytes of allocated, unaliased capacity at this address, which
+    // outlives `dst` (dropped at the end of this block, before `out` is touched again).
+    let dst = unsafe { vm_memory::VolatileSlice::new(out.as_mut_ptr(), len) };
+    let mut written = 0;
     for b in bufs {
-        b.copy_to(&mut out[pos..pos + b.len()]);
-        pos += b.len();
+        // `total_len` summed these lengths, so every subslice is in range.
+        let Ok(d) = dst.subslice(written, b.len()) else {
+            break;
+        };
+        b.copy_to_volatile_slice(d);
+        written += b.len();
     }
+    // SAFETY: the loop wrote bytes 0..written (its subslices are consecutive).
+    unsafe { out.set_len(written) };
+    // Only if a length did not add up (it does): never hand out uninitialised bytes.
+    out.resize(len, 0);
     out
 }
 
@@ -113,5 +127,34 @@ pub(crate) fn check_range(capacity: u64, offset: u64, len: u64) -> io::Result<()
             io::ErrorKind::InvalidInput,
             format!("range {offset}+{len} is beyond the end of the device ({capacity} bytes)"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+    #[test]
+    fn gather_concatenates_the_guest_buffers_in_order() {
+        // Two regions, so one buffer is cut in two slices at the boundary.
+        let mem: GuestMem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x2000),
+            (GuestAddress(0x2000), 0x2000),
+        ])
+        .unwrap();
+        let data: Vec<u8> = (0..0x4000u32).map(|i| (i * 31 + 7) as u8).collect();
+        mem.write_slice(&data, GuestAddress(0)).unwrap();
+        let bufs: Vec<GuestSlice<'_>> = [(0x3000u64, 0x800usize), (0x100, 0x1f80), (0x40, 1)]
+            .iter()
+            .flat_map(|&(a, l)| mem.get_slices(GuestAddress(a), l))
+            .map(|s| s.unwrap())
+            .collect();
+        assert_eq!(bufs.len(), 4, "the middle buffer spans both regions");
+        let mut want = data[0x3000..0x3800].to_vec();
+        want.extend_from_slice(&data[0x100..0x2080]);
+        want.push(data[0x40]);
+        assert_eq!(gather(&bufs), want);
+        assert!(gather(&[]).is_empty());
     }
 }

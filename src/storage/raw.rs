@@ -119,6 +119,28 @@ impl RawImage {
         Some(file)
     }
 
+    /// Where data may begin in `file` at or after `pos`, at most `end`: `end` when all of
+    /// `[pos, end)` is a hole (it reads back as zeros without anything being read). Asks the
+    /// file system (`SEEK_DATA`); where it cannot tell (an error, a file system without hole
+    /// tracking, which reports everything as data), the answer is `pos`, which only costs a read.
+    pub(crate) fn data_from(file: &File, pos: u64, end: u64) -> u64 {
+        match seek(file, pos, libc::SEEK_DATA) {
+            Ok(d) => d.clamp(pos, end),
+            // No data at or after `pos`.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+            Err(_) => pos,
+        }
+    }
+
+    /// Where the data at `pos` ends (`SEEK_HOLE`), at most `end`; `end` where the file system
+    /// cannot tell (so the caller reads all of it).
+    pub(crate) fn hole_from(file: &File, pos: u64, end: u64) -> u64 {
+        match seek(file, pos, libc::SEEK_HOLE) {
+            Ok(h) => h.clamp(pos, end),
+            Err(_) => end,
+        }
+    }
+
     /// Whether a transfer of `len` bytes at `offset` through buffers `addrs` (address, length)
     /// can go to the file as it is (always without O_DIRECT; with it, everything 4 KiB aligned).
     pub(crate) fn aligned(
@@ -495,6 +517,19 @@ impl AlignedBuf {
     }
     fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
+/// `lseek(2)` of `file` to `pos` with `whence`. Only used on descriptors that are read with
+/// `pread` (the copy-before-write reader), so moving their file position does not matter.
+fn seek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<u64> {
+    let pos = libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek only takes integers; the descriptor is open for the borrow of `file`.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
     }
 }
 

@@ -101,6 +101,8 @@ pub(super) struct Layer {
     /// of absent clusters are still holes (they read back as zeros): storing an all-zero
     /// cluster needs no data write. Only used for hidden, whose clusters are written once.
     pristine: bool,
+    /// The CRC-32C of that many zero bytes (see [`Layer::zero_crc`]).
+    zero_crc: Option<(usize, u32)>,
     /// Where the next record goes.
     log_end: u64,
     /// Records built but not yet written to the log.
@@ -133,6 +135,7 @@ impl Layer {
             kind,
             clusters: BTreeSet::new(),
             pristine: true,
+            zero_crc: None,
             log_end: log_start,
             pending: Vec::new(),
             unlogged: Vec::new(),
@@ -203,6 +206,7 @@ impl Layer {
             kind,
             clusters,
             pristine: false,
+            zero_crc: None,
             log_end,
             pending: Vec::new(),
             unlogged: Vec::new(),
@@ -238,15 +242,63 @@ impl Layer {
         }
         r?;
         for (i, chunk) in data.chunks(cluster_size).enumerate() {
-            let cluster = first + i as u64;
-            Record::Holds {
-                cluster,
-                crc: Some(crc32c::crc32c(chunk)),
-            }
-            .encode(&mut self.pending);
-            self.clusters.insert(cluster);
+            self.note_saved(first + i as u64, crc32c::crc32c(chunk));
         }
         Ok(())
+    }
+
+    /// Hidden: as [`Layer::save`] for `len` bytes of clusters from `first` whose originals are
+    /// known to be zeros (a hole in base, so nothing was read). On a pristine layer nothing is
+    /// written: the clusters' regions are holes too, and their records carry the checksum of
+    /// zeros, which is what a replay reads back.
+    pub(super) fn save_zeroes(
+        &mut self,
+        first: u64,
+        len: usize,
+        cluster_size: usize,
+    ) -> io::Result<()> {
+        if !self.pristine {
+            return self.save(&vec![0; len], first, cluster_size);
+        }
+        let (mut cluster, mut left) = (first, len);
+        while left > 0 {
+            let n = left.min(cluster_size);
+            let crc = self.zero_crc(n);
+            self.note_saved(cluster, crc);
+            cluster += 1;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    /// Queues the index record of a saved original and counts the cluster as held.
+    fn note_saved(&mut self, cluster: u64, crc: u32) {
+        Record::Holds {
+            cluster,
+            crc: Some(crc),
+        }
+        .encode(&mut self.pending);
+        self.clusters.insert(cluster);
+    }
+
+    /// CRC-32C of `len` zero bytes (the last length asked for is remembered: it is nearly
+    /// always the cluster size).
+    fn zero_crc(&mut self, len: usize) -> u32 {
+        if let Some((l, crc)) = self.zero_crc {
+            if l == len {
+                return crc;
+            }
+        }
+        static ZEROS: [u8; 4096] = [0; 4096];
+        let mut crc = 0;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(ZEROS.len());
+            crc = crc32c::crc32c_append(crc, &ZEROS[..n]);
+            left -= n;
+        }
+        self.zero_crc = Some((len, crc));
+        crc
     }
 
     /// Active: records that the layer now holds `cluster` (logged at the next flush).

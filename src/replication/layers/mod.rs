@@ -1128,12 +1128,14 @@ impl LayeredDisk {
             }
             let start = c * cs;
             let stop = (end * cs).min(self.capacity);
-            buf.resize((stop - start) as usize, 0);
             match &self.cbw_reader {
-                Some(f) => f.read_exact_at(&mut buf, start)?,
-                None => self.base.read_at(&mut buf, start)?,
+                Some(f) => save_sparse_originals(hidden, f, start, stop, cs, &mut buf)?,
+                None => {
+                    buf.resize((stop - start) as usize, 0);
+                    self.base.read_at(&mut buf, start)?;
+                    hidden.save(&buf, c, cs as usize)?;
+                }
             }
-            hidden.save(&buf, c, cs as usize)?;
             c = end;
         }
         Ok(())
@@ -1364,6 +1366,44 @@ fn zero_file_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
         let n = (end - pos).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], pos)?;
         pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Saves in `hidden` the originals of the clusters `[start, stop)` (`start` cluster-aligned,
+/// `stop` aligned or the capacity), read from base through `f`, without reading the clusters
+/// that lie wholly in a hole of base: their originals are zeros. On a fresh sparse disk that
+/// is nearly every cluster a write touches first, and reading a hole is not free (the kernel
+/// zero-fills and caches a page for every 4 KiB of it).
+fn save_sparse_originals(
+    hidden: &mut Layer,
+    f: &File,
+    start: u64,
+    stop: u64,
+    cs: u64,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    let mut pos = start;
+    while pos < stop {
+        let data = RawImage::data_from(f, pos, stop);
+        // The clusters wholly before the first data are zeros.
+        let hole_end = if data >= stop {
+            stop
+        } else {
+            pos + (data - pos) / cs * cs
+        };
+        if hole_end > pos {
+            hidden.save_zeroes(pos / cs, (hole_end - pos) as usize, cs as usize)?;
+            pos = hole_end;
+            continue;
+        }
+        // `pos`'s cluster holds data: read up to the end of the cluster where the data ends.
+        let data_end = RawImage::hole_from(f, data, stop);
+        let read_end = (data_end.div_ceil(cs) * cs).max(pos + cs).min(stop);
+        buf.resize((read_end - pos) as usize, 0);
+        f.read_exact_at(buf, pos)?;
+        hidden.save(buf, pos / cs, cs as usize)?;
+        pos = read_end;
     }
     Ok(())
 }

@@ -469,6 +469,48 @@ fn hidden_does_not_store_zero_clusters() {
 }
 
 #[test]
+fn originals_in_holes_of_base_are_zeros_without_being_read_or_stored() {
+    let cs = 65536;
+    let (tmp, base, ld) = setup(4 << 20, cs);
+    let dir = tmp.path().join("layers");
+    // Data in a few places of an otherwise sparse base: part of cluster 1, all of cluster 5,
+    // the first 4 KiB of cluster 6, the last 512 bytes of cluster 20 and of the last cluster.
+    let mut original = vec![0u8; 4 << 20];
+    for (at, len) in [
+        (70_000, 5_000),
+        (5 * cs, cs),
+        (6 * cs, 4096),
+        (21 * cs - 512, 512),
+        ((4 << 20) - 512, 512),
+    ] {
+        let (at, len) = (at as usize, len as usize);
+        original[at..at + len].copy_from_slice(&pattern(1, at as u64, len));
+        base.write_at(&original[at..at + len], at as u64).unwrap();
+    }
+    // One write over three quarters of it (three copy-before-write runs), one over the tail.
+    ld.primary_write(0, &pattern(2, 0, 3 << 20)).unwrap();
+    ld.primary_write((4 << 20) - 8192, &pattern(3, 0, 8192))
+        .unwrap();
+    assert_eq!(read_all(&ld), original, "SVM view is the checkpoint");
+    let st = ld.read_state();
+    let hidden = &st.stage.layers().unwrap().hidden[0].layer;
+    assert_eq!(hidden.clusters.len(), 48 + 1);
+    use std::os::unix::fs::MetadataExt;
+    // Only the five clusters with data and the index log take space.
+    let used = hidden.file.metadata().unwrap().blocks() * 512;
+    assert!(used <= 5 * cs + 8192, "hidden uses {used} bytes");
+    drop(st);
+    // The records of the zero clusters replay (their checksums are those of zeros).
+    let ld = restart(&base, &dir, cs, ld);
+    assert_eq!(read_all(&ld), original, "SVM view after a restart");
+    ld.failover().unwrap();
+    assert!(
+        first_diff(&read_all(&*base), &original).is_none(),
+        "failover restores the original"
+    );
+}
+
+#[test]
 fn stream_and_checkpoint_refused_after_failover() {
     let (_t, _base, ld) = setup(1 << 20, 4096);
     ld.failover().unwrap();
