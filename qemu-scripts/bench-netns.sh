@@ -10,6 +10,7 @@
 # Workloads: blkbench randwrite-4k-qd32 and seqwrite-1m-qd8, one queue, 2 GiB images (fallocated),
 # --insecure-link for the netns part (TLS cost is measured separately). Needs root for netns.
 # Usage: qemu-scripts/bench-netns.sh [--part tls|netns|all] [--reps N] [--seconds S] [--dir DIR]
+# Environment: COLO_BLK (the colo-blk binary to measure; default: build target/release/colo-blk)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,14 +34,15 @@ done
 log() { echo "[bench-netns] $*" >&2; }
 
 cd "$REPO"
-cargo build --release -q
+# COLO_BLK: a colo-blk binary to measure (e.g. a copy, so a build during the run changes nothing).
+[ -n "${COLO_BLK:-}" ] || cargo build --release -q
 BENCH=$(cargo bench --bench blkbench --no-run --message-format=json-render-diagnostics 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="blkbench" and m.get("executable"):
         print(m["executable"])' | tail -n1)
-COLO=$REPO/target/release/colo-blk
+COLO=${COLO_BLK:-$REPO/target/release/colo-blk}
 [ -x "$BENCH" ] || { echo "blkbench not built" >&2; exit 1; }
 
 [ -n "$WORKDIR" ] || WORKDIR=$(mktemp -d /var/tmp/colo-blk-netns.XXXXXX)
