@@ -7,7 +7,7 @@
 #         end rate-limited with `tc qdisc ... tbf` (1gbit, 10gbit, and no limit), async mode,
 #         plus --sync at 1gbit; bytes-in-flight sampled every 50 ms (query-replication) during
 #         each workload.
-# Workloads: blkbench randwrite-4k-qd32 and seqwrite-1m-qd8, one queue, 2 GiB images (fallocated),
+# Workloads: blkbench randwrite-4k-qd32 and seqwrite-1m-qd8, one queue, 2 GiB images (created by colo-blk),
 # --insecure-link for the netns part (TLS cost is measured separately). Needs root for netns.
 # Usage: qemu-scripts/bench-netns.sh [--part tls|netns|all] [--reps N] [--seconds S] [--dir DIR]
 # Environment: COLO_BLK (the colo-blk binary to measure; default: build target/release/colo-blk)
@@ -123,19 +123,26 @@ pair() {
     else
         sec=(--insecure-link)
     fi
-    rm -rf "$WORKDIR/p.img" "$WORKDIR/s.img" "$WORKDIR/layers"
-    fallocate -l $SIZE "$WORKDIR/p.img"
-    fallocate -l $SIZE "$WORKDIR/s.img"
+    # colo-blk creates both images (--size): known zero, so the pair starts in sync. Images
+    # made by fallocate would carry no replication history, and the secondary refuses the full
+    # sync they need unless it is allowed to.
+    rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
     local spid ppid port
-    spid=$(start "$WORKDIR/secondary.log" "$nss" --role secondary "${sec[@]}" --image "$WORKDIR/s.img" \
+    spid=$(start "$WORKDIR/secondary.log" "$nss" --role secondary "${sec[@]}" --image "$WORKDIR/s.img" --size $SIZE \
         --listen "$host:0" --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp")
     port=$(ready_port "$WORKDIR/secondary.log.out")
-    ppid=$(start "$WORKDIR/primary.log" "$nsp" --role primary "${sec[@]}" --image "$WORKDIR/p.img" \
+    ppid=$(start "$WORKDIR/primary.log" "$nsp" --role primary "${sec[@]}" --image "$WORKDIR/p.img" --size $SIZE \
         --socket "$WORKDIR/p.sock" --peer "$host:$port" --qmp "$WORKDIR/p.qmp" "$@")
+    local up=0
     for _ in $(seq 1 200); do
-        grep -q "replicating to" "$WORKDIR/primary.log" && break
+        grep -aq "replicating to" "$WORKDIR/primary.log" && { up=1; break; }
         sleep 0.05
     done
+    if [ "$up" != 1 ]; then
+        echo "the primary did not connect to the secondary:" >&2
+        tail -n 5 "$WORKDIR/primary.log" "$WORKDIR/secondary.log" >&2
+        exit 1
+    fi
     for w in "${WORKLOADS[@]}"; do
         sampler "$WORKDIR/p.qmp" "$WORKDIR/samples.jsonl"
         local spl=$SAMPLER
