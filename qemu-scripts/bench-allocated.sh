@@ -35,12 +35,7 @@ done
 cd "$REPO"
 [ -n "${COLO_BLK:-}" ] || cargo build --release -q
 COLO=${COLO_BLK:-$REPO/target/release/colo-blk}
-BENCH=$(cargo bench --bench blkbench --no-run --message-format=json-render-diagnostics 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="blkbench" and m.get("executable"):
-        print(m["executable"])' | tail -n1)
+BENCH=$(blkbench_path)
 [ -x "$BENCH" ] || { echo "blkbench not built" >&2; exit 1; }
 [ -n "$D" ] || D=$(mktemp -d /var/tmp/colo-blk-alloc.XXXXXX)
 mkdir -p "$D"

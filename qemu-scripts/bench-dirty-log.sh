@@ -6,6 +6,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+. "$REPO/qemu-scripts/bench-lib.sh"
 REPS=3
 SECONDS_PER=5
 WORKDIR=
@@ -26,12 +28,7 @@ log() { echo "[bench-dirty-log] $*" >&2; }
 
 cd "$REPO"
 cargo build --release -q
-BENCH=$(cargo bench --bench blkbench --no-run --message-format=json-render-diagnostics 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="blkbench" and m.get("executable"):
-        print(m["executable"])' | tail -n1)
+BENCH=$(blkbench_path)
 COLO=$REPO/target/release/colo-blk
 [ -x "$BENCH" ] || { echo "blkbench not built" >&2; exit 1; }
 
@@ -58,7 +55,6 @@ start() { # LOGFILE MARKER ARGS...
     echo "timeout waiting for '$marker' in $logf" >&2
     return 1
 }
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 RESULTS=$WORKDIR/results.jsonl
 : >"$RESULTS"

@@ -25,3 +25,14 @@ async def main(path, cmd, args):
 asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""))
 PY
 }
+
+# blkbench_path: builds benches/blkbench.rs if needed and prints its executable (found in
+# cargo's JSON messages; run from the repository).
+blkbench_path() {
+    cargo bench --bench blkbench --no-run --message-format=json-render-diagnostics 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="blkbench" and m.get("executable"):
+        print(m["executable"])' | tail -n1
+}

@@ -33,12 +33,7 @@ log() { echo "[bench-replication] $*" >&2; }
 cd "$REPO"
 # COLO_BLK: a colo-blk binary to measure (e.g. a copy of an older build) instead of building.
 [ -n "${COLO_BLK:-}" ] || cargo build --release -q
-BENCH=$(cargo bench --bench blkbench --no-run --message-format=json-render-diagnostics 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="blkbench" and m.get("executable"):
-        print(m["executable"])' | tail -n1)
+BENCH=$(blkbench_path)
 COLO=${COLO_BLK:-$REPO/target/release/colo-blk}
 [ -x "$BENCH" ] || { echo "blkbench not built" >&2; exit 1; }
 
