@@ -296,6 +296,16 @@ fn model(stream: &[u8]) -> Model {
     m
 }
 
+/// The kinds and sequence numbers of the whole frames in `bytes`, for failure messages.
+fn kinds(mut bytes: &[u8]) -> Vec<String> {
+    let mut v = Vec::new();
+    while let Ok((f, used)) = Frame::decode(bytes) {
+        bytes = &bytes[used..];
+        v.push(format!("{} {}", f.kind(), f.seq()));
+    }
+    v
+}
+
 fn run(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
@@ -375,7 +385,12 @@ fn run(data: &[u8]) {
         pos += used;
         match f {
             Frame::Welcome(w) => {
-                assert!(first && want.accepted, "unexpected WELCOME");
+                assert!(
+                    first && want.accepted,
+                    "unexpected WELCOME (accepted {}): the answers were {:?}",
+                    want.accepted,
+                    kinds(&answers)
+                );
                 assert_eq!(
                     (w.version, w.disk_size, w.block_size),
                     (VERSION, DISK, BLOCK)

@@ -17,6 +17,7 @@ use std::io::IoSlice;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::protocol::{read_frame, Frame, Hello, ProtocolError, Welcome, VERSION};
 
@@ -121,10 +122,14 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<Frame>,
     timing: Timing,
 ) -> Result<(), ProtocolError> {
-    let mut tick = tokio::time::interval(timing.heartbeat);
+    // The first heartbeat one interval from now, not at once: the first queued frame (the
+    // secondary's WELCOME) must be the first on the wire.
+    let mut tick = tokio::time::interval_at(Instant::now() + timing.heartbeat, timing.heartbeat);
     let mut batch = Batch::default();
     loop {
         tokio::select! {
+            // Queued frames before a due heartbeat (any frame shows the peer is alive).
+            biased;
             f = rx.recv() => {
                 let Some(mut f) = f else { return Ok(()) };
                 batch.clear();
@@ -311,6 +316,27 @@ mod tests {
         // Detected locally: the reason must not claim that the peer reported it.
         assert!(!e.to_string().contains("peer reported"), "{e}");
         assert!(e.to_string().contains("no heartbeat"), "{e}");
+    }
+
+    /// The first frame queued is the first on the wire: the primary reads WELCOME (or ERROR)
+    /// as the answer to HELLO, so no heartbeat may overtake it, however short the interval.
+    #[tokio::test(start_paused = true)]
+    async fn nothing_overtakes_the_first_queued_frame() {
+        let fast = Timing {
+            heartbeat: Duration::from_micros(1),
+            peer_timeout: Duration::from_secs(5),
+        };
+        for round in 0..200u64 {
+            let (a, b) = tokio::io::duplex(1 << 12);
+            let (mut brd, _bwr) = split(b);
+            let (tx, rx) = mpsc::unbounded_channel();
+            tx.send(Frame::Ack { seq: round + 1 }).unwrap();
+            let writer = tokio::spawn(write_loop(a, rx, fast));
+            let first = read_within(&mut brd, fast.peer_timeout).await.unwrap();
+            assert_eq!(first, Frame::Ack { seq: round + 1 }, "round {round}");
+            drop(tx);
+            writer.await.unwrap().unwrap();
+        }
     }
 
     /// A stream that takes a few bytes at a time: every frame still arrives whole, in order.
