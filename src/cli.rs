@@ -305,6 +305,14 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "auto")]
     pub io_engine: IoEngineArg,
 
+    /// Longest a queue's worker polls its ring for more requests after a batch, in
+    /// nanoseconds, before it sleeps until the next kick; the window adapts below it, as
+    /// QEMU's iothread poll-max-ns does (0: never poll). The default is twice QEMU's: a
+    /// virtual machine's worker wakes up too slowly for 32 µs to pay (docs/performance.md)
+    #[arg(long, value_name = "NS", default_value = "65536",
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
+    pub poll_max_ns: u64,
+
     /// Logical block size reported to the guest
     #[arg(long, value_name = "BYTES", default_value = "512", value_parser = parse_block_size)]
     pub logical_block_size: u32,

@@ -272,6 +272,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     serial: cli.serial.clone(),
                     read_only: cli.read_only,
                     logical_block_size: cli.logical_block_size,
+                    poll_max: Duration::from_nanos(cli.poll_max_ns),
                 },
                 cli.io_threads,
             )?

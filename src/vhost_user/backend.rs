@@ -12,7 +12,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use serde::Serialize;
@@ -29,6 +29,7 @@ use vmm_sys_util::event::{
 
 use super::io_pool::{InFlight, IoPool};
 use super::lifecycle::{DeviceObserver, Lifecycle};
+use super::poll::AdaptivePoll;
 use super::uring_queue::{Finished, UringQueue};
 use crate::histogram::{Histogram, HistogramSnapshot};
 use crate::storage::uring::IoEngine;
@@ -47,6 +48,9 @@ pub struct DeviceOptions {
     pub serial: String,
     pub read_only: bool,
     pub logical_block_size: u32,
+    /// Longest a queue's worker looks for more requests after a batch before it sleeps
+    /// (the window adapts below it; zero: never poll). See `poll`.
+    pub poll_max: Duration,
 }
 
 /// One queue's counters, updated while the device runs.
@@ -152,6 +156,26 @@ struct Shared {
     uring: Vec<Mutex<UringState>>,
     /// QEMU's stop/start cycle, for replication (see `lifecycle`).
     lifecycle: Lifecycle,
+    /// Each queue's polling window (locked only by its worker).
+    poll: Vec<Mutex<AdaptivePoll>>,
+}
+
+/// What a pop leaves the driver's notifications (kicks) as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterPop {
+    /// On again (re-checked: the pop goes on while requests arrive before they are on).
+    Enable,
+    /// Off: the worker polls the ring next, and turns them on before it sleeps.
+    LeaveOff,
+}
+
+/// What a worker's look at its queue found.
+enum Look {
+    Requests,
+    Completions,
+    /// The front-end stopped or disabled the queue: nothing more runs on it until a kick.
+    Stopped,
+    Nothing,
 }
 
 /// One queue of the `uring` engine: its ring, the vring its completions go to (set at the first
@@ -241,6 +265,9 @@ impl BlkBackend {
                 inflight: (0..opts.num_queues).map(|_| InFlight::default()).collect(),
                 uring,
                 lifecycle: Lifecycle::new(opts.num_queues),
+                poll: (0..opts.num_queues)
+                    .map(|_| Mutex::new(AdaptivePoll::new(opts.poll_max)))
+                    .collect(),
             }),
             pool,
         }
@@ -307,17 +334,28 @@ impl BlkBackend {
         }
     }
 
-    /// Pops every available chain (re-checking after re-enabling notifications with
-    /// EVENT_IDX) and parses them; the queue lock is held only for this.
+    /// Pops every available chain and parses them; the queue lock is held only for this.
+    /// With [`AfterPop::Enable`] and EVENT_IDX, notifications are off while it pops and on
+    /// again (re-checked) after; without EVENT_IDX they stay on. With [`AfterPop::LeaveOff`]
+    /// they are turned off (in either mode) and stay off.
     fn pop_all(
         &self,
         queue: usize,
         vring: &Vring,
         mem: &GuestMemoryLoadGuard<GuestMem>,
+        after: AfterPop,
     ) -> io::Result<Vec<(u16, Parsed)>> {
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
         let mut state = vring.get_mut();
         let mut batch = Vec::new();
+        if after == AfterPop::LeaveOff && state.get_queue().ready() {
+            // Polling: kicks stay off until the worker goes to sleep (`poll_queue`). Should
+            // the front-end stop the queue meanwhile, its restart kicks anyway (QEMU starts
+            // every host notifier signalled).
+            state
+                .disable_notification()
+                .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        }
         loop {
             // A queue QEMU stopped (SET_VRING_ENABLE 0, GET_VRING_BASE) pops nothing, while
             // enable_notification() below still compares the guest's avail index with
@@ -337,6 +375,7 @@ impl BlkBackend {
                 batch.push((head, request::parse(mem, chain, self.shared.limits)));
             }
             if !event_idx
+                || after == AfterPop::LeaveOff
                 || !state
                     .enable_notification()
                     .map_err(|e| io::Error::other(format!("{e:?}")))?
@@ -461,6 +500,7 @@ impl BlkBackend {
         queue: usize,
         vring: &Vring,
         mem: &GuestMemoryLoadGuard<GuestMem>,
+        after: AfterPop,
     ) -> io::Result<()> {
         let (Some(state), Some(image)) = (
             self.shared.uring.get(queue),
@@ -474,7 +514,7 @@ impl BlkBackend {
         if st.vring.is_none() {
             st.vring = Some(vring.clone());
         }
-        let batch = self.pop_all(queue, vring, mem)?;
+        let batch = self.pop_all(queue, vring, mem, after)?;
         let mem = &self.mem_now(mem.clone());
         let stats = self.shared.stats.queue(queue);
         // A lone request (queue depth 1) runs synchronously right here, as with the thread
@@ -669,9 +709,24 @@ impl VhostUserBackend for BlkBackend {
                 "unexpected epoll event {evset:?}"
             )));
         }
+        // One queue per worker thread: the thread index is the queue index.
+        let queue = thread_id;
+        let window = match self.shared.poll.get(queue) {
+            Some(p) => lock(p).woke(Instant::now()),
+            None => Duration::ZERO,
+        };
         if device_event == uring_event_id(self.num_queues()) {
-            self.uring_event(thread_id);
-            return Ok(());
+            self.uring_event(queue);
+            return match vrings.first() {
+                Some(vring) if !window.is_zero() => {
+                    self.kicks_off(vring)?;
+                    self.poll_queue(queue, vring, window)
+                }
+                _ => {
+                    self.sleeping(queue, Instant::now());
+                    Ok(())
+                }
+            };
         }
         // `device_event` indexes this worker's vrings, not the device's queues.
         let Some(vring) = vrings.get(usize::from(device_event)) else {
@@ -692,14 +747,34 @@ impl VhostUserBackend for BlkBackend {
                 return Ok(());
             }
         };
-        // One queue per worker thread: the thread index is the queue index.
-        self.shared.lifecycle.before_pop(thread_id as u16, || {
-            vring.get_ref().get_queue().next_avail()
-        });
-        if self.uses_uring() {
-            return self.uring_kick(thread_id, vring, &mem);
+        if window.is_zero() {
+            // No look: the sleep starts now (and says whether a look would have paid).
+            self.kick_round(queue, vring, mem, AfterPop::Enable)?;
+            self.sleeping(queue, Instant::now());
+            return Ok(());
         }
-        let mut batch = self.pop_all(thread_id, vring, &mem)?;
+        self.kick_round(queue, vring, mem, AfterPop::LeaveOff)?;
+        self.poll_queue(queue, vring, window)
+    }
+}
+
+impl BlkBackend {
+    /// One kick's work: pops every available chain and runs it (on the queue's io_uring, or
+    /// here and on the I/O pool).
+    fn kick_round(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        mem: GuestMemoryLoadGuard<GuestMem>,
+        after: AfterPop,
+    ) -> io::Result<()> {
+        self.shared
+            .lifecycle
+            .before_pop(queue as u16, || vring.get_ref().get_queue().next_avail());
+        if self.uses_uring() {
+            return self.uring_kick(queue, vring, &mem, after);
+        }
+        let mut batch = self.pop_all(queue, vring, &mem, after)?;
         let mem = self.mem_now(mem);
         // All but the last request go to the I/O pool; the last runs here.
         let last = batch.pop();
@@ -707,18 +782,108 @@ impl VhostUserBackend for BlkBackend {
             for (head, parsed) in batch.drain(..) {
                 let (me, vring, mem) = (self.clone(), vring.clone(), mem.clone());
                 pool.spawn(move || {
-                    let stats = me.shared.stats.queue(thread_id);
+                    let stats = me.shared.stats.queue(queue);
                     let c = Self::run_chain(&me.shared, &mem, head, parsed, stats);
-                    me.complete(thread_id, &vring, head, c.used_len);
+                    me.complete(queue, &vring, head, c.used_len);
                 });
             }
         }
         for (head, parsed) in batch.into_iter().chain(last) {
-            let stats = self.shared.stats.queue(thread_id);
+            let stats = self.shared.stats.queue(queue);
             let c = Self::run_chain(&self.shared, &mem, head, parsed, stats);
-            self.complete(thread_id, vring, head, c.used_len);
+            self.complete(queue, vring, head, c.used_len);
         }
         Ok(())
+    }
+
+    /// After a batch, with the driver's kicks off: looks at the avail ring and the queue's
+    /// io_uring for up to `window`, runs whatever comes (looking again after it), and when a
+    /// whole window passes empty, turns kicks on and goes to sleep in epoll. A request that
+    /// arrives while kicks are turned on is caught by the re-check.
+    fn poll_queue(&self, queue: usize, vring: &Vring, window: Duration) -> io::Result<()> {
+        loop {
+            let since = Instant::now();
+            let mem = match self.current_mem() {
+                Some(m) => m,
+                None => return Ok(()),
+            };
+            match self.look(queue, vring, &mem, since + window) {
+                Look::Requests => self.kick_round(queue, vring, mem, AfterPop::LeaveOff)?,
+                Look::Completions => self.uring_event(queue),
+                Look::Stopped => return Ok(()),
+                Look::Nothing => {
+                    let more = vring
+                        .get_mut()
+                        .enable_notification()
+                        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                    if more {
+                        self.kick_round(queue, vring, mem, AfterPop::LeaveOff)?;
+                        continue;
+                    }
+                    self.sleeping(queue, since);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The worker goes to sleep in epoll; its last look at the queue began at `since`.
+    fn sleeping(&self, queue: usize, since: Instant) {
+        if let Some(p) = self.shared.poll.get(queue) {
+            lock(p).sleeping(since);
+        }
+    }
+
+    /// Tells the driver not to kick (a queue the front-end stopped is left alone).
+    fn kicks_off(&self, vring: &Vring) -> io::Result<()> {
+        let mut state = vring.get_mut();
+        if state.get_queue().ready() {
+            state
+                .disable_notification()
+                .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// Spins until `deadline` for new chains on the avail ring or completions on the queue's
+    /// io_uring.
+    fn look(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        mem: &GuestMemoryLoadGuard<GuestMem>,
+        deadline: Instant,
+    ) -> Look {
+        loop {
+            {
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                if !q.ready() || !state.is_enabled() {
+                    return Look::Stopped;
+                }
+                match q.avail_idx(&**mem, Ordering::Acquire) {
+                    Ok(idx) if idx.0 != q.next_avail() => return Look::Requests,
+                    Ok(_) => {}
+                    // A ring outside guest memory: the next pop reports it.
+                    Err(_) => return Look::Requests,
+                }
+            }
+            if let Some(u) = self.shared.uring.get(queue) {
+                let mut st = lock(u);
+                if st.queue.inflight() > 0 && st.queue.ring.has_completions() {
+                    return Look::Completions;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Look::Nothing;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// The guest memory map as it is now, if the front-end sent one.
+    fn current_mem(&self) -> Option<GuestMemoryLoadGuard<GuestMem>> {
+        self.shared.mem.read().ok()?.as_ref().map(|m| m.memory())
     }
 }
 
@@ -756,6 +921,7 @@ mod tests {
             serial: "stats".into(),
             read_only: false,
             logical_block_size: 512,
+            poll_max: Duration::ZERO,
         }
     }
 
@@ -791,12 +957,97 @@ mod tests {
         let (b, v) = (backend.clone(), vring.clone());
         std::thread::spawn(move || {
             let mem = atomic.memory();
-            let _ = tx.send(b.pop_all(0, &v, &mem).map(|batch| batch.len()));
+            let _ = tx.send(
+                b.pop_all(0, &v, &mem, AfterPop::Enable)
+                    .map(|batch| batch.len()),
+            );
         });
         let got = rx
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("pop_all on a stopped queue did not return");
         assert_eq!(got.unwrap(), 0);
+    }
+
+    /// A polling worker runs what arrives without a kick, keeps kicks off while it looks, and
+    /// turns them on again (re-checked) before it sleeps: after EVENT_IDX's avail_event, or
+    /// VRING_USED_F_NO_NOTIFY without it, the driver's next request kicks.
+    #[test]
+    fn a_polling_worker_turns_kicks_on_before_it_sleeps() {
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_USED_F_NO_NOTIFY};
+        use virtio_queue::desc::RawDescriptor;
+        use virtio_queue::mock::MockSplitQueue;
+        const QS: u16 = 16;
+        for event_idx in [false, true] {
+            let disk: Arc<dyn BlockDevice> = Arc::new(MemDisk::new(1 << 20));
+            let backend =
+                BlkBackend::new(disk, &opts(), StatsHandle::new(2), None, IoEngine::Threads);
+            backend.shared.event_idx.store(event_idx, Ordering::Relaxed);
+            let m: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_000)]).unwrap();
+            let vq = MockSplitQueue::new(&m, QS);
+            // GET_ID chains: header, 20-byte id, status; chain i at descriptors 3i..3i+2.
+            let add = |i: u16| {
+                let hdr = 0x10_000 + u64::from(i) * 0x100;
+                m.write_obj(VIRTIO_BLK_T_GET_ID, GuestAddress(hdr)).unwrap();
+                m.write_obj(0xffu8, GuestAddress(hdr + 0x80)).unwrap();
+                let f = VRING_DESC_F_NEXT as u16;
+                let descs = [
+                    Descriptor::new(hdr, 16, f, 3 * i + 1),
+                    Descriptor::new(hdr + 0x40, 20, f | W, 3 * i + 2),
+                    Descriptor::new(hdr + 0x80, 1, W, 0),
+                ]
+                .map(RawDescriptor::from);
+                vq.add_desc_chains(&descs, 3 * i).unwrap();
+            };
+            let status = |i: u16| {
+                m.read_obj::<u8>(GuestAddress(0x10_000 + u64::from(i) * 0x100 + 0x80))
+                    .unwrap()
+            };
+            let used = vq.used_addr().0;
+            let used_flags = || m.read_obj::<u16>(GuestAddress(used)).unwrap();
+            let avail_event = || {
+                m.read_obj::<u16>(GuestAddress(used + 4 + 8 * u64::from(QS)))
+                    .unwrap()
+            };
+            m.write_obj(0xffffu16, GuestAddress(used + 4 + 8 * u64::from(QS)))
+                .unwrap();
+
+            let atomic = GuestMemoryAtomic::new(m.clone());
+            backend.update_memory(atomic.clone()).unwrap();
+            let vring = Vring::new(atomic.clone(), QS).unwrap();
+            vring.set_queue_size(QS);
+            vring
+                .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, used)
+                .unwrap();
+            vring.set_queue_event_idx(event_idx);
+            vring.set_queue_ready(true);
+            vring.set_enabled(true);
+
+            // The kick's round leaves kicks off ...
+            add(0);
+            backend
+                .kick_round(0, &vring, atomic.memory(), AfterPop::LeaveOff)
+                .unwrap();
+            assert_eq!((vq.used().idx().load(), status(0)), (1, 0));
+            if event_idx {
+                assert_eq!(avail_event(), 0xffff, "avail_event moved: kicks are on");
+            } else {
+                assert_eq!(used_flags(), VRING_USED_F_NO_NOTIFY as u16);
+            }
+            // ... the look runs what came meanwhile, then turns them on for the sleep.
+            add(1);
+            add(2);
+            backend
+                .poll_queue(0, &vring, Duration::from_millis(5))
+                .unwrap();
+            assert_eq!(vq.used().idx().load(), 3);
+            assert_eq!((status(1), status(2)), (0, 0));
+            if event_idx {
+                assert_eq!(avail_event(), 3, "kicks stay off");
+            } else {
+                assert_eq!(used_flags(), 0, "kicks stay off");
+            }
+        }
     }
 
     #[test]
@@ -912,6 +1163,7 @@ mod tests {
             serial: String::new(),
             read_only: false,
             logical_block_size: 512,
+            poll_max: Duration::ZERO,
         };
         let backend = BlkBackend::new(disk, &opts, StatsHandle::new(1), None, IoEngine::Uring);
         assert!(backend.uses_uring());

@@ -6,6 +6,7 @@
 pub mod backend;
 pub(crate) mod io_pool;
 pub mod lifecycle;
+mod poll;
 pub mod server;
 mod uring_queue;
 

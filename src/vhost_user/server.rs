@@ -245,6 +245,7 @@ mod tests {
             serial: String::new(),
             read_only: false,
             logical_block_size: 512,
+            poll_max: std::time::Duration::ZERO,
         };
         let server = Server::new(
             &dir.path().join("vhost.sock"),
