@@ -172,7 +172,6 @@ enum AfterPop {
 /// What a worker's look at its queue found.
 enum Look {
     Requests,
-    Completions,
     /// The front-end stopped or disabled the queue: nothing more runs on it until a kick.
     Stopped,
     Nothing,
@@ -796,10 +795,16 @@ impl BlkBackend {
         Ok(())
     }
 
-    /// After a batch, with the driver's kicks off: looks at the avail ring and the queue's
-    /// io_uring for up to `window`, runs whatever comes (looking again after it), and when a
-    /// whole window passes empty, turns kicks on and goes to sleep in epoll. A request that
-    /// arrives while kicks are turned on is caught by the re-check.
+    /// After a batch, with the driver's kicks off: looks at the avail ring for up to `window`,
+    /// runs whatever comes (looking again after it), and when a whole window passes empty,
+    /// turns kicks on and goes to sleep in epoll. A request that arrives while kicks are
+    /// turned on is caught by the re-check.
+    ///
+    /// It looks only while none of the queue's requests is in flight: requests on the io_uring
+    /// (io-wq, the disk) or on the I/O pool are completed by other threads or by the device, and
+    /// a worker spinning for their completions takes the CPU they may need (measured on two
+    /// vCPUs: 4 KiB buffered random writes went from 90k to 55k IOPS, the spinning worker
+    /// starving io-wq's writer). Their completion wakes the worker through the ring's eventfd.
     fn poll_queue(&self, queue: usize, vring: &Vring, window: Duration) -> io::Result<()> {
         loop {
             let since = Instant::now();
@@ -807,9 +812,18 @@ impl BlkBackend {
                 Some(m) => m,
                 None => return Ok(()),
             };
-            match self.look(queue, vring, &mem, since + window) {
+            let idle = self
+                .shared
+                .inflight
+                .get(queue)
+                .is_none_or(InFlight::is_idle);
+            let look = if idle {
+                self.look(vring, &mem, since + window)
+            } else {
+                Look::Nothing
+            };
+            match look {
                 Look::Requests => self.kick_round(queue, vring, mem, AfterPop::LeaveOff)?,
-                Look::Completions => self.uring_event(queue),
                 Look::Stopped => return Ok(()),
                 Look::Nothing => {
                     let more = vring
@@ -845,15 +859,8 @@ impl BlkBackend {
         Ok(())
     }
 
-    /// Spins until `deadline` for new chains on the avail ring or completions on the queue's
-    /// io_uring.
-    fn look(
-        &self,
-        queue: usize,
-        vring: &Vring,
-        mem: &GuestMemoryLoadGuard<GuestMem>,
-        deadline: Instant,
-    ) -> Look {
+    /// Spins until `deadline` for new chains on the avail ring.
+    fn look(&self, vring: &Vring, mem: &GuestMemoryLoadGuard<GuestMem>, deadline: Instant) -> Look {
         loop {
             {
                 let state = vring.get_ref();
@@ -866,12 +873,6 @@ impl BlkBackend {
                     Ok(_) => {}
                     // A ring outside guest memory: the next pop reports it.
                     Err(_) => return Look::Requests,
-                }
-            }
-            if let Some(u) = self.shared.uring.get(queue) {
-                let mut st = lock(u);
-                if st.queue.inflight() > 0 && st.queue.ring.has_completions() {
-                    return Look::Completions;
                 }
             }
             if Instant::now() >= deadline {

@@ -69,6 +69,11 @@ impl InFlight {
     }
 
     /// Counts one request completed.
+    /// Whether none of the queue's requests is in flight.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.count.lock().unwrap_or_else(|e| e.into_inner()).0 == 0
+    }
+
     pub(crate) fn done(&self) {
         self.done_n(1);
     }

@@ -1,11 +1,12 @@
-//! Adaptive polling of a queue: how long its worker keeps looking at the avail ring (and at its
-//! io_uring's completions) after a batch, instead of sleeping in epoll until the next kick.
+//! Adaptive polling of a queue: how long its worker keeps looking at the avail ring after a
+//! batch, instead of sleeping in epoll until the next kick.
 //!
 //! A worker that sleeps between batches pays for every batch twice: the driver's kick (an
 //! eventfd write, a wake-up of the worker) and the worker's sleep. When requests come back-to-
 //! back, a few microseconds of looking at the ring catch the next batch with neither, and
 //! while the worker looks, the driver is told not to kick (VIRTIO_F_EVENT_IDX's avail_event is
-//! left behind, or VRING_USED_F_NO_NOTIFY is set).
+//! left behind, or VRING_USED_F_NO_NOTIFY is set). It looks only while none of its requests is
+//! in flight elsewhere (`BlkBackend::poll_queue`).
 //!
 //! The window tunes itself as QEMU's `poll-max-ns` does (util/aio-posix.c): after the worker
 //! slept, the time from the start of its last look to the event that woke it (`block`) says
