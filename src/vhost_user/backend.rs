@@ -871,8 +871,9 @@ impl BlkBackend {
                 match q.avail_idx(&**mem, Ordering::Acquire) {
                     Ok(idx) if idx.0 != q.next_avail() => return Look::Requests,
                     Ok(_) => {}
-                    // A ring outside guest memory: the next pop reports it.
-                    Err(_) => return Look::Requests,
+                    // A ring outside guest memory: nothing to poll (a pop would find nothing
+                    // either, and looking again would spin on it); the next kick handles it.
+                    Err(_) => return Look::Stopped,
                 }
             }
             if Instant::now() >= deadline {
