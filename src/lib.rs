@@ -6,7 +6,8 @@
 //! - [`vhost_user`]: the thin vhost-user glue and the reconnecting accept loop.
 //! - [`replication`]: COLO block replication: wire protocol, primary, secondary, disk buffer.
 //! - [`qmp`]: the QMP-compatible control server; [`control`]: the commands each role answers.
-//! - [`cli`]: command-line options; [`faults`]: fault injection for crash tests.
+//! - [`cli`]: command-line options; [`faults`]: fault injection for crash tests; [`heap`]:
+//!   the allocator tuning for the data path's large buffers.
 //! - Operating: [`status`] (`colo-blk status`), [`reprotect`] (`colo-blk reprotect`, the
 //!   failback driver), [`metrics`] (Prometheus `--metrics`),
 //!   [`notify`] (systemd readiness), [`histogram`] (latency buckets).
@@ -14,6 +15,7 @@
 pub mod cli;
 pub mod control;
 pub mod faults;
+pub mod heap;
 pub mod histogram;
 pub mod metrics;
 pub mod notify;

@@ -50,6 +50,9 @@ fn main() -> ExitCode {
         eprintln!("colo-blk: {e}");
         return ExitCode::from(2);
     }
+    if !colo_blk::heap::keep_freed_buffers() {
+        warn!("could not tune the allocator: freed I/O buffers go back to the kernel");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
