@@ -6,7 +6,11 @@
 #     replicated runs until the secondary applied everything);
 #  2. checkpoint cost with 1 MiB and with 1 GiB buffered on the secondary;
 #  3. failover time without and with Secondary VM writes.
+#  --working-set SIZE: the throughput runs write only the first SIZE of the 2 GiB images, so
+#     that after the first pass they overwrite pages already in the page cache on both sides
+#     (and clusters already saved in this epoch); without it most writes go to fresh pages.
 # Usage: qemu-scripts/bench-replication.sh [--reps N] [--seconds S] [--dir DIR] [--throughput-only]
+#                                          [--working-set SIZE]
 # Environment: COLO_BLK (the colo-blk binary to measure; default: build target/release/colo-blk)
 set -euo pipefail
 
@@ -17,13 +21,15 @@ REPS=3
 SECONDS_PER=5
 WORKDIR=
 COSTS=1
+WORKING_SET=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --throughput-only) COSTS=0; shift ;;
     --reps) REPS=$2; shift 2 ;;
     --seconds) SECONDS_PER=$2; shift 2 ;;
     --dir) WORKDIR=$2; shift 2 ;;
-    -h | --help) sed -n '2,8p' "$0"; exit 0 ;;
+    --working-set) WORKING_SET=(--working-set "$2"); shift 2 ;;
+    -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -98,7 +104,8 @@ measure() { # W L SOCKET PRIMARY_QMP|- PID...
     sync
     for p in "$@"; do before+=("$(cpu_of "$p")"); done
     local line
-    line=$("$BENCH" --socket "$sock" --workload "$w" --seconds "$SECONDS_PER" --warmup 0 --json --label "$label")
+    line=$("$BENCH" --socket "$sock" --workload "$w" --seconds "$SECONDS_PER" --warmup 0 --json --label "$label" \
+        "${WORKING_SET[@]}")
     [ "$pqmp" = - ] || qmp "$pqmp" replication-prepare-checkpoint '{"timeout-ms": 600000}' >/dev/null
     for p in "$@"; do after+=("$(cpu_of "$p")"); done
     python3 - "$line" "${before[*]}" "${after[*]}" "$(cat /proc/loadavg)" <<'PY' >>"$RESULTS"

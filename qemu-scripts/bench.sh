@@ -9,6 +9,13 @@
 # reversed on every other repetition) so that slow drift of the machine hits them alike. The
 # table gives per-backend medians over the repetitions and colo-blk / best qsd per row (the best
 # qsd configuration of that row, by median IOPS).
+#
+# With --ceiling, fio runs the same workloads with O_DIRECT on the image directly from the host
+# (io_uring, one job per queue), with no vhost-user backend in between, as one more backend of
+# the ABBA order of the cache.direct=on rows: what the device gives without virtqueues, the
+# ceiling that no backend can pass. Its column and colo-blk / fio say how close a row is to it.
+# Not for the page cache: there the limit is CPU, and fio's io_uring is no ceiling (ext4 hands
+# buffered io_uring writes to io-wq one at a time; fio got 0.5x the backends' 1 MiB writes).
 set -euo pipefail
 
 usage() {
@@ -24,6 +31,8 @@ usage: qemu-scripts/bench.sh [options]
   --workloads LIST       comma-separated blkbench workloads (default: all)
   --qsd-aio LIST         qsd aio= settings (default: threads,io_uring,native)
   --io-engine E          colo-blk --io-engine (default: auto)
+  --ceiling              O_DIRECT rows: also run fio on the image from the host (no vhost-user),
+                         the device's ceiling
   --dir DIR              where the image and sockets go (default: a new dir under /var/tmp);
                          must be a real disk-backed filesystem, not tmpfs
   --out DIR              results directory (default: target/bench-results/<date>)
@@ -51,6 +60,7 @@ WORKDIR=
 OUT=
 BUILD=1
 KEEP=0
+CEILING=0
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -73,6 +83,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
+    --ceiling) CEILING=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -84,6 +95,7 @@ die() { log "error: $*"; exit 1; }
 SIZE_BYTES=$(numfmt --from=iec "$SIZE") || die "bad --size $SIZE"
 [ $((SIZE_BYTES % 1048576)) -eq 0 ] || die "--size must be a multiple of 1 MiB"
 command -v "$QSD" >/dev/null || die "$QSD not found"
+[ "$CEILING" = 0 ] || command -v fio >/dev/null || die "--ceiling needs fio (apt-get install fio)"
 
 # ---- build -------------------------------------------------------------------------------------
 cd "$REPO"
@@ -162,6 +174,7 @@ dd if=/dev/zero of="$IMG" bs=1M count=$((SIZE_BYTES / 1048576)) oflag=direct con
     echo "colo-blk: $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
     echo "image: $SIZE, queues: $QUEUE_LIST, reps: $REPS, ${WARMUP}s warm-up + ${MEASURE}s per workload"
     echo "qsd aio: $QSD_AIO; colo-blk --io-engine $ENGINE"
+    [ "$CEILING" = 0 ] || echo "ceiling: $(fio --version) on the image from the host, ioengine=io_uring"
 } >"$OUT/environment.txt"
 cat "$OUT/environment.txt" >&2
 
@@ -206,6 +219,31 @@ wait_log() {
     return 1
 }
 
+# fio with O_DIRECT, straight on the image, for every workload blkbench would run; writes one JSON line per
+# workload in blkbench's format (workload, iops, lat_p50_us, lat_p99_us) to $1.
+run_fio() { # result-file queues
+    local res=$1 queues=$2 names
+    if [ -n "$WORKLOADS" ]; then names=${WORKLOADS//,/ }; else names=$("$BENCH" --list | awk '{print $1}'); fi
+    : >"$res"
+    local w
+    for w in $names; do
+        [[ $w =~ ^(rand|seq)(read|write)-([0-9]+[km])-qd([0-9]+)$ ]] || die "fio: cannot map workload $w"
+        local rw=${BASH_REMATCH[2]}
+        [ "${BASH_REMATCH[1]}" = rand ] && rw=rand$rw
+        fio --name="$w" --filename="$IMG" --direct=1 \
+            --ioengine=io_uring --rw="$rw" --bs="${BASH_REMATCH[3]}" --iodepth="${BASH_REMATCH[4]}" \
+            --numjobs="$queues" --group_reporting --time_based --ramp_time="$WARMUP" \
+            --runtime="$MEASURE" --norandommap --randrepeat=0 --output-format=json |
+            python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"][0]
+d = j["read"] if j["read"]["io_bytes"] else j["write"]
+p = d["clat_ns"].get("percentile", {})
+print(json.dumps({"workload": sys.argv[1], "iops": d["iops"],
+                  "lat_p50_us": p.get("50.000000", 0) / 1000, "lat_p99_us": p.get("99.000000", 0) / 1000}))' "$w" >>"$res"
+    done
+}
+
 run_one() { # backend mode queues rep
     local backend=$1 mode=$2 queues=$3 rep=$4
     local tag="${mode}__q${queues}__${rep}__${backend}"
@@ -213,6 +251,12 @@ run_one() { # backend mode queues rep
     local res=$OUT/raw/$tag.jsonl
     prepare_cache "$mode"
     rm -f "$SOCK"
+    if [ "$backend" = fio ]; then
+        log "direct=$mode queues=$queues rep $rep/$REPS: fio on the image (ceiling)"
+        echo "$mode $queues $rep $backend $(cut -d' ' -f1 /proc/loadavg)" >>"$OUT/runs.txt"
+        run_fio "$res" "$queues"
+        return
+    fi
     case "$backend" in
     qsd-*)
         local aio=${backend#qsd-}
@@ -258,6 +302,7 @@ for mode in "${MODES[@]}"; do
         backends+=("qsd-$aio")
     done
     backends+=(colo-blk)
+    [ "$CEILING" = 1 ] && [ "$mode" = on ] && backends+=(fio)
     for queues in "${QUEUES[@]}"; do
         for rep in $(seq "$REPS"); do
             # ABBA: odd repetitions in list order, even ones reversed.
@@ -300,12 +345,14 @@ groups = sorted({(k[0], k[1]) for k in rows}, key=lambda g: (g[0] != "off", g[1]
 for mode, queues in groups:
     keys = sorted([k for k in rows if k[:2] == (mode, queues)], key=lambda k: wl_key(k[2]))
     qsds = sorted({b for k in keys for b in rows[k] if b.startswith("qsd-")})
+    ceiling = any("fio" in rows[k] for k in keys)
     print(f"### cache.direct={mode} ({'O_DIRECT' if mode == 'on' else 'host page cache'}), "
           f"{queues} queue(s), median of {reps} runs x {measure}s (after {warmup}s warm-up)\n")
     print("| workload | " + " | ".join(f"{b} IOPS" for b in qsds) +
           " | colo-blk IOPS | **colo-blk / best qsd** | best qsd | colo-blk p50 µs "
-          "| best-qsd p50 µs | colo-blk p99 µs | best-qsd p99 µs |")
-    print("|---|" + "---:|" * (len(qsds) + 7))
+          "| best-qsd p50 µs | colo-blk p99 µs | best-qsd p99 µs |" +
+          (" host fio IOPS | colo-blk / fio | best qsd / fio |" if ceiling else ""))
+    print("|---|" + "---:|" * (len(qsds) + 7 + (3 if ceiling else 0)))
     for k in keys:
         c = rows[k].get("colo-blk", [])
         q = {b: rows[k][b] for b in qsds if b in rows[k]}
@@ -314,15 +361,21 @@ for mode, queues in groups:
         best = max(q, key=lambda b: med(q[b], "iops"))
         bi, ci = med(q[best], "iops"), med(c, "iops")
         cells = " | ".join(fmt(med(q[b], "iops")) if b in q else "-" for b in qsds)
+        extra = ""
+        if ceiling:
+            f = rows[k].get("fio", [])
+            fi = med(f, "iops") if f else 0
+            extra = (f" {fmt(fi)} | {ci / fi:.2f} | {bi / fi:.2f} |" if fi else " - | - | - |")
         print(f"| {k[2]} | {cells} | {fmt(ci)} | **{ci / bi:.2f}** | {best[4:]} "
               f"| {fmt(med(c, 'lat_p50_us'))} | {fmt(med(q[best], 'lat_p50_us'))} "
-              f"| {fmt(med(c, 'lat_p99_us'))} | {fmt(med(q[best], 'lat_p99_us'))} |")
+              f"| {fmt(med(c, 'lat_p99_us'))} | {fmt(med(q[best], 'lat_p99_us'))} |" + extra)
     print()
     print("IOPS of every run (repetition 1 / 2 / ...):\n")
-    print("| workload | " + " | ".join(qsds) + " | colo-blk |")
-    print("|---|" + "---|" * (len(qsds) + 1))
+    cols = qsds + ["colo-blk"] + (["fio"] if ceiling else [])
+    print("| workload | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
     for k in keys:
-        cells = [" / ".join(fmt(r["iops"]) for r in rows[k].get(b, [])) for b in qsds + ["colo-blk"]]
+        cells = [" / ".join(fmt(r["iops"]) for r in rows[k].get(b, [])) for b in cols]
         print(f"| {k[2]} | " + " | ".join(cells) + " |")
     print()
 loads = [float(l.split()[4]) for l in open(os.path.join(out, "runs.txt"))]
@@ -330,6 +383,9 @@ print(f"1-minute load average when the runs started: {min(loads):.2f} to {max(lo
       f"(median {statistics.median(loads):.2f}).\n")
 print("colo-blk / best qsd = colo-blk's median IOPS over the median IOPS of the best qsd aio= "
       "configuration of that row (higher is better for colo-blk).")
+if any("fio" in v for v in rows.values()):
+    print("\nhost fio = fio with O_DIRECT on the image from the host (io_uring, one job per queue), "
+          "no vhost-user backend: the device's ceiling.")
 EOF
 log "results in $OUT"
 echo
