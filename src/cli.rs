@@ -204,8 +204,15 @@ pub struct Cli {
     #[arg(long, help_heading = "Secondary")]
     pub discard_my_data: bool,
 
-    /// primary and secondary: replication metadata file (disk id, generations, last
-    /// checkpoint, role) [default: IMAGE.colo-meta]
+    /// standalone: serve an image that has replication metadata (a COLO pair's disk) and
+    /// record there, before the first write, that it changes outside the pair: as a primary
+    /// again it takes a new generation and its secondary needs a full resync
+    /// (--allow-full-sync there); as a secondary it is inconsistent until resynced
+    #[arg(long)]
+    pub detach_replication: bool,
+
+    /// replication metadata file (disk id, generations, last checkpoint, role); standalone:
+    /// the one to look for [default: IMAGE.colo-meta]
     #[arg(long, value_name = "PATH")]
     pub meta: Option<PathBuf>,
 
@@ -394,8 +401,8 @@ impl Cli {
         if self.role != RoleArg::Secondary && self.discard_my_data {
             return Err("--discard-my-data only applies to --role secondary".into());
         }
-        if self.role == RoleArg::Standalone && self.meta.is_some() {
-            return Err("--meta only applies to --role primary and --role secondary".into());
+        if self.role != RoleArg::Standalone && self.detach_replication {
+            return Err("--detach-replication only applies to --role standalone".into());
         }
         if self.role != RoleArg::Standalone {
             self.link_security()?;

@@ -10,7 +10,8 @@
 //!   the allocator tuning for the data path's large buffers.
 //! - Operating: [`status`] (`colo-blk status`), [`reprotect`] (`colo-blk reprotect`, the
 //!   failback driver), [`metrics`] (Prometheus `--metrics`),
-//!   [`notify`] (systemd readiness), [`histogram`] (latency buckets).
+//!   [`notify`] (systemd readiness), [`histogram`] (latency buckets); [`ownership`]: the
+//!   locks that keep two processes off one disk.
 
 pub mod cli;
 pub mod control;
@@ -19,6 +20,7 @@ pub mod heap;
 pub mod histogram;
 pub mod metrics;
 pub mod notify;
+pub mod ownership;
 pub mod qmp;
 pub mod replication;
 pub mod reprotect;

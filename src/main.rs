@@ -12,10 +12,11 @@ use signal_hook::iterator::Signals;
 
 use colo_blk::cli::{Cli, Command, RoleArg};
 use colo_blk::control::{Controller, Role};
+use colo_blk::ownership::{self, FileLock, LockMode};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
 use colo_blk::replication::metadata::DiskRole;
-use colo_blk::replication::metadata::{self, MetaStore};
+use colo_blk::replication::metadata::{self, ImageStamp, MetaStore, Outside};
 use colo_blk::replication::primary::{Primary, PrimaryDevice, PrimaryOptions, ReplicatedDisk};
 use colo_blk::replication::secondary::{
     FailoverLogSpec, Promotion, Secondary, SecondaryOptions, SvmDevice,
@@ -88,6 +89,22 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         if cli.direct { ", O_DIRECT" } else { "" }
     );
     let image: Arc<dyn BlockDevice> = Arc::new(image);
+    let meta_path = cli
+        .meta
+        .clone()
+        .unwrap_or_else(|| metadata::default_path(cli.image(), ".colo-meta"));
+    // The persistent dirty log's path (primary; secondary: its failover's, and its own record
+    // as a failback target).
+    let dirty_log_path = (!cli.no_dirty_log && cli.role != RoleArg::Standalone).then(|| {
+        cli.dirty_log
+            .clone()
+            .unwrap_or_else(|| metadata::default_path(cli.image(), ".colo-dirty"))
+    });
+    // Held until the process ends: no second process reads or writes any of these files.
+    let _locks = take_ownership(&cli, &meta_path, dirty_log_path.as_deref())?;
+    if cli.role == RoleArg::Standalone {
+        standalone_metadata(&cli, &meta_path, image.capacity())?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("colo-io")
@@ -116,12 +133,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let meta = match cli.role {
         RoleArg::Standalone => None,
         _ => {
-            let path = cli
-                .meta
-                .clone()
-                .unwrap_or_else(|| metadata::default_path(cli.image(), ".colo-meta"));
-            let m = MetaStore::open(&path, image.capacity(), created)?;
-            info!("replication metadata {}", path.display());
+            let m = MetaStore::open(&meta_path, image.capacity(), created)?;
+            info!("replication metadata {}", meta_path.display());
+            report_outside_changes(cli.image(), m.start_run(ImageStamp::of(cli.image())?)?);
             Some(Arc::new(m))
         }
     };
@@ -156,14 +170,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             })
         }
     };
-    // The persistent dirty log's path (primary; secondary: its failover's, and its own record
-    // as a failback target).
-    let dirty_log_path = (!cli.no_dirty_log).then(|| {
-        cli.dirty_log
-            .clone()
-            .unwrap_or_else(|| metadata::default_path(cli.image(), ".colo-dirty"))
-    });
-
     // The secondary's bound replication address (for the ready line).
     let mut listen = None;
     // The disk the guest (or the Secondary VM) sees, and the role object behind it.
@@ -196,9 +202,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         RoleArg::Secondary => {
             let dir = cli.layer_dir.clone().unwrap_or_default();
-            std::fs::create_dir_all(&dir)?;
-            let layered = Arc::new(LayeredDisk::new(image.clone(), &dir, cli.cluster_size)?);
             let meta = meta.clone().ok_or("no metadata")?;
+            let layered = Arc::new(LayeredDisk::new_owned(
+                image.clone(),
+                &dir,
+                cli.cluster_size,
+                meta.gens().disk_id,
+            )?);
             // A primary's disk that wrote beyond its peer's generation diverges first.
             let started = meta.secondary_start()?;
             // A failback target's own record: the dirty log of its life as a primary (or as a
@@ -373,12 +383,129 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     disk.flush()?;
+    // Nothing writes the image any more: its stamp lets the next start see other programs'
+    // changes (a secondary first stops taking the stream).
+    let quiet = match &role {
+        Role::Secondary(s) => s.quiesce(Duration::from_secs(10)),
+        _ => true,
+    };
+    if let (Some(meta), true) = (&meta, quiet) {
+        image.flush()?;
+        meta.clean_stop(ImageStamp::of(cli.image())?)?;
+    }
     if let Some(q) = cli.qmp.as_ref() {
         let _ = std::fs::remove_file(q);
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     info!("stopped");
     Ok(())
+}
+
+/// Locks every file this process owns (src/ownership.rs) before any of them is read or
+/// written: the image (shared when read-only), the replication metadata and the dirty log (the
+/// COLO roles), the layer directory (secondary), the vhost-user and QMP sockets.
+fn take_ownership(
+    cli: &Cli,
+    meta_path: &std::path::Path,
+    dirty_log: Option<&std::path::Path>,
+) -> Result<Vec<FileLock>, Box<dyn std::error::Error>> {
+    let mode = if cli.read_only {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    };
+    let mut locks = vec![ownership::lock_file(cli.image(), "image", mode)?];
+    if cli.role != RoleArg::Standalone {
+        locks.push(ownership::lock_or_create(
+            meta_path,
+            "replication metadata",
+        )?);
+    } else if !cli.read_only && meta_path.exists() {
+        locks.push(ownership::lock_file(
+            meta_path,
+            "replication metadata",
+            LockMode::Exclusive,
+        )?);
+    }
+    if let Some(path) = dirty_log {
+        locks.push(ownership::lock_or_create(path, "dirty log")?);
+    }
+    if let (RoleArg::Secondary, Some(dir)) = (cli.role, cli.layer_dir.as_deref()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create --layer-dir {}: {e}", dir.display()))?;
+        locks.push(ownership::lock_dir(dir, "layer directory")?);
+    }
+    for (path, what) in [(&cli.socket, "vhost-user socket"), (&cli.qmp, "QMP socket")] {
+        if let Some(path) = path {
+            locks.push(ownership::lock_socket(path, what)?);
+        }
+    }
+    Ok(locks)
+}
+
+/// A standalone process on a COLO pair's disk (its image has replication metadata): refused,
+/// unless `--detach-replication` records first that the image changes outside the pair, so
+/// that the pair never counts it as in sync again without a resync. Read-only exports write
+/// nothing and need no flag.
+fn standalone_metadata(
+    cli: &Cli,
+    meta_path: &std::path::Path,
+    capacity: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let has_meta = std::fs::metadata(meta_path).is_ok_and(|m| m.len() > 0);
+    if cli.read_only || !has_meta {
+        return Ok(());
+    }
+    let meta = MetaStore::open(meta_path, capacity, false)?;
+    let m = meta.get();
+    if !cli.detach_replication {
+        return Err(format!(
+            "{} is a COLO pair's disk (replication metadata {}: {:?}, checkpoint {}); writing \
+             it standalone would leave the pair out of sync without a record of it. Start it \
+             with its --role, or pass --detach-replication to record that it changes outside \
+             the pair (its peer then needs a full resync), or --read-only",
+            cli.image().display(),
+            meta_path.display(),
+            m.role,
+            m.gens.epoch
+        )
+        .into());
+    }
+    meta.detach()?;
+    warn!(
+        "--detach-replication: {} recorded as changed outside the pair ({}): its peer needs a \
+         full resync before the pair is in sync again",
+        cli.image().display(),
+        meta_path.display()
+    );
+    Ok(())
+}
+
+/// Says loudly when another program changed the image since the last clean stop (the metadata
+/// has recorded it already, see `MetaStore::start_run`).
+fn report_outside_changes(image: &std::path::Path, outside: Outside) {
+    match outside {
+        Outside::Changed { was, now } => warn!(
+            "{} changed since colo-blk last stopped cleanly (size {} -> {}, mtime {} -> {}, \
+             ctime {} -> {}, inode {} -> {}): another program wrote it, so it is recorded as \
+             changed outside the pair and its peer needs a full resync",
+            image.display(),
+            was.size,
+            now.size,
+            was.mtime_ns,
+            now.mtime_ns,
+            was.ctime_ns,
+            now.ctime_ns,
+            was.inode,
+            now.inode
+        ),
+        Outside::Unknown => info!(
+            "the last process on {} did not stop cleanly: changes by other programs since \
+             cannot be detected",
+            image.display()
+        ),
+        Outside::Unchanged => {}
+    }
 }
 
 /// Binds the Prometheus endpoint (`--metrics`) and serves it on the runtime; returns the bound

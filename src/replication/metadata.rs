@@ -369,6 +369,79 @@ pub fn decide_with(p: &Generations, s: &Generations, policy: &SyncPolicy) -> Dec
     ))
 }
 
+/// What the image file looked like when a process last stopped cleanly: a later start that
+/// finds another size, mtime, ctime or inode knows that another program changed the image in
+/// between (a copy restored with its old mtime still has a new ctime).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageStamp {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub inode: u64,
+}
+
+/// Encoded size of [`ImageStamp`].
+const STAMP_LEN: usize = 32;
+
+impl ImageStamp {
+    /// The stamp of the image at `path`; `None` for a block device, whose node's times do not
+    /// change when it is written.
+    pub fn of(path: &Path) -> io::Result<Option<ImageStamp>> {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(path)?;
+        if !md.is_file() {
+            return Ok(None);
+        }
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Ok(Some(ImageStamp {
+            size: md.len(),
+            mtime_ns: ns(md.mtime(), md.mtime_nsec()),
+            ctime_ns: ns(md.ctime(), md.ctime_nsec()),
+            inode: md.ino(),
+        }))
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.mtime_ns.to_le_bytes());
+        out.extend_from_slice(&self.ctime_ns.to_le_bytes());
+        out.extend_from_slice(&self.inode.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> Option<ImageStamp> {
+        let at = |o: usize| -> Option<[u8; 8]> { b.get(o..o + 8)?.try_into().ok() };
+        Some(ImageStamp {
+            size: u64::from_le_bytes(at(0)?),
+            mtime_ns: i64::from_le_bytes(at(8)?),
+            ctime_ns: i64::from_le_bytes(at(16)?),
+            inode: u64::from_le_bytes(at(24)?),
+        })
+    }
+}
+
+/// How the last process on this disk ended, as far as the image's own state goes (local to
+/// this host; never sent to the peer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LastStop {
+    /// A process runs (or ran and did not stop cleanly: a crash or power loss). Nothing can be
+    /// said about changes by other programs since.
+    #[default]
+    Running,
+    /// The last process stopped cleanly and the image then looked like this.
+    Clean(ImageStamp),
+}
+
+/// What [`MetaStore::start_run`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outside {
+    /// Nothing says another program changed the image.
+    Unchanged,
+    /// The last process stopped cleanly and the image changed since (`was`, `now`).
+    Changed { was: ImageStamp, now: ImageStamp },
+    /// The last process did not stop cleanly: changes since cannot be seen.
+    Unknown,
+}
+
 /// The whole metadata record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metadata {
@@ -377,6 +450,8 @@ pub struct Metadata {
     pub role: DiskRole,
     /// Newest first.
     pub roles: [DiskRole; 8],
+    /// How the last process ended (slots written before this field read as `Running`).
+    pub last_stop: LastStop,
     seq: u64,
 }
 
@@ -391,7 +466,25 @@ impl Metadata {
             disk_size,
             role: DiskRole::None,
             roles: [DiskRole::None; 8],
+            last_stop: LastStop::Running,
             seq: 0,
+        }
+    }
+
+    /// The image was written outside the pair (by a standalone process, or by another program
+    /// while no colo-blk ran): no record says where, so this disk is no longer a copy of any
+    /// generation. A secondary's disk holds no checkpoint (inconsistent: a failover to it is
+    /// refused, the primary resyncs it fully); a primary's or failed-over disk takes a new
+    /// generation that no peer holds (`bitmap = 0`: a peer needs a full sync); a disk without
+    /// a role has unknown content.
+    fn changed_outside(&mut self) {
+        match self.role {
+            DiskRole::Secondary => self.gens.flags |= FLAG_INCONSISTENT,
+            DiskRole::Primary | DiskRole::FailedOver => {
+                self.new_current();
+                self.gens.bitmap = 0;
+            }
+            DiskRole::None => self.gens.current = 0,
         }
     }
 
@@ -422,6 +515,14 @@ impl Metadata {
         v.push(self.role.code());
         v.extend(self.roles.iter().map(|r| r.code()));
         self.gens.encode_into(&mut v);
+        // Appended after the generations: older builds ignore it (the crc covers the slot).
+        match self.last_stop {
+            LastStop::Running => v.extend_from_slice(&[0u8; 1 + STAMP_LEN]),
+            LastStop::Clean(stamp) => {
+                v.push(1);
+                stamp.encode_into(&mut v);
+            }
+        }
         let mut out = [0u8; SLOT];
         out[..v.len()].copy_from_slice(&v);
         let crc = crc32c::crc32c(&out[..SLOT - 4]);
@@ -444,7 +545,13 @@ impl Metadata {
         for (i, r) in roles.iter_mut().enumerate() {
             *r = DiskRole::from_code(b[29 + i]);
         }
+        let tail = 37 + GENERATIONS_LEN;
+        let last_stop = match b[tail] {
+            1 => LastStop::Clean(ImageStamp::decode(&b[tail + 1..tail + 1 + STAMP_LEN])?),
+            _ => LastStop::Running,
+        };
         Some(Metadata {
+            last_stop,
             seq: u64::from_le_bytes(b[12..20].try_into().ok()?),
             disk_size: u64::from_le_bytes(b[20..28].try_into().ok()?),
             role: DiskRole::from_code(b[28]),
@@ -592,6 +699,46 @@ impl MetaStore {
         let written = self.write(m)?;
         *guard = written.clone();
         Ok(written)
+    }
+
+    // ---- every process on this disk ----
+
+    /// A process starts on this image (before it writes it): compares the image with the
+    /// stamp of the last clean stop and, when another program changed it since, records that
+    /// (see [`Metadata::changed_outside`]); then records that a process runs.
+    pub fn start_run(&self, now: Option<ImageStamp>) -> io::Result<Outside> {
+        let m = self.get();
+        let outside = match (m.last_stop, now) {
+            (LastStop::Running, _) => Outside::Unknown,
+            (LastStop::Clean(was), Some(now)) if was != now => Outside::Changed { was, now },
+            (LastStop::Clean(_), _) => Outside::Unchanged,
+        };
+        self.update(|m| {
+            if matches!(outside, Outside::Changed { .. }) {
+                m.changed_outside();
+            }
+            m.last_stop = LastStop::Running;
+        })?;
+        Ok(outside)
+    }
+
+    /// A standalone process is about to write this image outside the pair
+    /// (`--detach-replication`): recorded before its first write.
+    pub fn detach(&self) -> io::Result<Metadata> {
+        self.update(|m| {
+            m.changed_outside();
+            m.last_stop = LastStop::Running;
+        })
+    }
+
+    /// The process stopped cleanly: nothing writes the image any more, and it looks like
+    /// `stamp` (`None`: a block device, nothing to compare at the next start).
+    pub fn clean_stop(&self, stamp: Option<ImageStamp>) -> io::Result<Metadata> {
+        self.update(|m| {
+            if let Some(stamp) = stamp {
+                m.last_stop = LastStop::Clean(stamp);
+            }
+        })
     }
 
     // ---- the primary's transitions ----
@@ -1316,5 +1463,68 @@ mod tests {
         g.encode_into(&mut v);
         assert_eq!(v.len(), GENERATIONS_LEN);
         assert_eq!(Generations::decode(&v), Some(g));
+    }
+
+    /// The clean-stop stamp round-trips; a slot written before it existed (zeros there) reads
+    /// as "running", so an upgrade never claims a clean stop it did not see; a changed image
+    /// is recorded per role as the issue asks.
+    #[test]
+    fn outside_changes_are_recorded_per_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let stamp = ImageStamp {
+            size: 1 << 20,
+            mtime_ns: 1_700_000_000_123_456_789,
+            ctime_ns: 1_700_000_000_223_456_789,
+            inode: 42,
+        };
+        let store = MetaStore::open(&path, 1 << 20, true).unwrap();
+        assert_eq!(store.start_run(Some(stamp)).unwrap(), Outside::Unknown);
+        store.primary_start(true).unwrap();
+        store.primary_checkpoint(3).unwrap();
+        store.clean_stop(Some(stamp)).unwrap();
+        drop(store);
+        let store = MetaStore::open(&path, 1 << 20, false).unwrap();
+        assert_eq!(store.get().last_stop, LastStop::Clean(stamp));
+        // The same image: nothing changes.
+        let g = store.gens();
+        assert_eq!(store.start_run(Some(stamp)).unwrap(), Outside::Unchanged);
+        assert_eq!(store.gens(), g);
+        // Changed after a clean stop: a primary's disk takes a new generation no peer holds.
+        store.clean_stop(Some(stamp)).unwrap();
+        let now = ImageStamp {
+            ctime_ns: stamp.ctime_ns + 1,
+            ..stamp
+        };
+        assert!(matches!(
+            store.start_run(Some(now)).unwrap(),
+            Outside::Changed { .. }
+        ));
+        let after = store.gens();
+        assert_ne!(after.current, g.current);
+        assert_eq!(after.bitmap, 0);
+        assert!(after.history.contains(&g.current));
+        assert_eq!(store.get().last_stop, LastStop::Running);
+        // A crash since: nothing can be said.
+        assert_eq!(store.start_run(Some(now)).unwrap(), Outside::Unknown);
+
+        // A secondary's disk becomes inconsistent; a disk without a role, unknown.
+        let mut m = Metadata::fresh(1 << 20, ZERO_GENERATION);
+        m.set_role(DiskRole::Secondary);
+        m.changed_outside();
+        assert!(m.gens.inconsistent());
+        let mut m = Metadata::fresh(1 << 20, ZERO_GENERATION);
+        m.changed_outside();
+        assert_eq!(m.gens.current, 0);
+
+        // An older build's slot: the bytes after the generations are zeros.
+        let mut old = Metadata::fresh(1 << 20, ZERO_GENERATION);
+        old.last_stop = LastStop::Clean(stamp);
+        let mut b = old.encode();
+        let tail = 37 + GENERATIONS_LEN;
+        b[tail..tail + 1 + STAMP_LEN].fill(0);
+        let crc = crc32c::crc32c(&b[..SLOT - 4]);
+        b[SLOT - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Metadata::decode(&b).unwrap().last_stop, LastStop::Running);
     }
 }

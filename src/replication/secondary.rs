@@ -884,6 +884,27 @@ impl Secondary {
         self.failover().map(|_| ())
     }
 
+    /// At a clean stop of the process: takes no more streams and waits, at most `limit`, for
+    /// the applier to let go of the disk. Returns whether nothing writes base any more (no
+    /// stream, no failover under way), so that the image's stamp may be recorded.
+    pub fn quiesce(&self, limit: Duration) -> bool {
+        self.stop.send_replace(true);
+        let deadline = Instant::now() + limit;
+        let mut st = self.state();
+        while !matches!(st.peer, Peer::Idle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .cond
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.stage != Stage::FailingOver
+    }
+
     /// `replication-failover`: stop taking the stream and make the Secondary VM's view (or,
     /// without one, the last checkpoint) the disk. After an I/O error, calling it again
     /// resumes the commit.

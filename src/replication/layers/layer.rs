@@ -8,7 +8,12 @@
 //!  record:      cluster u64 | data crc32c u32 | flags u32 | reserved u32 | record crc32c u32
 //!  flags:       1 = DATA_CRC (hidden: the crc of the cluster as saved)
 //!               2 = REMOVED  (a failover committed the cluster: it is in no layer any more)
+//!               4 = OWNER    (the first record of a file: the disk id of the disk the layer
+//!                             belongs to, its 16 bytes in the cluster, crc and reserved fields)
 //! ```
+//!
+//! A layer file whose owner record names another disk is refused, never read or removed
+//! (files written before owner records have none and are accepted).
 //!
 //! The index is never ahead of the data:
 //! - a *hidden* record carries the crc of the cluster it describes and is written with it; the
@@ -31,6 +36,7 @@ use std::path::{Path, PathBuf};
 pub(super) const RECORD_LEN: usize = 24;
 const FLAG_DATA_CRC: u32 = 1;
 const FLAG_REMOVED: u32 = 2;
+const FLAG_OWNER: u32 = 4;
 
 /// What a layer holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,25 +54,34 @@ pub(super) enum Record {
     Holds { cluster: u64, crc: Option<u32> },
     /// A failover committed `cluster` to base: no layer holds it any more.
     Removed { cluster: u64 },
+    /// The layer belongs to the disk with this id.
+    Owner { disk_id: u128 },
 }
 
 impl Record {
     fn encode(self, out: &mut Vec<u8>) {
-        let (cluster, crc, flags) = match self {
+        // cluster u64 | crc u32 | flags u32 | reserved u32 (an owner's id in all but flags)
+        let mut body = [0u8; 20];
+        let (first, flags, reserved): ([u8; 12], u32, [u8; 4]) = match self {
             Record::Holds { cluster, crc } => (
-                cluster,
-                crc.unwrap_or(0),
+                join(cluster, crc.unwrap_or(0)),
                 if crc.is_some() { FLAG_DATA_CRC } else { 0 },
+                [0; 4],
             ),
-            Record::Removed { cluster } => (cluster, 0, FLAG_REMOVED),
+            Record::Removed { cluster } => (join(cluster, 0), FLAG_REMOVED, [0; 4]),
+            Record::Owner { disk_id } => {
+                let b = disk_id.to_le_bytes();
+                let (mut first, mut rest) = ([0u8; 12], [0u8; 4]);
+                first.copy_from_slice(&b[..12]);
+                rest.copy_from_slice(&b[12..]);
+                (first, FLAG_OWNER, rest)
+            }
         };
-        let start = out.len();
-        out.extend_from_slice(&cluster.to_le_bytes());
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&flags.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        let rc = crc32c::crc32c(&out[start..]);
-        out.extend_from_slice(&rc.to_le_bytes());
+        body[..12].copy_from_slice(&first);
+        body[12..16].copy_from_slice(&flags.to_le_bytes());
+        body[16..].copy_from_slice(&reserved);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
     }
 
     fn decode(b: &[u8]) -> Option<Record> {
@@ -79,6 +94,14 @@ impl Record {
         c.copy_from_slice(&b[..8]);
         let cluster = u64::from_le_bytes(c);
         let flags = le32(12);
+        if flags & FLAG_OWNER != 0 {
+            let mut id = [0u8; 16];
+            id[..12].copy_from_slice(&b[..12]);
+            id[12..].copy_from_slice(&b[16..20]);
+            return Some(Record::Owner {
+                disk_id: u128::from_le_bytes(id),
+            });
+        }
         Some(if flags & FLAG_REMOVED != 0 {
             Record::Removed { cluster }
         } else {
@@ -88,6 +111,14 @@ impl Record {
             }
         })
     }
+}
+
+/// A record's first 12 bytes: a cluster number and a crc.
+fn join(cluster: u64, crc: u32) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&cluster.to_le_bytes());
+    b[8..].copy_from_slice(&crc.to_le_bytes());
+    b
 }
 
 /// One layer: its file and the clusters it holds.
@@ -119,8 +150,14 @@ impl Layer {
         capacity.div_ceil(4096) * 4096
     }
 
-    /// Creates an empty layer file at `path` (which must not exist).
-    pub(super) fn create(path: PathBuf, kind: Kind, capacity: u64) -> io::Result<Layer> {
+    /// Creates an empty layer file at `path` (which must not exist) for the disk `owner` (its
+    /// disk id; 0: unknown, no owner record).
+    pub(super) fn create(
+        path: PathBuf,
+        kind: Kind,
+        capacity: u64,
+        owner: u128,
+    ) -> io::Result<Layer> {
         // std opens with O_CLOEXEC.
         let file = OpenOptions::new()
             .read(true)
@@ -129,7 +166,7 @@ impl Layer {
             .open(&path)?;
         let log_start = Self::log_start(capacity);
         // Until it is referenced by the state file, a new layer is removed when dropped.
-        let layer = Layer {
+        let mut layer = Layer {
             file,
             path,
             kind,
@@ -142,17 +179,41 @@ impl Layer {
             discard_on_drop: true,
         };
         layer.file.set_len(log_start)?;
+        if owner != 0 {
+            // Synced with the layer's first records, before the state file names the layer.
+            let mut rec = Vec::with_capacity(RECORD_LEN);
+            Record::Owner { disk_id: owner }.encode(&mut rec);
+            layer.file.write_all_at(&rec, log_start)?;
+            layer.log_end += RECORD_LEN as u64;
+        }
         Ok(layer)
     }
 
-    /// Opens an existing layer file and replays its index. `removed` collects the clusters
-    /// that the log says a failover committed. Hidden records whose data does not match their
-    /// checksum are ignored (see the module comment).
+    /// The disk id in the owner record of the layer file at `path`, if it has one.
+    pub(super) fn owner_of(path: &Path, capacity: u64) -> io::Result<Option<u128>> {
+        let file = File::open(path)?;
+        let mut rec = [0u8; RECORD_LEN];
+        match file.read_exact_at(&mut rec, Self::log_start(capacity)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        Ok(match Record::decode(&rec) {
+            Some(Record::Owner { disk_id }) => Some(disk_id),
+            _ => None,
+        })
+    }
+
+    /// Opens an existing layer file of the disk `owner` (0: unknown) and replays its index.
+    /// `removed` collects the clusters that the log says a failover committed. Hidden records
+    /// whose data does not match their checksum are ignored (see the module comment). A file
+    /// whose owner record names another disk is refused.
     pub(super) fn open(
         path: PathBuf,
         kind: Kind,
         capacity: u64,
         cluster_size: u64,
+        owner: u128,
         removed: &mut BTreeSet<u64>,
     ) -> io::Result<Layer> {
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
@@ -171,6 +232,10 @@ impl Layer {
         let mut ignored = 0usize;
         for rec in log.chunks_exact(RECORD_LEN).filter_map(Record::decode) {
             match rec {
+                Record::Owner { disk_id } if owner != 0 && disk_id != owner => {
+                    return Err(foreign_layer(&path, disk_id, owner));
+                }
+                Record::Owner { .. } => {}
                 Record::Removed { cluster } => {
                     removed.insert(cluster);
                     clusters.remove(&cluster);
@@ -385,6 +450,19 @@ pub(super) fn is_zero(data: &[u8]) -> bool {
         .all(|b| b.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
+/// The error for a layer file of another disk.
+pub(super) fn foreign_layer(path: &Path, file_owner: u128, owner: u128) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "layer file {} belongs to disk {file_owner:032x}, not to this disk \
+             ({owner:032x}): two disks share a layer directory; nothing was changed (give \
+             each disk a --layer-dir of its own)",
+            path.display()
+        ),
+    )
+}
+
 /// Layer files in `dir` (`hidden-N.img`, `active-N.img`).
 pub(super) fn layer_files(dir: &Path) -> io::Result<Vec<String>> {
     let mut v: Vec<String> = fs::read_dir(dir)?
@@ -427,6 +505,9 @@ mod tests {
                 crc: None,
             },
             Record::Removed { cluster: 3 },
+            Record::Owner {
+                disk_id: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+            },
         ] {
             let mut b = Vec::new();
             r.encode(&mut b);
@@ -446,7 +527,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cap, cs) = (64 * 4096u64, 4096usize);
         let path = dir.path().join("hidden-0.img");
-        let mut h = Layer::create(path.clone(), Kind::Hidden, cap).unwrap();
+        let mut h = Layer::create(path.clone(), Kind::Hidden, cap, 0).unwrap();
         h.save(&[1u8; 8192], 2, cs).unwrap();
         h.save(&[0u8; 4096], 9, cs).unwrap();
         h.sync().unwrap();
@@ -457,13 +538,13 @@ mod tests {
         h.discard_on_drop = false;
         drop(h);
         let mut removed = BTreeSet::new();
-        let h = Layer::open(path, Kind::Hidden, cap, cs as u64, &mut removed).unwrap();
+        let h = Layer::open(path, Kind::Hidden, cap, cs as u64, 0, &mut removed).unwrap();
         assert_eq!(h.clusters.iter().copied().collect::<Vec<_>>(), [2, 3, 9]);
         assert!(removed.is_empty());
 
         // Active: only what was logged at a flush, minus what a failover removed.
         let path = dir.path().join("active-0.img");
-        let mut a = Layer::create(path.clone(), Kind::Active, cap).unwrap();
+        let mut a = Layer::create(path.clone(), Kind::Active, cap, 0).unwrap();
         a.file.write_all_at(&[7u8; 4096], 0).unwrap();
         a.add(0);
         a.add(1);
@@ -474,7 +555,7 @@ mod tests {
         a.discard_on_drop = false;
         drop(a);
         let mut removed = BTreeSet::new();
-        let a = Layer::open(path, Kind::Active, cap, cs as u64, &mut removed).unwrap();
+        let a = Layer::open(path, Kind::Active, cap, cs as u64, 0, &mut removed).unwrap();
         assert_eq!(a.clusters.iter().copied().collect::<Vec<_>>(), [0]);
         assert_eq!(removed.iter().copied().collect::<Vec<_>>(), [1]);
     }

@@ -233,6 +233,9 @@ pub struct LayeredDisk {
     dir: PathBuf,
     capacity: u64,
     cluster_size: u64,
+    /// The disk id of `base` (replication metadata; 0: unknown): recorded in `layers.state` and
+    /// every layer file, checked when they are opened.
+    owner: u128,
     state: RwLock<State>,
     next_file: AtomicU64,
     reaper_tx: Option<mpsc::Sender<Layers>>,
@@ -267,6 +270,18 @@ impl LayeredDisk {
         base: Arc<dyn BlockDevice>,
         dir: impl AsRef<Path>,
         cluster_size: u64,
+    ) -> io::Result<Self> {
+        Self::new_owned(base, dir, cluster_size, 0)
+    }
+
+    /// [`LayeredDisk::new`] for the disk with id `owner` (its replication metadata's): a
+    /// directory whose state file or layer files belong to another disk is refused before
+    /// anything in it is changed.
+    pub fn new_owned(
+        base: Arc<dyn BlockDevice>,
+        dir: impl AsRef<Path>,
+        cluster_size: u64,
+        owner: u128,
     ) -> io::Result<Self> {
         if !cluster_size.is_power_of_two()
             || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size)
@@ -304,6 +319,7 @@ impl LayeredDisk {
             cbw_reader,
             dir,
             cluster_size,
+            owner,
             state: RwLock::new(State {
                 stage: Stage::Standalone,
                 epoch: 0,
@@ -354,14 +370,27 @@ impl LayeredDisk {
                 ),
             ));
         }
+        self.check_owner(saved.disk_id.as_deref())?;
         let mut named: Vec<String> = saved.hidden.iter().map(|h| h.file.clone()).collect();
         named.extend(saved.active.clone());
-        // Layer files not named are left-overs of a crash between creating and naming them.
-        for f in layer::layer_files(&self.dir)? {
-            if !named.contains(&f) {
-                log::info!("removing stray layer file {f}");
-                fs::remove_file(self.dir.join(&f))?;
+        // Layer files not named are left-overs of a crash between creating and naming them
+        // (or of removing them after a checkpoint): this disk's own, never another's.
+        let strays: Vec<String> = layer::layer_files(&self.dir)?
+            .into_iter()
+            .filter(|f| !named.contains(f))
+            .collect();
+        for f in &strays {
+            let path = self.dir.join(f);
+            match Layer::owner_of(&path, self.capacity)? {
+                Some(o) if self.owner != 0 && o != self.owner => {
+                    return Err(layer::foreign_layer(&path, o, self.owner))
+                }
+                _ => {}
             }
+        }
+        for f in strays {
+            log::info!("removing stray layer file {f}");
+            fs::remove_file(self.dir.join(&f))?;
         }
         let stage = match (saved.stage, saved.active) {
             (SavedStage::Standalone, _) => Stage::Standalone,
@@ -428,8 +457,31 @@ impl LayeredDisk {
             kind,
             self.capacity,
             self.cluster_size,
+            self.owner,
             removed,
         )
+    }
+
+    /// Refuses a state file that names another disk (`recorded`, 32 hex digits). A state file
+    /// without a disk id (written before ids were recorded) is adopted.
+    fn check_owner(&self, recorded: Option<&str>) -> io::Result<()> {
+        let Some(recorded) = recorded else {
+            return Ok(());
+        };
+        if self.owner == 0 || u128::from_str_radix(recorded, 16).ok() == Some(self.owner) {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the layer directory {} belongs to disk {recorded}, not to this disk \
+                 ({:032x}); nothing in it was changed. Each disk needs a --layer-dir of its \
+                 own: if that disk is gone for good, empty the directory (its rollback data \
+                 is lost with it), or use a new one",
+                self.dir.display(),
+                self.owner
+            ),
+        ))
     }
 
     /// Cluster size in bytes.
@@ -568,7 +620,12 @@ impl LayeredDisk {
         };
         if !layers.pending.is_empty() {
             // The first change after tentative cuts: their rollback layer starts here.
-            let mut fresh = Layer::create(self.new_hidden_file(), Kind::Hidden, self.capacity)?;
+            let mut fresh = Layer::create(
+                self.new_hidden_file(),
+                Kind::Hidden,
+                self.capacity,
+                self.owner,
+            )?;
             let mut saved = self.saved(group, epoch, SavedStage::Buffering, Some(layers));
             saved.hidden.push(SavedHidden {
                 file: fresh.file_name(),
@@ -795,6 +852,7 @@ impl LayeredDisk {
                 .collect()
         };
         let mut saved = SavedState::new(self.capacity, self.cluster_size);
+        saved.disk_id = (self.owner != 0).then(|| format!("{:032x}", self.owner));
         saved.epoch = epoch;
         saved.active = Some(fresh_active.file_name());
         saved.hidden = kept_names;
@@ -1020,6 +1078,7 @@ impl LayeredDisk {
         layers: Option<&Layers>,
     ) -> SavedState {
         let mut saved = SavedState::new(self.capacity, self.cluster_size);
+        saved.disk_id = (self.owner != 0).then(|| format!("{:032x}", self.owner));
         saved.epoch = epoch;
         saved.group = group;
         saved.stage = stage;
@@ -1054,7 +1113,12 @@ impl LayeredDisk {
         loop {
             let n = self.next_file.fetch_add(1, Ordering::Relaxed);
             let create = |kind: &str, k: Kind| {
-                Layer::create(self.dir.join(format!("{kind}-{n}.img")), k, self.capacity)
+                Layer::create(
+                    self.dir.join(format!("{kind}-{n}.img")),
+                    k,
+                    self.capacity,
+                    self.owner,
+                )
             };
             let hidden = match create("hidden", Kind::Hidden) {
                 Ok(l) => l,

@@ -85,6 +85,10 @@ pub(super) struct SavedState {
     /// Consistency groups (absent in files written before them, and when empty).
     #[serde(default, skip_serializing_if = "GroupRecord::is_empty")]
     pub group: GroupRecord,
+    /// The disk id (replication metadata) of the disk these layers belong to, 32 hex digits
+    /// (absent in files written before it, and for disks without metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_id: Option<String>,
 }
 
 impl SavedState {
@@ -98,6 +102,7 @@ impl SavedState {
             active: None,
             hidden: Vec::new(),
             group: GroupRecord::default(),
+            disk_id: None,
         }
     }
 

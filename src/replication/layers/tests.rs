@@ -1197,3 +1197,68 @@ fn a_checkpoint_while_prepared_commits_the_group_and_a_colo_cut_does_not() {
         Some(GroupCommitted { group: 3, epoch: 5 })
     );
 }
+
+/// A layer directory belongs to one disk (issue 19): another disk's state file or layer file
+/// is refused before anything in the directory changes; its own disk reopens it.
+#[test]
+fn a_layer_directory_of_another_disk_is_refused_and_left_as_it_is() {
+    const A: u128 = 0xaaaa_0000_0000_0000_0000_0000_0000_0001;
+    const B: u128 = 0xbbbb_0000_0000_0000_0000_0000_0000_0002;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = raw(tmp.path(), 1 << 20);
+    let dir = tmp.path().join("layers");
+    {
+        let disk = LayeredDisk::new_owned(base.clone(), &dir, 4096, A).unwrap();
+        disk.primary_write(0, &pattern(1, 0, 8192)).unwrap();
+    }
+    let snapshot = || {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                (
+                    e.file_name().into_string().unwrap(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = snapshot();
+    assert!(std::fs::read_to_string(dir.join(state::STATE_FILE))
+        .unwrap()
+        .contains(&format!("{A:032x}")));
+
+    // The state file names disk A.
+    let e = LayeredDisk::new_owned(base.clone(), &dir, 4096, B).unwrap_err();
+    assert!(e.to_string().contains("the layer directory"), "{e}");
+    assert!(snapshot() == before);
+    // Without the state file's id (as an older build wrote it), each layer file still names A.
+    let st = dir.join(state::STATE_FILE);
+    let text = std::fs::read_to_string(&st).unwrap();
+    let mut without_id: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(without_id["disk_id"].is_string(), "{text}");
+    without_id.as_object_mut().unwrap().remove("disk_id");
+    std::fs::write(&st, without_id.to_string()).unwrap();
+    let e = LayeredDisk::new_owned(base.clone(), &dir, 4096, B).unwrap_err();
+    assert!(e.to_string().contains("layer file"), "{e}");
+    std::fs::write(&st, &text).unwrap();
+    assert!(snapshot() == before);
+
+    // A stray layer file of disk B in A's directory is not removed as a crash left-over.
+    drop(
+        Layer::create(dir.join("hidden-99.img"), Kind::Hidden, 1 << 20, B).map(|mut l| {
+            l.discard_on_drop = false;
+            l
+        }),
+    );
+    let e = LayeredDisk::new_owned(base.clone(), &dir, 4096, A).unwrap_err();
+    assert!(e.to_string().contains("layer file"), "{e}");
+    assert!(dir.join("hidden-99.img").exists());
+    std::fs::remove_file(dir.join("hidden-99.img")).unwrap();
+
+    // Disk A reopens its layers with the rollback data.
+    let disk = LayeredDisk::new_owned(base, &dir, 4096, A).unwrap();
+    assert!(disk.stats().hidden_bytes > 0);
+}

@@ -1,0 +1,390 @@
+//! Ownership and identity (issue 19, points 1 and 2), tried as an operator makes the mistakes:
+//! a second process on an image, a socket or a layer directory another one uses; a layer
+//! directory of another disk; a pair's disk served standalone for a while; an image changed by
+//! another program while colo-blk was stopped. Each ends in a refusal naming the cause, or in
+//! a resync that leaves both disks equal byte for byte: never in a pair reported in sync while
+//! its disks differ.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+use common::pair::{
+    assert_same_files, checkpoint, decision, hot_writes, qmp, query, read, s, wait_in_sync,
+    write_all, Node,
+};
+use common::{pattern, Backend, Client, STARTUP_TIMEOUT};
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+const DISK: u64 = 16 * MIB;
+
+/// Runs colo-blk with `args`, which must refuse to start: returns its stderr. Fails the test if
+/// it starts serving (prints its ready line) or exits successfully.
+fn refused(args: &[&str]) -> String {
+    let child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn colo-blk");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(STARTUP_TIMEOUT) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            // SAFETY: kill(2) on the child spawned above.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("colo-blk {args:?} was not refused: it kept running");
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && !stdout.contains("ready"),
+        "colo-blk {args:?} started: {stdout} {stderr}"
+    );
+    stderr
+}
+
+fn standalone(d: &Path, image: &str, socket: &str, extra: &[&str]) -> Backend {
+    let mut args = vec![
+        "--image".to_string(),
+        s(&d.join(image)),
+        "--size".to_string(),
+        DISK.to_string(),
+        "--socket".to_string(),
+        s(&d.join(socket)),
+        "--num-queues".to_string(),
+        "4".to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Backend::start_with(&refs, &d.join(socket))
+}
+
+/// A secondary listening on `port` (0: any; a restart passes the port its primary knows).
+fn secondary(d: &Path, image: &str, layers: &str, port: u16, extra: &[&str]) -> Node {
+    Node::secondary(d, image, DISK, port)
+        .layers(layers)
+        .qmp(&format!("{image}.qmp"))
+        .cluster_size("4K")
+        .args(extra)
+}
+
+fn primary(d: &Path, port: u16) -> Backend {
+    Node::primary(d, "p.img", DISK, port)
+        .socket("p.sock")
+        .qmp("p.qmp")
+        .queues(4)
+        .start()
+}
+
+/// Writes `n` seeded batches through `socket` and returns.
+fn write_some(socket: &Path, seed: u64, n: usize) {
+    let mut c = Client::connect(socket, 4).unwrap();
+    write_all(&mut c, &hot_writes(seed, n, &[4096, 65536], DISK));
+}
+
+/// A pair in sync after `checkpoints` checkpoints with writes between them: the secondary and
+/// the primary, the secondary's QMP socket `s.img.qmp`, the primary's `p.qmp`.
+fn pair_in_sync(d: &Path, checkpoints: u64) -> (Backend, Backend) {
+    let sec = secondary(d, "s.img", "layers", 0, &[]).start();
+    let p = primary(d, sec.listen_port());
+    let mut pq = qmp(d, "p.qmp");
+    wait_in_sync(&mut pq);
+    for i in 0..checkpoints {
+        write_some(&d.join("p.sock"), 10 + i, 32);
+        checkpoint(&mut pq);
+    }
+    assert_same_files(&d.join("s.img"), &d.join("p.img"), "in sync");
+    (sec, p)
+}
+
+#[test]
+fn a_second_process_on_an_image_is_refused_naming_the_holder() {
+    let dir = common::tempdir();
+    let d = dir.path();
+    let a = standalone(d, "a.img", "a.sock", &[]);
+    let mut c = Client::connect(&d.join("a.sock"), 1).unwrap();
+    let data = pattern(7, 65536);
+    assert_eq!(c.write(0, 4096, &data), 0);
+
+    let err = refused(&[
+        "--image",
+        &s(&d.join("a.img")),
+        "--socket",
+        &s(&d.join("b.sock")),
+    ]);
+    let pid = a.child.id();
+    assert!(
+        err.contains("image") && err.contains(&format!("pid {pid}")),
+        "{err}"
+    );
+    // A read-only export is refused too while a writer has it.
+    let err = refused(&[
+        "--image",
+        &s(&d.join("a.img")),
+        "--socket",
+        &s(&d.join("b.sock")),
+        "--read-only",
+    ]);
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    // QEMU's own tools see the lock too (qemu-io writing at the offset of our data).
+    if common::in_path("qemu-io") {
+        let out = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x66 4096 4096",
+                &s(&d.join("a.img")),
+            ])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("lock"), "qemu-io wrote a served image: {e}");
+    }
+    // The first process was not disturbed.
+    assert_eq!(c.read(0, 4096, 65536).unwrap(), data);
+    drop(c);
+    assert!(a.terminate().success());
+    // Once it is gone the image is free again.
+    let b = standalone(d, "a.img", "b.sock", &[]);
+    let mut c = Client::connect(&d.join("b.sock"), 1).unwrap();
+    assert_eq!(c.read(0, 4096, 65536).unwrap(), data);
+    drop(c);
+    assert!(b.terminate().success());
+}
+
+#[test]
+fn a_second_process_cannot_take_over_a_served_socket() {
+    let dir = common::tempdir();
+    let d = dir.path();
+    let a = standalone(d, "a.img", "shared.sock", &["--qmp", &s(&d.join("a.qmp"))]);
+    let pid = a.child.id();
+    let err = refused(&[
+        "--image",
+        &s(&d.join("b.img")),
+        "--size",
+        "1M",
+        "--socket",
+        &s(&d.join("shared.sock")),
+    ]);
+    assert!(
+        err.contains("vhost-user socket") && err.contains(&format!("pid {pid}")),
+        "{err}"
+    );
+    let err = refused(&[
+        "--image",
+        &s(&d.join("b.img")),
+        "--socket",
+        &s(&d.join("b.sock")),
+        "--qmp",
+        &s(&d.join("a.qmp")),
+    ]);
+    assert!(err.contains("QMP socket"), "{err}");
+    // Both sockets still lead to the first process.
+    let c = Client::connect(&d.join("shared.sock"), 1).unwrap();
+    assert_eq!(c.capacity(), DISK);
+    let mut q = common::Qmp::connect(&d.join("a.qmp"));
+    q.execute("query-status", json!({})).unwrap();
+    drop(c);
+    assert!(a.terminate().success());
+}
+
+#[test]
+fn a_layer_directory_serves_one_disk_and_is_never_emptied_for_another() {
+    let dir = common::tempdir();
+    let d = dir.path();
+    let (sec, p) = pair_in_sync(d, 2);
+    // Rollback data in the layers: writes after the checkpoint.
+    write_some(&d.join("p.sock"), 50, 32);
+    let mut pq = qmp(d, "p.qmp");
+    pq.execute(
+        "replication-prepare-checkpoint",
+        json!({"timeout-ms": 60000}),
+    )
+    .unwrap();
+    let layer_files = || {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(d.join("layers"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    read(&e.path()),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+
+    // Another secondary (another image, another port) on the same directory, while the first
+    // runs: refused by the lock.
+    let other = secondary(d, "t.img", "layers", 0, &[]).command_line();
+    let refs: Vec<&str> = other.iter().map(String::as_str).collect();
+    let err = refused(&refs);
+    assert!(
+        err.contains("layer directory") && err.contains(&format!("pid {}", sec.child.id())),
+        "{err}"
+    );
+
+    // The first one stopped: the directory is free, but it belongs to s.img's disk.
+    drop(p);
+    assert!(sec.terminate().success());
+    let before = layer_files();
+    assert!(before.iter().any(|(n, _)| n.starts_with("hidden-")));
+    let err = refused(&refs);
+    assert!(err.contains("belongs to disk"), "{err}");
+    assert!(
+        layer_files() == before,
+        "a refused start changed the layers"
+    );
+
+    // Its own disk reopens it as it was.
+    let sec = secondary(d, "s.img", "layers", 0, &[]).start();
+    let mut sq = qmp(d, "s.img.qmp");
+    let st = query(&mut sq);
+    assert!(st["hidden-bytes"].as_u64().unwrap() > 0, "{st}");
+    drop(sec);
+}
+
+/// Reproduction 3 of the issue: a pair's disk served standalone for a while, then the primary
+/// started again. Refused without --detach-replication; with it, the pair never reports in
+/// sync without a full resync, and after it the disks are equal.
+#[test]
+fn a_pair_disk_served_standalone_needs_a_full_resync() {
+    let dir = common::tempdir();
+    let d = dir.path();
+    let (sec, p) = pair_in_sync(d, 4);
+    assert!(p.terminate().success());
+
+    let err = refused(&[
+        "--image",
+        &s(&d.join("p.img")),
+        "--socket",
+        &s(&d.join("m.sock")),
+    ]);
+    assert!(err.contains("--detach-replication"), "{err}");
+    // Read-only maintenance is fine.
+    let ro = standalone(d, "p.img", "m.sock", &["--read-only"]);
+    drop(ro);
+    let m = standalone(d, "p.img", "m.sock", &["--detach-replication"]);
+    write_some(&d.join("m.sock"), 77, 64);
+    assert!(m.terminate().success());
+    assert!(read(&d.join("p.img")) != read(&d.join("s.img")));
+
+    // The primary again: the secondary refuses the incremental resync that would miss the
+    // standalone writes.
+    let mut sq = qmp(d, "s.img.qmp");
+    let p = primary(d, sec.listen_port());
+    let (what, why) = decision(&mut sq);
+    assert_eq!(what, "refused", "{why}");
+    assert!(why.contains("--allow-full-sync"), "{why}");
+    let mut pq = qmp(d, "p.qmp");
+    assert_ne!(query(&mut pq)["state"], "connected");
+    let e = pq
+        .execute("replication-checkpoint", json!({"timeout-ms": 2000}))
+        .unwrap_err();
+    assert!(!e.to_string().is_empty());
+
+    // Allowed: a full resync, then equal disks.
+    let port = sec.listen_port();
+    drop(sec);
+    let _sec = secondary(d, "s.img", "layers", port, &["--allow-full-sync"]).start();
+    let mut sq = qmp(d, "s.img.qmp");
+    let (what, why) = decision(&mut sq);
+    assert_eq!(what, "full-sync", "{why}");
+    wait_in_sync(&mut pq);
+    checkpoint(&mut pq);
+    assert_same_files(&d.join("s.img"), &d.join("p.img"), "after the full resync");
+    drop(p);
+}
+
+/// Another program writes a primary's image while colo-blk is stopped: the next start sees it
+/// (size, mtime, ctime and inode recorded at the clean stop) and the pair resyncs fully. The
+/// same stop and start without the write stays incremental.
+#[test]
+fn an_image_changed_while_stopped_is_detected() {
+    let dir = common::tempdir();
+    let d = dir.path();
+    let (sec, p) = pair_in_sync(d, 2);
+    let port = sec.listen_port();
+    let mut sq = qmp(d, "s.img.qmp");
+
+    // Unchanged: incremental.
+    assert!(p.terminate().success());
+    sq.events.clear();
+    let p = primary(d, port);
+    let (what, why) = decision(&mut sq);
+    assert_eq!(what, "incremental", "{why}");
+    wait_in_sync(&mut qmp(d, "p.qmp"));
+    assert!(p.terminate().success());
+
+    // Changed by "dd" in between: refused until a full resync is allowed.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("p.img"))
+            .unwrap();
+        f.write_all_at(&[0x5a; 4096], 3 * MIB).unwrap();
+    }
+    sq.events.clear();
+    let p = primary(d, port);
+    let (what, why) = decision(&mut sq);
+    assert_eq!(what, "refused", "{why}");
+    let port = sec.listen_port();
+    drop(sec);
+    let _sec = secondary(d, "s.img", "layers", port, &["--allow-full-sync"]).start();
+    let mut sq = qmp(d, "s.img.qmp");
+    let (what, why) = decision(&mut sq);
+    assert_eq!(what, "full-sync", "{why}");
+    let mut pq = qmp(d, "p.qmp");
+    wait_in_sync(&mut pq);
+    checkpoint(&mut pq);
+    assert_same_files(&d.join("s.img"), &d.join("p.img"), "after the full resync");
+    drop(p);
+}
+
+/// The secondary's image changed while it was stopped: it holds no checkpoint any more, so a
+/// failover to it is refused, and the primary resyncs it fully at the next connect.
+#[test]
+fn a_secondary_image_changed_while_stopped_is_inconsistent() {
+    let dir = common::tempdir();
+    let d = dir.path();
+    let (sec, p) = pair_in_sync(d, 2);
+    drop(p);
+    assert!(sec.terminate().success());
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("s.img"))
+            .unwrap();
+        f.write_all_at(&[0x33; 512], 5 * MIB).unwrap();
+    }
+    let sec = secondary(d, "s.img", "layers", 0, &[]).start();
+    let mut sq = qmp(d, "s.img.qmp");
+    assert_eq!(query(&mut sq)["consistency"], "inconsistent");
+    let e = sq.execute("replication-failover", json!({})).unwrap_err();
+    assert!(e["desc"].as_str().unwrap().contains("inconsistent"), "{e}");
+
+    let p = primary(d, sec.listen_port());
+    let (what, why) = decision(&mut sq);
+    assert_eq!(what, "full-sync", "{why}");
+    let mut pq = qmp(d, "p.qmp");
+    wait_in_sync(&mut pq);
+    checkpoint(&mut pq);
+    assert_eq!(query(&mut sq)["consistency"], "consistent");
+    assert_same_files(&d.join("s.img"), &d.join("p.img"), "after the full resync");
+    drop((p, sec));
+}
