@@ -934,6 +934,10 @@ fn user_stop_held_across_a_checkpoint() {
             .map(|l| l.1.clone())
             .collect()
     };
+    assert!(
+        !own_run.is_empty(),
+        "the SVM wrote nothing of its own while the PVM was stopped: nothing to test"
+    );
     eprintln!(
         "user stop; the SVM's checkpoint {:.0} ms later (STOP->RESUME {:.1} ms); the SVM wrote \
          on its own meanwhile: {own_run:?}",
@@ -947,10 +951,9 @@ fn user_stop_held_across_a_checkpoint() {
     );
     drop(pvm_qmp);
     let mut sec = pair.qmp("svm-backend.qmp");
-    eprintln!(
-        "secondary after that checkpoint: {}",
-        sec.execute("query-replication", json!({})).unwrap()
-    );
+    let r = sec.execute("query-replication", json!({})).unwrap();
+    eprintln!("secondary after that checkpoint: {r}");
+    assert_eq!(r["colo"]["stops"], 1, "the user stop, counted apart: {r}");
     drop(sec);
     pair.pvm().drain();
     let pvm_max = pair

@@ -233,6 +233,22 @@ pub struct SecondaryStatus {
     pub failovers: u64,
     /// Consistency groups (docs/consistency-groups.md).
     pub group: GroupStatus,
+    /// The Secondary VM under QEMU's COLO (docs/colo-with-qemu.md).
+    pub colo: ColoStatus,
+}
+
+/// The `colo` object of the secondary's `query-replication`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct ColoStatus {
+    /// Markers that arrived while the Secondary VM ran: stops of the primary that were not a
+    /// checkpoint's (a user `stop`, a guest reset, a migration), counted apart from checkpoints.
+    pub stops: u64,
+    /// The epochs of the cuts a restart of the Secondary VM can take now, oldest first.
+    pub cuts: Vec<u64>,
+    /// Why the Secondary VM's memory and its disk do not match (`None`: they do); a failover
+    /// is refused meanwhile unless forced.
+    pub svm_mismatch: Option<String>,
 }
 
 /// The `group` object of the secondary's `query-replication`.
