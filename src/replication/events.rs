@@ -167,9 +167,13 @@ pub struct PrimaryStatus {
     pub unprotected_since: Option<f64>,
     /// When the last checkpoint completed (`None`: none yet).
     pub last_checkpoint_at: Option<f64>,
-    /// Checkpoints completed / refused or failed since start.
+    /// Checkpoints completed / refused or failed since start. Under QEMU's COLO every MARKER
+    /// counts: the secondary's `checkpoints` and `colo.stops` say which were checkpoints.
     pub checkpoints: u64,
     pub checkpoint_failures: u64,
+    /// Of the checkpoints, the MARKERs: device stops of the VM with dirty logging on (QEMU's
+    /// COLO checkpoints, and any other stop during COLO, e.g. a user `stop`).
+    pub markers: u64,
     /// What the current session had to resend when it connected (with
     /// `resync-remaining-bytes`: the resync's progress), and when it started.
     pub resync_total_bytes: u64,
