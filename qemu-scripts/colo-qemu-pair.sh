@@ -342,7 +342,6 @@ if p:
 print("events.log: PVM STOP->RESUME %d (checkpoints and user stops), SVM RESUME %d"
       % (resumes["pvm"], resumes["svm"]))
 EOF
-        echo "checkpoints taken by the secondary backend: $(grep -c "runs the primary's state" "$dir/secondary.log" 2>/dev/null || true)"
         ;;
     failover|failover-pvm)
         # failover: the PVM's side dies, the SVM takes over; failover-pvm: the SVM's side dies,
