@@ -912,11 +912,18 @@ fn user_stop_held_across_a_checkpoint() {
     for _ in 0..2 {
         backend.wait("REPLICATION_CHECKPOINT", TIMEOUT);
     }
-    // One more record on the PVM since that checkpoint: the stop is at a new position.
-    pair.pvm().drain();
-    pair.pvm().lines.clear();
-    pair.pvm()
-        .wait_line("a record", TIMEOUT, |l| l.contains("COLO-A: wrote"));
+    // The PVM wrote since that checkpoint's marker (the primary backend sent it): the stop is
+    // at a new position, not a cut the secondary already has.
+    let mut primary = pair.qmp("primary.qmp");
+    let deadline = Instant::now() + TIMEOUT;
+    while primary.execute("query-replication", json!({})).unwrap()["bytes-sent-since-checkpoint"]
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the PVM wrote nothing");
+        // A polling interval, not synchronisation.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(primary);
     let mut pvm_qmp = pair.qmp("pvm.qmp");
     svm_ev.clear();
     pvm_qmp.execute("stop", json!({})).expect("stop");
@@ -951,9 +958,8 @@ fn user_stop_held_across_a_checkpoint() {
     );
     drop(pvm_qmp);
     let mut sec = pair.qmp("svm-backend.qmp");
-    let r = sec.execute("query-replication", json!({})).unwrap();
-    eprintln!("secondary after that checkpoint: {r}");
-    assert_eq!(r["colo"]["stops"], 1, "the user stop, counted apart: {r}");
+    let after_checkpoint = sec.execute("query-replication", json!({})).unwrap();
+    eprintln!("secondary after that checkpoint: {after_checkpoint}");
     drop(sec);
     pair.pvm().drain();
     let pvm_max = pair
@@ -988,4 +994,9 @@ fn user_stop_held_across_a_checkpoint() {
             eprintln!("failover refused: {why}; replication-failover: {e}");
         }
     }
+    let stops = &after_checkpoint["colo"]["stops"];
+    assert_eq!(
+        *stops, 1,
+        "the user stop, counted apart: {after_checkpoint}"
+    );
 }
