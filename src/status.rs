@@ -405,8 +405,14 @@ pub fn report_text(r: &Report, now: f64, with_progress: bool) -> String {
             } else {
                 0.0
             };
+            // Under QEMU's COLO every device stop ends an epoch; the secondary tells which
+            // were checkpoints and which other stops (a user stop).
+            let markers = match u(rep, "markers") {
+                0 => String::new(),
+                m => format!(" (markers:{m}: checkpoints and other stops, see the secondary)"),
+            };
             out.push_str(&format!(
-                "  last checkpoint: {cp}, {} sent since, {} dirty; checkpoints:{} failed:{}\n",
+                "  last checkpoint: {cp}, {} sent since, {} dirty; checkpoints:{} failed:{}{markers}\n",
                 bytes(u(rep, "bytes-sent-since-checkpoint")),
                 bytes(u(rep, "dirty-bytes")),
                 u(rep, "checkpoints"),
@@ -446,11 +452,18 @@ pub fn report_text(r: &Report, now: f64, with_progress: bool) -> String {
                 Some((_, d)) => format!("{d} ago"),
                 None => "none yet".into(),
             };
+            let colo = rep.get("colo").cloned().unwrap_or_default();
             out.push_str(&format!(
-                "  last checkpoint: {cp}, {} received since; checkpoints:{}\n",
+                "  last checkpoint: {cp}, {} received since; checkpoints:{} stops:{}\n",
                 bytes(u(rep, "bytes-received-since-checkpoint")),
                 u(rep, "checkpoints"),
+                u(&colo, "stops"),
             ));
+            if let Some(why) = s(&colo, "svm-mismatch") {
+                out.push_str(&format!(
+                    "  SECONDARY VM: its memory does not match its disk, failover refused: {why}\n"
+                ));
+            }
             out.push_str(&format!(
                 "  layers: hidden {}, active {} (cluster {})\n",
                 bytes(u(rep, "hidden-bytes")),
@@ -645,6 +658,36 @@ mod tests {
         assert_eq!((p[1].what.as_str(), p[1].percent()), ("verify", 50.0));
         assert_eq!(summary(&rep), "resyncing");
         assert!(progress_line(&p[0]).starts_with("resync 75.0% (750 B of 1000 B), 75 B/s, ETA"));
+    }
+
+    /// Under QEMU's COLO a stop of the primary that is not a checkpoint is counted apart, and
+    /// a Secondary VM whose memory does not match its disk is said so.
+    #[test]
+    fn colo_stops_are_counted_apart_from_checkpoints() {
+        let report = |rep: Value| Report {
+            socket: "/s.qmp".into(),
+            answer: Ok((rep, json!({}))),
+        };
+        let p = report_text(
+            &report(json!({"role": "primary", "epoch": 5, "checkpoints": 5, "markers": 5})),
+            0.0,
+            false,
+        );
+        assert!(
+            p.contains("checkpoints:5 failed:0 (markers:5: checkpoints and other stops"),
+            "{p}"
+        );
+        let colo = json!({"stops": 1, "cuts": [5], "svm-mismatch": "queue 0 at 13"});
+        let s = report_text(
+            &report(json!({"role": "secondary", "epoch": 5, "checkpoints": 4, "colo": colo})),
+            0.0,
+            false,
+        );
+        assert!(s.contains("checkpoints:4 stops:1"), "{s}");
+        assert!(
+            s.contains("memory does not match its disk, failover refused: queue 0 at 13"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -174,6 +174,8 @@ struct Pair {
     /// The SVMs started so far (svm, svm2, ...): names for their files.
     svm_gen: u32,
     port: u16,
+    /// x-checkpoint-delay (ms) for the migration into COLO.
+    delay_ms: u64,
 }
 
 impl Pair {
@@ -208,6 +210,7 @@ impl Pair {
             svm: None,
             svm_gen: 0,
             port: 0,
+            delay_ms: DELAY_MS,
         }
     }
 
@@ -341,7 +344,7 @@ impl Pair {
             .expect("pvm caps");
         pvm.execute(
             "migrate-set-parameters",
-            json!({"x-checkpoint-delay": DELAY_MS}),
+            json!({"x-checkpoint-delay": self.delay_ms}),
         )
         .expect("x-checkpoint-delay");
         pvm.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{mport}")}))
@@ -405,6 +408,34 @@ impl Pair {
             std::thread::sleep(Duration::from_millis(10));
         }
         (t_kill, t_out)
+    }
+
+    /// The PVM's host dies, as in [`Pair::fail_over_to_svm`], but the secondary backend may
+    /// refuse to serve its disk: `Ok(time QEMU left COLO)` once it failed over,
+    /// `Err(REPLICATION_ERROR's text)` when it refused (`backend`: its QMP events).
+    fn fail_over_or_refuse(&mut self, backend: &Events) -> Result<f64, String> {
+        self.pvm().kill();
+        if let Some(mut p) = self.primary.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        backend.clear();
+        let n = self.svm_name();
+        let mut svm = self.qmp(&format!("{n}.qmp"));
+        lost_heartbeat(&mut svm, "SVM");
+        let t_out = now();
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let e = backend
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("neither REPLICATION_FAILOVER_DONE nor REPLICATION_ERROR");
+            match e["event"].as_str() {
+                Some("REPLICATION_FAILOVER_DONE") => return Ok(t_out),
+                Some("REPLICATION_ERROR") => return Err(e["data"].to_string()),
+                _ => {}
+            }
+        }
     }
 
     fn assert_no_failures(&mut self) {
@@ -849,5 +880,123 @@ umount /mnt && echo "COLO-FS: unmounted" || echo "COLO-FS: FAIL umount"
         "e2fsck -fn secondary.img: {}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The seconds of a QMP event's timestamp.
+fn event_time(e: &Value) -> f64 {
+    e["timestamp"]["seconds"].as_f64().unwrap()
+        + e["timestamp"]["microseconds"].as_f64().unwrap() / 1e6
+}
+
+/// (e) A user `stop` of the PVM held across a COLO checkpoint (issue 19, point 3). A pair runs
+/// [`WRITER`] with a 2 s checkpoint delay; right after a checkpoint (the PVM wrote one more
+/// record since) the PVM's QEMU gets `stop` and no `cont`. The SVM runs on by itself, writing
+/// records its next checkpoint discards; QEMU checkpoints with the PVM stopped, the SVM loads
+/// the PVM's state of the stop. The secondary backend must make the stop's marker the
+/// checkpoint (or raise REPLICATION_ERROR and refuse the failover); then the PVM's side is
+/// killed: either the failover is refused, or the same guest goes on on the SVM and finds its
+/// disk exactly as its memory says (no record of its discarded run), and the image holds
+/// exactly the records it verified.
+#[test]
+fn user_stop_held_across_a_checkpoint() {
+    if !prerequisites("user_stop_held_across_a_checkpoint") {
+        return;
+    }
+    let _one = serial();
+    let mut pair = Pair::new(WRITER, |_| {});
+    pair.delay_ms = 2000;
+    pair.start("COLO-A: start");
+    let backend = Events::connect(&pair.p("svm-backend.qmp"));
+    let svm_ev = Events::connect(&pair.p("svm-ev.qmp"));
+    for _ in 0..2 {
+        backend.wait("REPLICATION_CHECKPOINT", TIMEOUT);
+    }
+    // The PVM wrote since that checkpoint's marker (the primary backend sent it): the stop is
+    // at a new position, not a cut the secondary already has.
+    let mut primary = pair.qmp("primary.qmp");
+    let deadline = Instant::now() + TIMEOUT;
+    while primary.execute("query-replication", json!({})).unwrap()["bytes-sent-since-checkpoint"]
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the PVM wrote nothing");
+        // A polling interval, not synchronisation.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(primary);
+    let mut pvm_qmp = pair.qmp("pvm.qmp");
+    svm_ev.clear();
+    pvm_qmp.execute("stop", json!({})).expect("stop");
+    let t_stop = now();
+    drop(pvm_qmp);
+    // QEMU's next checkpoint, with the PVM stopped: the SVM stops and loads the PVM's state.
+    let svm_stop = event_time(&svm_ev.wait("STOP", TIMEOUT));
+    let svm_resume = event_time(&svm_ev.wait("RESUME", TIMEOUT));
+    let own_run: Vec<String> = {
+        let svm = pair.svm();
+        svm.drain();
+        svm.lines
+            .iter()
+            .filter(|l| l.0 > t_stop && l.0 < svm_stop && l.1.contains("COLO-A: wrote"))
+            .map(|l| l.1.clone())
+            .collect()
+    };
+    assert!(
+        !own_run.is_empty(),
+        "the SVM wrote nothing of its own while the PVM was stopped: nothing to test"
+    );
+    eprintln!(
+        "user stop; the SVM's checkpoint {:.0} ms later (STOP->RESUME {:.1} ms); the SVM wrote \
+         on its own meanwhile: {own_run:?}",
+        (svm_stop - t_stop) * 1000.0,
+        (svm_resume - svm_stop) * 1000.0
+    );
+    let mut pvm_qmp = pair.qmp("pvm.qmp");
+    eprintln!(
+        "PVM after that checkpoint: {}",
+        pvm_qmp.execute("query-status", json!({})).unwrap()
+    );
+    drop(pvm_qmp);
+    let mut sec = pair.qmp("svm-backend.qmp");
+    let after_checkpoint = sec.execute("query-replication", json!({})).unwrap();
+    eprintln!("secondary after that checkpoint: {after_checkpoint}");
+    drop(sec);
+    pair.pvm().drain();
+    let pvm_max = pair
+        .pvm()
+        .lines
+        .iter()
+        .filter_map(|l| verified(&l.1))
+        .max()
+        .unwrap_or(0);
+    match pair.fail_over_or_refuse(&backend) {
+        Ok(t_out) => {
+            let (last, _) = svm_continues(&mut pair, pvm_max, t_out);
+            pair.assert_no_failures();
+            pair.svm().kill();
+            pair.secondary.take().unwrap().terminate();
+            let n = records_in(&pair.p("secondary.img"));
+            assert!(
+                n >= last,
+                "secondary image has {n} records, SVM verified {last}"
+            );
+            eprintln!("failover: the SVM's RAM and disk agree (verified {last})");
+        }
+        Err(why) => {
+            let mut sec = pair.qmp("svm-backend.qmp");
+            let r = sec.execute("query-replication", json!({})).unwrap();
+            assert_ne!(r["state"], "failed-over", "{r}");
+            assert!(
+                r["last-error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{r}"
+            );
+            let e = sec.execute("replication-failover", json!({})).unwrap_err();
+            eprintln!("failover refused: {why}; replication-failover: {e}");
+        }
+    }
+    let stops = &after_checkpoint["colo"]["stops"];
+    assert_eq!(
+        *stops, 1,
+        "the user stop, counted apart: {after_checkpoint}"
     );
 }

@@ -167,9 +167,13 @@ pub struct PrimaryStatus {
     pub unprotected_since: Option<f64>,
     /// When the last checkpoint completed (`None`: none yet).
     pub last_checkpoint_at: Option<f64>,
-    /// Checkpoints completed / refused or failed since start.
+    /// Checkpoints completed / refused or failed since start. Under QEMU's COLO every MARKER
+    /// counts: the secondary's `checkpoints` and `colo.stops` say which were checkpoints.
     pub checkpoints: u64,
     pub checkpoint_failures: u64,
+    /// Of the checkpoints, the MARKERs: device stops of the VM with dirty logging on (QEMU's
+    /// COLO checkpoints, and any other stop during COLO, e.g. a user `stop`).
+    pub markers: u64,
     /// What the current session had to resend when it connected (with
     /// `resync-remaining-bytes`: the resync's progress), and when it started.
     pub resync_total_bytes: u64,
@@ -233,6 +237,22 @@ pub struct SecondaryStatus {
     pub failovers: u64,
     /// Consistency groups (docs/consistency-groups.md).
     pub group: GroupStatus,
+    /// The Secondary VM under QEMU's COLO (docs/colo-with-qemu.md).
+    pub colo: ColoStatus,
+}
+
+/// The `colo` object of the secondary's `query-replication`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct ColoStatus {
+    /// Markers that arrived while the Secondary VM ran: stops of the primary that were not a
+    /// checkpoint's (a user `stop`, a guest reset, a migration), counted apart from checkpoints.
+    pub stops: u64,
+    /// The epochs of the cuts a restart of the Secondary VM can take now, oldest first.
+    pub cuts: Vec<u64>,
+    /// Why the Secondary VM's memory and its disk do not match (`None`: they do); a failover
+    /// is refused meanwhile unless forced.
+    pub svm_mismatch: Option<String>,
 }
 
 /// The `group` object of the secondary's `query-replication`.

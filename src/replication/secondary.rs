@@ -14,8 +14,10 @@
 //! failed-over disk's dirty log, promotion to a primary in place).
 
 mod failback;
+mod restart;
 
 pub use failback::{FailoverLogSpec, Promotion};
+use restart::{Restart, Restarted};
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -93,6 +95,10 @@ struct SecState {
     bytes_since_checkpoint: u64,
     bytes_total: u64,
     last_error: Option<String>,
+    /// Markers that arrived while the Secondary VM ran (not a checkpoint's stop).
+    stops: u64,
+    /// Why the Secondary VM's memory and its disk do not match (`None`: they do).
+    svm_mismatch: Option<String>,
 }
 
 /// Errors of secondary operations.
@@ -109,6 +115,14 @@ pub enum SecondaryError {
     SeqMismatch { expected: u64, applied: u64 },
     #[error("{0}")]
     NotPrepared(String),
+    /// The Secondary VM runs a state its disk does not match (docs/colo-with-qemu.md).
+    #[error(
+        "the Secondary VM's memory does not match its disk ({0}); failing over would serve \
+         it a disk that is not its own: use replication-failover {{\"force\": true}} to take \
+         the disk anyway (the last checkpoint plus the Secondary VM's writes), or fail over \
+         to the primary's side"
+    )]
+    SvmMismatch(String),
     /// `replication-promote` refused (not failed over, already promoted, not set up).
     #[error("{0}")]
     CannotPromote(&'static str),
@@ -176,6 +190,8 @@ impl Secondary {
                 bytes_since_checkpoint: 0,
                 bytes_total: 0,
                 last_error: None,
+                stops: 0,
+                svm_mismatch: None,
             }),
             cond: Condvar::new(),
             events,
@@ -643,34 +659,36 @@ impl Secondary {
         Ok(())
     }
 
-    /// A COLO marker (docs/colo-with-qemu.md): while the Secondary VM is stopped, a tentative
-    /// cut its restart decides; while it runs, not a checkpoint (the primary stopped for
-    /// another reason); without a Secondary VM, a checkpoint of the disk.
+    /// A COLO marker (docs/colo-with-qemu.md): with a Secondary VM, a tentative cut its next
+    /// restart decides, whether it is stopped (a checkpoint's stop) or runs (another stop of
+    /// the primary, e.g. a user `stop`: if the primary stays stopped, QEMU's next checkpoint
+    /// gives the Secondary VM the state of this point); without one, a checkpoint of the disk.
     fn apply_marker(&self, mark: &Mark) -> io::Result<()> {
-        let svm = self.state().svm.clone();
-        match svm {
-            _ if !self.opts.serves_vm => {
-                let t = Instant::now();
-                self.disk.checkpoint_as(mark.epoch)?;
-                self.meta.checkpoint_done(mark.epoch)?;
-                self.state().bytes_since_checkpoint = 0;
-                self.metrics.checkpoint(t.elapsed());
-                info!("marker {}: checkpoint (no Secondary VM)", mark.epoch);
-                self.events.send(&events::Checkpoint {
-                    role: Side::Secondary,
-                    epoch: mark.epoch,
-                });
-            }
-            Svm::Stopped { .. } => {
-                self.disk.mark(mark.clone())?;
-                info!(
-                    "marker {}: tentative cut (the Secondary VM is stopped)",
-                    mark.epoch
-                );
-            }
+        if !self.opts.serves_vm {
+            let t = Instant::now();
+            self.disk.checkpoint_as(mark.epoch)?;
+            self.meta.checkpoint_done(mark.epoch)?;
+            self.state().bytes_since_checkpoint = 0;
+            self.metrics.checkpoint(t.elapsed());
+            info!("marker {}: checkpoint (no Secondary VM)", mark.epoch);
+            self.events.send(&events::Checkpoint {
+                role: Side::Secondary,
+                epoch: mark.epoch,
+            });
+            return Ok(());
+        }
+        self.disk.mark(mark.clone())?;
+        let mut st = self.state();
+        match st.svm {
+            Svm::Stopped { .. } => info!(
+                "marker {}: tentative cut (the Secondary VM is stopped)",
+                mark.epoch
+            ),
             Svm::Running => {
-                log::debug!(
-                    "marker {}: the Secondary VM runs, so not a checkpoint",
+                st.stops += 1;
+                info!(
+                    "marker {}: the primary stopped while the Secondary VM runs (not a \
+                     checkpoint's stop): kept as a tentative cut for QEMU's next checkpoint",
                     mark.epoch
                 );
             }
@@ -679,72 +697,91 @@ impl Secondary {
     }
 
     /// The Secondary VM's queue `queue` runs again, from `next_avail`; on the first queue of a
-    /// restart, decides what the restart is (docs/colo-with-qemu.md): QEMU gave the Secondary
-    /// VM the primary's state of a tentative cut (its queue positions match that marker) → the
-    /// cut becomes the checkpoint before any request runs; it resumed its own state (its own
-    /// positions, the checkpoint was abandoned) → nothing changes; neither → refused loudly,
-    /// the disk stays at the last checkpoint.
+    /// restart in COLO, decides what the restart is ([`Restarted::decide`]): QEMU gave it the
+    /// primary's state of a tentative cut → the cut becomes the checkpoint before any request
+    /// runs; it resumed its own state or reset its device → nothing changes; neither → refused
+    /// loudly: the disk stays at the last checkpoint and a failover is refused until a later
+    /// checkpoint matches again.
     fn svm_starting(&self, queue: u16, next_avail: u16) {
-        let (own, link_alive) = {
+        let (own, link_alive, in_colo) = {
             let mut st = self.state();
             let Svm::Stopped { own } = std::mem::replace(&mut st.svm, Svm::Running) else {
                 return;
             };
-            (own, matches!(st.peer, Peer::Streaming(_)))
+            let link_alive = matches!(st.peer, Peer::Streaming(_));
+            (own, link_alive, st.svm_log_all)
         };
-        if self.is_failed_over() {
+        if self.is_failed_over() || !in_colo {
             return;
         }
-        let q = usize::from(queue);
-        let own_base = own.get(q).copied().flatten();
         let marks = self.disk.marks();
-        let matching = marks.iter().rev().find(|m| {
-            m.bases
-                .get(q)
-                .copied()
-                .flatten()
-                .is_none_or(|b| b == next_avail)
-        });
-        let resumed_own = own_base == Some(next_avail);
-        match matching {
-            // Both readings fit only when the primary and the Secondary VM stood at the same
-            // position; then a live primary means the checkpoint went through (QEMU resumes
-            // the primary only after the Secondary VM loaded its state).
-            Some(m) if !resumed_own || link_alive => {
-                let epoch = m.epoch;
-                let t = Instant::now();
-                match self
-                    .disk
-                    .commit_mark(epoch)
-                    .and_then(|()| self.meta.checkpoint_done(epoch).map(drop))
-                {
-                    Ok(()) => {
-                        self.state().bytes_since_checkpoint = 0;
-                        self.metrics.checkpoint(t.elapsed());
-                        info!("checkpoint {epoch}: the Secondary VM runs the primary's state");
-                        self.events.send(&events::Checkpoint {
-                            role: Side::Secondary,
-                            epoch,
-                        });
-                    }
-                    Err(e) => self.report_svm_error(format!(
-                        "cannot make tentative cut {epoch} the checkpoint: {e}"
-                    )),
-                }
-            }
-            _ if resumed_own || marks.is_empty() => info!(
-                "the Secondary VM resumed its own state (queue {queue} at {next_avail}); \
-                 the disk stays at checkpoint {}",
-                self.disk.stats().epoch
+        let restarted = Restarted {
+            queue,
+            at: next_avail,
+            own: own.get(usize::from(queue)).copied().flatten(),
+            marks: &marks,
+            link_alive,
+        };
+        let epoch = self.disk.stats().epoch;
+        match restarted.decide() {
+            Restart::Cut(cut) => self.take_cut(cut),
+            Restart::Own => info!(
+                "the Secondary VM resumed its own state (queue {queue} at {next_avail}); the \
+                 disk stays at checkpoint {epoch}"
             ),
-            _ => self.report_svm_error(format!(
-                "the Secondary VM restarted queue {queue} at {next_avail}, which matches no \
-                 marker of the primary (tentative: {:?}); its disk stays at checkpoint {} and \
-                 does not match its memory: fail over only with a fresh Secondary VM",
-                marks,
-                self.disk.stats().epoch
+            Restart::Reset => info!(
+                "the Secondary VM's guest reset its device (queue {queue} at 0); the disk \
+                 stays at checkpoint {epoch}"
+            ),
+            Restart::First => info!(
+                "the Secondary VM's device starts (queue {queue} at {next_avail}); the disk is \
+                 checkpoint {epoch}"
+            ),
+            Restart::Unmatched => self.svm_mismatch(format!(
+                "QEMU restarted the Secondary VM's queue {queue} at {next_avail}, which is \
+                 neither its own position ({}) nor that of a stop of the primary this \
+                 secondary can cut its disk at (cuts: {}); its disk stays at checkpoint \
+                 {epoch}",
+                restarted.own.map_or("unknown".into(), |o| o.to_string()),
+                describe_cuts(&marks, queue),
             )),
         }
+    }
+
+    /// The Secondary VM runs the primary's state of the tentative cut `cut`: it becomes the
+    /// checkpoint, and the Secondary VM's memory and disk match again.
+    fn take_cut(&self, cut: u64) {
+        let t = Instant::now();
+        let r = self
+            .disk
+            .commit_mark(cut)
+            .and_then(|()| self.meta.checkpoint_done(cut).map(drop));
+        if let Err(e) = r {
+            return self.svm_mismatch(format!(
+                "cannot make tentative cut {cut} the checkpoint: {e}"
+            ));
+        }
+        {
+            let mut st = self.state();
+            st.bytes_since_checkpoint = 0;
+            st.svm_mismatch = None;
+        }
+        self.metrics.checkpoint(t.elapsed());
+        info!("checkpoint {cut}: the Secondary VM runs the primary's state");
+        self.events.send(&events::Checkpoint {
+            role: Side::Secondary,
+            epoch: cut,
+        });
+    }
+
+    /// The Secondary VM's memory and disk do not match: REPLICATION_ERROR, and failovers are
+    /// refused (unless forced) until a checkpoint matches again.
+    fn svm_mismatch(&self, why: String) {
+        self.state().svm_mismatch = Some(why.clone());
+        self.report_svm_error(format!(
+            "{why}: the Secondary VM's memory does not match its disk; a failover to it is \
+             refused unless forced, until a later checkpoint matches"
+        ));
     }
 
     fn report_svm_error(&self, error: String) {
@@ -771,7 +808,9 @@ impl Secondary {
                 .name("colo-failover".into())
                 .spawn(move || {
                     if let Err(e) = me.failover() {
-                        error!("failover when the Secondary VM left COLO: {e}");
+                        me.report_svm_error(format!(
+                            "the Secondary VM left COLO, but its disk was not failed over: {e}"
+                        ));
                     }
                 });
             if let Err(e) = spawned {
@@ -919,6 +958,9 @@ impl Secondary {
     /// checkpoint generation, when there is a log); the commit.
     fn failover_with(&self, force: bool) -> Result<FailoverReport, SecondaryError> {
         self.meta.failover_check(force)?;
+        if let Some(why) = self.state().svm_mismatch.clone().filter(|_| !force) {
+            return Err(SecondaryError::SvmMismatch(why));
+        }
         let t = Instant::now();
         {
             let mut st = self.state();
@@ -1035,8 +1077,29 @@ impl Secondary {
                     prepared: g.prepared.filter(|p| p.epoch == epoch),
                 }
             },
+            colo: events::ColoStatus {
+                stops: st.stops,
+                cuts: self.disk.marks().iter().map(|m| m.epoch).collect(),
+                svm_mismatch: st.svm_mismatch.clone(),
+            },
         }
     }
+}
+
+/// The cuts' epochs and positions of `queue`, for a message.
+fn describe_cuts(marks: &[Mark], queue: u16) -> String {
+    if marks.is_empty() {
+        return "none".into();
+    }
+    let pos = |m: &Mark| match m.bases.get(usize::from(queue)).copied().flatten() {
+        Some(b) => b.to_string(),
+        None => "any".into(),
+    };
+    marks
+        .iter()
+        .map(|m| format!("{} at {}", m.epoch, pos(m)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The Secondary VM's device tells the secondary when QEMU stops and restarts it.
@@ -1294,7 +1357,7 @@ mod tests {
     /// (MARKER), the Secondary VM restarts from the primary's queue positions: its disk is the
     /// primary's at the marker (its own writes gone) before its first request runs. Restarting
     /// from its own positions instead (an abandoned checkpoint) keeps the last checkpoint and its
-    /// writes. A marker while it runs is not a checkpoint.
+    /// writes. A marker while it runs is a stop, not a checkpoint: only a possible cut.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn colo_cuts_follow_the_secondary_vms_restart() {
         use crate::vhost_user::DeviceObserver;
@@ -1311,12 +1374,12 @@ mod tests {
             // The primary stops while the Secondary VM runs (a user stop): not a checkpoint.
             send(&mut wr, &[marker(2, 1, 3)]).await;
             wait_ack(&mut rd, 2).await;
-            assert!(sec.disk.marks().is_empty());
+            assert_eq!((sec.status().epoch, sec.status().colo.stops), (0, 1));
             // A checkpoint: the Secondary VM stops first, then the primary.
             svm.queue_stopped(0, &[Some(9), None], true);
             send(&mut wr, &[marker(3, 2, 4)]).await;
             wait_ack(&mut rd, 3).await;
-            assert_eq!(sec.disk.marks().len(), 1);
+            assert_eq!(sec.status().colo.cuts, [1, 2]);
             // The primary resumes and writes before the Secondary VM's first request.
             send(&mut wr, &[Frame::write(4, 4096, vec![0x33; 4096])]).await;
             wait_ack(&mut rd, 4).await;
@@ -1356,6 +1419,88 @@ mod tests {
             assert_eq!(snapshot[..8192], want[0][..]);
             assert_eq!(snapshot[65536..65536 + 4096], want[1][..]);
         }
+    }
+
+    /// Issue 19: a user `stop` of the primary held across QEMU's checkpoint. The marker of the
+    /// stop arrives while the Secondary VM runs; it keeps writing; QEMU checkpoints with the
+    /// primary stopped (no new marker) and restarts the Secondary VM from the stop's
+    /// positions: that marker becomes the checkpoint (its own writes gone), and again at the
+    /// next checkpoint while the primary stays stopped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_user_stop_held_across_a_checkpoint_is_cut_there() {
+        use crate::vhost_user::DeviceObserver;
+        let dir = tempfile::tempdir().unwrap();
+        let (sec, _base) = colo_secondary(dir.path());
+        let svm = SvmDevice(sec.clone());
+        svm.log_all(true);
+        svm.queue_starting(0, 0);
+        let (mut rd, mut wr) = connect(&sec, "p").await;
+        send(&mut wr, &[Frame::write(1, 0, vec![0x22; 8192])]).await;
+        send(&mut wr, &[marker(2, 1, 3)]).await;
+        wait_ack(&mut rd, 2).await;
+        let at_stop = view(&sec, 0, 8192);
+        assert!(
+            at_stop.iter().all(|&b| b == 0x11),
+            "still the last checkpoint"
+        );
+        for round in 0..2 {
+            // The Secondary VM runs on and writes, over the primary's clusters too.
+            sec.disk.write_at(&[0x55; 4096], 4096).unwrap();
+            sec.disk.write_at(&[0x55; 4096], 65536).unwrap();
+            svm.queue_stopped(0, &[Some(20 + round), None], true);
+            svm.queue_starting(0, 3);
+            let st = sec.status();
+            assert_eq!((st.epoch, st.colo.svm_mismatch), (1, None), "round {round}");
+            assert!(view(&sec, 0, 8192).iter().all(|&b| b == 0x22));
+            assert!(view(&sec, 65536, 4096).iter().all(|&b| b == 0x11));
+        }
+        assert_eq!(sec.status().colo.stops, 1);
+    }
+
+    /// A restart from a position that is neither the Secondary VM's own nor a cut's (no
+    /// tentative cut at all): REPLICATION_ERROR's reason in query-replication, the failover
+    /// refused with it (forced: allowed); a later checkpoint that matches clears it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_matching_nothing_refuses_the_failover() {
+        use crate::vhost_user::DeviceObserver;
+        let dir = tempfile::tempdir().unwrap();
+        let (sec, _base) = colo_secondary(dir.path());
+        let svm = SvmDevice(sec.clone());
+        svm.log_all(true);
+        svm.queue_starting(0, 0);
+        let (mut rd, mut wr) = connect(&sec, "p").await;
+        send(&mut wr, &[Frame::write(1, 0, vec![0x22; 8192])]).await;
+        wait_ack(&mut rd, 1).await;
+        assert!(sec.disk.marks().is_empty());
+        svm.queue_stopped(0, &[Some(28), None], true);
+        svm.queue_starting(0, 13);
+        let st = sec.status();
+        let why = st.colo.svm_mismatch.expect("a mismatch");
+        assert!(why.contains("at 13") && why.contains("(28)"), "{why}");
+        assert!(st.last_error.is_some_and(|e| e.contains(&why)));
+        match sec.failover() {
+            Err(e @ SecondaryError::SvmMismatch(_)) => {
+                assert!(e.to_string().contains("force"), "{e}")
+            }
+            r => panic!("failover not refused: {r:?}"),
+        }
+        // The next checkpoint matches: memory and disk agree again.
+        svm.queue_stopped(0, &[Some(30), None], true);
+        send(&mut wr, &[marker(2, 1, 17)]).await;
+        wait_ack(&mut rd, 2).await;
+        svm.queue_starting(0, 17);
+        assert_eq!(
+            (sec.status().epoch, sec.status().colo.svm_mismatch),
+            (1, None)
+        );
+        svm.queue_stopped(0, &[Some(31), None], true);
+        svm.queue_starting(0, 5);
+        assert!(sec.status().colo.svm_mismatch.is_some());
+        let s = sec.clone();
+        tokio::task::spawn_blocking(move || s.force_failover())
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     /// QEMU ending COLO on the Secondary VM (dirty logging switched off) fails over by itself.

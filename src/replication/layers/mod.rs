@@ -801,17 +801,21 @@ impl LayeredDisk {
                     )
                 })?,
         };
-        // Cuts after this one stay tentative.
-        let later = |marks: &[Mark]| -> Vec<Mark> {
+        // This cut and the later ones stay possible cuts: QEMU may give the SVM the state of
+        // the same point again (the PVM stayed stopped), or of a later stop.
+        let from_cut = |marks: &[Mark]| -> Vec<Mark> {
             match mark {
-                Some(e) => marks
-                    .iter()
-                    .skip_while(|m| m.epoch != e)
-                    .skip(1)
-                    .cloned()
-                    .collect(),
+                Some(e) => marks.iter().skip_while(|m| m.epoch != e).cloned().collect(),
                 None => Vec::new(),
             }
+        };
+        // A cut at a pending marker: the fresh first layer starts there, with the pending
+        // markers from the cut on (no change came between them).
+        let cut_pending = mark.is_some_and(|e| has(&layers.pending, e));
+        let fresh_marks = if cut_pending {
+            from_cut(&layers.pending)
+        } else {
+            Vec::new()
         };
         let epoch = epoch.unwrap_or(epoch_before + 1);
         let group = match (mark, group_before.prepared) {
@@ -836,7 +840,7 @@ impl LayeredDisk {
                     file: h.layer.file_name(),
                     // The kept layer becomes the epoch's first.
                     marks: if i == 0 {
-                        later(&h.marks)
+                        from_cut(&h.marks)
                     } else {
                         h.marks.clone()
                     },
@@ -847,7 +851,7 @@ impl LayeredDisk {
                 .iter()
                 .map(|h| SavedHidden {
                     file: h.layer.file_name(),
-                    marks: Vec::new(),
+                    marks: fresh_marks.clone(),
                 })
                 .collect()
         };
@@ -863,11 +867,15 @@ impl LayeredDisk {
         let mut unused = Vec::new();
         if kept.is_empty() {
             kept = fresh_hidden;
+            kept[0].marks = fresh_marks;
         } else {
             unused = fresh_hidden;
-            kept[0].marks = later(&kept[0].marks);
+            kept[0].marks = from_cut(&kept[0].marks);
         }
-        layers.pending = later(&layers.pending);
+        // Pending markers after a cut in a layer are newer than it: they stay pending.
+        if mark.is_none() || cut_pending {
+            layers.pending.clear();
+        }
         for h in &mut kept {
             h.layer.discard_on_drop = false;
         }

@@ -923,7 +923,7 @@ fn a_committed_cut_is_the_disk_at_the_marker() {
     ld.commit_mark(1).unwrap();
     assert_eq!(ld.stats().epoch, 1);
     assert_eq!(ld.stats().active_bytes, 0);
-    assert!(ld.marks().is_empty());
+    assert_eq!(ld.marks(), [mark(1)], "the cut stays a possible cut");
     assert!(
         first_diff(&read_all(&ld), &at_marker).is_none(),
         "view is the cut"
@@ -983,16 +983,57 @@ fn cuts_at_idle_markers_and_later_marks_stay_tentative() {
     assert_eq!(ld.marks(), [mark(4), mark(5)]);
     let at_markers = read_all(&*base);
     ld.commit_mark(4).unwrap();
-    assert_eq!(ld.marks(), [mark(5)]);
+    assert_eq!(ld.marks(), [mark(4), mark(5)]);
     assert_eq!(ld.stats().epoch, 4);
     assert!(first_diff(&read_all(&ld), &at_markers).is_none());
-    // A pending marker is forgotten by a crash; the rollback data is not.
+    // A pending marker is forgotten by a crash; the rollback data is not, nor the cuts the
+    // epoch's first layer starts at.
     ld.primary_write(8192, &pattern(6, 0, 8192)).unwrap();
     ld.mark(mark(6)).unwrap();
     let ld = restart(&base, &dir, 4096, ld);
-    assert!(ld.marks().iter().all(|m| m.epoch != 6), "{:?}", ld.marks());
+    assert_eq!(ld.marks(), [mark(4), mark(5)]);
     ld.failover().unwrap();
     assert!(first_diff(&read_all(&*base), &at_markers).is_none());
+}
+
+/// A marker from a stop of the primary while the SVM runs (a user `stop`): the SVM keeps
+/// writing into active, and the stream may go on (`cont`) or not. Cutting there later drops all
+/// of active (the SVM's writes before and after the marker alike) and the rollback data before
+/// it: the view is the primary's disk at the marker. The cut stays possible: QEMU may load the
+/// same point's state again at its next checkpoint (the primary still stopped), after the SVM
+/// wrote again; a later marker can still be cut too.
+#[test]
+fn a_cut_at_a_stop_stays_possible_while_the_svm_writes() {
+    let (_tmp, base, ld) = setup(1 << 20, 4096);
+    base.write_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    ld.primary_write(0, &pattern(2, 0, 100_000)).unwrap();
+    ld.write_at(&pattern(3, 0, 5000), 500_000).unwrap();
+    ld.mark(mark(1)).unwrap();
+    let at_stop = read_all(&*base);
+    // The SVM runs on: its writes go to active, over the marker's clusters too.
+    ld.write_at(&pattern(4, 0, 70_000), 30_000).unwrap();
+    ld.commit_mark(1).unwrap();
+    assert_eq!((ld.stats().epoch, ld.stats().active_bytes), (1, 0));
+    assert!(
+        first_diff(&read_all(&ld), &at_stop).is_none(),
+        "the stop's disk"
+    );
+    // The SVM runs the stop's state and writes; QEMU loads the same state again.
+    ld.write_at(&pattern(5, 0, 9000), 600_000).unwrap();
+    assert_eq!(ld.marks(), [mark(1)]);
+    ld.commit_mark(1).unwrap();
+    assert!(first_diff(&read_all(&ld), &at_stop).is_none(), "again");
+    // `cont`: the stream goes on; a later stop is a cut, and the first still rolls back.
+    ld.primary_write(200_000, &pattern(6, 0, 50_000)).unwrap();
+    ld.mark(mark(2)).unwrap();
+    let at_second = read_all(&*base);
+    ld.primary_write(0, &pattern(7, 0, 300_000)).unwrap();
+    ld.write_at(&pattern(8, 0, 4096), 700_000).unwrap();
+    assert_eq!(ld.marks(), [mark(1), mark(2)]);
+    assert!(first_diff(&read_all(&ld)[..600_000], &at_stop[..600_000]).is_none());
+    ld.commit_mark(2).unwrap();
+    assert_eq!(ld.marks(), [mark(2)]);
+    assert!(first_diff(&read_all(&ld), &at_second).is_none());
 }
 
 /// A batch with an invalid change: the ones before it are applied, and the error says how many.

@@ -173,6 +173,8 @@ struct State {
     sent_since_checkpoint: u64,
     total_sent: u64,
     last_error: Option<String>,
+    /// MARKERs the secondary applied (device stops with dirty logging on).
+    markers: u64,
 }
 
 /// Errors of replication operations.
@@ -280,6 +282,7 @@ impl Primary {
                 sent_since_checkpoint: 0,
                 total_sent: 0,
                 last_error: None,
+                markers: 0,
             }),
             cond: Condvar::new(),
             dirty: Mutex::new(dirty),
@@ -539,12 +542,14 @@ impl Primary {
     /// backend. Without a secondary in sync it returns at once (unprotected).
     pub fn device_stopped(&self, bases: &[Option<u16>]) -> Result<u64, ReplicationError> {
         let bases = bases.to_vec();
-        self.end_epoch(Some(self.opts.peer_timeout), move |seq, epoch| {
+        let epoch = self.end_epoch(Some(self.opts.peer_timeout), move |seq, epoch| {
             Frame::Marker {
                 seq,
                 mark: Mark { epoch, bases },
             }
-        })
+        })?;
+        self.state().markers += 1;
+        Ok(epoch)
     }
 
     /// Ends the epoch with the frame `make(seq, epoch)` and waits for its acknowledgement. On
@@ -687,6 +692,7 @@ impl Primary {
             last_checkpoint_at: m.last_checkpoint_at,
             checkpoints: m.checkpoints,
             checkpoint_failures: m.checkpoint_failures,
+            markers: st.markers,
             resync_total_bytes: s.map_or(0, |_| m.resync_total_bytes),
             resync_started_at: s.and(m.resync_started_at),
             bytes_acked_total: m.acked_bytes,
