@@ -96,7 +96,7 @@ qemu() {
 if [ "$disk" = 1 ]; then
     truncate -s 64M disk.img
     for side in src dst; do
-        "$bin" --socket "$side.sock" --image disk.img 2>"backend-$side.log" &
+        "$bin" --socket "$side.sock" --image disk.img --share-rw 2>"backend-$side.log" &
         pids+=($!)
     done
     for _ in $(seq 100); do [ -S src.sock ] && [ -S dst.sock ] && break; sleep 0.1; done

@@ -285,6 +285,12 @@ pub struct Cli {
     #[arg(long)]
     pub read_only: bool,
 
+    /// standalone: let other processes started with --share-rw (or --read-only) use the image
+    /// at the same time, as QEMU's share-rw=on: a live migration's source and destination
+    /// backends on one shared image. Without it the image is this process's alone
+    #[arg(long)]
+    pub share_rw: bool,
+
     /// Number of virtqueues; each is served by its own worker thread
     #[arg(long, value_name = "N", default_value = "1", value_parser = parse_num_queues)]
     pub num_queues: u16,
@@ -419,6 +425,12 @@ impl Cli {
         }
         if self.role != RoleArg::Standalone && self.read_only {
             return Err("--read-only only applies to --role standalone".into());
+        }
+        if self.role != RoleArg::Standalone && self.share_rw {
+            return Err(
+                "--share-rw only applies to --role standalone (a replicated disk has one writer)"
+                    .into(),
+            );
         }
         if !self.cluster_size.is_power_of_two()
             || self.cluster_size < 4096

@@ -402,14 +402,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Locks every file this process owns (src/ownership.rs) before any of them is read or
-/// written: the image (shared when read-only), the replication metadata and the dirty log (the
+/// written: the image (shared with `--read-only` or `--share-rw`), the replication metadata and the dirty log (the
 /// COLO roles), the layer directory (secondary), the vhost-user and QMP sockets.
 fn take_ownership(
     cli: &Cli,
     meta_path: &std::path::Path,
     dirty_log: Option<&std::path::Path>,
 ) -> Result<Vec<FileLock>, Box<dyn std::error::Error>> {
-    let mode = if cli.read_only {
+    let mode = if cli.read_only || cli.share_rw {
         LockMode::Shared
     } else {
         LockMode::Exclusive

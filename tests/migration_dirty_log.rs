@@ -4,7 +4,8 @@
 //! status bytes, used ring) must be logged in the dirty bitmap while QEMU migrates, or the
 //! destination ends up with stale pages.
 //!
-//! Setup (as qemu-scripts/qemu-migrate-try.sh): two standalone colo-blk processes on ONE image,
+//! Setup (as qemu-scripts/qemu-migrate-try.sh): two standalone colo-blk processes on ONE image
+//! (both `--share-rw`: without it the second is refused, the image being locked by the first),
 //! a source QEMU and a destination QEMU started with `-incoming`. The host fills the image with a
 //! deterministic pattern and hands the guest the md5 of each 16 MiB window. The guest loops
 //! forever; round `k` reads window `k % 3`:
@@ -201,12 +202,12 @@ fn backend_writes_during_migration_reach_the_destination() {
     let _src_backend = Backend::start(
         &p("src.sock"),
         &p("disk.img"),
-        &["--size", &size, "--num-queues", "1"],
+        &["--size", &size, "--num-queues", "1", "--share-rw"],
     );
     let _dst_backend = Backend::start(
         &p("dst.sock"),
         &p("disk.img"),
-        &["--size", &size, "--num-queues", "1"],
+        &["--size", &size, "--num-queues", "1", "--share-rw"],
     );
 
     let port = common::free_port();

@@ -107,6 +107,28 @@ fn pair_in_sync(d: &Path, checkpoints: u64) -> (Backend, Backend) {
     (sec, p)
 }
 
+/// Restarts the secondary `sec` (refusing its primary) with `--allow-full-sync` on the same port:
+/// a full resync, a checkpoint, and both disks equal.
+fn full_resync_allowed(d: &Path, sec: Backend) {
+    let port = sec.listen_port();
+    drop(sec);
+    let _sec = secondary(d, "s.img", "layers", port, &["--allow-full-sync"]).start();
+    let mut sq = qmp(d, "s.img.qmp");
+    let (what, why) = decision(&mut sq);
+    assert_eq!(what, "full-sync", "{why}");
+    let mut pq = qmp(d, "p.qmp");
+    wait_in_sync(&mut pq);
+    checkpoint(&mut pq);
+    assert_same_files(&d.join("s.img"), &d.join("p.img"), "after the full resync");
+}
+
+/// Another program writes `len` bytes of `byte` at `offset` of `image`, as `dd` would.
+fn dd(image: &Path, byte: u8, len: usize, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(image).unwrap();
+    f.write_all_at(&vec![byte; len], offset).unwrap();
+}
+
 #[test]
 fn a_second_process_on_an_image_is_refused_naming_the_holder() {
     let dir = common::tempdir();
@@ -297,15 +319,7 @@ fn a_pair_disk_served_standalone_needs_a_full_resync() {
     assert!(!e.to_string().is_empty());
 
     // Allowed: a full resync, then equal disks.
-    let port = sec.listen_port();
-    drop(sec);
-    let _sec = secondary(d, "s.img", "layers", port, &["--allow-full-sync"]).start();
-    let mut sq = qmp(d, "s.img.qmp");
-    let (what, why) = decision(&mut sq);
-    assert_eq!(what, "full-sync", "{why}");
-    wait_in_sync(&mut pq);
-    checkpoint(&mut pq);
-    assert_same_files(&d.join("s.img"), &d.join("p.img"), "after the full resync");
+    full_resync_allowed(d, sec);
     drop(p);
 }
 
@@ -330,28 +344,12 @@ fn an_image_changed_while_stopped_is_detected() {
     assert!(p.terminate().success());
 
     // Changed by "dd" in between: refused until a full resync is allowed.
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(d.join("p.img"))
-            .unwrap();
-        f.write_all_at(&[0x5a; 4096], 3 * MIB).unwrap();
-    }
+    dd(&d.join("p.img"), 0x5a, 4096, 3 * MIB);
     sq.events.clear();
     let p = primary(d, port);
     let (what, why) = decision(&mut sq);
     assert_eq!(what, "refused", "{why}");
-    let port = sec.listen_port();
-    drop(sec);
-    let _sec = secondary(d, "s.img", "layers", port, &["--allow-full-sync"]).start();
-    let mut sq = qmp(d, "s.img.qmp");
-    let (what, why) = decision(&mut sq);
-    assert_eq!(what, "full-sync", "{why}");
-    let mut pq = qmp(d, "p.qmp");
-    wait_in_sync(&mut pq);
-    checkpoint(&mut pq);
-    assert_same_files(&d.join("s.img"), &d.join("p.img"), "after the full resync");
+    full_resync_allowed(d, sec);
     drop(p);
 }
 
@@ -364,14 +362,7 @@ fn a_secondary_image_changed_while_stopped_is_inconsistent() {
     let (sec, p) = pair_in_sync(d, 2);
     drop(p);
     assert!(sec.terminate().success());
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(d.join("s.img"))
-            .unwrap();
-        f.write_all_at(&[0x33; 512], 5 * MIB).unwrap();
-    }
+    dd(&d.join("s.img"), 0x33, 512, 5 * MIB);
     let sec = secondary(d, "s.img", "layers", 0, &[]).start();
     let mut sq = qmp(d, "s.img.qmp");
     assert_eq!(query(&mut sq)["consistency"], "inconsistent");
