@@ -379,3 +379,43 @@ fn a_secondary_image_changed_while_stopped_is_inconsistent() {
     assert_same_files(&d.join("s.img"), &d.join("p.img"), "after the full resync");
     drop((p, sec));
 }
+
+/// A live migration's two backends on one shared image (`--share-rw`, as QEMU's share-rw=on)
+/// run side by side; an exclusive writer is still refused while they do, and a replicated
+/// disk cannot be shared.
+#[test]
+fn share_rw_backends_share_an_image_and_keep_exclusive_writers_out() {
+    let dir = common::tempdir();
+    let d = dir.path();
+    let src = standalone(d, "m.img", "src.sock", &["--share-rw"]);
+    let dst = standalone(d, "m.img", "dst.sock", &["--share-rw"]);
+    let data = pattern(3, 8192);
+    let mut c = Client::connect(&d.join("src.sock"), 1).unwrap();
+    assert_eq!(c.write(0, 0, &data), 0);
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    let mut c = Client::connect(&d.join("dst.sock"), 1).unwrap();
+    assert_eq!(c.read(0, 0, 8192).unwrap(), data);
+    drop(c);
+    let err = refused(&[
+        "--image",
+        &s(&d.join("m.img")),
+        "--socket",
+        &s(&d.join("x.sock")),
+    ]);
+    assert!(err.contains("in use by pid"), "{err}");
+    let err = refused(&[
+        "--role",
+        "primary",
+        "--insecure-link",
+        "--peer",
+        "127.0.0.1:9",
+        "--image",
+        &s(&d.join("m.img")),
+        "--socket",
+        &s(&d.join("p.sock")),
+        "--share-rw",
+    ]);
+    assert!(err.contains("--share-rw only applies"), "{err}");
+    drop((src, dst));
+}
