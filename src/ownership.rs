@@ -12,7 +12,9 @@
 //! takes a shared lock, so several read-only exports may share an image but no writer. A
 //! directory and a socket are locked through a file beside them (`DIR/colo-blk.lock`,
 //! `SOCKET.lock`), which stays behind after the process ends: the lock dies with the process
-//! (even a SIGKILLed one), the file means nothing by itself.
+//! (even a SIGKILLed one), the file means nothing by itself. On a file system without locks
+//! (NFS without lockd, some FUSE file systems) the process goes on unprotected and logs it, as
+//! QEMU's `locking=auto` does.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -165,6 +167,19 @@ fn take(
     }
     let e = io::Error::last_os_error();
     match e.raw_os_error() {
+        // A file system without locks (NFS without lockd, some FUSE): as QEMU's locking=auto,
+        // go on unprotected, and say so.
+        Some(libc::ENOLCK) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+            log::warn!(
+                "cannot lock {what} {}: {e}; its file system does not support locks, so nothing \
+                 keeps a second process off it",
+                path.display()
+            );
+            Ok(FileLock {
+                _file: file,
+                path: path.to_path_buf(),
+            })
+        }
         Some(libc::EAGAIN) | Some(libc::EACCES) => Err(OwnershipError::InUse {
             what,
             path: path.to_path_buf(),
