@@ -705,7 +705,7 @@ impl MetaStore {
 
     /// A process starts on this image (before it writes it): compares the image with the
     /// stamp of the last clean stop and, when another program changed it since, records that
-    /// (see [`Metadata::changed_outside`]); then records that a process runs.
+    /// (see `Metadata::changed_outside`); then records that a process runs.
     pub fn start_run(&self, now: Option<ImageStamp>) -> io::Result<Outside> {
         let m = self.get();
         let outside = match (m.last_stop, now) {
