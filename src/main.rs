@@ -1,4 +1,3 @@
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
@@ -23,7 +22,7 @@ use colo_blk::replication::secondary::{
 use colo_blk::replication::tls::LinkSecurity;
 use colo_blk::replication::DirtyLog;
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
-use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
+use colo_blk::vhost_user::{DeviceOptions, Server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -59,14 +58,6 @@ fn main() -> ExitCode {
             eprintln!("colo-blk: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Stops the vhost-user server: in-flight requests complete, then `Server::run` returns.
-fn stop_server(control: &ServerControl, socket: &std::path::Path) {
-    if control.stop() {
-        // No front-end: wake the accept() so the loop sees the stop.
-        let _ = UnixStream::connect(socket);
     }
 }
 
@@ -346,7 +337,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let server_thread = match server {
         Some(server) => {
             let control = server.control();
-            let socket = cli.socket.clone().unwrap_or_default();
             let stop = stop.clone();
             let handle = std::thread::Builder::new()
                 .name("vhost-user".into())
@@ -356,7 +346,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     stop();
                     r
                 })?;
-            Some((handle, control, socket))
+            Some((handle, control))
         }
         None => None,
     };
@@ -364,8 +354,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     // Wait for a stop request (or the server failing on its own).
     let _ = stop_rx.recv();
     colo_blk::notify::notify_logged("STOPPING=1");
-    if let Some((handle, control, socket)) = server_thread {
-        stop_server(&control, &socket);
+    if let Some((handle, control)) = server_thread {
+        // In-flight requests complete, then `Server::run` returns (socket path or not).
+        control.stop();
         match handle.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!("vhost-user server: {e}"),

@@ -191,6 +191,42 @@ fn sigterm_without_a_client_exits_zero() {
     assert!(b.terminate().success());
 }
 
+/// SIGTERM stops the process whatever became of its socket path: removed, or replaced by
+/// another file (it used to wake its accept() by connecting to the path, and waited forever
+/// when that failed). Exit 0, and what the client wrote is in the image.
+#[test]
+fn sigterm_stops_when_the_socket_path_is_gone_or_replaced() {
+    for replaced in [false, true] {
+        let dir = common::tempdir();
+        let (sock, img) = (dir.path().join("vhost.sock"), dir.path().join("disk.img"));
+        let args = [
+            "--socket",
+            sock.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--size",
+            "4M",
+        ];
+        // The debug line the server logs before it waits in accept().
+        let mut b = Backend::start_with_env(&args, &sock, &[("RUST_LOG", "info,colo_blk=debug")]);
+        let mut c = Client::connect(&b.socket, 1).unwrap();
+        assert_eq!(c.write(0, 8192, &pattern(6, 65536)), 0);
+        drop(c);
+        b.wait_for_log("front-end disconnected");
+        b.wait_for_log("waiting for a front-end");
+        std::fs::remove_file(&b.socket).unwrap();
+        if replaced {
+            std::fs::write(&b.socket, b"not a socket").unwrap();
+        }
+        let status = b.terminate_logged();
+        assert!(
+            status.success(),
+            "replaced {replaced}: exit status {status:?}"
+        );
+        assert!(image_bytes(&dir)[8192..8192 + 65536] == pattern(6, 65536)[..]);
+    }
+}
+
 #[test]
 fn bad_command_line_is_a_one_line_error() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_colo-blk"))

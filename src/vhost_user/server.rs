@@ -7,10 +7,11 @@
 //! ([`Server::stats_handle`]) belong to the server, not to a connection, so they survive
 //! reconnects.
 
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -38,6 +39,11 @@ pub enum ServerError {
 struct ControlState {
     stopping: bool,
     connection: Option<ShutdownHandle>,
+    /// A duplicate of the listening socket's descriptor. `shutdown(2)` on a listening socket
+    /// wakes an `accept()` blocked on it and fails every later one (Linux: EINVAL), through
+    /// any descriptor of the socket and whatever became of its path: a stop never depends on
+    /// connecting to the path, which may have been removed or replaced.
+    listener: Option<OwnedFd>,
 }
 
 /// A handle to stop the server from another thread (signal handler, control socket).
@@ -47,17 +53,23 @@ pub struct ServerControl {
 }
 
 impl ServerControl {
-    /// Asks the server to stop after the current connection's in-flight requests complete.
-    /// Returns `true` when no front-end is connected (the caller may exit right away).
-    pub fn stop(&self) -> bool {
+    /// Asks the server to stop after the current connection's in-flight requests complete:
+    /// [`Server::run`] returns soon after, with or without a front-end connected.
+    pub fn stop(&self) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.stopping = true;
-        match st.connection.take() {
-            Some(h) => {
-                h.shutdown();
-                false
+        if let Some(h) = st.connection.take() {
+            h.shutdown();
+        }
+        // No new connection: wakes the accept loop, if it waits, and keeps it from waiting.
+        if let Some(fd) = &st.listener {
+            // SAFETY: shutdown(2) on a descriptor this state owns; no memory involved.
+            if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
+                warn!(
+                    "waking the vhost-user accept loop: {}",
+                    std::io::Error::last_os_error()
+                );
             }
-            None => true,
         }
     }
 
@@ -94,6 +106,17 @@ impl Server {
             source,
         })?;
         info!("vhost-user socket listening on {}", socket.display());
+        // SAFETY: the descriptor is the listener's, open for as long as `listener` lives,
+        // which outlives this borrow (it is only duplicated).
+        let dup = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(|e| ServerError::Daemon(format!("duplicating the listener: {e}")))?;
+        let control = ServerControl::default();
+        control
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .listener = Some(dup);
         let stats = StatsHandle::new(opts.num_queues);
         let pool = if io_threads > 0 {
             Some(IoPool::new(io_threads).map_err(|e| ServerError::Daemon(e.to_string()))?)
@@ -105,7 +128,7 @@ impl Server {
             disk,
             opts,
             pool,
-            control: ServerControl::default(),
+            control,
             stats,
             engine: IoEngine::Threads,
             observer: None,
@@ -192,8 +215,12 @@ impl Server {
                     .register_uring_listeners(&daemon.get_epoll_handlers())
                     .map_err(|e| ServerError::Daemon(format!("io_uring eventfd: {e}")))?;
             }
+            debug!("waiting for a front-end");
             if let Err(e) = daemon.start(&mut listener) {
-                warn!("accepting a vhost-user connection failed: {e}");
+                // After a stop, accept() fails by design (see `ControlState::listener`).
+                if !self.control.stopping() {
+                    warn!("accepting a vhost-user connection failed: {e}");
+                }
                 continue;
             }
             {

@@ -143,6 +143,20 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Sends SIGTERM, waits (at most [`STARTUP_TIMEOUT`], a hang guard) for the process to log
+    /// that it stopped, and returns the exit status.
+    pub fn terminate_logged(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) with a pid we own; no memory involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // The last line of a shutdown (src/main.rs); panics (and kills) on a hang.
+        self.wait_for_log("] stopped");
+        let st = self.child.wait().expect("wait");
+        std::mem::forget(self);
+        st
+    }
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         let _ = self.child.kill();
