@@ -270,7 +270,8 @@ pub struct Cli {
     #[arg(long, short = 'i', value_name = "PATH", required = true)]
     pub image: Option<PathBuf>,
 
-    /// Create the image with this size when it does not exist (e.g. 1G, 512M)
+    /// Create the image with this size when it does not exist (e.g. 1G, 512M); an existing
+    /// image or block device must have this size (an error otherwise)
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub size: Option<u64>,
 

@@ -227,6 +227,76 @@ fn sigterm_stops_when_the_socket_path_is_gone_or_replaced() {
     }
 }
 
+/// `--size` on an existing image must be its size, in every role: another size is an error
+/// naming both (it used to be ignored in silence); the same size starts as before.
+#[test]
+fn a_size_that_disagrees_with_the_image_is_an_error_naming_both() {
+    let dir = common::tempdir();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let (img, layers, sock) = (p("disk.img"), p("layers"), p("vhost.sock"));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let roles: [&[&str]; 3] = [
+        &["--socket", &sock],
+        &[
+            "--role",
+            "primary",
+            "--insecure-link",
+            "--peer",
+            "127.0.0.1:9",
+            "--socket",
+            &sock,
+        ],
+        &[
+            "--role",
+            "secondary",
+            "--insecure-link",
+            "--listen",
+            "127.0.0.1:0",
+            "--layer-dir",
+            &layers,
+        ],
+    ];
+    for role in roles {
+        let mut args = vec!["--image", &img, "--size", "8M"];
+        args.extend_from_slice(role);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Its stdout ends when it exits, or holds the ready line when it started.
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        if !ready.is_empty() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            ready.is_empty() && !out.status.success(),
+            "{role:?}: started"
+        );
+        assert!(
+            err.contains("--size 8.0 MiB (8388608 bytes)")
+                && err.contains("which is 4.0 MiB (4194304 bytes)"),
+            "{role:?}: {err}"
+        );
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 4 * MIB);
+        // The size it has, given again (as scripts restarting a backend do), starts.
+        args[3] = "4M";
+        let b = Backend::start_with(&args, &dir.path().join("vhost.sock"));
+        assert!(b.terminate().success(), "{role:?}");
+    }
+}
+
 #[test]
 fn bad_command_line_is_a_one_line_error() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_colo-blk"))
