@@ -405,7 +405,7 @@ fn start_qmp(
     let listener = {
         let _guard = runtime.enter();
         QmpServer::bind_unix_mode(&path, mode)
-            .map_err(|e| format!("cannot listen on QMP socket {}: {e}", path.display()))?
+            .map_err(|e| format!("cannot listen on --qmp {}: {e}", path.display()))?
     };
     info!("QMP listening on {}", path.display());
     let s = server.clone();

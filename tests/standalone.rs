@@ -262,28 +262,7 @@ fn a_size_that_disagrees_with_the_image_is_an_error_naming_both() {
     for role in roles {
         let mut args = vec!["--image", &img, "--size", "8M"];
         args.extend_from_slice(role);
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_colo-blk"))
-            .args(&args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Its stdout ends when it exits, or holds the ready line when it started.
-        let mut ready = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut ready,
-        )
-        .unwrap();
-        if !ready.is_empty() {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            ready.is_empty() && !out.status.success(),
-            "{role:?}: started"
-        );
+        let err = common::start_fails(&args);
         assert!(
             err.contains("--size 8.0 MiB (8388608 bytes)")
                 && err.contains("which is 4.0 MiB (4194304 bytes)"),

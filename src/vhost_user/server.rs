@@ -26,7 +26,7 @@ use crate::storage::BlockDevice;
 /// Errors of the vhost-user server.
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on --socket {path}: {source}")]
     Listen {
         path: PathBuf,
         source: vhost::vhost_user::Error,
