@@ -111,3 +111,22 @@ fn the_libvirt_domain_validates_and_defines() {
         );
     }
 }
+
+/// `qemu-scripts/run-vm.sh` asks QEMU for as many queues as colo-blk has by default: QEMU
+/// refuses a device with more queues than its backend.
+#[test]
+fn run_vm_defaults_to_colo_blks_queue_count() {
+    let script = std::fs::read_to_string(repo().join("qemu-scripts/run-vm.sh")).unwrap();
+    let queues: u16 = script
+        .lines()
+        .find_map(|l| l.strip_prefix("num_queues="))
+        .expect("run-vm.sh sets num_queues")
+        .parse()
+        .unwrap();
+    let cli = Cli::try_parse_from(["colo-blk", "--socket", "s", "--image", "i"]).unwrap();
+    assert_eq!(queues, cli.num_queues);
+    assert!(
+        script.contains(&format!("(default {queues}, colo-blk's default")),
+        "run-vm.sh --help gives its default"
+    );
+}
