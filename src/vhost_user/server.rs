@@ -11,15 +11,16 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::backend::{BlkBackend, DeviceOptions, StatsHandle};
 use super::io_pool::IoPool;
 use super::lifecycle::DeviceObserver;
+use super::shared_mem;
 use crate::storage::uring::{self, IoEngine};
 use crate::storage::BlockDevice;
 
@@ -208,8 +209,9 @@ impl Server {
         while !self.control.stopping() {
             let backend = self.backend();
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let mut daemon = VhostUserDaemon::new("colo-blk".to_string(), backend.clone(), mem)
-                .map_err(|e| ServerError::Daemon(e.to_string()))?;
+            let mut daemon =
+                VhostUserDaemon::new("colo-blk".to_string(), backend.clone(), mem.clone())
+                    .map_err(|e| ServerError::Daemon(e.to_string()))?;
             if backend.uses_uring() {
                 backend
                     .register_uring_listeners(&daemon.get_epoll_handlers())
@@ -240,6 +242,15 @@ impl Server {
                     vhost::vhost_user::Error::Disconnected
                     | vhost::vhost_user::Error::PartialMessage,
                 )) => info!("front-end disconnected"),
+                // QEMU leaves guest RAM without a file descriptor out of the memory table;
+                // with none at all, vhost-user-backend refuses the rings ("invalid
+                // parameters"): say what the operator has to change (see `shared_mem`).
+                Err(e) if mem.memory().num_regions() == 0 => {
+                    let why = format!("{}: {}", shared_mem::NO_MEMORY, shared_mem::HOW_TO_SHARE);
+                    // Reported before it is logged: whoever saw the log finds it in QMP.
+                    self.stats.set_front_end_error(Some(why.clone()));
+                    error!("front-end connection ended ({e}): {why}");
+                }
                 Err(e) => warn!("front-end connection ended: {e}"),
             }
             {
