@@ -259,6 +259,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Some(socket) => Some(
             Server::new(
                 socket,
+                cli.socket_access()?,
                 disk.clone(),
                 DeviceOptions {
                     num_queues: cli.num_queues,
@@ -315,6 +316,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             &runtime,
             qmp_path,
             cli.qmp_mode,
+            cli.qmp_group_id()?,
             Controller::new(role.clone(), server.as_ref().map(Server::stats_handle)),
             events.clone(),
             stop.clone(),
@@ -393,6 +395,7 @@ fn start_qmp(
     runtime: &tokio::runtime::Runtime,
     path: PathBuf,
     mode: u32,
+    group: Option<u32>,
     controller: Controller,
     events: EventSender,
     stop: Arc<dyn Fn() + Send + Sync>,
@@ -404,7 +407,7 @@ fn start_qmp(
     ));
     let listener = {
         let _guard = runtime.enter();
-        QmpServer::bind_unix_mode(&path, mode)
+        QmpServer::bind_unix_access(&path, mode, group)
             .map_err(|e| format!("cannot listen on --qmp {}: {e}", path.display()))?
     };
     info!("QMP listening on {}", path.display());

@@ -351,6 +351,58 @@ fn the_qmp_socket_is_owner_only_by_default() {
     }
 }
 
+/// `--socket-mode` and `--socket-group` (as a QEMU of another user, libvirt's, needs them)
+/// and `--qmp-group` give the sockets their mode and group; the vhost-user socket still serves
+/// and is removed at exit.
+#[test]
+fn the_socket_mode_and_group_options_set_them() {
+    use std::os::unix::fs::MetadataExt;
+    // Root may give any group; others only their own.
+    // SAFETY: geteuid(2) and getegid(2) have no preconditions.
+    let gid = if unsafe { libc::geteuid() } == 0 {
+        54321
+    } else {
+        unsafe { libc::getegid() }
+    };
+    let dir = common::tempdir();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let (sock, qmp, img, g) = (p("vhost.sock"), p("s.qmp"), p("disk.img"), gid.to_string());
+    for (extra, want) in [
+        (vec!["--socket-group", &g], 0o660),
+        (vec!["--socket-mode", "666", "--socket-group", &g], 0o666),
+    ] {
+        let mut args = vec!["--image", &img, "--size", "1M", "--socket", &sock];
+        args.extend_from_slice(&["--qmp", &qmp, "--qmp-mode", "660", "--qmp-group", &g]);
+        args.extend_from_slice(&extra);
+        let b = Backend::start_with(&args, dir.path().join("vhost.sock").as_path());
+        for (path, mode) in [(&sock, want), (&qmp, 0o660)] {
+            let md = std::fs::metadata(path).unwrap();
+            assert_eq!(
+                (md.mode() & 0o777, md.gid()),
+                (mode, gid),
+                "{path} {extra:?}"
+            );
+        }
+        let mut c = Client::connect(&b.socket, 1).unwrap();
+        assert_eq!(c.write(0, 0, &pattern(1, 4096)), 0);
+        drop(c);
+        assert!(b.terminate().success());
+        assert!(!std::path::Path::new(&sock).exists(), "socket left behind");
+    }
+    let err = common::start_fails(&[
+        "--image",
+        &img,
+        "--socket",
+        &sock,
+        "--socket-group",
+        "no-such-group-colo",
+    ]);
+    assert!(
+        err.contains("--socket-group: no group named 'no-such-group-colo'"),
+        "{err}"
+    );
+}
+
 /// A client's first write right after it mapped its buffer (ADD_MEM_REG, acknowledged) must
 /// find that memory: the request runs on the memory map as it is when it is executed, not on
 /// one loaded before the region was added. Standalone and a secondary serving an SVM, 40

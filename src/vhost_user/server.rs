@@ -23,6 +23,7 @@ use super::lifecycle::DeviceObserver;
 use super::shared_mem;
 use crate::storage::uring::{self, IoEngine};
 use crate::storage::BlockDevice;
+use crate::unix_socket::Access;
 
 /// Errors of the vhost-user server.
 #[derive(Debug, Error)]
@@ -91,21 +92,41 @@ pub struct Server {
     stats: StatsHandle,
     engine: IoEngine,
     observer: Option<Arc<dyn DeviceObserver>>,
+    /// The socket file to remove when the server is dropped, when the listener does not.
+    unlink: Option<PathBuf>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(path) = &self.unlink {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl Server {
-    /// A server for `disk`. With `io_threads > 0`, a pool of that many threads lets each queue
+    /// A server for `disk`, listening on `socket` with `access` (`--socket-mode`,
+    /// `--socket-group`). With `io_threads > 0`, a pool of that many threads lets each queue
     /// keep several requests in flight.
     pub fn new(
         socket: &Path,
+        access: Access,
         disk: Arc<dyn BlockDevice>,
         opts: DeviceOptions,
         io_threads: usize,
     ) -> Result<Self, ServerError> {
-        let listener = Listener::new(socket, true).map_err(|source| ServerError::Listen {
+        let listen_error = |source| ServerError::Listen {
             path: socket.to_path_buf(),
             source,
-        })?;
+        };
+        let (listener, unlink) = if access == Access::default() {
+            // The listener removes its socket file when it is dropped.
+            (Listener::new(socket, true).map_err(listen_error)?, None)
+        } else {
+            let l = crate::unix_socket::bind(socket, access)
+                .map_err(|e| listen_error(vhost::vhost_user::Error::SocketError(e)))?;
+            (Listener::from(l), Some(socket.to_path_buf()))
+        };
         info!("vhost-user socket listening on {}", socket.display());
         // SAFETY: the descriptor is the listener's, open for as long as `listener` lives,
         // which outlives this borrow (it is only duplicated).
@@ -133,6 +154,7 @@ impl Server {
             stats,
             engine: IoEngine::Threads,
             observer: None,
+            unlink,
         })
     }
 
@@ -287,6 +309,7 @@ mod tests {
         };
         let server = Server::new(
             &dir.path().join("vhost.sock"),
+            Access::default(),
             Arc::new(MemDisk::new(4096)),
             opts,
             0,
