@@ -123,11 +123,17 @@ class Ctl:
 
     async def connect(self, client, path, what):
         deadline = time.monotonic() + self.args.connect_timeout
+        said = False
         while True:
             try:
                 await client.connect(path)
                 return
             except Exception as e:  # ConnectError, or the socket does not exist yet
+                if not said:
+                    # Never a silent wait: the operator sees which socket is missing at once.
+                    log(f"waiting for {what} QMP {path} (up to {self.args.connect_timeout:g} s; "
+                        f"--connect-timeout): {e}")
+                    said = True
                 if time.monotonic() > deadline:
                     raise SystemExit(f"colo-ctl: cannot connect to {what} QMP {path}: {e}")
                 await asyncio.sleep(0.1)

@@ -84,12 +84,15 @@ python3 -c 'import qemu.qmp' 2>/dev/null || die "python3 qemu.qmp missing: pip i
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
 for s in pvm.sock svm.sock primary.qmp secondary.qmp pvm.qmp; do rm -f "$dir/$s"; done
+# --size only when colo-blk creates the images: on an existing image it must be its size.
+size_args=()
 if [ -n "$image_from" ]; then
     cp --sparse=always "$image_from" "$dir/primary.img"
     cp --sparse=always "$image_from" "$dir/secondary.img"
 elif [ ! -f "$dir/primary.img" ] || [ ! -f "$dir/secondary.img" ]; then
     # Both disks must start identical: two fresh zero images.
     rm -f "$dir/primary.img" "$dir/secondary.img"
+    size_args=(--size "$size")
 fi
 
 pids=()
@@ -113,14 +116,14 @@ wait_socket() {
 
 svm_args=()
 if [ "$svm" = 1 ]; then svm_args=(--socket "$dir/svm.sock" --num-queues 2); fi
-"$bin" --role secondary --insecure-link --image "$dir/secondary.img" --size "$size" \
+"$bin" --role secondary --insecure-link --image "$dir/secondary.img" ${size_args[@]+"${size_args[@]}"} \
     --listen "127.0.0.1:$port" --layer-dir "$dir/layers" --qmp "$dir/secondary.qmp" \
     ${svm_args[@]+"${svm_args[@]}"} 2>"$dir/secondary.log" &
 pids+=($!)
 wait_socket "$dir/secondary.qmp"
 log "secondary backend: pid $!, log $dir/secondary.log"
 
-"$bin" --role primary --insecure-link --image "$dir/primary.img" --size "$size" --socket "$dir/pvm.sock" \
+"$bin" --role primary --insecure-link --image "$dir/primary.img" ${size_args[@]+"${size_args[@]}"} --socket "$dir/pvm.sock" \
     --num-queues 2 --peer "127.0.0.1:$port" --qmp "$dir/primary.qmp" 2>"$dir/primary.log" &
 pids+=($!)
 wait_socket "$dir/pvm.sock"

@@ -16,9 +16,10 @@
 #                     --script/--file are passed as a second, uncompressed cpio archive appended
 #                     to the initramfs (the kernel unpacks concatenated archives).
 #   --qmp PATH        also open a QMP server on unix socket PATH (server=on,wait=off).
-#   --num-queues N    virtqueues of the vhost-user-blk device (default 2).
-#   --smp N           guest vCPUs (default 2, so a 2-queue device really uses both queues:
-#                     the Linux driver uses at most one queue per vCPU).
+#   --num-queues N    virtqueues of the vhost-user-blk device (default 1, colo-blk's default
+#                     --num-queues: QEMU fails when it asks for more queues than the backend has).
+#   --smp N           guest vCPUs (default 2; the Linux driver uses at most one queue per vCPU,
+#                     so a device with N queues needs N vCPUs to use them all).
 #   --mem SIZE        guest RAM, also the size of the shared memfd backend (default 256M).
 #   --append STR      extra kernel command-line arguments.
 #   --qemu BIN        QEMU binary (default $QEMU, else qemu-system-x86_64).
@@ -50,7 +51,7 @@ guest="${COLO_GUEST_DIR:-$here/guest}"
 script=""
 files=()
 qmp=""
-num_queues=2
+num_queues=1
 smp=2
 mem=256M
 append=""

@@ -151,6 +151,16 @@ pub struct Cli {
     #[arg(long, short = 's', value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
+    /// Permissions of the vhost-user socket (octal; default: as the umask leaves them, which
+    /// lets only the owner connect; 660 with --socket-group). QEMU needs write permission
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Group of the vhost-user socket (name or number), e.g. libvirt-qemu, so that a QEMU
+    /// running as another user can connect (colo-blk must be root or in the group)
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
     /// QMP-compatible control socket (unix path)
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<PathBuf>,
@@ -159,6 +169,10 @@ pub struct Cli {
     /// checkpoints and failover)
     #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
     pub qmp_mode: u32,
+
+    /// Group of the QMP socket (name or number; with --qmp-mode 660, its members may connect)
+    #[arg(long, value_name = "GROUP")]
+    pub qmp_group: Option<String>,
 
     /// primary: the secondary's replication address
     #[arg(long, value_name = "HOST:PORT", help_heading = "Primary")]
@@ -277,7 +291,8 @@ pub struct Cli {
     #[arg(long, short = 'i', value_name = "PATH", required = true)]
     pub image: Option<PathBuf>,
 
-    /// Create the image with this size when it does not exist (e.g. 1G, 512M)
+    /// Create the image with this size when it does not exist (e.g. 1G, 512M); an existing
+    /// image or block device must have this size (an error otherwise)
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub size: Option<u64>,
 
@@ -369,6 +384,9 @@ impl Cli {
         if self.read_only && self.size.is_some() && !self.image().exists() {
             return Err("--size creates the image, which --read-only forbids".into());
         }
+        // Groups are looked up now, before anything is created.
+        self.socket_access()?;
+        self.qmp_group_id()?;
         match self.role {
             RoleArg::Standalone | RoleArg::Primary if self.socket.is_none() => {
                 return Err("--socket is required".into())
@@ -457,6 +475,30 @@ impl Cli {
 impl Cli {
     /// How the replication link is protected: exactly one of certificates (--tls-cert,
     /// --tls-key, --tls-ca), a pre-shared key (--tls-psk-file) or --insecure-link.
+    /// Who may connect to the vhost-user socket (`--socket-mode`, `--socket-group`).
+    pub fn socket_access(&self) -> Result<crate::unix_socket::Access, String> {
+        let group = match &self.socket_group {
+            Some(g) => {
+                Some(crate::unix_socket::group_id(g).map_err(|e| format!("--socket-group: {e}"))?)
+            }
+            None => None,
+        };
+        Ok(crate::unix_socket::Access {
+            mode: self.socket_mode.or(group.map(|_| 0o660)),
+            group,
+        })
+    }
+
+    /// The group id of `--qmp-group`.
+    pub fn qmp_group_id(&self) -> Result<Option<u32>, String> {
+        match &self.qmp_group {
+            Some(g) => crate::unix_socket::group_id(g)
+                .map(Some)
+                .map_err(|e| format!("--qmp-group: {e}")),
+            None => Ok(None),
+        }
+    }
+
     pub fn link_security(&self) -> Result<LinkSecurityOptions, String> {
         let certs = [&self.tls_cert, &self.tls_key, &self.tls_ca];
         let some = certs.iter().filter(|c| c.is_some()).count();

@@ -58,6 +58,9 @@ impl Controller {
 #[derive(serde::Serialize)]
 struct Stats {
     queues: Vec<QueueReport>,
+    /// Why the latest front-end cannot be served (its guest RAM is not shared with us).
+    #[serde(rename = "front-end-error", skip_serializing_if = "Option::is_none")]
+    front_end_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     replication: Option<Value>,
 }
@@ -111,6 +114,7 @@ impl Controller {
         };
         Stats {
             queues,
+            front_end_error: self.stats.as_ref().and_then(|s| s.front_end_error()),
             replication,
         }
     }

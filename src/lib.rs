@@ -26,5 +26,6 @@ pub mod replication;
 pub mod reprotect;
 pub mod status;
 pub mod storage;
+pub mod unix_socket;
 pub mod vhost_user;
 pub mod virtio;

@@ -1,4 +1,3 @@
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
@@ -24,7 +23,7 @@ use colo_blk::replication::secondary::{
 use colo_blk::replication::tls::LinkSecurity;
 use colo_blk::replication::DirtyLog;
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
-use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
+use colo_blk::vhost_user::{DeviceOptions, Server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -60,14 +59,6 @@ fn main() -> ExitCode {
             eprintln!("colo-blk: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Stops the vhost-user server: in-flight requests complete, then `Server::run` returns.
-fn stop_server(control: &ServerControl, socket: &std::path::Path) {
-    if control.stop() {
-        // No front-end: wake the accept() so the loop sees the stop.
-        let _ = UnixStream::connect(socket);
     }
 }
 
@@ -278,6 +269,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Some(socket) => Some(
             Server::new(
                 socket,
+                cli.socket_access()?,
                 disk.clone(),
                 DeviceOptions {
                     num_queues: cli.num_queues,
@@ -334,6 +326,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             &runtime,
             qmp_path,
             cli.qmp_mode,
+            cli.qmp_group_id()?,
             Controller::new(role.clone(), server.as_ref().map(Server::stats_handle)),
             events.clone(),
             stop.clone(),
@@ -356,7 +349,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let server_thread = match server {
         Some(server) => {
             let control = server.control();
-            let socket = cli.socket.clone().unwrap_or_default();
             let stop = stop.clone();
             let handle = std::thread::Builder::new()
                 .name("vhost-user".into())
@@ -366,7 +358,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     stop();
                     r
                 })?;
-            Some((handle, control, socket))
+            Some((handle, control))
         }
         None => None,
     };
@@ -374,8 +366,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     // Wait for a stop request (or the server failing on its own).
     let _ = stop_rx.recv();
     colo_blk::notify::notify_logged("STOPPING=1");
-    if let Some((handle, control, socket)) = server_thread {
-        stop_server(&control, &socket);
+    if let Some((handle, control)) = server_thread {
+        // In-flight requests complete, then `Server::run` returns (socket path or not).
+        control.stop();
         match handle.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!("vhost-user server: {e}"),
@@ -529,6 +522,7 @@ fn start_qmp(
     runtime: &tokio::runtime::Runtime,
     path: PathBuf,
     mode: u32,
+    group: Option<u32>,
     controller: Controller,
     events: EventSender,
     stop: Arc<dyn Fn() + Send + Sync>,
@@ -540,8 +534,8 @@ fn start_qmp(
     ));
     let listener = {
         let _guard = runtime.enter();
-        QmpServer::bind_unix_mode(&path, mode)
-            .map_err(|e| format!("cannot listen on QMP socket {}: {e}", path.display()))?
+        QmpServer::bind_unix_access(&path, mode, group)
+            .map_err(|e| format!("cannot listen on --qmp {}: {e}", path.display()))?
     };
     info!("QMP listening on {}", path.display());
     let s = server.clone();

@@ -404,3 +404,33 @@ fn systemd_notify_ready_when_the_sockets_are_up() {
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(child.wait().unwrap().success());
 }
+
+/// "Address already in use" names the option and the address (it used to be the bare OS error).
+#[test]
+fn an_address_in_use_names_the_option_and_the_address() {
+    let dir = common::tempdir();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let (img, layers, sock) = (p("disk.img"), p("layers"), p("vhost.sock"));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let secondary = [
+        "--role",
+        "secondary",
+        "--insecure-link",
+        "--layer-dir",
+        &layers,
+        "--listen",
+        &addr,
+    ];
+    let metrics = ["--socket", &sock, "--metrics", &addr];
+    for (option, extra) in [("--listen", &secondary[..]), ("--metrics", &metrics[..])] {
+        let mut args = vec!["--image", &img, "--size", "1M"];
+        args.extend_from_slice(extra);
+        let err = common::start_fails(&args);
+        assert!(
+            err.contains(&format!("cannot listen on {option} {addr}: "))
+                && err.contains("Address already in use"),
+            "{option}: {err}"
+        );
+    }
+}

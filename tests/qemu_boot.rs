@@ -343,3 +343,96 @@ fn qemu_guest_writes_and_reads_back_across_reconnect() {
         run1.elapsed, run2.elapsed
     );
 }
+
+/// Guest RAM that QEMU does not share with the backend gets one clear error naming
+/// `memory-backend-memfd,share=on`, in the backend's log and in QMP `query-stats`
+/// (`front-end-error`): a memfd with `share=off` (QEMU sends it but maps it privately: the
+/// guest's first request is never seen) and RAM without a memory backend (QEMU sends no memory
+/// at all; the connection fails at SET_VRING_ADDR). With `share=on` there is none. No guest
+/// kernel is needed: SeaBIOS's virtio-blk driver kicks the queue while it looks for a boot disk.
+#[test]
+fn guest_ram_that_is_not_shared_is_one_clear_error() {
+    let qemu = qemu_binary();
+    if !common::in_path(&qemu) {
+        common::qemu::skip(
+            &format!("{qemu} is not installed, but CI must run the QEMU test (see .ci/run)"),
+            &format!(
+                "\n**************************************************************\n\
+                 *** SKIPPED: QEMU not installed ({qemu} not in PATH)\n\
+                 *** install it as .ci/run does to run qemu_boot\n\
+                 **************************************************************"
+            ),
+        );
+        return;
+    }
+    let memfd = |share: &str| {
+        vec![
+            "-object".to_string(),
+            format!("memory-backend-memfd,id=mem,size=128M,share={share}"),
+            "-machine".to_string(),
+            "memory-backend=mem".to_string(),
+        ]
+    };
+    let cases = [
+        (
+            "share=off",
+            memfd("off"),
+            Some("the front-end's guest RAM is not shared"),
+        ),
+        (
+            "no memory backend",
+            vec![],
+            Some("the front-end shared no guest memory"),
+        ),
+        ("share=on", memfd("on"), None),
+    ];
+    for (case, memory, expected) in cases {
+        let dir = tempdir();
+        let (socket, qmp) = (dir.path().join("vhost.sock"), dir.path().join("b.qmp"));
+        let qmp_arg = qmp.display().to_string();
+        let mut backend = Backend::start(
+            &socket,
+            &dir.path().join("disk.img"),
+            &["--size", "16M", "--qmp", &qmp_arg],
+        );
+        let mut cmd = Command::new(&qemu);
+        cmd.args(["-machine", "q35,accel=tcg", "-m", "128M", "-nodefaults"])
+            .args(["-display", "none", "-no-reboot"])
+            .args(&memory)
+            .arg("-chardev")
+            .arg(format!("socket,id=vub,path={}", socket.display()))
+            .args(["-device", "vhost-user-blk-pci,chardev=vub,num-queues=1"]);
+        let _vm = common::qemu::Proc::spawn(cmd, case);
+        let mut q = common::Qmp::connect(&qmp);
+        let stats = match expected {
+            Some(message) => {
+                let line = backend.wait_for_log(message);
+                assert!(
+                    line.contains("ERROR") && line.contains("memory-backend-memfd,id=mem"),
+                    "{case}: {line}"
+                );
+                q.execute("query-stats", serde_json::json!({})).unwrap()
+            }
+            None => {
+                // SeaBIOS's first reads complete; nothing is reported.
+                let deadline = Instant::now() + common::STARTUP_TIMEOUT;
+                loop {
+                    let s = q.execute("query-stats", serde_json::json!({})).unwrap();
+                    if s["queues"][0]["requests"].as_u64() > Some(0) {
+                        break s;
+                    }
+                    assert!(Instant::now() < deadline, "{case}: no request: {s}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        let error = stats.get("front-end-error").and_then(|e| e.as_str());
+        match expected {
+            Some(_) => assert!(
+                error.is_some_and(|e| e.contains("memory-backend-memfd,id=mem,size=RAM,share=on")),
+                "{case}: {stats}"
+            ),
+            None => assert_eq!(error, None, "{case}: {stats}"),
+        }
+    }
+}

@@ -191,6 +191,91 @@ fn sigterm_without_a_client_exits_zero() {
     assert!(b.terminate().success());
 }
 
+/// SIGTERM stops the process whatever became of its socket path: removed, or replaced by
+/// another file (it used to wake its accept() by connecting to the path, and waited forever
+/// when that failed). Exit 0, and what the client wrote is in the image.
+#[test]
+fn sigterm_stops_when_the_socket_path_is_gone_or_replaced() {
+    for replaced in [false, true] {
+        let dir = common::tempdir();
+        let (sock, img) = (dir.path().join("vhost.sock"), dir.path().join("disk.img"));
+        let args = [
+            "--socket",
+            sock.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--size",
+            "4M",
+        ];
+        // The debug line the server logs before it waits in accept().
+        let mut b = Backend::start_with_env(&args, &sock, &[("RUST_LOG", "info,colo_blk=debug")]);
+        let mut c = Client::connect(&b.socket, 1).unwrap();
+        assert_eq!(c.write(0, 8192, &pattern(6, 65536)), 0);
+        drop(c);
+        b.wait_for_log("front-end disconnected");
+        b.wait_for_log("waiting for a front-end");
+        std::fs::remove_file(&b.socket).unwrap();
+        if replaced {
+            std::fs::write(&b.socket, b"not a socket").unwrap();
+        }
+        let status = b.terminate_logged();
+        assert!(
+            status.success(),
+            "replaced {replaced}: exit status {status:?}"
+        );
+        assert!(image_bytes(&dir)[8192..8192 + 65536] == pattern(6, 65536)[..]);
+    }
+}
+
+/// `--size` on an existing image must be its size, in every role: another size is an error
+/// naming both (it used to be ignored in silence); the same size starts as before.
+#[test]
+fn a_size_that_disagrees_with_the_image_is_an_error_naming_both() {
+    let dir = common::tempdir();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let (img, layers, sock) = (p("disk.img"), p("layers"), p("vhost.sock"));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let roles: [&[&str]; 3] = [
+        &["--socket", &sock],
+        &[
+            "--role",
+            "primary",
+            "--insecure-link",
+            "--peer",
+            "127.0.0.1:9",
+            "--socket",
+            &sock,
+        ],
+        &[
+            "--role",
+            "secondary",
+            "--insecure-link",
+            "--listen",
+            "127.0.0.1:0",
+            "--layer-dir",
+            &layers,
+        ],
+    ];
+    for role in roles {
+        let mut args = vec!["--image", &img, "--size", "8M"];
+        args.extend_from_slice(role);
+        let err = common::start_fails(&args);
+        assert!(
+            err.contains("--size 8.0 MiB (8388608 bytes)")
+                && err.contains("which is 4.0 MiB (4194304 bytes)"),
+            "{role:?}: {err}"
+        );
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 4 * MIB);
+        // The size it has, given again (as scripts restarting a backend do), starts.
+        args[3] = "4M";
+        let b = Backend::start_with(&args, &dir.path().join("vhost.sock"));
+        assert!(b.terminate().success(), "{role:?}");
+    }
+}
+
 #[test]
 fn bad_command_line_is_a_one_line_error() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_colo-blk"))
@@ -264,6 +349,58 @@ fn the_qmp_socket_is_owner_only_by_default() {
         assert_eq!(mode, want, "{extra:?}");
         common::Qmp::connect(&qmp);
     }
+}
+
+/// `--socket-mode` and `--socket-group` (as a QEMU of another user, libvirt's, needs them)
+/// and `--qmp-group` give the sockets their mode and group; the vhost-user socket still serves
+/// and is removed at exit.
+#[test]
+fn the_socket_mode_and_group_options_set_them() {
+    use std::os::unix::fs::MetadataExt;
+    // Root may give any group; others only their own.
+    // SAFETY: geteuid(2) and getegid(2) have no preconditions.
+    let gid = if unsafe { libc::geteuid() } == 0 {
+        54321
+    } else {
+        unsafe { libc::getegid() }
+    };
+    let dir = common::tempdir();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let (sock, qmp, img, g) = (p("vhost.sock"), p("s.qmp"), p("disk.img"), gid.to_string());
+    for (extra, want) in [
+        (vec!["--socket-group", &g], 0o660),
+        (vec!["--socket-mode", "666", "--socket-group", &g], 0o666),
+    ] {
+        let mut args = vec!["--image", &img, "--size", "1M", "--socket", &sock];
+        args.extend_from_slice(&["--qmp", &qmp, "--qmp-mode", "660", "--qmp-group", &g]);
+        args.extend_from_slice(&extra);
+        let b = Backend::start_with(&args, dir.path().join("vhost.sock").as_path());
+        for (path, mode) in [(&sock, want), (&qmp, 0o660)] {
+            let md = std::fs::metadata(path).unwrap();
+            assert_eq!(
+                (md.mode() & 0o777, md.gid()),
+                (mode, gid),
+                "{path} {extra:?}"
+            );
+        }
+        let mut c = Client::connect(&b.socket, 1).unwrap();
+        assert_eq!(c.write(0, 0, &pattern(1, 4096)), 0);
+        drop(c);
+        assert!(b.terminate().success());
+        assert!(!std::path::Path::new(&sock).exists(), "socket left behind");
+    }
+    let err = common::start_fails(&[
+        "--image",
+        &img,
+        "--socket",
+        &sock,
+        "--socket-group",
+        "no-such-group-colo",
+    ]);
+    assert!(
+        err.contains("--socket-group: no group named 'no-such-group-colo'"),
+        "{err}"
+    );
 }
 
 /// A client's first write right after it mapped its buffer (ADD_MEM_REG, acknowledged) must

@@ -1,7 +1,6 @@
 //! The server: listeners, connections, request dispatch, the built-in commands and `quit`.
 
 use std::io;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,30 +97,23 @@ impl QmpServer {
     /// bound under a temporary name, given its mode, then renamed into place, so it is never
     /// reachable with wider permissions.
     pub fn bind_unix_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
-        use std::os::unix::fs::PermissionsExt;
-        match std::fs::symlink_metadata(path) {
-            Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path)?,
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", path.display()),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp)?;
-        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = placed {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        Ok(listener)
+        Self::bind_unix_access(path, mode, None)
+    }
+
+    /// [`bind_unix_mode`](Self::bind_unix_mode), and the socket's group `group` (a gid; `None`:
+    /// the process's), see [`crate::unix_socket`].
+    pub fn bind_unix_access(
+        path: &Path,
+        mode: u32,
+        group: Option<u32>,
+    ) -> io::Result<UnixListener> {
+        let access = crate::unix_socket::Access {
+            mode: Some(mode),
+            group,
+        };
+        let listener = crate::unix_socket::bind(path, access)?;
+        listener.set_nonblocking(true)?;
+        UnixListener::from_std(listener)
     }
 
     /// Binds `path` (see [`bind_unix`](Self::bind_unix)) and serves it until the returned

@@ -215,7 +215,12 @@ impl Secondary {
 
     /// Binds the listening socket (so that errors show at start-up).
     pub async fn bind(&self) -> io::Result<TcpListener> {
-        let l = TcpListener::bind(&self.opts.listen).await?;
+        let l = TcpListener::bind(&self.opts.listen).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on --listen {}: {e}", self.opts.listen),
+            )
+        })?;
         info!("waiting for the primary on {}", l.local_addr()?);
         Ok(l)
     }

@@ -90,6 +90,26 @@ impl RawImage {
         } else {
             meta.len()
         };
+        // --size creates a missing image; on an existing one it must agree, or the operator
+        // serves a disk of another size than the one asked for without knowing it.
+        if let Some(size) = opts.create_size.filter(|&s| s != capacity) {
+            let what = if is_block_device {
+                "block device"
+            } else {
+                "image"
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "--size {} ({size} bytes) disagrees with the existing {what} {}, which is {} \
+                     ({capacity} bytes): --size only creates a missing image; give its size or \
+                     leave --size out (resize the {what} yourself to change it)",
+                    crate::status::bytes(size),
+                    opts.path.display(),
+                    crate::status::bytes(capacity),
+                ),
+            ));
+        }
         Ok(RawImage {
             file,
             capacity,
@@ -547,6 +567,28 @@ mod tests {
         })
         .unwrap();
         (dir, img)
+    }
+
+    #[test]
+    fn a_size_that_disagrees_with_an_existing_image_is_an_error_naming_both() {
+        let (dir, img) = image(false, 1 << 20);
+        drop(img);
+        let open = |size| {
+            RawImage::open(&RawImageOptions {
+                path: dir.path().join("disk.img"),
+                read_only: false,
+                direct: false,
+                create_size: size,
+            })
+        };
+        let e = open(Some(2 << 20)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let msg = e.to_string();
+        assert!(msg.contains("--size 2.0 MiB (2097152 bytes)"), "{msg}");
+        assert!(msg.contains("which is 1.0 MiB (1048576 bytes)"), "{msg}");
+        // The same size, or none, opens it as it is.
+        assert_eq!(open(Some(1 << 20)).unwrap().capacity(), 1 << 20);
+        assert_eq!(open(None).unwrap().capacity(), 1 << 20);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 use serde::Serialize;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -30,6 +30,7 @@ use vmm_sys_util::event::{
 use super::io_pool::{InFlight, IoPool};
 use super::lifecycle::{DeviceObserver, Lifecycle};
 use super::poll::AdaptivePoll;
+use super::shared_mem;
 use super::uring_queue::{Finished, UringQueue};
 use crate::histogram::{Histogram, HistogramSnapshot};
 use crate::storage::uring::IoEngine;
@@ -109,14 +110,28 @@ pub struct QueueStatsSnapshot {
     pub bytes_written: u64,
 }
 
-/// The per-queue counters of a device, shared by every connection's backend. Cheap to clone.
+/// The per-queue counters of a device, shared by every connection's backend, and what is
+/// known to be wrong with the front-end's setup. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct StatsHandle(Arc<[QueueStats]>);
+pub struct StatsHandle(Arc<[QueueStats]>, Arc<Mutex<Option<String>>>);
 
 impl StatsHandle {
     /// Zeroed counters for `num_queues` queues.
     pub(crate) fn new(num_queues: u16) -> Self {
-        StatsHandle((0..num_queues).map(|_| QueueStats::default()).collect())
+        StatsHandle(
+            (0..num_queues).map(|_| QueueStats::default()).collect(),
+            Arc::default(),
+        )
+    }
+
+    /// Why the latest front-end cannot be served (its guest RAM is not shared), until a
+    /// front-end's first request shows shared RAM (QMP `query-stats`, `front-end-error`).
+    pub fn front_end_error(&self) -> Option<String> {
+        lock(&self.1).clone()
+    }
+
+    pub(crate) fn set_front_end_error(&self, error: Option<String>) {
+        *lock(&self.1) = error;
     }
 
     /// The counters of every queue, in queue order.
@@ -135,7 +150,7 @@ impl StatsHandle {
 
     #[cfg(test)]
     pub(crate) fn same_as(&self, other: &StatsHandle) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.0, &other.0) && Arc::ptr_eq(&self.1, &other.1)
     }
 }
 
@@ -158,6 +173,8 @@ struct Shared {
     lifecycle: Lifecycle,
     /// Each queue's polling window (locked only by its worker).
     poll: Vec<Mutex<AdaptivePoll>>,
+    /// Whether this connection's guest RAM was checked for sharing (at the first kick).
+    sharing_checked: AtomicBool,
 }
 
 /// What a pop leaves the driver's notifications (kicks) as.
@@ -267,6 +284,7 @@ impl BlkBackend {
                 poll: (0..opts.num_queues)
                     .map(|_| Mutex::new(AdaptivePoll::new(opts.poll_max)))
                     .collect(),
+                sharing_checked: AtomicBool::new(false),
             }),
             pool,
         }
@@ -746,6 +764,9 @@ impl VhostUserBackend for BlkBackend {
                 return Ok(());
             }
         };
+        if !self.shared.sharing_checked.swap(true, Ordering::Relaxed) {
+            self.check_sharing(queue, vring, &mem);
+        }
         if window.is_zero() {
             // No look: the sleep starts now (and says whether a look would have paid).
             self.kick_round(queue, vring, mem, AfterPop::Enable)?;
@@ -758,6 +779,31 @@ impl VhostUserBackend for BlkBackend {
 }
 
 impl BlkBackend {
+    /// The connection's first kick, before anything is popped: does the ring show what the
+    /// driver wrote, or is the guest RAM not shared (see `shared_mem`)? Private RAM is logged
+    /// once for the connection and reported in `query-stats`; the connection stays (the
+    /// guest's I/O waits, as it would anyway).
+    fn check_sharing(&self, queue: usize, vring: &Vring, mem: &GuestMem) {
+        let (desc, avail, size) = {
+            let r = vring.get_ref();
+            let q = r.get_queue();
+            (q.desc_table(), q.avail_ring(), q.size())
+        };
+        if shared_mem::ring_is_blank(mem, desc, avail, size) {
+            let (e, how) = (shared_mem::PRIVATE_MEMORY, shared_mem::HOW_TO_SHARE);
+            // Reported before it is logged: whoever saw the log finds it in QMP.
+            self.shared
+                .stats
+                .set_front_end_error(Some(format!("{e}: {how}")));
+            error!(
+                "{e} (queue {queue} was kicked, but its descriptor table at guest address \
+                 {desc:#x} holds only zeros): {how}"
+            );
+        } else {
+            self.shared.stats.set_front_end_error(None);
+        }
+    }
+
     /// One kick's work: pops every available chain and runs it (on the queue's io_uring, or
     /// here and on the I/O pool).
     fn kick_round(

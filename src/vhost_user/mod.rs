@@ -8,6 +8,7 @@ pub(crate) mod io_pool;
 pub mod lifecycle;
 mod poll;
 pub mod server;
+mod shared_mem;
 mod uring_queue;
 
 pub use backend::{DeviceOptions, QueueStatsSnapshot, StatsHandle};

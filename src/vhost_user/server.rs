@@ -7,25 +7,28 @@
 //! ([`Server::stats_handle`]) belong to the server, not to a connection, so they survive
 //! reconnects.
 
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use log::{info, warn};
+use log::{debug, error, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::backend::{BlkBackend, DeviceOptions, StatsHandle};
 use super::io_pool::IoPool;
 use super::lifecycle::DeviceObserver;
+use super::shared_mem;
 use crate::storage::uring::{self, IoEngine};
 use crate::storage::BlockDevice;
+use crate::unix_socket::Access;
 
 /// Errors of the vhost-user server.
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on --socket {path}: {source}")]
     Listen {
         path: PathBuf,
         source: vhost::vhost_user::Error,
@@ -38,6 +41,11 @@ pub enum ServerError {
 struct ControlState {
     stopping: bool,
     connection: Option<ShutdownHandle>,
+    /// A duplicate of the listening socket's descriptor. `shutdown(2)` on a listening socket
+    /// wakes an `accept()` blocked on it and fails every later one (Linux: EINVAL), through
+    /// any descriptor of the socket and whatever became of its path: a stop never depends on
+    /// connecting to the path, which may have been removed or replaced.
+    listener: Option<OwnedFd>,
 }
 
 /// A handle to stop the server from another thread (signal handler, control socket).
@@ -47,17 +55,23 @@ pub struct ServerControl {
 }
 
 impl ServerControl {
-    /// Asks the server to stop after the current connection's in-flight requests complete.
-    /// Returns `true` when no front-end is connected (the caller may exit right away).
-    pub fn stop(&self) -> bool {
+    /// Asks the server to stop after the current connection's in-flight requests complete:
+    /// [`Server::run`] returns soon after, with or without a front-end connected.
+    pub fn stop(&self) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.stopping = true;
-        match st.connection.take() {
-            Some(h) => {
-                h.shutdown();
-                false
+        if let Some(h) = st.connection.take() {
+            h.shutdown();
+        }
+        // No new connection: wakes the accept loop, if it waits, and keeps it from waiting.
+        if let Some(fd) = &st.listener {
+            // SAFETY: shutdown(2) on a descriptor this state owns; no memory involved.
+            if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
+                warn!(
+                    "waking the vhost-user accept loop: {}",
+                    std::io::Error::last_os_error()
+                );
             }
-            None => true,
         }
     }
 
@@ -78,22 +92,53 @@ pub struct Server {
     stats: StatsHandle,
     engine: IoEngine,
     observer: Option<Arc<dyn DeviceObserver>>,
+    /// The socket file to remove when the server is dropped, when the listener does not.
+    unlink: Option<PathBuf>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(path) = &self.unlink {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl Server {
-    /// A server for `disk`. With `io_threads > 0`, a pool of that many threads lets each queue
+    /// A server for `disk`, listening on `socket` with `access` (`--socket-mode`,
+    /// `--socket-group`). With `io_threads > 0`, a pool of that many threads lets each queue
     /// keep several requests in flight.
     pub fn new(
         socket: &Path,
+        access: Access,
         disk: Arc<dyn BlockDevice>,
         opts: DeviceOptions,
         io_threads: usize,
     ) -> Result<Self, ServerError> {
-        let listener = Listener::new(socket, true).map_err(|source| ServerError::Listen {
+        let listen_error = |source| ServerError::Listen {
             path: socket.to_path_buf(),
             source,
-        })?;
+        };
+        let (listener, unlink) = if access == Access::default() {
+            // The listener removes its socket file when it is dropped.
+            (Listener::new(socket, true).map_err(listen_error)?, None)
+        } else {
+            let l = crate::unix_socket::bind(socket, access)
+                .map_err(|e| listen_error(vhost::vhost_user::Error::SocketError(e)))?;
+            (Listener::from(l), Some(socket.to_path_buf()))
+        };
         info!("vhost-user socket listening on {}", socket.display());
+        // SAFETY: the descriptor is the listener's, open for as long as `listener` lives,
+        // which outlives this borrow (it is only duplicated).
+        let dup = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(|e| ServerError::Daemon(format!("duplicating the listener: {e}")))?;
+        let control = ServerControl::default();
+        control
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .listener = Some(dup);
         let stats = StatsHandle::new(opts.num_queues);
         let pool = if io_threads > 0 {
             Some(IoPool::new(io_threads).map_err(|e| ServerError::Daemon(e.to_string()))?)
@@ -105,10 +150,11 @@ impl Server {
             disk,
             opts,
             pool,
-            control: ServerControl::default(),
+            control,
             stats,
             engine: IoEngine::Threads,
             observer: None,
+            unlink,
         })
     }
 
@@ -185,15 +231,20 @@ impl Server {
         while !self.control.stopping() {
             let backend = self.backend();
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let mut daemon = VhostUserDaemon::new("colo-blk".to_string(), backend.clone(), mem)
-                .map_err(|e| ServerError::Daemon(e.to_string()))?;
+            let mut daemon =
+                VhostUserDaemon::new("colo-blk".to_string(), backend.clone(), mem.clone())
+                    .map_err(|e| ServerError::Daemon(e.to_string()))?;
             if backend.uses_uring() {
                 backend
                     .register_uring_listeners(&daemon.get_epoll_handlers())
                     .map_err(|e| ServerError::Daemon(format!("io_uring eventfd: {e}")))?;
             }
+            debug!("waiting for a front-end");
             if let Err(e) = daemon.start(&mut listener) {
-                warn!("accepting a vhost-user connection failed: {e}");
+                // After a stop, accept() fails by design (see `ControlState::listener`).
+                if !self.control.stopping() {
+                    warn!("accepting a vhost-user connection failed: {e}");
+                }
                 continue;
             }
             {
@@ -213,6 +264,15 @@ impl Server {
                     vhost::vhost_user::Error::Disconnected
                     | vhost::vhost_user::Error::PartialMessage,
                 )) => info!("front-end disconnected"),
+                // QEMU leaves guest RAM without a file descriptor out of the memory table;
+                // with none at all, vhost-user-backend refuses the rings ("invalid
+                // parameters"): say what the operator has to change (see `shared_mem`).
+                Err(e) if mem.memory().num_regions() == 0 => {
+                    let why = format!("{}: {}", shared_mem::NO_MEMORY, shared_mem::HOW_TO_SHARE);
+                    // Reported before it is logged: whoever saw the log finds it in QMP.
+                    self.stats.set_front_end_error(Some(why.clone()));
+                    error!("front-end connection ended ({e}): {why}");
+                }
                 Err(e) => warn!("front-end connection ended: {e}"),
             }
             {
@@ -249,6 +309,7 @@ mod tests {
         };
         let server = Server::new(
             &dir.path().join("vhost.sock"),
+            Access::default(),
             Arc::new(MemDisk::new(4096)),
             opts,
             0,

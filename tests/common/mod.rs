@@ -143,11 +143,51 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Sends SIGTERM, waits (at most [`STARTUP_TIMEOUT`], a hang guard) for the process to log
+    /// that it stopped, and returns the exit status.
+    pub fn terminate_logged(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) with a pid we own; no memory involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // The last line of a shutdown (src/main.rs); panics (and kills) on a hang.
+        self.wait_for_log("] stopped");
+        let st = self.child.wait().expect("wait");
+        std::mem::forget(self);
+        st
+    }
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `colo-blk` with `args`, which must fail at start-up; returns its stderr. Panics
+/// (after killing it) when it prints its ready line instead: no wait on a process that serves.
+pub fn start_fails(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn colo-blk");
+    // Its stdout ends when it exits, or holds the ready line when it started.
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut ready)
+        .expect("read stdout");
+    if !ready.is_empty() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        ready.is_empty() && !out.status.success(),
+        "{args:?} started: {err}"
+    );
+    err
 }
 
 /// A connected vhost-user-blk client with one shared I/O buffer.
