@@ -362,6 +362,7 @@ fn the_socket_mode_and_group_options_set_them() {
     let gid = if unsafe { libc::geteuid() } == 0 {
         54321
     } else {
+        // SAFETY: as above.
         unsafe { libc::getegid() }
     };
     let dir = common::tempdir();
