@@ -10,13 +10,18 @@
 //! - [`raw`]: [`RawImage`], a file or block device (optionally O_DIRECT);
 //! - [`uring`]: an io_uring bound to a raw image, for the vhost-user `uring` I/O engine;
 //! - [`fallocate`]: hole punching and range zeroing for any file-backed layer;
-//! - `mem`: `MemDisk`, a RAM disk for unit tests (test builds only).
+//! - `mem`: `MemDisk`, a RAM disk for unit tests (test builds only);
+//! - [`durable`]: [`durable::Media`], the seam every piece of power-loss-critical state goes
+//!   through, and its production implementation over `std::fs`;
+//! - [`sim`]: [`sim::SimMedia`], a simulated disk that loses unsynced writes on a power cut.
 
 pub mod change;
+pub mod durable;
 pub mod fallocate;
 #[cfg(test)]
 pub(crate) mod mem;
 pub mod raw;
+pub mod sim;
 pub mod uring;
 
 use std::io;
