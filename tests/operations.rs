@@ -423,8 +423,14 @@ fn an_address_in_use_names_the_option_and_the_address() {
         &addr,
     ];
     let metrics = ["--socket", &sock, "--metrics", &addr];
-    for (option, extra) in [("--listen", &secondary[..]), ("--metrics", &metrics[..])] {
-        let mut args = vec!["--image", &img, "--size", "1M"];
+    // One image each: the failed secondary leaves its replication metadata, which keeps a
+    // standalone process off that image.
+    let img2 = p("disk2.img");
+    for (option, extra, img) in [
+        ("--listen", &secondary[..], &img),
+        ("--metrics", &metrics[..], &img2),
+    ] {
+        let mut args = vec!["--image", img, "--size", "1M"];
         args.extend_from_slice(extra);
         let err = common::start_fails(&args);
         assert!(
