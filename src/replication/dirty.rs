@@ -109,12 +109,11 @@ impl DirtyBitmap {
     }
 }
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::storage::durable::{std_media, DurableFile, Media, Open, SyncPoint};
 use crate::storage::{BlockDevice, Change};
 
 const LOG_MAGIC: &[u8; 8] = b"COLODLOG";
@@ -192,7 +191,7 @@ impl LogState {
 /// The primary's persistent dirty record (see the module comment).
 #[derive(Debug)]
 pub struct DirtyLog {
-    file: Option<File>,
+    file: Option<Box<dyn DurableFile>>,
     path: PathBuf,
     extent: u64,
     capacity: u64,
@@ -234,17 +233,23 @@ impl DirtyLog {
         extent: u64,
         expect_existing: bool,
     ) -> io::Result<(DirtyLog, Vec<(u64, u64)>)> {
+        Self::open_on(&*std_media(), path, capacity, extent, expect_existing)
+    }
+
+    /// [`DirtyLog::open`] on `media` (the simulated disk of the power-loss tests).
+    pub fn open_on(
+        media: &dyn Media,
+        path: &Path,
+        capacity: u64,
+        extent: u64,
+        expect_existing: bool,
+    ) -> io::Result<(DirtyLog, Vec<(u64, u64)>)> {
         let extents = capacity.div_ceil(extent).max(1);
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        let mut raw = Vec::new();
-        (&file).read_to_end(&mut raw)?;
+        let existed = media.exists(path);
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let file = media.open(path, Open::Create).map_err(named)?;
+        let mut raw = vec![0u8; file.len().map_err(named)? as usize];
+        file.read_at(&mut raw, 0).map_err(named)?;
         let header = Self::header(capacity, extent);
         let mut bits = Bits::new(extents);
         let mut all = false;
@@ -299,12 +304,13 @@ impl DirtyLog {
         };
         // Write the header and the bits as they are now, durably, before any change.
         if let Some(f) = &log.file {
-            f.write_all_at(&header, 0)?;
+            f.write_at(&header, 0)?;
         }
         log.sync_to(1)?;
         if !existed {
             if let Some(dir) = path.parent() {
-                super::metadata::sync_dir(dir);
+                // Best effort, as for the metadata file.
+                let _ = media.sync_dir(dir, SyncPoint::DirtyDir);
             }
         }
         let ranges = bits
@@ -383,8 +389,8 @@ impl DirtyLog {
         };
         let r = match &self.file {
             Some(f) => f
-                .write_all_at(&bytes, LOG_HEADER)
-                .and_then(|()| f.sync_data()),
+                .write_at(&bytes, LOG_HEADER)
+                .and_then(|()| f.sync_data(SyncPoint::DirtyBits)),
             None => Ok(()),
         };
         match r {
@@ -436,19 +442,26 @@ impl DirtyLog {
     /// is forgotten) with no bit set, durable before it returns. A failover starts the
     /// failed-over disk's record this way (then [`DirtyLog::mark_ranges`]).
     pub fn create_reset(path: &Path, capacity: u64, extent: u64) -> io::Result<DirtyLog> {
+        Self::create_reset_on(&*std_media(), path, capacity, extent)
+    }
+
+    /// [`DirtyLog::create_reset`] on `media`.
+    pub fn create_reset_on(
+        media: &dyn Media,
+        path: &Path,
+        capacity: u64,
+        extent: u64,
+    ) -> io::Result<DirtyLog> {
         {
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
+            let f = media
+                .open(path, Open::Truncate)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-            f.sync_all()?;
+            f.sync_all(SyncPoint::DirtyBits)?;
         }
-        let (log, ranges) = DirtyLog::open(path, capacity, extent, false)?;
+        let (log, ranges) = DirtyLog::open_on(media, path, capacity, extent, false)?;
         debug_assert!(ranges.is_empty());
         if let Some(dir) = path.parent() {
-            super::metadata::sync_dir(dir);
+            let _ = media.sync_dir(dir, SyncPoint::DirtyDir);
         }
         Ok(log)
     }

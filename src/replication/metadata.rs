@@ -18,11 +18,12 @@
 //! record to cover every difference; `history` keeps older currents; on a secondary, `source`
 //! names the primary generation whose stream it has applied since its last checkpoint.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::storage::durable::{std_media, DurableFile, Media, Open, SyncPoint};
 
 use serde::Serialize;
 
@@ -564,7 +565,8 @@ impl Metadata {
 /// The metadata of one disk, in memory and (unless in-memory) in its file.
 #[derive(Debug)]
 pub struct MetaStore {
-    file: Option<(File, PathBuf)>,
+    file: Option<(Box<dyn DurableFile>, PathBuf)>,
+    media: Arc<dyn Media>,
     meta: Mutex<Metadata>,
 }
 
@@ -591,15 +593,20 @@ impl MetaStore {
     /// current generation is [`ZERO_GENERATION`] for a created image and 0 (unknown content)
     /// otherwise.
     pub fn open(path: &Path, disk_size: u64, created: bool) -> io::Result<MetaStore> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        let mut raw = Vec::new();
-        (&file).read_to_end(&mut raw)?;
+        Self::open_on(std_media(), path, disk_size, created)
+    }
+
+    /// [`MetaStore::open`] on `media` (the simulated disk of the power-loss tests).
+    pub fn open_on(
+        media: Arc<dyn Media>,
+        path: &Path,
+        disk_size: u64,
+        created: bool,
+    ) -> io::Result<MetaStore> {
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let file = media.open(path, Open::Create).map_err(named)?;
+        let mut raw = vec![0u8; file.len().map_err(named)? as usize];
+        file.read_at(&mut raw, 0).map_err(named)?;
         let slots: Vec<Metadata> = raw
             .chunks(SLOT)
             .take(2)
@@ -635,17 +642,20 @@ impl MetaStore {
                 let fresh = Metadata::fresh(disk_size, if created { ZERO_GENERATION } else { 0 });
                 let store = MetaStore {
                     file: Some((file, path.to_path_buf())),
+                    media,
                     meta: Mutex::new(fresh.clone()),
                 };
                 store.write(fresh)?;
                 if let Some(dir) = path.parent() {
-                    sync_dir(dir);
+                    // Best effort, as before: the record itself is synced.
+                    let _ = store.media.sync_dir(dir, SyncPoint::MetaDir);
                 }
                 return Ok(store);
             }
         };
         Ok(MetaStore {
             file: Some((file, path.to_path_buf())),
+            media,
             meta: Mutex::new(meta),
         })
     }
@@ -654,6 +664,7 @@ impl MetaStore {
     pub fn in_memory(disk_size: u64) -> MetaStore {
         MetaStore {
             file: None,
+            media: std_media(),
             meta: Mutex::new(Metadata::fresh(disk_size, ZERO_GENERATION)),
         }
     }
@@ -680,8 +691,8 @@ impl MetaStore {
         m.seq += 1;
         if let Some((f, path)) = &self.file {
             let slot = (m.seq % 2) * SLOT as u64;
-            f.write_all_at(&m.encode(), slot)
-                .and_then(|()| f.sync_data())
+            f.write_at(&m.encode(), slot)
+                .and_then(|()| f.sync_data(SyncPoint::MetaSlot))
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         }
         Ok(m)
@@ -930,18 +941,6 @@ pub fn default_path(image: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// fsync of a directory, so a newly created file's name is durable (best effort).
-pub fn sync_dir(dir: &Path) {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     let ok = File::open("/dev/urandom")
@@ -983,6 +982,8 @@ pub fn new_generation() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
 
     fn p(current: u64, bitmap: u64, history: &[u64], epoch: u64) -> Generations {
         let mut h = [0; HISTORY];

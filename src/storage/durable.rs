@@ -49,13 +49,17 @@ pub enum SyncPoint {
     BaseFailoverEnd,
     /// Base at an SVM flush once the disk serves the SVM directly.
     BaseSvmFlush,
+    /// The dirty log's bits after their `pwrite` (before the change they cover).
+    DirtyBits,
+    /// The directory of a newly created dirty log.
+    DirtyDir,
     /// A device flush not named by its caller.
     Device,
 }
 
 impl SyncPoint {
     /// Every sync point, in the order of the table in docs/layers.md.
-    pub const ALL: [SyncPoint; 14] = [
+    pub const ALL: [SyncPoint; 16] = [
         SyncPoint::MetaSlot,
         SyncPoint::MetaDir,
         SyncPoint::StateTmp,
@@ -69,6 +73,8 @@ impl SyncPoint {
         SyncPoint::BaseCommit,
         SyncPoint::BaseFailoverEnd,
         SyncPoint::BaseSvmFlush,
+        SyncPoint::DirtyBits,
+        SyncPoint::DirtyDir,
         SyncPoint::Device,
     ];
 

@@ -404,10 +404,9 @@ impl Frozen {
     /// The power cuts to try here: all of them when there are at most `enum_max`, otherwise
     /// "all kept", "all lost" and `samples` drawn from seeds derived from `seed`.
     pub fn cuts(&self, seed: u64, samples: u64, enum_max: u64) -> Vec<Cut> {
-        let total = self
-            .radices()
-            .iter()
-            .try_fold(1u64, |acc, r| acc.checked_mul(*r).filter(|t| *t <= enum_max));
+        let total = self.radices().iter().try_fold(1u64, |acc, r| {
+            acc.checked_mul(*r).filter(|t| *t <= enum_max)
+        });
         match total {
             Some(n) => (0..n).map(Cut::Enumerated).collect(),
             None => [Cut::Enumerated(0), Cut::AllKept]
@@ -524,7 +523,10 @@ impl Media for SimMedia {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut s = self.sim();
         let ino = s.lookup(from)?;
-        s.dir_change(to, vec![(from.to_path_buf(), None), (to.to_path_buf(), Some(ino))]);
+        s.dir_change(
+            to,
+            vec![(from.to_path_buf(), None), (to.to_path_buf(), Some(ino))],
+        );
         Ok(())
     }
 
@@ -540,8 +542,9 @@ impl Media for SimMedia {
         if !s.sync_event(at) {
             return Ok(());
         }
-        let (done, left): (Vec<DirOp>, Vec<DirOp>) =
-            std::mem::take(&mut s.dir_ops).into_iter().partition(|o| o.dir == dir);
+        let (done, left): (Vec<DirOp>, Vec<DirOp>) = std::mem::take(&mut s.dir_ops)
+            .into_iter()
+            .partition(|o| o.dir == dir);
         s.dir_ops = left;
         for op in done {
             for (p, ino) in op.entries {
@@ -765,6 +768,9 @@ mod tests {
         assert_eq!(m.dropped(), 1);
         let fr = m.take_trace().pop().unwrap().frozen;
         assert_eq!(fr.in_flight(), 1);
-        assert_eq!(fr.power_cut(Cut::Enumerated(0)).content(&p("x")).unwrap(), [0; 8]);
+        assert_eq!(
+            fr.power_cut(Cut::Enumerated(0)).content(&p("x")).unwrap(),
+            [0; 8]
+        );
     }
 }

@@ -27,9 +27,10 @@
 //! concurrent append), so a valid record written after an invalid one is never lost.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::storage::durable::{DurableFile, Media, Open, SyncPoint};
 use std::path::{Path, PathBuf};
 
 /// Size of one index record.
@@ -123,7 +124,9 @@ fn join(cluster: u64, crc: u32) -> [u8; 12] {
 
 /// One layer: its file and the clusters it holds.
 pub(super) struct Layer {
-    pub(super) file: File,
+    pub(super) file: Box<dyn DurableFile>,
+    /// Where the file lives (unlinked through it when the layer is discarded).
+    media: Arc<dyn Media>,
     path: PathBuf,
     pub(super) kind: Kind,
     /// Indices of the clusters present in this layer.
@@ -153,21 +156,19 @@ impl Layer {
     /// Creates an empty layer file at `path` (which must not exist) for the disk `owner` (its
     /// disk id; 0: unknown, no owner record).
     pub(super) fn create(
+        media: &Arc<dyn Media>,
         path: PathBuf,
         kind: Kind,
         capacity: u64,
         owner: u128,
     ) -> io::Result<Layer> {
         // std opens with O_CLOEXEC.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = media.open(&path, Open::CreateNew)?;
         let log_start = Self::log_start(capacity);
         // Until it is referenced by the state file, a new layer is removed when dropped.
         let mut layer = Layer {
             file,
+            media: media.clone(),
             path,
             kind,
             clusters: BTreeSet::new(),
@@ -183,17 +184,21 @@ impl Layer {
             // Synced with the layer's first records, before the state file names the layer.
             let mut rec = Vec::with_capacity(RECORD_LEN);
             Record::Owner { disk_id: owner }.encode(&mut rec);
-            layer.file.write_all_at(&rec, log_start)?;
+            layer.file.write_at(&rec, log_start)?;
             layer.log_end += RECORD_LEN as u64;
         }
         Ok(layer)
     }
 
     /// The disk id in the owner record of the layer file at `path`, if it has one.
-    pub(super) fn owner_of(path: &Path, capacity: u64) -> io::Result<Option<u128>> {
-        let file = File::open(path)?;
+    pub(super) fn owner_of(
+        media: &Arc<dyn Media>,
+        path: &Path,
+        capacity: u64,
+    ) -> io::Result<Option<u128>> {
+        let file = media.open(path, Open::Read)?;
         let mut rec = [0u8; RECORD_LEN];
-        match file.read_exact_at(&mut rec, Self::log_start(capacity)) {
+        match file.read_at(&mut rec, Self::log_start(capacity)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
@@ -209,6 +214,7 @@ impl Layer {
     /// whose data does not match their checksum are ignored (see the module comment). A file
     /// whose owner record names another disk is refused.
     pub(super) fn open(
+        media: &Arc<dyn Media>,
         path: PathBuf,
         kind: Kind,
         capacity: u64,
@@ -216,9 +222,9 @@ impl Layer {
         owner: u128,
         removed: &mut BTreeSet<u64>,
     ) -> io::Result<Layer> {
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let file = media.open(&path, Open::Write)?;
         let log_start = Self::log_start(capacity);
-        let len = file.metadata()?.len();
+        let len = file.len()?;
         if len < log_start {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -226,7 +232,7 @@ impl Layer {
             ));
         }
         let mut log = vec![0u8; (len - log_start) as usize];
-        file.read_exact_at(&mut log, log_start)?;
+        file.read_at(&mut log, log_start)?;
         let mut clusters = BTreeSet::new();
         let mut buf = Vec::new();
         let mut ignored = 0usize;
@@ -248,7 +254,7 @@ impl Layer {
                     }
                     if let Some(crc) = crc {
                         buf.resize(cluster_size.min(capacity - start) as usize, 0);
-                        file.read_exact_at(&mut buf, start)?;
+                        file.read_at(&mut buf, start)?;
                         if crc32c::crc32c(&buf) != crc {
                             ignored += 1;
                             continue;
@@ -267,6 +273,7 @@ impl Layer {
         let log_end = log_start + (log.len() / RECORD_LEN * RECORD_LEN) as u64;
         Ok(Layer {
             file,
+            media: media.clone(),
             path,
             kind,
             clusters,
@@ -300,7 +307,7 @@ impl Layer {
         let r = if self.pristine {
             self.store_nonzero(data, offset, cluster_size)
         } else {
-            self.file.write_all_at(data, offset)
+            self.file.write_at(data, offset)
         };
         if r.is_err() {
             self.pristine = false;
@@ -390,7 +397,7 @@ impl Layer {
     /// written, so a record never describes data that is not on the disk.
     pub(super) fn sync(&mut self) -> io::Result<()> {
         if self.kind == Kind::Active && !self.unlogged.is_empty() {
-            self.file.sync_data()?;
+            self.file.sync_data(SyncPoint::ActiveData)?;
             for c in std::mem::take(&mut self.unlogged) {
                 Record::Holds {
                     cluster: c,
@@ -400,11 +407,14 @@ impl Layer {
             }
         }
         if !self.pending.is_empty() {
-            self.file.write_all_at(&self.pending, self.log_end)?;
+            self.file.write_at(&self.pending, self.log_end)?;
             self.log_end += self.pending.len() as u64;
             self.pending.clear();
         }
-        self.file.sync_data()
+        self.file.sync_data(match self.kind {
+            Kind::Hidden => SyncPoint::Hidden,
+            Kind::Active => SyncPoint::ActiveIndex,
+        })
     }
 
     fn store_nonzero(&self, data: &[u8], offset: u64, cluster_size: usize) -> io::Result<()> {
@@ -424,7 +434,7 @@ impl Layer {
                 }
                 j = e;
             }
-            self.file.write_all_at(&data[i..j], offset + i as u64)?;
+            self.file.write_at(&data[i..j], offset + i as u64)?;
             i = j;
         }
         Ok(())
@@ -437,7 +447,7 @@ impl Drop for Layer {
             return;
         }
         // Unlink now; the blocks are freed when `file` is closed right after.
-        if let Err(e) = fs::remove_file(&self.path) {
+        if let Err(e) = self.media.remove_file(&self.path) {
             log::warn!("cannot remove layer file {}: {e}", self.path.display());
         }
     }
@@ -464,10 +474,10 @@ pub(super) fn foreign_layer(path: &Path, file_owner: u128, owner: u128) -> io::E
 }
 
 /// Layer files in `dir` (`hidden-N.img`, `active-N.img`).
-pub(super) fn layer_files(dir: &Path) -> io::Result<Vec<String>> {
-    let mut v: Vec<String> = fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+pub(super) fn layer_files(media: &Arc<dyn Media>, dir: &Path) -> io::Result<Vec<String>> {
+    let mut v: Vec<String> = media
+        .list_dir(dir)?
+        .into_iter()
         .filter(|n| (n.starts_with("hidden-") || n.starts_with("active-")) && n.ends_with(".img"))
         .collect();
     v.sort();
@@ -477,6 +487,7 @@ pub(super) fn layer_files(dir: &Path) -> io::Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::durable::std_media;
 
     #[test]
     fn is_zero_finds_a_single_non_zero_byte_anywhere() {
@@ -527,35 +538,53 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cap, cs) = (64 * 4096u64, 4096usize);
         let path = dir.path().join("hidden-0.img");
-        let mut h = Layer::create(path.clone(), Kind::Hidden, cap, 0).unwrap();
+        let mut h = Layer::create(&std_media(), path.clone(), Kind::Hidden, cap, 0).unwrap();
         h.save(&[1u8; 8192], 2, cs).unwrap();
         h.save(&[0u8; 4096], 9, cs).unwrap();
         h.sync().unwrap();
         // A record whose data never made it to the file (the crash case).
         h.save(&[5u8; 4096], 20, cs).unwrap();
         h.sync().unwrap();
-        h.file.write_all_at(&[0u8; 4096], 20 * 4096).unwrap();
+        h.file.write_at(&[0u8; 4096], 20 * 4096).unwrap();
         h.discard_on_drop = false;
         drop(h);
         let mut removed = BTreeSet::new();
-        let h = Layer::open(path, Kind::Hidden, cap, cs as u64, 0, &mut removed).unwrap();
+        let h = Layer::open(
+            &std_media(),
+            path,
+            Kind::Hidden,
+            cap,
+            cs as u64,
+            0,
+            &mut removed,
+        )
+        .unwrap();
         assert_eq!(h.clusters.iter().copied().collect::<Vec<_>>(), [2, 3, 9]);
         assert!(removed.is_empty());
 
         // Active: only what was logged at a flush, minus what a failover removed.
         let path = dir.path().join("active-0.img");
-        let mut a = Layer::create(path.clone(), Kind::Active, cap, 0).unwrap();
-        a.file.write_all_at(&[7u8; 4096], 0).unwrap();
+        let mut a = Layer::create(&std_media(), path.clone(), Kind::Active, cap, 0).unwrap();
+        a.file.write_at(&[7u8; 4096], 0).unwrap();
         a.add(0);
         a.add(1);
         a.sync().unwrap();
         a.add(5); // never flushed
         a.note_removed(1);
-        a.file.write_all_at(&a.pending.clone(), a.log_end).unwrap();
+        a.file.write_at(&a.pending.clone(), a.log_end).unwrap();
         a.discard_on_drop = false;
         drop(a);
         let mut removed = BTreeSet::new();
-        let a = Layer::open(path, Kind::Active, cap, cs as u64, 0, &mut removed).unwrap();
+        let a = Layer::open(
+            &std_media(),
+            path,
+            Kind::Active,
+            cap,
+            cs as u64,
+            0,
+            &mut removed,
+        )
+        .unwrap();
         assert_eq!(a.clusters.iter().copied().collect::<Vec<_>>(), [0]);
         assert_eq!(removed.iter().copied().collect::<Vec<_>>(), [1]);
     }

@@ -41,7 +41,7 @@ mod state;
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -57,6 +57,7 @@ pub use state::{GroupCommitted, GroupPrepared, GroupRecord, Mark};
 use state::{SavedHidden, SavedStage, SavedState};
 
 use super::dirty::{DirtyLog, LoggedDisk};
+use crate::storage::durable::{std_media, DurableFile, Media, SyncPoint};
 use crate::storage::{check_range, fallocate, BlockDevice, Change, RawImage};
 
 /// Default cluster size: 64 KiB.
@@ -230,6 +231,9 @@ pub struct LayeredDisk {
     /// The base image opened a second time without readahead, for copy-before-write reads
     /// ([`RawImage::random_reader`]); `None`: they go through `base`.
     cbw_reader: Option<File>,
+    /// Where the layer directory lives (the file system; a simulated disk in the power-loss
+    /// tests). `base` is flushed through it, naming why ([`SyncPoint`]).
+    media: Arc<dyn Media>,
     dir: PathBuf,
     capacity: u64,
     cluster_size: u64,
@@ -283,6 +287,18 @@ impl LayeredDisk {
         cluster_size: u64,
         owner: u128,
     ) -> io::Result<Self> {
+        Self::open_on(std_media(), base, dir.as_ref(), cluster_size, owner)
+    }
+
+    /// [`LayeredDisk::new_owned`] with the layer directory on `media` (the simulated disk of
+    /// the power-loss tests; `base` lives there too).
+    pub fn open_on(
+        media: Arc<dyn Media>,
+        base: Arc<dyn BlockDevice>,
+        dir: &Path,
+        cluster_size: u64,
+        owner: u128,
+    ) -> io::Result<Self> {
         if !cluster_size.is_power_of_two()
             || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size)
         {
@@ -294,10 +310,10 @@ impl LayeredDisk {
                 ),
             ));
         }
-        let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir)?;
-        let saved = SavedState::load(&dir)?;
-        let next_file = layer::layer_files(&dir)?
+        let dir = dir.to_path_buf();
+        media.create_dir_all(&dir)?;
+        let saved = SavedState::load(&*media, &dir)?;
+        let next_file = layer::layer_files(&media, &dir)?
             .iter()
             .filter_map(|n| file_number(n))
             .max()
@@ -317,6 +333,7 @@ impl LayeredDisk {
             capacity: base.capacity(),
             base,
             cbw_reader,
+            media,
             dir,
             cluster_size,
             owner,
@@ -340,7 +357,7 @@ impl LayeredDisk {
                     SavedStage::Buffering,
                     Some(&layers),
                 )
-                .store(&disk.dir)?;
+                .store(&*disk.media, &disk.dir)?;
                 layers.keep_files();
                 State {
                     stage: Stage::Buffering(layers),
@@ -375,13 +392,13 @@ impl LayeredDisk {
         named.extend(saved.active.clone());
         // Layer files not named are left-overs of a crash between creating and naming them
         // (or of removing them after a checkpoint): this disk's own, never another's.
-        let strays: Vec<String> = layer::layer_files(&self.dir)?
+        let strays: Vec<String> = layer::layer_files(&self.media, &self.dir)?
             .into_iter()
             .filter(|f| !named.contains(f))
             .collect();
         for f in &strays {
             let path = self.dir.join(f);
-            match Layer::owner_of(&path, self.capacity)? {
+            match Layer::owner_of(&self.media, &path, self.capacity)? {
                 Some(o) if self.owner != 0 && o != self.owner => {
                     return Err(layer::foreign_layer(&path, o, self.owner))
                 }
@@ -390,7 +407,7 @@ impl LayeredDisk {
         }
         for f in strays {
             log::info!("removing stray layer file {f}");
-            fs::remove_file(self.dir.join(&f))?;
+            self.media.remove_file(&self.dir.join(&f))?;
         }
         let stage = match (saved.stage, saved.active) {
             (SavedStage::Standalone, _) => Stage::Standalone,
@@ -453,6 +470,7 @@ impl LayeredDisk {
 
     fn open_layer(&self, name: &str, kind: Kind, removed: &mut BTreeSet<u64>) -> io::Result<Layer> {
         Layer::open(
+            &self.media,
             self.dir.join(name),
             kind,
             self.capacity,
@@ -574,7 +592,7 @@ impl LayeredDisk {
                 if !matches!(self.read_state().stage, Stage::Buffering(_)) {
                     return Err(fail(replication_over()));
                 }
-                self.base.flush().map_err(fail)?;
+                self.flush_base(SyncPoint::BasePrimaryFlush).map_err(fail)?;
             }
             done += run.len();
         }
@@ -611,7 +629,7 @@ impl LayeredDisk {
                 return Err(replication_over());
             };
             self.saved(group, epoch, SavedStage::Buffering, Some(layers))
-                .store(&self.dir)?;
+                .store(&*self.media, &self.dir)?;
             st.group = group;
         }
         let group = st.group;
@@ -621,6 +639,7 @@ impl LayeredDisk {
         if !layers.pending.is_empty() {
             // The first change after tentative cuts: their rollback layer starts here.
             let mut fresh = Layer::create(
+                &self.media,
                 self.new_hidden_file(),
                 Kind::Hidden,
                 self.capacity,
@@ -632,7 +651,7 @@ impl LayeredDisk {
                 marks: layers.pending.clone(),
             });
             // Named first; on an error nothing changed (the file goes with `fresh`).
-            saved.store(&self.dir)?;
+            saved.store(&*self.media, &self.dir)?;
             fresh.discard_on_drop = false;
             let marks = std::mem::take(&mut layers.pending);
             layers.hidden.push(Hidden {
@@ -704,7 +723,7 @@ impl LayeredDisk {
             ..st.group
         };
         self.saved(record, st.epoch, SavedStage::Buffering, Some(layers))
-            .store(&self.dir)?;
+            .store(&*self.media, &self.dir)?;
         st.group = record;
         Ok(prepared)
     }
@@ -728,7 +747,7 @@ impl LayeredDisk {
         if !matches!(self.read_state().stage, Stage::Buffering(_)) {
             return Err(replication_over());
         }
-        self.base.flush()?;
+        self.flush_base(SyncPoint::BaseMarker)?;
         let mut st = self.write_state();
         let Stage::Buffering(layers) = &mut st.stage else {
             return Err(replication_over());
@@ -759,7 +778,7 @@ impl LayeredDisk {
             return Err(replication_over());
         }
         // What the cut keeps must be durable before the layers holding the rest go.
-        self.base.flush()?;
+        self.flush_base(SyncPoint::BaseCheckpoint)?;
         // Create the new files before taking the lock, so the swap is all the lock covers.
         let Layers {
             active: mut fresh_active,
@@ -861,7 +880,7 @@ impl LayeredDisk {
         saved.active = Some(fresh_active.file_name());
         saved.hidden = kept_names;
         saved.group = group;
-        saved.store(&self.dir)?;
+        saved.store(&*self.media, &self.dir)?;
 
         let mut kept = layers.hidden.split_off(keep_from);
         let mut unused = Vec::new();
@@ -926,13 +945,13 @@ impl LayeredDisk {
             // Let waiting SVM requests have the lock before the next batch.
             std::thread::yield_now();
         }
-        self.base.flush()?;
+        self.flush_base(SyncPoint::BaseFailoverEnd)?;
         let old = {
             let mut st = self.write_state();
             match &st.stage {
                 Stage::Committing(l) if l.is_empty() => {
                     self.saved(st.group, st.epoch, SavedStage::Standalone, None)
-                        .store(&self.dir)?;
+                        .store(&*self.media, &self.dir)?;
                     match std::mem::replace(&mut st.stage, Stage::Standalone) {
                         Stage::Committing(l) => Some(l),
                         _ => None,
@@ -986,7 +1005,7 @@ impl LayeredDisk {
             Stage::Buffering(l) => {
                 // Recorded first: a restarted secondary resumes the commit.
                 self.saved(st.group, st.epoch, SavedStage::Committing, Some(l))
-                    .store(&self.dir)?;
+                    .store(&*self.media, &self.dir)?;
                 if let Stage::Buffering(l) = std::mem::replace(&mut st.stage, Stage::Standalone) {
                     st.stage = Stage::Committing(l);
                 }
@@ -1068,6 +1087,11 @@ impl LayeredDisk {
             .clone()
     }
 
+    /// Flushes base for the reason `at`.
+    fn flush_base(&self, at: SyncPoint) -> io::Result<()> {
+        self.media.flush_device(&*self.base, at)
+    }
+
     fn read_state(&self) -> RwLockReadGuard<'_, State> {
         // The state is consistent even if a holder panicked: maps are updated after the I/O.
         self.state.read().unwrap_or_else(PoisonError::into_inner)
@@ -1109,7 +1133,7 @@ impl LayeredDisk {
         loop {
             let n = self.next_file.fetch_add(1, Ordering::Relaxed);
             let path = self.dir.join(format!("hidden-{n}.img"));
-            if !path.exists() {
+            if !self.media.exists(&path) {
                 return path;
             }
         }
@@ -1122,6 +1146,7 @@ impl LayeredDisk {
             let n = self.next_file.fetch_add(1, Ordering::Relaxed);
             let create = |kind: &str, k: Kind| {
                 Layer::create(
+                    &self.media,
                     self.dir.join(format!("{kind}-{n}.img")),
                     k,
                     self.capacity,
@@ -1226,7 +1251,7 @@ impl LayeredDisk {
             }
             let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
             match layers.layer(src) {
-                Some(l) => l.file.read_exact_at(dst, pos)?,
+                Some(l) => l.file.read_at(dst, pos)?,
                 None => self.base.read_at(dst, pos)?,
             }
             pos = run_end;
@@ -1245,7 +1270,7 @@ impl LayeredDisk {
         let (start, len) = self.span(cluster);
         buf.resize(len, 0);
         match layers.layer(src) {
-            Some(l) => l.file.read_exact_at(buf, start),
+            Some(l) => l.file.read_at(buf, start),
             None => self.base.read_at(buf, start),
         }
     }
@@ -1324,14 +1349,14 @@ impl LayeredDisk {
             }
             let src = layers.source(c);
             self.read_cluster(layers, src, c, &mut buf)?;
-            layers.active.file.write_all_at(&buf, start)?;
+            layers.active.file.write_at(&buf, start)?;
             layers.active.add(c);
         }
         match change {
-            Change::Write { data, .. } => layers.active.file.write_all_at(data, offset)?,
+            Change::Write { data, .. } => layers.active.file.write_at(data, offset)?,
             // Discard on the SVM side reads back as zeros too: deterministic.
             Change::WriteZeroes { .. } | Change::Discard { .. } => {
-                zero_file_range(&layers.active.file, offset, len)?
+                zero_file_range(&*layers.active.file, offset, len)?
             }
             Change::Flush => {}
         }
@@ -1355,7 +1380,7 @@ impl LayeredDisk {
                 layers.active.sync()
             }
             Stage::Committing(layers) => {
-                self.base.flush()?;
+                self.flush_base(SyncPoint::BaseCommit)?;
                 layers.active.sync()
             }
             Stage::Standalone => Ok(()),
@@ -1388,8 +1413,8 @@ impl BlockDevice for LayeredDisk {
         self.flush_layers()?;
         let through = self.through.read().unwrap_or_else(PoisonError::into_inner);
         match &*through {
-            Some(dev) => dev.flush(),
-            None => self.base.flush(),
+            Some(dev) => self.media.flush_device(&**dev, SyncPoint::BaseSvmFlush),
+            None => self.flush_base(SyncPoint::BaseSvmFlush),
         }
     }
 
@@ -1426,8 +1451,8 @@ fn replication_over() -> io::Error {
 
 /// Makes `[offset, offset + len)` of a layer file read back as zeros, freeing the blocks when
 /// the file system can.
-fn zero_file_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    match fallocate::punch_hole(file, offset, len) {
+fn zero_file_range(file: &dyn DurableFile, offset: u64, len: u64) -> io::Result<()> {
+    match file.punch_hole(offset, len) {
         Err(e) if fallocate::is_unsupported(&e) => {}
         r => return r,
     }
@@ -1436,7 +1461,7 @@ fn zero_file_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let end = offset + len;
     while pos < end {
         let n = (end - pos).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], pos)?;
+        file.write_at(&zeros[..n], pos)?;
         pos += n as u64;
     }
     Ok(())

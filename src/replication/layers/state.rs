@@ -5,9 +5,10 @@
 //! and the end of a failover. Layer files it does not name are left-overs of a crash between
 //! creating a file and naming it, and are removed on open.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
+
+use crate::storage::durable::{Media, Open, SyncPoint};
 
 use serde::{Deserialize, Serialize};
 
@@ -107,9 +108,9 @@ impl SavedState {
     }
 
     /// Reads the state file of `dir`; `None` when there is none (a fresh directory).
-    pub(super) fn load(dir: &Path) -> io::Result<Option<SavedState>> {
+    pub(super) fn load(media: &dyn Media, dir: &Path) -> io::Result<Option<SavedState>> {
         let path = dir.join(STATE_FILE);
-        let text = match fs::read(&path) {
+        let text = match media.read(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
@@ -134,27 +135,29 @@ impl SavedState {
     }
 
     /// Replaces the state file of `dir` atomically and durably.
-    pub(super) fn store(&self, dir: &Path) -> io::Result<()> {
+    pub(super) fn store(&self, media: &dyn Media, dir: &Path) -> io::Result<()> {
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         let text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
+            let f = media.open(&tmp, Open::Truncate)?;
+            f.write_at(&text, 0)?;
+            f.sync_all(SyncPoint::StateTmp)?;
         }
-        fs::rename(&tmp, dir.join(STATE_FILE))?;
-        File::open(dir)?.sync_all()
+        media.rename(&tmp, &dir.join(STATE_FILE))?;
+        media.sync_dir(dir, SyncPoint::StateDir)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::durable::StdMedia;
+    use std::fs;
 
     #[test]
     fn stores_and_loads() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(SavedState::load(dir.path()).unwrap(), None);
+        assert_eq!(SavedState::load(&StdMedia, dir.path()).unwrap(), None);
         let mut st = SavedState::new(1 << 20, 4096);
         st.epoch = 3;
         st.active = Some("active-4.img".into());
@@ -171,8 +174,11 @@ mod tests {
                 }],
             },
         ];
-        st.store(dir.path()).unwrap();
-        assert_eq!(SavedState::load(dir.path()).unwrap(), Some(st.clone()));
+        st.store(&StdMedia, dir.path()).unwrap();
+        assert_eq!(
+            SavedState::load(&StdMedia, dir.path()).unwrap(),
+            Some(st.clone())
+        );
         // Without a group record the file is what older builds wrote; with one it round-trips.
         assert!(!fs::read_to_string(dir.path().join(STATE_FILE))
             .unwrap()
@@ -185,10 +191,10 @@ mod tests {
                 applied_seq: 99,
             }),
         };
-        st.store(dir.path()).unwrap();
-        assert_eq!(SavedState::load(dir.path()).unwrap(), Some(st));
+        st.store(&StdMedia, dir.path()).unwrap();
+        assert_eq!(SavedState::load(&StdMedia, dir.path()).unwrap(), Some(st));
         fs::write(dir.path().join(STATE_FILE), b"{ broken").unwrap();
-        let e = SavedState::load(dir.path()).unwrap_err();
+        let e = SavedState::load(&StdMedia, dir.path()).unwrap_err();
         assert!(e.to_string().contains("damaged"), "{e}");
     }
 }

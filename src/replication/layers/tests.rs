@@ -2,7 +2,7 @@
 use super::*;
 use crate::storage::{RawImage, RawImageOptions};
 use proptest::prelude::*;
-use std::fs::OpenOptions;
+use std::fs::{self, OpenOptions};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -463,7 +463,7 @@ fn hidden_does_not_store_zero_clusters() {
     assert_eq!(hidden.clusters.len(), 128);
     use std::os::unix::fs::MetadataExt;
     // Only the index log (128 records of 24 bytes, after the data region) takes space.
-    assert!(hidden.file.metadata().unwrap().blocks() * 512 <= 4096);
+    assert!(hidden.file.as_std().unwrap().metadata().unwrap().blocks() * 512 <= 4096);
     drop(st);
     assert_eq!(read(&ld, 0, 8 << 20), vec![0; 8 << 20]);
 }
@@ -497,7 +497,7 @@ fn originals_in_holes_of_base_are_zeros_without_being_read_or_stored() {
     assert_eq!(hidden.clusters.len(), 48 + 1);
     use std::os::unix::fs::MetadataExt;
     // Only the five clusters with data and the index log take space.
-    let used = hidden.file.metadata().unwrap().blocks() * 512;
+    let used = hidden.file.as_std().unwrap().metadata().unwrap().blocks() * 512;
     assert!(used <= 5 * cs + 8192, "hidden uses {used} bytes");
     drop(st);
     // The records of the zero clusters replay (their checksums are those of zeros).
@@ -1289,7 +1289,14 @@ fn a_layer_directory_of_another_disk_is_refused_and_left_as_it_is() {
 
     // A stray layer file of disk B in A's directory is not removed as a crash left-over.
     drop(
-        Layer::create(dir.join("hidden-99.img"), Kind::Hidden, 1 << 20, B).map(|mut l| {
+        Layer::create(
+            &std_media(),
+            dir.join("hidden-99.img"),
+            Kind::Hidden,
+            1 << 20,
+            B,
+        )
+        .map(|mut l| {
             l.discard_on_drop = false;
             l
         }),
