@@ -645,7 +645,11 @@ impl MetaStore {
                     media,
                     meta: Mutex::new(fresh.clone()),
                 };
-                store.write(fresh)?;
+                // The record as written (its sequence number), so that the next update goes
+                // to the other slot, not over this one (found by the power-loss tests: a torn
+                // first update left no valid slot).
+                let written = store.write(fresh)?;
+                *store.lock() = written;
                 if let Some(dir) = path.parent() {
                     // Best effort, as before: the record itself is synced.
                     let _ = store.media.sync_dir(dir, SyncPoint::MetaDir);

@@ -16,6 +16,8 @@ pub mod link;
 pub mod metadata;
 pub mod metrics;
 pub(crate) mod ordering;
+#[cfg(test)]
+mod power_loss;
 pub mod primary;
 pub mod protocol;
 pub mod secondary;

@@ -29,6 +29,8 @@ pub enum SyncPoint {
     MetaDir,
     /// `layers.state.tmp` before it is renamed over `layers.state`.
     StateTmp,
+    /// The layer directory before that rename (the layer files the new state names exist).
+    StateNames,
     /// The layer directory after that rename.
     StateDir,
     /// A hidden layer's saved originals and their index records, before base is overwritten.
@@ -43,6 +45,8 @@ pub enum SyncPoint {
     BaseMarker,
     /// Base at a checkpoint (or a committed cut), before the state file drops the layers.
     BaseCheckpoint,
+    /// Base before the state file records a prepared group checkpoint.
+    BaseGroupPrepare,
     /// Base during a failover's commit, before the records of committed clusters (SVM flush).
     BaseCommit,
     /// Base at the end of a failover, before the state file says standalone.
@@ -59,10 +63,11 @@ pub enum SyncPoint {
 
 impl SyncPoint {
     /// Every sync point, in the order of the table in docs/layers.md.
-    pub const ALL: [SyncPoint; 16] = [
+    pub const ALL: [SyncPoint; 18] = [
         SyncPoint::MetaSlot,
         SyncPoint::MetaDir,
         SyncPoint::StateTmp,
+        SyncPoint::StateNames,
         SyncPoint::StateDir,
         SyncPoint::Hidden,
         SyncPoint::ActiveData,
@@ -70,6 +75,7 @@ impl SyncPoint {
         SyncPoint::BasePrimaryFlush,
         SyncPoint::BaseMarker,
         SyncPoint::BaseCheckpoint,
+        SyncPoint::BaseGroupPrepare,
         SyncPoint::BaseCommit,
         SyncPoint::BaseFailoverEnd,
         SyncPoint::BaseSvmFlush,
@@ -103,6 +109,8 @@ pub enum Open {
 
 /// A file of durable state. Reads and writes are positional and complete (a read past the end
 /// fails with `UnexpectedEof`); nothing written is durable before a sync.
+// A file of durable state has a length, not emptiness: no `is_empty`.
+#[allow(clippy::len_without_is_empty)]
 pub trait DurableFile: Send + Sync + fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
@@ -148,6 +156,11 @@ pub trait Media: Send + Sync + fmt::Debug {
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Creates `dir` and its parents.
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Whether slow unlinks may run on a background thread (the simulated disk wants every
+    /// change in one deterministic order, so that a seed reproduces a power cut).
+    fn background_unlinks(&self) -> bool {
+        true
+    }
     /// Flushes `dev`, a disk kept on this media, for the reason `at`.
     fn flush_device(&self, dev: &dyn BlockDevice, _at: SyncPoint) -> io::Result<()> {
         dev.flush()

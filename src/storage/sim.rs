@@ -575,6 +575,10 @@ impl Media for SimMedia {
         Ok(())
     }
 
+    fn background_unlinks(&self) -> bool {
+        false
+    }
+
     fn flush_device(&self, dev: &dyn BlockDevice, at: SyncPoint) -> io::Result<()> {
         self.sim().label = Some(at);
         let r = dev.flush();

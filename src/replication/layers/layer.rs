@@ -224,12 +224,18 @@ impl Layer {
     ) -> io::Result<Layer> {
         let file = media.open(&path, Open::Write)?;
         let log_start = Self::log_start(capacity);
-        let len = file.len()?;
+        let mut len = file.len()?;
         if len < log_start {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("layer file {} is shorter than the disk", path.display()),
-            ));
+            // Made, named in the state file, and never synced before the power went out: its
+            // size did not reach the disk, and neither did any record (a record is synced with
+            // the size, and base or the index never depend on an unsynced layer). An empty
+            // layer, as it was when it was named.
+            log::warn!(
+                "layer file {} is shorter than the disk ({len} bytes): it was never synced,                  so it holds nothing; made empty again",
+                path.display()
+            );
+            file.set_len(log_start)?;
+            len = log_start;
         }
         let mut log = vec![0u8; (len - log_start) as usize];
         file.read_at(&mut log, log_start)?;

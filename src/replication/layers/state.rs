@@ -1,6 +1,7 @@
 //! The layer directory's state file, `layers.state`: which layer files are current, for which
 //! epoch, in which stage, and where the tentative COLO cuts are. It is replaced atomically
-//! (write `layers.state.tmp`, fsync it, rename over the old one, fsync the directory) at every
+//! (write `layers.state.tmp`, fsync it, fsync the directory so the layer files it names exist
+//! durably, rename over the old one, fsync the directory again) at every
 //! change of the layer set: creation, checkpoint, a COLO marker, the commit of a cut, the start
 //! and the end of a failover. Layer files it does not name are left-overs of a crash between
 //! creating a file and naming it, and are removed on open.
@@ -143,6 +144,10 @@ impl SavedState {
             f.write_at(&text, 0)?;
             f.sync_all(SyncPoint::StateTmp)?;
         }
+        // The layer files the new state names were created in this directory: their names are
+        // made durable before the state that names them can be (a file system may persist
+        // the rename below and not an earlier creation; found by the power-loss tests).
+        media.sync_dir(dir, SyncPoint::StateNames)?;
         media.rename(&tmp, &dir.join(STATE_FILE))?;
         media.sync_dir(dir, SyncPoint::StateDir)
     }
