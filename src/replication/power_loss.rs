@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::dirty::DirtyLog;
 use super::layers::{LayeredDisk, Mark};
@@ -124,7 +125,8 @@ enum SecondaryOp {
     Checkpoint(u64),
     GroupPrepare(u64),
     GroupCommit(u64),
-    /// A failover started (the stream refused, the state says committing), nothing committed.
+    /// A failover started with a fresh failback dirty log (every buffered range recorded, the
+    /// state says committing), nothing committed yet.
     PrepareFailover,
     /// Part of the failover's commit.
     CommitSome(usize),
@@ -294,7 +296,15 @@ impl SecondaryRun {
                 SecondaryOp::GroupCommit(g) => {
                     ld.checkpoint_group(*g)?;
                 }
-                SecondaryOp::PrepareFailover => ld.prepare_failover(None)?,
+                SecondaryOp::PrepareFailover => {
+                    let log = DirtyLog::create_reset_on(
+                        &*media.media(),
+                        &p("failback.dirty"),
+                        CAP,
+                        EXTENT,
+                    )?;
+                    ld.prepare_failover(Some(Arc::new(log)))?;
+                }
                 SecondaryOp::CommitSome(n) => {
                     ld.commit_some(*n)?;
                 }
@@ -373,6 +383,24 @@ impl SecondaryRun {
         }
     }
 
+    /// Once a failover began, every byte where base differs from the checkpoint it fails over
+    /// from is in the failback dirty log (the stream's changes it rolls back, the SVM's it
+    /// commits, the SVM's writes after it): a failback resyncs exactly those regions.
+    fn check_failback_log(checkpoint: &[u8], media: &SimMedia) -> Result<(), String> {
+        let (_log, ranges) =
+            DirtyLog::open_on(&*media.media(), &p("failback.dirty"), CAP, EXTENT, true)
+                .map_err(|e| format!("cannot reopen the failback log: {e}"))?;
+        let base = media.content(&p("base.img")).unwrap_or_default();
+        let marked = |i: u64| ranges.iter().any(|&(o, l)| (o..o + l).contains(&i));
+        match (0..CAP).find(|&i| base[i as usize] != checkpoint[i as usize] && !marked(i)) {
+            Some(i) => Err(format!(
+                "byte {i} differs from the checkpoint but extent {} is not in the failback log",
+                i / EXTENT
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Reopens the disk a power cut left and checks it (then fails it over and checks again).
     fn check(&self, point: &CrashPoint, cut: Cut) -> Result<(), Violation> {
         let bad = |detail: String| violation("secondary", point, cut, detail);
@@ -419,6 +447,8 @@ impl SecondaryRun {
         }
         if !stats.failed_over {
             self.check_base_promise(step, &media).map_err(bad)?;
+        } else {
+            Self::check_failback_log(&self.checkpoints[&stats.epoch], &media).map_err(bad)?;
         }
         let mut view = vec![0u8; CAP as usize];
         ld.read_at(&mut view, 0)
