@@ -47,6 +47,24 @@ fn qemu_binary() -> String {
     std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
 }
 
+/// The QEMU binary, or `None` after saying loudly why the test is skipped (CI fails instead).
+fn qemu_or_skip() -> Option<String> {
+    let qemu = qemu_binary();
+    if common::in_path(&qemu) {
+        return Some(qemu);
+    }
+    common::qemu::skip(
+        &format!("{qemu} is not installed, but CI must run the QEMU test (see .ci/run)"),
+        &format!(
+            "\n**************************************************************\n\
+             *** SKIPPED: QEMU not installed ({qemu} not in PATH)\n\
+             *** install it as .ci/run does to run qemu_boot\n\
+             **************************************************************"
+        ),
+    );
+    None
+}
+
 fn timeout_from_env(var: &str, default_secs: u64) -> Duration {
     let secs = std::env::var(var)
         .ok()
@@ -287,17 +305,7 @@ fn check_image(image: &Path, pat: &[u8]) {
 
 #[test]
 fn qemu_guest_writes_and_reads_back_across_reconnect() {
-    let qemu = qemu_binary();
-    if !common::in_path(&qemu) {
-        common::qemu::skip(
-            &format!("{qemu} is not installed, but CI must run the QEMU test (see .ci/run)"),
-            &format!(
-                "\n**************************************************************\n\
-                 *** SKIPPED: QEMU not installed ({qemu} not in PATH)\n\
-                 *** install it as .ci/run does to run qemu_boot\n\
-                 **************************************************************"
-            ),
-        );
+    if qemu_or_skip().is_none() {
         return;
     }
 
@@ -352,19 +360,9 @@ fn qemu_guest_writes_and_reads_back_across_reconnect() {
 /// kernel is needed: SeaBIOS's virtio-blk driver kicks the queue while it looks for a boot disk.
 #[test]
 fn guest_ram_that_is_not_shared_is_one_clear_error() {
-    let qemu = qemu_binary();
-    if !common::in_path(&qemu) {
-        common::qemu::skip(
-            &format!("{qemu} is not installed, but CI must run the QEMU test (see .ci/run)"),
-            &format!(
-                "\n**************************************************************\n\
-                 *** SKIPPED: QEMU not installed ({qemu} not in PATH)\n\
-                 *** install it as .ci/run does to run qemu_boot\n\
-                 **************************************************************"
-            ),
-        );
+    let Some(qemu) = qemu_or_skip() else {
         return;
-    }
+    };
     let memfd = |share: &str| {
         vec![
             "-object".to_string(),

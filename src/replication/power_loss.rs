@@ -275,7 +275,8 @@ impl SecondaryRun {
             match op {
                 SecondaryOp::Open => {}
                 SecondaryOp::Stream(changes) => {
-                    let borrowed: Vec<Change<&[u8]>> = changes.iter().map(borrow).collect();
+                    let borrowed: Vec<Change<&[u8]>> =
+                        changes.iter().map(Change::as_slice).collect();
                     ld.apply_primary_batch(&borrowed).map_err(|e| e.error)?;
                 }
                 SecondaryOp::Svm(writes) => {
@@ -471,25 +472,6 @@ impl SecondaryRun {
             )));
         }
         Ok(())
-    }
-}
-
-fn borrow(c: &Change<Vec<u8>>) -> Change<&[u8]> {
-    match c {
-        Change::Write { offset, data } => Change::Write {
-            offset: *offset,
-            data: data.as_slice(),
-        },
-        Change::WriteZeroes { offset, len, unmap } => Change::WriteZeroes {
-            offset: *offset,
-            len: *len,
-            unmap: *unmap,
-        },
-        Change::Discard { offset, len } => Change::Discard {
-            offset: *offset,
-            len: *len,
-        },
-        Change::Flush => Change::Flush,
     }
 }
 
