@@ -247,13 +247,13 @@ fn secondary_killed_primary_keeps_serving_and_resyncs_a_new_secondary() {
 #[test]
 fn mismatched_disk_size_is_refused_with_a_clear_error() {
     let dir = common::tempdir();
-    // Secondary disk of a different size.
-    std::fs::write(
-        dir.path().join("secondary.img"),
-        vec![0u8; (DISK / 2) as usize],
-    )
-    .unwrap();
-    let (_s, port) = start_secondary(dir.path(), "secondary.img", false, 0, &[]);
+    // A secondary disk of another size (its own --size agrees with it).
+    let _s = Node::secondary(dir.path(), "secondary.img", DISK / 2, 0)
+        .layers("layers")
+        .qmp("secondary.qmp")
+        .cluster_size("4K")
+        .start();
+    let port = _s.listen_port();
     let mut sq = Qmp::connect(&dir.path().join("secondary.qmp"));
     let _p = start_primary(dir.path(), port, &[]);
     let ev = sq.wait_event("REPLICATION_ERROR");
