@@ -4,6 +4,10 @@
 //! `failover-logged` (a failover recorded its ranges in the dirty log, before the state file
 //! says committing).
 //! Without the variable a point costs one relaxed atomic load.
+//!
+//! `COLO_BLK_IO_DELAY_MS=N` makes every guest data request wait 0 to 2N ms before its I/O (a
+//! slow or network-backed disk): requests stay in flight and complete out of order, which the backend
+//! restart tests need (tests/backend_restart.rs).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -37,4 +41,25 @@ pub fn point(name: &str) {
             std::process::abort();
         }
     }
+}
+
+/// A slow disk (`COLO_BLK_IO_DELAY_MS=N`): waits before a guest request's I/O, between 0 and 2N
+/// ms (the same pseudo-random sequence every run), so that requests overtake each other.
+pub fn io_delay() {
+    static DELAY: OnceLock<Option<u64>> = OnceLock::new();
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let Some(ms) = *DELAY.get_or_init(|| {
+        let ms: u64 = std::env::var("COLO_BLK_IO_DELAY_MS").ok()?.parse().ok()?;
+        (ms > 0).then_some(ms)
+    }) else {
+        return;
+    };
+    // splitmix64 of a counter: spread, reproducible.
+    let mut x = SEQ
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    std::thread::sleep(std::time::Duration::from_micros(x % (2 * ms * 1000)));
 }

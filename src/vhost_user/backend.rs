@@ -9,6 +9,7 @@
 //! write adds its data length to `bytes_read` / `bytes_written`; a malformed chain counts only in
 //! `malformed`.
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -18,7 +19,7 @@ use log::{debug, error, warn};
 use serde::Serialize;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
@@ -27,6 +28,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::inflight::{self as inflight_io, InflightRegion};
 use super::io_pool::{InFlight, IoPool};
 use super::lifecycle::{DeviceObserver, Lifecycle};
 use super::poll::AdaptivePoll;
@@ -40,6 +42,8 @@ use crate::virtio::request::{self, DeviceInfo, Limits, Parsed, RequestKind};
 
 type Mem = GuestMemoryAtomic<GuestMem>;
 type Vring = VringRwLock<Mem>;
+/// A queue's state, locked for writing (pops, completions).
+type VringStateGuard<'a> = std::sync::RwLockWriteGuard<'a, VringState<Mem>>;
 
 /// Parameters of the emulated device.
 #[derive(Debug, Clone)]
@@ -62,6 +66,7 @@ pub(crate) struct QueueStats {
     malformed: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    resubmitted: AtomicU64,
     /// Time from execution start to completion of well-formed requests.
     latency: Histogram,
 }
@@ -90,6 +95,7 @@ impl QueueStats {
             malformed: self.malformed.load(Ordering::Relaxed),
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            resubmitted: self.resubmitted.load(Ordering::Relaxed),
         }
     }
 }
@@ -108,6 +114,9 @@ pub struct QueueStatsSnapshot {
     pub bytes_read: u64,
     /// Bytes of successful writes.
     pub bytes_written: u64,
+    /// Requests a previous process popped and never completed, run again by this one from the
+    /// front-end's inflight region (docs/inflight.md).
+    pub resubmitted: u64,
 }
 
 /// The per-queue counters of a device, shared by every connection's backend, and what is
@@ -175,6 +184,10 @@ struct Shared {
     poll: Vec<Mutex<AdaptivePoll>>,
     /// Whether this connection's guest RAM was checked for sharing (at the first kick).
     sharing_checked: AtomicBool,
+    /// The front-end's inflight region (SET_INFLIGHT_FD), if it keeps one (`inflight`).
+    inflight_region: RwLock<Option<Arc<InflightRegion>>>,
+    /// Per queue: the region was set and the queue has not looked at it since its start.
+    recover_pending: Vec<AtomicBool>,
 }
 
 /// What a pop leaves the driver's notifications (kicks) as.
@@ -285,6 +298,10 @@ impl BlkBackend {
                     .map(|_| Mutex::new(AdaptivePoll::new(opts.poll_max)))
                     .collect(),
                 sharing_checked: AtomicBool::new(false),
+                inflight_region: RwLock::new(None),
+                recover_pending: (0..opts.num_queues)
+                    .map(|_| AtomicBool::new(false))
+                    .collect(),
             }),
             pool,
         }
@@ -301,6 +318,7 @@ impl BlkBackend {
         match parsed {
             Parsed::Ok(req) => {
                 let started = Instant::now();
+                crate::faults::io_delay();
                 let c = request::execute(mem, shared.disk.as_ref(), &shared.info, &req);
                 if let Some(st) = stats {
                     st.record_latency(started);
@@ -330,8 +348,9 @@ impl BlkBackend {
 
     /// Puts a completed chain on the used ring and notifies the driver when it wants it.
     fn complete(&self, queue: usize, vring: &Vring, head: u16, used_len: u32) {
+        let region = self.inflight_region();
         let mut state = vring.get_mut();
-        if let Err(e) = state.add_used(head, used_len) {
+        if let Err(e) = Self::add_used(&mut state, region.as_deref(), queue, head, used_len) {
             warn!("add_used({head}) failed: {e:?}");
         } else {
             let notify = if self.shared.event_idx.load(Ordering::Relaxed) {
@@ -363,6 +382,7 @@ impl BlkBackend {
         after: AfterPop,
     ) -> io::Result<Vec<(u16, Parsed)>> {
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
+        let region = self.inflight_region();
         let mut state = vring.get_mut();
         let mut batch = Vec::new();
         if after == AfterPop::LeaveOff && state.get_queue().ready() {
@@ -382,6 +402,9 @@ impl BlkBackend {
             if !state.get_queue().ready() {
                 break;
             }
+            if batch.is_empty() {
+                self.recover_inflight(queue, &mut state, mem, &mut batch);
+            }
             if event_idx {
                 state
                     .disable_notification()
@@ -389,6 +412,9 @@ impl BlkBackend {
             }
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
                 let head = chain.head_index();
+                if let Some(q) = region.as_ref().and_then(|r| r.queue(queue)) {
+                    q.pop(head);
+                }
                 batch.push((head, request::parse(mem, chain, self.shared.limits)));
             }
             if !event_idx
@@ -407,6 +433,93 @@ impl BlkBackend {
             .lifecycle
             .after_pop(queue as u16, state.get_queue().next_avail());
         Ok(batch)
+    }
+
+    /// The front-end's inflight region, if it keeps one.
+    fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
+        self.shared
+            .inflight_region
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `head` on the used ring, recording it in the inflight region around the store of
+    /// the used index (docs/inflight.md). One completion per index store: a crash leaves at
+    /// most `last_batch_head` published and still marked.
+    fn add_used(
+        state: &mut VringStateGuard<'_>,
+        region: Option<&InflightRegion>,
+        queue: usize,
+        head: u16,
+        used_len: u32,
+    ) -> Result<(), virtio_queue::Error> {
+        let q = region.and_then(|r| r.queue(queue));
+        if let Some(q) = &q {
+            q.before_used(head);
+        }
+        state.add_used(head, used_len)?;
+        if let Some(q) = &q {
+            q.after_used(head, state.get_queue().next_used());
+        }
+        Ok(())
+    }
+
+    /// At the first pop after the queue started with an inflight region: resumes the ring
+    /// after every request popped before a restart, and puts the ones never completed first in
+    /// `batch`, in the order they were popped.
+    fn recover_inflight(
+        &self,
+        queue: usize,
+        state: &mut VringStateGuard<'_>,
+        mem: &GuestMemoryLoadGuard<GuestMem>,
+        batch: &mut Vec<(u16, Parsed)>,
+    ) {
+        let Some(pending) = self.shared.recover_pending.get(queue) else {
+            return;
+        };
+        if !pending.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let region = self.inflight_region();
+        let Some(q) = region.as_ref().and_then(|r| r.queue(queue)) else {
+            return;
+        };
+        let used = match state.get_queue().used_idx(&**mem, Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                warn!("queue {queue}: cannot read the used index for inflight recovery: {e:?}");
+                return;
+            }
+        };
+        let rec = q.recover(used);
+        let Some(next_avail) = rec.next_avail else {
+            return;
+        };
+        warn!(
+            "queue {queue}: {} request(s) in flight when the previous backend stopped are run \
+             again (inflight tracking); the ring resumes at {next_avail}",
+            rec.resubmit.len()
+        );
+        state.get_queue_mut().set_next_avail(next_avail);
+        if let Some(st) = self.shared.stats.queue(queue) {
+            st.resubmitted
+                .fetch_add(rec.resubmit.len() as u64, Ordering::Relaxed);
+        }
+        let table = vm_memory::GuestAddress(state.get_queue().desc_table());
+        let size = state.get_queue().size();
+        for head in rec.resubmit {
+            let parsed = match inflight_io::chain_at(mem, table, size, head) {
+                Ok(descs) => request::parse(mem, descs.into_iter(), self.shared.limits),
+                Err(why) => {
+                    warn!("queue {queue}: resubmitted request at head {head}: {why}");
+                    Parsed::NoStatus {
+                        why: "a resubmitted chain that cannot be read",
+                    }
+                }
+            };
+            batch.push((head, parsed));
+        }
     }
 
     /// Whether this connection's queues run on io_uring.
@@ -438,9 +551,10 @@ impl BlkBackend {
         if done.is_empty() {
             return;
         }
+        let region = self.inflight_region();
         let mut state = vring.get_mut();
         for &(head, used_len) in done.iter() {
-            if let Err(e) = state.add_used(head, used_len) {
+            if let Err(e) = Self::add_used(&mut state, region.as_deref(), queue, head, used_len) {
                 warn!("add_used({head}) failed: {e:?}");
             }
         }
@@ -555,6 +669,7 @@ impl BlkBackend {
                 });
                 continue;
             } else {
+                crate::faults::io_delay();
                 match st
                     .queue
                     .try_push(head, parsed, mem, image, &self.shared.info)
@@ -664,6 +779,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn acked_features(&self, features: u64) {
@@ -683,6 +799,30 @@ impl VhostUserBackend for BlkBackend {
         // Reads past our config space see zeros rather than an error.
         out.resize(size as usize, 0);
         out
+    }
+
+    fn get_inflight_fd(&self, num_queues: u16, queue_size: u16) -> io::Result<(u64, File)> {
+        InflightRegion::create_file(num_queues, queue_size)
+    }
+
+    fn set_inflight_fd(
+        &self,
+        file: File,
+        mmap_size: u64,
+        mmap_offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> io::Result<()> {
+        let region = InflightRegion::map(&file, mmap_size, mmap_offset, num_queues, queue_size)?;
+        *self
+            .shared
+            .inflight_region
+            .write()
+            .map_err(|_| io::Error::other("poisoned"))? = Some(Arc::new(region));
+        for p in &self.shared.recover_pending {
+            p.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
@@ -1156,6 +1296,7 @@ mod tests {
                     malformed: 2,
                     bytes_read: 0,
                     bytes_written: 0,
+                    resubmitted: 0,
                 },
                 QueueStatsSnapshot {
                     requests: 4,
@@ -1163,6 +1304,7 @@ mod tests {
                     malformed: 0,
                     bytes_read: 2048,
                     bytes_written: 2048,
+                    resubmitted: 0,
                 },
             ]
         );

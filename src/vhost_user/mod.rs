@@ -4,6 +4,7 @@
 //! stop/start cycle ([`lifecycle`]).
 
 pub mod backend;
+mod inflight;
 pub(crate) mod io_pool;
 pub mod lifecycle;
 mod poll;

@@ -119,6 +119,34 @@ pub trait VhostUserBackend: Send + Sync {
         ))
     }
 
+    /// `VHOST_USER_GET_INFLIGHT_FD` (protocol feature `INFLIGHT_SHMFD`, inflight I/O tracking):
+    /// a new, zeroed region for `num_queues` queues of `queue_size` descriptors, as its size in
+    /// bytes and its file. The front-end keeps it across reconnects and hands it back with
+    /// `set_inflight_fd`. (colo-blk patch, see PATCH.md.)
+    fn get_inflight_fd(&self, _num_queues: u16, _queue_size: u16) -> Result<(u64, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// `VHOST_USER_SET_INFLIGHT_FD`: the region the front-end kept (`mmap_size` bytes of
+    /// `file` from `mmap_offset`), sent at every start of the device, before its rings.
+    /// (colo-blk patch, see PATCH.md.)
+    fn set_inflight_fd(
+        &self,
+        _file: File,
+        _mmap_size: u64,
+        _mmap_offset: u64,
+        _num_queues: u16,
+        _queue_size: u16,
+    ) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
     /// Get the map to map queue index to worker thread index.
     ///
     /// A return value of [2, 2, 4] means: the first two queues will be handled by worker thread 0,
@@ -278,6 +306,34 @@ pub trait VhostUserBackendMut: Send + Sync {
         ))
     }
 
+    /// `VHOST_USER_GET_INFLIGHT_FD` (protocol feature `INFLIGHT_SHMFD`, inflight I/O tracking):
+    /// a new, zeroed region for `num_queues` queues of `queue_size` descriptors, as its size in
+    /// bytes and its file. The front-end keeps it across reconnects and hands it back with
+    /// `set_inflight_fd`. (colo-blk patch, see PATCH.md.)
+    fn get_inflight_fd(&mut self, _num_queues: u16, _queue_size: u16) -> Result<(u64, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// `VHOST_USER_SET_INFLIGHT_FD`: the region the front-end kept (`mmap_size` bytes of
+    /// `file` from `mmap_offset`), sent at every start of the device, before its rings.
+    /// (colo-blk patch, see PATCH.md.)
+    fn set_inflight_fd(
+        &mut self,
+        _file: File,
+        _mmap_size: u64,
+        _mmap_offset: u64,
+        _num_queues: u16,
+        _queue_size: u16,
+    ) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
     /// Get the map to map queue index to worker thread index.
     ///
     /// A return value of [2, 2, 4] means: the first two queues will be handled by worker thread 0,
@@ -412,6 +468,21 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
         self.deref().set_gpu_socket(gpu_backend)
     }
 
+    fn get_inflight_fd(&self, num_queues: u16, queue_size: u16) -> Result<(u64, File)> {
+        self.deref().get_inflight_fd(num_queues, queue_size)
+    }
+
+    fn set_inflight_fd(
+        &self,
+        file: File,
+        mmap_size: u64,
+        mmap_offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<()> {
+        self.deref().set_inflight_fd(file, mmap_size, mmap_offset, num_queues, queue_size)
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         self.deref().queues_per_thread()
     }
@@ -507,6 +578,21 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
 
     fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> Result<()> {
         self.lock().unwrap().set_gpu_socket(gpu_backend)
+    }
+
+    fn get_inflight_fd(&self, num_queues: u16, queue_size: u16) -> Result<(u64, File)> {
+        self.lock().unwrap().get_inflight_fd(num_queues, queue_size)
+    }
+
+    fn set_inflight_fd(
+        &self,
+        file: File,
+        mmap_size: u64,
+        mmap_offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<()> {
+        self.lock().unwrap().set_inflight_fd(file, mmap_size, mmap_offset, num_queues, queue_size)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -607,6 +693,21 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> Result<()> {
         self.write().unwrap().set_gpu_socket(gpu_backend)
+    }
+
+    fn get_inflight_fd(&self, num_queues: u16, queue_size: u16) -> Result<(u64, File)> {
+        self.write().unwrap().get_inflight_fd(num_queues, queue_size)
+    }
+
+    fn set_inflight_fd(
+        &self,
+        file: File,
+        mmap_size: u64,
+        mmap_offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<()> {
+        self.write().unwrap().set_inflight_fd(file, mmap_size, mmap_offset, num_queues, queue_size)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

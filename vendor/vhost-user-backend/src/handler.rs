@@ -110,6 +110,8 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     #[cfg(feature = "postcopy")]
     pending_mem: Option<GuestMemoryMmap<T::Bitmap>>,
     worker_threads: Vec<thread::JoinHandle<VringEpollResult<()>>>,
+    // colo-blk patch (PATCH.md): the front-end set an inflight region.
+    inflight_set: bool,
 }
 
 // Ensure VhostUserHandler: Clone + Send + Sync + 'static.
@@ -173,6 +175,7 @@ where
             #[cfg(feature = "postcopy")]
             pending_mem: None,
             worker_threads,
+            inflight_set: false,
         })
     }
 }
@@ -542,6 +545,14 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        // colo-blk patch (PATCH.md): with inflight tracking, a (re)started ring is kicked once,
+        // as libvhost-user does: requests resubmitted after a backend restart must run even if
+        // the guest, waiting for them, never kicks again.
+        if self.inflight_set {
+            if let Some(f) = &file {
+                let _ = std::io::Write::write(&mut &*f, &1u64.to_ne_bytes());
+            }
+        }
         // SAFETY: EventFd requires that it has sole ownership of its fd. So
         // does File, so this is safe.
         // Ideally, we'd have a generic way to refer to a uniquely-owned fd,
@@ -663,22 +674,41 @@ where
         }
     }
 
+    // colo-blk patch (PATCH.md): inflight I/O tracking is the backend's, which offers
+    // INFLIGHT_SHMFD only when it implements these two.
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        let (mmap_size, file) = self
+            .backend
+            .get_inflight_fd(inflight.num_queues, inflight.queue_size)
+            .map_err(VhostUserError::ReqHandlerError)?;
+        let reply = vhost::vhost_user::message::VhostUserInflight {
+            mmap_size,
+            mmap_offset: 0,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        Ok((reply, file))
     }
 
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .set_inflight_fd(
+                file,
+                inflight.mmap_size,
+                inflight.mmap_offset,
+                inflight.num_queues,
+                inflight.queue_size,
+            )
+            .map_err(VhostUserError::ReqHandlerError)?;
+        self.inflight_set = true;
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
