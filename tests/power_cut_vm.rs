@@ -34,7 +34,8 @@ const GUEST: Duration = Duration::from_secs(120);
 /// boots.
 const SCRIPT: &str = r#"
 ip link set lo up
-ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 || echo "POWERCUT: FAIL no network"
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 || {
+    echo "POWERCUT: FAIL no eth0 (a guest without virtio_net: rerun build-guest.sh)"; exit 1; }
 mkdir -p /mnt
 mount -t ext4 /dev/vda /mnt || { echo "POWERCUT: FAIL mount"; exit 1; }
 dmesg | grep 'EXT4-fs (vda)'
@@ -180,7 +181,7 @@ fn boot(
 
 /// Waits for the guest's secondary to print its ready line (after the disk was mounted).
 fn wait_secondary(vm: &mut Proc) {
-    let l = vm.wait_line("mount or ready line", GUEST, |l| {
+    let l = vm.wait_line("mount line", GUEST, |l| {
         l.contains("POWERCUT: mounted") || l.contains("POWERCUT: FAIL")
     });
     assert!(!l.contains("FAIL"), "{l}");
