@@ -23,7 +23,9 @@
 # The guest's /init:
 #   1. mounts /proc, /sys, /dev (devtmpfs), installs busybox applet symlinks;
 #   2. insmods virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-#      virtio_blk, in that order (modules that are built in are simply absent);
+#      virtio_blk failover net_failover virtio_net, in that order (modules that are built in are
+#      simply absent; virtio_net is for tests/power_cut_vm.rs, whose guest has a network card;
+#      ext4 is built into the cloud kernel);
 #   3. runs the script named by `colo.script=PATH` on the kernel command line (default
 #      /colo/test.sh, which run-vm.sh --script puts there via an extra cpio archive appended to
 #      the initramfs); with no script it starts an interactive shell on the console;
@@ -37,7 +39,8 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
 BUSYBOX="${BUSYBOX:-/bin/busybox}"
-MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
+    failover net_failover virtio_net)
 
 log() { echo "build-guest: $*" >&2; }
 die() { echo "build-guest: error: $*" >&2; exit 1; }

@@ -512,10 +512,20 @@ pub fn guest_dir() -> PathBuf {
 
 /// Starts `cmd` in its own process group (so the whole group can be killed), stdin closed,
 /// with its output forwarded as by [`forward_output`].
-pub fn spawn_group(mut cmd: Command, prefix: &str) -> (Child, mpsc::Receiver<(f64, String)>) {
+pub fn spawn_group(cmd: Command, prefix: &str) -> (Child, mpsc::Receiver<(f64, String)>) {
+    spawn_group_stdin(cmd, prefix, Stdio::null())
+}
+
+/// [`spawn_group`] with `stdin` as the child's standard input (e.g. a pipe to a guest's serial
+/// console).
+pub fn spawn_group_stdin(
+    mut cmd: Command,
+    prefix: &str,
+    stdin: Stdio,
+) -> (Child, mpsc::Receiver<(f64, String)>) {
     use std::os::unix::process::CommandExt;
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)

@@ -6,7 +6,7 @@
 use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,21 @@ impl Proc {
             lines: Vec::new(),
             exited: None,
         }
+    }
+
+    /// [`Proc::spawn`] with stdin a pipe, taken out of the child and returned (a guest's
+    /// serial console: what is written there is typed on it).
+    pub fn spawn_with_stdin(cmd: Command, name: &str) -> (Proc, ChildStdin) {
+        let (mut child, rx) = super::spawn_group_stdin(cmd, &format!("[{name}]"), Stdio::piped());
+        let stdin = child.stdin.take().expect("stdin");
+        let p = Proc {
+            name: name.to_string(),
+            child,
+            rx,
+            lines: Vec::new(),
+            exited: None,
+        };
+        (p, stdin)
     }
 
     /// The last 40 lines.
