@@ -17,10 +17,19 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
-use common::qemu::{run_vm, Proc};
+use common::pair::{
+    assert_same_files, checkpoint, kill9, qmp as qmp_at, query, wait_in_sync, Node,
+};
+use common::qemu::{run_vm_on, Proc};
 use common::{tempdir, Backend};
+
+/// A slow disk: every guest request waits 0 to 30 ms (the backend's fault injection).
+const SLOW: [(&str, &str); 1] = [("COLO_BLK_IO_DELAY_MS", "15")];
+/// The disk size of every backend here.
+const SIZE: u64 = 128 << 20;
 
 const WORKERS: u64 = 8;
 const SLOTS: u64 = 8;
@@ -79,16 +88,100 @@ fn record(w: u64, s: u64, i: u64) -> Vec<u8> {
     line.bytes().cycle().take(4096).collect()
 }
 
-fn restarts_under_a_live_guest(engine: &str) {
-    if !common::qemu::prerequisites("backend_restart", true) {
-        return;
-    }
+/// Requests the process behind QMP socket `qmp` ran again from the inflight region.
+fn resubmitted(qmp: &Path) -> u64 {
+    let stats = common::Qmp::connect(qmp)
+        .execute("query-stats", serde_json::json!({}))
+        .unwrap();
+    stats["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["resubmitted"].as_u64().unwrap())
+        .sum()
+}
+
+/// Boots the guest on `socket`, served by what `start` starts (the backend whose QMP socket is
+/// `qmp`), SIGKILLs and restarts it [`RESTARTS`] times after guest progress, and checks the
+/// guest saw nothing. Returns the last backend, the requests resubmitted in all.
+fn guest_under_restarts(
+    qemu: Option<&str>,
+    dir: &Path,
+    socket: &Path,
+    qmp: &Path,
+    what: &str,
+    start: impl Fn() -> Backend,
+) -> (Backend, u64) {
     let guest = common::guest_dir();
+    let mut backend = start();
+    let mut vm: Proc = run_vm_on(
+        qemu,
+        dir,
+        "guest",
+        &guest,
+        &[socket.to_path_buf()],
+        "256M",
+        &guest_script(),
+        None,
+    );
+    vm.wait_marker(&format!("{MARK} start"), Duration::from_secs(120));
+    let mut total = 0;
+    for n in 0..RESTARTS {
+        // The guest made progress on this backend: its requests are in flight (every I/O waits
+        // up to 30 ms, twelve workers), some completed out of order. Then the process dies.
+        vm.wait_marker(&format!("{MARK} progress"), Duration::from_secs(120));
+        total += resubmitted(qmp);
+        kill9(&mut backend);
+        assert!(
+            vm.failures().is_empty(),
+            "{what}, restart {n}: guest errors {:?}",
+            vm.failures()
+        );
+        backend = start();
+    }
+    vm.wait_marker(&format!("{MARK} verified"), Duration::from_secs(300));
+    total += resubmitted(qmp);
+    let status = vm.wait_exit(Duration::from_secs(60));
+    let broken: Vec<&String> = vm
+        .lines
+        .iter()
+        .map(|l| &l.1)
+        .filter(|l| {
+            l.contains("FAIL")
+                || l.contains("IOERR")
+                || l.contains("I/O error")
+                || l.contains("is not a head")
+        })
+        .collect();
+    assert!(broken.is_empty(), "{what}: the guest saw {broken:?}");
+    assert!(status.success(), "{what}: guest run failed: {status}");
+    eprintln!("{what}: {RESTARTS} restarts, {total} requests resubmitted");
+    // The fault was produced: requests were in flight at kills, and run again.
+    assert!(total > 0, "{what}: no restart found a request in flight");
+    (backend, total)
+}
+
+/// Every record slot of `data` (an image, or a disk as the guest saw it) holds its last record.
+fn assert_records(data: &[u8], what: &str) {
+    for w in 0..WORKERS {
+        for k in 0..SLOTS {
+            let s = w * SLOTS + k;
+            let last = (ITERS - 1) - ((ITERS - 1 - k) % SLOTS);
+            let at = (s * 4096) as usize;
+            assert!(
+                data[at..at + 4096] == record(w, s, last)[..],
+                "{what}: slot {s} does not hold record {last}"
+            );
+        }
+    }
+}
+
+fn restarts_under_a_live_guest(engine: &str, qemu: Option<&str>) {
     let dir = tempdir();
     let socket = dir.path().join("vhost.sock");
     let qmp = dir.path().join("colo-blk.qmp");
     let image = dir.path().join("disk.img");
-    let args = [
+    let args: Vec<String> = [
         "--socket",
         socket.to_str().unwrap(),
         "--image",
@@ -101,88 +194,139 @@ fn restarts_under_a_live_guest(engine: &str) {
         "16",
         "--qmp",
         qmp.to_str().unwrap(),
-    ];
-    // Requests each process ran again from the region (QMP query-stats).
-    let resubmitted = |qmp: &std::path::Path| -> u64 {
-        let stats = common::Qmp::connect(qmp)
-            .execute("query-stats", serde_json::json!({}))
-            .unwrap();
-        stats["queues"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|q| q["resubmitted"].as_u64().unwrap())
-            .sum()
+    ]
+    .map(String::from)
+    .to_vec();
+    let start = || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Backend::start_with_env(&refs, &socket, &SLOW)
     };
-    let mut total = 0;
-    let slow = [("COLO_BLK_IO_DELAY_MS", "15")];
-    let mut backend = Backend::start_with_env(&args, &socket, &slow);
-    let mut vm: Proc = run_vm(
-        dir.path(),
-        "guest",
-        &guest,
-        std::slice::from_ref(&socket),
-        "256M",
-        &guest_script(),
-        None,
-    );
-    vm.wait_marker(&format!("{MARK} start"), Duration::from_secs(120));
-    for n in 0..RESTARTS {
-        // The guest made progress on this backend: its requests are in flight (every I/O waits
-        // 15 ms, twelve workers), some completed out of order. Then the process dies.
-        vm.wait_marker(&format!("{MARK} progress"), Duration::from_secs(120));
-        total += resubmitted(&qmp);
-        // SAFETY: kill(2) with our child's pid.
-        unsafe { libc::kill(backend.child.id() as i32, libc::SIGKILL) };
-        let _ = backend.child.wait();
-        assert!(
-            vm.failures().is_empty(),
-            "restart {n}: guest errors {:?}",
-            vm.failures()
-        );
-        backend = Backend::start_with_env(&args, &socket, &slow);
-    }
-    vm.wait_marker(&format!("{MARK} verified"), Duration::from_secs(300));
-    total += resubmitted(&qmp);
-    eprintln!("{engine}: {RESTARTS} restarts, {total} requests resubmitted");
-    // The fault was produced: requests were in flight at kills, and run again.
-    assert!(total > 0, "{engine}: no restart found a request in flight");
-    let status = vm.wait_exit(Duration::from_secs(60));
-    let console: Vec<String> = vm.lines.iter().map(|l| l.1.clone()).collect();
-    let broken: Vec<&String> = console
-        .iter()
-        .filter(|l| {
-            l.contains("FAIL")
-                || l.contains("IOERR")
-                || l.contains("I/O error")
-                || l.contains("is not a head")
-        })
-        .collect();
-    assert!(broken.is_empty(), "{engine}: the guest saw {broken:?}");
-    assert!(status.success(), "{engine}: guest run failed: {status}");
-    drop(vm);
+    let (backend, _) = guest_under_restarts(qemu, dir.path(), &socket, &qmp, engine, start);
     assert!(backend.terminate().success());
-    // The image holds every slot's last record.
-    let data = std::fs::read(&image).unwrap();
-    for w in 0..WORKERS {
-        for k in 0..SLOTS {
-            let s = w * SLOTS + k;
-            let last = (ITERS - 1) - ((ITERS - 1 - k) % SLOTS);
-            let at = (s * 4096) as usize;
-            assert!(
-                data[at..at + 4096] == record(w, s, last)[..],
-                "{engine}: slot {s} of the image does not hold record {last}"
-            );
-        }
-    }
+    assert_records(&std::fs::read(&image).unwrap(), engine);
 }
 
 #[test]
 fn ten_backend_restarts_under_a_live_guest_with_io_threads() {
-    restarts_under_a_live_guest("threads");
+    if common::qemu::prerequisites("backend_restart", true) {
+        restarts_under_a_live_guest("threads", None);
+    }
 }
 
 #[test]
 fn ten_backend_restarts_under_a_live_guest_with_io_uring() {
-    restarts_under_a_live_guest("uring");
+    if common::qemu::prerequisites("backend_restart", true) {
+        restarts_under_a_live_guest("uring", None);
+    }
+}
+
+/// The same under QEMU 11 (`COLO_QEMU`, installed by .ci/run), whose reconnect option and
+/// vhost-user front-end differ from 7.2's.
+#[test]
+fn ten_backend_restarts_under_a_live_guest_on_qemu_11() {
+    let qemu = std::env::var("COLO_QEMU")
+        .unwrap_or_else(|_| "/opt/colo-qemu/bin/qemu-system-x86_64".into());
+    if !std::path::Path::new(&qemu).exists() {
+        common::qemu::skip(
+            &format!("backend_restart: no QEMU 11 at {qemu} (COLO_QEMU), but CI must run it"),
+            &format!("\n*** backend_restart on QEMU 11: SKIPPED: no {qemu} (set COLO_QEMU)"),
+        );
+        return;
+    }
+    if common::qemu::prerequisites("backend_restart", false) {
+        restarts_under_a_live_guest("threads", Some(&qemu));
+    }
+}
+
+/// A replicating primary restarted under the Primary VM: the guest sees nothing, the
+/// restarted primary resyncs the secondary from its dirty log, and a checkpoint after the
+/// guest is done makes the two disks equal byte for byte.
+#[test]
+fn ten_primary_restarts_under_a_live_pvm() {
+    if !common::qemu::prerequisites("backend_restart", true) {
+        return;
+    }
+    let dir = tempdir();
+    let secondary = Node::secondary(dir.path(), "s.img", SIZE, 0)
+        .layers("layers")
+        .qmp("s.qmp")
+        .start();
+    let port = secondary.listen_port();
+    let socket = dir.path().join("p.sock");
+    let start = || {
+        Node::primary(dir.path(), "p.img", SIZE, port)
+            .socket("p.sock")
+            .qmp("p.qmp")
+            .args(&["--io-threads", "16"])
+            .env(&SLOW)
+            .start()
+    };
+    let (primary, _) = guest_under_restarts(
+        None,
+        dir.path(),
+        &socket,
+        &dir.path().join("p.qmp"),
+        "primary",
+        start,
+    );
+    let mut pq = qmp_at(dir.path(), "p.qmp");
+    wait_in_sync(&mut pq);
+    checkpoint(&mut pq);
+    assert!(primary.terminate().success());
+    assert!(secondary.terminate().success());
+    assert_records(&std::fs::read(dir.path().join("p.img")).unwrap(), "primary");
+    assert_same_files(
+        &dir.path().join("p.img"),
+        &dir.path().join("s.img"),
+        "after the checkpoint",
+    );
+}
+
+/// A secondary restarted under the Secondary VM (the primary connected): the SVM sees
+/// nothing, the restarted secondary keeps its layers and epoch, and a failover commits exactly
+/// what the SVM wrote.
+#[test]
+fn ten_secondary_restarts_under_a_live_svm() {
+    if !common::qemu::prerequisites("backend_restart", true) {
+        return;
+    }
+    let dir = tempdir();
+    let start_secondary = |port: u16| {
+        Node::secondary(dir.path(), "s.img", SIZE, port)
+            .layers("layers")
+            .qmp("s.qmp")
+            .socket("svm.sock")
+            .args(&["--io-threads", "16"])
+            .env(&SLOW)
+            .start()
+    };
+    let first = start_secondary(0);
+    let port = first.listen_port();
+    let primary = Node::primary(dir.path(), "p.img", SIZE, port)
+        .socket("p.sock")
+        .qmp("p.qmp")
+        .start();
+    let mut pq = qmp_at(dir.path(), "p.qmp");
+    wait_in_sync(&mut pq);
+    let epoch = checkpoint(&mut pq);
+    kill9(&mut { first });
+    let (secondary, _) = guest_under_restarts(
+        None,
+        dir.path(),
+        &dir.path().join("svm.sock"),
+        &dir.path().join("s.qmp"),
+        "secondary",
+        || start_secondary(port),
+    );
+    let mut sq = qmp_at(dir.path(), "s.qmp");
+    let st = query(&mut sq);
+    assert_eq!(st["epoch"].as_u64(), Some(epoch), "{st}");
+    sq.execute("replication-failover", serde_json::json!({}))
+        .unwrap();
+    assert!(secondary.terminate().success());
+    assert!(primary.terminate().success());
+    assert_records(
+        &std::fs::read(dir.path().join("s.img")).unwrap(),
+        "secondary",
+    );
 }

@@ -156,6 +156,16 @@ pub trait Media: Send + Sync + fmt::Debug {
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Creates `dir` and its parents.
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// A tag of the current boot of the machine (0: unknown). Writes made in this boot are
+    /// still in the page cache after a process crash, so records written without a sync can be
+    /// trusted by a process of the same boot, never after a power loss or a reboot.
+    fn boot_tag(&self) -> u32 {
+        static TAG: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        *TAG.get_or_init(|| match fs::read("/proc/sys/kernel/random/boot_id") {
+            Ok(id) if !id.is_empty() => crc32c::crc32c(&id) | 1,
+            _ => 0,
+        })
+    }
     /// Whether slow unlinks may run on a background thread (the simulated disk wants every
     /// change in one deterministic order, so that a seed reproduces a power cut).
     fn background_unlinks(&self) -> bool {

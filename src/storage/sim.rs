@@ -60,6 +60,8 @@ struct Sim {
     record: bool,
     step: u64,
     trace: Vec<CrashPoint>,
+    /// The simulated machine's boot (a power cut boots it again).
+    boot: u32,
 }
 
 /// The simulated disk (cheap to clone: clones share the disk).
@@ -71,6 +73,7 @@ pub struct SimMedia {
 /// What is durable and what is in flight at one moment.
 #[derive(Debug, Clone)]
 pub struct Frozen {
+    boot: u32,
     inodes: Vec<Inode>,
     durable_names: BTreeMap<PathBuf, usize>,
     dir_ops: Vec<DirOp>,
@@ -117,7 +120,35 @@ fn parent(path: &Path) -> PathBuf {
 
 impl SimMedia {
     pub fn new() -> SimMedia {
-        SimMedia::default()
+        let m = SimMedia::default();
+        m.sim().boot = 1;
+        m
+    }
+
+    /// The disk as a process crash leaves it: everything written is there (the page cache
+    /// survives), in the same boot.
+    pub fn process_crash(&self) -> SimMedia {
+        let s = self.sim();
+        let inodes = s
+            .inodes
+            .iter()
+            .map(|i| Inode {
+                durable: i.live.clone(),
+                live: i.live.clone(),
+                pending: Vec::new(),
+            })
+            .collect();
+        let sim = Sim {
+            inodes,
+            names: s.names.clone(),
+            durable_names: s.names.clone(),
+            dirs: s.dirs.clone(),
+            boot: s.boot,
+            ..Sim::default()
+        };
+        SimMedia {
+            sim: Arc::new(Mutex::new(sim)),
+        }
     }
 
     /// This disk as the code's [`Media`].
@@ -276,6 +307,7 @@ impl Sim {
 
     fn freeze(&self) -> Frozen {
         Frozen {
+            boot: self.boot,
             inodes: self.inodes.clone(),
             durable_names: self.durable_names.clone(),
             dir_ops: self.dir_ops.clone(),
@@ -482,6 +514,7 @@ impl Frozen {
             names: names.clone(),
             durable_names: names,
             dirs: self.dirs.clone(),
+            boot: self.boot.wrapping_add(1) | 1,
             ..Sim::default()
         };
         SimMedia {
@@ -577,6 +610,10 @@ impl Media for SimMedia {
 
     fn background_unlinks(&self) -> bool {
         false
+    }
+
+    fn boot_tag(&self) -> u32 {
+        self.sim().boot
     }
 
     fn flush_device(&self, dev: &dyn BlockDevice, at: SyncPoint) -> io::Result<()> {

@@ -220,6 +220,21 @@ pub fn run_vm(
     script: &str,
     qmp: Option<&Path>,
 ) -> Proc {
+    run_vm_on(None, dir, name, guest, sockets, mem, script, qmp)
+}
+
+/// [`run_vm`] on the QEMU binary `qemu` (`None`: run-vm.sh's default, `$QEMU` or the system's).
+#[allow(clippy::too_many_arguments)]
+pub fn run_vm_on(
+    qemu: Option<&str>,
+    dir: &Path,
+    name: &str,
+    guest: &Path,
+    sockets: &[PathBuf],
+    mem: &str,
+    script: &str,
+    qmp: Option<&Path>,
+) -> Proc {
     let script_path = dir.join(format!("{name}.sh"));
     std::fs::write(&script_path, script).unwrap();
     let mut cmd = Command::new("bash");
@@ -234,6 +249,9 @@ pub fn run_vm(
         .arg(&script_path);
     if let Some(q) = qmp {
         cmd.arg("--qmp").arg(q);
+    }
+    if let Some(q) = qemu {
+        cmd.arg("--qemu").arg(q);
     }
     Proc::spawn(cmd, name)
 }

@@ -38,6 +38,7 @@ pub(super) const RECORD_LEN: usize = 24;
 const FLAG_DATA_CRC: u32 = 1;
 const FLAG_REMOVED: u32 = 2;
 const FLAG_OWNER: u32 = 4;
+const FLAG_VOLATILE: u32 = 8;
 
 /// What a layer holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +58,10 @@ pub(super) enum Record {
     Removed { cluster: u64 },
     /// The layer belongs to the disk with this id.
     Owner { disk_id: u128 },
+    /// Active: the layer holds `cluster`, written without a sync in the boot tagged `boot`
+    /// (trusted only by a process of that boot: a process crash keeps the data in the page
+    /// cache, a power loss may not).
+    Volatile { cluster: u64, boot: u32 },
 }
 
 impl Record {
@@ -70,6 +75,7 @@ impl Record {
                 [0; 4],
             ),
             Record::Removed { cluster } => (join(cluster, 0), FLAG_REMOVED, [0; 4]),
+            Record::Volatile { cluster, boot } => (join(cluster, boot), FLAG_VOLATILE, [0; 4]),
             Record::Owner { disk_id } => {
                 let b = disk_id.to_le_bytes();
                 let (mut first, mut rest) = ([0u8; 12], [0u8; 4]);
@@ -103,7 +109,12 @@ impl Record {
                 disk_id: u128::from_le_bytes(id),
             });
         }
-        Some(if flags & FLAG_REMOVED != 0 {
+        Some(if flags & FLAG_VOLATILE != 0 {
+            Record::Volatile {
+                cluster,
+                boot: le32(8),
+            }
+        } else if flags & FLAG_REMOVED != 0 {
             Record::Removed { cluster }
         } else {
             Record::Holds {
@@ -223,6 +234,7 @@ impl Layer {
         removed: &mut BTreeSet<u64>,
     ) -> io::Result<Layer> {
         let file = media.open(&path, Open::Write)?;
+        let boot = media.boot_tag();
         let log_start = Self::log_start(capacity);
         let mut len = file.len()?;
         if len < log_start {
@@ -251,6 +263,11 @@ impl Layer {
                 Record::Removed { cluster } => {
                     removed.insert(cluster);
                     clusters.remove(&cluster);
+                }
+                Record::Volatile { cluster, boot: b } => {
+                    if b != 0 && b == boot && cluster.saturating_mul(cluster_size) < capacity {
+                        clusters.insert(cluster);
+                    }
                 }
                 Record::Holds { cluster, crc } => {
                     let start = cluster.saturating_mul(cluster_size);
@@ -379,11 +396,22 @@ impl Layer {
         crc
     }
 
-    /// Active: records that the layer now holds `cluster` (logged at the next flush).
-    pub(super) fn add(&mut self, cluster: u64) {
-        if self.clusters.insert(cluster) {
-            self.unlogged.push(cluster);
+    /// Active: records that the layer now holds `cluster`, whose data was just written: at
+    /// once as a volatile record (written, not synced: a restarted process of this boot finds
+    /// the SVM's completed write, whose data the page cache kept), durably at the next flush.
+    pub(super) fn add(&mut self, cluster: u64) -> io::Result<()> {
+        if !self.clusters.insert(cluster) {
+            return Ok(());
         }
+        self.unlogged.push(cluster);
+        let boot = self.media.boot_tag();
+        if boot != 0 {
+            let mut rec = Vec::with_capacity(RECORD_LEN);
+            Record::Volatile { cluster, boot }.encode(&mut rec);
+            self.file.write_at(&rec, self.log_end)?;
+            self.log_end += RECORD_LEN as u64;
+        }
+        Ok(())
     }
 
     /// Queues a record that a failover committed `cluster` (written at the next flush).
@@ -568,30 +596,51 @@ mod tests {
         assert_eq!(h.clusters.iter().copied().collect::<Vec<_>>(), [2, 3, 9]);
         assert!(removed.is_empty());
 
-        // Active: only what was logged at a flush, minus what a failover removed.
-        let path = dir.path().join("active-0.img");
-        let mut a = Layer::create(&std_media(), path.clone(), Kind::Active, cap, 0).unwrap();
+        // Active: what was logged at a flush, minus what a failover removed; after a process
+        // crash (same boot) also what was written since, never after a power cut.
+        let sim = crate::storage::sim::SimMedia::new();
+        let media = sim.media();
+        let path = Path::new("/l/active-0.img").to_path_buf();
+        Media::create_dir_all(&sim, Path::new("/l")).unwrap();
+        let mut a = Layer::create(&media, path.clone(), Kind::Active, cap, 0).unwrap();
         a.file.write_at(&[7u8; 4096], 0).unwrap();
-        a.add(0);
-        a.add(1);
+        a.add(0).unwrap();
+        a.add(1).unwrap();
         a.sync().unwrap();
-        a.add(5); // never flushed
+        a.file.write_at(&[9u8; 4096], 5 * 4096).unwrap();
+        a.add(5).unwrap(); // never flushed: only its volatile record is written
         a.note_removed(1);
         a.file.write_at(&a.pending.clone(), a.log_end).unwrap();
+        // Durable, the volatile record with it: only the boot decides whether it counts.
+        a.file.sync_data(SyncPoint::ActiveIndex).unwrap();
         a.discard_on_drop = false;
         drop(a);
-        let mut removed = BTreeSet::new();
-        let a = Layer::open(
-            &std_media(),
-            path,
-            Kind::Active,
-            cap,
-            cs as u64,
-            0,
-            &mut removed,
-        )
-        .unwrap();
-        assert_eq!(a.clusters.iter().copied().collect::<Vec<_>>(), [0]);
+        let reopen = |m: &crate::storage::sim::SimMedia| {
+            let mut removed = BTreeSet::new();
+            let a = Layer::open(
+                &m.media(),
+                path.clone(),
+                Kind::Active,
+                cap,
+                cs as u64,
+                0,
+                &mut removed,
+            )
+            .unwrap();
+            (a.clusters.iter().copied().collect::<Vec<_>>(), removed)
+        };
+        let (after_crash, removed) = reopen(&sim.process_crash());
+        assert_eq!(after_crash, [0, 5]);
+        assert_eq!(removed.iter().copied().collect::<Vec<_>>(), [1]);
+        let cut = sim
+            .take_trace()
+            .pop()
+            .unwrap()
+            .frozen
+            .power_cut(crate::storage::sim::Cut::AllKept);
+        let (after_power_loss, removed) = reopen(&cut);
+        assert_eq!(after_power_loss, [0]);
+        assert_eq!(removed.iter().copied().collect::<Vec<_>>(), [1]);
         assert_eq!(removed.iter().copied().collect::<Vec<_>>(), [1]);
     }
 }

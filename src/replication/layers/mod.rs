@@ -1369,7 +1369,7 @@ impl LayeredDisk {
             let src = layers.source(c);
             self.read_cluster(layers, src, c, &mut buf)?;
             layers.active.file.write_at(&buf, start)?;
-            layers.active.add(c);
+            layers.active.add(c)?;
         }
         match change {
             Change::Write { data, .. } => layers.active.file.write_at(data, offset)?,
@@ -1380,7 +1380,7 @@ impl LayeredDisk {
             Change::Flush => {}
         }
         for c in range {
-            layers.active.add(c);
+            layers.active.add(c)?;
         }
         Ok(())
     }
