@@ -479,6 +479,40 @@ impl Frozen {
 
     /// The disk a power cut here leaves (see the module comment), as a fresh simulated disk
     /// with nothing in flight.
+    /// The disk a process crash at this point leaves: everything written is there (the page
+    /// cache survives), names as the process saw them, in the same boot.
+    pub fn process_crash(&self) -> SimMedia {
+        let mut names = self.durable_names.clone();
+        for op in &self.dir_ops {
+            for (p, ino) in &op.entries {
+                match ino {
+                    Some(i) => names.insert(p.clone(), *i),
+                    None => names.remove(p),
+                };
+            }
+        }
+        let inodes = self
+            .inodes
+            .iter()
+            .map(|i| Inode {
+                durable: i.live.clone(),
+                live: i.live.clone(),
+                pending: Vec::new(),
+            })
+            .collect();
+        let sim = Sim {
+            inodes,
+            names: names.clone(),
+            durable_names: names,
+            dirs: self.dirs.clone(),
+            boot: self.boot,
+            ..Sim::default()
+        };
+        SimMedia {
+            sim: Arc::new(Mutex::new(sim)),
+        }
+    }
+
     pub fn power_cut(&self, cut: Cut) -> SimMedia {
         let fates = self.fates(cut);
         let mut fates = fates.into_iter();
