@@ -429,7 +429,7 @@ impl SecondaryRun {
         // one (it records the range before the data): after some of them. Any other sync of an
         // SVM step is its flush: after all of them.
         let ok = if point.at == Some(SyncPoint::DirtyBits) {
-            view == done || in_step.iter().any(|d| view == *d)
+            view == done || in_step.contains(&view)
         } else {
             view == *in_step.last().unwrap_or(&done)
         };
