@@ -496,12 +496,24 @@ impl BlkBackend {
         let Some(next_avail) = rec.next_avail else {
             return;
         };
-        warn!(
-            "queue {queue}: {} request(s) in flight when the previous backend stopped are run \
-             again (inflight tracking); the ring resumes at {next_avail}",
-            rec.resubmit.len()
-        );
+        let was = state.get_queue().next_avail();
+        if next_avail != was || !rec.resubmit.is_empty() {
+            warn!(
+                "queue {queue}: the ring resumes at {next_avail} (the front-end said {was}); {} \
+                 request(s) in flight when the previous back-end stopped run again (inflight \
+                 tracking)",
+                rec.resubmit.len()
+            );
+        }
         state.get_queue_mut().set_next_avail(next_avail);
+        if next_avail != was {
+            // Completions the previous back-end published after the front-end had gone (a
+            // SIGTERM drains them) interrupted nobody: one interrupt now, or the guest waits
+            // for them forever. (A spurious one costs the guest a look at its used ring.)
+            if let Err(e) = state.signal_used_queue() {
+                debug!("signalling the used queue failed: {e}");
+            }
+        }
         if let Some(st) = self.shared.stats.queue(queue) {
             st.resubmitted
                 .fetch_add(rec.resubmit.len() as u64, Ordering::Relaxed);

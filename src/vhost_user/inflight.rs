@@ -49,7 +49,7 @@ pub(crate) fn region_size(num_queues: u16, queue_size: u16) -> usize {
 /// What a restarted queue does before it pops new requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Recovery {
-    /// Where popping resumes (`None`: where the front-end said, nothing was in flight).
+    /// Where popping resumes (`None`: where the front-end said; a fresh region).
     pub next_avail: Option<u16>,
     /// The heads popped and never completed, in the order they were popped.
     pub resubmit: Vec<u16>,
@@ -281,9 +281,10 @@ impl QueueInflight<'_> {
         pending.sort_unstable();
         let next = pending.last().map_or(1, |&(c, _)| c + 1);
         self.counter.store(next, Ordering::Relaxed);
-        if pending.is_empty() {
-            return nothing;
-        }
+        // Every avail entry before this was popped: the completed ones are counted in the used
+        // index, the others are in flight. (Not QEMU's base: a front-end that lost the
+        // back-end rewinds to the used index it read then, and a back-end that went on
+        // completing requests after the disconnect, as a SIGTERM drains them, moved it since.)
         Recovery {
             next_avail: Some(ring_used_idx.wrapping_add(pending.len() as u16)),
             resubmit: pending.into_iter().map(|(_, h)| h).collect(),
@@ -515,6 +516,28 @@ mod tests {
         // The used index published, the region not updated: 2 is done.
         q.before_used(2);
         assert_eq!(q.recover(2).resubmit, vec![5, 1]);
+    }
+
+    /// A back-end stopped by SIGTERM completes what is in flight after the front-end went
+    /// (which rewound to the used index it read then): the ring resumes at the used index
+    /// as it is now, whatever the front-end says.
+    #[test]
+    fn the_ring_resumes_at_the_used_index_with_nothing_in_flight() {
+        let (_f, r) = region(8);
+        let q = r.queue(0).unwrap();
+        q.recover(0);
+        for (i, h) in [3u16, 4].into_iter().enumerate() {
+            q.pop(h);
+            q.before_used(h);
+            q.after_used(h, i as u16 + 1);
+        }
+        assert_eq!(
+            q.recover(2),
+            Recovery {
+                next_avail: Some(2),
+                resubmit: vec![]
+            }
+        );
     }
 
     proptest! {
