@@ -128,27 +128,8 @@ impl SimMedia {
     /// The disk as a process crash leaves it: everything written is there (the page cache
     /// survives), in the same boot.
     pub fn process_crash(&self) -> SimMedia {
-        let s = self.sim();
-        let inodes = s
-            .inodes
-            .iter()
-            .map(|i| Inode {
-                durable: i.live.clone(),
-                live: i.live.clone(),
-                pending: Vec::new(),
-            })
-            .collect();
-        let sim = Sim {
-            inodes,
-            names: s.names.clone(),
-            durable_names: s.names.clone(),
-            dirs: s.dirs.clone(),
-            boot: s.boot,
-            ..Sim::default()
-        };
-        SimMedia {
-            sim: Arc::new(Mutex::new(sim)),
-        }
+        let frozen = self.sim().freeze();
+        frozen.process_crash()
     }
 
     /// This disk as the code's [`Media`].
