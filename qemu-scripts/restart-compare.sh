@@ -30,8 +30,9 @@
 # read back in the guest ("RST: verified"), and again from the image on the host once the guest
 # powered off.
 #
-# Result line: backend engine delay_ms rep restarts guest_io_errors stalls records_verified
-# seconds. guest_io_errors counts console lines with "I/O error", "IOERR" or "is not a head";
+# Result line: backend engine delay_ms rep restarts guest_io_errors first_error_after stalls
+# records_verified seconds. guest_io_errors counts console lines with "I/O error", "IOERR" or
+# "is not a head"; first_error_after is the restart the first of them followed ("-": none);
 # records_verified is "yes" only when the guest printed "verified", no "FAIL" line, and the host
 # found every slot's last record in the image.
 #
@@ -168,6 +169,7 @@ check_image() {
 
 run_once() {
     local rep="$1" dir console start line from done_restarts=0 stalls=0 errors verified
+    local kills="" first k after=-
     if [ -n "$keep" ]; then dir="$keep/$backend-$engine-$rep"; rm -rf "$dir"; mkdir -p "$dir"
     else dir="$(mktemp -d "${TMPDIR:-/tmp}/restart-compare.XXXXXX")"; fi
     console="$dir/console.log"
@@ -194,6 +196,7 @@ run_once() {
         wait "$spid" 2>/dev/null || true
         done_restarts=$((done_restarts + 1))
         from="$(wc -l <"$console")"
+        kills="$kills $from"
         say "run $rep: restart $done_restarts after console line $line"
         start_backend "$dir"
     done
@@ -205,17 +208,25 @@ run_once() {
             break
         fi
     done
-    wait_line "$console" 0 "colo-init: script exit status" 60 >/dev/null || true
+    if grep -q "$mark verified" "$console"; then
+        wait_line "$console" 0 "colo-init: script exit status" 60 >/dev/null || true
+    fi
     stop_all
     errors="$(grep -c -E "I/O error|IOERR|is not a head" "$console" || true)"
+    # The restart the first error followed (the number of kills before its console line).
+    first="$(grep -n -m1 -E "I/O error|IOERR|is not a head" "$console" | cut -d: -f1 || true)"
+    if [ -n "$first" ]; then
+        after=0
+        for k in $kills; do [ "$k" -lt "$first" ] && after=$((after + 1)); done
+    fi
     verified=no
     if grep -q "$mark verified" "$console" && ! grep -q "$mark FAIL" "$console" \
         && check_image "$dir/disk.img"; then
         verified=yes
     fi
     local row
-    row="$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$backend" "$engine" "$delay_ms" "$rep" \
-        "$done_restarts" "$errors" "$stalls" "$verified" $((SECONDS - start)))"
+    row="$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$backend" "$engine" "$delay_ms" "$rep" \
+        "$done_restarts" "$errors" "$after" "$stalls" "$verified" $((SECONDS - start)))"
     echo "$row"
     [ -z "$out" ] || echo "$row" >>"$out"
     if [ "$errors" != 0 ]; then
