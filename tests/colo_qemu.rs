@@ -1126,6 +1126,16 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
             )
             .expect("x-checkpoint-delay");
         }
+        // Checkpoints of the PVM's QEMU after the restart (its QMP ends when it dies).
+        let lived = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for _ in 0..4 {
+                pvm_ev.wait("RESUME", TIMEOUT);
+            }
+        }));
+        if lived.is_err() {
+            let st = pair.pvm().child.try_wait();
+            panic!("{who} restart {round} ({name}): the PVM's QEMU died: {st:?}");
+        }
         // QEMU's cycle goes on and the secondary follows it.
         let mut cuts = Vec::new();
         let mut t_second = 0.0;
@@ -1181,7 +1191,7 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
         pair.assert_no_failures();
         eprintln!(
             "RESTART {who} {round} ({name}): exit {status}; serving again after {t_up:?}, \
-             link after {t_link:?} ({connected}), 3 checkpoints after {t_ckpt:?} (last: {}); \
+             connected again after {t_link:?} ({connected}), 3 checkpoints after {t_ckpt:?} (last: {}); \
              PVM verified {last}; {stops} PVM stops meanwhile ({held_stops} held); SVM checks failed before the \
              next cut: {svm_window}; secondary: state {} epoch {} last-error {}",
             cuts.last().unwrap(),
