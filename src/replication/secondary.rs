@@ -1130,6 +1130,20 @@ impl crate::vhost_user::DeviceObserver for SvmDevice {
     fn queue_starting(&self, queue: u16, next_avail: u16) {
         self.0.svm_starting(queue, next_avail);
     }
+
+    fn queue_previous(&self, queue: u16, at: u16) {
+        // A restarted secondary (an upgrade, a crash): where its previous process left the
+        // Secondary VM's queue is its own position, as if this process had stopped it there.
+        if let Svm::Stopped { own } = &mut self.0.state().svm {
+            let q = usize::from(queue);
+            if own.len() <= q {
+                own.resize(q + 1, None);
+            }
+            if own[q].is_none() {
+                own[q] = Some(at);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -184,6 +184,8 @@ struct Shared {
     poll: Vec<Mutex<AdaptivePoll>>,
     /// Whether this connection's guest RAM was checked for sharing (at the first kick).
     sharing_checked: AtomicBool,
+    /// The process stops: the queues pop nothing more (see [`BlkBackend::quiesce`]).
+    quiescing: AtomicBool,
     /// The front-end's inflight region (SET_INFLIGHT_FD), if it keeps one (`inflight`).
     inflight_region: RwLock<Option<Arc<InflightRegion>>>,
     /// Per queue: the region was set and the queue has not looked at it since its start.
@@ -298,6 +300,7 @@ impl BlkBackend {
                     .map(|_| Mutex::new(AdaptivePoll::new(opts.poll_max)))
                     .collect(),
                 sharing_checked: AtomicBool::new(false),
+                quiescing: AtomicBool::new(false),
                 inflight_region: RwLock::new(None),
                 recover_pending: (0..opts.num_queues)
                     .map(|_| AtomicBool::new(false))
@@ -385,6 +388,11 @@ impl BlkBackend {
         let region = self.inflight_region();
         let mut state = vring.get_mut();
         let mut batch = Vec::new();
+        if self.shared.quiescing.load(Ordering::Acquire) {
+            // The process stops: what is in flight completes, nothing new starts (a request
+            // left in the ring is the next process's, which pops it from the same position).
+            return Ok(Vec::new());
+        }
         if after == AfterPop::LeaveOff && state.get_queue().ready() {
             // Polling: kicks stay off until the worker goes to sleep (`poll_queue`). Should
             // the front-end stop the queue meanwhile, its restart kicks anyway (QEMU starts
@@ -433,6 +441,20 @@ impl BlkBackend {
             .lifecycle
             .after_pop(queue as u16, state.get_queue().next_avail());
         Ok(batch)
+    }
+
+    /// Where the previous process of this device left `queue`, from the inflight region, while
+    /// this connection's recovery of the queue is still to come.
+    fn previous_position(&self, queue: usize) -> Option<u16> {
+        if !self
+            .shared
+            .recover_pending
+            .get(queue)?
+            .load(Ordering::Acquire)
+        {
+            return None;
+        }
+        self.inflight_region()?.queue(queue)?.previous_position()
     }
 
     /// The front-end's inflight region, if it keeps one.
@@ -746,6 +768,15 @@ impl BlkBackend {
     }
 
     /// Waits until every request popped so far is completed.
+    /// Before the process stops with a front-end connected: no queue pops from now on, and
+    /// every request in flight completes (and is signalled) while the front-end is still
+    /// there. The front-end then finds the rings exactly where this process left them: it
+    /// rewinds to the used index, which is where the next process resumes.
+    pub(crate) fn quiesce(&self) {
+        self.shared.quiescing.store(true, Ordering::Release);
+        self.wait_idle();
+    }
+
     pub(crate) fn wait_idle(&self) {
         for q in 0..self.shared.uring.len() {
             self.uring_drain(q);
@@ -965,6 +996,9 @@ impl BlkBackend {
         mem: GuestMemoryLoadGuard<GuestMem>,
         after: AfterPop,
     ) -> io::Result<()> {
+        if let Some(at) = self.previous_position(queue) {
+            self.shared.lifecycle.previous(queue as u16, at);
+        }
         self.shared
             .lifecycle
             .before_pop(queue as u16, || vring.get_ref().get_queue().next_avail());
@@ -1005,6 +1039,10 @@ impl BlkBackend {
     /// starving io-wq's writer). Their completion wakes the worker through the ring's eventfd.
     fn poll_queue(&self, queue: usize, vring: &Vring, window: Duration) -> io::Result<()> {
         loop {
+            if self.shared.quiescing.load(Ordering::Acquire) {
+                // Nothing will be popped: looking at the ring would spin on what it holds.
+                return Ok(());
+            }
             let since = Instant::now();
             let mem = match self.current_mem() {
                 Some(m) => m,

@@ -240,6 +240,23 @@ impl QueueInflight<'_> {
             .store(used_idx, Ordering::Release);
     }
 
+    /// Where the back-end that wrote this region left the queue: every request it popped
+    /// (its used index plus the requests in flight; a torn completion counts once either
+    /// way). `None` for a region never initialised for this queue size.
+    pub(crate) fn previous_position(&self) -> Option<u16> {
+        let size = self.region.queue_size;
+        if self.header_u16(OFF_VERSION).load(Ordering::Acquire) != VERSION
+            || self.header_u16(OFF_DESC_NUM).load(Ordering::Acquire) != size
+        {
+            return None;
+        }
+        let used = self.header_u16(OFF_USED_IDX).load(Ordering::Acquire);
+        let inflight = (0..size)
+            .filter(|&h| self.inflight(h).load(Ordering::Acquire) == 1)
+            .count();
+        Some(used.wrapping_add(inflight as u16))
+    }
+
     /// At a start of the queue, with the ring's used index as the guest sees it: what the
     /// queue resubmits and where it resumes (see the module comment). A fresh region is
     /// initialised instead.
@@ -538,6 +555,24 @@ mod tests {
                 resubmit: vec![]
             }
         );
+    }
+
+    #[test]
+    fn the_previous_position_counts_every_request_popped() {
+        let (_f, r) = region(8);
+        let q = r.queue(0).unwrap();
+        assert_eq!(q.previous_position(), None);
+        q.recover(10);
+        assert_eq!(q.previous_position(), Some(10));
+        for h in [1u16, 2, 3] {
+            q.pop(h);
+        }
+        q.before_used(2);
+        q.after_used(2, 11);
+        assert_eq!(q.previous_position(), Some(13));
+        // A torn completion (published, not cleared) counts once either way.
+        q.before_used(1);
+        assert_eq!(q.previous_position(), Some(13));
     }
 
     proptest! {

@@ -32,6 +32,11 @@ pub trait DeviceObserver: Send + Sync {
     /// Queue `queue` is about to run its first requests since it was (re)started, from
     /// position `next_avail`. Runs on the queue's worker: its requests wait for it.
     fn queue_starting(&self, _queue: u16, _next_avail: u16) {}
+
+    /// Before `queue_starting`, when this process has not run queue `queue` yet but the
+    /// front-end's inflight region says where a previous process of this device left it
+    /// (`at`: every request it popped, completed or not; docs/inflight.md).
+    fn queue_previous(&self, _queue: u16, _at: u16) {}
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -110,6 +115,19 @@ impl Lifecycle {
         };
         if let (Some(at), Some(o)) = (starting, self.observer.get()) {
             o.queue_starting(queue, at);
+        }
+    }
+
+    /// The inflight region says a previous process left `queue` at `at` (see
+    /// [`DeviceObserver::queue_previous`]): told when the queue has not run in this process.
+    pub(crate) fn previous(&self, queue: u16, at: u16) {
+        let unknown = self
+            .lock()
+            .queues
+            .get(usize::from(queue))
+            .is_some_and(|q| q.stopped && q.base.is_none());
+        if let (true, Some(o)) = (unknown, self.observer.get()) {
+            o.queue_previous(queue, at);
         }
     }
 

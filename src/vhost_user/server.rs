@@ -41,6 +41,8 @@ pub enum ServerError {
 struct ControlState {
     stopping: bool,
     connection: Option<ShutdownHandle>,
+    /// The connected front-end's device, quiesced before the connection is closed at a stop.
+    backend: Option<BlkBackend>,
     /// A duplicate of the listening socket's descriptor. `shutdown(2)` on a listening socket
     /// wakes an `accept()` blocked on it and fails every later one (Linux: EINVAL), through
     /// any descriptor of the socket and whatever became of its path: a stop never depends on
@@ -58,8 +60,17 @@ impl ServerControl {
     /// Asks the server to stop after the current connection's in-flight requests complete:
     /// [`Server::run`] returns soon after, with or without a front-end connected.
     pub fn stop(&self) {
+        let backend = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.stopping = true;
+            st.backend.take()
+        };
+        // Requests in flight complete while the front-end is still connected (see
+        // `BlkBackend::quiesce`), so that it does not rewind a ring this process still moves.
+        if let Some(b) = backend {
+            b.quiesce();
+        }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.stopping = true;
         if let Some(h) = st.connection.take() {
             h.shutdown();
         }
@@ -256,6 +267,7 @@ impl Server {
                     break;
                 }
                 st.connection = daemon.shutdown_handle();
+                st.backend = Some(backend.clone());
             }
             info!("front-end connected");
             match daemon.wait() {
@@ -278,6 +290,7 @@ impl Server {
             {
                 let mut st = self.control.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.connection = None;
+                st.backend = None;
             }
             // Dropping the daemon stops and joins the queue workers; then every request they
             // handed to the I/O pool or left on their io_uring is waited for.
