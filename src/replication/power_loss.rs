@@ -345,8 +345,9 @@ impl SecondaryRun {
     }
 
     /// What the secondary promised the primary about base: after a stream FLUSH, a marker or
-    /// a cut returned, every byte no later stream change touched is on the disk (the primary
-    /// then forgets those changes: its dirty record does not cover them any more).
+    /// a cut returned, every byte no later stream change touched is on the disk (after a marker
+    /// or a cut the primary forgets those changes: its dirty record does not cover them any
+    /// more; after a FLUSH, `--sync` completes the guest's flush on it).
     fn check_base_promise(&self, step: usize, media: &SimMedia) -> Result<(), String> {
         let promised = (0..step).rev().find(|&i| match &self.ops[i] {
             SecondaryOp::Stream(c) => matches!(c.last(), Some(Change::Flush)),
