@@ -1074,12 +1074,12 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
     let mut pair = Pair::new(WRITER, |_| {});
     pair.start("COLO-A: start");
     let pvm_ev = Events::connect(&pair.p("pvm-ev.qmp"));
+    let sec_qmp = pair.p(&format!("{}-backend.qmp", pair.svm_name()));
+    let cuts_ev = Events::connect(&sec_qmp);
     for _ in 0..2 {
-        pair.secondary
-            .as_mut()
-            .unwrap()
-            .wait_for_log("the Secondary VM runs the primary's state");
+        cuts_ev.wait("REPLICATION_CHECKPOINT", TIMEOUT);
     }
+    drop(cuts_ev);
     for (round, sig) in [libc::SIGTERM, libc::SIGTERM, libc::SIGKILL]
         .into_iter()
         .enumerate()
@@ -1103,24 +1103,16 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
             assert!(status.success(), "{who} after SIGTERM: {status}");
         }
         let t_up = t.elapsed();
-        // The link is back (the secondary, the same process or the new one, took a primary)
-        // and, with checkpoints held, QEMU reconnected to the new process (after its
-        // `reconnect-ms`): both lines, in either order, when both are the secondary's.
-        let (mut link, mut front_end) = (None, !hold);
-        while link.is_none() || !front_end {
-            let b = if primary && link.is_some() {
-                pair.primary.as_mut().unwrap()
-            } else {
-                pair.secondary.as_mut().unwrap()
-            };
-            let l = b.wait_for_log("connected");
-            if l.contains("connected (epoch") {
-                link = Some(l);
-            } else if l.contains("front-end connected") {
-                front_end = true;
-            }
+        // The secondary's checkpoints from now on (its QMP: the new process's, or the same).
+        let cuts_ev = Events::connect(&sec_qmp);
+        // The link is back: the primary streams to the secondary again (asked over QMP; the
+        // event may have come before this connection).
+        let mut pq = pair.qmp("primary.qmp");
+        if query_state(&mut pq) != "connected" {
+            pq.wait_event("REPLICATION_PEER_CONNECTED");
         }
-        let connected = link.unwrap();
+        let connected = query_state(&mut pq);
+        drop(pq);
         let t_link = t.elapsed();
         let mut held_stops = 0;
         if hold {
@@ -1160,20 +1152,17 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
             let st = pair.pvm().child.try_wait();
             panic!("{who} restart {round} ({name}): the PVM's QEMU died: {st:?}");
         }
-        // QEMU's cycle goes on and the secondary follows it.
+        // QEMU's cycle goes on and the secondary follows it (its REPLICATION_CHECKPOINT
+        // events: the SVM runs the primary's state of a cut).
         let mut cuts = Vec::new();
         let mut t_second = 0.0;
         for k in 0..3 {
-            cuts.push(
-                pair.secondary
-                    .as_mut()
-                    .unwrap()
-                    .wait_for_log("the Secondary VM runs the primary's state"),
-            );
+            cuts.push(cuts_ev.wait("REPLICATION_CHECKPOINT", TIMEOUT).to_string());
             if k == 1 {
                 t_second = now();
             }
         }
+        drop(cuts_ev);
         let t_ckpt = t.elapsed();
         let mut last = 0;
         for _ in 0..2 {
@@ -1254,6 +1243,14 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
         "secondary image has {n} records, SVM verified {last}"
     );
     eprintln!("{who}: 3 restarts under x-colo; failover: SVM verified {last}, image {n} records");
+}
+
+/// `query-replication`'s state.
+fn query_state(q: &mut Qmp) -> String {
+    q.execute("query-replication", json!({})).unwrap()["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// QEMU's checkpoints held for a backend restart: right after a checkpoint,
