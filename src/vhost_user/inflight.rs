@@ -106,16 +106,23 @@ impl InflightRegion {
         queue_size: u16,
     ) -> io::Result<InflightRegion> {
         let need = region_size(num_queues, queue_size) as u64;
-        if len < need || queue_size == 0 {
+        // The file must hold what is mapped: a page beyond its end would be SIGBUS, not an
+        // error. Only `need` bytes are mapped, whatever the front-end says the size is.
+        let file_len = file.metadata()?.len();
+        if len < need
+            || queue_size == 0
+            || num_queues == 0
+            || offset.checked_add(need).is_none_or(|end| end > file_len)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "inflight region of {len} bytes for {num_queues} queues of {queue_size} \
-                     descriptors (needs {need})"
+                    "inflight region of {len} bytes at {offset} of a {file_len}-byte file for \
+                     {num_queues} queues of {queue_size} descriptors (needs {need})"
                 ),
             ));
         }
-        let len = usize::try_from(len).map_err(|_| io::Error::other("region too large"))?;
+        let len = usize::try_from(need).map_err(|_| io::Error::other("region too large"))?;
         let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset"))?;
         // SAFETY: a shared read-write mapping of a file we hold, of a checked length; the
         // result is checked and unmapped on drop.
@@ -483,6 +490,20 @@ mod tests {
         let mut want = ring.avail.clone();
         want.sort_unstable();
         assert_eq!(seen, want, "{lives:?}");
+    }
+
+    /// A front-end's region that does not fit its file, or names no queue, is refused (a
+    /// mapping past the end of the file would crash the process at its first access).
+    #[test]
+    fn a_region_that_does_not_fit_its_file_is_refused() {
+        let (size, file) = InflightRegion::create_file(2, 8).unwrap();
+        assert!(InflightRegion::map(&file, size, 0, 2, 8).is_ok());
+        assert!(InflightRegion::map(&file, size * 4, 0, 8, 8).is_err());
+        assert!(InflightRegion::map(&file, size, 4096, 2, 8).is_err());
+        assert!(InflightRegion::map(&file, size, u64::MAX - 10, 2, 8).is_err());
+        assert!(InflightRegion::map(&file, size, 0, 0, 8).is_err());
+        assert!(InflightRegion::map(&file, size, 0, 2, 0).is_err());
+        assert!(InflightRegion::map(&file, size - 1, 0, 2, 8).is_err());
     }
 
     #[test]
