@@ -186,6 +186,9 @@ struct Shared {
     sharing_checked: AtomicBool,
     /// The process stops: the queues pop nothing more (see [`BlkBackend::quiesce`]).
     quiescing: AtomicBool,
+    /// Pops under way (a pop that began before `quiescing` was set counts its requests in
+    /// flight before it ends: `quiesce` waits for it).
+    popping: AtomicU64,
     /// The front-end's inflight region (SET_INFLIGHT_FD), if it keeps one (`inflight`).
     inflight_region: RwLock<Option<Arc<InflightRegion>>>,
     /// Per queue: the region was set and the queue has not looked at it since its start.
@@ -301,6 +304,7 @@ impl BlkBackend {
                     .collect(),
                 sharing_checked: AtomicBool::new(false),
                 quiescing: AtomicBool::new(false),
+                popping: AtomicU64::new(0),
                 inflight_region: RwLock::new(None),
                 recover_pending: (0..opts.num_queues)
                     .map(|_| AtomicBool::new(false))
@@ -386,9 +390,12 @@ impl BlkBackend {
     ) -> io::Result<Vec<(u16, Parsed)>> {
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
         let region = self.inflight_region();
+        // SeqCst with `quiesce`: either it sees this pop counted, or this pop sees the flag.
+        self.shared.popping.fetch_add(1, Ordering::SeqCst);
+        let _popping = Popping(&self.shared.popping);
         let mut state = vring.get_mut();
         let mut batch = Vec::new();
-        if self.shared.quiescing.load(Ordering::Acquire) {
+        if self.shared.quiescing.load(Ordering::SeqCst) {
             // The process stops: what is in flight completes, nothing new starts (a request
             // left in the ring is the next process's, which pops it from the same position).
             return Ok(Vec::new());
@@ -445,7 +452,12 @@ impl BlkBackend {
 
     /// Where the previous process of this device left `queue`, from the inflight region, while
     /// this connection's recovery of the queue is still to come.
-    fn previous_position(&self, queue: usize) -> Option<u16> {
+    fn previous_position(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        mem: &GuestMemoryLoadGuard<GuestMem>,
+    ) -> Option<u16> {
         if !self
             .shared
             .recover_pending
@@ -454,7 +466,14 @@ impl BlkBackend {
         {
             return None;
         }
-        self.inflight_region()?.queue(queue)?.previous_position()
+        let region = self.inflight_region()?;
+        let used = vring
+            .get_ref()
+            .get_queue()
+            .used_idx(&**mem, Ordering::Acquire)
+            .ok()?
+            .0;
+        region.queue(queue)?.previous_position(used)
     }
 
     /// The front-end's inflight region, if it keeps one.
@@ -507,14 +526,18 @@ impl BlkBackend {
         let Some(q) = region.as_ref().and_then(|r| r.queue(queue)) else {
             return;
         };
-        let used = match state.get_queue().used_idx(&**mem, Ordering::Acquire) {
-            Ok(u) => u.0,
-            Err(e) => {
-                warn!("queue {queue}: cannot read the used index for inflight recovery: {e:?}");
+        let ring = state.get_queue();
+        let (used, avail) = match (
+            ring.used_idx(&**mem, Ordering::Acquire),
+            ring.avail_idx(&**mem, Ordering::Acquire),
+        ) {
+            (Ok(u), Ok(a)) => (u.0, a.0),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!("queue {queue}: cannot read the ring for inflight recovery: {e:?}");
                 return;
             }
         };
-        let rec = q.recover(used);
+        let rec = q.recover(used, avail);
         let Some(next_avail) = rec.next_avail else {
             return;
         };
@@ -773,7 +796,11 @@ impl BlkBackend {
     /// there. The front-end then finds the rings exactly where this process left them: it
     /// rewinds to the used index, which is where the next process resumes.
     pub(crate) fn quiesce(&self) {
-        self.shared.quiescing.store(true, Ordering::Release);
+        self.shared.quiescing.store(true, Ordering::SeqCst);
+        // A pop that passed its check before the flag counts what it popped before it ends.
+        while self.shared.popping.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.wait_idle();
     }
 
@@ -996,7 +1023,7 @@ impl BlkBackend {
         mem: GuestMemoryLoadGuard<GuestMem>,
         after: AfterPop,
     ) -> io::Result<()> {
-        if let Some(at) = self.previous_position(queue) {
+        if let Some(at) = self.previous_position(queue, vring, &mem) {
             self.shared.lifecycle.previous(queue as u16, at);
         }
         self.shared
@@ -1132,6 +1159,15 @@ fn uring_finished(stats: Option<&QueueStats>, done: &mut Vec<(u16, u32)>, f: Fin
         st.count(f.completion.status == VIRTIO_BLK_S_OK as u8, f.data);
     }
     done.push((f.head, f.completion.used_len));
+}
+
+/// A pop under way, counted in `Shared::popping` until it ends.
+struct Popping<'a>(&'a AtomicU64);
+
+impl Drop for Popping<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

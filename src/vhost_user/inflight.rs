@@ -247,45 +247,83 @@ impl QueueInflight<'_> {
             .store(used_idx, Ordering::Release);
     }
 
-    /// Where the back-end that wrote this region left the queue: every request it popped
-    /// (its used index plus the requests in flight; a torn completion counts once either
-    /// way). `None` for a region never initialised for this queue size.
-    pub(crate) fn previous_position(&self) -> Option<u16> {
-        let size = self.region.queue_size;
-        if self.header_u16(OFF_VERSION).load(Ordering::Acquire) != VERSION
-            || self.header_u16(OFF_DESC_NUM).load(Ordering::Acquire) != size
-        {
+    /// Whether the region was written for this queue size.
+    fn initialised(&self) -> bool {
+        self.header_u16(OFF_VERSION).load(Ordering::Acquire) == VERSION
+            && self.header_u16(OFF_DESC_NUM).load(Ordering::Acquire) == self.region.queue_size
+    }
+
+    /// How many heads are in flight.
+    fn in_flight(&self) -> usize {
+        (0..self.region.queue_size)
+            .filter(|&h| self.inflight(h).load(Ordering::Acquire) == 1)
+            .count()
+    }
+
+    /// Whether the region describes the ring whose used index is `ring_used_idx`: the same
+    /// used index, or one more with the last completion still marked (a torn completion).
+    /// Not after QEMU replaced the ring under it (a COLO checkpoint loaded while the back-end
+    /// was away): that ring's requests are not this region's.
+    fn describes(&self, ring_used_idx: u16) -> bool {
+        let used = self.header_u16(OFF_USED_IDX).load(Ordering::Acquire);
+        let head = self.header_u16(OFF_LAST_BATCH_HEAD).load(Ordering::Acquire);
+        used == ring_used_idx
+            || (ring_used_idx == used.wrapping_add(1)
+                && self.valid(head)
+                && self.inflight(head).load(Ordering::Acquire) == 1)
+    }
+
+    /// Where the back-end that wrote this region left the queue, as the front-end resumes it:
+    /// the ring's used index when the region describes that ring (QEMU rewinds to it; the
+    /// requests in flight run again from the region), else the region's own used index plus
+    /// its requests in flight (another ring's position). `None` for a region never
+    /// initialised for this queue size.
+    pub(crate) fn previous_position(&self, ring_used_idx: u16) -> Option<u16> {
+        if !self.initialised() {
             return None;
         }
+        if self.describes(ring_used_idx) {
+            return Some(ring_used_idx);
+        }
         let used = self.header_u16(OFF_USED_IDX).load(Ordering::Acquire);
-        let inflight = (0..size)
-            .filter(|&h| self.inflight(h).load(Ordering::Acquire) == 1)
-            .count();
-        Some(used.wrapping_add(inflight as u16))
+        Some(used.wrapping_add(self.in_flight() as u16))
+    }
+
+    /// Forgets everything in flight: the region describes the ring at `ring_used_idx`.
+    fn reset(&self, ring_used_idx: u16) {
+        let size = self.region.queue_size;
+        self.header_u16(OFF_VERSION).store(0, Ordering::Release);
+        for h in 0..size {
+            self.inflight(h).store(0, Ordering::Relaxed);
+        }
+        self.header_u16(OFF_DESC_NUM).store(size, Ordering::Relaxed);
+        self.header_u16(OFF_USED_IDX)
+            .store(ring_used_idx, Ordering::Relaxed);
+        self.header_u16(OFF_VERSION)
+            .store(VERSION, Ordering::Release);
+        self.counter.store(1, Ordering::Relaxed);
     }
 
     /// At a start of the queue, with the ring's used index as the guest sees it: what the
     /// queue resubmits and where it resumes (see the module comment). A fresh region is
     /// initialised instead.
-    pub(crate) fn recover(&self, ring_used_idx: u16) -> Recovery {
+    pub(crate) fn recover(&self, ring_used_idx: u16, ring_avail_idx: u16) -> Recovery {
         let nothing = Recovery {
             next_avail: None,
             resubmit: Vec::new(),
         };
         let size = self.region.queue_size;
-        if self.header_u16(OFF_VERSION).load(Ordering::Acquire) != VERSION
-            || self.header_u16(OFF_DESC_NUM).load(Ordering::Acquire) != size
+        // New (zeroed), written for another queue size, or for another ring (QEMU replaced
+        // it: its in-flight heads are not this ring's), or naming more requests in flight
+        // than the guest has offered: nothing is known in flight, the queue starts where the
+        // front-end says.
+        let offered = ring_avail_idx.wrapping_sub(ring_used_idx);
+        if !self.initialised()
+            || !self.describes(ring_used_idx)
+            || offered > size
+            || self.in_flight() > usize::from(offered) + 1
         {
-            // New (zeroed), or written for another queue size: nothing is known in flight.
-            for h in 0..size {
-                self.inflight(h).store(0, Ordering::Relaxed);
-            }
-            self.header_u16(OFF_DESC_NUM).store(size, Ordering::Relaxed);
-            self.header_u16(OFF_USED_IDX)
-                .store(ring_used_idx, Ordering::Relaxed);
-            self.header_u16(OFF_VERSION)
-                .store(VERSION, Ordering::Release);
-            self.counter.store(1, Ordering::Relaxed);
+            self.reset(ring_used_idx);
             return nothing;
         }
         let region_used = self.header_u16(OFF_USED_IDX).load(Ordering::Acquire);
@@ -303,7 +341,7 @@ impl QueueInflight<'_> {
             .map(|h| (self.desc_counter(h).load(Ordering::Acquire), h))
             .collect();
         pending.sort_unstable();
-        let next = pending.last().map_or(1, |&(c, _)| c + 1);
+        let next = pending.last().map_or(1, |&(c, _)| c.wrapping_add(1));
         self.counter.store(next, Ordering::Relaxed);
         // Every avail entry before this was popped: the completed ones are counted in the used
         // index, the others are in flight. (Not QEMU's base: a front-end that lost the
@@ -451,7 +489,7 @@ mod tests {
         let mut offered = 0usize;
         let mut next_avail = 0u16;
         let mut resubmit: Vec<u16> = Vec::new();
-        q.recover(0);
+        q.recover(0, 0);
         for (pops, completions, crash) in lives {
             // The guest refills the avail ring with freed heads.
             let used: Vec<u16> = ring.used.clone();
@@ -470,7 +508,7 @@ mod tests {
                 free.insert(0, h);
             }
             // A restart: what the region says.
-            let rec = q.recover(ring.used.len() as u16);
+            let rec = q.recover(ring.used.len() as u16, ring.avail.len() as u16);
             next_avail = rec.next_avail.unwrap_or(ring.used.len() as u16);
             resubmit = rec.resubmit.clone();
             // Exactly the heads popped and not completed, in pop order.
@@ -511,7 +549,7 @@ mod tests {
         let (_f, r) = region(8);
         let q = r.queue(0).unwrap();
         assert_eq!(
-            q.recover(5),
+            q.recover(5, 5),
             Recovery {
                 next_avail: None,
                 resubmit: vec![]
@@ -538,14 +576,14 @@ mod tests {
     fn resubmission_is_in_pop_order() {
         let (_f, r) = region(8);
         let q = r.queue(0).unwrap();
-        q.recover(0);
+        q.recover(0, 0);
         for h in [5, 2, 7, 1] {
             q.pop(h);
         }
         q.before_used(7);
         q.after_used(7, 1);
         assert_eq!(
-            q.recover(1),
+            q.recover(1, 4),
             Recovery {
                 next_avail: Some(4),
                 resubmit: vec![5, 2, 1]
@@ -553,7 +591,7 @@ mod tests {
         );
         // The used index published, the region not updated: 2 is done.
         q.before_used(2);
-        assert_eq!(q.recover(2).resubmit, vec![5, 1]);
+        assert_eq!(q.recover(2, 4).resubmit, vec![5, 1]);
     }
 
     /// A back-end stopped by SIGTERM completes what is in flight after the front-end went
@@ -563,14 +601,14 @@ mod tests {
     fn the_ring_resumes_at_the_used_index_with_nothing_in_flight() {
         let (_f, r) = region(8);
         let q = r.queue(0).unwrap();
-        q.recover(0);
+        q.recover(0, 0);
         for (i, h) in [3u16, 4].into_iter().enumerate() {
             q.pop(h);
             q.before_used(h);
             q.after_used(h, i as u16 + 1);
         }
         assert_eq!(
-            q.recover(2),
+            q.recover(2, 2),
             Recovery {
                 next_avail: Some(2),
                 resubmit: vec![]
@@ -582,18 +620,45 @@ mod tests {
     fn the_previous_position_counts_every_request_popped() {
         let (_f, r) = region(8);
         let q = r.queue(0).unwrap();
-        assert_eq!(q.previous_position(), None);
-        q.recover(10);
-        assert_eq!(q.previous_position(), Some(10));
+        assert_eq!(q.previous_position(10), None);
+        q.recover(10, 10);
+        assert_eq!(q.previous_position(10), Some(10));
         for h in [1u16, 2, 3] {
             q.pop(h);
         }
         q.before_used(2);
         q.after_used(2, 11);
-        assert_eq!(q.previous_position(), Some(13));
-        // A torn completion (published, not cleared) counts once either way.
+        // The same ring: where QEMU resumes it (its used index).
+        assert_eq!(q.previous_position(11), Some(11));
+        // A torn completion (published, not cleared): the same ring.
         q.before_used(1);
-        assert_eq!(q.previous_position(), Some(13));
+        assert_eq!(q.previous_position(12), Some(12));
+        // Another ring (QEMU loaded another state): the region's own position.
+        assert_eq!(q.previous_position(40), Some(13));
+    }
+
+    /// After QEMU replaced the ring (a COLO checkpoint loaded while the back-end was away),
+    /// the region's heads are another ring's: nothing is resubmitted, the queue starts where
+    /// QEMU says, and the region describes the new ring from then on.
+    #[test]
+    fn a_region_of_another_ring_is_reset_not_replayed() {
+        let (_f, r) = region(8);
+        let q = r.queue(0).unwrap();
+        q.recover(100, 100);
+        for h in [1u16, 2] {
+            q.pop(h);
+        }
+        let nothing = Recovery {
+            next_avail: None,
+            resubmit: vec![],
+        };
+        assert_eq!(q.recover(40, 40), nothing);
+        assert_eq!(q.previous_position(40), Some(40));
+        // More in flight than the guest offered: not this ring either.
+        q.pop(3);
+        q.pop(4);
+        q.pop(5);
+        assert_eq!(q.recover(40, 41), nothing);
     }
 
     proptest! {

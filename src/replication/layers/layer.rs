@@ -252,6 +252,9 @@ impl Layer {
         let mut log = vec![0u8; (len - log_start) as usize];
         file.read_at(&mut log, log_start)?;
         let mut clusters = BTreeSet::new();
+        // Active clusters known only from a volatile record of this boot: not durable yet,
+        // so the next flush logs them (else a power cut after that flush would lose them).
+        let mut volatile_only = BTreeSet::new();
         let mut buf = Vec::new();
         let mut ignored = 0usize;
         for rec in log.chunks_exact(RECORD_LEN).filter_map(Record::decode) {
@@ -263,10 +266,15 @@ impl Layer {
                 Record::Removed { cluster } => {
                     removed.insert(cluster);
                     clusters.remove(&cluster);
+                    volatile_only.remove(&cluster);
                 }
                 Record::Volatile { cluster, boot: b } => {
-                    if b != 0 && b == boot && cluster.saturating_mul(cluster_size) < capacity {
-                        clusters.insert(cluster);
+                    if b != 0
+                        && b == boot
+                        && cluster.saturating_mul(cluster_size) < capacity
+                        && clusters.insert(cluster)
+                    {
+                        volatile_only.insert(cluster);
                     }
                 }
                 Record::Holds { cluster, crc } => {
@@ -284,6 +292,7 @@ impl Layer {
                         }
                     }
                     clusters.insert(cluster);
+                    volatile_only.remove(&cluster);
                 }
             }
         }
@@ -304,7 +313,7 @@ impl Layer {
             zero_crc: None,
             log_end,
             pending: Vec::new(),
-            unlogged: Vec::new(),
+            unlogged: volatile_only.into_iter().collect(),
             discard_on_drop: false,
         })
     }
@@ -641,6 +650,33 @@ mod tests {
         let (after_power_loss, removed) = reopen(&cut);
         assert_eq!(after_power_loss, [0]);
         assert_eq!(removed.iter().copied().collect::<Vec<_>>(), [1]);
+
+        // A process crash, the restarted process reopens, the SVM flushes: cluster 5 is
+        // durable now, and a power cut afterwards keeps it (its volatile record alone would
+        // not count after the reboot).
+        let restarted = sim.process_crash();
+        let mut removed = BTreeSet::new();
+        let mut a = Layer::open(
+            &restarted.media(),
+            path.clone(),
+            Kind::Active,
+            cap,
+            cs as u64,
+            0,
+            &mut removed,
+        )
+        .unwrap();
+        assert!(a.has(5));
+        a.sync().unwrap();
+        drop(a);
+        let cut = restarted
+            .take_trace()
+            .pop()
+            .unwrap()
+            .frozen
+            .power_cut(crate::storage::sim::Cut::AllKept);
+        let (after, _) = reopen(&cut);
+        assert_eq!(after, [0, 5]);
         assert_eq!(removed.iter().copied().collect::<Vec<_>>(), [1]);
     }
 }
