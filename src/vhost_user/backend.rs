@@ -425,12 +425,20 @@ impl BlkBackend {
                     .disable_notification()
                     .map_err(|e| io::Error::other(format!("{e:?}")))?;
             }
+            let before = batch.len();
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
                 let head = chain.head_index();
                 if let Some(q) = region.as_ref().and_then(|r| r.queue(queue)) {
                     q.pop(head);
                 }
                 batch.push((head, request::parse(mem, chain, self.shared.limits)));
+            }
+            if batch.len() == before && Self::avail_overruns(&state, mem) {
+                // The guest's avail index is more than a queue ahead: nothing can be popped,
+                // and asking again would say "more" forever with the vring lock held (QEMU's
+                // next message for this queue would wait for ever). The next kick looks again.
+                warn!("queue {queue}: the avail index is more than a queue ahead; ignored");
+                break;
             }
             if !event_idx
                 || after == AfterPop::LeaveOff
@@ -474,6 +482,14 @@ impl BlkBackend {
             .ok()?
             .0;
         region.queue(queue)?.previous_position(used)
+    }
+
+    /// Whether the guest's avail index is more than a queue's size ahead of `next_avail` (a
+    /// malformed ring: nothing can be popped from it).
+    fn avail_overruns(state: &VringStateGuard<'_>, mem: &GuestMemoryLoadGuard<GuestMem>) -> bool {
+        let q = state.get_queue();
+        q.avail_idx(&**mem, Ordering::Acquire)
+            .is_ok_and(|a| a.0.wrapping_sub(q.next_avail()) > q.size())
     }
 
     /// The front-end's inflight region, if it keeps one.
@@ -1239,6 +1255,38 @@ mod tests {
         let got = rx
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("pop_all on a stopped queue did not return");
+        assert_eq!(got.unwrap(), 0);
+    }
+
+    /// A guest's avail index more than a queue ahead of next_avail (bad input: nothing can be
+    /// popped) on a ready queue returns an empty batch instead of spinning under the vring lock.
+    #[test]
+    fn an_avail_index_more_than_a_queue_ahead_returns_at_once() {
+        use vhost_user_backend::VringT;
+        use vm_memory::GuestMemoryAtomic;
+        let disk: Arc<dyn BlockDevice> = Arc::new(MemDisk::new(1 << 20));
+        let backend = BlkBackend::new(disk, &opts(), StatsHandle::new(2), None, IoEngine::Threads);
+        backend.shared.event_idx.store(true, Ordering::Relaxed);
+        let m: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_000)]).unwrap();
+        let (desc, avail, used) = (0x4000u64, 0x5000u64, 0x6000u64);
+        m.write_obj(17u16, GuestAddress(avail + 2)).unwrap();
+        let atomic = GuestMemoryAtomic::new(m);
+        let vring = Vring::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(desc, avail, used).unwrap();
+        vring.set_queue_ready(true);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (b, v) = (backend.clone(), vring.clone());
+        std::thread::spawn(move || {
+            let mem = atomic.memory();
+            let _ = tx.send(
+                b.pop_all(0, &v, &mem, AfterPop::Enable)
+                    .map(|batch| batch.len()),
+            );
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("pop_all on an overrun avail index did not return");
         assert_eq!(got.unwrap(), 0);
     }
 
