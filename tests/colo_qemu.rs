@@ -21,7 +21,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
@@ -95,20 +94,7 @@ struct Events {
 impl Events {
     fn connect(path: &Path) -> Events {
         wait_path(path);
-        // Bound before it listens (see `common::Qmp::connect`).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::ConnectionRefused
-                        && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("connect QMP {}: {e}", path.display()),
-            }
-        };
+        let s = common::connect_unix(path);
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
         let mut line = String::new();

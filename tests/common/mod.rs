@@ -352,24 +352,29 @@ pub struct Qmp {
     pub events: Vec<serde_json::Value>,
 }
 
+/// Connects to the unix socket `path`. A server binds (the path appears) before it listens:
+/// a connect in between is refused, and is retried for a while (a polling interval, not
+/// synchronisation).
+pub fn connect_unix(path: &Path) -> std::os::unix::net::UnixStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("connect to {}: {e}", path.display()),
+        }
+    }
+}
+
 impl Qmp {
     /// Connects, reads the greeting and negotiates capabilities.
     pub fn connect(path: &Path) -> Qmp {
-        // A server binds (the path appears) before it listens: a connect in between is
-        // refused. Retried for a while (a polling interval, not synchronisation).
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let s = loop {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::ConnectionRefused
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("connect to QMP socket {}: {e}", path.display()),
-            }
-        };
+        let s = connect_unix(path);
         s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         let mut q = Qmp {
             reader: BufReader::new(s.try_clone().unwrap()),
