@@ -379,7 +379,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     // Nothing writes the image any more: its stamp lets the next start see other programs'
     // changes (a secondary first stops taking the stream).
     let quiet = match &role {
-        Role::Secondary(s) => s.quiesce(Duration::from_secs(10)),
+        Role::Secondary(s) => {
+            let quiet = s.quiesce(Duration::from_secs(10));
+            if quiet {
+                s.close_layers()?;
+            }
+            quiet
+        }
         _ => true,
     };
     if let (Some(meta), true) = (&meta, quiet) {

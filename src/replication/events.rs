@@ -213,8 +213,10 @@ pub struct SecondaryStatus {
     pub hidden_bytes: u64,
     pub active_bytes: u64,
     pub cluster_size: u64,
-    /// `consistent`, or `inconsistent` while a full sync has not reached a checkpoint (such a
-    /// disk holds no checkpoint: failover refuses it unless forced).
+    /// `consistent`; `inconsistent` while a full sync has not reached a checkpoint;
+    /// `needs-resync` after a power loss dropped layers that held unsynced changes, until the
+    /// primary's resync and the next checkpoint. Neither holds a checkpoint: failover refuses
+    /// them unless forced.
     pub consistency: &'static str,
     /// The disk's replication metadata.
     pub metadata: MetaStatus,

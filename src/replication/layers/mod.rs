@@ -13,8 +13,10 @@
 //!
 //! - The replicated stream from the primary ([`LayeredDisk::apply_primary_batch`]) goes to
 //!   `base`, after *copy-before-write*: every cluster it touches that the newest hidden layer does
-//!   not hold yet is read from `base` and saved there first, and the hidden layer is synced before
-//!   base is written. A hidden layer never overwrites a cluster it holds.
+//!   not hold yet is read from `base` and saved there first (data, then its index records),
+//!   then base is written. Nothing of it is synced: a process crash finds every write in the
+//!   page cache, and after a power loss the layers are not trusted (below). A hidden layer never
+//!   overwrites a cluster it holds.
 //! - The Secondary VM sees [`LayeredDisk`] as a [`BlockDevice`]: per cluster, reads come from
 //!   active if it holds the cluster, else from the oldest hidden layer holding it, else base. Its
 //!   writes go to active (partial clusters are read-modify-written from that same view) and never
@@ -31,6 +33,14 @@
 //!   [`LayeredDisk::failover_logged`] first records every range the commit will write in a dirty
 //!   log, and from then on the SVM's changes reach base through a [`LayeredDisk::set_through`]
 //!   device (the log's [`LoggedDisk`], later a promoted primary) instead of directly.
+//!
+//! Durability follows docs/flush-policy.md (DRBD's single-fault model): base is synced at the
+//! boundaries the primary relies on (its FLUSH, a marker, a checkpoint); the layers are synced
+//! only where a power loss must find them (a group prepare, a failover's start, a clean
+//! [`LayeredDisk::close`]). The state file says which: `"open": boot` while the layers may hold
+//! unsynced changes of that boot. A reopen after a power loss (another boot) while open drops
+//! the layers and reports [`LayerStats::needs_resync`]: the primary's resync makes base its
+//! disk again, a failover is refused unless forced, and the next checkpoint clears it.
 //!
 //! Each layer is a sparse file the size of the disk holding its data at the disk's offsets, with
 //! its index log after the data (`layer.rs`); `layers.state` names the current files
@@ -102,6 +112,10 @@ pub struct LayerStats {
     /// `failover()` has been called: the primary stream and checkpoints are refused. While the
     /// commit runs, `hidden_bytes + active_bytes` is what is left to commit.
     pub failed_over: bool,
+    /// The layers were dropped after a power loss while they held unsynced changes: the view
+    /// is base as the power cut left it, no checkpoint. A failover is refused unless forced;
+    /// the next checkpoint (after the primary's resync) clears it.
+    pub needs_resync: bool,
 }
 
 /// A hidden layer and the COLO markers it started at (none for the epoch's first).
@@ -164,6 +178,17 @@ impl Layers {
         self.all().filter_map(|l| l.clusters.first().copied()).min()
     }
 
+    /// Syncs every hidden layer (data and index records): a boundary after which a power
+    /// loss must find them.
+    fn sync_hidden(&mut self) -> io::Result<()> {
+        for h in &mut self.hidden {
+            if h.layer.is_unsynced() {
+                h.layer.sync()?;
+            }
+        }
+        Ok(())
+    }
+
     fn is_empty(&self) -> bool {
         self.all().all(|l| l.clusters.is_empty())
     }
@@ -218,6 +243,12 @@ struct State {
     epoch: u64,
     /// Consistency groups: the last group checkpoint and the one prepared (layers.state).
     group: GroupRecord,
+    /// The state file says `"open"` in this boot: changes may go to the layers unsynced.
+    /// False after a state file that says the layers are synced (`"open": null`): the next
+    /// stream change records `"open"` first.
+    open: bool,
+    /// See [`LayerStats::needs_resync`] (recorded in the state file).
+    needs_resync: bool,
 }
 
 /// The secondary's disk: the hidden and active layers over the secondary disk (`base`).
@@ -346,6 +377,8 @@ impl LayeredDisk {
                 stage: Stage::Standalone,
                 epoch: 0,
                 group: GroupRecord::default(),
+                open: false,
+                needs_resync: false,
             }),
             next_file: AtomicU64::new(next_file),
             reaper_tx,
@@ -368,6 +401,8 @@ impl LayeredDisk {
                     stage: Stage::Buffering(layers),
                     epoch: 0,
                     group: GroupRecord::default(),
+                    open: true,
+                    needs_resync: false,
                 }
             }
         };
@@ -393,6 +428,11 @@ impl LayeredDisk {
             ));
         }
         self.check_owner(saved.disk_id.as_deref())?;
+        let boot = self.media.boot_tag();
+        let lost_power = saved.open.is_some_and(|b| b == 0 || b != boot);
+        if lost_power && saved.stage == SavedStage::Buffering {
+            return self.reopen_after_power_loss(saved);
+        }
         let mut named: Vec<String> = saved.hidden.iter().map(|h| h.file.clone()).collect();
         named.extend(saved.active.clone());
         // Layer files not named are left-overs of a crash between creating and naming them
@@ -456,6 +496,8 @@ impl LayeredDisk {
             stage,
             epoch: saved.epoch,
             group: saved.group,
+            open: saved.open.is_some(),
+            needs_resync: saved.needs_resync,
         };
         let stats = self.stats_of(&st);
         log::info!(
@@ -471,6 +513,51 @@ impl LayeredDisk {
             }
         );
         Ok(st)
+    }
+
+    /// The layers were open (held unsynced changes) when the machine lost power: nothing in
+    /// them is trusted. One state file change names fresh empty layers, keeps the epoch and
+    /// records `needs_resync`; then the old files go. A crash before the rename finds the old
+    /// state and starts again; after it, the flag.
+    fn reopen_after_power_loss(&self, saved: SavedState) -> io::Result<State> {
+        for f in layer::layer_files(&self.media, &self.dir)? {
+            let path = self.dir.join(&f);
+            match Layer::owner_of(&self.media, &path, self.capacity)? {
+                Some(o) if self.owner != 0 && o != self.owner => {
+                    return Err(layer::foreign_layer(&path, o, self.owner))
+                }
+                _ => {}
+            }
+        }
+        let mut layers = self.create_layers()?;
+        let mut fresh = self.saved(
+            GroupRecord::default(),
+            saved.epoch,
+            SavedStage::Buffering,
+            Some(&layers),
+        );
+        fresh.needs_resync = true;
+        fresh.store(&*self.media, &self.dir)?;
+        layers.keep_files();
+        let keep: Vec<String> = layers.all().map(Layer::file_name).collect();
+        for f in layer::layer_files(&self.media, &self.dir)? {
+            if !keep.contains(&f) {
+                self.media.remove_file(&self.dir.join(&f))?;
+            }
+        }
+        log::warn!(
+            "layers reopened after a power loss while they held unsynced changes (epoch {}): \
+             dropped; the Secondary VM's view is no checkpoint until the primary has resent \
+             its changes and the next checkpoint; a failover is refused until then unless forced",
+            saved.epoch
+        );
+        Ok(State {
+            stage: Stage::Buffering(layers),
+            epoch: saved.epoch,
+            group: GroupRecord::default(),
+            open: true,
+            needs_resync: true,
+        })
     }
 
     fn open_layer(&self, name: &str, kind: Kind, removed: &mut BTreeSet<u64>) -> io::Result<Layer> {
@@ -541,6 +628,7 @@ impl LayeredDisk {
             cluster_size: self.cluster_size,
             epoch: st.epoch,
             failed_over: !matches!(st.stage, Stage::Buffering(_)),
+            needs_resync: st.needs_resync,
         }
     }
 
@@ -623,9 +711,10 @@ impl LayeredDisk {
         }
         let mut st = self.write_state();
         let epoch = st.epoch;
-        if st.group.prepared.is_some() {
-            // Base is about to differ from the prepared group checkpoint: the record goes
-            // first, durably (a crash after the change must not leave it standing).
+        if st.group.prepared.is_some() || !st.open {
+            // Base is about to differ from a prepared group checkpoint, and the layers are
+            // about to hold unsynced changes: both are recorded first, durably (a crash after
+            // the change must not leave the prepared record standing, nor the layers trusted).
             let group = GroupRecord {
                 prepared: None,
                 ..st.group
@@ -633,11 +722,13 @@ impl LayeredDisk {
             let Stage::Buffering(layers) = &st.stage else {
                 return Err(replication_over());
             };
-            self.saved(group, epoch, SavedStage::Buffering, Some(layers))
-                .store(&*self.media, &self.dir)?;
+            let mut saved = self.saved(group, epoch, SavedStage::Buffering, Some(layers));
+            saved.needs_resync = st.needs_resync;
+            saved.store(&*self.media, &self.dir)?;
             st.group = group;
+            st.open = true;
         }
-        let group = st.group;
+        let (group, needs_resync) = (st.group, st.needs_resync);
         let Stage::Buffering(layers) = &mut st.stage else {
             return Err(replication_over());
         };
@@ -651,6 +742,7 @@ impl LayeredDisk {
                 self.owner,
             )?;
             let mut saved = self.saved(group, epoch, SavedStage::Buffering, Some(layers));
+            saved.needs_resync = needs_resync;
             saved.hidden.push(SavedHidden {
                 file: fresh.file_name(),
                 marks: layers.pending.clone(),
@@ -669,10 +761,9 @@ impl LayeredDisk {
             let (offset, len) = c.range();
             self.save_originals(hidden, offset, len)?;
         }
-        if hidden.has_pending() {
-            // The originals are on the disk before any of them is overwritten in base.
-            hidden.sync()?;
-        }
+        // The originals and their records are written (not synced) before base: a process
+        // crash finds them in the page cache; a power loss drops the open layers anyway.
+        hidden.write_records()?;
         for c in writes {
             match *c {
                 Change::Write { offset, data } => self.base.write_at(data, offset)?,
@@ -719,21 +810,28 @@ impl LayeredDisk {
         // restarted secondary commit a group checkpoint that lacks them).
         self.flush_base(SyncPoint::BaseGroupPrepare)?;
         let mut st = self.write_state();
-        let Stage::Buffering(layers) = &st.stage else {
+        let (needs_resync, epoch, group_before) = (st.needs_resync, st.epoch, st.group);
+        let Stage::Buffering(layers) = &mut st.stage else {
             return Err(replication_over());
         };
+        // A prepared participant commits or rolls back after any crash: its layers are
+        // trusted then, so they are made durable before the record says so.
+        layers.sync_hidden()?;
         let prepared = GroupPrepared {
             group,
-            epoch: st.epoch,
+            epoch,
             applied_seq,
         };
         let record = GroupRecord {
             prepared: Some(prepared),
-            ..st.group
+            ..group_before
         };
-        self.saved(record, st.epoch, SavedStage::Buffering, Some(layers))
-            .store(&*self.media, &self.dir)?;
+        let mut saved = self.saved(record, epoch, SavedStage::Buffering, Some(layers));
+        saved.open = None;
+        saved.needs_resync = needs_resync;
+        saved.store(&*self.media, &self.dir)?;
         st.group = record;
+        st.open = false;
         Ok(prepared)
     }
 
@@ -889,6 +987,7 @@ impl LayeredDisk {
         saved.active = Some(fresh_active.file_name());
         saved.hidden = kept_names;
         saved.group = group;
+        saved.open = Some(self.media.boot_tag());
         saved.store(&*self.media, &self.dir)?;
 
         let mut kept = layers.hidden.split_off(keep_from);
@@ -915,6 +1014,8 @@ impl LayeredDisk {
         };
         st.epoch = epoch;
         st.group = group;
+        st.open = true;
+        st.needs_resync = false;
         drop(st);
         old.hidden.append(&mut unused);
         old.discard_files();
@@ -944,7 +1045,7 @@ impl LayeredDisk {
     /// from then on. On a resumed commit the clusters still buffered are recorded again
     /// (idempotent); those committed before were recorded by the first attempt.
     pub fn failover_logged(&self, log: Option<Arc<DirtyLog>>) -> io::Result<()> {
-        if !self.begin_failover(log)? {
+        if !self.begin_failover(log, false)? {
             return Ok(());
         }
         let per_batch = (COMMIT_BATCH / self.cluster_size).max(1) as usize;
@@ -981,8 +1082,16 @@ impl LayeredDisk {
     /// there is nothing to commit (a previous failover completed). With a log, the layers'
     /// ranges are recorded in it and the SVM's changes go through it, before the state file
     /// says committing (a crash in between: still buffering, the log holds extra bits).
-    fn begin_failover(&self, log: Option<Arc<DirtyLog>>) -> io::Result<bool> {
+    fn begin_failover(&self, log: Option<Arc<DirtyLog>>, force: bool) -> io::Result<bool> {
         let mut st = self.write_state();
+        if st.needs_resync && !force && matches!(st.stage, Stage::Buffering(_)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the secondary lost power while its layers held unsynced changes: its disk is \
+                 no checkpoint until the primary has resent its changes and a checkpoint \
+                 followed; fail over with force to take it as it is (crash-consistent)",
+            ));
+        }
         if let Some(log) = log {
             if let Some(layers) = st.stage.layers() {
                 let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -1010,11 +1119,17 @@ impl LayeredDisk {
             let logged: Arc<dyn BlockDevice> = Arc::new(LoggedDisk::new(self.base.clone(), log));
             *self.through_mut() = Some(logged);
         }
-        match &st.stage {
+        let (needs_resync, group, epoch) = (st.needs_resync, st.group, st.epoch);
+        match &mut st.stage {
             Stage::Buffering(l) => {
-                // Recorded first: a restarted secondary resumes the commit.
-                self.saved(st.group, st.epoch, SavedStage::Committing, Some(l))
-                    .store(&*self.media, &self.dir)?;
+                // The commit reads the layers after any crash: durable first, then recorded
+                // (a restarted secondary resumes the commit).
+                l.sync_hidden()?;
+                let mut saved = self.saved(group, epoch, SavedStage::Committing, Some(l));
+                saved.open = None;
+                saved.needs_resync = needs_resync;
+                saved.store(&*self.media, &self.dir)?;
+                st.open = false;
                 if let Stage::Buffering(l) = std::mem::replace(&mut st.stage, Stage::Standalone) {
                     st.stage = Stage::Committing(l);
                 }
@@ -1091,8 +1206,31 @@ impl LayeredDisk {
     /// Starts a failover without committing anything yet: the stream is refused from now on
     /// and, with `log`, the buffered ranges are recorded in it and the SVM's changes go
     /// through it (see [`LayeredDisk::failover_logged`], which continues from here).
-    pub fn prepare_failover(&self, log: Option<Arc<DirtyLog>>) -> io::Result<()> {
-        self.begin_failover(log).map(drop)
+    ///
+    /// A disk that [needs a resync](LayerStats::needs_resync) is refused unless `force`.
+    pub fn prepare_failover(&self, log: Option<Arc<DirtyLog>>, force: bool) -> io::Result<()> {
+        self.begin_failover(log, force).map(drop)
+    }
+
+    /// A clean stop: the layers are synced and the state file says so (`"open": null`), so
+    /// that a power loss before the next start needs no resync. Changes after it reopen the
+    /// layers as usual.
+    pub fn close(&self) -> io::Result<()> {
+        let mut st = self.write_state();
+        if !st.open {
+            return Ok(());
+        }
+        let (group, epoch, needs_resync) = (st.group, st.epoch, st.needs_resync);
+        let Stage::Buffering(layers) = &mut st.stage else {
+            return Ok(());
+        };
+        layers.sync_hidden()?;
+        let mut saved = self.saved(group, epoch, SavedStage::Buffering, Some(layers));
+        saved.open = None;
+        saved.needs_resync = needs_resync;
+        saved.store(&*self.media, &self.dir)?;
+        st.open = false;
+        Ok(())
     }
 
     /// The device the SVM's changes go through, if any.
@@ -1130,6 +1268,9 @@ impl LayeredDisk {
         saved.epoch = epoch;
         saved.group = group;
         saved.stage = stage;
+        // Only a buffering disk takes unsynced changes; a failover records `null` after
+        // syncing the layers it commits from.
+        saved.open = (stage == SavedStage::Buffering).then(|| self.media.boot_tag());
         if let Some(l) = layers {
             saved.active = Some(l.active.file_name());
             saved.hidden = l
