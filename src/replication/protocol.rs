@@ -861,3 +861,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod golden;
