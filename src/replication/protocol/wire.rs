@@ -5,9 +5,9 @@
 //!
 //! Byte order: every integer field is one of vm-memory's little-endian types ([`Le16`],
 //! [`Le32`], [`Le64`]: stored with `to_le()`, read with `from_le()`), so a struct's bytes are the
-//! wire's on any host; `packed` leaves no padding (the wire has fields at offsets their size
-//! does not divide, such as WELCOME's generations at 24 + 16). A packed field is only ever read
-//! by value (`to_native()` copies it), never borrowed. The generations inside HELLO and WELCOME
+//! wire's on any host; `packed` leaves no padding (an aligned WELCOME struct, 108 bytes of
+//! fields, would be padded to 112). A packed field is only ever read by value (`to_native()`
+//! copies it), never borrowed. The generations inside HELLO and WELCOME
 //! are bytes laid out by [`Generations::encode_into`], the one definition of that record (the
 //! metadata file holds the same bytes).
 
