@@ -6,8 +6,7 @@ use std::io;
 
 use super::state::{SavedHidden, SavedStage, SavedState};
 use super::{
-    replication_over, GroupCommitted, GroupPrepared, GroupRecord, LayeredDisk, Layers,
-    Mark, Stage,
+    replication_over, GroupCommitted, GroupPrepared, GroupRecord, LayeredDisk, Layers, Mark, Stage,
 };
 use crate::storage::durable::SyncPoint;
 
@@ -19,12 +18,12 @@ impl LayeredDisk {
     ///
     /// Fails once `failover()` has been called.
     pub fn checkpoint(&self) -> io::Result<()> {
-        self.cut(None, None, None)
+        self.cut(Cut::Checkpoint { epoch: None })
     }
 
     /// [`LayeredDisk::checkpoint`], naming the new epoch (the primary's number for it).
     pub fn checkpoint_as(&self, epoch: u64) -> io::Result<()> {
-        self.cut(None, Some(epoch), None)
+        self.cut(Cut::Checkpoint { epoch: Some(epoch) })
     }
 
     /// The consistency-group record (docs/consistency-groups.md) and the epoch, read together.
@@ -73,7 +72,7 @@ impl LayeredDisk {
     /// lock as the stream's writes); otherwise an `InvalidInput` error and nothing changed.
     /// Returns the new epoch.
     pub fn checkpoint_group(&self, group: u64) -> io::Result<u64> {
-        self.cut(None, None, Some(group))?;
+        self.cut(Cut::Group(group))?;
         Ok(self.read_state().epoch)
     }
 
@@ -100,35 +99,116 @@ impl LayeredDisk {
     /// the checkpoint is complete. The active layer and the hidden layers older than the cut
     /// are dropped; the view is now the primary's disk at the cut.
     pub fn commit_mark(&self, epoch: u64) -> io::Result<()> {
-        self.cut(Some(epoch), Some(epoch), None)
+        self.cut(Cut::Mark(epoch))
     }
 
-    /// Drops the active layer and the hidden layers before the cut at `mark` (all of them
-    /// without one, or when the cut is still pending: no change came after it); the new epoch
-    /// is `epoch` (the next one without). With `require_group`, only if the disk is prepared
-    /// for that group checkpoint at the current epoch. A full cut while prepared makes the
-    /// prepared group checkpoint the committed one; a COLO cut drops the prepared record.
-    pub(super) fn cut(
-        &self,
-        mark: Option<u64>,
-        epoch: Option<u64>,
-        require_group: Option<u64>,
-    ) -> io::Result<()> {
+    /// Carries out `cut`: base is synced (what the cut keeps is durable before the layers
+    /// holding the rest go), fresh layer files are made, and under the lock the plan is
+    /// recorded in the state file, then swapped in; the old files go to the reaper.
+    pub(super) fn cut(&self, cut: Cut) -> io::Result<()> {
         if !matches!(self.read_state().stage, Stage::Buffering(_)) {
             return Err(replication_over());
         }
-        // What the cut keeps must be durable before the layers holding the rest go.
         self.flush_base(SyncPoint::BaseCheckpoint)?;
         // Create the new files before taking the lock, so the swap is all the lock covers.
-        let Layers {
-            active: mut fresh_active,
-            hidden: fresh_hidden,
-            ..
-        } = self.create_layers()?;
+        let fresh = self.create_layers()?;
         let mut st = self.write_state();
-        let epoch_before = st.epoch;
-        if let Some(g) = require_group {
-            match st.group.prepared {
+        let (epoch_before, group_before) = (st.epoch, st.group);
+        let Stage::Buffering(layers) = &mut st.stage else {
+            return Err(replication_over());
+        };
+        let plan = CutPlan::new(cut, layers, epoch_before, group_before)?;
+        // The layers after the cut, recorded first: on an error nothing has changed.
+        self.saved_after(&plan, layers, &fresh)
+            .store(&*self.media, &self.dir)?;
+        let mut old = plan.swap(layers, fresh);
+        st.epoch = plan.epoch;
+        st.group = plan.group;
+        st.open = true;
+        st.needs_resync = false;
+        drop(st);
+        old.discard_files();
+        self.reap(old);
+        Ok(())
+    }
+
+    /// The state file after `plan`: the new epoch and group record, the fresh active layer,
+    /// the kept hidden layers (or the fresh one), open in this boot.
+    fn saved_after(&self, plan: &CutPlan, layers: &Layers, fresh: &Layers) -> SavedState {
+        let hidden = if plan.keep_from < layers.hidden.len() {
+            layers.hidden[plan.keep_from..]
+                .iter()
+                .enumerate()
+                .map(|(i, h)| SavedHidden {
+                    file: h.layer.file_name(),
+                    // The kept layer becomes the epoch's first.
+                    marks: if i == 0 {
+                        plan.marks_from_cut(&h.marks)
+                    } else {
+                        h.marks.clone()
+                    },
+                })
+                .collect()
+        } else {
+            fresh
+                .hidden
+                .iter()
+                .map(|h| SavedHidden {
+                    file: h.layer.file_name(),
+                    marks: plan.fresh_marks.clone(),
+                })
+                .collect()
+        };
+        let mut saved = SavedState::new(self.capacity, self.cluster_size);
+        saved.disk_id = (self.owner != 0).then(|| format!("{:032x}", self.owner));
+        saved.epoch = plan.epoch;
+        saved.active = Some(fresh.active.file_name());
+        saved.hidden = hidden;
+        saved.group = plan.group;
+        saved.open = Some(self.media.boot_tag());
+        saved
+    }
+}
+
+/// The kinds of cut: where the Secondary VM's new view comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cut {
+    /// Every layer dropped: base is the primary's disk. The new epoch is `epoch` (the
+    /// primary's number), else the next one. A disk prepared for a group checkpoint at the
+    /// current epoch commits it.
+    Checkpoint { epoch: Option<u64> },
+    /// A checkpoint that happens only if the disk is prepared for group checkpoint `group` at
+    /// the current epoch (docs/consistency-groups.md); it commits that group checkpoint.
+    Group(u64),
+    /// COLO: the SVM runs the primary's state of the tentative cut at marker `epoch`: the
+    /// active layer and the hidden layers before the cut go; the new epoch is `epoch`. A
+    /// prepared group record is dropped.
+    Mark(u64),
+}
+
+/// What a cut does to the layers, planned from the state under the lock before anything is
+/// written (pure: an error leaves everything as it was).
+struct CutPlan {
+    cut: Cut,
+    epoch: u64,
+    group: GroupRecord,
+    /// The first hidden layer kept (`hidden.len()`: none; a fresh one starts the epoch).
+    keep_from: usize,
+    /// A cut at a pending marker (no change came after it): the fresh first layer starts
+    /// there, with the pending markers from the cut on.
+    cut_pending: bool,
+    fresh_marks: Vec<Mark>,
+}
+
+impl CutPlan {
+    fn new(
+        cut: Cut,
+        layers: &Layers,
+        epoch_before: u64,
+        group_before: GroupRecord,
+    ) -> io::Result<CutPlan> {
+        if let Cut::Group(g) = cut {
+            match group_before.prepared {
                 Some(p) if p.group == g && p.epoch == epoch_before => {}
                 other => {
                     return Err(io::Error::new(
@@ -141,44 +221,32 @@ impl LayeredDisk {
                 }
             }
         }
-        let group_before = st.group;
-        let Stage::Buffering(layers) = &mut st.stage else {
-            return Err(replication_over());
-        };
         let has = |marks: &[Mark], e: u64| marks.iter().any(|m| m.epoch == e);
-        let keep_from = match mark {
-            None => layers.hidden.len(),
-            Some(e) if has(&layers.pending, e) => layers.hidden.len(),
-            Some(e) => layers
-                .hidden
-                .iter()
-                .position(|h| has(&h.marks, e))
-                .ok_or_else(|| {
+        let (epoch, keep_from, cut_pending) = match cut {
+            Cut::Checkpoint { epoch } => (
+                epoch.unwrap_or(epoch_before + 1),
+                layers.hidden.len(),
+                false,
+            ),
+            Cut::Group(_) => (epoch_before + 1, layers.hidden.len(), false),
+            Cut::Mark(e) if has(&layers.pending, e) => (e, layers.hidden.len(), true),
+            Cut::Mark(e) => {
+                let at = layers.hidden.iter().position(|h| has(&h.marks, e));
+                let at = at.ok_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::NotFound,
                         format!("no tentative cut for epoch {e}"),
                     )
-                })?,
-        };
-        // This cut and the later ones stay possible cuts: QEMU may give the SVM the state of
-        // the same point again (the PVM stayed stopped), or of a later stop.
-        let from_cut = |marks: &[Mark]| -> Vec<Mark> {
-            match mark {
-                Some(e) => marks.iter().skip_while(|m| m.epoch != e).cloned().collect(),
-                None => Vec::new(),
+                })?;
+                (e, at, false)
             }
         };
-        // A cut at a pending marker: the fresh first layer starts there, with the pending
-        // markers from the cut on (no change came between them).
-        let cut_pending = mark.is_some_and(|e| has(&layers.pending, e));
-        let fresh_marks = if cut_pending {
-            from_cut(&layers.pending)
-        } else {
-            Vec::new()
-        };
-        let epoch = epoch.unwrap_or(epoch_before + 1);
-        let group = match (mark, group_before.prepared) {
-            (None, Some(p)) if p.epoch == epoch_before => GroupRecord {
+        let group = match (cut, group_before.prepared) {
+            (Cut::Mark(_), _) | (_, None) => GroupRecord {
+                prepared: None,
+                ..group_before
+            },
+            (_, Some(p)) if p.epoch == epoch_before => GroupRecord {
                 committed: Some(GroupCommitted {
                     group: p.group,
                     epoch,
@@ -190,50 +258,49 @@ impl LayeredDisk {
                 ..group_before
             },
         };
-        // The layers after the cut, recorded first: on an error nothing has changed.
-        let kept_names: Vec<SavedHidden> = if keep_from < layers.hidden.len() {
-            layers.hidden[keep_from..]
-                .iter()
-                .enumerate()
-                .map(|(i, h)| SavedHidden {
-                    file: h.layer.file_name(),
-                    // The kept layer becomes the epoch's first.
-                    marks: if i == 0 {
-                        from_cut(&h.marks)
-                    } else {
-                        h.marks.clone()
-                    },
-                })
-                .collect()
-        } else {
-            fresh_hidden
-                .iter()
-                .map(|h| SavedHidden {
-                    file: h.layer.file_name(),
-                    marks: fresh_marks.clone(),
-                })
-                .collect()
+        let mut plan = CutPlan {
+            cut,
+            epoch,
+            group,
+            keep_from,
+            cut_pending,
+            fresh_marks: Vec::new(),
         };
-        let mut saved = SavedState::new(self.capacity, self.cluster_size);
-        saved.disk_id = (self.owner != 0).then(|| format!("{:032x}", self.owner));
-        saved.epoch = epoch;
-        saved.active = Some(fresh_active.file_name());
-        saved.hidden = kept_names;
-        saved.group = group;
-        saved.open = Some(self.media.boot_tag());
-        saved.store(&*self.media, &self.dir)?;
+        if cut_pending {
+            plan.fresh_marks = plan.marks_from_cut(&layers.pending);
+        }
+        Ok(plan)
+    }
 
-        let mut kept = layers.hidden.split_off(keep_from);
+    /// The markers from the cut on: this cut and the later ones stay possible cuts (QEMU may
+    /// give the SVM the state of the same point again, or of a later stop). None for a
+    /// checkpoint.
+    fn marks_from_cut(&self, marks: &[Mark]) -> Vec<Mark> {
+        match self.cut {
+            Cut::Mark(e) => marks.iter().skip_while(|m| m.epoch != e).cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Swaps `fresh` in for what the cut drops; returns the dropped layers (and the fresh
+    /// hidden layer, when a kept one starts the epoch instead).
+    fn swap(&self, layers: &mut Layers, fresh: Layers) -> Layers {
+        let Layers {
+            active: mut fresh_active,
+            hidden: fresh_hidden,
+            ..
+        } = fresh;
+        let mut kept = layers.hidden.split_off(self.keep_from);
         let mut unused = Vec::new();
         if kept.is_empty() {
             kept = fresh_hidden;
-            kept[0].marks = fresh_marks;
+            kept[0].marks = self.fresh_marks.clone();
         } else {
             unused = fresh_hidden;
-            kept[0].marks = from_cut(&kept[0].marks);
+            kept[0].marks = self.marks_from_cut(&kept[0].marks);
         }
         // Pending markers after a cut in a layer are newer than it: they stay pending.
-        if mark.is_none() || cut_pending {
+        if !matches!(self.cut, Cut::Mark(_)) || self.cut_pending {
             layers.pending.clear();
         }
         for h in &mut kept {
@@ -245,14 +312,7 @@ impl LayeredDisk {
             hidden: std::mem::replace(&mut layers.hidden, kept),
             pending: Vec::new(),
         };
-        st.epoch = epoch;
-        st.group = group;
-        st.open = true;
-        st.needs_resync = false;
-        drop(st);
         old.hidden.append(&mut unused);
-        old.discard_files();
-        self.reap(old);
-        Ok(())
+        old
     }
 }

@@ -71,7 +71,11 @@ impl LayeredDisk {
     /// there is nothing to commit (a previous failover completed). With a log, the layers'
     /// ranges are recorded in it and the SVM's changes go through it, before the state file
     /// says committing (a crash in between: still buffering, the log holds extra bits).
-    pub(super) fn begin_failover(&self, log: Option<Arc<DirtyLog>>, force: bool) -> io::Result<bool> {
+    pub(super) fn begin_failover(
+        &self,
+        log: Option<Arc<DirtyLog>>,
+        force: bool,
+    ) -> io::Result<bool> {
         let mut st = self.write_state();
         if st.needs_resync && !force && matches!(st.stage, Stage::Buffering(_)) {
             return Err(io::Error::new(

@@ -44,7 +44,10 @@
 //!
 //! Each layer is a sparse file the size of the disk holding its data at the disk's offsets, with
 //! its index log after the data (`layer.rs`); `layers.state` names the current files
-//! (`state.rs`). docs/layers.md has the formats and why a crash at any point is recoverable.
+//! (`state.rs`). This file opens and reopens the directory; the jobs on an open disk are in
+//! `stream.rs` (the primary's stream, copy-before-write), `svm.rs` (the Secondary VM's reads,
+//! writes and flushes), `cut.rs` (checkpoints, COLO markers and cuts, group prepare) and
+//! `failover.rs`. docs/layers.md has the formats and why a crash at any point is recoverable.
 
 mod cut;
 mod failover;
@@ -58,7 +61,6 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -70,7 +72,7 @@ use layer::{Kind, Layer};
 pub use state::{GroupCommitted, GroupPrepared, GroupRecord, Mark};
 use state::{SavedHidden, SavedStage, SavedState};
 
-use crate::storage::durable::{std_media, DurableFile, Media, SyncPoint};
+use crate::storage::durable::{std_media, Media, SyncPoint};
 use crate::storage::{BlockDevice, RawImage};
 
 /// Default cluster size: 64 KiB.

@@ -4,14 +4,13 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 
 use super::layer::{Kind, Layer};
 use super::state::{SavedHidden, SavedStage};
-use super::{
-    replication_over, BatchError, GroupRecord, Hidden, LayeredDisk, Stage, COPY_CHUNK,
-};
+use super::{replication_over, BatchError, GroupRecord, Hidden, LayeredDisk, Stage, COPY_CHUNK};
 use crate::storage::durable::SyncPoint;
-use crate::storage::{check_range, BlockDevice, Change, RawImage};
+use crate::storage::{check_range, Change, RawImage};
 
 impl LayeredDisk {
     /// Applies one change of the primary's stream (see [`LayeredDisk::apply_primary_batch`]).
@@ -150,7 +149,12 @@ impl LayeredDisk {
 
     /// Copy-before-write: saves in `hidden` the current base content of every cluster of the
     /// range that it does not hold yet. Never touches a cluster it already holds.
-    pub(super) fn save_originals(&self, hidden: &mut Layer, offset: u64, len: u64) -> io::Result<()> {
+    pub(super) fn save_originals(
+        &self,
+        hidden: &mut Layer,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
         let cs = self.cluster_size;
         let range = self.clusters(offset, len);
         let max_run = (COPY_CHUNK / cs).max(1);

@@ -89,7 +89,11 @@ impl LayeredDisk {
     /// Applies an SVM change to active. The partial clusters at both ends that active does not
     /// hold yet are first filled from the view (hidden, else base); then the change is applied
     /// in one I/O and every touched cluster becomes present.
-    pub(super) fn write_active(&self, layers: &mut Layers, change: Change<&[u8]>) -> io::Result<()> {
+    pub(super) fn write_active(
+        &self,
+        layers: &mut Layers,
+        change: Change<&[u8]>,
+    ) -> io::Result<()> {
         let (offset, len) = change.range();
         let range = self.clusters(offset, len);
         let end = offset + len;
@@ -142,11 +146,11 @@ impl LayeredDisk {
 }
 
 impl BlockDevice for LayeredDisk {
-    pub(super) fn capacity(&self) -> u64 {
+    fn capacity(&self) -> u64 {
         self.capacity
     }
 
-    pub(super) fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.capacity, offset, buf.len() as u64)?;
         let st = self.read_state();
         match st.stage.layers() {
@@ -158,11 +162,11 @@ impl BlockDevice for LayeredDisk {
         }
     }
 
-    pub(super) fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.svm_change(Change::Write { offset, data: buf })
     }
 
-    pub(super) fn flush(&self) -> io::Result<()> {
+    fn flush(&self) -> io::Result<()> {
         self.flush_layers()?;
         let through = self.through.read().unwrap_or_else(PoisonError::into_inner);
         match &*through {
@@ -171,11 +175,11 @@ impl BlockDevice for LayeredDisk {
         }
     }
 
-    pub(super) fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.svm_change(Change::Discard { offset, len })
     }
 
-    pub(super) fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         self.svm_change(Change::WriteZeroes { offset, len, unmap })
     }
 }

@@ -1,8 +1,9 @@
 //! Tests of the layered disk: a model-based proptest, unit tests and a concurrency test.
 use super::*;
-use crate::storage::{RawImage, RawImageOptions};
+use crate::storage::{Change, RawImage, RawImageOptions};
 use proptest::prelude::*;
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
