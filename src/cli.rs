@@ -365,6 +365,10 @@ pub enum Command {
     /// primary of its old primary's disk, started as `--role secondary --discard-my-data`;
     /// wait for the resync, take the first checkpoint; JSON report on stdout
     Reprotect(crate::reprotect::ReprotectArgs),
+    /// Under QEMU's x-colo, on the Secondary VM's host: fail over automatically when the
+    /// primary is lost (COLO stream and replication link), after a fence command succeeded;
+    /// JSON lines on stdout
+    Supervise(crate::supervise::SuperviseArgs),
 }
 
 impl Cli {

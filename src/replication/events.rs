@@ -174,6 +174,9 @@ pub struct PrimaryStatus {
     /// Of the checkpoints, the MARKERs: device stops of the VM with dirty logging on (QEMU's
     /// COLO checkpoints, and any other stop during COLO, e.g. a user `stop`).
     pub markers: u64,
+    /// The last handshake's decision (`incremental`, `incremental-failback`, `full-sync`) and
+    /// its reason, as `REPLICATION_SYNC_DECISION` said; `None` before the first handshake.
+    pub sync_decision: Option<String>,
     /// What the current session had to resend when it connected (with
     /// `resync-remaining-bytes`: the resync's progress), and when it started.
     pub resync_total_bytes: u64,
