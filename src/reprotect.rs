@@ -215,7 +215,11 @@ fn reprotect(a: &ReprotectArgs) -> Result<Value, String> {
 
 /// The x-colo QMP sequence on the survivor's QEMU (the new Secondary VM's QEMU already waits
 /// with `migrate-incoming`): capabilities, x-checkpoint-delay, `migrate`; waits for "colo".
-fn migrate_into_colo(q: &PathBuf, a: &ReprotectArgs, deadline: Instant) -> Result<(), String> {
+fn migrate_into_colo(
+    q: &std::path::Path,
+    a: &ReprotectArgs,
+    deadline: Instant,
+) -> Result<(), String> {
     let uri = a.migrate_uri.as_deref().unwrap_or_default();
     let mut vm =
         Client::connect(q, Duration::from_secs(30)).map_err(|e| format!("{}: {e}", q.display()))?;
