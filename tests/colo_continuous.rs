@@ -546,7 +546,8 @@ fn survivor_continues(run: &mut Run, surv: &mut Host, t_out: f64) -> f64 {
     let want = run.verified + 10;
     let mut first: Option<f64> = None;
     let mut last = 0;
-    while last < want {
+    let mut after = 0;
+    while last < want || after < 2 || first.is_none() {
         let l = surv
             .qemu()
             .wait_line("records after the failover", TIMEOUT, |l| {
@@ -566,6 +567,7 @@ fn survivor_continues(run: &mut Run, surv: &mut Host, t_out: f64) -> f64 {
             first.get_or_insert(at);
         } else if let Some(v) = verified(&l) {
             last = v;
+            after += 1;
         }
     }
     run.verified = run.verified.max(last);
