@@ -199,11 +199,13 @@ wait_for() {  # wait_for WHAT TEST...
 # Which processes play which part now (the files of each are named after it): PV the PVM's
 # QEMU, PB the primary backend, SV the SVM's QEMU, SB the secondary backend; PIMG, SIMG their
 # images, SPORT where the secondary listens. A reprotect after a failover swaps the sides.
-PV=pvm PB=primary SV=svm SB=secondary PIMG=primary.img SIMG=secondary.img SPORT="$port"
+PV=pvm PB=primary SV=svm SB=secondary PIMG=primary.img SIMG=secondary.img SPORT=""
 save_roles() { declare -p PV PB SV SB PIMG SIMG SPORT >"$dir/roles"; }
-load_roles() {
-    # shellcheck disable=SC1091
-    if [ -f "$dir/roles" ]; then . "$dir/roles"; else SPORT="$port"; fi
+load_roles() {  # (after the config: the default SPORT is the pair's port)
+    SPORT="$port"
+    # declare -g: the file's declare lines must not make the variables local to this function.
+    # shellcheck disable=SC1090
+    if [ -f "$dir/roles" ]; then . <(sed 's/^declare -- /declare -g /' "$dir/roles"); fi
 }
 
 # The settings a later command (reprotect) needs again.
@@ -600,6 +602,7 @@ rm -f "$dir"/*.sock "$dir"/*.qmp "$dir"/*.log "$dir"/*.strace "$dir/pids" "$dir/
 : >"$dir/pids"
 [ "$nic" = 1 ] && : >"$dir/nic"
 save_config
+SPORT="$port"
 save_roles
 
 started=0
