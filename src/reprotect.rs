@@ -144,7 +144,8 @@ fn wait_resync(c: &mut Client, a: &ReprotectArgs, deadline: Instant) -> Result<R
                     done: total - left.min(total),
                     rate: None,
                 });
-            lines.say(progress_line(&p));
+            // "resync: 42.0% (1.3 MiB of 3.1 MiB), 12.0 MiB/s, ETA 0.2s"
+            lines.say(progress_line(&p).replacen("resync ", "resync: ", 1));
             if left == 0 {
                 let decision = st["sync-decision"].as_str().unwrap_or("?").to_string();
                 return Ok(Resync { total, decision });
