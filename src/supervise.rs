@@ -361,3 +361,94 @@ fn take_over(qemu: &mut EventQmp, backend: &mut Client) -> Result<(), String> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(fence: &str, timeout_ms: u64) -> SuperviseArgs {
+        SuperviseArgs {
+            qemu_qmp: "/nonexistent/qemu.qmp".into(),
+            backend_qmp: "/nonexistent/backend.qmp".into(),
+            fence_cmd: fence.into(),
+            loss_timeout_ms: 1000,
+            fence_timeout_ms: timeout_ms,
+            fence_retry_ms: 500,
+            poll_ms: 10,
+        }
+    }
+
+    fn signs(stream_lost: bool, link_up: bool) -> Signs {
+        Signs {
+            stream_lost,
+            link_up,
+            peer: "h:1".into(),
+        }
+    }
+
+    /// The rule: lost only when both the COLO stream and the link are; the link's return
+    /// ends a loss (also after a failed fence).
+    #[test]
+    fn lost_only_when_both_are_lost() {
+        let a = args("true", 1000);
+        assert_eq!(
+            step(Watch::Watching, &signs(true, true), &a),
+            Watch::Watching
+        );
+        assert_eq!(
+            step(Watch::Watching, &signs(false, false), &a),
+            Watch::Watching
+        );
+        let lost = step(Watch::Watching, &signs(true, false), &a);
+        assert!(matches!(lost, Watch::Lost { .. }));
+        assert_eq!(
+            step(lost, &signs(true, false), &a),
+            lost,
+            "the loss keeps its start"
+        );
+        assert_eq!(step(lost, &signs(true, true), &a), Watch::Watching);
+        let failed = Watch::FenceFailed {
+            retry: Instant::now(),
+        };
+        assert_eq!(step(failed, &signs(true, false), &a), failed);
+        assert_eq!(step(failed, &signs(true, true), &a), Watch::Watching);
+    }
+
+    /// Only exit status 0 within the timeout is a fence; the peer is in the environment.
+    #[test]
+    fn a_fence_succeeds_only_with_status_zero_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("peer");
+        let ok = args(
+            &format!("echo \"$COLO_FENCE_PEER\" >{}", out.display()),
+            10_000,
+        );
+        fence(&ok, "10.0.0.1:7790", 1).unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "10.0.0.1:7790\n");
+        let e = fence(&args("exit 3", 10_000), "p", 1).unwrap_err();
+        assert!(e.contains("failed") && e.contains('3'), "{e}");
+        let e = fence(&args("sleep 30", 100), "p", 1).unwrap_err();
+        assert!(e.contains("did not finish within 100 ms"), "{e}");
+        let e = fence(&args("/nonexistent/fence", 10_000), "p", 1).unwrap_err();
+        assert!(e.contains("failed"), "{e}");
+    }
+
+    /// A socket that is not there, or not QMP, is a clear error (exit status 1), no panic.
+    #[test]
+    fn bad_sockets_are_clear_errors() {
+        assert_eq!(run(&args("true", 1000)), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("not-qmp.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                // Buffered before the close: the client reads it first.
+                let _ = s.write_all(b"{\"hello\": 1}\n");
+            }
+        });
+        let mut a = args("true", 1000);
+        a.qemu_qmp = path;
+        let e = supervise(&a).unwrap_err();
+        assert!(e.contains("not a QMP greeting"), "{e}");
+    }
+}
