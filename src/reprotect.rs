@@ -168,6 +168,14 @@ fn reprotect(a: &ReprotectArgs) -> Result<Value, String> {
     let io_timeout = Duration::from_secs(30);
     let mut c = Client::connect(&a.survivor, io_timeout)
         .map_err(|e| format!("{}: {e}", a.survivor.display()))?;
+    // The target's own record (what the union adds to the survivor's), before the handshake.
+    let target_dirty = match &a.target {
+        Some(t) => Client::connect(t, io_timeout)
+            .and_then(|mut tc| tc.execute("query-replication"))
+            .map_err(|e| format!("{}: {e}", t.display()))?["own-dirty-bytes"]
+            .as_u64(),
+        None => None,
+    };
     let promoted = promote_if_needed(&mut c, a)?;
     let deadline = t + Duration::from_millis(a.timeout_ms);
     let resync = wait_resync(&mut c, a, deadline)?;
@@ -204,6 +212,8 @@ fn reprotect(a: &ReprotectArgs) -> Result<Value, String> {
         "reprotected": true,
         "promoted": promoted.is_some(),
         "survivor-dirty-bytes": promoted,
+        "target-own-dirty-bytes": target_dirty,
+        "dirty-total-bytes": promoted.map(|p| p + target_dirty.unwrap_or(0)),
         "peer": a.peer,
         "epoch": epoch,
         "resync-total-bytes": resync.total,

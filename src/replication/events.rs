@@ -238,6 +238,9 @@ pub struct SecondaryStatus {
     pub failover_started_at: Option<f64>,
     /// Failovers completed by this process (0 or 1).
     pub failovers: u64,
+    /// Bytes of this disk's own dirty record, read at start and offered to the primary of a
+    /// failback (`--discard-my-data`, PEER_DIRTY); `None` without one.
+    pub own_dirty_bytes: Option<u64>,
     /// Consistency groups (docs/consistency-groups.md).
     pub group: GroupStatus,
     /// The Secondary VM under QEMU's COLO (docs/colo-with-qemu.md).
