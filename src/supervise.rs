@@ -1,8 +1,9 @@
 //! `colo-blk supervise`: automatic failover with fencing under QEMU's x-colo, on the Secondary
 //! VM's host (docs/colo-with-qemu.md, "Continuous fault tolerance"). It decides that the
 //! primary is gone when both the COLO stream (the SVM's QEMU emitted `COLO_EXIT` with reason
-//! `error`) and the replication link (the secondary backend is not `connected`) have been lost
-//! for `--loss-timeout-ms`; then it runs the fence command before anything else. A failed fence
+//! `error`, or it saw no checkpoint for `--checkpoint-timeout-ms`: a host that stops answering
+//! sends no reset) and the replication link (the secondary backend is not `connected`) have
+//! been lost for `--loss-timeout-ms`; then it runs the fence command before anything else. A failed fence
 //! means no takeover: a loud error, the survivor waits, the fence is retried. After a fence
 //! that succeeded: `x-colo-lost-heartbeat`, QEMU out of COLO, the backend's own failover
 //! (checked). One JSON line per step on stdout.
@@ -45,6 +46,11 @@ pub struct SuperviseArgs {
     /// How long both the COLO stream and the replication link must stay lost
     #[arg(long, value_name = "MS", default_value = "3000")]
     pub loss_timeout_ms: u64,
+
+    /// The COLO stream also counts as lost when the Secondary VM saw no checkpoint (QEMU's
+    /// RESUME of it) for this long: more than x-checkpoint-delay plus a checkpoint's time
+    #[arg(long, value_name = "MS", default_value = "10000")]
+    pub checkpoint_timeout_ms: u64,
 
     /// A fence command still running after this long has failed (it is killed)
     #[arg(long, value_name = "MS", default_value = "60000")]
@@ -170,9 +176,34 @@ pub fn run(a: &SuperviseArgs) -> u8 {
 
 /// The signs of the primary, as last seen.
 struct Signs {
-    stream_lost: bool,
+    /// QEMU reported the COLO stream broken (`COLO_EXIT`, reason `error`).
+    exited: bool,
+    /// The Secondary VM's last checkpoint (its RESUME), or the supervisor's start.
+    last_checkpoint: Instant,
+    /// Said so once (`colo-stream-lost`), until a checkpoint comes again.
+    said_lost: bool,
     link_up: bool,
     peer: String,
+}
+
+impl Signs {
+    fn stream_lost(&self, a: &SuperviseArgs) -> bool {
+        self.exited
+            || self.last_checkpoint.elapsed() > Duration::from_millis(a.checkpoint_timeout_ms)
+    }
+
+    /// Says once that the stream is lost, and why.
+    fn announce(&mut self, a: &SuperviseArgs) {
+        if self.stream_lost(a) && !self.said_lost {
+            self.said_lost = true;
+            let why = if self.exited {
+                "QEMU's COLO_EXIT (error)"
+            } else {
+                "no checkpoint within --checkpoint-timeout-ms"
+            };
+            emit("colo-stream-lost", json!({"why": why}));
+        }
+    }
 }
 
 fn supervise(a: &SuperviseArgs) -> Result<(), String> {
@@ -187,7 +218,9 @@ fn supervise(a: &SuperviseArgs) -> Result<(), String> {
         ));
     }
     let mut signs = Signs {
-        stream_lost: false,
+        exited: false,
+        last_checkpoint: Instant::now(),
+        said_lost: false,
         link_up: true,
         peer: String::new(),
     };
@@ -196,6 +229,7 @@ fn supervise(a: &SuperviseArgs) -> Result<(), String> {
     emit("watching", json!({"loss-timeout-ms": a.loss_timeout_ms}));
     loop {
         observe(&mut qemu, &mut backend, &mut signs)?;
+        signs.announce(a);
         watch = step(watch, &signs, a);
         let due = match watch {
             Watch::Lost { since } => since.elapsed() >= Duration::from_millis(a.loss_timeout_ms),
@@ -226,6 +260,12 @@ fn supervise(a: &SuperviseArgs) -> Result<(), String> {
 /// Reads QEMU's events and the backend's link state into `signs`.
 fn observe(qemu: &mut EventQmp, backend: &mut Client, signs: &mut Signs) -> Result<(), String> {
     for e in qemu.events()? {
+        if e["event"] == "RESUME" && !signs.exited {
+            signs.last_checkpoint = Instant::now();
+            if std::mem::take(&mut signs.said_lost) {
+                emit("colo-stream-back", json!({}));
+            }
+        }
         if e["event"] == "COLO_EXIT" {
             let reason = e["data"]["reason"].as_str().unwrap_or("?");
             if reason != "error" {
@@ -233,8 +273,7 @@ fn observe(qemu: &mut EventQmp, backend: &mut Client, signs: &mut Signs) -> Resu
                     "COLO ended on this side without a failure ({e}): not supervising any more"
                 ));
             }
-            signs.stream_lost = true;
-            emit("colo-stream-lost", json!({"qemu": e["data"]}));
+            signs.exited = true;
         }
     }
     let st = backend.execute("query-replication")?;
@@ -257,13 +296,14 @@ fn observe(qemu: &mut EventQmp, backend: &mut Client, signs: &mut Signs) -> Resu
 
 /// The decision rule: lost when both signs are.
 fn step(watch: Watch, signs: &Signs, a: &SuperviseArgs) -> Watch {
-    let both = signs.stream_lost && !signs.link_up;
+    let stream_lost = signs.stream_lost(a);
+    let both = stream_lost && !signs.link_up;
     match watch {
         _ if !both => {
             if watch != Watch::Watching {
-                emit("primary-back", json!({"stream-lost": signs.stream_lost}));
+                emit("primary-back", json!({"stream-lost": stream_lost}));
             }
-            if signs.stream_lost && watch != Watch::Watching {
+            if stream_lost && watch != Watch::Watching {
                 eprintln!(
                     "colo-blk supervise: the COLO stream is lost but the replication link is \
                      up: not taking over (decide by hand)"
@@ -372,6 +412,7 @@ mod tests {
             backend_qmp: "/nonexistent/backend.qmp".into(),
             fence_cmd: fence.into(),
             loss_timeout_ms: 1000,
+            checkpoint_timeout_ms: 60_000,
             fence_timeout_ms: timeout_ms,
             fence_retry_ms: 500,
             poll_ms: 10,
@@ -380,7 +421,9 @@ mod tests {
 
     fn signs(stream_lost: bool, link_up: bool) -> Signs {
         Signs {
-            stream_lost,
+            exited: stream_lost,
+            last_checkpoint: Instant::now(),
+            said_lost: false,
             link_up,
             peer: "h:1".into(),
         }
@@ -412,6 +455,21 @@ mod tests {
         };
         assert_eq!(step(failed, &signs(true, false), &a), failed);
         assert_eq!(step(failed, &signs(true, true), &a), Watch::Watching);
+    }
+
+    /// A stream that goes silent (no checkpoint for the timeout) is lost like a broken one:
+    /// a host that stops answering sends no reset.
+    #[test]
+    fn a_silent_stream_is_lost() {
+        let mut a = args("true", 1000);
+        a.checkpoint_timeout_ms = 50;
+        let mut s = signs(false, false);
+        assert!(!s.stream_lost(&a));
+        s.last_checkpoint = Instant::now() - Duration::from_millis(51);
+        assert!(s.stream_lost(&a));
+        assert!(matches!(step(Watch::Watching, &s, &a), Watch::Lost { .. }));
+        s.last_checkpoint = Instant::now();
+        assert_eq!(step(Watch::Watching, &s, &a), Watch::Watching);
     }
 
     /// Only exit status 0 within the timeout is a fence; the peer is in the environment.

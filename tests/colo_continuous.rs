@@ -311,6 +311,42 @@ impl Host {
         t
     }
 
+    /// The host hangs: SIGSTOP of its QEMU and its backend (their connections stay open and
+    /// silent, as with a host that lost power: no reset). Their pids go to `pids` for the fence.
+    fn freeze(&mut self, pids: &Path) -> f64 {
+        let t = now();
+        let q = self.qemu.as_ref().expect("a QEMU").child.id();
+        let b = self.backend.as_ref().expect("a backend").child.id();
+        for pid in [q, b] {
+            // SAFETY: kill(2) on children of this test.
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        }
+        std::fs::write(pids, format!("{q} {b}\n")).unwrap();
+        t
+    }
+
+    /// After a fence that was to kill this frozen host: its processes are gone.
+    fn fenced(&mut self) {
+        let deadline = Instant::now() + TIMEOUT;
+        let q = self.qemu.as_mut().unwrap();
+        let mut b = self.backend.take().unwrap();
+        for child in [&mut q.child, &mut b.child] {
+            loop {
+                match child.try_wait().unwrap() {
+                    Some(st) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}");
+                        break;
+                    }
+                    None => assert!(Instant::now() < deadline, "the fence did not kill it"),
+                }
+                // A polling interval, not synchronisation.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        q.exited = q.child.try_wait().ok().flatten();
+    }
+
     /// `colo-blk supervise` on this host (its QEMU is the Secondary VM), fencing with
     /// `fence` (a script in the test directory).
     fn supervise(&mut self, fence: &Path) {
@@ -323,6 +359,7 @@ impl Host {
             .arg("--fence-cmd")
             .arg(format!("sh {}", fence.display()))
             .args(["--loss-timeout-ms", "1000", "--fence-retry-ms", "500"])
+            .args(["--checkpoint-timeout-ms", "2000"])
             .args(["--poll-ms", "50"]);
         let mut p = Proc::spawn(cmd, &format!("supervise-{}", self.name));
         p.wait_marker("\"event\":\"watching\"", TIMEOUT);
@@ -359,6 +396,8 @@ struct Run {
     fence: PathBuf,
     fence_log: PathBuf,
     fence_fails: PathBuf,
+    /// The pids a fence kills (a frozen host's), while it exists.
+    fence_pids: PathBuf,
     /// The highest record count any VM verified so far.
     verified: u64,
 }
@@ -386,12 +425,15 @@ impl Run {
         let fence = root.path().join("fence.sh");
         let fence_log = root.path().join("fence.log");
         let fence_fails = root.path().join("fence-fails");
+        let fence_pids = root.path().join("fence-pids");
         std::fs::write(
             &fence,
             format!(
-                "echo \"fence $COLO_FENCE_PEER\" >>{}\n[ ! -e {} ]\n",
-                fence_log.display(),
-                fence_fails.display()
+                "echo \"fence $COLO_FENCE_PEER\" >>{log}\n[ ! -e {fails} ] || exit 1\n\
+                 [ ! -e {pids} ] || kill -9 $(cat {pids})\n",
+                log = fence_log.display(),
+                fails = fence_fails.display(),
+                pids = fence_pids.display()
             ),
         )
         .unwrap();
@@ -404,6 +446,7 @@ impl Run {
             fence,
             fence_log,
             fence_fails,
+            fence_pids,
             verified: 0,
         };
         (run, a, b)
@@ -492,18 +535,30 @@ fn run_protected(run: &mut Run, p: &mut Host, s: &mut Host) {
 
 /// Kills `dead`; `surv`'s supervisor takes over (after `failing_fences` failed fences, each
 /// asserted to leave the survivor waiting). Returns the kill time and when QEMU left COLO.
-fn fail_over(run: &mut Run, dead: &mut Host, surv: &mut Host, failing_fences: usize) -> (f64, f64) {
+/// How a host dies.
+#[derive(Clone, Copy, PartialEq)]
+enum Death {
+    /// SIGKILL of its processes: their sockets are closed at once.
+    Kill,
+    /// SIGSTOP: they hang with their connections open; the fence kills them.
+    Freeze,
+}
+
+fn fail_over(
+    run: &mut Run,
+    dead: &mut Host,
+    surv: &mut Host,
+    death: Death,
+    failing_fences: usize,
+) -> (f64, f64) {
     if failing_fences > 0 {
         std::fs::write(&run.fence_fails, "").unwrap();
     }
     let calls = run.fence_calls();
-    let t_kill = dead.kill();
-    dead.qemu().drain();
-    for (_, l) in &dead.qemu.as_ref().unwrap().lines {
-        if let Some(v) = verified(l) {
-            run.verified = run.verified.max(v);
-        }
-    }
+    let t_kill = match death {
+        Death::Kill => dead.kill(),
+        Death::Freeze => dead.freeze(&run.fence_pids),
+    };
     for k in 0..failing_fences {
         let e = wait_event(surv.supervisor(), "fence-failed");
         eprintln!("fence failed ({k}): {e}");
@@ -527,12 +582,22 @@ fn fail_over(run: &mut Run, dead: &mut Host, surv: &mut Host, failing_fences: us
         std::fs::remove_file(&run.fence_fails).unwrap();
     }
     let fenced = wait_event(surv.supervisor(), "fenced");
+    if death == Death::Freeze {
+        dead.fenced();
+        std::fs::remove_file(&run.fence_pids).unwrap();
+    }
     let done = wait_event(surv.supervisor(), "taken-over");
     assert!(
         run.fence_calls() > calls + failing_fences,
         "the fence command was not called before the takeover"
     );
     eprintln!("{} took over: {fenced} {done}", surv.name);
+    dead.qemu().drain();
+    for (_, l) in &dead.qemu.as_ref().unwrap().lines {
+        if let Some(v) = verified(l) {
+            run.verified = run.verified.max(v);
+        }
+    }
     surv.supervisor().wait_exit(TIMEOUT);
     surv.supervisor = None;
     let t_done = done["time"].as_f64().unwrap();
@@ -643,7 +708,7 @@ fn three_failovers_with_two_reprotects_one_guest() {
     start_pair(&run, &mut a, &mut b);
     run_protected(&mut run, &mut a, &mut b);
     // Round 1: A dies, B takes over.
-    let (t_kill, t_out) = fail_over(&mut run, &mut a, &mut b, 0);
+    let (t_kill, t_out) = fail_over(&mut run, &mut a, &mut b, Death::Kill, 0);
     let first = survivor_continues(&mut run, &mut b, t_out);
     timings.push(format!(
         "failover 1 (A killed): next guest write {:.0} ms after the kill",
@@ -655,11 +720,12 @@ fn three_failovers_with_two_reprotects_one_guest() {
     timings.push(format!("re-protect 1 (B primary, A secondary): first checkpoint {secs:.1} s after the start; resent {} bytes (dirty records: B's {}, A's own {})", r["resync-total-bytes"], r["survivor-dirty-bytes"], r["target-own-dirty-bytes"]));
     a.supervise(&run.fence);
     run_protected(&mut run, &mut b, &mut a);
-    // Round 2: B dies, A takes over.
-    let (t_kill, t_out) = fail_over(&mut run, &mut b, &mut a, 0);
+    // Round 2: B hangs (no reset on its connections: A's QEMU sees no COLO_EXIT, only no
+    // more checkpoints); A's fence kills it; A takes over.
+    let (t_kill, t_out) = fail_over(&mut run, &mut b, &mut a, Death::Freeze, 0);
     let first = survivor_continues(&mut run, &mut a, t_out);
     timings.push(format!(
-        "failover 2 (B killed): next guest write {:.0} ms after the kill",
+        "failover 2 (B frozen, killed by the fence): next guest write {:.0} ms after the kill",
         (first - t_kill) * 1000.0
     ));
     assert_no_failures(&mut [&mut a, &mut b]);
@@ -669,7 +735,7 @@ fn three_failovers_with_two_reprotects_one_guest() {
     b.supervise(&run.fence);
     run_protected(&mut run, &mut a, &mut b);
     // Round 3: A dies; B's fence fails twice (B must wait), then succeeds.
-    let (t_kill, t_out) = fail_over(&mut run, &mut a, &mut b, 2);
+    let (t_kill, t_out) = fail_over(&mut run, &mut a, &mut b, Death::Kill, 2);
     let first = survivor_continues(&mut run, &mut b, t_out);
     timings.push(format!(
         "failover 3 (A killed, two failed fences first): next guest write {:.0} ms after the kill, {:.0} ms after QEMU left COLO",
