@@ -9,7 +9,8 @@
 //! ```text
 //!  A primary, B secondary (COLO)  ── kill A ──► B's supervisor: fence, takeover (B alone)
 //!  re-protect: A's old disk as secondary (--discard-my-data), B promoted in place, new QEMU on
-//!  A with -incoming, x-colo from B         ── kill B ──► A's supervisor: fence, takeover
+//!  A with -incoming, x-colo from B  ── B hangs (SIGSTOP) ──► A's supervisor: no checkpoint,
+//!  no link: the fence (kills B's processes), takeover
 //!  re-protect: B's old disk as secondary, A promoted ── kill A ──► B's supervisor: the fence
 //!  fails (B waits, asserted), then succeeds: takeover
 //! ```
