@@ -41,6 +41,13 @@ fn main() -> ExitCode {
             .init();
         return ExitCode::from(colo_blk::reprotect::run(args));
     }
+    if let Some(Command::Supervise(args)) = &cli.command {
+        env_logger::Builder::new()
+            .filter_level(log::LevelFilter::Warn)
+            .parse_default_env()
+            .init();
+        return ExitCode::from(colo_blk::supervise::run(args));
+    }
     env_logger::Builder::new()
         .filter_level(cli.log_level.filter())
         .parse_default_env()

@@ -1095,6 +1095,7 @@ impl Secondary {
             },
             failover_started_at: m.failover_started_at,
             failovers: m.failovers,
+            own_dirty_bytes: self.own_dirty().map(|x| x.dirty_bytes()),
             group: {
                 let (epoch, g) = self.disk.group();
                 events::GroupStatus {
