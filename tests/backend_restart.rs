@@ -20,6 +20,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::needs::Needs;
 use common::pair::{
     assert_same_files, checkpoint, kill9, qmp as qmp_at, query, wait_in_sync, Node,
 };
@@ -233,14 +234,11 @@ fn ten_backend_restarts_under_a_live_guest_with_io_uring() {
 fn ten_backend_restarts_under_a_live_guest_on_qemu_11() {
     let qemu = std::env::var("COLO_QEMU")
         .unwrap_or_else(|_| "/opt/colo-qemu/bin/qemu-system-x86_64".into());
-    if !std::path::Path::new(&qemu).exists() {
-        common::qemu::skip(
-            &format!("backend_restart: no QEMU 11 at {qemu} (COLO_QEMU), but CI must run it"),
-            &format!("\n*** backend_restart on QEMU 11: SKIPPED: no {qemu} (set COLO_QEMU)"),
-        );
-        return;
-    }
-    if common::qemu::prerequisites("backend_restart", false) {
+    if Needs::of("backend_restart on QEMU 11")
+        .tools(&[&qemu])
+        .python("qemu.qmp")
+        .met()
+    {
         restarts_under_a_live_guest("threads", Some(&qemu), libc::SIGKILL);
     }
 }

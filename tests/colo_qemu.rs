@@ -26,8 +26,9 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::needs::Needs;
 use common::pair::Node;
-use common::qemu::{e2fsprogs, skip, Proc};
+use common::qemu::{e2fsprogs, Proc};
 use common::{tempdir, Backend, Qmp};
 use serde_json::{json, Value};
 
@@ -49,7 +50,7 @@ fn colo_qemu() -> String {
 /// True when the COLO QEMU runs; otherwise prints SKIPPED (or panics in CI).
 fn prerequisites(test: &str) -> bool {
     let qemu = colo_qemu();
-    let ok = Command::new(&qemu)
+    let colo_capable = Command::new(&qemu)
         .arg("--version")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -66,15 +67,15 @@ fn prerequisites(test: &str) -> bool {
             o.status.success() && major.is_some_and(|m| m >= 9)
         })
         .unwrap_or(false);
-    ok || skip(
-        &format!(
-            "{test}: no COLO-capable QEMU at {qemu} (COLO_QEMU), but CI must run it (.ci/run)"
-        ),
-        &format!(
-            "\n*** {test}: SKIPPED: no COLO-capable QEMU at {qemu}\n*** run `sudo bash \
-             qemu-scripts/install-colo-qemu.sh` or set COLO_QEMU"
-        ),
-    )
+    Needs::of(test)
+        .that(
+            colo_capable,
+            format!(
+                "a COLO-capable QEMU (>= 9) at {qemu} (COLO_QEMU; `sudo bash \
+                 qemu-scripts/install-colo-qemu.sh`)"
+            ),
+        )
+        .met()
 }
 
 fn now() -> f64 {

@@ -45,6 +45,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::needs::Needs;
 use common::{pattern, tempdir, Backend, Qmp};
 use serde_json::json;
 
@@ -175,14 +176,10 @@ fn md5_hex(data: &[u8]) -> String {
 
 #[test]
 fn backend_writes_during_migration_reach_the_destination() {
-    if !common::in_path("qemu-system-x86_64") {
-        if std::env::var_os("CI").is_some() {
-            panic!("qemu-system-x86_64 is not installed, but CI must run migration_dirty_log");
-        }
-        eprintln!();
-        eprintln!("**************************************************************");
-        eprintln!("*** migration_dirty_log: SKIPPED: qemu-system-x86_64 not in PATH");
-        eprintln!("**************************************************************");
+    if !Needs::of("migration_dirty_log")
+        .tools(&["qemu-system-x86_64"])
+        .met()
+    {
         return;
     }
     let started = Instant::now();

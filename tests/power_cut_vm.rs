@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command};
 use std::time::{Duration, Instant};
 
+use common::needs::Needs;
 use common::pair::{assert_same, write_all, Node};
 use common::pair::{assert_same_files, checkpoint, hot_writes, qmp, query, read, s, wait_in_sync};
-use common::qemu::{skip, Proc};
-use common::{in_path, Client, Qmp};
+use common::qemu::Proc;
+use common::{Client, Qmp};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -71,22 +72,7 @@ fn prerequisites(test: &str) -> bool {
         "ldd",
         "sha256sum",
     ];
-    let mut missing: Vec<String> = tools
-        .iter()
-        .filter(|t| !in_path(t))
-        .map(|t| t.to_string())
-        .collect();
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root".to_string());
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    skip(
-        &format!("{test}: {missing:?} missing, but CI must run it (see .ci/run)"),
-        &format!("\n*** {test}: SKIPPED: {missing:?} missing"),
-    )
+    Needs::of(test).tools(&tools).root().met()
 }
 
 fn run(cmd: &mut Command) -> String {

@@ -22,6 +22,7 @@ use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::needs::Needs;
 use common::{pattern, tempdir, Backend};
 
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -50,19 +51,7 @@ fn qemu_binary() -> String {
 /// The QEMU binary, or `None` after saying loudly why the test is skipped (CI fails instead).
 fn qemu_or_skip() -> Option<String> {
     let qemu = qemu_binary();
-    if common::in_path(&qemu) {
-        return Some(qemu);
-    }
-    common::qemu::skip(
-        &format!("{qemu} is not installed, but CI must run the QEMU test (see .ci/run)"),
-        &format!(
-            "\n**************************************************************\n\
-             *** SKIPPED: QEMU not installed ({qemu} not in PATH)\n\
-             *** install it as .ci/run does to run qemu_boot\n\
-             **************************************************************"
-        ),
-    );
-    None
+    Needs::of("qemu_boot").tools(&[&qemu]).met().then_some(qemu)
 }
 
 fn timeout_from_env(var: &str, default_secs: u64) -> Duration {

@@ -5,6 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::needs::Needs;
 use common::pair::{
     checkpoint, hot_writes, kill9, prepare_checkpoint, query, read, signal, wait_connected,
     write_all, Node,
@@ -424,15 +425,10 @@ fn a_frozen_secondary_is_declared_lost_by_heartbeat() {
 /// The stock python QMP client (`qemu.qmp`, as used by QEMU's own tooling) drives a checkpoint.
 #[test]
 fn stock_python_qmp_client_drives_a_checkpoint() {
-    let has_client = std::process::Command::new("python3")
-        .args(["-c", "import qemu.qmp"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !has_client {
-        let msg = "python3 with qemu.qmp missing (pip install qemu.qmp)";
-        assert!(std::env::var_os("CI").is_none(), "{msg}");
-        eprintln!("\n*** SKIPPED: {msg} ***\n");
+    if !Needs::of("stock_python_qmp_client_drives_a_checkpoint")
+        .python("qemu.qmp")
+        .met()
+    {
         return;
     }
     let (p, _pq, _sq) = pair(false, &[]);

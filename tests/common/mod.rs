@@ -6,7 +6,9 @@
 //! is allowed to be dead code.
 #![allow(dead_code)]
 
+pub mod needs;
 pub mod pair;
+pub mod poll;
 pub mod qemu;
 
 use std::io::{BufRead, BufReader};
@@ -356,19 +358,16 @@ pub struct Qmp {
 /// a connect in between is refused, and is retried for a while (a polling interval, not
 /// synchronisation).
 pub fn connect_unix(path: &Path) -> std::os::unix::net::UnixStream {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(s) => return s,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::ConnectionRefused
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+    let what = format!("{} to accept connections", path.display());
+    poll::value(
+        &what,
+        STARTUP_TIMEOUT,
+        || match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
             Err(e) => panic!("connect to {}: {e}", path.display()),
-        }
-    }
+        },
+    )
 }
 
 impl Qmp {

@@ -4,7 +4,6 @@
 //! guest's record writer with the host-side check of an image's records.
 
 use std::ffi::OsStr;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -12,56 +11,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::Qmp;
+use super::needs::Needs;
+use super::{poll, Qmp};
 
-/// A test that cannot run here: panics with `in_ci` when `CI` is set (CI must run it),
-/// otherwise prints `skipped` and returns false.
-pub fn skip(in_ci: &str, skipped: &str) -> bool {
-    if std::env::var_os("CI").is_some() {
-        panic!("{in_ci}");
-    }
-    // Straight to stderr, not eprintln!: the test harness would capture that for a passing test.
-    let _ = writeln!(std::io::stderr(), "{skipped}");
-    false
-}
-
-/// True when python `qemu.qmp` (and, with `qemu`, QEMU) is there; otherwise prints SKIPPED
-/// (or panics in CI).
+/// True when python `qemu.qmp` (and, with `qemu`, QEMU) is there; otherwise SKIPPED (a failure
+/// in CI, see [`Needs::met`]).
 pub fn prerequisites(test: &str, qemu: bool) -> bool {
-    let have_qemu = !qemu || super::in_path("qemu-system-x86_64");
-    let qmp = Command::new("python3")
-        .args(["-c", "import qemu.qmp"])
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if have_qemu && qmp {
-        return true;
-    }
-    let what = if have_qemu {
-        "python qemu.qmp not installed"
-    } else {
-        "QEMU not installed"
-    };
-    skip(
-        &format!("{test}: {what}, but CI must run the QEMU tests (see .ci/run)"),
-        &format!(
-            "\n*** {test}: SKIPPED: {what}\n*** install qemu-system-x86 and `pip install \
-             qemu.qmp` (see .ci/run)"
-        ),
-    )
+    let qemu: &[&str] = if qemu { &["qemu-system-x86_64"] } else { &[] };
+    Needs::of(test).tools(qemu).python("qemu.qmp").met()
 }
 
-/// True when every e2fsprogs tool in `tools` is installed; otherwise prints SKIPPED (or
-/// panics in CI).
+/// True when every e2fsprogs tool in `tools` is installed; otherwise SKIPPED (a failure in CI).
 pub fn e2fsprogs(test: &str, tools: &[&str]) -> bool {
-    if tools.iter().all(|t| super::in_path(t)) {
-        return true;
-    }
-    skip(
-        &format!("{test}: e2fsprogs missing in CI"),
-        &format!("\n*** {test}: SKIPPED: e2fsprogs not installed"),
-    )
+    Needs::of(test).tools(tools).met()
 }
 
 // ---- processes -------------------------------------------------------------------------------
@@ -284,16 +246,14 @@ pub fn wait_ctl(ctl: &mut Proc, name: &str, timeout: Duration) -> Value {
 /// checkpoint, so that a failover has something to roll back.
 pub fn wait_mid_epoch(qmp: &Path, bytes: u64, timeout: Duration) {
     let mut q = Qmp::connect(qmp);
-    let deadline = Instant::now() + timeout;
-    while q.execute("query-replication", json!({})).unwrap()["bytes-sent-since-checkpoint"]
-        .as_u64()
-        .unwrap()
-        < bytes
-    {
-        assert!(Instant::now() < deadline, "the guest stopped writing");
-        // A polling interval, not synchronisation.
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    poll::until(
+        "the guest to write (bytes sent since the checkpoint)",
+        timeout,
+        || {
+            let st = q.execute("query-replication", json!({})).unwrap();
+            st["bytes-sent-since-checkpoint"].as_u64().unwrap() >= bytes
+        },
+    );
 }
 
 // ---- records ---------------------------------------------------------------------------------
