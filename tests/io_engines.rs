@@ -11,6 +11,7 @@ mod common;
 use std::mem::MaybeUninit;
 
 use blkio::ReqFlags;
+use common::needs::Needs;
 use common::{pattern, Backend, Client, CLIENT_BUF};
 
 const DISK: u64 = 64 << 20;
@@ -170,18 +171,21 @@ fn run_engine(engine: &str, direct: bool) -> Option<Outcome> {
     let img = dir.path().join("disk.img");
     // A non-trivial starting image, the same for both engines.
     std::fs::write(&img, pattern(0xd15c, DISK as usize)).unwrap();
-    let mut args = vec!["--num-queues", "3", "--io-engine", engine];
+    let qmp = dir.path().join("qmp.sock");
+    let qmp = qmp.to_str().unwrap();
+    let mut args = vec!["--num-queues", "3", "--io-engine", engine, "--qmp", qmp];
     if direct {
         args.push("--direct");
     }
-    let mut b = Backend::start(&sock, &img, &args);
-    let line = b.wait_for_log("I/O engine:");
-    if engine == "auto" && !line.contains("io_uring") {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "io_uring must be available in CI: {line}"
-        );
-        eprintln!("SKIPPED: io_uring is unavailable on this machine ({line})");
+    let b = Backend::start(&sock, &img, &args);
+    let chosen = b.io_engine();
+    if !Needs::of(&format!("io_engines with --io-engine {engine}"))
+        .that(
+            engine != "auto" || chosen == "io_uring",
+            format!("io_uring (the backend chose {chosen})"),
+        )
+        .met()
+    {
         return None;
     }
     let mut c = Client::connect(&sock, QUEUES).expect("connect");

@@ -232,7 +232,8 @@ impl Device {
         let img = dir.path().join("disk.img");
         let image = pattern(IMAGE_SEED, IMAGE_SIZE as usize);
         std::fs::write(&img, &image).unwrap();
-        let mut backend = Backend::start(
+        let qmp = dir.path().join("qmp.sock");
+        let backend = Backend::start(
             &sock,
             &img,
             &[
@@ -242,15 +243,20 @@ impl Device {
                 "1",
                 "--poll-max-ns",
                 "0",
+                "--qmp",
+                qmp.to_str().unwrap(),
             ],
         );
-        let line = backend.wait_for_log("I/O engine:");
         let want = if engine == "uring" {
             "io_uring"
         } else {
             "threads"
         };
-        assert!(line.contains(want), "{engine}: backend chose {line:?}");
+        assert_eq!(
+            backend.io_engine(),
+            want,
+            "{engine}: the engine the backend chose"
+        );
 
         let mut fe = Frontend::connect(&sock, 1).expect("connect to colo-blk");
         fe.set_owner().expect("SET_OWNER");

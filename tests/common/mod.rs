@@ -135,27 +135,53 @@ impl Backend {
         port.parse().expect("port number")
     }
 
-    /// Sends SIGTERM and returns the exit status.
+    /// Sends SIGTERM and returns the exit status; a process still running after a hang guard
+    /// fails the test (and is killed).
     pub fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) with a pid we own; no memory involved.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let st = self.child.wait().expect("wait");
+        let st = poll::value(
+            "colo-blk to exit after SIGTERM",
+            4 * STARTUP_TIMEOUT,
+            || self.child.try_wait().expect("wait"),
+        );
         std::mem::forget(self);
         st
     }
-}
 
-impl Backend {
-    /// Sends SIGTERM, waits (at most [`STARTUP_TIMEOUT`], a hang guard) for the process to log
-    /// that it stopped, and returns the exit status.
-    pub fn terminate_logged(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) with a pid we own; no memory involved.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        // The last line of a shutdown (src/main.rs); panics (and kills) on a hang.
-        self.wait_for_log("] stopped");
-        let st = self.child.wait().expect("wait");
-        std::mem::forget(self);
-        st
+    /// A QMP connection to this process's `--qmp` socket (named by its ready line).
+    pub fn qmp(&self) -> Qmp {
+        let path = self.ready["qmp"]
+            .as_str()
+            .expect("colo-blk runs without --qmp");
+        Qmp::connect(Path::new(path))
+    }
+
+    /// `query-stats`.
+    pub fn stats(&self) -> serde_json::Value {
+        self.qmp()
+            .execute("query-stats", serde_json::json!({}))
+            .expect("query-stats")
+    }
+
+    /// The I/O engine serving the queues (`query-stats`: `io_uring` or `threads`).
+    pub fn io_engine(&self) -> String {
+        let stats = self.stats();
+        let engine = stats["io-engine"].as_str();
+        engine
+            .unwrap_or_else(|| panic!("no io-engine: {stats}"))
+            .to_string()
+    }
+
+    /// Waits until `n` front-end connections have ended and the process is done with them
+    /// (`query-stats`: `front-end-disconnects`): it waits for the next front-end.
+    pub fn wait_front_end_disconnects(&self, n: u64) {
+        let mut q = self.qmp();
+        let what = format!("front-end disconnect {n} to be finished with (query-stats)");
+        poll::until(&what, 4 * STARTUP_TIMEOUT, || {
+            let stats = q.execute("query-stats", serde_json::json!({})).unwrap();
+            stats["front-end-disconnects"].as_u64() >= Some(n)
+        });
     }
 }
 
