@@ -256,7 +256,7 @@ fn what_the_cut_left(d: &Path, disk: &Path, e1: u64, at_e1: &[u8], at_cut: &[u8]
         .execute("replication-failover", json!({}))
         .unwrap();
     assert_eq!(f["epoch"].as_u64(), Some(e1), "{f}");
-    assert!(sec.terminate_logged().success());
+    assert!(sec.terminate().success());
     assert_same(
         &read(&cut.join("s.img")),
         at_e1,

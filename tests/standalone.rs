@@ -199,26 +199,19 @@ fn sigterm_stops_when_the_socket_path_is_gone_or_replaced() {
     for replaced in [false, true] {
         let dir = common::tempdir();
         let (sock, img) = (dir.path().join("vhost.sock"), dir.path().join("disk.img"));
-        let args = [
-            "--socket",
-            sock.to_str().unwrap(),
-            "--image",
-            img.to_str().unwrap(),
-            "--size",
-            "4M",
-        ];
-        // The debug line the server logs before it waits in accept().
-        let mut b = Backend::start_with_env(&args, &sock, &[("RUST_LOG", "info,colo_blk=debug")]);
+        let qmp = dir.path().join("qmp.sock");
+        let extra = ["--size", "4M", "--qmp", qmp.to_str().unwrap()];
+        let b = Backend::start(&sock, &img, &extra);
         let mut c = Client::connect(&b.socket, 1).unwrap();
         assert_eq!(c.write(0, 8192, &pattern(6, 65536)), 0);
         drop(c);
-        b.wait_for_log("front-end disconnected");
-        b.wait_for_log("waiting for a front-end");
+        // Done with the client: the server waits in accept() for the next front-end.
+        b.wait_front_end_disconnects(1);
         std::fs::remove_file(&b.socket).unwrap();
         if replaced {
             std::fs::write(&b.socket, b"not a socket").unwrap();
         }
-        let status = b.terminate_logged();
+        let status = b.terminate();
         assert!(
             status.success(),
             "replaced {replaced}: exit status {status:?}"
