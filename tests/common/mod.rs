@@ -149,6 +149,16 @@ impl Backend {
         st
     }
 
+    /// [`Backend::terminate`], then every line the process logged (read to the end of its
+    /// output, so nothing is waited for).
+    pub fn terminate_with_log(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let (tx, lines) = mpsc::channel();
+        let lines = std::mem::replace(&mut self.lines, lines);
+        drop(tx);
+        let status = self.terminate();
+        (status, lines.iter().collect())
+    }
+
     /// A QMP connection to this process's `--qmp` socket (named by its ready line).
     pub fn qmp(&self) -> Qmp {
         let path = self.ready["qmp"]
@@ -545,11 +555,11 @@ pub fn guest_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let dir = repo().join("qemu-scripts/guest");
-    let st = Command::new("bash")
-        .arg(repo().join("qemu-scripts/build-guest.sh"))
-        .arg(&dir)
-        .status()
-        .expect("run build-guest.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo().join("qemu-scripts/build-guest.sh"))
+        .arg(&dir);
+    let mut build = qemu::Proc::spawn(cmd, "build-guest");
+    let st = build.wait_exit(Duration::from_secs(600));
     assert!(st.success(), "qemu-scripts/build-guest.sh failed ({st})");
     dir
 }
