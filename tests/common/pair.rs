@@ -14,7 +14,7 @@ pub fn s(p: &Path) -> String {
 }
 
 /// The options of one `colo-blk` process of a pair, files named relative to a test directory.
-/// Every node has `--insecure-link --heartbeat-ms 100` and, unless changed,
+/// Every node has `--heartbeat-ms 100`, unless changed `--insecure-link` and
 /// `--peer-timeout-ms 2000`; the rest is what the test asks for.
 pub struct Node {
     dir: PathBuf,
@@ -30,6 +30,8 @@ pub struct Node {
     cluster_size: Option<&'static str>,
     dirty_log_extent: Option<&'static str>,
     peer_timeout_ms: u64,
+    /// The link's security options; `None`: `--insecure-link`.
+    security: Option<Vec<String>>,
     extra: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -49,6 +51,7 @@ impl Node {
             cluster_size: None,
             dirty_log_extent: None,
             peer_timeout_ms: 2000,
+            security: None,
             extra: Vec::new(),
             env: Vec::new(),
         }
@@ -108,6 +111,13 @@ impl Node {
         self
     }
 
+    /// The link's security options (e.g. `--tls-psk-file F`) instead of `--insecure-link`;
+    /// empty: none at all (as an operator who forgot them).
+    pub fn security(mut self, args: &[&str]) -> Node {
+        self.security = Some(args.iter().map(|a| a.to_string()).collect());
+        self
+    }
+
     /// More arguments, after all the others.
     pub fn args(mut self, extra: &[&str]) -> Node {
         self.extra.extend(extra.iter().map(|a| a.to_string()));
@@ -124,10 +134,12 @@ impl Node {
     /// The command line of this node.
     pub fn command_line(&self) -> Vec<String> {
         let path = |name: &str| s(&self.dir.join(name));
-        let mut args: Vec<String> = ["--role", self.role, "--insecure-link", "--image"]
-            .map(String::from)
-            .to_vec();
-        args.push(path(&self.image));
+        let mut args: Vec<String> = vec!["--role".into(), self.role.into()];
+        match &self.security {
+            Some(security) => args.extend(security.iter().cloned()),
+            None => args.push("--insecure-link".into()),
+        }
+        args.extend(["--image".to_string(), path(&self.image)]);
         args.extend(["--size".to_string(), self.size.to_string()]);
         let other = format!("127.0.0.1:{}", self.port);
         if self.role == "secondary" {
