@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use colo_blk::replication::protocol::{Frame, Hello, VERSION};
-use common::pair::{checkpoint, wait_connected, Node};
+use common::pair::{checkpoint, strs, wait_connected, Node};
 use common::{pattern, Backend, Client, Qmp};
 
 const DISK: u64 = 8 << 20;
@@ -92,10 +92,6 @@ fn tls(dir: &Path, name: &str, peer: &str) -> Vec<String> {
     ]
 }
 
-fn as_strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 /// The secondary's next REPLICATION_ERROR says the TLS handshake failed.
 fn expect_refusal(sq: &mut Qmp) {
     let ev = sq.wait_event("REPLICATION_ERROR");
@@ -153,17 +149,17 @@ fn certificates_of_another_ca_are_refused() {
     pki(d, "ca", &["primary.colo", "secondary.colo"]);
     pki(d, "other-ca", &["intruder.colo"]);
     let secondary_tls = tls(d, "secondary.colo", "primary.colo");
-    let (_s, mut sq, port) = secondary(d, &as_strs(&secondary_tls));
+    let (_s, mut sq, port) = secondary(d, &strs(&secondary_tls));
     // An intruder with a certificate of another CA (it trusts ours, to get that far).
     let intruder_tls = tls(d, "intruder.colo", "secondary.colo");
-    let (intruder, _iq) = primary(d, port, "intruder", &as_strs(&intruder_tls));
+    let (intruder, _iq) = primary(d, port, "intruder", &strs(&intruder_tls));
     write_some(d, "intruder", 300);
     expect_refusal(&mut sq);
     drop(intruder);
     assert!(image(d, "secondary.img").iter().all(|&b| b == 0));
 
     let primary_tls = tls(d, "primary.colo", "secondary.colo");
-    let (_p, mut pq) = primary(d, port, "primary", &as_strs(&primary_tls));
+    let (_p, mut pq) = primary(d, port, "primary", &strs(&primary_tls));
     sq.wait_event("REPLICATION_PEER_CONNECTED");
     wait_connected(&mut pq);
     write_some(d, "primary", 400);

@@ -5,6 +5,7 @@ mod common;
 
 use std::io::Read;
 
+use common::pair::Node;
 use common::{pattern, Backend, Client};
 
 const MIB: u64 = 1 << 20;
@@ -225,47 +226,28 @@ fn sigterm_stops_when_the_socket_path_is_gone_or_replaced() {
 #[test]
 fn a_size_that_disagrees_with_the_image_is_an_error_naming_both() {
     let dir = common::tempdir();
-    let p = |n: &str| dir.path().join(n).display().to_string();
-    let (img, layers, sock) = (p("disk.img"), p("layers"), p("vhost.sock"));
+    let d = dir.path();
+    let img = d.join("disk.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len(4 * MIB)
         .unwrap();
-    let roles: [&[&str]; 3] = [
-        &["--socket", &sock],
-        &[
-            "--role",
-            "primary",
-            "--insecure-link",
-            "--peer",
-            "127.0.0.1:9",
-            "--socket",
-            &sock,
-        ],
-        &[
-            "--role",
-            "secondary",
-            "--insecure-link",
-            "--listen",
-            "127.0.0.1:0",
-            "--layer-dir",
-            &layers,
-        ],
-    ];
-    for role in roles {
-        let mut args = vec!["--image", &img, "--size", "8M"];
-        args.extend_from_slice(role);
-        let err = common::start_fails(&args);
+    let node = |role: &str, size: u64| match role {
+        "standalone" => Node::standalone(d, "disk.img", size).socket("vhost.sock"),
+        "primary" => Node::primary(d, "disk.img", size, 9).socket("vhost.sock"),
+        _ => Node::secondary(d, "disk.img", size, 0).layers("layers"),
+    };
+    for role in ["standalone", "primary", "secondary"] {
+        let err = node(role, 8 * MIB).start_fails();
         assert!(
             err.contains("--size 8.0 MiB (8388608 bytes)")
                 && err.contains("which is 4.0 MiB (4194304 bytes)"),
-            "{role:?}: {err}"
+            "{role}: {err}"
         );
         assert_eq!(std::fs::metadata(&img).unwrap().len(), 4 * MIB);
         // The size it has, given again (as scripts restarting a backend do), starts.
-        args[3] = "4M";
-        let b = Backend::start_with(&args, &dir.path().join("vhost.sock"));
-        assert!(b.terminate().success(), "{role:?}");
+        let b = node(role, 4 * MIB).start();
+        assert!(b.terminate().success(), "{role}");
     }
 }
 
@@ -291,13 +273,11 @@ fn bad_command_line_is_a_one_line_error() {
 #[test]
 fn query_stats_counts_requests_and_bytes_per_queue() {
     let dir = common::tempdir();
-    let qmp = dir.path().join("s.qmp");
-    let qmp_s = qmp.display().to_string();
-    let b = Backend::start(
-        &dir.path().join("vhost.sock"),
-        &dir.path().join("disk.img"),
-        &["--size", "8M", "--num-queues", "2", "--qmp", &qmp_s],
-    );
+    let b = Node::standalone(dir.path(), "disk.img", 8 * MIB)
+        .socket("vhost.sock")
+        .queues(2)
+        .qmp("s.qmp")
+        .start();
     let mut c = Client::connect(&b.socket, 2).expect("connect");
     for i in 0..10u64 {
         assert_eq!(c.write(0, i * 4096, &pattern(i, 4096)), 0);
@@ -309,8 +289,7 @@ fn query_stats_counts_requests_and_bytes_per_queue() {
             v
         });
     }
-    let mut q = common::Qmp::connect(&qmp);
-    let stats = q.execute("query-stats", serde_json::json!({})).unwrap();
+    let stats = b.stats();
     let queues = stats["queues"].as_array().unwrap();
     assert_eq!(queues.len(), 2);
     assert_eq!(queues[0]["requests"], 10);
@@ -406,21 +385,12 @@ fn the_first_write_after_mapping_a_buffer_sees_it() {
     for role in ["standalone", "secondary"] {
         for i in 0..40 {
             let dir = common::tempdir();
-            let p = |n: &str| dir.path().join(n).display().to_string();
-            let (img, layers, sock) = (p("disk.img"), p("layers"), p("vhost.sock"));
-            let mut args = vec!["--image", &img, "--size", "32M", "--socket", &sock];
-            if role == "secondary" {
-                args.extend_from_slice(&[
-                    "--role",
-                    "secondary",
-                    "--insecure-link",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--layer-dir",
-                    &layers,
-                ]);
-            }
-            let b = Backend::start_with(&args, &dir.path().join("vhost.sock"));
+            let d = dir.path();
+            let node = match role {
+                "standalone" => Node::standalone(d, "disk.img", 32 * MIB),
+                _ => Node::secondary(d, "disk.img", 32 * MIB, 0).layers("layers"),
+            };
+            let b = node.socket("vhost.sock").start();
             let mut c = Client::connect(&b.socket, 1).unwrap();
             assert_eq!(
                 c.write(0, 2000 * 4096, &pattern(i, 4096)),

@@ -69,6 +69,12 @@ impl Node {
         Node::new("primary", dir, image, size, port)
     }
 
+    /// A standalone backend on `dir/image` (created when missing) of `size` bytes: no link
+    /// options at all.
+    pub fn standalone(dir: &Path, image: &str, size: u64) -> Node {
+        Node::new("standalone", dir, image, size, 0)
+    }
+
     /// `--layer-dir dir/name` (a secondary's).
     pub fn layers(mut self, name: &str) -> Node {
         self.layers = Some(name.to_string());
@@ -135,17 +141,10 @@ impl Node {
     pub fn command_line(&self) -> Vec<String> {
         let path = |name: &str| s(&self.dir.join(name));
         let mut args: Vec<String> = vec!["--role".into(), self.role.into()];
-        match &self.security {
-            Some(security) => args.extend(security.iter().cloned()),
-            None => args.push("--insecure-link".into()),
-        }
         args.extend(["--image".to_string(), path(&self.image)]);
         args.extend(["--size".to_string(), self.size.to_string()]);
-        let other = format!("127.0.0.1:{}", self.port);
-        if self.role == "secondary" {
-            args.extend(["--listen".to_string(), other]);
-        } else {
-            args.extend(["--peer".to_string(), other]);
+        if self.role != "standalone" {
+            args.extend(self.link_options());
         }
         for (flag, name) in [
             ("--layer-dir", &self.layers),
@@ -167,20 +166,42 @@ impl Node {
                 args.extend([flag.to_string(), size.to_string()]);
             }
         }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// The replication link's options: the other side, security, heartbeat and timeout.
+    fn link_options(&self) -> Vec<String> {
+        let other = format!("127.0.0.1:{}", self.port);
+        let mut args = if self.role == "secondary" {
+            vec!["--listen".to_string(), other]
+        } else {
+            vec!["--peer".to_string(), other]
+        };
+        match &self.security {
+            Some(security) => args.extend(security.iter().cloned()),
+            None => args.push("--insecure-link".into()),
+        }
         args.extend([
             "--heartbeat-ms".to_string(),
             "100".to_string(),
             "--peer-timeout-ms".to_string(),
             self.peer_timeout_ms.to_string(),
         ]);
-        args.extend(self.extra.iter().cloned());
         args
+    }
+
+    /// Runs the process, which must fail at start-up; returns its stderr (see
+    /// [`super::start_fails`]).
+    pub fn start_fails(self) -> String {
+        let args = self.command_line();
+        super::start_fails(&strs(&args))
     }
 
     /// Starts the process and waits for its ready line.
     pub fn start(self) -> Backend {
         let args = self.command_line();
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let refs = strs(&args);
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
@@ -192,6 +213,11 @@ impl Node {
             .join(self.socket.as_deref().unwrap_or("unused.sock"));
         Backend::start_with_env(&refs, &socket, &env)
     }
+}
+
+/// Borrowed strings of `args`, for APIs that take `&[&str]`.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 /// Connects to the QMP socket `dir/name`.
