@@ -10,8 +10,9 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use colo_blk::replication::protocol::{Frame, Hello, VERSION};
-use common::pair::{checkpoint, strs, wait_connected, Node};
+use colo_blk::replication::metadata::Generations;
+use colo_blk::replication::protocol::Frame;
+use common::pair::{checkpoint, primary_hello, strs, wait_connected, Node};
 use common::{pattern, Backend, Client, Qmp};
 
 const DISK: u64 = 8 << 20;
@@ -115,16 +116,7 @@ fn psk_replicates_and_a_wrong_psk_or_plain_tcp_changes_nothing() {
     // Plain TCP speaking the protocol perfectly: refused too.
     {
         let mut t = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let hello = Frame::Hello(Hello {
-            version: VERSION,
-            disk_size: DISK,
-            block_size: 512,
-            epoch: 0,
-            sync: false,
-            dirty_log: false,
-            gens: colo_blk::replication::metadata::Generations::fresh_primary(),
-        });
-        let _ = t.write_all(&hello.encode());
+        let _ = t.write_all(&primary_hello(DISK, Generations::fresh_primary()).encode());
         let _ = t.write_all(&Frame::write(1, 0, vec![0xee; 4096]).encode());
         expect_refusal(&mut sq);
     }

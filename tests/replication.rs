@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use common::needs::Needs;
 use common::pair::{
-    checkpoint, hot_writes, kill9, prepare_checkpoint, query, read, signal, wait_connected,
-    write_all, Node,
+    checkpoint, hot_writes, kill9, prepare_checkpoint, primary_hello, query, read, signal,
+    wait_connected, write_all, Node,
 };
 use common::{pattern, poll, Backend, Client, Qmp, STARTUP_TIMEOUT};
 use serde_json::json;
@@ -305,7 +305,7 @@ fn qmp_errors_are_reported_not_fatal() {
 /// they reach its disk, and say why.
 #[test]
 fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
-    use colo_blk::replication::protocol::{Frame, Hello, HEADER_LEN, VERSION};
+    use colo_blk::replication::protocol::{Frame, HEADER_LEN};
     use std::io::{Read, Write};
     use std::net::TcpStream;
 
@@ -317,17 +317,7 @@ fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
     let gens = colo_blk::replication::metadata::Generations::fresh_primary();
     let connect = || {
         let mut t = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let hello = Frame::Hello(Hello {
-            version: VERSION,
-            disk_size: DISK,
-            block_size: 512,
-            epoch: 0,
-            sync: false,
-            dirty_log: false,
-            // What a primary on an image colo-blk has just created announces.
-            gens,
-        });
-        t.write_all(&hello.encode()).unwrap();
+        t.write_all(&primary_hello(DISK, gens).encode()).unwrap();
         let mut h = [0u8; HEADER_LEN];
         t.read_exact(&mut h).unwrap();
         let raw = Frame::parse_header(&h).unwrap();

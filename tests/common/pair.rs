@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use colo_blk::replication::metadata::Generations;
+use colo_blk::replication::protocol::{Frame, Hello, VERSION};
 use serde_json::{json, Value};
 
 use super::{pattern, xorshift, Backend, Client, Qmp};
@@ -213,6 +215,21 @@ impl Node {
             .join(self.socket.as_deref().unwrap_or("unused.sock"));
         Backend::start_with_env(&refs, &socket, &env)
     }
+}
+
+/// The HELLO of a hand-rolled primary of a `disk_size` disk: asynchronous, no dirty log, at
+/// epoch 0, announcing `gens` (`Generations::fresh_primary()`: what a primary on an image
+/// colo-blk has just created announces).
+pub fn primary_hello(disk_size: u64, gens: Generations) -> Frame {
+    Frame::Hello(Hello {
+        version: VERSION,
+        disk_size,
+        block_size: 512,
+        epoch: 0,
+        sync: false,
+        dirty_log: false,
+        gens,
+    })
 }
 
 /// Borrowed strings of `args`, for APIs that take `&[&str]`.

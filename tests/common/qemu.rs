@@ -42,7 +42,19 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` as by [`super::spawn_group`], its output prefixed `[name]`.
     pub fn spawn(cmd: Command, name: &str) -> Proc {
-        let (child, rx) = super::spawn_group(cmd, &format!("[{name}]"));
+        Proc::spawn_stdin(cmd, name, Stdio::null())
+    }
+
+    /// [`Proc::spawn`] with stdin a pipe, taken out of the child and returned (a guest's
+    /// serial console: what is written there is typed on it).
+    pub fn spawn_with_stdin(cmd: Command, name: &str) -> (Proc, ChildStdin) {
+        let mut p = Proc::spawn_stdin(cmd, name, Stdio::piped());
+        let stdin = p.child.stdin.take().expect("stdin");
+        (p, stdin)
+    }
+
+    fn spawn_stdin(cmd: Command, name: &str, stdin: Stdio) -> Proc {
+        let (child, rx) = super::spawn_group_stdin(cmd, &format!("[{name}]"), stdin);
         Proc {
             name: name.to_string(),
             child,
@@ -50,21 +62,6 @@ impl Proc {
             lines: Vec::new(),
             exited: None,
         }
-    }
-
-    /// [`Proc::spawn`] with stdin a pipe, taken out of the child and returned (a guest's
-    /// serial console: what is written there is typed on it).
-    pub fn spawn_with_stdin(cmd: Command, name: &str) -> (Proc, ChildStdin) {
-        let (mut child, rx) = super::spawn_group_stdin(cmd, &format!("[{name}]"), Stdio::piped());
-        let stdin = child.stdin.take().expect("stdin");
-        let p = Proc {
-            name: name.to_string(),
-            child,
-            rx,
-            lines: Vec::new(),
-            exited: None,
-        };
-        (p, stdin)
     }
 
     /// The last 40 lines.
