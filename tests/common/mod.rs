@@ -50,10 +50,16 @@ impl Backend {
 
     /// [`Backend::start_with`] inside the network namespace `netns` (`ip netns exec`, which
     /// execs colo-blk: the child's pid is colo-blk's).
-    pub fn start_in_netns(netns: &str, args: &[&str], socket: &Path) -> Backend {
+    pub fn start_in_netns(
+        netns: &str,
+        args: &[&str],
+        socket: &Path,
+        env: &[(&str, &str)],
+    ) -> Backend {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_colo-blk")])
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         Backend::spawn(cmd, socket)
     }
 
@@ -388,6 +394,8 @@ pub struct Qmp {
     writer: std::os::unix::net::UnixStream,
     /// Events received while waiting for replies.
     pub events: Vec<serde_json::Value>,
+    /// How many events arrived on this connection so far (taken from `events` or not).
+    pub events_received: u64,
 }
 
 /// Connects to the unix socket `path`. A server binds (the path appears) before it listens:
@@ -415,6 +423,7 @@ impl Qmp {
             reader: BufReader::new(s.try_clone().unwrap()),
             writer: s,
             events: Vec::new(),
+            events_received: 0,
         };
         let greeting = q.read_msg();
         assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
@@ -453,7 +462,7 @@ impl Qmp {
         loop {
             let m = self.read_msg();
             if m.get("event").is_some() {
-                self.events.push(m);
+                self.keep_event(m);
                 continue;
             }
             if let Some(r) = m.get("return") {
@@ -474,12 +483,29 @@ impl Qmp {
         loop {
             let m = self.read_msg();
             if m["event"] == name {
+                self.events_received += 1;
                 return m;
             }
             if m.get("event").is_some() {
-                self.events.push(m);
+                self.keep_event(m);
             }
         }
+    }
+
+    /// Blocks until the next event arrives, and keeps it in [`Qmp::events`].
+    pub fn receive_event(&mut self) {
+        loop {
+            let m = self.read_msg();
+            if m.get("event").is_some() {
+                return self.keep_event(m);
+            }
+            panic!("unexpected QMP message {m}");
+        }
+    }
+
+    fn keep_event(&mut self, event: serde_json::Value) {
+        self.events_received += 1;
+        self.events.push(event);
     }
 }
 

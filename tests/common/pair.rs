@@ -22,7 +22,10 @@ pub struct Node {
     dir: PathBuf,
     /// `--role` and the flag naming the other side's port (`--listen` or `--peer`).
     role: &'static str,
+    host: String,
     port: u16,
+    /// The network namespace to run in (`ip netns exec`).
+    netns: Option<String>,
     image: String,
     size: u64,
     layers: Option<String>,
@@ -43,7 +46,9 @@ impl Node {
         Node {
             dir: dir.to_path_buf(),
             role,
+            host: "127.0.0.1".to_string(),
             port,
+            netns: None,
             image: image.to_string(),
             size,
             layers: None,
@@ -75,6 +80,18 @@ impl Node {
     /// options at all.
     pub fn standalone(dir: &Path, image: &str, size: u64) -> Node {
         Node::new("standalone", dir, image, size, 0)
+    }
+
+    /// The address of `--listen` or `--peer` on `ip` instead of 127.0.0.1.
+    pub fn host(mut self, ip: &str) -> Node {
+        self.host = ip.to_string();
+        self
+    }
+
+    /// Runs the process in the network namespace `ns`.
+    pub fn netns(mut self, ns: &str) -> Node {
+        self.netns = Some(ns.to_string());
+        self
     }
 
     /// `--layer-dir dir/name` (a secondary's).
@@ -174,7 +191,7 @@ impl Node {
 
     /// The replication link's options: the other side, security, heartbeat and timeout.
     fn link_options(&self) -> Vec<String> {
-        let other = format!("127.0.0.1:{}", self.port);
+        let other = format!("{}:{}", self.host, self.port);
         let mut args = if self.role == "secondary" {
             vec!["--listen".to_string(), other]
         } else {
@@ -213,7 +230,10 @@ impl Node {
         let socket = self
             .dir
             .join(self.socket.as_deref().unwrap_or("unused.sock"));
-        Backend::start_with_env(&refs, &socket, &env)
+        match &self.netns {
+            Some(ns) => Backend::start_in_netns(ns, &refs, &socket, &env),
+            None => Backend::start_with_env(&refs, &socket, &env),
+        }
     }
 }
 
@@ -247,23 +267,33 @@ pub fn query(q: &mut Qmp) -> Value {
     q.execute("query-replication", json!({})).unwrap()
 }
 
-/// Waits until the primary is connected and resynced, and returns its state then (query
-/// first: the event may be older than this QMP connection).
-pub fn wait_in_sync(pq: &mut Qmp) -> Value {
-    let st = query(pq);
-    if st["state"] == "connected" && st["resync-remaining-bytes"] == 0 {
-        return st;
+/// Waits until `query-replication` satisfies `done`, and returns it: asks again after each
+/// event (every change of the link's state comes with one), and leaves the events queued.
+pub fn wait_state(q: &mut Qmp, done: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let before = q.events_received;
+        let st = query(q);
+        if done(&st) {
+            return st;
+        }
+        // An event that came with the answer may be the change: ask again before waiting.
+        if q.events_received == before {
+            q.receive_event();
+        }
     }
-    pq.wait_event("REPLICATION_RESYNC_DONE");
-    query(pq)
 }
 
-/// Waits until the primary is connected (query first, as in [`wait_in_sync`]).
-pub fn wait_connected(pq: &mut Qmp) {
-    let st = query(pq);
-    if st["state"] != "connected" {
-        pq.wait_event("REPLICATION_PEER_CONNECTED");
-    }
+/// Waits until the primary is connected and resynced (checkpoints possible), and returns its
+/// state then.
+pub fn wait_in_sync(pq: &mut Qmp) -> Value {
+    wait_state(pq, |st| {
+        st["state"] == "connected" && st["resync-remaining-bytes"] == 0
+    })
+}
+
+/// Waits until the primary (or the secondary) is connected.
+pub fn wait_connected(q: &mut Qmp) {
+    wait_state(q, |st| st["state"] == "connected");
 }
 
 /// `replication-checkpoint` (60 s timeout); returns the new epoch.

@@ -102,6 +102,20 @@ impl Proc {
         }
     }
 
+    /// Waits until `count` lines in all (received since the start) satisfy `pred`.
+    pub fn wait_count(
+        &mut self,
+        what: &str,
+        count: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) {
+        let seen = self.lines.iter().filter(|l| pred(&l.1)).count();
+        for _ in seen..count {
+            self.wait_line(what, timeout, &pred);
+        }
+    }
+
     /// Waits for the next line containing `marker`.
     pub fn wait_marker(&mut self, marker: &str, timeout: Duration) -> String {
         self.wait_line(marker, timeout, |l| l.contains(marker))
