@@ -89,7 +89,8 @@ impl Setup {
     /// Boots the test guest on `socket` running `script`; `qmp` opens QEMU's QMP socket.
     fn vm(&self, name: &str, socket: &str, script: &str, qmp: Option<&str>) -> Proc {
         let qmp = qmp.map(|q| self.p(q));
-        common::qemu::run_vm(
+        common::qemu::run_vm_on(
+            None,
             self.dir.path(),
             name,
             &self.guest,

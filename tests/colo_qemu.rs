@@ -27,9 +27,9 @@ use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::needs::Needs;
-use common::pair::Node;
-use common::qemu::{e2fsprogs, Proc};
-use common::{tempdir, Backend, Qmp};
+use common::pair::{strs, wait_connected, wait_state, Node};
+use common::qemu::{e2fsprogs, initrd_with_script, wait_mid_epoch, Proc};
+use common::{poll, tempdir, Backend, Qmp};
 use serde_json::{json, Value};
 
 const DISK: u64 = 32 << 20;
@@ -143,27 +143,17 @@ impl Events {
 }
 
 fn wait_path(path: &Path) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let what = format!("{} to appear", path.display());
+    poll::until(&what, TIMEOUT, || path.exists());
 }
 
 /// `x-colo-lost-heartbeat` to the QEMU of `who` (PVM or SVM), then waits until it left COLO.
 fn lost_heartbeat(q: &mut Qmp, who: &str) {
     q.execute("x-colo-lost-heartbeat", json!({}))
         .unwrap_or_else(|e| panic!("x-colo-lost-heartbeat on the {who}: {e}"));
-    let deadline = Instant::now() + TIMEOUT;
-    while q.execute("query-colo-status", json!({})).unwrap()["mode"] != "none" {
-        assert!(Instant::now() < deadline, "the {who} never left COLO");
-        // A polling interval, not synchronisation.
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    poll::until(&format!("the {who} to leave COLO"), TIMEOUT, || {
+        q.execute("query-colo-status", json!({})).unwrap()["mode"] == "none"
+    });
 }
 
 // ---- the pair --------------------------------------------------------------------------------
@@ -193,21 +183,7 @@ impl Pair {
         let guest = common::guest_dir();
         let dir = tempdir();
         prepare(dir.path());
-        let root = dir.path().join("root");
-        std::fs::create_dir_all(root.join("colo")).unwrap();
-        std::fs::write(root.join("colo/test.sh"), script).unwrap();
-        let mut initrd = std::fs::read(guest.join("initramfs.cpio.gz")).unwrap();
-        initrd.resize(initrd.len().div_ceil(512) * 512, 0);
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg("find colo | cpio --quiet -o -H newc -R 0:0")
-            .current_dir(&root)
-            .output()
-            .expect("cpio");
-        assert!(out.status.success(), "cpio failed");
-        initrd.extend_from_slice(&out.stdout);
-        let path = dir.path().join("initrd");
-        std::fs::write(&path, initrd).unwrap();
+        let path = initrd_with_script(&guest, dir.path(), script);
         Pair {
             dir,
             initrd: path,
@@ -271,27 +247,19 @@ impl Pair {
     /// SIGKILL) to the primary (`primary` true) or the secondary, wait for it to exit, then the
     /// same command line again. Returns the old process's exit status.
     fn restart_backend(&mut self, primary: bool, sig: i32) -> std::process::ExitStatus {
+        let svm_socket = format!("{}.sock", self.svm_name());
         let (slot, cmd, socket) = if primary {
             (&mut self.primary, &self.primary_cmd, "pvm.sock".to_string())
         } else {
-            (
-                &mut self.secondary,
-                &self.secondary_cmd,
-                format!(
-                    "{}.sock",
-                    if self.svm_gen <= 1 {
-                        "svm".to_string()
-                    } else {
-                        format!("svm{}", self.svm_gen)
-                    }
-                ),
-            )
+            (&mut self.secondary, &self.secondary_cmd, svm_socket)
         };
         let mut old = slot.take().expect("backend running");
         common::pair::signal(&old, sig);
         let status = old.child.wait().expect("wait");
-        let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        *slot = Some(Backend::start_with(&refs, &self.dir.path().join(socket)));
+        *slot = Some(Backend::start_with(
+            &strs(cmd),
+            &self.dir.path().join(socket),
+        ));
         status
     }
 
@@ -350,10 +318,19 @@ impl Pair {
     fn start_backends(&mut self) {
         self.start_secondary("secondary.img");
         self.start_primary();
-        self.secondary
-            .as_mut()
-            .unwrap()
-            .wait_for_log("connected (epoch");
+        wait_connected(&mut self.secondary().qmp());
+    }
+
+    /// The secondary backend.
+    fn secondary(&self) -> &Backend {
+        self.secondary.as_ref().expect("the secondary backend runs")
+    }
+
+    /// Waits until the secondary backend took `n` checkpoints since it started: under x-colo,
+    /// cuts the Secondary VM resumed from (it runs the primary's state).
+    fn wait_secondary_checkpoints(&self, n: u64) {
+        let mut q = self.secondary().qmp();
+        wait_state(&mut q, |st| st["checkpoints"].as_u64() >= Some(n));
     }
 
     /// Both QEMUs (backends running), and the migration into COLO.
@@ -391,18 +368,11 @@ impl Pair {
         .expect("x-checkpoint-delay");
         pvm.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{mport}")}))
             .expect("migrate");
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
+        poll::until("the migration into COLO", TIMEOUT, || {
             let m = pvm.execute("query-migrate", json!({})).unwrap();
-            if m["status"] == "colo" {
-                break;
-            }
-            assert!(
-                m["status"] != "failed" && Instant::now() < deadline,
-                "migration into COLO: {m}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            assert!(m["status"] != "failed", "migration into COLO: {m}");
+            m["status"] == "colo"
+        });
     }
 
     fn qmp(&self, name: &str) -> Qmp {
@@ -437,18 +407,11 @@ impl Pair {
         assert_eq!(st["status"], "running", "SVM after failover: {st}");
         // The rule under test: no replication-failover by hand.
         let mut b = self.qmp(&format!("{n}-backend.qmp"));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        let what = "the secondary backend to fail over by itself";
+        poll::until(what, TIMEOUT, || {
             let r = b.execute("query-replication", json!({})).unwrap();
-            if r["state"] == "failed-over" && r["hidden-bytes"] == 0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the secondary backend did not fail over by itself: {r}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            r["state"] == "failed-over" && r["hidden-bytes"] == 0
+        });
         (t_kill, t_out)
     }
 
@@ -478,6 +441,30 @@ impl Pair {
                 _ => {}
             }
         }
+    }
+
+    /// After the SVM verified `last` records: the SVM and the secondary backend stop, and the
+    /// secondary's `image` holds at least those records (exactly records 0..n); returns n.
+    fn assert_secondary_holds(&mut self, image: &str, last: u64) -> u64 {
+        self.svm().kill();
+        self.secondary.take().unwrap().terminate();
+        let n = records_in(&self.p(image));
+        assert!(
+            n >= last,
+            "{image} has {n} records, the SVM verified {last}"
+        );
+        n
+    }
+
+    /// The highest record count the PVM's console reported verified so far.
+    fn pvm_max_verified(&mut self) -> u64 {
+        let pvm = self.pvm();
+        pvm.drain();
+        pvm.lines
+            .iter()
+            .filter_map(|l| verified(&l.1))
+            .max()
+            .unwrap_or(0)
     }
 
     fn assert_no_failures(&mut self) {
@@ -614,12 +601,9 @@ fn ram_agrees_with_disk_after_failover() {
         let mut pair = Pair::new(WRITER, |_| {});
         pair.start("COLO-A: start");
         let ev = Events::connect(&pair.p("pvm-ev.qmp"));
-        for _ in 0..ckpts {
-            pair.secondary
-                .as_mut()
-                .unwrap()
-                .wait_for_log("the Secondary VM runs the primary's state");
-        }
+        let backend_ev =
+            Events::connect(Path::new(pair.secondary().ready["qmp"].as_str().unwrap()));
+        pair.wait_secondary_checkpoints(ckpts);
         pair.pvm().drain();
         pair.pvm().lines.clear();
         let mut pvm_max = 0;
@@ -651,17 +635,9 @@ fn ram_agrees_with_disk_after_failover() {
                 pvm_max = pvm_max.max(v);
             }
         }
-        let done = pair
-            .secondary
-            .as_mut()
-            .unwrap()
-            .wait_for_log("failover done");
+        let done = backend_ev.wait("REPLICATION_FAILOVER_DONE", TIMEOUT);
         eprintln!("secondary: {done}");
-        let epoch: u64 = done
-            .rsplit("(epoch ")
-            .next()
-            .and_then(|e| e.trim_end_matches(')').parse().ok())
-            .expect("failover epoch");
+        let epoch = done["data"]["epoch"].as_u64().expect("failover epoch");
         assert!(epoch >= ckpts, "failover at epoch {epoch}: {done}");
         let (last, first_ms) = svm_continues(&mut pair, pvm_max, t_out);
         pair.assert_no_failures();
@@ -671,14 +647,7 @@ fn ram_agrees_with_disk_after_failover() {
             (t_out - t_kill) * 1000.0,
             first_ms * 1000.0
         );
-        pair.svm().kill();
-        let sec = pair.secondary.take().unwrap();
-        sec.terminate();
-        let n = records_in(&pair.p("secondary.img"));
-        assert!(
-            n >= last,
-            "secondary image has {n} records, SVM verified {last}"
-        );
+        pair.assert_secondary_holds("secondary.img", last);
     }
 }
 
@@ -811,28 +780,22 @@ fn secondary_lost_then_reprotected() {
     primary_qmp
         .execute("replication-start", json!({"full": true}))
         .unwrap();
-    // The primary's log: the new session with the whole disk to resync, then its end.
-    let p = pair.primary.as_mut().unwrap();
+    // The primary's events: the new session with the whole disk to resync, then its end.
     let t = Instant::now();
     loop {
-        let l = p.wait_for_log("replicating to");
-        if !l.contains("(0 bytes to resync)") {
-            eprintln!("resync: {l}");
+        let ev = primary_qmp.wait_event("REPLICATION_PEER_CONNECTED");
+        if ev["data"]["resync-bytes"].as_u64() > Some(0) {
+            eprintln!("resync: {ev}");
             break;
         }
     }
-    p.wait_for_log("resync complete");
+    primary_qmp.wait_event("REPLICATION_RESYNC_DONE");
     eprintln!("TIMING full resync of {DISK} bytes: {:?}", t.elapsed());
     pair.protect();
     pair.svm().wait_line("the new SVM running", TIMEOUT, |l| {
         l.contains("COLO-A: verified")
     });
-    for _ in 0..3 {
-        pair.secondary
-            .as_mut()
-            .unwrap()
-            .wait_for_log("the Secondary VM runs the primary's state");
-    }
+    pair.wait_secondary_checkpoints(3);
     let mut pvm_max = 0;
     for _ in 0..2 {
         let l = pair
@@ -843,13 +806,7 @@ fn secondary_lost_then_reprotected() {
     let (_, t_out) = pair.fail_over_to_svm();
     let (last, _) = svm_continues(&mut pair, pvm_max, t_out);
     pair.assert_no_failures();
-    pair.svm().kill();
-    pair.secondary.take().unwrap().terminate();
-    let n = records_in(&pair.p("secondary2.img"));
-    assert!(
-        n >= last,
-        "new secondary image has {n} records, SVM verified {last}"
-    );
+    pair.assert_secondary_holds("secondary2.img", last);
 }
 
 /// (d) ext4 through a failover. One `mkfs.ext4` image copied to both sides; the guest mounts
@@ -956,16 +913,7 @@ fn user_stop_held_across_a_checkpoint() {
     }
     // The PVM wrote since that checkpoint's marker (the primary backend sent it): the stop is
     // at a new position, not a cut the secondary already has.
-    let mut primary = pair.qmp("primary.qmp");
-    let deadline = Instant::now() + TIMEOUT;
-    while primary.execute("query-replication", json!({})).unwrap()["bytes-sent-since-checkpoint"]
-        == 0
-    {
-        assert!(Instant::now() < deadline, "the PVM wrote nothing");
-        // A polling interval, not synchronisation.
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    drop(primary);
+    wait_mid_epoch(&pair.p("primary.qmp"), 1, TIMEOUT);
     let mut pvm_qmp = pair.qmp("pvm.qmp");
     svm_ev.clear();
     pvm_qmp.execute("stop", json!({})).expect("stop");
@@ -1003,25 +951,12 @@ fn user_stop_held_across_a_checkpoint() {
     let after_checkpoint = sec.execute("query-replication", json!({})).unwrap();
     eprintln!("secondary after that checkpoint: {after_checkpoint}");
     drop(sec);
-    pair.pvm().drain();
-    let pvm_max = pair
-        .pvm()
-        .lines
-        .iter()
-        .filter_map(|l| verified(&l.1))
-        .max()
-        .unwrap_or(0);
+    let pvm_max = pair.pvm_max_verified();
     match pair.fail_over_or_refuse(&backend) {
         Ok(t_out) => {
             let (last, _) = svm_continues(&mut pair, pvm_max, t_out);
             pair.assert_no_failures();
-            pair.svm().kill();
-            pair.secondary.take().unwrap().terminate();
-            let n = records_in(&pair.p("secondary.img"));
-            assert!(
-                n >= last,
-                "secondary image has {n} records, SVM verified {last}"
-            );
+            pair.assert_secondary_holds("secondary.img", last);
             eprintln!("failover: the SVM's RAM and disk agree (verified {last})");
         }
         Err(why) => {
@@ -1201,18 +1136,11 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
             r["last-error"]
         );
     }
-    pair.pvm().drain();
-    let pvm_max = pair
-        .pvm()
-        .lines
-        .iter()
-        .filter_map(|l| verified(&l.1))
-        .max()
-        .unwrap_or(0);
+    let pvm_max = pair.pvm_max_verified();
     let (_, t_out) = pair.fail_over_to_svm();
     let (last, _) = svm_continues(&mut pair, pvm_max, t_out);
     pair.assert_no_failures();
-    pair.svm().kill();
+    let n = pair.assert_secondary_holds("secondary.img", last);
     let rings: Vec<String> = [pair.svm.as_mut()]
         .into_iter()
         .flatten()
@@ -1224,12 +1152,6 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
         })
         .collect();
     eprintln!("SVM's QEMU said about vhost: {rings:?}");
-    pair.secondary.take().unwrap().terminate();
-    let n = records_in(&pair.p("secondary.img"));
-    assert!(
-        n >= last,
-        "secondary image has {n} records, SVM verified {last}"
-    );
     eprintln!("{who}: 3 restarts under x-colo; failover: SVM verified {last}, image {n} records");
 }
 

@@ -102,7 +102,8 @@ impl Setup {
             .iter()
             .map(|d| self.p(&format!("{d}-pvm.sock")))
             .collect();
-        common::qemu::run_vm(
+        common::qemu::run_vm_on(
+            None,
             self.dir.path(),
             name,
             &common::guest_dir(),

@@ -12,13 +12,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use clap::Parser;
 use colo_blk::cli::Cli;
 use common::needs::Needs;
+use common::qemu::initrd_with_script;
 use common::{poll, repo};
 
 /// Whether `tool` is installed; SKIPPED (a failure in CI) when it is not.
@@ -144,26 +144,6 @@ fn libvirtd() -> bool {
             "a libvirtd answering on qemu:///system (libvirt-daemon-system)",
         )
         .met()
-}
-
-/// The test guest's initramfs with `script` as /colo/test.sh appended (as run-vm.sh does).
-fn initrd_with_script(guest: &Path, dir: &Path, script: &str) -> PathBuf {
-    let root = dir.join("root");
-    std::fs::create_dir_all(root.join("colo")).unwrap();
-    std::fs::write(root.join("colo/test.sh"), script).unwrap();
-    let mut initrd = std::fs::read(guest.join("initramfs.cpio.gz")).unwrap();
-    // The kernel finds an uncompressed archive only at an aligned offset.
-    initrd.resize(initrd.len().div_ceil(512) * 512, 0);
-    let cpio = Command::new("sh")
-        .args(["-c", "find colo | cpio --quiet -o -H newc -R 0:0"])
-        .current_dir(&root)
-        .output()
-        .unwrap();
-    assert!(cpio.status.success(), "cpio failed");
-    initrd.extend_from_slice(&cpio.stdout);
-    let path = dir.join("initrd");
-    std::fs::write(&path, initrd).unwrap();
-    path
 }
 
 /// The shipped unit, env example and domain together on a real libvirtd: QEMU (as

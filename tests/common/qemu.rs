@@ -181,22 +181,10 @@ impl Drop for Proc {
     }
 }
 
-/// Boots the test guest in `guest` with `qemu-scripts/run-vm.sh`: one vhost-user-blk disk per
-/// socket (vda, vdb, ...), one queue, one CPU, `mem` of RAM, running `script` (written to
+/// Boots the test guest in `guest` with `qemu-scripts/run-vm.sh` on the QEMU binary `qemu`
+/// (`None`: run-vm.sh's default, `$QEMU` or the system's): one vhost-user-blk disk per socket
+/// (vda, vdb, ...), one queue, one CPU, `mem` of RAM, running `script` (written to
 /// `dir/name.sh`); `qmp` opens QEMU's QMP socket there.
-pub fn run_vm(
-    dir: &Path,
-    name: &str,
-    guest: &Path,
-    sockets: &[PathBuf],
-    mem: &str,
-    script: &str,
-    qmp: Option<&Path>,
-) -> Proc {
-    run_vm_on(None, dir, name, guest, sockets, mem, script, qmp)
-}
-
-/// [`run_vm`] on the QEMU binary `qemu` (`None`: run-vm.sh's default, `$QEMU` or the system's).
 #[allow(clippy::too_many_arguments)]
 pub fn run_vm_on(
     qemu: Option<&str>,
@@ -227,6 +215,26 @@ pub fn run_vm_on(
         cmd.arg("--qemu").arg(q);
     }
     Proc::spawn(cmd, name)
+}
+
+/// The test guest's initramfs with `script` as /colo/test.sh appended (as run-vm.sh does).
+pub fn initrd_with_script(guest: &Path, dir: &Path, script: &str) -> PathBuf {
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("colo")).unwrap();
+    std::fs::write(root.join("colo/test.sh"), script).unwrap();
+    let mut initrd = std::fs::read(guest.join("initramfs.cpio.gz")).unwrap();
+    // The kernel finds an uncompressed archive only at an aligned offset.
+    initrd.resize(initrd.len().div_ceil(512) * 512, 0);
+    let cpio = Command::new("sh")
+        .args(["-c", "find colo | cpio --quiet -o -H newc -R 0:0"])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(cpio.status.success(), "cpio failed");
+    initrd.extend_from_slice(&cpio.stdout);
+    let path = dir.join("initrd");
+    std::fs::write(&path, initrd).unwrap();
+    path
 }
 
 // ---- colo-ctl --------------------------------------------------------------------------------
