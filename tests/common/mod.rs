@@ -27,6 +27,8 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Backend {
     pub child: Child,
     pub socket: PathBuf,
+    /// What the process logs (also echoed to the test's stderr): read only after it ended
+    /// ([`Backend::terminate_with_log`]); tests wait on QMP, never on a log line.
     lines: mpsc::Receiver<String>,
     /// The `ready` object of the process's ready line on stdout.
     pub ready: serde_json::Value,
@@ -114,24 +116,6 @@ impl Backend {
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         Backend::start_with(&refs, socket)
-    }
-
-    /// Blocks until a log line contains `marker`; panics after [`STARTUP_TIMEOUT`].
-    pub fn wait_for_log(&mut self, marker: &str) -> String {
-        // A hang guard over the whole wait: a process that keeps logging other lines (a peer
-        // refused at every retry) must not keep the test waiting forever.
-        let deadline = std::time::Instant::now() + 4 * STARTUP_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left.min(STARTUP_TIMEOUT)) {
-                Ok(line) if line.contains(marker) => return line,
-                Ok(_) if left.is_zero() => {
-                    panic!("colo-blk logged other lines but never {marker:?}")
-                }
-                Ok(_) => {}
-                Err(e) => panic!("colo-blk never logged {marker:?}: {e}"),
-            }
-        }
     }
 
     /// The port of the secondary's replication listener (from the ready line).

@@ -222,15 +222,22 @@ pub fn initrd_with_script(guest: &Path, dir: &Path, script: &str) -> PathBuf {
     let root = dir.join("root");
     std::fs::create_dir_all(root.join("colo")).unwrap();
     std::fs::write(root.join("colo/test.sh"), script).unwrap();
+    initrd_with_tree(guest, dir, &root)
+}
+
+/// `dir/initrd`: the test guest's initramfs with a second, uncompressed cpio archive of the
+/// tree `root` appended (its files at their paths in the guest, owned by root).
+pub fn initrd_with_tree(guest: &Path, dir: &Path, root: &Path) -> PathBuf {
     let mut initrd = std::fs::read(guest.join("initramfs.cpio.gz")).unwrap();
     // The kernel finds an uncompressed archive only at an aligned offset.
     initrd.resize(initrd.len().div_ceil(512) * 512, 0);
     let cpio = Command::new("sh")
-        .args(["-c", "find colo | cpio --quiet -o -H newc -R 0:0"])
-        .current_dir(&root)
+        .arg("-c")
+        .arg("find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0")
+        .current_dir(root)
         .output()
         .unwrap();
-    assert!(cpio.status.success(), "cpio failed");
+    assert!(cpio.status.success(), "cpio: {}", cpio.status);
     initrd.extend_from_slice(&cpio.stdout);
     let path = dir.join("initrd");
     std::fs::write(&path, initrd).unwrap();
