@@ -478,13 +478,9 @@ impl Qmp {
 
     /// Blocks until the next event arrives, and keeps it in [`Qmp::events`].
     pub fn receive_event(&mut self) {
-        loop {
-            let m = self.read_msg();
-            if m.get("event").is_some() {
-                return self.keep_event(m);
-            }
-            panic!("unexpected QMP message {m}");
-        }
+        let m = self.read_msg();
+        assert!(m.get("event").is_some(), "unexpected QMP message {m}");
+        self.keep_event(m);
     }
 
     fn keep_event(&mut self, event: serde_json::Value) {
