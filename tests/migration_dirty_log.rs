@@ -223,9 +223,10 @@ fn backend_writes_during_migration_reach_the_destination() {
         false
     });
     let migrated = mig_start.elapsed();
-    // The source is paused now: every round it printed ran before the switchover.
-    std::thread::sleep(Duration::from_millis(200));
-    src.drain();
+    // The source is paused now: every round it printed ran before the switchover. It quits,
+    // and its console is read to the end.
+    let _ = qmp.execute_or_disconnect("quit", json!({}));
+    src.wait_exit(Duration::from_secs(60));
     let rounds_during = rounds(&src) - rounds_before;
     eprintln!("migration_dirty_log: migration completed in {migrated:.1?}");
 
