@@ -192,28 +192,35 @@ impl Drop for Backend {
     }
 }
 
-/// Runs `colo-blk` with `args`, which must fail at start-up; returns its stderr. Panics
-/// (after killing it) when it prints its ready line instead: no wait on a process that serves.
+/// Runs `colo-blk` with `args`, which must fail at start-up; returns its stderr. Fails the
+/// test (after killing it) when it prints its ready line instead, or neither exits nor
+/// prints within [`STARTUP_TIMEOUT`] (a hang guard).
 pub fn start_fails(args: &[&str]) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
         .args(args)
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn colo-blk");
     // Its stdout ends when it exits, or holds the ready line when it started.
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut ready)
-        .expect("read stdout");
-    if !ready.is_empty() {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ready = rx.recv_timeout(STARTUP_TIMEOUT);
+    let refused = matches!(&ready, Ok(line) if line.is_empty());
+    if !refused {
         let _ = child.kill();
     }
     let out = child.wait_with_output().expect("wait");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
-        ready.is_empty() && !out.status.success(),
-        "{args:?} started: {err}"
+        refused && !out.status.success(),
+        "{args:?} was not refused ({ready:?}): {err}"
     );
     err
 }
