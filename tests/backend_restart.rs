@@ -189,25 +189,13 @@ fn restarts_under_a_live_guest(engine: &str, qemu: Option<&str>, signal: i32) {
     let socket = dir.path().join("vhost.sock");
     let qmp = dir.path().join("colo-blk.qmp");
     let image = dir.path().join("disk.img");
-    let args: Vec<String> = [
-        "--socket",
-        socket.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--size",
-        "128M",
-        "--io-engine",
-        engine,
-        "--io-threads",
-        "16",
-        "--qmp",
-        qmp.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
     let start = || {
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Backend::start_with_env(&refs, &socket, &SLOW)
+        Node::standalone(dir.path(), "disk.img", SIZE)
+            .socket("vhost.sock")
+            .qmp("colo-blk.qmp")
+            .args(&["--io-engine", engine, "--io-threads", "16"])
+            .env(&SLOW)
+            .start()
     };
     let (backend, _) = guest_under_restarts(signal, qemu, dir.path(), &socket, &qmp, engine, start);
     assert!(backend.terminate().success());

@@ -338,16 +338,18 @@ fn the_socket_mode_and_group_options_set_them() {
         unsafe { libc::getegid() }
     };
     let dir = common::tempdir();
+    let node = || Node::standalone(dir.path(), "disk.img", MIB).socket("vhost.sock");
     let p = |n: &str| dir.path().join(n).display().to_string();
-    let (sock, qmp, img, g) = (p("vhost.sock"), p("s.qmp"), p("disk.img"), gid.to_string());
+    let (sock, qmp, g) = (p("vhost.sock"), p("s.qmp"), gid.to_string());
     for (extra, want) in [
         (vec!["--socket-group", &g], 0o660),
         (vec!["--socket-mode", "666", "--socket-group", &g], 0o666),
     ] {
-        let mut args = vec!["--image", &img, "--size", "1M", "--socket", &sock];
-        args.extend_from_slice(&["--qmp", &qmp, "--qmp-mode", "660", "--qmp-group", &g]);
-        args.extend_from_slice(&extra);
-        let b = Backend::start_with(&args, dir.path().join("vhost.sock").as_path());
+        let b = node()
+            .qmp("s.qmp")
+            .args(&["--qmp-mode", "660", "--qmp-group", &g])
+            .args(&extra)
+            .start();
         for (path, mode) in [(&sock, want), (&qmp, 0o660)] {
             let md = std::fs::metadata(path).unwrap();
             assert_eq!(
@@ -362,14 +364,9 @@ fn the_socket_mode_and_group_options_set_them() {
         assert!(b.terminate().success());
         assert!(!std::path::Path::new(&sock).exists(), "socket left behind");
     }
-    let err = common::start_fails(&[
-        "--image",
-        &img,
-        "--socket",
-        &sock,
-        "--socket-group",
-        "no-such-group-colo",
-    ]);
+    let err = node()
+        .args(&["--socket-group", "no-such-group-colo"])
+        .start_fails();
     assert!(
         err.contains("--socket-group: no group named 'no-such-group-colo'"),
         "{err}"
