@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::mem::MaybeUninit;
-
 use blkio::ReqFlags;
 use common::needs::Needs;
 use common::{pattern, Backend, Client, CLIENT_BUF};
@@ -135,29 +133,20 @@ fn run_batch(c: &mut Client, reqs: &[Req]) -> Vec<(i32, Vec<u8>)> {
         per_queue[r.q] += 1;
         pos += r.len.next_multiple_of(4096);
     }
-    let mut results = vec![(i32::MIN, Vec::new()); reqs.len()];
-    for (q, n) in per_queue.into_iter().enumerate() {
-        let mut done = 0;
-        while done < n {
-            let mut cs = [const { MaybeUninit::<blkio::Completion>::uninit() }; 64];
-            let got = c.queues[q].do_io(&mut cs, 1, None, None).expect("do_io");
-            for slot in &cs[..got] {
-                // SAFETY: do_io initialised the first `got` completions.
-                let comp = unsafe { slot.assume_init_ref() };
-                results[comp.user_data].0 = comp.ret;
-            }
-            done += got;
-        }
-    }
-    for (i, r) in reqs.iter().enumerate() {
-        if r.op == Op::Read {
-            let mut v = vec![0u8; r.len];
-            // SAFETY: the read completed; its buffer is [bufs[i], bufs[i] + len).
-            unsafe { std::ptr::copy_nonoverlapping(bufs[i], v.as_mut_ptr(), r.len) };
-            results[i].1 = v;
-        }
-    }
-    results
+    let rets = c.complete(&per_queue, reqs.len());
+    let read = |i: usize, r: &Req| {
+        let mut v = vec![0u8; r.len];
+        // SAFETY: the read completed; its buffer is [bufs[i], bufs[i] + len).
+        unsafe { std::ptr::copy_nonoverlapping(bufs[i], v.as_mut_ptr(), r.len) };
+        v
+    };
+    reqs.iter()
+        .enumerate()
+        .map(|(i, r)| match r.op {
+            Op::Read => (rets[i], read(i, r)),
+            _ => (rets[i], Vec::new()),
+        })
+        .collect()
 }
 
 /// Every request's result and bytes read, and the final image.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use colo_blk::replication::metadata::Generations;
 use colo_blk::replication::protocol::Frame;
-use common::pair::{checkpoint, primary_hello, strs, wait_connected, Node};
+use common::pair::{checkpoint, primary_hello, read, strs, wait_connected, Node};
 use common::{pattern, Backend, Client, Qmp};
 
 const DISK: u64 = 8 << 20;
@@ -37,10 +37,6 @@ fn primary(dir: &Path, port: u16, name: &str, security: &[&str]) -> (Backend, Qm
         .start();
     let q = b.qmp();
     (b, q)
-}
-
-fn image(dir: &Path, name: &str) -> Vec<u8> {
-    std::fs::read(dir.join(name)).unwrap()
 }
 
 fn write_some(dir: &Path, name: &str, seed: u64) {
@@ -121,7 +117,7 @@ fn psk_replicates_and_a_wrong_psk_or_plain_tcp_changes_nothing() {
         expect_refusal(&mut sq);
     }
     assert!(
-        image(d, "secondary.img").iter().all(|&b| b == 0),
+        read(&d.join("secondary.img")).iter().all(|&b| b == 0),
         "an unauthenticated peer changed the secondary's disk"
     );
 
@@ -131,7 +127,7 @@ fn psk_replicates_and_a_wrong_psk_or_plain_tcp_changes_nothing() {
     wait_connected(&mut pq);
     write_some(d, "primary", 200);
     checkpoint(&mut pq);
-    assert!(image(d, "secondary.img") == image(d, "primary.img"));
+    assert!(read(&d.join("secondary.img")) == read(&d.join("primary.img")));
 }
 
 #[test]
@@ -148,7 +144,7 @@ fn certificates_of_another_ca_are_refused() {
     write_some(d, "intruder", 300);
     expect_refusal(&mut sq);
     drop(intruder);
-    assert!(image(d, "secondary.img").iter().all(|&b| b == 0));
+    assert!(read(&d.join("secondary.img")).iter().all(|&b| b == 0));
 
     let primary_tls = tls(d, "primary.colo", "secondary.colo");
     let (_p, mut pq) = primary(d, port, "primary", &strs(&primary_tls));
@@ -156,7 +152,7 @@ fn certificates_of_another_ca_are_refused() {
     wait_connected(&mut pq);
     write_some(d, "primary", 400);
     checkpoint(&mut pq);
-    assert!(image(d, "secondary.img") == image(d, "primary.img"));
+    assert!(read(&d.join("secondary.img")) == read(&d.join("primary.img")));
 }
 
 /// A recording proxy captures a real session's bytes from the primary; replayed to the
@@ -201,7 +197,7 @@ fn a_replayed_capture_of_a_session_is_refused() {
     checkpoint(&mut pq);
     drop(p);
     sq.wait_event("REPLICATION_PEER_LOST");
-    let before = image(d, "secondary.img");
+    let before = read(&d.join("secondary.img"));
     // Make the disk differ from what the capture would write, then replay it.
     let capture = captured.lock().unwrap().clone();
     assert!(
@@ -215,7 +211,7 @@ fn a_replayed_capture_of_a_session_is_refused() {
         expect_refusal(&mut sq);
     }
     assert!(
-        image(d, "secondary.img") == before,
+        read(&d.join("secondary.img")) == before,
         "the replay changed the disk"
     );
     drop(s);

@@ -37,7 +37,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::needs::Needs;
-use common::pair::{checkpoint, hot_writes, wait_connected, wait_in_sync, Node};
+use common::pair::{assert_same_files, checkpoint, hot_writes, wait_connected, wait_in_sync, Node};
 use common::{pattern, poll, Backend, Client, Qmp};
 use serde_json::{json, Value};
 
@@ -581,11 +581,8 @@ impl Pair {
     }
 
     fn assert_disks_equal(&self, what: &str) {
-        let (p, s) = (self.image("primary.img"), self.image("secondary.img"));
-        if p != s {
-            let first = p.iter().zip(&s).position(|(a, b)| a != b).unwrap_or(0);
-            panic!("{what}: the disks differ (first at byte {first})");
-        }
+        let (p, s) = (self.path("primary.img"), self.path("secondary.img"));
+        assert_same_files(&p, &s, what);
     }
 
     fn pstatus(&mut self) -> Value {

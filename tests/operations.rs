@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::pair::Node;
-use common::{pattern, poll, Backend, Client, Qmp};
+use common::{pattern, poll, Backend, Client, Qmp, STARTUP_TIMEOUT};
 use serde_json::{json, Value};
 
 /// `GET path` over plain TCP; returns the status line and the body.
@@ -163,11 +163,6 @@ fn status(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), stdout)
 }
 
-/// Polls `f` until it holds (the link comes up asynchronously).
-fn wait_until(what: &str, f: impl FnMut() -> bool) {
-    poll::until(what, common::STARTUP_TIMEOUT, f);
-}
-
 #[test]
 fn status_and_metrics_of_a_pair() {
     let dir = common::tempdir();
@@ -175,7 +170,7 @@ fn status_and_metrics_of_a_pair() {
     let p_qmp = dir.path().join("p.qmp");
     let s_qmp = dir.path().join("s.qmp");
     let mut pq = Qmp::connect(&p_qmp);
-    wait_until("the primary in sync", || {
+    poll::until("the primary in sync", STARTUP_TIMEOUT, || {
         let st = pq.execute("query-replication", json!({})).unwrap();
         st["state"] == "connected" && st["unprotected-since"].is_null()
     });
@@ -259,7 +254,7 @@ fn status_and_metrics_of_a_pair() {
 
     // The secondary goes away: the primary is unprotected, and says since when.
     secondary.terminate();
-    wait_until("the primary unprotected", || {
+    poll::until("the primary unprotected", STARTUP_TIMEOUT, || {
         let st = pq.execute("query-replication", json!({})).unwrap();
         st["state"] != "connected" && st["unprotected-since"].as_f64().is_some()
     });

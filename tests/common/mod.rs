@@ -320,11 +320,17 @@ impl Client {
             per_queue[*q] += 1;
             pos += data.len();
         }
-        let mut results = vec![i32::MIN; writes.len()];
-        for (q, n) in per_queue.into_iter().enumerate() {
+        self.complete(&per_queue, writes.len())
+    }
+
+    /// Waits for `per_queue[q]` completions on each queue `q` of requests submitted with
+    /// user data `0..n`; returns their results by user data.
+    pub fn complete(&mut self, per_queue: &[usize], n: usize) -> Vec<i32> {
+        let mut results = vec![i32::MIN; n];
+        for (q, &want) in per_queue.iter().enumerate() {
             let mut done = 0;
-            while done < n {
-                let mut c = [const { MaybeUninit::<blkio::Completion>::uninit() }; 16];
+            while done < want {
+                let mut c = [const { MaybeUninit::<blkio::Completion>::uninit() }; 64];
                 let got = self.queues[q].do_io(&mut c, 1, None, None).expect("do_io");
                 for slot in &c[..got] {
                     // SAFETY: do_io initialised the first `got` completions.
