@@ -7,8 +7,8 @@
 //! writes records 0, 1, 2, … in order with `dd oflag=direct`, so at any instant the disk holds
 //! records `0..n` (the last maybe torn) and zeros after them.
 //!
-//! Synchronisation is by output lines only (guest serial markers, colo-ctl JSON lines, backend
-//! log lines) and process exits; timeouts are failure guards.
+//! Synchronisation is by guest serial markers, colo-ctl JSON lines, the backends' QMP state
+//! and events, and process exits (never a backend's log line); timeouts are failure guards.
 //!
 //! Skipped loudly without `qemu-system-x86_64` or python `qemu.qmp`, unless `CI` is set (then the
 //! test fails). Environment as in tests/qemu_boot.rs: `COLO_GUEST_DIR`, `COLO_BLK_ACCEL`.

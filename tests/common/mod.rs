@@ -1,6 +1,13 @@
-//! Test support: start the real `colo-blk` binary and drive it with a real vhost-user-blk
-//! client (libblkio's pure-Rust `blkio` crate). Replication pairs: [`pair`]; QEMU guests,
-//! colo-ctl and other children whose output lines the tests wait on: [`qemu`].
+//! The tests' one toolkit: start the real `colo-blk` binary ([`Backend`]; its command line from
+//! [`pair::Node`]) and drive it with a real vhost-user-blk client (libblkio's pure-Rust `blkio`
+//! crate, [`Client`]) and a QMP client ([`Qmp`]).
+//!
+//! - [`needs`]: what a test needs of the machine; skipped loudly outside CI, a failure in CI.
+//! - [`poll`]: the one deadline loop (a hang guard, never an assertion about speed).
+//! - [`pair`]: replication pairs: [`pair::Node`], the QMP waits and calls the tests repeat
+//!   (state and events only: a test never waits on a log line), disk comparison.
+//! - [`qemu`]: child processes whose output lines the tests wait on ([`qemu::Proc`]: QEMU
+//!   guests, colo-ctl), booting the test guest, the guest's record writer.
 //!
 //! Every tests/*.rs file is a crate of its own that uses some of this: what one does not use
 //! is allowed to be dead code.
