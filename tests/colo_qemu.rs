@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::needs::Needs;
 use common::pair::{strs, wait_connected, wait_state, Node};
-use common::qemu::{e2fsprogs, initrd_with_script, wait_mid_epoch, Proc};
+use common::qemu::{colo_qemu, e2fsprogs, initrd_with_script, wait_mid_epoch, Proc};
 use common::{poll, tempdir, Backend, Qmp};
 use serde_json::{json, Value};
 
@@ -41,10 +41,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn colo_qemu() -> String {
-    std::env::var("COLO_QEMU").unwrap_or_else(|_| "/opt/colo-qemu/bin/qemu-system-x86_64".into())
 }
 
 /// True when the COLO QEMU runs; otherwise prints SKIPPED (or panics in CI).
