@@ -74,13 +74,6 @@ fn prerequisites(test: &str) -> bool {
         .met()
 }
 
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 // ---- QMP events ------------------------------------------------------------------------------
 
 /// QMP events of one QEMU (a second monitor), read by a thread.
@@ -389,7 +382,7 @@ impl Pair {
     /// x-colo-lost-heartbeat on the SVM's QEMU, and the secondary backend must fail over by
     /// itself (its SVM left COLO). Returns (kill time, time QEMU left COLO).
     fn fail_over_to_svm(&mut self) -> (f64, f64) {
-        let t_kill = now();
+        let t_kill = common::wall_clock();
         self.pvm().kill();
         if let Some(mut p) = self.primary.take() {
             let _ = p.child.kill();
@@ -398,7 +391,7 @@ impl Pair {
         let n = self.svm_name();
         let mut svm = self.qmp(&format!("{n}.qmp"));
         lost_heartbeat(&mut svm, "SVM");
-        let t_out = now();
+        let t_out = common::wall_clock();
         let st = svm.execute("query-status", json!({})).unwrap();
         assert_eq!(st["status"], "running", "SVM after failover: {st}");
         // The rule under test: no replication-failover by hand.
@@ -424,7 +417,7 @@ impl Pair {
         let n = self.svm_name();
         let mut svm = self.qmp(&format!("{n}.qmp"));
         lost_heartbeat(&mut svm, "SVM");
-        let t_out = now();
+        let t_out = common::wall_clock();
         let deadline = Instant::now() + TIMEOUT;
         loop {
             let e = backend
@@ -913,7 +906,7 @@ fn user_stop_held_across_a_checkpoint() {
     let mut pvm_qmp = pair.qmp("pvm.qmp");
     svm_ev.clear();
     pvm_qmp.execute("stop", json!({})).expect("stop");
-    let t_stop = now();
+    let t_stop = common::wall_clock();
     drop(pvm_qmp);
     // QEMU's next checkpoint, with the PVM stopped: the SVM stops and loads the PVM's state.
     let svm_stop = event_time(&svm_ev.wait("STOP", TIMEOUT));
@@ -1078,7 +1071,7 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
         for k in 0..3 {
             cuts.push(cuts_ev.wait("REPLICATION_CHECKPOINT", TIMEOUT).to_string());
             if k == 1 {
-                t_second = now();
+                t_second = common::wall_clock();
             }
         }
         drop(cuts_ev);

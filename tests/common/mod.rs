@@ -538,17 +538,21 @@ pub fn forward_output(child: &mut Child, prefix: String) -> mpsc::Receiver<(f64,
                     .to_string();
                 eprintln!("{prefix} {line}");
                 buf.clear();
-                let at = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0);
-                if tx.send((at, line)).is_err() {
+                if tx.send((wall_clock(), line)).is_err() {
                     break;
                 }
             }
         });
     }
     rx
+}
+
+/// The wall-clock time in seconds since the Unix epoch (as QMP events' timestamps).
+pub fn wall_clock() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The repository root.
