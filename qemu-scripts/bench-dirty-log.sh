@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cost of the primary's persistent dirty log (docs/performance.md, "Persistent dirty log"):
+# Cost of the primary's persistent dirty log (docs/performance.md, "Persistent dirty log (primary)"):
 # a primary with a live secondary on loopback, randwrite 4k at QD32 and QD1, with the log
 # (default) and with --no-dirty-log, runs in ABBA order (A B B A A B for 3 reps), medians.
 # Usage: qemu-scripts/bench-dirty-log.sh [--reps N] [--seconds S] [--dir DIR] [--size SIZE]

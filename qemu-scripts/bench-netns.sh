@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Replication link benchmarks (docs/performance.md, "Replication link: TLS cost, and two hosts
-# on a rate-limited veth"):
+# Replication link benchmarks (docs/performance.md, "Over a real link" and its TLS paragraph):
 #  tls:   primary + secondary on loopback, TLS 1.3 with a pre-shared key (--tls-psk-file) vs
 #         --insecure-link, ABBA order (rep 1: tls, insecure; rep 2: insecure, tls; ...);
 #  netns: primary and secondary in two network namespaces joined by a veth pair, the primary's

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Replication benchmark (docs/performance.md, "Replication"):
+# Replication benchmark (docs/performance.md, "Replication throughput"):
 #  1. write throughput of a primary with a live secondary on loopback, asynchronous and --sync,
 #     vs the same image served standalone, in one run, ABBA (4 KiB random write QD32, 1 MiB
 #     sequential write QD8), with the CPU time each process used per GiB written (for the

@@ -461,7 +461,15 @@ class ColoWatch:
             emit("failover-error", reason=reason, error=f"secondary backend: {e}")
             return 1
         emit("failover", reason=reason, epoch=r.get("epoch"), left_colo_ms=round(left_ms, 3),
-             duration_ms=round((time.monotonic() - t0) * 1000, 3), manual=manual)
+             duration_ms=round((time.monotonic() - t0) * 1000, 3), manual=manual, reprotect=[
+                 "the old PVM's host fenced; its image as the survivor's secondary: colo-blk "
+                 "--role secondary --discard-my-data (an empty --layer-dir), a new SVM QEMU "
+                 "with -incoming on it (migrate-set-capabilities return-path,x-colo; "
+                 "migrate-incoming)",
+                 "on the survivor: colo-blk reprotect --x-colo --survivor SECONDARY.qmp --peer "
+                 "HOST:PORT --qemu-qmp SVM.qmp --migrate-uri URI",
+                 "or: qemu-scripts/colo-qemu-pair.sh reprotect --dir DIR",
+             ])
         return 0
 
     async def secondary_lost(self, reason):

@@ -17,8 +17,22 @@
 #                                                QEMU and the secondary backend, then
 #                                                x-colo-lost-heartbeat on the PVM's QEMU (the
 #                                                primary backend notices the lost peer itself)
-#        colo-qemu-pair.sh reprotect [--dir DIR] [--resync full|copy]  after failover-pvm: a new
-#                                                secondary backend (on the same port) on a fresh
+#        colo-qemu-pair.sh reprotect [--dir DIR] [--resync full|copy] [--allow-full-sync]
+#                                                the direction is learned from what runs.
+#                                                After failover (only the SVM's side runs): the
+#                                                roles swap. The old PVM's image comes back as a
+#                                                secondary (--discard-my-data, another port), a
+#                                                new SVM QEMU with -incoming on it, then
+#                                                colo-blk reprotect --x-colo promotes the
+#                                                survivor's backend in place (its VM runs on),
+#                                                resyncs incrementally (the union of both dirty
+#                                                records; full only with --allow-full-sync when
+#                                                the generations demand it), migrates the
+#                                                survivor's VM with x-colo and returns after
+#                                                the first COLO checkpoint. The survivor is
+#                                                then the pair's PVM side for every command.
+#                                                After failover-pvm (only the PVM's side runs): a
+#                                                new secondary backend (on the same port) on a fresh
 #                                                image with a full resync (replication-start
 #                                                {"full": true}; default), or on a copy of the
 #                                                primary's image taken while the PVM is paused
@@ -101,6 +115,7 @@ nic=0
 disk_ckpt=qemu
 disk=1
 resync=full
+allow_full=0
 strace=0
 bin=""
 while [ $# -gt 0 ]; do
@@ -118,6 +133,7 @@ while [ $# -gt 0 ]; do
         --strace) strace=1; shift ;;
         --colo-blk) bin="$2"; shift 2 ;;
         --resync) resync="$2"; shift 2 ;;
+        --allow-full-sync) allow_full=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -180,24 +196,39 @@ wait_for() {  # wait_for WHAT TEST...
     die "timed out waiting for $what (logs in $dir)"
 }
 
+# Which processes play which part now (the files of each are named after it): PV the PVM's
+# QEMU, PB the primary backend, SV the SVM's QEMU, SB the secondary backend; PIMG, SIMG their
+# images, SPORT where the secondary listens. A reprotect after a failover swaps the sides.
+PV=pvm PB=primary SV=svm SB=secondary PIMG=primary.img SIMG=secondary.img SPORT=""
+save_roles() { declare -p PV PB SV SB PIMG SIMG SPORT >"$dir/roles"; }
+load_roles() {  # (after the config: the default SPORT is the pair's port)
+    SPORT="$port"
+    # declare -g: the file's declare lines must not make the variables local to this function.
+    # shellcheck disable=SC1090
+    if [ -f "$dir/roles" ]; then . <(sed 's/^declare -- /declare -g /' "$dir/roles"); fi
+}
+
 # The settings a later command (reprotect) needs again.
 save_config() {
     declare -p size machine mem smp delay port nic disk disk_ckpt strace bin qemu accel \
         reconnect guest >"$dir/config"
 }
 
-start_secondary() {  # start_secondary IMAGE: the secondary backend serving svm.sock
-    local t=()
-    rm -rf "$dir/layers"
-    rm -f "$dir/svm.sock" "$dir/secondary.qmp"
-    [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/secondary.strace")
+start_secondary() {  # start_secondary IMAGE [FLAGS...]: the secondary backend $SB serving $SV.sock
+    local t=() img="$1"
+    shift
+    local flags=("$@")
     # --allow-full-sync: a re-protect's new secondary disk (fresh or a copy) has no common
     # generation with the primary and is fully synced; a fresh pair starts in sync anyway.
-    spawn secondary "$dir/secondary.log" ${t[@]+"${t[@]}"} "$bin" --role secondary --insecure-link \
-        --allow-full-sync --image "$1" --size "$size" --listen "127.0.0.1:$port" \
-        --layer-dir "$dir/layers" --socket "$dir/svm.sock" --num-queues "$smp" --qmp "$dir/secondary.qmp"
-    wait_for "the secondary backend" test -S "$dir/svm.sock"
-    tracee secondary
+    [ ${#flags[@]} -gt 0 ] || flags=(--allow-full-sync)
+    rm -rf "$dir/layers-$SB"
+    rm -f "$dir/$SV.sock" "$dir/$SB.qmp"
+    [ "$strace" = 1 ] && t=("${tracer[@]}" "$dir/$SB.strace")
+    spawn "$SB" "$dir/$SB.log" ${t[@]+"${t[@]}"} "$bin" --role secondary --insecure-link \
+        "${flags[@]}" --image "$img" --size "$size" --listen "127.0.0.1:$SPORT" \
+        --layer-dir "$dir/layers-$SB" --socket "$dir/$SV.sock" --num-queues "$smp" --qmp "$dir/$SB.qmp"
+    wait_for "the secondary backend" test -S "$dir/$SV.sock"
+    tracee "$SB"
 }
 
 common_args() {
@@ -221,7 +252,7 @@ vm_args() {  # vm_args pvm|svm: the per-VM devices
         echo "-netdev user,id=hn0,restrict=on"
         echo "-device virtio-net-pci,id=e0,netdev=hn0,mac=52:54:00:c0:10:01"
         local m=$((port + 2)) c=$((port + 3)) p=$((port + 4)) o=$((port + 5))
-        if [ "$vm" = pvm ]; then
+        if [ "$vm" = "$PV" ]; then
             echo "-chardev socket,id=mirror0,host=127.0.0.1,port=$m,server=on,wait=off"
             echo "-chardev socket,id=compare1,host=127.0.0.1,port=$c,server=on,wait=off"
             echo "-chardev socket,id=compare0,host=127.0.0.1,port=$p,server=on,wait=off"
@@ -242,23 +273,23 @@ vm_args() {  # vm_args pvm|svm: the per-VM devices
         fi
     fi
 }
-start_svm() {  # the SVM's QEMU, -incoming defer
+start_svm() {  # the SVM's QEMU ($SV), -incoming defer
     local svm_dev
     common_args
-    rm -f "$dir/svm.qmp" "$dir/svm-watch.qmp"
-    mapfile -t svm_dev < <(vm_args svm | tr ' ' '\n')
-    spawn svm "$dir/svm.log" "$qemu" -name secondary "${common[@]}" "${svm_dev[@]}" -incoming defer
-    wait_for "the SVM's QMP socket" test -S "$dir/svm.qmp"
+    rm -f "$dir/$SV.qmp" "$dir/$SV-watch.qmp"
+    mapfile -t svm_dev < <(vm_args "$SV" | tr ' ' '\n')
+    spawn "$SV" "$dir/$SV.log" "$qemu" -name "$SV" "${common[@]}" "${svm_dev[@]}" -incoming defer
+    wait_for "the SVM's QMP socket" test -S "$dir/$SV.qmp"
 }
 watch_events() {  # (re)start colo-qemu-watch.py, appending to events.log
     local w_args=() mode=none
-    if [ "$disk" = 1 ]; then w_args=(--primary-qmp "$dir/primary.qmp"); fi
+    if [ "$disk" = 1 ]; then w_args=(--primary-qmp "$dir/$PB.qmp"); fi
     [ "$disk_ckpt" = on-stop ] && mode=on-stop
     local p
     p="$(pid_of watch)"
     if alive "$p"; then kill "$p" 2>/dev/null || true; fi
-    setsid python3 "$here/colo-qemu-watch.py" --pvm-qmp "$dir/pvm-watch.qmp" \
-        --svm-qmp "$dir/svm-watch.qmp" --disk-checkpoint "$mode" ${w_args[@]+"${w_args[@]}"} \
+    setsid python3 "$here/colo-qemu-watch.py" --pvm-qmp "$dir/$PV-watch.qmp" \
+        --svm-qmp "$dir/$SV-watch.qmp" --disk-checkpoint "$mode" ${w_args[@]+"${w_args[@]}"} \
         </dev/null >>"$dir/events.log" 2>&1 &
     sed -i "/^watch /d" "$dir/pids"
     echo "watch $!" >>"$dir/pids"
@@ -269,18 +300,105 @@ watch_events() {  # (re)start colo-qemu-watch.py, appending to events.log
 watching() { local c; c=$(grep -c '"watching"' "$dir/events.log" 2>/dev/null || true); echo "${c:-0}"; }
 # shellcheck disable=SC2317 # called by wait_for
 watching_more() { [ "$(watching)" -gt "$1" ]; }
+CAPS='{"capabilities": [{"capability": "return-path", "state": true}, {"capability": "x-colo", "state": true}]}'
+svm_incoming() {  # the SVM's half of the x-colo sequence
+    log "svm migrate-set-capabilities return-path x-colo: $(qmp "$dir/$SV.qmp" migrate-set-capabilities "$CAPS")"
+    log "svm migrate-incoming: $(qmp "$dir/$SV.qmp" migrate-incoming "{\"uri\": \"tcp:127.0.0.1:$1\"}")"
+}
 migrate_colo() {  # QMP per COLO-FT.txt: into COLO, wait for status colo
     local mport=$((port + 1))
-    local caps='{"capabilities": [{"capability": "return-path", "state": true}, {"capability": "x-colo", "state": true}]}'
-    log "svm migrate-set-capabilities return-path x-colo: $(qmp "$dir/svm.qmp" migrate-set-capabilities "$caps")"
-    log "svm migrate-incoming: $(qmp "$dir/svm.qmp" migrate-incoming "{\"uri\": \"tcp:127.0.0.1:$mport\"}")"
-    log "pvm migrate-set-capabilities return-path x-colo: $(qmp "$dir/pvm.qmp" migrate-set-capabilities "$caps")"
-    log "pvm x-checkpoint-delay $delay: $(qmp "$dir/pvm.qmp" migrate-set-parameters "{\"x-checkpoint-delay\": $delay}")"
-    log "pvm migrate: $(qmp "$dir/pvm.qmp" migrate "{\"uri\": \"tcp:127.0.0.1:$mport\"}")"
-    in_colo() { qmp "$dir/pvm.qmp" query-migrate 2>/dev/null | grep -q '"status": "colo"'; }
+    svm_incoming "$mport"
+    log "pvm migrate-set-capabilities return-path x-colo: $(qmp "$dir/$PV.qmp" migrate-set-capabilities "$CAPS")"
+    log "pvm x-checkpoint-delay $delay: $(qmp "$dir/$PV.qmp" migrate-set-parameters "{\"x-checkpoint-delay\": $delay}")"
+    log "pvm migrate: $(qmp "$dir/$PV.qmp" migrate "{\"uri\": \"tcp:127.0.0.1:$mport\"}")"
+    in_colo() { qmp "$dir/$PV.qmp" query-migrate 2>/dev/null | grep -q '"status": "colo"'; }
     wait_for "query-migrate status colo" in_colo
-    log "in COLO: pvm $(qmp "$dir/pvm.qmp" query-colo-status), svm $(qmp "$dir/svm.qmp" query-colo-status)"
+    log "in COLO: pvm $(qmp "$dir/$PV.qmp" query-colo-status), svm $(qmp "$dir/$SV.qmp" query-colo-status)"
 }
+# reprotect after failover-pvm: the PVM's side survived; a new secondary and a new SVM.
+reprotect_new_svm() {
+    alive "$(pid_of "$PV")" || die "neither the PVM nor the SVM runs: nothing to re-protect"
+    alive "$(pid_of "$PB")" || die "the primary backend is not running"
+    ! alive "$(pid_of "$SV")" || die "both VMs run: fail one side over first"
+    if alive "$(pid_of "$SB")"; then kill -9 "$(pid_of "$SB")"; fi
+    [ "$(qmp "$dir/$PV.qmp" query-colo-status | python3 -c 'import json,sys; print(json.load(sys.stdin)["mode"])')" = none ] \
+        || die "the PVM is still in COLO: failover-pvm first"
+    log "the PVM's side survived: a new secondary backend and a new SVM"
+    local t0 n img resyncs
+    t0=$(date +%s.%N)
+    n=$(( $(grep -c '^secondary-gen' "$dir/pids" 2>/dev/null || true) + 2 ))
+    echo "secondary-gen $n" >>"$dir/pids"
+    img="$dir/secondary$n.img"
+    rm -f "$img"
+    for f in "$SB" "$SV"; do [ -f "$dir/$f.log" ] && mv "$dir/$f.log" "$dir/$f-gen$((n - 1)).log"; done
+    resyncs=$(grep -c 'resync complete' "$dir/$PB.log" 2>/dev/null || true)
+    log "replication-stop on the primary: $(qmp "$dir/$PB.qmp" replication-stop)"
+    if [ "$resync" = copy ]; then
+        # A copy of the primary's image while the PVM is paused, then the incremental
+        # resync of what it wrote since (the primary's dirty record).
+        log "pvm stop: $(qmp "$dir/$PV.qmp" stop)"
+        cp --sparse=always "$dir/$PIMG" "$img"
+        log "copied $PIMG while the PVM was paused"
+        start_secondary "$img"
+        log "replication-start: $(qmp "$dir/$PB.qmp" replication-start)"
+        log "pvm cont: $(qmp "$dir/$PV.qmp" cont)"
+    else
+        start_secondary "$img"
+        log "replication-start full: $(qmp "$dir/$PB.qmp" replication-start '{"full": true}')"
+    fi
+    SIMG="$(basename "$img")"
+    save_roles
+    # shellcheck disable=SC2317 # called by wait_for
+    synced() {
+        [ "$(grep -c 'resync complete' "$dir/$PB.log" 2>/dev/null || true)" -gt "$resyncs" ] \
+            && qmp "$dir/$PB.qmp" query-replication | grep -q '"state": "connected"'
+    }
+    wait_for "the resync of the new secondary" synced
+    log "new secondary backend in sync ($(ms_since "$t0") ms): $(qmp "$dir/$PB.qmp" query-replication)"
+    start_svm
+    watch_events
+    migrate_colo
+    log "re-protected in $(ms_since "$t0") ms (secondary image $img)"
+}
+
+# reprotect after failover: the SVM's side survived (its backend failed over). The roles swap:
+# the old PVM's image comes back as the secondary (--discard-my-data) of the survivor, whose
+# backend colo-blk reprotect promotes in place; a new SVM QEMU on the old PVM's side.
+reprotect_after_failover() {
+    alive "$(pid_of "$SB")" || die "the survivor's backend ($SB) is not running"
+    ! alive "$(pid_of "$PB")" || die "the old primary backend ($PB) still runs: it must be dead (fenced) first"
+    local st
+    st="$(qmp "$dir/$SB.qmp" query-replication)"
+    case "$st" in
+        *'"state": "failed-over"'*|*'"role": "primary"'*) ;;
+        *) die "the survivor's backend has not failed over: $st" ;;
+    esac
+    log "the SVM's side survived: the roles swap ($SV and $SB become the PVM's side)"
+    local t0 n nsv nsb nport mport flags=(--discard-my-data)
+    t0=$(date +%s.%N)
+    n=$(( $(grep -c '^swap-gen' "$dir/pids" 2>/dev/null || true) + 2 ))
+    echo "swap-gen $n" >>"$dir/pids"
+    nsv="svm-g$n" nsb="secondary-g$n"
+    if [ "$SPORT" = "$port" ]; then nport=$((port + 6)); else nport="$port"; fi
+    mport=$((port + 1))
+    [ "$allow_full" = 1 ] && flags+=(--allow-full-sync)
+    # The new secondary on the old PVM's image, then the new SVM waiting for the migration.
+    local old_pimg="$PIMG"
+    PV="$SV" PB="$SB" PIMG="$SIMG" SV="$nsv" SB="$nsb" SIMG="$old_pimg" SPORT="$nport"
+    start_secondary "$dir/$SIMG" "${flags[@]}"
+    start_svm
+    svm_incoming "$mport"
+    save_roles
+    log "colo-blk reprotect --x-colo: promote $PB in place, resync, migrate $PV with x-colo"
+    "$bin" reprotect --x-colo --survivor "$dir/$PB.qmp" --peer "127.0.0.1:$SPORT" \
+        --target "$dir/$SB.qmp" --qemu-qmp "$dir/$PV.qmp" --migrate-uri "tcp:127.0.0.1:$mport" \
+        --checkpoint-delay "$delay" >"$dir/reprotect-g$n.json" \
+        || die "colo-blk reprotect failed: $(cat "$dir/reprotect-g$n.json")"
+    log "report: $(cat "$dir/reprotect-g$n.json")"
+    watch_events
+    log "re-protected in $(ms_since "$t0") ms: PVM $PV (backend $PB, $PIMG), SVM $SV (backend $SB, $SIMG)"
+}
+
 tracer=()
 # shellcheck disable=SC2054 # the commas are strace's
 if [ "$strace" = 1 ]; then tracer=(strace -f -tt -T -xx -s 256 -e trace=recvmsg,sendmsg -o); fi
@@ -289,25 +407,32 @@ if [ "$strace" = 1 ]; then tracer=(strace -f -tt -T -xx -s 256 -e trace=recvmsg,
 if [ "$cmd" != start ]; then
     [ -d "$dir" ] || die "no pair in $dir"
     dir="$(cd "$dir" && pwd)"
+    # shellcheck disable=SC1091
+    if [ -f "$dir/config" ]; then . "$dir/config"; fi
+    load_roles
     case "$cmd" in
     status)
-        for vm in pvm svm; do
+        for part in "pvm $PV" "svm $SV"; do
+            read -r label vm <<<"$part"
             if alive "$(pid_of "$vm")"; then
-                echo "$vm query-status: $(qmp "$dir/$vm.qmp" query-status)"
-                echo "$vm query-colo-status: $(qmp "$dir/$vm.qmp" query-colo-status)"
+                echo "$label ($vm) query-status: $(qmp "$dir/$vm.qmp" query-status)"
+                echo "$label ($vm) query-colo-status: $(qmp "$dir/$vm.qmp" query-colo-status)"
             else
-                echo "$vm: not running"
+                echo "$label ($vm): not running"
             fi
         done
-        if alive "$(pid_of pvm)"; then
-            qmp "$dir/pvm.qmp" query-migrate | python3 -c 'import json,sys; m=json.load(sys.stdin); print("pvm query-migrate: status", m.get("status"))' || true
+        if alive "$(pid_of "$PV")"; then
+            qmp "$dir/$PV.qmp" query-migrate | python3 -c 'import json,sys; m=json.load(sys.stdin); print("pvm query-migrate: status", m.get("status"))' || true
         fi
-        for b in primary secondary; do
+        rm -f "$dir/.primary.status" "$dir/.secondary.status"
+        for part in "primary $PB" "secondary $SB"; do
+            read -r label b <<<"$part"
             if alive "$(pid_of "$b")"; then
-                qmp "$dir/$b.qmp" query-replication >"$dir/.$b.status" 2>/dev/null || true
-                echo "$b backend query-replication: $(cat "$dir/.$b.status")"
+                qmp "$dir/$b.qmp" query-replication >"$dir/.$label.status" 2>/dev/null || true
+                echo "$label backend ($b) query-replication: $(cat "$dir/.$label.status")"
+                if [ -n "$bin" ]; then "$bin" status "$dir/$b.qmp" 2>/dev/null | grep '^  protection: ' || true; fi
             elif [ -n "$(pid_of "$b")" ]; then
-                echo "$b backend: not running"
+                echo "$label backend ($b): not running"
             fi
         done
         # A user stop/cont of the PVM during COLO ends an epoch on the primary (a MARKER) and
@@ -346,8 +471,8 @@ EOF
     failover|failover-pvm)
         # failover: the PVM's side dies, the SVM takes over; failover-pvm: the SVM's side dies,
         # the PVM goes on alone.
-        if [ "$cmd" = failover ]; then dead=(pvm primary); vm=svm; backend=secondary
-        else dead=(svm secondary); vm=pvm; backend=""; fi
+        if [ "$cmd" = failover ]; then dead=("$PV" "$PB"); vm="$SV"; backend="$SB"
+        else dead=("$SV" "$SB"); vm="$PV"; backend=""; fi
         t0=$(date +%s.%N)
         for p in "${dead[@]}"; do
             if alive "$(pid_of "$p")"; then kill -9 "$(pid_of "$p")"; fi
@@ -363,7 +488,7 @@ EOF
         nic_objs=""
         if [ -f "$dir/nic" ]; then
             # COLO-FT.txt "Secondary Failover" / "Primary Failover": the filters go.
-            if [ "$vm" = svm ]; then nic_objs="f2 f1"; else nic_objs="comp0 iothread1 m0 redire0 redire1"; fi
+            if [ "$vm" = "$SV" ]; then nic_objs="f2 f1"; else nic_objs="comp0 iothread1 m0 redire0 redire1"; fi
         fi
         python3 - "$dir/$vm.qmp" "$bq" "$nic_objs" "$t0" <<'EOF2'
 import asyncio, json, sys, time
@@ -412,59 +537,25 @@ EOF2
         ;;
     reprotect)
         [ -f "$dir/config" ] || die "no $dir/config (start the pair with this version)"
-        # shellcheck disable=SC1091
-        . "$dir/config"
         [ "$nic" = 0 ] || die "reprotect does not re-add the NIC filters (start without --nic)"
         [ "$disk" = 1 ] || die "reprotect needs the disks"
-        alive "$(pid_of pvm)" || die "the PVM is not running (reprotect follows failover-pvm)"
-        alive "$(pid_of primary)" || die "the primary backend is not running"
-        ! alive "$(pid_of svm)" || die "an SVM is still running: failover-pvm first"
-        alive "$(pid_of secondary)" && kill -9 "$(pid_of secondary)"
-        [ "$(qmp "$dir/pvm.qmp" query-colo-status | python3 -c 'import json,sys; print(json.load(sys.stdin)["mode"])')" = none ] \
-            || die "the PVM is still in COLO: failover-pvm first"
-        t0=$(date +%s.%N)
-        n=$(( $(grep -c '^secondary-gen' "$dir/pids" 2>/dev/null || true) + 2 ))
-        echo "secondary-gen $n" >>"$dir/pids"
-        img="$dir/secondary$n.img"
-        rm -f "$img"
-        for f in secondary svm; do [ -f "$dir/$f.log" ] && mv "$dir/$f.log" "$dir/$f-gen$((n - 1)).log"; done
-        resyncs=$(grep -c 'resync complete' "$dir/primary.log" 2>/dev/null || true)
-        log "replication-stop on the primary: $(qmp "$dir/primary.qmp" replication-stop)"
-        if [ "$resync" = copy ]; then
-            # A copy of the primary's image while the PVM is paused, then the incremental
-            # resync of what it wrote since (the primary's dirty record).
-            log "pvm stop: $(qmp "$dir/pvm.qmp" stop)"
-            cp --sparse=always "$dir/primary.img" "$img"
-            log "copied primary.img while the PVM was paused"
-            start_secondary "$img"
-            log "replication-start: $(qmp "$dir/primary.qmp" replication-start)"
-            log "pvm cont: $(qmp "$dir/pvm.qmp" cont)"
+        # The direction: which side survived.
+        if ! alive "$(pid_of "$PV")" && alive "$(pid_of "$SV")"; then
+            reprotect_after_failover
         else
-            start_secondary "$img"
-            log "replication-start full: $(qmp "$dir/primary.qmp" replication-start '{"full": true}')"
+            reprotect_new_svm
         fi
-        # shellcheck disable=SC2317 # called by wait_for
-        synced() {
-            [ "$(grep -c 'resync complete' "$dir/primary.log" 2>/dev/null || true)" -gt "$resyncs" ] \
-                && qmp "$dir/primary.qmp" query-replication | grep -q '"state": "connected"'
-        }
-        wait_for "the resync of the new secondary" synced
-        log "new secondary backend in sync ($(ms_since "$t0") ms): $(qmp "$dir/primary.qmp" query-replication)"
-        start_svm
-        watch_events
-        migrate_colo
-        log "re-protected in $(ms_since "$t0") ms (secondary image $img)"
         ;;
     stop)
         # Each process was started in its own session (setsid): signal its process group, so
         # an strace wrapper and its tracee go together. QEMU in COLO can ignore SIGTERM; after
         # 5 s, SIGKILL.
         while read -r name p; do
-            [ "$name" = secondary-gen ] && continue
+            case "$name" in secondary-gen|swap-gen) continue ;; esac
             if alive "$p"; then kill -TERM -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; log "stopping $name ($p)"; fi
         done <"$dir/pids"
         while read -r name p; do
-            [ "$name" = secondary-gen ] && continue
+            case "$name" in secondary-gen|swap-gen) continue ;; esac
             for _ in $(seq 1 50); do alive "$p" || break; sleep 0.1; done
             if alive "$p"; then kill -KILL -- "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null || true; log "killed $name ($p) with SIGKILL"; fi
         done <"$dir/pids"
@@ -501,16 +592,18 @@ mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
 if [ -f "$dir/pids" ]; then
     while read -r name p; do
-        [ "$name" = secondary-gen ] && continue
+        case "$name" in secondary-gen|swap-gen) continue ;; esac
         if kill -0 "$p" 2>/dev/null; then die "a pair is still running in $dir (colo-qemu-pair.sh stop --dir $dir)"; fi
     done <"$dir/pids"
 fi
-rm -rf "$dir/layers" "$dir/root"
+rm -rf "$dir"/layers* "$dir/root"
 rm -f "$dir"/*.sock "$dir"/*.qmp "$dir"/*.log "$dir"/*.strace "$dir/pids" "$dir/nic" \
-    "$dir"/primary.img "$dir"/secondary*.img "$dir/config"
+    "$dir"/primary.img "$dir"/secondary*.img "$dir/config" "$dir/roles" "$dir"/reprotect-g*.json
 : >"$dir/pids"
 [ "$nic" = 1 ] && : >"$dir/nic"
 save_config
+SPORT="$port"
+save_roles
 
 started=0
 # shellcheck disable=SC2317 # called by the trap

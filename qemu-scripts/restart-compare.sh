@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # restart-compare.sh -- the backend-restart test of tests/backend_restart.rs, run against
 # qemu-storage-daemon ("qsd") or colo-blk, both made slow the same way from the outside, for a
-# side-by-side row (issue 21, docs/performance.md "Backend restarts under a live guest").
+# side-by-side row (issue 21, docs/performance.md "Restart behaviour").
 #
 # Usage: restart-compare.sh [options]
 #

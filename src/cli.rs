@@ -365,6 +365,10 @@ pub enum Command {
     /// primary of its old primary's disk, started as `--role secondary --discard-my-data`;
     /// wait for the resync, take the first checkpoint; JSON report on stdout
     Reprotect(crate::reprotect::ReprotectArgs),
+    /// Under QEMU's x-colo, on the Secondary VM's host: fail over automatically when the
+    /// primary is lost (COLO stream and replication link), after a fence command succeeded;
+    /// JSON lines on stdout
+    Supervise(crate::supervise::SuperviseArgs),
 }
 
 impl Cli {
@@ -572,6 +576,41 @@ mod tests {
             panic!("not reprotect")
         };
         assert_eq!((a.peer.as_str(), a.target), ("h:1", None));
+        // Under x-colo: --qemu-qmp needs --x-colo and --migrate-uri; supervise needs a fence.
+        let base = [
+            "colo-blk",
+            "reprotect",
+            "--survivor",
+            "/s.qmp",
+            "--peer",
+            "h:1",
+        ];
+        let no_uri = [&base[..], &["--x-colo", "--qemu-qmp", "/q.qmp"]].concat();
+        assert!(Cli::try_parse_from(no_uri).is_err());
+        let full = [
+            &base[..],
+            &["--x-colo", "--qemu-qmp", "/q", "--migrate-uri", "tcp:h:2"],
+        ]
+        .concat();
+        let Some(Command::Reprotect(a)) = Cli::try_parse_from(full).unwrap().command else {
+            panic!("not reprotect")
+        };
+        assert!(a.x_colo && a.migrate_uri.as_deref() == Some("tcp:h:2"));
+        let sup = [
+            "colo-blk",
+            "supervise",
+            "--qemu-qmp",
+            "/q",
+            "--backend-qmp",
+            "/b",
+        ];
+        let e = Cli::try_parse_from(sup).unwrap_err().to_string();
+        assert!(e.contains("--fence-cmd"), "{e}");
+        let with_fence = [&sup[..], &["--fence-cmd", "true"]].concat();
+        let Some(Command::Supervise(a)) = Cli::try_parse_from(with_fence).unwrap().command else {
+            panic!("not supervise")
+        };
+        assert_eq!((a.fence_cmd.as_str(), a.loss_timeout_ms), ("true", 3000));
         // --discard-my-data is the secondary's.
         let c = Cli::try_parse_from([
             "colo-blk",

@@ -9,7 +9,8 @@
 //! - [`cli`]: command-line options; [`faults`]: fault injection for crash tests; [`heap`]:
 //!   the allocator tuning for the data path's large buffers.
 //! - Operating: [`status`] (`colo-blk status`), [`reprotect`] (`colo-blk reprotect`, the
-//!   failback driver), [`metrics`] (Prometheus `--metrics`),
+//!   failback driver), [`supervise`] (`colo-blk supervise`, failover with fencing under
+//!   x-colo), [`metrics`] (Prometheus `--metrics`),
 //!   [`notify`] (systemd readiness), [`histogram`] (latency buckets); [`ownership`]: the
 //!   locks that keep two processes off one disk.
 
@@ -26,6 +27,7 @@ pub mod replication;
 pub mod reprotect;
 pub mod status;
 pub mod storage;
+pub mod supervise;
 pub mod unix_socket;
 pub mod vhost_user;
 pub mod virtio;

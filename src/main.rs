@@ -41,6 +41,13 @@ fn main() -> ExitCode {
             .init();
         return ExitCode::from(colo_blk::reprotect::run(args));
     }
+    if let Some(Command::Supervise(args)) = &cli.command {
+        env_logger::Builder::new()
+            .filter_level(log::LevelFilter::Warn)
+            .parse_default_env()
+            .init();
+        return ExitCode::from(colo_blk::supervise::run(args));
+    }
     env_logger::Builder::new()
         .filter_level(cli.log_level.filter())
         .parse_default_env()
@@ -379,7 +386,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     // Nothing writes the image any more: its stamp lets the next start see other programs'
     // changes (a secondary first stops taking the stream).
     let quiet = match &role {
-        Role::Secondary(s) => s.quiesce(Duration::from_secs(10)),
+        Role::Secondary(s) => {
+            let quiet = s.quiesce(Duration::from_secs(10));
+            if quiet {
+                s.close_layers()?;
+            }
+            quiet
+        }
         _ => true,
     };
     if let (Some(meta), true) = (&meta, quiet) {

@@ -255,6 +255,67 @@ pub fn summary(rep: &Value) -> &'static str {
     }
 }
 
+/// Whether the VM this disk serves is protected (both hosts answer the same way):
+/// `protected`, `re-protecting` (a resync or a failback whose first checkpoint is still to
+/// come, with the resync's percent), `unprotected` (since when, if known) or `none`
+/// (standalone).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Protection {
+    pub state: &'static str,
+    pub since: Option<f64>,
+    pub percent: Option<f64>,
+}
+
+pub fn protection(rep: &Value, now: f64) -> Protection {
+    let since = f(rep, "unprotected-since");
+    let percent = || {
+        let total = u(rep, "resync-total-bytes");
+        let left = u(rep, "resync-remaining-bytes").min(total);
+        Some(
+            match progress_of(rep, now)
+                .into_iter()
+                .find(|p| p.what == "resync")
+            {
+                Some(p) => p.percent(),
+                None if total > 0 => (total - left) as f64 * 100.0 / total as f64,
+                None => 100.0,
+            },
+        )
+    };
+    let (state, since, percent) = match summary(rep) {
+        "in-sync" => ("protected", None, None),
+        "resyncing" => ("re-protecting", since, percent()),
+        "unprotected" | "waiting" => ("unprotected", since, None),
+        "receiving" if rep["consistency"] == "inconsistent" => ("re-protecting", None, None),
+        "receiving" => ("protected", None, None),
+        "failing-over" | "failed-over" => {
+            ("unprotected", f(rep, "failover-started-at").or(since), None)
+        }
+        _ => ("none", None, None),
+    };
+    Protection {
+        state,
+        since,
+        percent,
+    }
+}
+
+/// The protection line of the text screen.
+fn protection_line(rep: &Value, now: f64) -> String {
+    let p = protection(rep, now);
+    let mut line = format!("  protection: {}", p.state.to_uppercase());
+    if let Some(pc) = p.percent {
+        line.push_str(&format!(
+            " (resync {pc:.1}%, protected at the first checkpoint)"
+        ));
+    }
+    if let Some(t) = p.since {
+        line.push_str(&format!(" since {} ({} ago)", utc(t), duration(now - t)));
+    }
+    line.push('\n');
+    line
+}
+
 /// The JSON of one report (what `--json` prints per socket).
 pub fn report_json(r: &Report, now: f64) -> Value {
     match &r.answer {
@@ -267,6 +328,11 @@ pub fn report_json(r: &Report, now: f64) -> Value {
                 rep.get("role").cloned().unwrap_or(Value::Null),
             );
             o.insert("summary".into(), json!(summary(rep)));
+            let p = protection(rep, now);
+            o.insert(
+                "protection".into(),
+                json!({"state": p.state, "since": p.since, "percent": p.percent}),
+            );
             if let Some(t) = f(rep, "last-checkpoint-at") {
                 o.insert("last-checkpoint-age-seconds".into(), json!(now - t));
             }
@@ -370,6 +436,9 @@ pub fn report_text(r: &Report, now: f64, with_progress: bool) -> String {
     }
     out.push_str(&head);
     out.push('\n');
+    if role != "standalone" {
+        out.push_str(&protection_line(rep, now));
+    }
     let ago = |key: &str| f(rep, key).map(|t| (utc(t), duration(now - t)));
     match role {
         "primary" => {
@@ -687,6 +756,42 @@ mod tests {
         assert!(
             s.contains("memory does not match its disk, failover refused: queue 0 at 13"),
             "{s}"
+        );
+    }
+
+    /// `protection` on both hosts: a survivor after its failover, the promoted survivor
+    /// resyncing, the new secondary before and after its first checkpoint.
+    #[test]
+    fn protection_through_a_reprotect() {
+        let failed = json!({"role": "secondary", "state": "failed-over",
+                            "failover-started-at": 50.0, "unprotected-since": 40.0});
+        let p = protection(&failed, 100.0);
+        assert_eq!((p.state, p.since), ("unprotected", Some(50.0)));
+        let resync = json!({"role": "primary", "state": "connected", "unprotected-since": 50.0,
+                            "resync-total-bytes": 400, "resync-remaining-bytes": 100,
+                            "resync-started-at": 90.0});
+        let p = protection(&resync, 100.0);
+        assert_eq!((p.state, p.percent), ("re-protecting", Some(75.0)));
+        let waiting_cp = json!({"role": "primary", "state": "connected", "unprotected-since": 50.0,
+                                "resync-total-bytes": 400, "resync-remaining-bytes": 0});
+        assert_eq!(protection(&waiting_cp, 100.0).percent, Some(100.0));
+        let synced = json!({"role": "primary", "state": "connected"});
+        assert_eq!(protection(&synced, 100.0).state, "protected");
+        let target =
+            json!({"role": "secondary", "state": "connected", "consistency": "inconsistent"});
+        assert_eq!(protection(&target, 100.0).state, "re-protecting");
+        let r = Report {
+            socket: "/s.qmp".into(),
+            answer: Ok((resync, json!({}))),
+        };
+        let text = report_text(&r, 100.0, false);
+        assert!(
+            text.contains("protection: RE-PROTECTING (resync 75.0%"),
+            "{text}"
+        );
+        assert_eq!(
+            report_json(&r, 100.0)["protection"]["state"],
+            "re-protecting"
         );
     }
 

@@ -163,8 +163,10 @@ fn wait_secondary(vm: &mut Proc) {
 
 /// What the power cut left of the secondary's base, on a copy of the disk (e2fsck replays the
 /// journal): per 4 KiB block, printed, whether it holds the checkpoint's content, the
-/// primary's at the cut, or neither; then a failover of a secondary on the host over a copy of
-/// those files must give exactly the checkpoint's disk (no mix).
+/// primary's at the cut, or neither; then a secondary on the host over a copy of those files
+/// (another boot, as after the power cut) must know that its layers held unsynced changes
+/// (docs/flush-policy.md): it reports `needs-resync` and refuses a failover; forced, the
+/// failover takes base as the cut left it.
 fn what_the_cut_left(d: &Path, disk: &Path, e1: u64, at_e1: &[u8], at_cut: &[u8]) {
     let copy = d.join("cut.img");
     run(Command::new("cp")
@@ -239,15 +241,24 @@ fn what_the_cut_left(d: &Path, disk: &Path, e1: u64, at_e1: &[u8], at_cut: &[u8]
         .layers("layers")
         .qmp("s.qmp")
         .start();
-    let f = qmp(&cut, "s.qmp")
+    let mut sq = qmp(&cut, "s.qmp");
+    let st = query(&mut sq);
+    assert_eq!(st["consistency"], "needs-resync", "{st}");
+    assert_eq!(st["epoch"].as_u64(), Some(e1), "{st}");
+    let refused = sq
         .execute("replication-failover", json!({}))
+        .expect_err("a failover over layers a power cut dropped");
+    assert!(refused.to_string().contains("force"), "{refused}");
+    let before = read(&cut.join("s.img"));
+    let f = sq
+        .execute("replication-failover", json!({"force": true}))
         .unwrap();
     assert_eq!(f["epoch"].as_u64(), Some(e1), "{f}");
     assert!(sec.terminate().success());
     assert_same(
         &read(&cut.join("s.img")),
-        at_e1,
-        "a failover after the cut against the checkpoint",
+        &before,
+        "a forced failover after the cut against base as the cut left it",
     );
     std::fs::remove_dir_all(&cut).unwrap();
 }
@@ -301,11 +312,11 @@ fn secondary_vm_power_cut_mid_stream_recovers_its_checkpoint() {
     eprintln!("checkpoint {e1} at {:?}", t0.elapsed());
     let at_e1 = read(&d.join("p.img"));
 
-    // After the checkpoint: a batch the secondary applied (its originals synced in hidden,
-    // base written into the guest's page cache) and the guest wrote back (`sync`, as the
-    // kernel's writeback may at any time), then one still in the stream, whose base writes
-    // are only in the guest's page cache, if they got there: base is left a mix of the
-    // checkpoint and newer data.
+    // After the checkpoint: a batch the secondary applied (its originals and base written
+    // into the guest's page cache, nothing synced) and the guest wrote back (`sync`, as the
+    // kernel's writeback may at any time), then one still in the stream, whose writes are
+    // only in the guest's page cache, if they got there: base is left a mix of the checkpoint
+    // and newer data.
     write_all(&mut c, &hot_writes(2, 48, &sizes, DISK));
     wait_acked(&mut pq);
     writeln!(console, "sync").unwrap();

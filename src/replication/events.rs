@@ -179,6 +179,9 @@ pub struct PrimaryStatus {
     /// Of the checkpoints, the MARKERs: device stops of the VM with dirty logging on (QEMU's
     /// COLO checkpoints, and any other stop during COLO, e.g. a user `stop`).
     pub markers: u64,
+    /// The last handshake's decision (`incremental`, `incremental-failback`, `full-sync`) and
+    /// its reason, as `REPLICATION_SYNC_DECISION` said; `None` before the first handshake.
+    pub sync_decision: Option<String>,
     /// What the current session had to resend when it connected (with
     /// `resync-remaining-bytes`: the resync's progress), and when it started.
     pub resync_total_bytes: u64,
@@ -218,8 +221,10 @@ pub struct SecondaryStatus {
     pub hidden_bytes: u64,
     pub active_bytes: u64,
     pub cluster_size: u64,
-    /// `consistent`, or `inconsistent` while a full sync has not reached a checkpoint (such a
-    /// disk holds no checkpoint: failover refuses it unless forced).
+    /// `consistent`; `inconsistent` while a full sync has not reached a checkpoint;
+    /// `needs-resync` after a power loss dropped layers that held unsynced changes, until the
+    /// primary's resync and the next checkpoint. Neither holds a checkpoint: failover refuses
+    /// them unless forced.
     pub consistency: &'static str,
     /// The disk's replication metadata.
     pub metadata: MetaStatus,
@@ -240,6 +245,9 @@ pub struct SecondaryStatus {
     pub failover_started_at: Option<f64>,
     /// Failovers completed by this process (0 or 1).
     pub failovers: u64,
+    /// Bytes of this disk's own dirty record, read at start and offered to the primary of a
+    /// failback (`--discard-my-data`, PEER_DIRTY); `None` without one.
+    pub own_dirty_bytes: Option<u64>,
     /// Consistency groups (docs/consistency-groups.md).
     pub group: GroupStatus,
     /// The Secondary VM under QEMU's COLO (docs/colo-with-qemu.md).

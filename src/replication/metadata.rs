@@ -5,8 +5,11 @@
 //!
 //! ```text
 //!  file (1024 bytes):  slot 0 [0..512)   slot 1 [512..1024)
-//!  slot: magic "COLOMETA" | version | seq | disk id | size | current | bitmap | history[4]
-//!        | source | epoch | role | flags | roles[8] | ... | crc32c (last 4 bytes)
+//!  slot (little-endian): magic "COLOMETA" [0..8) | version u32 | seq u64 | disk size u64
+//!        | role u8 [28] | roles[8] [29..37) | disk id u128 [37..53) | current | bitmap
+//!        | source | epoch | history[4] (u64 each) | flags u32 [117..121) | last stop u8
+//!        | stamp (size, mtime, ctime, inode: u64 each) [122..154) | zeros
+//!        | crc32c of [0..508) (last 4 bytes)
 //! ```
 //!
 //! An update writes the whole record into the slot *not* holding the newest valid copy (one

@@ -11,13 +11,22 @@
 //!  +------+----+-----+--------+---------+---------+---------+------------+-------+---------
 //! ```
 
+use std::mem::size_of;
+
 use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use vm_memory::ByteValued;
 
 use super::dirty::DirtyExtents;
-use super::metadata::{Generations, GENERATIONS_LEN};
+use super::metadata::Generations;
 use crate::storage::Change;
+use wire::{FrameHeader, HelloPayload, WelcomePayload, CRC_COVERS};
+
+mod frame_type;
+mod wire;
+
+pub use frame_type::{FrameType, PayloadRule};
 
 /// "COLO" as the first four bytes on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"COLO");
@@ -28,17 +37,10 @@ pub const HEADER_LEN: usize = 40;
 /// Largest payload accepted. Larger guest writes are split into several frames.
 pub const MAX_PAYLOAD: usize = 4 << 20;
 
-const FLAG_UNMAP: u8 = 1;
-const FLAG_SYNC: u32 = 1;
-const FLAG_DIRTY_LOG: u32 = 2;
-const FLAG_MATCH: u8 = 1;
-const FLAG_ALLOW_FULL: u32 = 1;
-const FLAG_DISCARD_MY_DATA: u32 = 2;
-const FLAG_OWN_DIRTY: u32 = 4;
 /// HELLO payload size.
-pub const HELLO_LEN: usize = 28 + GENERATIONS_LEN;
+pub const HELLO_LEN: usize = size_of::<HelloPayload>();
 /// WELCOME payload size.
-pub const WELCOME_LEN: usize = 24 + GENERATIONS_LEN;
+pub const WELCOME_LEN: usize = size_of::<WelcomePayload>();
 
 /// Errors on the replication link.
 #[derive(Debug, Error)]
@@ -53,6 +55,12 @@ pub enum ProtocolError {
     PayloadTooLarge(u64),
     #[error("unknown frame type {0}")]
     UnknownType(u8),
+    /// A payload size the frame type does not allow (the rule says what it is not).
+    #[error("malformed {kind} frame: {rule}")]
+    PayloadSize {
+        kind: &'static str,
+        rule: PayloadRule,
+    },
     #[error("malformed {kind} frame: {why}")]
     Malformed {
         kind: &'static str,
@@ -162,24 +170,8 @@ pub enum Frame {
     },
 }
 
-const T_HELLO: u8 = 1;
-const T_WELCOME: u8 = 2;
-const T_WRITE: u8 = 3;
-const T_WRITE_ZEROES: u8 = 4;
-const T_DISCARD: u8 = 5;
-const T_FLUSH: u8 = 6;
-const T_CHECKPOINT: u8 = 7;
-const T_ACK: u8 = 8;
-const T_HEARTBEAT: u8 = 9;
-const T_ERROR: u8 = 10;
-const T_VERIFY: u8 = 12;
-const T_VERIFY_RESULT: u8 = 13;
-const T_MARKER: u8 = 11;
-const T_PEER_DIRTY: u8 = 14;
-
 /// Most queues a MARKER describes (the device's limit).
 pub const MAX_MARK_QUEUES: usize = 64;
-const UNKNOWN_BASE: u32 = u32::MAX;
 
 /// A point in the primary's stream where its device stopped, with the position of each
 /// virtqueue there (the `GET_VRING_BASE` answers QEMU got, which it gives the Secondary VM's
@@ -246,106 +238,26 @@ impl Frame {
     /// (shared, not copied) for the caller to send right after: the link writes guest data
     /// straight from the buffer the primary's local write used.
     pub fn encode_head(&self, out: &mut Vec<u8>) -> Option<Bytes> {
-        let mut hello_buf = Vec::new();
-        let (ty, flags, seq, offset, length, payload): (u8, u8, u64, u64, u64, &[u8]) = match self {
-            Frame::Hello(h) => {
-                hello_buf.extend_from_slice(&h.version.to_le_bytes());
-                hello_buf.extend_from_slice(&h.block_size.to_le_bytes());
-                hello_buf.extend_from_slice(&h.disk_size.to_le_bytes());
-                hello_buf.extend_from_slice(&h.epoch.to_le_bytes());
-                let flags = if h.sync { FLAG_SYNC } else { 0 }
-                    | if h.dirty_log { FLAG_DIRTY_LOG } else { 0 };
-                hello_buf.extend_from_slice(&flags.to_le_bytes());
-                h.gens.encode_into(&mut hello_buf);
-                (T_HELLO, 0, 0, 0, 0, &hello_buf)
-            }
-            Frame::Welcome(w) => {
-                hello_buf.extend_from_slice(&w.version.to_le_bytes());
-                hello_buf.extend_from_slice(&w.block_size.to_le_bytes());
-                hello_buf.extend_from_slice(&w.disk_size.to_le_bytes());
-                hello_buf.extend_from_slice(&w.decision.to_le_bytes());
-                let flags = if w.allow_full { FLAG_ALLOW_FULL } else { 0 }
-                    | if w.discard_my_data {
-                        FLAG_DISCARD_MY_DATA
-                    } else {
-                        0
-                    }
-                    | if w.own_dirty { FLAG_OWN_DIRTY } else { 0 };
-                hello_buf.extend_from_slice(&flags.to_le_bytes());
-                w.gens.encode_into(&mut hello_buf);
-                (T_WELCOME, 0, 0, 0, 0, &hello_buf)
-            }
-            Frame::Change { seq, change } => match change {
-                Change::Write { offset, data } => {
-                    (T_WRITE, 0, *seq, *offset, data.len() as u64, &data[..])
-                }
-                Change::WriteZeroes { offset, len, unmap } => (
-                    T_WRITE_ZEROES,
-                    if *unmap { FLAG_UNMAP } else { 0 },
-                    *seq,
-                    *offset,
-                    *len,
-                    &[],
-                ),
-                Change::Discard { offset, len } => (T_DISCARD, 0, *seq, *offset, *len, &[]),
-                Change::Flush => (T_FLUSH, 0, *seq, 0, 0, &[]),
-            },
-            Frame::Checkpoint { seq, epoch } => (T_CHECKPOINT, 0, *seq, 0, *epoch, &[]),
-            Frame::Marker { seq, mark } => {
-                for b in &mark.bases {
-                    let v = b.map_or(UNKNOWN_BASE, u32::from);
-                    hello_buf.extend_from_slice(&v.to_le_bytes());
-                }
-                (T_MARKER, 0, *seq, 0, mark.epoch, &hello_buf)
-            }
-            Frame::Ack { seq } => (T_ACK, 0, *seq, 0, 0, &[]),
-            Frame::PeerDirty(x) => (T_PEER_DIRTY, 0, 0, x.extent(), x.disk_size(), x.bits()),
-            Frame::Verify {
-                seq,
-                offset,
-                len,
-                crc,
-            } => {
-                hello_buf.extend_from_slice(&crc.to_le_bytes());
-                (T_VERIFY, 0, *seq, *offset, *len, &hello_buf)
-            }
-            Frame::VerifyResult {
-                seq,
-                offset,
-                len,
-                matches,
-            } => (
-                T_VERIFY_RESULT,
-                if *matches { FLAG_MATCH } else { 0 },
-                *seq,
-                *offset,
-                *len,
-                &[],
-            ),
-            Frame::Heartbeat => (T_HEARTBEAT, 0, 0, 0, 0, &[]),
-            Frame::Error { message } => (T_ERROR, 0, 0, 0, 0, message.as_bytes()),
-        };
-        let start = out.len();
-        out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.push(ty);
-        out.push(flags);
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&offset.to_le_bytes());
-        out.extend_from_slice(&length.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 36]), payload);
-        out.extend_from_slice(&crc.to_le_bytes());
-        match self {
-            Frame::Change {
-                change: Change::Write { data, .. },
-                ..
-            } => Some(data.clone()),
-            _ => {
-                out.extend_from_slice(payload);
-                None
-            }
+        let parts = self.wire_parts();
+        let payload = parts.payload.as_bytes();
+        let header = FrameHeader::new(
+            parts.ty as u8,
+            parts.flags,
+            parts.seq,
+            parts.offset,
+            parts.length,
+            payload,
+        );
+        out.extend_from_slice(header.as_slice());
+        if let Frame::Change {
+            change: Change::Write { data, .. },
+            ..
+        } = self
+        {
+            return Some(data.clone());
         }
+        out.extend_from_slice(payload);
+        None
     }
 
     /// The encoded frame.
@@ -357,33 +269,30 @@ impl Frame {
 
     /// Decodes a header; returns it with the payload length still to read.
     pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<RawHeader, ProtocolError> {
-        let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&h[o..o + 8]);
-            u64::from_le_bytes(b)
-        };
-        let magic = u32_at(0);
+        let mut header = FrameHeader::default();
+        header.as_mut_slice().copy_from_slice(h);
+        let magic = header.magic.to_native();
         if magic != MAGIC {
             return Err(ProtocolError::BadMagic(magic));
         }
-        let payload_len = u32_at(32) as u64;
+        let payload_len = u64::from(header.payload_len.to_native());
         if payload_len > MAX_PAYLOAD as u64 {
             return Err(ProtocolError::PayloadTooLarge(payload_len));
         }
         Ok(RawHeader {
-            ty: h[4],
-            flags: h[5],
-            seq: u64_at(8),
-            offset: u64_at(16),
-            length: u64_at(24),
+            ty: header.ty,
+            flags: header.flags,
+            seq: header.seq.to_native(),
+            offset: header.offset.to_native(),
+            length: header.length.to_native(),
             payload_len: payload_len as usize,
-            crc: u32_at(36),
-            header_crc: crc32c::crc32c(&h[..36]),
+            crc: header.crc.to_native(),
+            header_crc: crc32c::crc32c(&h[..CRC_COVERS]),
         })
     }
 
-    /// Builds a frame from a checked header and its payload.
+    /// Builds a frame from a checked header and its payload: the checksum, then the type's
+    /// payload rule, then its decoder (`FrameType::spec`, one row per type).
     pub fn from_parts(h: RawHeader, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
         let actual = crc32c::crc32c_append(h.header_crc, &payload);
         if actual != h.crc {
@@ -392,202 +301,14 @@ impl Frame {
                 actual,
             });
         }
-        let no_payload = |kind: &'static str| -> Result<(), ProtocolError> {
-            if payload.is_empty() {
-                Ok(())
-            } else {
-                Err(ProtocolError::Malformed {
-                    kind,
-                    why: "unexpected payload",
-                })
-            }
-        };
-        let le32 = |o: usize| {
-            u32::from_le_bytes([payload[o], payload[o + 1], payload[o + 2], payload[o + 3]])
-        };
-        let le64 = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&payload[o..o + 8]);
-            u64::from_le_bytes(b)
-        };
-        Ok(match h.ty {
-            T_HELLO => {
-                if payload.len() != HELLO_LEN {
-                    return Err(ProtocolError::Malformed {
-                        kind: "HELLO",
-                        why: "payload is not 112 bytes",
-                    });
-                }
-                let gens = Generations::decode(&payload[28..]).ok_or(ProtocolError::Malformed {
-                    kind: "HELLO",
-                    why: "bad generations",
-                })?;
-                Frame::Hello(Hello {
-                    version: le32(0),
-                    block_size: le32(4),
-                    disk_size: le64(8),
-                    epoch: le64(16),
-                    sync: le32(24) & FLAG_SYNC != 0,
-                    dirty_log: le32(24) & FLAG_DIRTY_LOG != 0,
-                    gens,
-                })
-            }
-            T_WELCOME => {
-                if payload.len() != WELCOME_LEN {
-                    return Err(ProtocolError::Malformed {
-                        kind: "WELCOME",
-                        why: "payload is not 108 bytes",
-                    });
-                }
-                let gens = Generations::decode(&payload[24..]).ok_or(ProtocolError::Malformed {
-                    kind: "WELCOME",
-                    why: "bad generations",
-                })?;
-                Frame::Welcome(Welcome {
-                    version: le32(0),
-                    block_size: le32(4),
-                    disk_size: le64(8),
-                    decision: le32(16),
-                    allow_full: le32(20) & FLAG_ALLOW_FULL != 0,
-                    discard_my_data: le32(20) & FLAG_DISCARD_MY_DATA != 0,
-                    own_dirty: le32(20) & FLAG_OWN_DIRTY != 0,
-                    gens,
-                })
-            }
-            T_WRITE => {
-                if h.length != payload.len() as u64 || payload.is_empty() {
-                    return Err(ProtocolError::Malformed {
-                        kind: "WRITE",
-                        why: "length does not match payload",
-                    });
-                }
-                Frame::Change {
-                    seq: h.seq,
-                    change: Change::Write {
-                        offset: h.offset,
-                        data: Bytes::from(payload),
-                    },
-                }
-            }
-            T_WRITE_ZEROES => {
-                no_payload("WRITE_ZEROES")?;
-                Frame::Change {
-                    seq: h.seq,
-                    change: Change::WriteZeroes {
-                        offset: h.offset,
-                        len: h.length,
-                        unmap: h.flags & FLAG_UNMAP != 0,
-                    },
-                }
-            }
-            T_DISCARD => {
-                no_payload("DISCARD")?;
-                Frame::Change {
-                    seq: h.seq,
-                    change: Change::Discard {
-                        offset: h.offset,
-                        len: h.length,
-                    },
-                }
-            }
-            T_FLUSH => {
-                no_payload("FLUSH")?;
-                Frame::Change {
-                    seq: h.seq,
-                    change: Change::Flush,
-                }
-            }
-            T_CHECKPOINT => {
-                no_payload("CHECKPOINT")?;
-                Frame::Checkpoint {
-                    seq: h.seq,
-                    epoch: h.length,
-                }
-            }
-            T_ACK => {
-                no_payload("ACK")?;
-                Frame::Ack { seq: h.seq }
-            }
-            T_PEER_DIRTY => {
-                // offset = extent size, length = disk size, payload = one bit per extent.
-                let x = DirtyExtents::decode(h.offset, h.length, &payload).map_err(|e| {
-                    ProtocolError::Malformed {
-                        kind: "PEER_DIRTY",
-                        why: match e {
-                            crate::replication::dirty::ExtentsError::BadExtent => "bad extent size",
-                            crate::replication::dirty::ExtentsError::EmptyDisk => "disk size 0",
-                            crate::replication::dirty::ExtentsError::BadLength => {
-                                "bitmap length does not match the disk"
-                            }
-                            crate::replication::dirty::ExtentsError::TrailingBits => {
-                                "bits past the last extent"
-                            }
-                        },
-                    }
-                })?;
-                Frame::PeerDirty(x)
-            }
-            T_VERIFY => {
-                if payload.len() != 4 || h.length == 0 || h.length > MAX_PAYLOAD as u64 {
-                    return Err(ProtocolError::Malformed {
-                        kind: "VERIFY",
-                        why: "payload is not 4 bytes or bad length",
-                    });
-                }
-                Frame::Verify {
-                    seq: h.seq,
-                    offset: h.offset,
-                    len: h.length,
-                    crc: le32(0),
-                }
-            }
-            T_VERIFY_RESULT => {
-                no_payload("VERIFY_RESULT")?;
-                Frame::VerifyResult {
-                    seq: h.seq,
-                    offset: h.offset,
-                    len: h.length,
-                    matches: h.flags & FLAG_MATCH != 0,
-                }
-            }
-            T_MARKER => {
-                if payload.is_empty()
-                    || payload.len() % 4 != 0
-                    || payload.len() > 4 * MAX_MARK_QUEUES
-                {
-                    return Err(ProtocolError::Malformed {
-                        kind: "MARKER",
-                        why: "payload is not 1 to 64 queue positions",
-                    });
-                }
-                let mut bases = Vec::with_capacity(payload.len() / 4);
-                for q in payload.chunks_exact(4) {
-                    let v = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
-                    bases.push(match v {
-                        UNKNOWN_BASE => None,
-                        v => Some(u16::try_from(v).map_err(|_| ProtocolError::Malformed {
-                            kind: "MARKER",
-                            why: "queue position above 65535",
-                        })?),
-                    });
-                }
-                Frame::Marker {
-                    seq: h.seq,
-                    mark: Mark {
-                        epoch: h.length,
-                        bases,
-                    },
-                }
-            }
-            T_HEARTBEAT => {
-                no_payload("HEARTBEAT")?;
-                Frame::Heartbeat
-            }
-            T_ERROR => Frame::Error {
-                message: String::from_utf8_lossy(&payload).into_owned(),
-            },
-            other => return Err(ProtocolError::UnknownType(other)),
-        })
+        let spec = FrameType::try_from(h.ty)?.spec();
+        if !spec.payload.allows(&h, payload.len()) {
+            return Err(ProtocolError::PayloadSize {
+                kind: spec.name,
+                rule: spec.payload,
+            });
+        }
+        (spec.decode)(&h, payload)
     }
 }
 
@@ -861,3 +582,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod golden;

@@ -123,6 +123,14 @@ pub enum SecondaryError {
          to the primary's side"
     )]
     SvmMismatch(String),
+    /// The secondary lost power while its layers held unsynced changes (docs/flush-policy.md).
+    #[error(
+        "the secondary lost power while its layers held unsynced changes: its disk is no \
+         checkpoint until the primary has resent what changed and the next checkpoint; use \
+         replication-failover {{\"force\": true}} to take the disk as it is \
+         (crash-consistent: the primary's writes up to its last FLUSH, and some later ones)"
+    )]
+    NeedsResync,
     /// `replication-promote` refused (not failed over, already promoted, not set up).
     #[error("{0}")]
     CannotPromote(&'static str),
@@ -950,6 +958,12 @@ impl Secondary {
         st.stage != Stage::FailingOver
     }
 
+    /// A clean stop after [`Secondary::quiesce`]: the layers are synced and recorded as such,
+    /// so that a power loss before the next start needs no resync.
+    pub fn close_layers(&self) -> io::Result<()> {
+        self.disk.close()
+    }
+
     /// `replication-failover`: stop taking the stream and make the Secondary VM's view (or,
     /// without one, the last checkpoint) the disk. After an I/O error, calling it again
     /// resumes the commit.
@@ -966,6 +980,9 @@ impl Secondary {
         self.meta.failover_check(force)?;
         if let Some(why) = self.state().svm_mismatch.clone().filter(|_| !force) {
             return Err(SecondaryError::SvmMismatch(why));
+        }
+        if self.disk.stats().needs_resync && !force && !self.disk.is_failed_over() {
+            return Err(SecondaryError::NeedsResync);
         }
         let t = Instant::now();
         {
@@ -993,9 +1010,11 @@ impl Secondary {
         } else {
             None
         };
-        self.disk.prepare_failover(log.clone())?;
-        // The new lineage is on disk before any cluster is committed.
-        self.meta.failover(force, log.is_some())?;
+        self.disk.prepare_failover(log.clone(), force)?;
+        // The new lineage is on disk before any cluster is committed. A disk that needs a
+        // resync (forced) is no checkpoint: it names no common ancestor with the primary.
+        self.meta
+            .failover(force, log.is_some() && !before.needs_resync)?;
         self.disk.failover()?;
         self.metrics.failover_done(t.elapsed());
         let duration_ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -1057,6 +1076,8 @@ impl Secondary {
             cluster_size: layers.cluster_size,
             consistency: if self.meta.gens().inconsistent() {
                 "inconsistent"
+            } else if layers.needs_resync {
+                "needs-resync"
             } else {
                 "consistent"
             },
@@ -1075,6 +1096,7 @@ impl Secondary {
             },
             failover_started_at: m.failover_started_at,
             failovers: m.failovers,
+            own_dirty_bytes: self.own_dirty().map(|x| x.dirty_bytes()),
             group: {
                 let (epoch, g) = self.disk.group();
                 events::GroupStatus {

@@ -29,11 +29,11 @@ pub enum SyncPoint {
     MetaDir,
     /// `layers.state.tmp` before it is renamed over `layers.state`.
     StateTmp,
-    /// The layer directory before that rename (the layer files the new state names exist).
-    StateNames,
     /// The layer directory after that rename.
     StateDir,
-    /// A hidden layer's saved originals and their index records, before base is overwritten.
+    /// Every hidden layer's saved originals and index records, before the state file says
+    /// the layers are synced (`"open": null`: a group prepare, a failover's start, a clean
+    /// close). Never per batch of the stream (docs/flush-policy.md).
     Hidden,
     /// An active layer's data, before its index records are written (SVM flush).
     ActiveData,
@@ -63,11 +63,10 @@ pub enum SyncPoint {
 
 impl SyncPoint {
     /// Every sync point, in the order of the table in docs/layers.md.
-    pub const ALL: [SyncPoint; 18] = [
+    pub const ALL: [SyncPoint; 17] = [
         SyncPoint::MetaSlot,
         SyncPoint::MetaDir,
         SyncPoint::StateTmp,
-        SyncPoint::StateNames,
         SyncPoint::StateDir,
         SyncPoint::Hidden,
         SyncPoint::ActiveData,

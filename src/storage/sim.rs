@@ -80,8 +80,9 @@ pub struct Frozen {
     dirs: BTreeSet<PathBuf>,
 }
 
-/// A recorded crash point: just before the sync `at` (`None`: the end of the run), during the
-/// step the test had set ([`SimMedia::set_step`]).
+/// A recorded crash point: just before the sync `at` (`None`: the start of the step, before
+/// it did anything, or the end of the run), during the step the test had set
+/// ([`SimMedia::set_step`]).
 #[derive(Debug, Clone)]
 pub struct CrashPoint {
     pub index: usize,
@@ -181,9 +182,22 @@ impl SimMedia {
         self.sim().record = on;
     }
 
-    /// Names the step the test is in (crash points carry it).
+    /// Names the step the test is in (crash points carry it). While recording, the moment
+    /// between two steps is a crash point too (`at: None`): a step that syncs nothing still
+    /// gets its power cut.
     pub fn set_step(&self, step: u64) {
-        self.sim().step = step;
+        let mut s = self.sim();
+        s.step = step;
+        if s.record {
+            let frozen = s.freeze();
+            let index = s.trace.len();
+            s.trace.push(CrashPoint {
+                index,
+                at: None,
+                step,
+                frozen,
+            });
+        }
     }
 
     /// Leaves out every sync at `at` from now on (it returns success and does nothing).

@@ -154,6 +154,8 @@ pub(super) struct Layer {
     pending: Vec<u8>,
     /// Active: clusters added since the index was last logged (at a flush).
     unlogged: Vec<u64>,
+    /// Data or records were written since the last sync (or the creation).
+    unsynced: bool,
     /// Remove the file when the layer is dropped (set for layers that are no longer needed;
     /// the current layers outlive the process).
     pub(super) discard_on_drop: bool,
@@ -188,6 +190,7 @@ impl Layer {
             log_end: log_start,
             pending: Vec::new(),
             unlogged: Vec::new(),
+            unsynced: false,
             discard_on_drop: true,
         };
         layer.file.set_len(log_start)?;
@@ -314,6 +317,8 @@ impl Layer {
             log_end,
             pending: Vec::new(),
             unlogged: volatile_only.into_iter().collect(),
+            // What the last process wrote may still be in the page cache only.
+            unsynced: true,
             discard_on_drop: false,
         })
     }
@@ -332,10 +337,11 @@ impl Layer {
 
     /// Hidden: stores the originals `data` (cluster aligned, starting at cluster `first`) and
     /// queues their index records. On a pristine layer, all-zero clusters are not written
-    /// (their region of the file is still a hole). The caller then calls [`Layer::sync`]
-    /// before overwriting those clusters in base.
+    /// (their region of the file is still a hole). The caller then writes the records
+    /// ([`Layer::write_records`]) before overwriting those clusters in base.
     pub(super) fn save(&mut self, data: &[u8], first: u64, cluster_size: usize) -> io::Result<()> {
         let offset = first * cluster_size as u64;
+        self.unsynced = true;
         let r = if self.pristine {
             self.store_nonzero(data, offset, cluster_size)
         } else {
@@ -413,6 +419,7 @@ impl Layer {
             return Ok(());
         }
         self.unlogged.push(cluster);
+        self.unsynced = true;
         let boot = self.media.boot_tag();
         if boot != 0 {
             let mut rec = Vec::with_capacity(RECORD_LEN);
@@ -433,6 +440,23 @@ impl Layer {
         !self.pending.is_empty() || !self.unlogged.is_empty()
     }
 
+    /// Writes the queued records to the log, without a sync (hidden: after the data they
+    /// describe, so a process of this boot finds both in the page cache).
+    pub(super) fn write_records(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.unsynced = true;
+            self.file.write_at(&self.pending, self.log_end)?;
+            self.log_end += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Whether data or records were written since the last sync.
+    pub(super) fn is_unsynced(&self) -> bool {
+        self.unsynced || self.has_pending()
+    }
+
     /// Writes the queued records to the log and syncs the file (data and records).
     ///
     /// For hidden, one sync covers the saved data and its records (their checksums tell a
@@ -449,15 +473,13 @@ impl Layer {
                 .encode(&mut self.pending);
             }
         }
-        if !self.pending.is_empty() {
-            self.file.write_at(&self.pending, self.log_end)?;
-            self.log_end += self.pending.len() as u64;
-            self.pending.clear();
-        }
+        self.write_records()?;
         self.file.sync_data(match self.kind {
             Kind::Hidden => SyncPoint::Hidden,
             Kind::Active => SyncPoint::ActiveIndex,
-        })
+        })?;
+        self.unsynced = false;
+        Ok(())
     }
 
     fn store_nonzero(&self, data: &[u8], offset: u64, cluster_size: usize) -> io::Result<()> {

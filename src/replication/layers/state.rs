@@ -1,10 +1,11 @@
 //! The layer directory's state file, `layers.state`: which layer files are current, for which
-//! epoch, in which stage, and where the tentative COLO cuts are. It is replaced atomically
-//! (write `layers.state.tmp`, fsync it, fsync the directory so the layer files it names exist
-//! durably, rename over the old one, fsync the directory again) at every
-//! change of the layer set: creation, checkpoint, a COLO marker, the commit of a cut, the start
-//! and the end of a failover. Layer files it does not name are left-overs of a crash between
-//! creating a file and naming it, and are removed on open.
+//! epoch, in which stage, where the tentative COLO cuts are, and whether the layers may hold
+//! unsynced changes (`open`, docs/flush-policy.md). It is replaced atomically (write
+//! `layers.state.tmp`, fsync it, rename over the old one, fsync the directory) at every change
+//! of the layer set (creation, checkpoint, a COLO marker's first change, the commit of a cut,
+//! the start and the end of a failover), at the first stream change after the layers were
+//! recorded as synced, at a group prepare and at a clean close. Layer files it does not name
+//! are left-overs of a crash between creating a file and naming it, and are removed on open.
 
 use std::io;
 use std::path::Path;
@@ -17,7 +18,10 @@ pub use crate::replication::protocol::Mark;
 
 /// Name of the state file in the layer directory.
 pub(super) const STATE_FILE: &str = "layers.state";
-const FORMAT: u32 = 1;
+/// Format 2 added `open` and `needs-resync` (docs/flush-policy.md). Format 1 files were written
+/// while every hidden layer was synced before base changed, so they are read as `"open": null`.
+const FORMAT: u32 = 2;
+const FORMAT_SYNCED_LAYERS: u32 = 1;
 
 /// A hidden layer and the markers it started at (none: the epoch's first hidden layer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +95,15 @@ pub(super) struct SavedState {
     /// (absent in files written before it, and for disks without metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_id: Option<String>,
+    /// `Some(boot)`: the layers may hold records and data not synced yet, written in the boot
+    /// with this tag (`Media::boot_tag`): trusted only by a process of that boot. `None`: every
+    /// layer was synced before this file was written (and nothing changed them unsynced since).
+    #[serde(default)]
+    pub open: Option<u32>,
+    /// The layers were dropped after a power loss while open: the view is no checkpoint, a
+    /// failover is refused unless forced, until the next checkpoint.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub needs_resync: bool,
 }
 
 impl SavedState {
@@ -105,6 +118,8 @@ impl SavedState {
             hidden: Vec::new(),
             group: GroupRecord::default(),
             disk_id: None,
+            open: None,
+            needs_resync: false,
         }
     }
 
@@ -116,12 +131,16 @@ impl SavedState {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let st: SavedState = serde_json::from_slice(&text).map_err(|e| {
+        let mut st: SavedState = serde_json::from_slice(&text).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("{} is damaged: {e}", path.display()),
             )
         })?;
+        if st.format == FORMAT_SYNCED_LAYERS {
+            st.format = FORMAT;
+            st.open = None;
+        }
         if st.format != FORMAT {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -144,10 +163,11 @@ impl SavedState {
             f.write_at(&text, 0)?;
             f.sync_all(SyncPoint::StateTmp)?;
         }
-        // The layer files the new state names were created in this directory: their names are
-        // made durable before the state that names them can be (a file system may persist
-        // the rename below and not an earlier creation; found by the power-loss tests).
-        media.sync_dir(dir, SyncPoint::StateNames)?;
+        // No directory sync before the rename: a file system may persist the rename and not
+        // the creation of a layer file the new state names, but only a state that says
+        // `"open"` names a file created since the last state change, and after a power loss
+        // such a state is not trusted (its layers are dropped). A state that says `null`
+        // names files whose creation an earlier state change's directory sync made durable.
         media.rename(&tmp, &dir.join(STATE_FILE))?;
         media.sync_dir(dir, SyncPoint::StateDir)
     }

@@ -1,6 +1,6 @@
 //! Tests of the layered disk: a model-based proptest, unit tests and a concurrency test.
 use super::*;
-use crate::storage::{RawImage, RawImageOptions};
+use crate::storage::{Change, RawImage, RawImageOptions};
 use proptest::prelude::*;
 use std::fs;
 use std::sync::atomic::AtomicBool;
@@ -307,7 +307,7 @@ fn run_model(cluster_size: u64, capacity: u64, ops: &[Op]) -> Result<(), TestCas
                 }
             }
             Op::FailoverPartial { clusters: n } => {
-                if ld.begin_failover(None).unwrap() {
+                if ld.begin_failover(None, false).unwrap() {
                     mode = Mode::Committing;
                     ld.commit_batch(n as usize, &mut Vec::new()).unwrap();
                     for _ in 0..n {
@@ -356,6 +356,7 @@ fn run_model(cluster_size: u64, capacity: u64, ops: &[Op]) -> Result<(), TestCas
             cluster_size,
             epoch,
             failed_over: mode != Mode::Replicating,
+            needs_resync: false,
         };
         prop_assert_eq!(s, want, "op {}", i);
     }
@@ -794,7 +795,7 @@ fn an_interrupted_failover_resumes_after_a_restart() {
     ld.flush().unwrap();
     let mut want = at_checkpoint.clone();
     want[100_000..108_192].copy_from_slice(&svm);
-    assert!(ld.begin_failover(None).unwrap());
+    assert!(ld.begin_failover(None, false).unwrap());
     ld.commit_batch(10, &mut Vec::new()).unwrap();
     // The SVM writes through a half-committed disk, flushes, and the process dies.
     let late = pattern(4, 0, 4096);
@@ -1020,7 +1021,7 @@ fn a_logged_failover_records_every_range_it_and_the_svm_write() {
         crate::replication::dirty::DirtyLog::create_reset(&log_path, 1 << 20, 4096).unwrap(),
     );
     // Crash point 1: recorded and committing, nothing committed yet.
-    ld.prepare_failover(Some(log.clone())).unwrap();
+    ld.prepare_failover(Some(log.clone()), false).unwrap();
     // Extents of 4K: primary [0, 16) and [128, 130), SVM [32, 34) and 225.
     let mut want_set: BTreeSet<u64> = (0..16).chain(128..130).chain(32..34).collect();
     want_set.insert(225);

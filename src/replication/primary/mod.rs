@@ -175,6 +175,8 @@ struct State {
     last_error: Option<String>,
     /// MARKERs the secondary applied (device stops with dirty logging on).
     markers: u64,
+    /// The last handshake's decision and its reason (`incremental-failback: ...`).
+    sync_decision: Option<String>,
 }
 
 /// Errors of replication operations.
@@ -283,6 +285,7 @@ impl Primary {
                 total_sent: 0,
                 last_error: None,
                 markers: 0,
+                sync_decision: None,
             }),
             cond: Condvar::new(),
             dirty: Mutex::new(dirty),
@@ -693,6 +696,7 @@ impl Primary {
             checkpoints: m.checkpoints,
             checkpoint_failures: m.checkpoint_failures,
             markers: st.markers,
+            sync_decision: st.sync_decision.clone(),
             resync_total_bytes: s.map_or(0, |_| m.resync_total_bytes),
             resync_started_at: s.and(m.resync_started_at),
             bytes_acked_total: m.acked_bytes,

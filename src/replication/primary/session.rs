@@ -169,6 +169,7 @@ impl Primary {
             welcome.gens.disk_id,
             welcome.gens.epoch
         );
+        self.state().sync_decision = Some(format!("{}: {}", decision.name(), decision.reason()));
         self.events.send(&events::SyncDecision {
             role: Side::Primary,
             peer: addr.clone(),

@@ -155,7 +155,8 @@ impl Secondary {
         };
         if stage == Stage::FailingOver {
             // Records the clusters still buffered and installs the log's write path.
-            self.disk.prepare_failover(Some(log))?;
+            // Resumed: the failover was decided (and forced, if it was) before the crash.
+            self.disk.prepare_failover(Some(log), true)?;
         } else {
             let dev: Arc<dyn BlockDevice> = Arc::new(LoggedDisk::new(self.base_disk()?, log));
             self.disk.set_through(dev)?;
