@@ -220,7 +220,7 @@ fn ten_backend_restarts_under_a_live_guest_with_io_uring() {
 /// vhost-user front-end differ from 7.2's.
 #[test]
 fn ten_backend_restarts_under_a_live_guest_on_qemu_11() {
-    let qemu = common::qemu::colo_qemu();
+    let qemu = common::xcolo::colo_qemu();
     if Needs::of("backend_restart on QEMU 11")
         .tools(&[&qemu])
         .python("qemu.qmp")

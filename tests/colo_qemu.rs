@@ -22,13 +22,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::needs::Needs;
 use common::pair::{strs, wait_connected, wait_state, Node};
-use common::qemu::{colo_qemu, e2fsprogs, initrd_with_script, wait_mid_epoch, Proc};
+use common::qemu::{e2fsprogs, initrd_with_script, wait_mid_epoch, Proc};
+use common::xcolo::{
+    self, incoming, migrate_into_colo, prerequisites, qemu_command, records_in, verified,
+    wait_path, writer,
+};
 use common::{poll, tempdir, Backend, Qmp};
 use serde_json::{json, Value};
 
@@ -43,37 +46,6 @@ fn serial() -> MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// True when the COLO QEMU runs; otherwise prints SKIPPED (or panics in CI).
-fn prerequisites(test: &str) -> bool {
-    let qemu = colo_qemu();
-    let colo_capable = Command::new(&qemu)
-        .arg("--version")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| {
-            // "QEMU emulator version 11.1.3 ...": x-colo with vhost-user-blk needs >= 8.1
-            // here (QEMU 7.2 hangs at the first checkpoint: docs/colo-with-qemu.md).
-            let out = String::from_utf8_lossy(&o.stdout).to_string();
-            let major = out
-                .split("version ")
-                .nth(1)
-                .and_then(|v| v.split('.').next())
-                .and_then(|m| m.parse::<u32>().ok());
-            o.status.success() && major.is_some_and(|m| m >= 9)
-        })
-        .unwrap_or(false);
-    Needs::of(test)
-        .that(
-            colo_capable,
-            format!(
-                "a COLO-capable QEMU (>= 9) at {qemu} (COLO_QEMU; `sudo bash \
-                 qemu-scripts/install-colo-qemu.sh`)"
-            ),
-        )
-        .met()
-}
-
 // ---- QMP events ------------------------------------------------------------------------------
 
 /// QMP events of one QEMU (a second monitor), read by a thread.
@@ -83,7 +55,7 @@ struct Events {
 
 impl Events {
     fn connect(path: &Path) -> Events {
-        wait_path(path);
+        wait_path(path, TIMEOUT);
         let s = common::connect_unix(path);
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
@@ -129,11 +101,6 @@ impl Events {
             }
         }
     }
-}
-
-fn wait_path(path: &Path) {
-    let what = format!("{} to appear", path.display());
-    poll::until(&what, TIMEOUT, || path.exists());
 }
 
 /// `x-colo-lost-heartbeat` to the QEMU of `who` (PVM or SVM), then waits until it left COLO.
@@ -193,10 +160,6 @@ impl Pair {
         self.dir.path().join(name)
     }
 
-    fn s(&self, name: &str) -> String {
-        self.p(name).display().to_string()
-    }
-
     fn svm_name(&self) -> String {
         if self.svm_gen <= 1 {
             "svm".into()
@@ -253,46 +216,12 @@ impl Pair {
     }
 
     fn qemu(&self, name: &str, incoming: bool) -> Proc {
-        let accel = std::env::var("COLO_BLK_ACCEL").unwrap_or_else(|_| "tcg".into());
-        let mut cmd = Command::new(colo_qemu());
-        cmd.args(["-name", name, "-machine", "q35", "-accel", &accel])
-            .args(["-smp", "1", "-m", "192M"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=192M,share=on"])
-            .args(["-machine", "memory-backend=mem"])
-            .arg("-kernel")
-            .arg(self.guest.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(&self.initrd)
-            .args(["-append", "console=ttyS0 panic=-1 loglevel=4 edd=off"])
-            .args([
-                "-nographic",
-                "-no-reboot",
-                "-nodefaults",
-                "-serial",
-                "stdio",
-            ])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=vub,path={},reconnect-ms=1000",
-                self.s(&format!("{name}.sock"))
-            ))
-            .args([
-                "-device",
-                "vhost-user-blk-pci,chardev=vub,num-queues=1,id=disk0",
-            ])
-            .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                self.s(&format!("{name}.qmp"))
-            ))
-            .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                self.s(&format!("{name}-ev.qmp"))
-            ));
-        if incoming {
-            cmd.args(["-incoming", "defer"]);
-        }
+        let qmp = [
+            self.p(&format!("{name}.qmp")),
+            self.p(&format!("{name}-ev.qmp")),
+        ];
+        let socket = self.p(&format!("{name}.sock"));
+        let cmd = qemu_command(name, &self.guest, &self.initrd, &socket, &qmp, incoming);
         Proc::spawn(cmd, name)
     }
 
@@ -336,38 +265,12 @@ impl Pair {
         let n = self.svm_name();
         self.svm = Some(self.qemu(&n, true));
         let mport = common::free_port();
-        let caps = json!({"capabilities": [
-            {"capability": "return-path", "state": true},
-            {"capability": "x-colo", "state": true}]});
-        let mut svm = self.qmp(&format!("{n}.qmp"));
-        svm.execute("migrate-set-capabilities", caps.clone())
-            .expect("svm caps");
-        svm.execute(
-            "migrate-incoming",
-            json!({"uri": format!("tcp:127.0.0.1:{mport}")}),
-        )
-        .expect("migrate-incoming");
-        let mut pvm = self.qmp("pvm.qmp");
-        pvm.execute("migrate-set-capabilities", caps)
-            .expect("pvm caps");
-        pvm.execute(
-            "migrate-set-parameters",
-            json!({"x-checkpoint-delay": self.delay_ms}),
-        )
-        .expect("x-checkpoint-delay");
-        pvm.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{mport}")}))
-            .expect("migrate");
-        poll::until("the migration into COLO", TIMEOUT, || {
-            let m = pvm.execute("query-migrate", json!({})).unwrap();
-            assert!(m["status"] != "failed", "migration into COLO: {m}");
-            m["status"] == "colo"
-        });
+        incoming(&mut self.qmp(&format!("{n}.qmp")), mport);
+        migrate_into_colo(&mut self.qmp("pvm.qmp"), mport, self.delay_ms, TIMEOUT);
     }
 
     fn qmp(&self, name: &str) -> Qmp {
-        let p = self.p(name);
-        wait_path(&p);
-        Qmp::connect(&p)
+        xcolo::qmp(&self.p(name), TIMEOUT)
     }
 
     fn pvm(&mut self) -> &mut Proc {
@@ -471,66 +374,9 @@ impl Pair {
 
 // ---- guest scripts ---------------------------------------------------------------------------
 
-/// The records writer (tests a, c). Record `i` is the 4 KiB block `i`: "REC i\n" and zeros.
-/// Before writing block i it checks the block is still all zeros (a record from an epoch the
-/// guest's memory does not know about would be there otherwise); after every 5th write it
-/// re-reads blocks 0..i and checks each holds exactly its record (none missing, none torn).
-/// `i` lives in the shell's memory, so after a failover it is the SVM's, i.e. the last
-/// checkpoint's plus what the SVM ran since: the disk must agree with it.
-const WRITER: &str = r#"i=0
-echo "COLO-A: start"
-while [ $i -lt 6000 ]; do
-  n=$(dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | tr -d '\000' | wc -c)
-  if [ "$n" -ne 0 ]; then
-    echo "COLO-A: FAIL block $i not empty before its write: $(dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -c 40)"
-  fi
-  if ! echo "REC $i" | dd of=/dev/vda bs=4096 seek=$i count=1 conv=sync oflag=direct 2>/tmp/err; then
-    echo "COLO-A: IOERR $i $(cat /tmp/err)"
-  fi
-  echo "COLO-A: wrote $i"
-  i=$((i + 1))
-  if [ $((i % 5)) = 0 ]; then
-    r=$(dd if=/dev/vda bs=4096 count=$i iflag=direct 2>/dev/null | tr -d '\000' | awk -v n=$i '
-      $0 != "REC " (NR - 1) { bad++; if (first == "") first = (NR - 1) ": " $0 }
-      END { if (NR != n || bad) printf "FAIL %d records read for %d, %d bad, first bad [%s]", NR, n, bad, first; else printf "ok" }')
-    echo "COLO-A: verified $i $r"
-  fi
-done
-echo "COLO-A: done"
-"#;
-
-/// The `verified N ok` count of a console line.
-fn verified(line: &str) -> Option<u64> {
-    let rest = line.split("COLO-A: verified ").nth(1)?;
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-/// Host side: the image holds records 0..n exactly and zeros after; returns n.
-fn records_in(image: &Path) -> u64 {
-    let data = std::fs::read(image).expect("read image");
-    let mut n = 0u64;
-    loop {
-        let blk = &data[n as usize * 4096..(n as usize + 1) * 4096];
-        if blk.iter().all(|&b| b == 0) {
-            break;
-        }
-        let want = format!("REC {n}\n");
-        assert!(
-            blk.starts_with(want.as_bytes()) && blk[want.len()..].iter().all(|&b| b == 0),
-            "{}: block {n} is not record {n}: {:?}",
-            image.display(),
-            String::from_utf8_lossy(&blk[..32])
-        );
-        n += 1;
-    }
-    if let Some(pos) = data[n as usize * 4096..].iter().position(|&b| b != 0) {
-        panic!(
-            "{}: data after the last record {n} at byte {}",
-            image.display(),
-            n as usize * 4096 + pos
-        );
-    }
-    n
+/// The records writer of tests a, c, e and f ([`writer`]).
+fn records_writer() -> String {
+    writer(6000)
 }
 
 /// After a failover: the same guest process goes on on the SVM; waits until it verified
@@ -567,7 +413,7 @@ fn svm_continues(pair: &mut Pair, beyond: u64, t_out: f64) -> (u64, f64) {
 
 /// (a) RAM agrees with disk after failover. For three kill points (after 2 and 5 verified
 /// lines of the PVM, i.e. at an arbitrary moment of an epoch, and right at a checkpoint's STOP
-/// event, i.e. during QEMU's checkpoint), a fresh pair runs [`WRITER`]; the PVM's QEMU and the
+/// event, i.e. during QEMU's checkpoint), a fresh pair runs [`records_writer`]; the PVM's QEMU and the
 /// primary backend are SIGKILLed, `x-colo-lost-heartbeat` goes to the SVM's QEMU, the
 /// secondary backend fails over by itself, and the same guest shell goes on on the SVM: it
 /// must find no record missing and none from the lost epoch, and write 10 more than the PVM
@@ -587,7 +433,7 @@ fn ram_agrees_with_disk_after_failover() {
             format!("{lines} verified lines after checkpoint {ckpts}")
         };
         eprintln!("=== kill point: {kill_at}");
-        let mut pair = Pair::new(WRITER, |_| {});
+        let mut pair = Pair::new(&records_writer(), |_| {});
         pair.start("COLO-A: start");
         let ev = Events::connect(&pair.p("pvm-ev.qmp"));
         let backend_ev =
@@ -722,7 +568,7 @@ done
     pair.assert_no_failures();
 }
 
-/// (c) Secondary lost, then re-protected. A pair runs [`WRITER`]; the SVM's QEMU and the
+/// (c) Secondary lost, then re-protected. A pair runs [`records_writer`]; the SVM's QEMU and the
 /// secondary backend are SIGKILLed; `x-colo-lost-heartbeat` on the PVM's QEMU; the PVM keeps
 /// writing without an I/O error. A new secondary backend on a fresh image, a full resync
 /// (`replication-start {"full": true}` on the primary), a new SVM QEMU with -incoming and
@@ -734,7 +580,7 @@ fn secondary_lost_then_reprotected() {
         return;
     }
     let _one = serial();
-    let mut pair = Pair::new(WRITER, |_| {});
+    let mut pair = Pair::new(&records_writer(), |_| {});
     pair.start("COLO-A: start");
     pair.pvm()
         .wait_line("verified", TIMEOUT, |l| l.contains("COLO-A: verified"));
@@ -878,7 +724,7 @@ fn event_time(e: &Value) -> f64 {
 }
 
 /// (e) A user `stop` of the PVM held across a COLO checkpoint (issue 19, point 3). A pair runs
-/// [`WRITER`] with a 2 s checkpoint delay; right after a checkpoint (the PVM wrote one more
+/// [`records_writer`] with a 2 s checkpoint delay; right after a checkpoint (the PVM wrote one more
 /// record since) the PVM's QEMU gets `stop` and no `cont`. The SVM runs on by itself, writing
 /// records its next checkpoint discards; QEMU checkpoints with the PVM stopped, the SVM loads
 /// the PVM's state of the stop. The secondary backend must make the stop's marker the
@@ -892,7 +738,7 @@ fn user_stop_held_across_a_checkpoint() {
         return;
     }
     let _one = serial();
-    let mut pair = Pair::new(WRITER, |_| {});
+    let mut pair = Pair::new(&records_writer(), |_| {});
     pair.delay_ms = 2000;
     pair.start("COLO-A: start");
     let backend = Events::connect(&pair.p("svm-backend.qmp"));
@@ -967,7 +813,7 @@ fn user_stop_held_across_a_checkpoint() {
     );
 }
 
-/// (f) Upgrading colo-blk in place under x-colo (issue 21): with a pair running [`WRITER`] and
+/// (f) Upgrading colo-blk in place under x-colo (issue 21): with a pair running [`records_writer`] and
 /// QEMU checkpointing every [`DELAY_MS`], one backend (`primary`: the PVM's, else the
 /// secondary serving the SVM) is restarted three times: SIGTERM and the same command line
 /// again (what `systemctl restart colo-blk@DISK` does), twice, then SIGKILL and the same.
@@ -982,7 +828,7 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
     }
     let _one = serial();
     let who = if primary { "primary" } else { "secondary" };
-    let mut pair = Pair::new(WRITER, |_| {});
+    let mut pair = Pair::new(&records_writer(), |_| {});
     pair.start("COLO-A: start");
     let pvm_ev = Events::connect(&pair.p("pvm-ev.qmp"));
     let sec_qmp = pair.p(&format!("{}-backend.qmp", pair.svm_name()));

@@ -8,6 +8,8 @@
 //!   (state and events only: a test never waits on a log line), disk comparison.
 //! - [`qemu`]: child processes whose output lines the tests wait on ([`qemu::Proc`]: QEMU
 //!   guests, colo-ctl), booting the test guest, the guest's record writer.
+//! - [`xcolo`]: what the x-colo tests share: the COLO QEMU, the migration into COLO, their
+//!   guest's record writer.
 //!
 //! Every tests/*.rs file is a crate of its own that uses some of this: what one does not use
 //! is allowed to be dead code.
@@ -17,6 +19,7 @@ pub mod needs;
 pub mod pair;
 pub mod poll;
 pub mod qemu;
+pub mod xcolo;
 
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;

@@ -3,12 +3,13 @@
 //! sync decision), seeded write batches, disk comparison and signals to a backend.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use colo_blk::replication::metadata::Generations;
 use colo_blk::replication::protocol::{Frame, Hello, VERSION};
 use serde_json::{json, Value};
 
-use super::{pattern, xorshift, Backend, Client, Qmp};
+use super::{pattern, poll, xorshift, Backend, Client, Qmp};
 
 /// A path as a command-line argument.
 pub fn s(p: &Path) -> String {
@@ -281,6 +282,17 @@ pub fn wait_state(q: &mut Qmp, done: impl Fn(&Value) -> bool) -> Value {
             q.receive_event();
         }
     }
+}
+
+/// Polls `query-replication` until `done` holds, for fields that change without an event;
+/// returns it. Fails naming `what` when `limit` passes first (a hang guard).
+pub fn poll_state(
+    q: &mut Qmp,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    poll::value(what, limit, || Some(query(q)).filter(|st| done(st)))
 }
 
 /// Waits until the primary is connected and resynced (checkpoints possible), and returns its

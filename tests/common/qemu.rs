@@ -21,12 +21,6 @@ pub fn prerequisites(test: &str, qemu: bool) -> bool {
     Needs::of(test).tools(qemu).python("qemu.qmp").met()
 }
 
-/// The COLO-capable QEMU 11: `COLO_QEMU`, by default where
-/// qemu-scripts/install-colo-qemu.sh installs it.
-pub fn colo_qemu() -> String {
-    std::env::var("COLO_QEMU").unwrap_or_else(|_| "/opt/colo-qemu/bin/qemu-system-x86_64".into())
-}
-
 /// True when every e2fsprogs tool in `tools` is installed; otherwise SKIPPED (a failure in CI).
 pub fn e2fsprogs(test: &str, tools: &[&str]) -> bool {
     Needs::of(test).tools(tools).met()
