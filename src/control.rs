@@ -61,6 +61,15 @@ struct Stats {
     /// Why the latest front-end cannot be served (its guest RAM is not shared with us).
     #[serde(rename = "front-end-error", skip_serializing_if = "Option::is_none")]
     front_end_error: Option<String>,
+    /// Front-end connections that ended and were finished with (the server waits for the next).
+    #[serde(
+        rename = "front-end-disconnects",
+        skip_serializing_if = "Option::is_none"
+    )]
+    front_end_disconnects: Option<u64>,
+    /// `io_uring` or `threads`: the I/O engine serving the queues.
+    #[serde(rename = "io-engine", skip_serializing_if = "Option::is_none")]
+    io_engine: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     replication: Option<Value>,
 }
@@ -115,6 +124,8 @@ impl Controller {
         Stats {
             queues,
             front_end_error: self.stats.as_ref().and_then(|s| s.front_end_error()),
+            front_end_disconnects: self.stats.as_ref().map(|s| s.front_end_disconnects()),
+            io_engine: self.stats.as_ref().and_then(|s| s.io_engine()),
             replication,
         }
     }
@@ -272,5 +283,28 @@ impl CommandHandler for Controller {
             )),
             (n, _) => Err(QmpError::CommandNotFound(n.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::uring::IoEngine;
+
+    /// A served device's `query-stats` carries the engine and the finished front-end
+    /// connections next to its queues; without a device neither is there.
+    #[test]
+    fn query_stats_names_the_io_engine_and_the_front_end_disconnects() {
+        let stats = StatsHandle::new(1);
+        stats.set_io_engine(IoEngine::Uring);
+        stats.count_front_end_disconnect();
+        let c = Controller::new(Role::Standalone, Some(stats));
+        let v = c.execute("query-stats", &Map::new()).unwrap();
+        assert_eq!(v["io-engine"], "io_uring", "{v}");
+        assert_eq!(v["front-end-disconnects"], 1, "{v}");
+        assert_eq!(v["queues"].as_array().map(Vec::len), Some(1), "{v}");
+        let none = Controller::new(Role::Standalone, None);
+        let v = none.execute("query-stats", &Map::new()).unwrap();
+        assert_eq!(v, json!({"queues": []}));
     }
 }

@@ -20,6 +20,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::needs::Needs;
 use common::pair::{
     assert_same_files, checkpoint, kill9, qmp as qmp_at, query, wait_in_sync, Node,
 };
@@ -188,25 +189,13 @@ fn restarts_under_a_live_guest(engine: &str, qemu: Option<&str>, signal: i32) {
     let socket = dir.path().join("vhost.sock");
     let qmp = dir.path().join("colo-blk.qmp");
     let image = dir.path().join("disk.img");
-    let args: Vec<String> = [
-        "--socket",
-        socket.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--size",
-        "128M",
-        "--io-engine",
-        engine,
-        "--io-threads",
-        "16",
-        "--qmp",
-        qmp.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
     let start = || {
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Backend::start_with_env(&refs, &socket, &SLOW)
+        Node::standalone(dir.path(), "disk.img", SIZE)
+            .socket("vhost.sock")
+            .qmp("colo-blk.qmp")
+            .args(&["--io-engine", engine, "--io-threads", "16"])
+            .env(&SLOW)
+            .start()
     };
     let (backend, _) = guest_under_restarts(signal, qemu, dir.path(), &socket, &qmp, engine, start);
     assert!(backend.terminate().success());
@@ -231,16 +220,12 @@ fn ten_backend_restarts_under_a_live_guest_with_io_uring() {
 /// vhost-user front-end differ from 7.2's.
 #[test]
 fn ten_backend_restarts_under_a_live_guest_on_qemu_11() {
-    let qemu = std::env::var("COLO_QEMU")
-        .unwrap_or_else(|_| "/opt/colo-qemu/bin/qemu-system-x86_64".into());
-    if !std::path::Path::new(&qemu).exists() {
-        common::qemu::skip(
-            &format!("backend_restart: no QEMU 11 at {qemu} (COLO_QEMU), but CI must run it"),
-            &format!("\n*** backend_restart on QEMU 11: SKIPPED: no {qemu} (set COLO_QEMU)"),
-        );
-        return;
-    }
-    if common::qemu::prerequisites("backend_restart", false) {
+    let qemu = common::xcolo::colo_qemu();
+    if Needs::of("backend_restart on QEMU 11")
+        .tools(&[&qemu])
+        .python("qemu.qmp")
+        .met()
+    {
         restarts_under_a_live_guest("threads", Some(&qemu), libc::SIGKILL);
     }
 }

@@ -15,7 +15,7 @@
 //!  fails (B waits, asserted), then succeeds: takeover
 //! ```
 //!
-//! The guest program ([`WRITER`]) keeps its record count in its shell's memory and checks the
+//! The guest program ([`records_writer`]) keeps its record count in its shell's memory and checks the
 //! disk against it (no record missing, none from a lost epoch); any FAIL or IOERR on any
 //! console fails the test. Each re-protect's resync must resend much less than the disk
 //! (asserted below the sum of both dirty records plus a margin). Printed, not asserted: the time
@@ -31,9 +31,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pair::Node;
-use common::qemu::{skip, Proc};
-use common::{tempdir, Backend, Qmp};
+use common::pair::{poll_state, Node};
+use common::qemu::{initrd_with_script, Proc};
+use common::xcolo::{
+    self, incoming, migrate_into_colo, prerequisites, qemu_command, records_in, verified, writer,
+};
+use common::{poll, tempdir, Backend, Qmp};
 use serde_json::{json, Value};
 
 const DISK: u64 = 64 << 20;
@@ -45,133 +48,13 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 /// the old primary's own): what the guest wrote between the promotion and the handshake.
 const MARGIN: u64 = 1 << 20;
 
-fn colo_qemu() -> String {
-    std::env::var("COLO_QEMU").unwrap_or_else(|_| "/opt/colo-qemu/bin/qemu-system-x86_64".into())
-}
-
-/// True when a COLO-capable QEMU (>= 9) runs; otherwise SKIPPED (or a panic in CI).
-fn prerequisites(test: &str) -> bool {
-    let qemu = colo_qemu();
-    let major = Command::new(&qemu)
-        .arg("--version")
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| {
-            let out = String::from_utf8_lossy(&o.stdout).to_string();
-            out.split("version ")
-                .nth(1)
-                .and_then(|v| v.split('.').next())
-                .and_then(|m| m.parse::<u32>().ok())
-        });
-    major.is_some_and(|m| m >= 9)
-        || skip(
-            &format!("{test}: no COLO-capable QEMU at {qemu} (COLO_QEMU), but CI must run it"),
-            &format!(
-                "\n*** {test}: SKIPPED: no COLO-capable QEMU at {qemu}\n*** run `sudo bash \
-                 qemu-scripts/install-colo-qemu.sh` or set COLO_QEMU"
-            ),
-        )
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-fn wait_path(path: &Path) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        // A polling interval, not synchronisation.
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The guest program: [`writer`] up to 15000 records.
+fn records_writer() -> String {
+    writer(15000)
 }
 
 fn qmp(path: &Path) -> Qmp {
-    wait_path(path);
-    Qmp::connect(path)
-}
-
-/// Polls `q`'s `query-replication` until `done` holds (a hang guard, not a timing).
-fn wait_replication(q: &mut Qmp, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let r = q.execute("query-replication", json!({})).unwrap();
-        if done(&r) {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "{what}: {r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The records writer (as in tests/colo_qemu.rs). Record `i` is the 4 KiB block `i`: "REC
-/// i\n" and zeros. Before writing block i it checks that the block is still empty (a record of
-/// a lost epoch would be there otherwise); after every 5th write it re-reads blocks 0..i and
-/// checks each holds exactly its record. `i` lives in the shell's memory: after a failover it
-/// is the survivor's, and the disk must agree with it.
-const WRITER: &str = r#"i=0
-echo "COLO-A: start"
-while [ $i -lt 15000 ]; do
-  n=$(dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | tr -d '\000' | wc -c)
-  if [ "$n" -ne 0 ]; then
-    echo "COLO-A: FAIL block $i not empty before its write: $(dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -c 40)"
-  fi
-  if ! echo "REC $i" | dd of=/dev/vda bs=4096 seek=$i count=1 conv=sync oflag=direct 2>/tmp/err; then
-    echo "COLO-A: IOERR $i $(cat /tmp/err)"
-  fi
-  echo "COLO-A: wrote $i"
-  i=$((i + 1))
-  if [ $((i % 5)) = 0 ]; then
-    r=$(dd if=/dev/vda bs=4096 count=$i iflag=direct 2>/dev/null | tr -d '\000' | awk -v n=$i '
-      $0 != "REC " (NR - 1) { bad++; if (first == "") first = (NR - 1) ": " $0 }
-      END { if (NR != n || bad) printf "FAIL %d records read for %d, %d bad, first bad [%s]", NR, n, bad, first; else printf "ok" }')
-    echo "COLO-A: verified $i $r"
-  fi
-done
-echo "COLO-A: done"
-"#;
-
-/// The `verified N ok` count of a console line.
-fn verified(line: &str) -> Option<u64> {
-    let rest = line.split("COLO-A: verified ").nth(1)?;
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-/// Host side: the image holds records 0..n exactly and zeros after; returns n.
-fn records_in(image: &Path) -> u64 {
-    let data = std::fs::read(image).expect("read image");
-    let mut n = 0usize;
-    while (n + 1) * 4096 <= data.len() {
-        let blk = &data[n * 4096..(n + 1) * 4096];
-        if blk.iter().all(|&b| b == 0) {
-            break;
-        }
-        let want = format!("REC {n}\n");
-        assert!(
-            blk.starts_with(want.as_bytes()) && blk[want.len()..].iter().all(|&b| b == 0),
-            "{}: block {n} is not record {n}: {:?}",
-            image.display(),
-            String::from_utf8_lossy(&blk[..32])
-        );
-        n += 1;
-    }
-    if let Some(pos) = data[n * 4096..].iter().position(|&b| b != 0) {
-        panic!(
-            "{}: data after record {n} at byte {}",
-            image.display(),
-            n * 4096 + pos
-        );
-    }
-    n as u64
+    xcolo::qmp(path, TIMEOUT)
 }
 
 /// One "host": its directory, its backend and QEMU (one generation of each at a time), and
@@ -236,43 +119,9 @@ impl Host {
 
     /// This host's QEMU of the current generation (`-incoming defer` when `incoming`).
     fn start_qemu(&mut self, guest: &Path, initrd: &Path, incoming: bool) {
-        let accel = std::env::var("COLO_BLK_ACCEL").unwrap_or_else(|_| "tcg".into());
         let sock = self.dir.join(self.f("vm", "sock"));
-        let mut cmd = Command::new(colo_qemu());
-        cmd.args(["-name", self.name, "-machine", "q35", "-accel", &accel])
-            .args(["-smp", "1", "-m", "192M"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=192M,share=on"])
-            .args(["-machine", "memory-backend=mem"])
-            .arg("-kernel")
-            .arg(guest.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(initrd)
-            .args(["-append", "console=ttyS0 panic=-1 loglevel=4 edd=off"])
-            .args([
-                "-nographic",
-                "-no-reboot",
-                "-nodefaults",
-                "-serial",
-                "stdio",
-            ])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=vub,path={},reconnect-ms=1000",
-                sock.display()
-            ))
-            .args([
-                "-device",
-                "vhost-user-blk-pci,chardev=vub,num-queues=1,id=disk0",
-            ]);
-        for q in ["vm", "sup"] {
-            cmd.arg("-qmp").arg(format!(
-                "unix:{},server=on,wait=off",
-                self.dir.join(self.f(q, "qmp")).display()
-            ));
-        }
-        if incoming {
-            cmd.args(["-incoming", "defer"]);
-        }
+        let qmp = ["vm", "sup"].map(|q| self.dir.join(self.f(q, "qmp")));
+        let cmd = qemu_command(self.name, guest, initrd, &sock, &qmp, incoming);
         self.qemu = Some(Proc::spawn(cmd, &format!("{}{}", self.name, self.gen)));
     }
 
@@ -290,18 +139,12 @@ impl Host {
 
     /// Makes this host's new QEMU wait for the x-colo migration on `mport`.
     fn incoming(&self, mport: u16) {
-        let mut q = qmp(&self.vm_qmp());
-        q.execute("migrate-set-capabilities", caps()).expect("caps");
-        q.execute(
-            "migrate-incoming",
-            json!({"uri": format!("tcp:127.0.0.1:{mport}")}),
-        )
-        .expect("migrate-incoming");
+        incoming(&mut qmp(&self.vm_qmp()), mport);
     }
 
     /// The host dies: SIGKILL of its QEMU and its backend.
     fn kill(&mut self) -> f64 {
-        let t = now();
+        let t = common::wall_clock();
         if let Some(q) = self.qemu.as_mut() {
             q.kill();
         }
@@ -315,7 +158,7 @@ impl Host {
     /// The host hangs: SIGSTOP of its QEMU and its backend (their connections stay open and
     /// silent, as with a host that lost power: no reset). Their pids go to `pids` for the fence.
     fn freeze(&mut self, pids: &Path) -> f64 {
-        let t = now();
+        let t = common::wall_clock();
         let q = self.qemu.as_ref().expect("a QEMU").child.id();
         let b = self.backend.as_ref().expect("a backend").child.id();
         for pid in [q, b] {
@@ -328,22 +171,14 @@ impl Host {
 
     /// After a fence that was to kill this frozen host: its processes are gone.
     fn fenced(&mut self) {
-        let deadline = Instant::now() + TIMEOUT;
         let q = self.qemu.as_mut().unwrap();
         let mut b = self.backend.take().unwrap();
         for child in [&mut q.child, &mut b.child] {
-            loop {
-                match child.try_wait().unwrap() {
-                    Some(st) => {
-                        use std::os::unix::process::ExitStatusExt;
-                        assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}");
-                        break;
-                    }
-                    None => assert!(Instant::now() < deadline, "the fence did not kill it"),
-                }
-                // A polling interval, not synchronisation.
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let st = poll::value("the fence to kill the frozen host", TIMEOUT, || {
+                child.try_wait().unwrap()
+            });
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}");
         }
         q.exited = q.child.try_wait().ok().flatten();
     }
@@ -370,12 +205,6 @@ impl Host {
     fn supervisor(&mut self) -> &mut Proc {
         self.supervisor.as_mut().expect("a supervisor on this host")
     }
-}
-
-fn caps() -> Value {
-    json!({"capabilities": [
-        {"capability": "return-path", "state": true},
-        {"capability": "x-colo", "state": true}]})
 }
 
 /// The supervisor's JSON line of `event`.
@@ -407,21 +236,7 @@ impl Run {
     fn new() -> (Run, Host, Host) {
         let root = tempdir();
         let guest = common::guest_dir();
-        let initrd = root.path().join("initrd");
-        let rootfs = root.path().join("rootfs");
-        std::fs::create_dir_all(rootfs.join("colo")).unwrap();
-        std::fs::write(rootfs.join("colo/test.sh"), WRITER).unwrap();
-        let mut data = std::fs::read(guest.join("initramfs.cpio.gz")).unwrap();
-        data.resize(data.len().div_ceil(512) * 512, 0);
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg("find colo | cpio --quiet -o -H newc -R 0:0")
-            .current_dir(&rootfs)
-            .output()
-            .expect("cpio");
-        assert!(out.status.success(), "cpio failed");
-        data.extend_from_slice(&out.stdout);
-        std::fs::write(&initrd, data).unwrap();
+        let initrd = initrd_with_script(&guest, root.path(), &records_writer());
         // The fence: records every call; fails while `fence-fails` exists.
         let fence = root.path().join("fence.sh");
         let fence_log = root.path().join("fence.log");
@@ -490,36 +305,18 @@ fn assert_no_failures(hosts: &mut [&mut Host]) {
 fn start_pair(run: &Run, p: &mut Host, s: &mut Host) {
     s.start_secondary(false);
     p.start_primary(s.port);
-    wait_replication(&mut qmp(&s.backend_qmp()), "the first session", |r| {
-        r["state"] == "connected"
-    });
+    poll_state(
+        &mut qmp(&s.backend_qmp()),
+        "the first session",
+        TIMEOUT,
+        |r| r["state"] == "connected",
+    );
     p.start_qemu(&run.guest, &run.initrd, false);
     p.qemu().wait_marker("COLO-A: start", TIMEOUT);
     s.start_qemu(&run.guest, &run.initrd, true);
     let mport = common::free_port();
     s.incoming(mport);
-    let mut q = qmp(&p.vm_qmp());
-    q.execute("migrate-set-capabilities", caps()).expect("caps");
-    q.execute(
-        "migrate-set-parameters",
-        json!({"x-checkpoint-delay": DELAY_MS}),
-    )
-    .expect("delay");
-    q.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{mport}")}))
-        .expect("migrate");
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let m = q.execute("query-migrate", json!({})).unwrap();
-        if m["status"] == "colo" {
-            break;
-        }
-        assert!(
-            m["status"] != "failed" && Instant::now() < deadline,
-            "into COLO: {m}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    drop(q);
+    migrate_into_colo(&mut qmp(&p.vm_qmp()), mport, DELAY_MS, TIMEOUT);
     s.supervise(&run.fence);
 }
 
@@ -529,7 +326,9 @@ fn run_protected(run: &mut Run, p: &mut Host, s: &mut Host) {
     let mut q = qmp(&s.backend_qmp());
     let n = |r: &Value| r["checkpoints"].as_u64().unwrap_or(0);
     let start = n(&q.execute("query-replication", json!({})).unwrap());
-    wait_replication(&mut q, "three COLO checkpoints", |r| n(r) >= start + 3);
+    poll_state(&mut q, "three COLO checkpoints", TIMEOUT, |r| {
+        n(r) >= start + 3
+    });
     p.qemu().drain();
     run.verified_on(p, 2);
 }
@@ -693,7 +492,7 @@ fn reprotect(run: &Run, surv: &mut Host, dead: &mut Host) -> (Value, f64) {
     );
     // The new secondary is consistent (checked by reprotect) and took the checkpoint.
     let mut d = qmp(&dead.backend_qmp());
-    wait_replication(&mut d, "the new secondary's checkpoints", |r| {
+    poll_state(&mut d, "the new secondary's checkpoints", TIMEOUT, |r| {
         r["checkpoints"].as_u64().unwrap_or(0) >= 1 && r["consistency"] == "consistent"
     });
     (report, secs)

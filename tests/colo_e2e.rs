@@ -7,8 +7,8 @@
 //! writes records 0, 1, 2, … in order with `dd oflag=direct`, so at any instant the disk holds
 //! records `0..n` (the last maybe torn) and zeros after them.
 //!
-//! Synchronisation is by output lines only (guest serial markers, colo-ctl JSON lines, backend
-//! log lines) and process exits; timeouts are failure guards.
+//! Synchronisation is by guest serial markers, colo-ctl JSON lines, the backends' QMP state
+//! and events, and process exits (never a backend's log line); timeouts are failure guards.
 //!
 //! Skipped loudly without `qemu-system-x86_64` or python `qemu.qmp`, unless `CI` is set (then the
 //! test fails). Environment as in tests/qemu_boot.rs: `COLO_GUEST_DIR`, `COLO_BLK_ACCEL`.
@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pair::Node;
+use common::pair::{wait_connected, Node};
 use common::qemu::{
     ctl_event, e2fsprogs, prerequisites, record, records_in, wait_ctl, wait_mid_epoch, Proc, RECORD,
 };
@@ -71,6 +71,14 @@ impl Setup {
         (b, port)
     }
 
+    /// The secondary (with `extra`) and the primary, connected; and the replication port.
+    fn pair(&self, extra: &[&str]) -> (Backend, Backend, u16) {
+        let (secondary, port) = self.secondary_with(0, extra);
+        let primary = self.primary(port);
+        wait_connected(&mut secondary.qmp());
+        (secondary, primary, port)
+    }
+
     fn primary(&self, port: u16) -> Backend {
         Node::primary(self.dir.path(), "primary.img", DISK, port)
             .socket("pvm.sock")
@@ -81,7 +89,8 @@ impl Setup {
     /// Boots the test guest on `socket` running `script`; `qmp` opens QEMU's QMP socket.
     fn vm(&self, name: &str, socket: &str, script: &str, qmp: Option<&str>) -> Proc {
         let qmp = qmp.map(|q| self.p(q));
-        common::qemu::run_vm(
+        common::qemu::run_vm_on(
+            None,
             self.dir.path(),
             name,
             &self.guest,
@@ -167,9 +176,7 @@ fn failover_keeps_the_last_checkpoint() {
         return;
     }
     let t = Setup::new();
-    let (mut secondary, port) = t.secondary(0);
-    let primary = t.primary(port);
-    secondary.wait_for_log("connected (epoch");
+    let (_secondary, primary, _) = t.pair(&[]);
     let mut pvm = t.vm("pvm", "pvm.sock", &writer_script(), Some("pvm.qmp"));
     // A copy of the primary disk at each checkpoint, taken while the PVM is paused.
     let (mut ctl, snap) = t.failover_ctl();
@@ -254,9 +261,7 @@ fn secondary_lost_pvm_keeps_running() {
         return;
     }
     let t = Setup::new();
-    let (mut secondary, port) = t.secondary(0);
-    let _primary = t.primary(port);
-    secondary.wait_for_log("connected (epoch");
+    let (secondary, _primary, port) = t.pair(&[]);
     let mut pvm = t.vm("pvm", "pvm.sock", &writer_script(), Some("pvm.qmp"));
     let mut ctl = t.colo_ctl(&["--interval-ms", "300"]);
     pvm.wait_marker("COLO-WRITER: progress", GUEST_TIMEOUT);
@@ -275,8 +280,8 @@ fn secondary_lost_pvm_keeps_running() {
     assert!(ctl.child.try_wait().unwrap().is_none(), "colo-ctl exited");
 
     // A new secondary on the same port and image: resync, then checkpoints resume.
-    let (mut secondary2, _) = t.secondary(port);
-    secondary2.wait_for_log("connected (epoch");
+    let (secondary2, _) = t.secondary(port);
+    wait_connected(&mut secondary2.qmp());
     wait_ctl(&mut ctl, "protected", Duration::from_secs(30));
     let c = wait_ctl(&mut ctl, "checkpoint", Duration::from_secs(30));
     eprintln!("checkpoint after reconnect: {c}");
@@ -297,9 +302,7 @@ fn secondary_vm_writes_dropped_at_checkpoint_kept_at_failover() {
         return;
     }
     let t = Setup::new();
-    let (mut secondary, port) = t.secondary(0);
-    let primary = t.primary(port);
-    secondary.wait_for_log("connected (epoch");
+    let (_secondary, primary, _) = t.pair(&[]);
     let mut pq = Qmp::connect(&t.p("primary.qmp"));
     let mut sq = Qmp::connect(&t.p("secondary.qmp"));
 
@@ -432,9 +435,7 @@ fn ext4_survives_failover() {
 
     // Images colo-blk did not create carry no replication history: the copy is not known to
     // be equal, so the secondary is allowed a full sync (it copies the same bytes again).
-    let (mut secondary, port) = t.secondary_with(0, &["--allow-full-sync"]);
-    let primary = t.primary(port);
-    secondary.wait_for_log("connected (epoch");
+    let (_secondary, primary, _) = t.pair(&["--allow-full-sync"]);
     let writer = r#"mkdir -p /mnt; mount -t ext4 /dev/vda /mnt || { echo "COLO-FS: mount failed"; exit 1; }
 : >/tmp/tpl
 for k in $(seq -w 0 63); do echo "R@@@@@@@@-$k-PPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPP" >>/tmp/tpl; done

@@ -22,13 +22,17 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::pair::Node;
-use common::qemu::{e2fsprogs, skip, Proc};
-use common::{tempdir, Backend, Qmp};
+use common::pair::{strs, wait_connected, wait_state, Node};
+use common::qemu::{e2fsprogs, initrd_with_script, wait_mid_epoch, Proc};
+use common::xcolo::{
+    self, incoming, migrate_into_colo, prerequisites, qemu_command, records_in, verified,
+    wait_path, writer,
+};
+use common::{poll, tempdir, Backend, Qmp};
 use serde_json::{json, Value};
 
 const DISK: u64 = 32 << 20;
@@ -42,48 +46,6 @@ fn serial() -> MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn colo_qemu() -> String {
-    std::env::var("COLO_QEMU").unwrap_or_else(|_| "/opt/colo-qemu/bin/qemu-system-x86_64".into())
-}
-
-/// True when the COLO QEMU runs; otherwise prints SKIPPED (or panics in CI).
-fn prerequisites(test: &str) -> bool {
-    let qemu = colo_qemu();
-    let ok = Command::new(&qemu)
-        .arg("--version")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| {
-            // "QEMU emulator version 11.1.3 ...": x-colo with vhost-user-blk needs >= 8.1
-            // here (QEMU 7.2 hangs at the first checkpoint: docs/colo-with-qemu.md).
-            let out = String::from_utf8_lossy(&o.stdout).to_string();
-            let major = out
-                .split("version ")
-                .nth(1)
-                .and_then(|v| v.split('.').next())
-                .and_then(|m| m.parse::<u32>().ok());
-            o.status.success() && major.is_some_and(|m| m >= 9)
-        })
-        .unwrap_or(false);
-    ok || skip(
-        &format!(
-            "{test}: no COLO-capable QEMU at {qemu} (COLO_QEMU), but CI must run it (.ci/run)"
-        ),
-        &format!(
-            "\n*** {test}: SKIPPED: no COLO-capable QEMU at {qemu}\n*** run `sudo bash \
-             qemu-scripts/install-colo-qemu.sh` or set COLO_QEMU"
-        ),
-    )
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 // ---- QMP events ------------------------------------------------------------------------------
 
 /// QMP events of one QEMU (a second monitor), read by a thread.
@@ -93,7 +55,7 @@ struct Events {
 
 impl Events {
     fn connect(path: &Path) -> Events {
-        wait_path(path);
+        wait_path(path, TIMEOUT);
         let s = common::connect_unix(path);
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
@@ -141,28 +103,13 @@ impl Events {
     }
 }
 
-fn wait_path(path: &Path) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `x-colo-lost-heartbeat` to the QEMU of `who` (PVM or SVM), then waits until it left COLO.
 fn lost_heartbeat(q: &mut Qmp, who: &str) {
     q.execute("x-colo-lost-heartbeat", json!({}))
         .unwrap_or_else(|e| panic!("x-colo-lost-heartbeat on the {who}: {e}"));
-    let deadline = Instant::now() + TIMEOUT;
-    while q.execute("query-colo-status", json!({})).unwrap()["mode"] != "none" {
-        assert!(Instant::now() < deadline, "the {who} never left COLO");
-        // A polling interval, not synchronisation.
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    poll::until(&format!("the {who} to leave COLO"), TIMEOUT, || {
+        q.execute("query-colo-status", json!({})).unwrap()["mode"] == "none"
+    });
 }
 
 // ---- the pair --------------------------------------------------------------------------------
@@ -192,21 +139,7 @@ impl Pair {
         let guest = common::guest_dir();
         let dir = tempdir();
         prepare(dir.path());
-        let root = dir.path().join("root");
-        std::fs::create_dir_all(root.join("colo")).unwrap();
-        std::fs::write(root.join("colo/test.sh"), script).unwrap();
-        let mut initrd = std::fs::read(guest.join("initramfs.cpio.gz")).unwrap();
-        initrd.resize(initrd.len().div_ceil(512) * 512, 0);
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg("find colo | cpio --quiet -o -H newc -R 0:0")
-            .current_dir(&root)
-            .output()
-            .expect("cpio");
-        assert!(out.status.success(), "cpio failed");
-        initrd.extend_from_slice(&out.stdout);
-        let path = dir.path().join("initrd");
-        std::fs::write(&path, initrd).unwrap();
+        let path = initrd_with_script(&guest, dir.path(), script);
         Pair {
             dir,
             initrd: path,
@@ -225,10 +158,6 @@ impl Pair {
 
     fn p(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
-    }
-
-    fn s(&self, name: &str) -> String {
-        self.p(name).display().to_string()
     }
 
     fn svm_name(&self) -> String {
@@ -270,71 +199,29 @@ impl Pair {
     /// SIGKILL) to the primary (`primary` true) or the secondary, wait for it to exit, then the
     /// same command line again. Returns the old process's exit status.
     fn restart_backend(&mut self, primary: bool, sig: i32) -> std::process::ExitStatus {
+        let svm_socket = format!("{}.sock", self.svm_name());
         let (slot, cmd, socket) = if primary {
             (&mut self.primary, &self.primary_cmd, "pvm.sock".to_string())
         } else {
-            (
-                &mut self.secondary,
-                &self.secondary_cmd,
-                format!(
-                    "{}.sock",
-                    if self.svm_gen <= 1 {
-                        "svm".to_string()
-                    } else {
-                        format!("svm{}", self.svm_gen)
-                    }
-                ),
-            )
+            (&mut self.secondary, &self.secondary_cmd, svm_socket)
         };
         let mut old = slot.take().expect("backend running");
         common::pair::signal(&old, sig);
         let status = old.child.wait().expect("wait");
-        let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        *slot = Some(Backend::start_with(&refs, &self.dir.path().join(socket)));
+        *slot = Some(Backend::start_with(
+            &strs(cmd),
+            &self.dir.path().join(socket),
+        ));
         status
     }
 
     fn qemu(&self, name: &str, incoming: bool) -> Proc {
-        let accel = std::env::var("COLO_BLK_ACCEL").unwrap_or_else(|_| "tcg".into());
-        let mut cmd = Command::new(colo_qemu());
-        cmd.args(["-name", name, "-machine", "q35", "-accel", &accel])
-            .args(["-smp", "1", "-m", "192M"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=192M,share=on"])
-            .args(["-machine", "memory-backend=mem"])
-            .arg("-kernel")
-            .arg(self.guest.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(&self.initrd)
-            .args(["-append", "console=ttyS0 panic=-1 loglevel=4 edd=off"])
-            .args([
-                "-nographic",
-                "-no-reboot",
-                "-nodefaults",
-                "-serial",
-                "stdio",
-            ])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=vub,path={},reconnect-ms=1000",
-                self.s(&format!("{name}.sock"))
-            ))
-            .args([
-                "-device",
-                "vhost-user-blk-pci,chardev=vub,num-queues=1,id=disk0",
-            ])
-            .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                self.s(&format!("{name}.qmp"))
-            ))
-            .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                self.s(&format!("{name}-ev.qmp"))
-            ));
-        if incoming {
-            cmd.args(["-incoming", "defer"]);
-        }
+        let qmp = [
+            self.p(&format!("{name}.qmp")),
+            self.p(&format!("{name}-ev.qmp")),
+        ];
+        let socket = self.p(&format!("{name}.sock"));
+        let cmd = qemu_command(name, &self.guest, &self.initrd, &socket, &qmp, incoming);
         Proc::spawn(cmd, name)
     }
 
@@ -349,10 +236,19 @@ impl Pair {
     fn start_backends(&mut self) {
         self.start_secondary("secondary.img");
         self.start_primary();
-        self.secondary
-            .as_mut()
-            .unwrap()
-            .wait_for_log("connected (epoch");
+        wait_connected(&mut self.secondary().qmp());
+    }
+
+    /// The secondary backend.
+    fn secondary(&self) -> &Backend {
+        self.secondary.as_ref().expect("the secondary backend runs")
+    }
+
+    /// Waits until the secondary backend took `n` checkpoints since it started: under x-colo,
+    /// cuts the Secondary VM resumed from (it runs the primary's state).
+    fn wait_secondary_checkpoints(&self, n: u64) {
+        let mut q = self.secondary().qmp();
+        wait_state(&mut q, |st| st["checkpoints"].as_u64() >= Some(n));
     }
 
     /// Both QEMUs (backends running), and the migration into COLO.
@@ -369,45 +265,12 @@ impl Pair {
         let n = self.svm_name();
         self.svm = Some(self.qemu(&n, true));
         let mport = common::free_port();
-        let caps = json!({"capabilities": [
-            {"capability": "return-path", "state": true},
-            {"capability": "x-colo", "state": true}]});
-        let mut svm = self.qmp(&format!("{n}.qmp"));
-        svm.execute("migrate-set-capabilities", caps.clone())
-            .expect("svm caps");
-        svm.execute(
-            "migrate-incoming",
-            json!({"uri": format!("tcp:127.0.0.1:{mport}")}),
-        )
-        .expect("migrate-incoming");
-        let mut pvm = self.qmp("pvm.qmp");
-        pvm.execute("migrate-set-capabilities", caps)
-            .expect("pvm caps");
-        pvm.execute(
-            "migrate-set-parameters",
-            json!({"x-checkpoint-delay": self.delay_ms}),
-        )
-        .expect("x-checkpoint-delay");
-        pvm.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{mport}")}))
-            .expect("migrate");
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let m = pvm.execute("query-migrate", json!({})).unwrap();
-            if m["status"] == "colo" {
-                break;
-            }
-            assert!(
-                m["status"] != "failed" && Instant::now() < deadline,
-                "migration into COLO: {m}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        incoming(&mut self.qmp(&format!("{n}.qmp")), mport);
+        migrate_into_colo(&mut self.qmp("pvm.qmp"), mport, self.delay_ms, TIMEOUT);
     }
 
     fn qmp(&self, name: &str) -> Qmp {
-        let p = self.p(name);
-        wait_path(&p);
-        Qmp::connect(&p)
+        xcolo::qmp(&self.p(name), TIMEOUT)
     }
 
     fn pvm(&mut self) -> &mut Proc {
@@ -422,7 +285,7 @@ impl Pair {
     /// x-colo-lost-heartbeat on the SVM's QEMU, and the secondary backend must fail over by
     /// itself (its SVM left COLO). Returns (kill time, time QEMU left COLO).
     fn fail_over_to_svm(&mut self) -> (f64, f64) {
-        let t_kill = now();
+        let t_kill = common::wall_clock();
         self.pvm().kill();
         if let Some(mut p) = self.primary.take() {
             let _ = p.child.kill();
@@ -431,23 +294,16 @@ impl Pair {
         let n = self.svm_name();
         let mut svm = self.qmp(&format!("{n}.qmp"));
         lost_heartbeat(&mut svm, "SVM");
-        let t_out = now();
+        let t_out = common::wall_clock();
         let st = svm.execute("query-status", json!({})).unwrap();
         assert_eq!(st["status"], "running", "SVM after failover: {st}");
         // The rule under test: no replication-failover by hand.
         let mut b = self.qmp(&format!("{n}-backend.qmp"));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        let what = "the secondary backend to fail over by itself";
+        poll::until(what, TIMEOUT, || {
             let r = b.execute("query-replication", json!({})).unwrap();
-            if r["state"] == "failed-over" && r["hidden-bytes"] == 0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the secondary backend did not fail over by itself: {r}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            r["state"] == "failed-over" && r["hidden-bytes"] == 0
+        });
         (t_kill, t_out)
     }
 
@@ -464,7 +320,7 @@ impl Pair {
         let n = self.svm_name();
         let mut svm = self.qmp(&format!("{n}.qmp"));
         lost_heartbeat(&mut svm, "SVM");
-        let t_out = now();
+        let t_out = common::wall_clock();
         let deadline = Instant::now() + TIMEOUT;
         loop {
             let e = backend
@@ -477,6 +333,30 @@ impl Pair {
                 _ => {}
             }
         }
+    }
+
+    /// After the SVM verified `last` records: the SVM and the secondary backend stop, and the
+    /// secondary's `image` holds at least those records (exactly records 0..n); returns n.
+    fn assert_secondary_holds(&mut self, image: &str, last: u64) -> u64 {
+        self.svm().kill();
+        self.secondary.take().unwrap().terminate();
+        let n = records_in(&self.p(image));
+        assert!(
+            n >= last,
+            "{image} has {n} records, the SVM verified {last}"
+        );
+        n
+    }
+
+    /// The highest record count the PVM's console reported verified so far.
+    fn pvm_max_verified(&mut self) -> u64 {
+        let pvm = self.pvm();
+        pvm.drain();
+        pvm.lines
+            .iter()
+            .filter_map(|l| verified(&l.1))
+            .max()
+            .unwrap_or(0)
     }
 
     fn assert_no_failures(&mut self) {
@@ -494,66 +374,9 @@ impl Pair {
 
 // ---- guest scripts ---------------------------------------------------------------------------
 
-/// The records writer (tests a, c). Record `i` is the 4 KiB block `i`: "REC i\n" and zeros.
-/// Before writing block i it checks the block is still all zeros (a record from an epoch the
-/// guest's memory does not know about would be there otherwise); after every 5th write it
-/// re-reads blocks 0..i and checks each holds exactly its record (none missing, none torn).
-/// `i` lives in the shell's memory, so after a failover it is the SVM's, i.e. the last
-/// checkpoint's plus what the SVM ran since: the disk must agree with it.
-const WRITER: &str = r#"i=0
-echo "COLO-A: start"
-while [ $i -lt 6000 ]; do
-  n=$(dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | tr -d '\000' | wc -c)
-  if [ "$n" -ne 0 ]; then
-    echo "COLO-A: FAIL block $i not empty before its write: $(dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -c 40)"
-  fi
-  if ! echo "REC $i" | dd of=/dev/vda bs=4096 seek=$i count=1 conv=sync oflag=direct 2>/tmp/err; then
-    echo "COLO-A: IOERR $i $(cat /tmp/err)"
-  fi
-  echo "COLO-A: wrote $i"
-  i=$((i + 1))
-  if [ $((i % 5)) = 0 ]; then
-    r=$(dd if=/dev/vda bs=4096 count=$i iflag=direct 2>/dev/null | tr -d '\000' | awk -v n=$i '
-      $0 != "REC " (NR - 1) { bad++; if (first == "") first = (NR - 1) ": " $0 }
-      END { if (NR != n || bad) printf "FAIL %d records read for %d, %d bad, first bad [%s]", NR, n, bad, first; else printf "ok" }')
-    echo "COLO-A: verified $i $r"
-  fi
-done
-echo "COLO-A: done"
-"#;
-
-/// The `verified N ok` count of a console line.
-fn verified(line: &str) -> Option<u64> {
-    let rest = line.split("COLO-A: verified ").nth(1)?;
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-/// Host side: the image holds records 0..n exactly and zeros after; returns n.
-fn records_in(image: &Path) -> u64 {
-    let data = std::fs::read(image).expect("read image");
-    let mut n = 0u64;
-    loop {
-        let blk = &data[n as usize * 4096..(n as usize + 1) * 4096];
-        if blk.iter().all(|&b| b == 0) {
-            break;
-        }
-        let want = format!("REC {n}\n");
-        assert!(
-            blk.starts_with(want.as_bytes()) && blk[want.len()..].iter().all(|&b| b == 0),
-            "{}: block {n} is not record {n}: {:?}",
-            image.display(),
-            String::from_utf8_lossy(&blk[..32])
-        );
-        n += 1;
-    }
-    if let Some(pos) = data[n as usize * 4096..].iter().position(|&b| b != 0) {
-        panic!(
-            "{}: data after the last record {n} at byte {}",
-            image.display(),
-            n as usize * 4096 + pos
-        );
-    }
-    n
+/// The records writer of tests a, c, e and f ([`writer`]).
+fn records_writer() -> String {
+    writer(6000)
 }
 
 /// After a failover: the same guest process goes on on the SVM; waits until it verified
@@ -590,7 +413,7 @@ fn svm_continues(pair: &mut Pair, beyond: u64, t_out: f64) -> (u64, f64) {
 
 /// (a) RAM agrees with disk after failover. For three kill points (after 2 and 5 verified
 /// lines of the PVM, i.e. at an arbitrary moment of an epoch, and right at a checkpoint's STOP
-/// event, i.e. during QEMU's checkpoint), a fresh pair runs [`WRITER`]; the PVM's QEMU and the
+/// event, i.e. during QEMU's checkpoint), a fresh pair runs [`records_writer`]; the PVM's QEMU and the
 /// primary backend are SIGKILLed, `x-colo-lost-heartbeat` goes to the SVM's QEMU, the
 /// secondary backend fails over by itself, and the same guest shell goes on on the SVM: it
 /// must find no record missing and none from the lost epoch, and write 10 more than the PVM
@@ -610,15 +433,12 @@ fn ram_agrees_with_disk_after_failover() {
             format!("{lines} verified lines after checkpoint {ckpts}")
         };
         eprintln!("=== kill point: {kill_at}");
-        let mut pair = Pair::new(WRITER, |_| {});
+        let mut pair = Pair::new(&records_writer(), |_| {});
         pair.start("COLO-A: start");
         let ev = Events::connect(&pair.p("pvm-ev.qmp"));
-        for _ in 0..ckpts {
-            pair.secondary
-                .as_mut()
-                .unwrap()
-                .wait_for_log("the Secondary VM runs the primary's state");
-        }
+        let backend_ev =
+            Events::connect(Path::new(pair.secondary().ready["qmp"].as_str().unwrap()));
+        pair.wait_secondary_checkpoints(ckpts);
         pair.pvm().drain();
         pair.pvm().lines.clear();
         let mut pvm_max = 0;
@@ -650,17 +470,9 @@ fn ram_agrees_with_disk_after_failover() {
                 pvm_max = pvm_max.max(v);
             }
         }
-        let done = pair
-            .secondary
-            .as_mut()
-            .unwrap()
-            .wait_for_log("failover done");
+        let done = backend_ev.wait("REPLICATION_FAILOVER_DONE", TIMEOUT);
         eprintln!("secondary: {done}");
-        let epoch: u64 = done
-            .rsplit("(epoch ")
-            .next()
-            .and_then(|e| e.trim_end_matches(')').parse().ok())
-            .expect("failover epoch");
+        let epoch = done["data"]["epoch"].as_u64().expect("failover epoch");
         assert!(epoch >= ckpts, "failover at epoch {epoch}: {done}");
         let (last, first_ms) = svm_continues(&mut pair, pvm_max, t_out);
         pair.assert_no_failures();
@@ -670,14 +482,7 @@ fn ram_agrees_with_disk_after_failover() {
             (t_out - t_kill) * 1000.0,
             first_ms * 1000.0
         );
-        pair.svm().kill();
-        let sec = pair.secondary.take().unwrap();
-        sec.terminate();
-        let n = records_in(&pair.p("secondary.img"));
-        assert!(
-            n >= last,
-            "secondary image has {n} records, SVM verified {last}"
-        );
+        pair.assert_secondary_holds("secondary.img", last);
     }
 }
 
@@ -763,7 +568,7 @@ done
     pair.assert_no_failures();
 }
 
-/// (c) Secondary lost, then re-protected. A pair runs [`WRITER`]; the SVM's QEMU and the
+/// (c) Secondary lost, then re-protected. A pair runs [`records_writer`]; the SVM's QEMU and the
 /// secondary backend are SIGKILLed; `x-colo-lost-heartbeat` on the PVM's QEMU; the PVM keeps
 /// writing without an I/O error. A new secondary backend on a fresh image, a full resync
 /// (`replication-start {"full": true}` on the primary), a new SVM QEMU with -incoming and
@@ -775,7 +580,7 @@ fn secondary_lost_then_reprotected() {
         return;
     }
     let _one = serial();
-    let mut pair = Pair::new(WRITER, |_| {});
+    let mut pair = Pair::new(&records_writer(), |_| {});
     pair.start("COLO-A: start");
     pair.pvm()
         .wait_line("verified", TIMEOUT, |l| l.contains("COLO-A: verified"));
@@ -810,28 +615,22 @@ fn secondary_lost_then_reprotected() {
     primary_qmp
         .execute("replication-start", json!({"full": true}))
         .unwrap();
-    // The primary's log: the new session with the whole disk to resync, then its end.
-    let p = pair.primary.as_mut().unwrap();
+    // The primary's events: the new session with the whole disk to resync, then its end.
     let t = Instant::now();
     loop {
-        let l = p.wait_for_log("replicating to");
-        if !l.contains("(0 bytes to resync)") {
-            eprintln!("resync: {l}");
+        let ev = primary_qmp.wait_event("REPLICATION_PEER_CONNECTED");
+        if ev["data"]["resync-bytes"].as_u64() > Some(0) {
+            eprintln!("resync: {ev}");
             break;
         }
     }
-    p.wait_for_log("resync complete");
+    primary_qmp.wait_event("REPLICATION_RESYNC_DONE");
     eprintln!("TIMING full resync of {DISK} bytes: {:?}", t.elapsed());
     pair.protect();
     pair.svm().wait_line("the new SVM running", TIMEOUT, |l| {
         l.contains("COLO-A: verified")
     });
-    for _ in 0..3 {
-        pair.secondary
-            .as_mut()
-            .unwrap()
-            .wait_for_log("the Secondary VM runs the primary's state");
-    }
+    pair.wait_secondary_checkpoints(3);
     let mut pvm_max = 0;
     for _ in 0..2 {
         let l = pair
@@ -842,13 +641,7 @@ fn secondary_lost_then_reprotected() {
     let (_, t_out) = pair.fail_over_to_svm();
     let (last, _) = svm_continues(&mut pair, pvm_max, t_out);
     pair.assert_no_failures();
-    pair.svm().kill();
-    pair.secondary.take().unwrap().terminate();
-    let n = records_in(&pair.p("secondary2.img"));
-    assert!(
-        n >= last,
-        "new secondary image has {n} records, SVM verified {last}"
-    );
+    pair.assert_secondary_holds("secondary2.img", last);
 }
 
 /// (d) ext4 through a failover. One `mkfs.ext4` image copied to both sides; the guest mounts
@@ -931,7 +724,7 @@ fn event_time(e: &Value) -> f64 {
 }
 
 /// (e) A user `stop` of the PVM held across a COLO checkpoint (issue 19, point 3). A pair runs
-/// [`WRITER`] with a 2 s checkpoint delay; right after a checkpoint (the PVM wrote one more
+/// [`records_writer`] with a 2 s checkpoint delay; right after a checkpoint (the PVM wrote one more
 /// record since) the PVM's QEMU gets `stop` and no `cont`. The SVM runs on by itself, writing
 /// records its next checkpoint discards; QEMU checkpoints with the PVM stopped, the SVM loads
 /// the PVM's state of the stop. The secondary backend must make the stop's marker the
@@ -945,7 +738,7 @@ fn user_stop_held_across_a_checkpoint() {
         return;
     }
     let _one = serial();
-    let mut pair = Pair::new(WRITER, |_| {});
+    let mut pair = Pair::new(&records_writer(), |_| {});
     pair.delay_ms = 2000;
     pair.start("COLO-A: start");
     let backend = Events::connect(&pair.p("svm-backend.qmp"));
@@ -955,20 +748,11 @@ fn user_stop_held_across_a_checkpoint() {
     }
     // The PVM wrote since that checkpoint's marker (the primary backend sent it): the stop is
     // at a new position, not a cut the secondary already has.
-    let mut primary = pair.qmp("primary.qmp");
-    let deadline = Instant::now() + TIMEOUT;
-    while primary.execute("query-replication", json!({})).unwrap()["bytes-sent-since-checkpoint"]
-        == 0
-    {
-        assert!(Instant::now() < deadline, "the PVM wrote nothing");
-        // A polling interval, not synchronisation.
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    drop(primary);
+    wait_mid_epoch(&pair.p("primary.qmp"), 1, TIMEOUT);
     let mut pvm_qmp = pair.qmp("pvm.qmp");
     svm_ev.clear();
     pvm_qmp.execute("stop", json!({})).expect("stop");
-    let t_stop = now();
+    let t_stop = common::wall_clock();
     drop(pvm_qmp);
     // QEMU's next checkpoint, with the PVM stopped: the SVM stops and loads the PVM's state.
     let svm_stop = event_time(&svm_ev.wait("STOP", TIMEOUT));
@@ -1002,25 +786,12 @@ fn user_stop_held_across_a_checkpoint() {
     let after_checkpoint = sec.execute("query-replication", json!({})).unwrap();
     eprintln!("secondary after that checkpoint: {after_checkpoint}");
     drop(sec);
-    pair.pvm().drain();
-    let pvm_max = pair
-        .pvm()
-        .lines
-        .iter()
-        .filter_map(|l| verified(&l.1))
-        .max()
-        .unwrap_or(0);
+    let pvm_max = pair.pvm_max_verified();
     match pair.fail_over_or_refuse(&backend) {
         Ok(t_out) => {
             let (last, _) = svm_continues(&mut pair, pvm_max, t_out);
             pair.assert_no_failures();
-            pair.svm().kill();
-            pair.secondary.take().unwrap().terminate();
-            let n = records_in(&pair.p("secondary.img"));
-            assert!(
-                n >= last,
-                "secondary image has {n} records, SVM verified {last}"
-            );
+            pair.assert_secondary_holds("secondary.img", last);
             eprintln!("failover: the SVM's RAM and disk agree (verified {last})");
         }
         Err(why) => {
@@ -1042,7 +813,7 @@ fn user_stop_held_across_a_checkpoint() {
     );
 }
 
-/// (f) Upgrading colo-blk in place under x-colo (issue 21): with a pair running [`WRITER`] and
+/// (f) Upgrading colo-blk in place under x-colo (issue 21): with a pair running [`records_writer`] and
 /// QEMU checkpointing every [`DELAY_MS`], one backend (`primary`: the PVM's, else the
 /// secondary serving the SVM) is restarted three times: SIGTERM and the same command line
 /// again (what `systemctl restart colo-blk@DISK` does), twice, then SIGKILL and the same.
@@ -1057,7 +828,7 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
     }
     let _one = serial();
     let who = if primary { "primary" } else { "secondary" };
-    let mut pair = Pair::new(WRITER, |_| {});
+    let mut pair = Pair::new(&records_writer(), |_| {});
     pair.start("COLO-A: start");
     let pvm_ev = Events::connect(&pair.p("pvm-ev.qmp"));
     let sec_qmp = pair.p(&format!("{}-backend.qmp", pair.svm_name()));
@@ -1146,7 +917,7 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
         for k in 0..3 {
             cuts.push(cuts_ev.wait("REPLICATION_CHECKPOINT", TIMEOUT).to_string());
             if k == 1 {
-                t_second = now();
+                t_second = common::wall_clock();
             }
         }
         drop(cuts_ev);
@@ -1200,18 +971,11 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
             r["last-error"]
         );
     }
-    pair.pvm().drain();
-    let pvm_max = pair
-        .pvm()
-        .lines
-        .iter()
-        .filter_map(|l| verified(&l.1))
-        .max()
-        .unwrap_or(0);
+    let pvm_max = pair.pvm_max_verified();
     let (_, t_out) = pair.fail_over_to_svm();
     let (last, _) = svm_continues(&mut pair, pvm_max, t_out);
     pair.assert_no_failures();
-    pair.svm().kill();
+    let n = pair.assert_secondary_holds("secondary.img", last);
     let rings: Vec<String> = [pair.svm.as_mut()]
         .into_iter()
         .flatten()
@@ -1223,12 +987,6 @@ fn restarts_under_colo(test: &str, primary: bool, hold: bool) {
         })
         .collect();
     eprintln!("SVM's QEMU said about vhost: {rings:?}");
-    pair.secondary.take().unwrap().terminate();
-    let n = records_in(&pair.p("secondary.img"));
-    assert!(
-        n >= last,
-        "secondary image has {n} records, SVM verified {last}"
-    );
     eprintln!("{who}: 3 restarts under x-colo; failover: SVM verified {last}, image {n} records");
 }
 

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::pair::Node;
+use common::pair::{wait_connected, Node};
 use common::qemu::{
     ctl_event, prerequisites, records_in, wait_ctl, wait_mid_epoch, writer_script, Proc, RECORD,
 };
@@ -69,7 +69,7 @@ impl Setup {
 
     /// Starts pair `n` and waits until its primary is connected.
     fn pair(&self, n: &str) -> Pair {
-        let mut secondary = self.start_secondary(n, 0);
+        let secondary = self.start_secondary(n, 0);
         let primary = Node::primary(
             self.dir.path(),
             &format!("{n}-primary.img"),
@@ -79,7 +79,7 @@ impl Setup {
         .socket(&format!("{n}-pvm.sock"))
         .qmp(&format!("{n}-primary.qmp"))
         .start();
-        secondary.wait_for_log("connected (epoch");
+        wait_connected(&mut secondary.qmp());
         Pair {
             name: n.to_string(),
             primary: Some(primary),
@@ -102,7 +102,8 @@ impl Setup {
             .iter()
             .map(|d| self.p(&format!("{d}-pvm.sock")))
             .collect();
-        common::qemu::run_vm(
+        common::qemu::run_vm_on(
+            None,
             self.dir.path(),
             name,
             &common::guest_dir(),

@@ -12,7 +12,7 @@ use common::pair::{
     assert_same_files, checkpoint, decision, hot_writes, kill9, last_error, qmp, query, read,
     wait_in_sync, write_all, Node, WriteReq,
 };
-use common::{pattern, Backend, Client};
+use common::{pattern, poll, Backend, Client, STARTUP_TIMEOUT};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -263,8 +263,11 @@ fn split_brain_is_refused_both_ways_and_nothing_is_overwritten() {
     // 1a. The failed-over secondary restarted: its disk buffer says failed over, it takes no
     // stream at all (it does not even listen).
     let sec = secondary(d, "secondary.img", port, &["--allow-full-sync"]);
-    let mut p = primary(d, "primary.img", port, &[]);
-    p.wait_for_log("cannot reach secondary");
+    let p = primary(d, "primary.img", port, &[]);
+    let what = "the failed-over secondary to close its replication port";
+    poll::until(what, STARTUP_TIMEOUT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+    });
     let mut pq = qmp(d, "primary.qmp");
     assert_ne!(query(&mut pq)["state"], "connected");
     drop((p, sec));
@@ -278,29 +281,28 @@ fn split_brain_is_refused_both_ways_and_nothing_is_overwritten() {
         port,
         &["--allow-full-sync"],
     );
-    let mut sq = qmp(d, "secondary.qmp");
-    let p = primary(d, "primary.img", port, &[]);
-    let (what, why) = decision(&mut sq);
-    assert_eq!(what, "refused");
-    assert!(why.contains("split brain"), "{why}");
-    let mut pq = qmp(d, "primary.qmp");
-    assert_ne!(query(&mut pq)["state"], "connected");
-    drop((p, sec));
+    assert_split_brain(d, sec, "primary.img", port);
     assert!(read(&d.join("primary.img")) == old_primary);
     assert!(read(&d.join("secondary.img")) == failed_over);
 
     // 2. The failed-over disk is the new primary; the old primary's disk its secondary.
     let sec = secondary(d, "primary.img", port, &["--allow-full-sync"]);
+    assert_split_brain(d, sec, "secondary.img", port);
+    assert!(read(&d.join("primary.img")) == old_primary);
+    assert!(read(&d.join("secondary.img")) == failed_over);
+}
+
+/// A primary on `image` connecting to the running secondary `sec` is refused as a split
+/// brain and never connected; both processes end.
+fn assert_split_brain(d: &Path, sec: Backend, image: &str, port: u16) {
     let mut sq = qmp(d, "secondary.qmp");
-    let p = primary(d, "secondary.img", port, &[]);
+    let p = primary(d, image, port, &[]);
     let (what, why) = decision(&mut sq);
     assert_eq!(what, "refused");
     assert!(why.contains("split brain"), "{why}");
     let mut pq = qmp(d, "primary.qmp");
     assert_ne!(query(&mut pq)["state"], "connected");
     drop((p, sec));
-    assert!(read(&d.join("primary.img")) == old_primary);
-    assert!(read(&d.join("secondary.img")) == failed_over);
 }
 
 /// Test e: verify while the guest writes finds nothing; one sector corrupted in the secondary's

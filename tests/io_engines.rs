@@ -8,9 +8,8 @@
 
 mod common;
 
-use std::mem::MaybeUninit;
-
 use blkio::ReqFlags;
+use common::needs::Needs;
 use common::{pattern, Backend, Client, CLIENT_BUF};
 
 const DISK: u64 = 64 << 20;
@@ -134,29 +133,20 @@ fn run_batch(c: &mut Client, reqs: &[Req]) -> Vec<(i32, Vec<u8>)> {
         per_queue[r.q] += 1;
         pos += r.len.next_multiple_of(4096);
     }
-    let mut results = vec![(i32::MIN, Vec::new()); reqs.len()];
-    for (q, n) in per_queue.into_iter().enumerate() {
-        let mut done = 0;
-        while done < n {
-            let mut cs = [const { MaybeUninit::<blkio::Completion>::uninit() }; 64];
-            let got = c.queues[q].do_io(&mut cs, 1, None, None).expect("do_io");
-            for slot in &cs[..got] {
-                // SAFETY: do_io initialised the first `got` completions.
-                let comp = unsafe { slot.assume_init_ref() };
-                results[comp.user_data].0 = comp.ret;
-            }
-            done += got;
-        }
-    }
-    for (i, r) in reqs.iter().enumerate() {
-        if r.op == Op::Read {
-            let mut v = vec![0u8; r.len];
-            // SAFETY: the read completed; its buffer is [bufs[i], bufs[i] + len).
-            unsafe { std::ptr::copy_nonoverlapping(bufs[i], v.as_mut_ptr(), r.len) };
-            results[i].1 = v;
-        }
-    }
-    results
+    let rets = c.complete(&per_queue, reqs.len());
+    let read = |i: usize, r: &Req| {
+        let mut v = vec![0u8; r.len];
+        // SAFETY: the read completed; its buffer is [bufs[i], bufs[i] + len).
+        unsafe { std::ptr::copy_nonoverlapping(bufs[i], v.as_mut_ptr(), r.len) };
+        v
+    };
+    reqs.iter()
+        .enumerate()
+        .map(|(i, r)| match r.op {
+            Op::Read => (rets[i], read(i, r)),
+            _ => (rets[i], Vec::new()),
+        })
+        .collect()
 }
 
 /// Every request's result and bytes read, and the final image.
@@ -170,18 +160,21 @@ fn run_engine(engine: &str, direct: bool) -> Option<Outcome> {
     let img = dir.path().join("disk.img");
     // A non-trivial starting image, the same for both engines.
     std::fs::write(&img, pattern(0xd15c, DISK as usize)).unwrap();
-    let mut args = vec!["--num-queues", "3", "--io-engine", engine];
+    let qmp = dir.path().join("qmp.sock");
+    let qmp = qmp.to_str().unwrap();
+    let mut args = vec!["--num-queues", "3", "--io-engine", engine, "--qmp", qmp];
     if direct {
         args.push("--direct");
     }
-    let mut b = Backend::start(&sock, &img, &args);
-    let line = b.wait_for_log("I/O engine:");
-    if engine == "auto" && !line.contains("io_uring") {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "io_uring must be available in CI: {line}"
-        );
-        eprintln!("SKIPPED: io_uring is unavailable on this machine ({line})");
+    let b = Backend::start(&sock, &img, &args);
+    let chosen = b.io_engine();
+    if !Needs::of(&format!("io_engines with --io-engine {engine}"))
+        .that(
+            engine != "auto" || chosen == "io_uring",
+            format!("io_uring (the backend chose {chosen})"),
+        )
+        .met()
+    {
         return None;
     }
     let mut c = Client::connect(&sock, QUEUES).expect("connect");

@@ -10,82 +10,33 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use colo_blk::replication::protocol::{Frame, Hello, VERSION};
+use colo_blk::replication::metadata::Generations;
+use colo_blk::replication::protocol::Frame;
+use common::pair::{checkpoint, primary_hello, read, strs, wait_connected, Node};
 use common::{pattern, Backend, Client, Qmp};
-use serde_json::json;
 
 const DISK: u64 = 8 << 20;
 
 fn secondary(dir: &Path, security: &[&str]) -> (Backend, Qmp, u16) {
-    let s = |n: &str| dir.join(n).display().to_string();
-    let size = DISK.to_string();
-    let (img, layers, qmp) = (s("secondary.img"), s("layers"), s("secondary.qmp"));
-    let mut args = vec![
-        "--role",
-        "secondary",
-        "--image",
-        &img,
-        "--size",
-        &size,
-        "--listen",
-        "127.0.0.1:0",
-        "--layer-dir",
-        &layers,
-        "--qmp",
-        &qmp,
-        "--cluster-size",
-        "4K",
-        "--peer-timeout-ms",
-        "2000",
-    ];
-    args.extend_from_slice(security);
-    let b = Backend::start_with(&args, &dir.join("unused.sock"));
+    let b = Node::secondary(dir, "secondary.img", DISK, 0)
+        .layers("layers")
+        .qmp("secondary.qmp")
+        .cluster_size("4K")
+        .security(security)
+        .start();
     let port = b.listen_port();
-    let q = Qmp::connect(&dir.join("secondary.qmp"));
+    let q = b.qmp();
     (b, q, port)
 }
 
 fn primary(dir: &Path, port: u16, name: &str, security: &[&str]) -> (Backend, Qmp) {
-    let s = |n: &str| dir.join(n).display().to_string();
-    let size = DISK.to_string();
-    let peer = format!("127.0.0.1:{port}");
-    let (img, sock, qmp) = (
-        s(&format!("{name}.img")),
-        s(&format!("{name}.sock")),
-        s(&format!("{name}.qmp")),
-    );
-    let mut args = vec![
-        "--role",
-        "primary",
-        "--image",
-        &img,
-        "--size",
-        &size,
-        "--socket",
-        &sock,
-        "--peer",
-        &peer,
-        "--qmp",
-        &qmp,
-        "--peer-timeout-ms",
-        "2000",
-    ];
-    args.extend_from_slice(security);
-    let b = Backend::start_with(&args, &dir.join(format!("{name}.sock")));
-    let q = Qmp::connect(&dir.join(format!("{name}.qmp")));
+    let b = Node::primary(dir, &format!("{name}.img"), DISK, port)
+        .socket(&format!("{name}.sock"))
+        .qmp(&format!("{name}.qmp"))
+        .security(security)
+        .start();
+    let q = b.qmp();
     (b, q)
-}
-
-/// Waits until the primary streams to the secondary.
-fn wait_connected(pq: &mut Qmp) {
-    let st = pq.execute("query-replication", json!({})).unwrap();
-    if st["state"] != "connected" {
-        pq.wait_event("REPLICATION_PEER_CONNECTED");
-    }
-}
-
-fn image(dir: &Path, name: &str) -> Vec<u8> {
-    std::fs::read(dir.join(name)).unwrap()
 }
 
 fn write_some(dir: &Path, name: &str, seed: u64) {
@@ -122,6 +73,22 @@ fn pki(dir: &Path, ca_name: &str, names: &[&str]) {
     }
 }
 
+/// The certificate options of `name` (`dir/NAME.crt`, `NAME.key`, trusting `dir/ca.pem`)
+/// expecting the peer `peer`.
+fn tls(dir: &Path, name: &str, peer: &str) -> Vec<String> {
+    let f = |n: String| dir.join(n).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        f(format!("{name}.crt")),
+        "--tls-key".into(),
+        f(format!("{name}.key")),
+        "--tls-ca".into(),
+        f("ca.pem".into()),
+        "--tls-peer-name".into(),
+        peer.into(),
+    ]
+}
+
 /// The secondary's next REPLICATION_ERROR says the TLS handshake failed.
 fn expect_refusal(sq: &mut Qmp) {
     let ev = sq.wait_event("REPLICATION_ERROR");
@@ -145,21 +112,12 @@ fn psk_replicates_and_a_wrong_psk_or_plain_tcp_changes_nothing() {
     // Plain TCP speaking the protocol perfectly: refused too.
     {
         let mut t = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let hello = Frame::Hello(Hello {
-            version: VERSION,
-            disk_size: DISK,
-            block_size: 512,
-            epoch: 0,
-            sync: false,
-            dirty_log: false,
-            gens: colo_blk::replication::metadata::Generations::fresh_primary(),
-        });
-        let _ = t.write_all(&hello.encode());
+        let _ = t.write_all(&primary_hello(DISK, Generations::fresh_primary()).encode());
         let _ = t.write_all(&Frame::write(1, 0, vec![0xee; 4096]).encode());
         expect_refusal(&mut sq);
     }
     assert!(
-        image(d, "secondary.img").iter().all(|&b| b == 0),
+        read(&d.join("secondary.img")).iter().all(|&b| b == 0),
         "an unauthenticated peer changed the secondary's disk"
     );
 
@@ -168,9 +126,8 @@ fn psk_replicates_and_a_wrong_psk_or_plain_tcp_changes_nothing() {
     sq.wait_event("REPLICATION_PEER_CONNECTED");
     wait_connected(&mut pq);
     write_some(d, "primary", 200);
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap();
-    assert!(image(d, "secondary.img") == image(d, "primary.img"));
+    checkpoint(&mut pq);
+    assert!(read(&d.join("secondary.img")) == read(&d.join("primary.img")));
 }
 
 #[test]
@@ -179,69 +136,23 @@ fn certificates_of_another_ca_are_refused() {
     let d = dir.path();
     pki(d, "ca", &["primary.colo", "secondary.colo"]);
     pki(d, "other-ca", &["intruder.colo"]);
-    let f = |n: &str| d.join(n).display().to_string();
-    let (sc, sk, ca) = (
-        f("secondary.colo.crt"),
-        f("secondary.colo.key"),
-        f("ca.pem"),
-    );
-    let (_s, mut sq, port) = secondary(
-        d,
-        &[
-            "--tls-cert",
-            &sc,
-            "--tls-key",
-            &sk,
-            "--tls-ca",
-            &ca,
-            "--tls-peer-name",
-            "primary.colo",
-        ],
-    );
+    let secondary_tls = tls(d, "secondary.colo", "primary.colo");
+    let (_s, mut sq, port) = secondary(d, &strs(&secondary_tls));
     // An intruder with a certificate of another CA (it trusts ours, to get that far).
-    let (ic, ik) = (f("intruder.colo.crt"), f("intruder.colo.key"));
-    let (intruder, _iq) = primary(
-        d,
-        port,
-        "intruder",
-        &[
-            "--tls-cert",
-            &ic,
-            "--tls-key",
-            &ik,
-            "--tls-ca",
-            &ca,
-            "--tls-peer-name",
-            "secondary.colo",
-        ],
-    );
+    let intruder_tls = tls(d, "intruder.colo", "secondary.colo");
+    let (intruder, _iq) = primary(d, port, "intruder", &strs(&intruder_tls));
     write_some(d, "intruder", 300);
     expect_refusal(&mut sq);
     drop(intruder);
-    assert!(image(d, "secondary.img").iter().all(|&b| b == 0));
+    assert!(read(&d.join("secondary.img")).iter().all(|&b| b == 0));
 
-    let (pc, pk) = (f("primary.colo.crt"), f("primary.colo.key"));
-    let (_p, mut pq) = primary(
-        d,
-        port,
-        "primary",
-        &[
-            "--tls-cert",
-            &pc,
-            "--tls-key",
-            &pk,
-            "--tls-ca",
-            &ca,
-            "--tls-peer-name",
-            "secondary.colo",
-        ],
-    );
+    let primary_tls = tls(d, "primary.colo", "secondary.colo");
+    let (_p, mut pq) = primary(d, port, "primary", &strs(&primary_tls));
     sq.wait_event("REPLICATION_PEER_CONNECTED");
     wait_connected(&mut pq);
     write_some(d, "primary", 400);
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap();
-    assert!(image(d, "secondary.img") == image(d, "primary.img"));
+    checkpoint(&mut pq);
+    assert!(read(&d.join("secondary.img")) == read(&d.join("primary.img")));
 }
 
 /// A recording proxy captures a real session's bytes from the primary; replayed to the
@@ -283,11 +194,10 @@ fn a_replayed_capture_of_a_session_is_refused() {
     sq.wait_event("REPLICATION_PEER_CONNECTED");
     wait_connected(&mut pq);
     write_some(d, "primary", 500);
-    pq.execute("replication-checkpoint", json!({"timeout-ms": 60000}))
-        .unwrap();
+    checkpoint(&mut pq);
     drop(p);
     sq.wait_event("REPLICATION_PEER_LOST");
-    let before = image(d, "secondary.img");
+    let before = read(&d.join("secondary.img"));
     // Make the disk differ from what the capture would write, then replay it.
     let capture = captured.lock().unwrap().clone();
     assert!(
@@ -301,7 +211,7 @@ fn a_replayed_capture_of_a_session_is_refused() {
         expect_refusal(&mut sq);
     }
     assert!(
-        image(d, "secondary.img") == before,
+        read(&d.join("secondary.img")) == before,
         "the replay changed the disk"
     );
     drop(s);

@@ -41,11 +41,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pattern, tempdir, Backend, Qmp};
+use common::needs::Needs;
+use common::qemu::Proc;
+use common::{pattern, poll, tempdir, Backend, Qmp};
 use serde_json::json;
 
 const WINDOW_MIB: u64 = 16;
@@ -53,72 +54,13 @@ const WINDOWS: u64 = 3;
 const IMAGE_SIZE: u64 = (WINDOW_MIB * WINDOWS) << 20;
 const PATTERN_SEED: u64 = 0x00D1_2770_61AA;
 
-/// A QEMU (run-vm.sh) in its own process group; its console lines are collected.
-struct Vm {
-    name: &'static str,
-    child: Child,
-    rx: mpsc::Receiver<(f64, String)>,
-    lines: Vec<String>,
-}
-
-impl Vm {
-    fn spawn(cmd: Command, name: &'static str) -> Vm {
-        let (child, rx) = common::spawn_group(cmd, &format!("[{name}]"));
-        Vm {
-            name,
-            child,
-            rx,
-            lines: Vec::new(),
-        }
-    }
-
-    fn tail(&self) -> String {
-        let s = self.lines.len().saturating_sub(40);
-        self.lines[s..].join("\n")
-    }
-
-    /// Takes in the lines received so far.
-    fn drain(&mut self) {
-        while let Ok((_, line)) = self.rx.try_recv() {
-            self.lines.push(line);
-        }
-    }
-
-    /// Waits until `count` lines (in all, since the start) satisfy `pred`.
-    fn wait_count(
-        &mut self,
-        what: &str,
-        count: usize,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) {
-        let deadline = Instant::now() + timeout;
-        while self.lines.iter().filter(|l| pred(l)).count() < count {
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok((_, line)) => self.lines.push(line),
-                Err(e) => panic!(
-                    "{}: fewer than {count} {what} within {timeout:?} ({e:?}). Last output:\n{}",
-                    self.name,
-                    self.tail()
-                ),
-            }
-        }
-    }
-
-    fn bad_lines(&self) -> Vec<&String> {
-        self.lines.iter().filter(|l| is_bad(l)).collect()
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the process group we created.
-        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
+/// The lines of `vm` (received so far) that say the guest saw wrong data.
+fn bad_lines(vm: &Proc) -> Vec<&String> {
+    vm.lines
+        .iter()
+        .map(|l| &l.1)
+        .filter(|l| is_bad(l))
+        .collect()
 }
 
 fn is_marker(line: &str, kind: &str, verdict: &str) -> bool {
@@ -175,14 +117,10 @@ fn md5_hex(data: &[u8]) -> String {
 
 #[test]
 fn backend_writes_during_migration_reach_the_destination() {
-    if !common::in_path("qemu-system-x86_64") {
-        if std::env::var_os("CI").is_some() {
-            panic!("qemu-system-x86_64 is not installed, but CI must run migration_dirty_log");
-        }
-        eprintln!();
-        eprintln!("**************************************************************");
-        eprintln!("*** migration_dirty_log: SKIPPED: qemu-system-x86_64 not in PATH");
-        eprintln!("**************************************************************");
+    if !Needs::of("migration_dirty_log")
+        .tools(&["qemu-system-x86_64"])
+        .met()
+    {
         return;
     }
     let started = Instant::now();
@@ -228,7 +166,7 @@ fn backend_writes_during_migration_reach_the_destination() {
             .arg(p(&format!("{name}.qmp")))
             .arg("--")
             .args(extra);
-        Vm::spawn(cmd, name)
+        Proc::spawn(cmd, name)
     };
     let mut src = vm("src", &[]);
     let incoming = format!("tcp:127.0.0.1:{port}");
@@ -239,10 +177,10 @@ fn backend_writes_during_migration_reach_the_destination() {
     });
     let booted = started.elapsed();
 
-    let rounds = |vm: &Vm| {
+    let rounds = |vm: &Proc| {
         vm.lines
             .iter()
-            .filter(|l| is_marker(l, "ROUND", "OK"))
+            .filter(|l| is_marker(&l.1, "ROUND", "OK"))
             .count()
     };
     src.drain();
@@ -258,13 +196,13 @@ fn backend_writes_during_migration_reach_the_destination() {
         .expect("migrate");
     let mig_start = Instant::now();
     let mut raised = false;
-    loop {
+    poll::until("the migration to complete", Duration::from_secs(50), || {
         let r = qmp
             .execute("query-migrate", json!({}))
             .expect("query-migrate");
         let status = r["status"].as_str().unwrap_or("?").to_string();
         match status.as_str() {
-            "completed" => break,
+            "completed" => return true,
             "setup" | "active" | "device" | "pre-switchover" => {}
             _ => panic!("migration ended in {status}: {r}"),
         }
@@ -282,16 +220,13 @@ fn backend_writes_during_migration_reach_the_destination() {
                 "migration_dirty_log: {rounds_during} rounds ran under migration; letting it converge"
             );
         }
-        assert!(
-            mig_start.elapsed() < Duration::from_secs(50),
-            "migration did not complete within 50 s: {r}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+        false
+    });
     let migrated = mig_start.elapsed();
-    // The source is paused now: every round it printed ran before the switchover.
-    std::thread::sleep(Duration::from_millis(200));
-    src.drain();
+    // The source is paused now: every round it printed ran before the switchover. It quits,
+    // and its console is read to the end.
+    let _ = qmp.execute_or_disconnect("quit", json!({}));
+    src.wait_exit(Duration::from_secs(60));
     let rounds_during = rounds(&src) - rounds_before;
     eprintln!("migration_dirty_log: migration completed in {migrated:.1?}");
 
@@ -307,7 +242,7 @@ fn backend_writes_during_migration_reach_the_destination() {
         rounds_during >= 1,
         "no guest round overlapped the migration; the test proves nothing"
     );
-    let bad: Vec<_> = src.bad_lines().into_iter().chain(dst.bad_lines()).collect();
+    let bad: Vec<_> = bad_lines(&src).into_iter().chain(bad_lines(&dst)).collect();
     assert!(
         bad.is_empty(),
         "guest saw wrong data (dirty log incomplete?): {bad:?}\nsource:\n{}\ndestination:\n{}",

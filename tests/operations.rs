@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{pattern, Backend, Client, Qmp};
+use common::pair::Node;
+use common::{pattern, poll, Backend, Client, Qmp, STARTUP_TIMEOUT};
 use serde_json::{json, Value};
 
 /// `GET path` over plain TCP; returns the status line and the body.
@@ -54,22 +55,12 @@ fn scrape(addr: &str) -> String {
 #[test]
 fn metrics_follow_a_clients_writes_and_reads() {
     let dir = common::tempdir();
-    let qmp = dir.path().join("s.qmp");
-    let qmp_s = qmp.display().to_string();
-    let b = Backend::start(
-        &dir.path().join("vhost.sock"),
-        &dir.path().join("disk.img"),
-        &[
-            "--size",
-            "8M",
-            "--num-queues",
-            "2",
-            "--qmp",
-            &qmp_s,
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-    );
+    let b = Node::standalone(dir.path(), "disk.img", 8 << 20)
+        .socket("vhost.sock")
+        .queues(2)
+        .qmp("s.qmp")
+        .args(&["--metrics", "127.0.0.1:0"])
+        .start();
     let addr = b.ready["metrics"]
         .as_str()
         .expect("metrics address in the ready line");
@@ -124,7 +115,7 @@ fn metrics_follow_a_clients_writes_and_reads() {
     assert_eq!(sample(&after, q0), 10.0);
 
     // QMP query-stats carries the same histogram.
-    let mut q = Qmp::connect(&qmp);
+    let mut q = b.qmp();
     let stats = q.execute("query-stats", json!({})).unwrap();
     assert_eq!(stats["queues"][0]["requests"], 10);
     assert_eq!(stats["queues"][0]["latency"]["count"], 10);
@@ -141,64 +132,18 @@ fn metrics_follow_a_clients_writes_and_reads() {
 }
 
 fn start_pair(dir: &Path) -> (Backend, Backend) {
-    let s_img = dir.join("s.img").display().to_string();
-    let layers = dir.join("layers").display().to_string();
-    let s_qmp = dir.join("s.qmp").display().to_string();
-    let secondary = Backend::start_with(
-        &[
-            "--role",
-            "secondary",
-            "--insecure-link",
-            "--image",
-            &s_img,
-            "--size",
-            "16M",
-            "--listen",
-            "127.0.0.1:0",
-            "--layer-dir",
-            &layers,
-            "--qmp",
-            &s_qmp,
-            "--cluster-size",
-            "4K",
-            "--metrics",
-            "127.0.0.1:0",
-            "--heartbeat-ms",
-            "100",
-            "--peer-timeout-ms",
-            "2000",
-        ],
-        &dir.join("none.sock"),
-    );
-    let peer = format!("127.0.0.1:{}", secondary.listen_port());
-    let p_img = dir.join("p.img").display().to_string();
-    let p_qmp = dir.join("p.qmp").display().to_string();
-    let sock = dir.join("p.sock");
-    let sock_s = sock.display().to_string();
-    let primary = Backend::start_with(
-        &[
-            "--role",
-            "primary",
-            "--insecure-link",
-            "--image",
-            &p_img,
-            "--size",
-            "16M",
-            "--socket",
-            &sock_s,
-            "--peer",
-            &peer,
-            "--qmp",
-            &p_qmp,
-            "--metrics",
-            "127.0.0.1:0",
-            "--heartbeat-ms",
-            "100",
-            "--peer-timeout-ms",
-            "2000",
-        ],
-        &sock,
-    );
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let secondary = Node::secondary(dir, "s.img", 16 << 20, 0)
+        .layers("layers")
+        .qmp("s.qmp")
+        .cluster_size("4K")
+        .args(&metrics)
+        .start();
+    let primary = Node::primary(dir, "p.img", 16 << 20, secondary.listen_port())
+        .socket("p.sock")
+        .qmp("p.qmp")
+        .args(&metrics)
+        .start();
     (primary, secondary)
 }
 
@@ -218,18 +163,6 @@ fn status(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), stdout)
 }
 
-/// Polls `f` until it holds (the link comes up asynchronously).
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + common::STARTUP_TIMEOUT;
-    while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn status_and_metrics_of_a_pair() {
     let dir = common::tempdir();
@@ -237,7 +170,7 @@ fn status_and_metrics_of_a_pair() {
     let p_qmp = dir.path().join("p.qmp");
     let s_qmp = dir.path().join("s.qmp");
     let mut pq = Qmp::connect(&p_qmp);
-    wait_until("the primary in sync", || {
+    poll::until("the primary in sync", STARTUP_TIMEOUT, || {
         let st = pq.execute("query-replication", json!({})).unwrap();
         st["state"] == "connected" && st["unprotected-since"].is_null()
     });
@@ -321,7 +254,7 @@ fn status_and_metrics_of_a_pair() {
 
     // The secondary goes away: the primary is unprotected, and says since when.
     secondary.terminate();
-    wait_until("the primary unprotected", || {
+    poll::until("the primary unprotected", STARTUP_TIMEOUT, || {
         let st = pq.execute("query-replication", json!({})).unwrap();
         st["state"] != "connected" && st["unprotected-since"].as_f64().is_some()
     });
@@ -377,13 +310,11 @@ fn systemd_notify_ready_when_the_sockets_are_up() {
         .unwrap();
     let sock = dir.path().join("vhost.sock");
     let qmp = dir.path().join("s.qmp");
+    let node = Node::standalone(dir.path(), "disk.img", 1 << 20)
+        .socket("vhost.sock")
+        .qmp("s.qmp");
     let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
-        .args(["--size", "1M", "--image"])
-        .arg(dir.path().join("disk.img"))
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--qmp")
-        .arg(&qmp)
+        .args(node.command_line())
         .env("NOTIFY_SOCKET", &notify_path)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -409,30 +340,17 @@ fn systemd_notify_ready_when_the_sockets_are_up() {
 #[test]
 fn an_address_in_use_names_the_option_and_the_address() {
     let dir = common::tempdir();
-    let p = |n: &str| dir.path().join(n).display().to_string();
-    let (img, layers, sock) = (p("disk.img"), p("layers"), p("vhost.sock"));
+    let d = dir.path();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
-    let secondary = [
-        "--role",
-        "secondary",
-        "--insecure-link",
-        "--layer-dir",
-        &layers,
-        "--listen",
-        &addr,
-    ];
-    let metrics = ["--socket", &sock, "--metrics", &addr];
+    let addr = taken.local_addr().unwrap();
+    let secondary = Node::secondary(d, "disk.img", 1 << 20, addr.port()).layers("layers");
     // One image each: the failed secondary leaves its replication metadata, which keeps a
     // standalone process off that image.
-    let img2 = p("disk2.img");
-    for (option, extra, img) in [
-        ("--listen", &secondary[..], &img),
-        ("--metrics", &metrics[..], &img2),
-    ] {
-        let mut args = vec!["--image", img, "--size", "1M"];
-        args.extend_from_slice(extra);
-        let err = common::start_fails(&args);
+    let metrics = Node::standalone(d, "disk2.img", 1 << 20)
+        .socket("vhost.sock")
+        .args(&["--metrics", &addr.to_string()]);
+    for (option, node) in [("--listen", secondary), ("--metrics", metrics)] {
+        let err = node.start_fails();
         assert!(
             err.contains(&format!("cannot listen on {option} {addr}: "))
                 && err.contains("Address already in use"),

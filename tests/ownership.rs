@@ -8,65 +8,26 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 
 use common::pair::{
-    assert_same_files, checkpoint, decision, hot_writes, qmp, query, read, s, wait_in_sync,
-    write_all, Node,
+    assert_same_files, checkpoint, decision, hot_writes, prepare_checkpoint, qmp, query, read, s,
+    wait_in_sync, write_all, Node,
 };
-use common::{pattern, Backend, Client, STARTUP_TIMEOUT};
+use common::{pattern, Backend, Client};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 16 * MIB;
 
-/// Runs colo-blk with `args`, which must refuse to start: returns its stderr. Fails the test if
-/// it starts serving (prints its ready line) or exits successfully.
-fn refused(args: &[&str]) -> String {
-    let child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn colo-blk");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(STARTUP_TIMEOUT) {
-        Ok(out) => out.expect("wait"),
-        Err(_) => {
-            // SAFETY: kill(2) on the child spawned above.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("colo-blk {args:?} was not refused: it kept running");
-        }
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success() && !stdout.contains("ready"),
-        "colo-blk {args:?} started: {stdout} {stderr}"
-    );
-    stderr
+/// A standalone process on `d/image` (of [`DISK`] bytes, or the size it has) serving
+/// `d/socket`.
+fn node(d: &Path, image: &str, socket: &str) -> Node {
+    Node::standalone(d, image, DISK).socket(socket)
 }
 
 fn standalone(d: &Path, image: &str, socket: &str, extra: &[&str]) -> Backend {
-    let mut args = vec![
-        "--image".to_string(),
-        s(&d.join(image)),
-        "--size".to_string(),
-        DISK.to_string(),
-        "--socket".to_string(),
-        s(&d.join(socket)),
-        "--num-queues".to_string(),
-        "4".to_string(),
-    ];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Backend::start_with(&refs, &d.join(socket))
+    node(d, image, socket).queues(4).args(extra).start()
 }
 
 /// A secondary listening on `port` (0: any; a restart passes the port its primary knows).
@@ -138,25 +99,16 @@ fn a_second_process_on_an_image_is_refused_naming_the_holder() {
     let data = pattern(7, 65536);
     assert_eq!(c.write(0, 4096, &data), 0);
 
-    let err = refused(&[
-        "--image",
-        &s(&d.join("a.img")),
-        "--socket",
-        &s(&d.join("b.sock")),
-    ]);
+    let err = node(d, "a.img", "b.sock").start_fails();
     let pid = a.child.id();
     assert!(
         err.contains("image") && err.contains(&format!("pid {pid}")),
         "{err}"
     );
     // A read-only export is refused too while a writer has it.
-    let err = refused(&[
-        "--image",
-        &s(&d.join("a.img")),
-        "--socket",
-        &s(&d.join("b.sock")),
-        "--read-only",
-    ]);
+    let err = node(d, "a.img", "b.sock")
+        .args(&["--read-only"])
+        .start_fails();
     assert!(err.contains(&format!("pid {pid}")), "{err}");
     // QEMU's own tools see the lock too (qemu-io writing at the offset of our data).
     if common::in_path("qemu-io") {
@@ -189,28 +141,22 @@ fn a_second_process_on_an_image_is_refused_naming_the_holder() {
 fn a_second_process_cannot_take_over_a_served_socket() {
     let dir = common::tempdir();
     let d = dir.path();
-    let a = standalone(d, "a.img", "shared.sock", &["--qmp", &s(&d.join("a.qmp"))]);
+    let a = node(d, "a.img", "shared.sock")
+        .queues(4)
+        .qmp("a.qmp")
+        .start();
     let pid = a.child.id();
-    let err = refused(&[
-        "--image",
-        &s(&d.join("b.img")),
-        "--size",
-        "1M",
-        "--socket",
-        &s(&d.join("shared.sock")),
-    ]);
+    let err = Node::standalone(d, "b.img", MIB)
+        .socket("shared.sock")
+        .start_fails();
     assert!(
         err.contains("vhost-user socket") && err.contains(&format!("pid {pid}")),
         "{err}"
     );
-    let err = refused(&[
-        "--image",
-        &s(&d.join("b.img")),
-        "--socket",
-        &s(&d.join("b.sock")),
-        "--qmp",
-        &s(&d.join("a.qmp")),
-    ]);
+    let err = Node::standalone(d, "b.img", MIB)
+        .socket("b.sock")
+        .qmp("a.qmp")
+        .start_fails();
     assert!(err.contains("QMP socket"), "{err}");
     // Both sockets still lead to the first process.
     let c = Client::connect(&d.join("shared.sock"), 1).unwrap();
@@ -229,11 +175,7 @@ fn a_layer_directory_serves_one_disk_and_is_never_emptied_for_another() {
     // Rollback data in the layers: writes after the checkpoint.
     write_some(&d.join("p.sock"), 50, 32);
     let mut pq = qmp(d, "p.qmp");
-    pq.execute(
-        "replication-prepare-checkpoint",
-        json!({"timeout-ms": 60000}),
-    )
-    .unwrap();
+    prepare_checkpoint(&mut pq);
     let layer_files = || {
         let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(d.join("layers"))
             .unwrap()
@@ -251,9 +193,8 @@ fn a_layer_directory_serves_one_disk_and_is_never_emptied_for_another() {
 
     // Another secondary (another image, another port) on the same directory, while the first
     // runs: refused by the lock.
-    let other = secondary(d, "t.img", "layers", 0, &[]).command_line();
-    let refs: Vec<&str> = other.iter().map(String::as_str).collect();
-    let err = refused(&refs);
+    let other = || secondary(d, "t.img", "layers", 0, &[]);
+    let err = other().start_fails();
     assert!(
         err.contains("layer directory") && err.contains(&format!("pid {}", sec.child.id())),
         "{err}"
@@ -264,7 +205,7 @@ fn a_layer_directory_serves_one_disk_and_is_never_emptied_for_another() {
     assert!(sec.terminate().success());
     let before = layer_files();
     assert!(before.iter().any(|(n, _)| n.starts_with("hidden-")));
-    let err = refused(&refs);
+    let err = other().start_fails();
     assert!(err.contains("belongs to disk"), "{err}");
     assert!(
         layer_files() == before,
@@ -289,12 +230,7 @@ fn a_pair_disk_served_standalone_needs_a_full_resync() {
     let (sec, p) = pair_in_sync(d, 4);
     assert!(p.terminate().success());
 
-    let err = refused(&[
-        "--image",
-        &s(&d.join("p.img")),
-        "--socket",
-        &s(&d.join("m.sock")),
-    ]);
+    let err = node(d, "p.img", "m.sock").start_fails();
     assert!(err.contains("--detach-replication"), "{err}");
     // Read-only maintenance is fine.
     let ro = standalone(d, "p.img", "m.sock", &["--read-only"]);
@@ -397,25 +333,12 @@ fn share_rw_backends_share_an_image_and_keep_exclusive_writers_out() {
     let mut c = Client::connect(&d.join("dst.sock"), 1).unwrap();
     assert_eq!(c.read(0, 0, 8192).unwrap(), data);
     drop(c);
-    let err = refused(&[
-        "--image",
-        &s(&d.join("m.img")),
-        "--socket",
-        &s(&d.join("x.sock")),
-    ]);
+    let err = node(d, "m.img", "x.sock").start_fails();
     assert!(err.contains("in use by pid"), "{err}");
-    let err = refused(&[
-        "--role",
-        "primary",
-        "--insecure-link",
-        "--peer",
-        "127.0.0.1:9",
-        "--image",
-        &s(&d.join("m.img")),
-        "--socket",
-        &s(&d.join("p.sock")),
-        "--share-rw",
-    ]);
+    let err = Node::primary(d, "m.img", DISK, 9)
+        .socket("p.sock")
+        .args(&["--share-rw"])
+        .start_fails();
     assert!(err.contains("--share-rw only applies"), "{err}");
     drop((src, dst));
 }

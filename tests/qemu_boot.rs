@@ -17,12 +17,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{pattern, tempdir, Backend};
+use common::needs::Needs;
+use common::qemu::Proc;
+use common::{guest_dir, pattern, poll, tempdir, Backend};
 
 const IMAGE_SIZE: u64 = 64 << 20;
 const NUM_QUEUES: usize = 2;
@@ -50,19 +51,7 @@ fn qemu_binary() -> String {
 /// The QEMU binary, or `None` after saying loudly why the test is skipped (CI fails instead).
 fn qemu_or_skip() -> Option<String> {
     let qemu = qemu_binary();
-    if common::in_path(&qemu) {
-        return Some(qemu);
-    }
-    common::qemu::skip(
-        &format!("{qemu} is not installed, but CI must run the QEMU test (see .ci/run)"),
-        &format!(
-            "\n**************************************************************\n\
-             *** SKIPPED: QEMU not installed ({qemu} not in PATH)\n\
-             *** install it as .ci/run does to run qemu_boot\n\
-             **************************************************************"
-        ),
-    );
-    None
+    Needs::of("qemu_boot").tools(&[&qemu]).met().then_some(qemu)
 }
 
 fn timeout_from_env(var: &str, default_secs: u64) -> Duration {
@@ -71,88 +60,6 @@ fn timeout_from_env(var: &str, default_secs: u64) -> Duration {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default_secs);
     Duration::from_secs(secs)
-}
-
-/// Output and status of a finished child.
-struct Finished {
-    status: ExitStatus,
-    lines: Vec<String>,
-    elapsed: Duration,
-}
-
-impl Finished {
-    fn has_line(&self, marker: &str) -> bool {
-        self.lines.iter().any(|l| l.contains(marker))
-    }
-
-    fn tail(&self) -> String {
-        let start = self.lines.len().saturating_sub(60);
-        self.lines[start..].join("\n")
-    }
-}
-
-/// Runs `cmd` in its own process group, echoing its stdout and stderr to our stderr with
-/// `prefix`. Waits until both pipes are closed (the process and anything it started are
-/// gone) or `timeout` passes; then the whole process group is killed and the test fails.
-fn run_bounded(cmd: Command, prefix: &'static str, timeout: Duration) -> Finished {
-    let started = Instant::now();
-    let what = format!("{cmd:?}");
-    let (mut child, rx) = common::spawn_group(cmd, prefix);
-    let pgid = child.id() as i32;
-
-    let deadline = started + timeout;
-    let mut lines = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((_, line)) => lines.push(line),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                // SIGTERM first, so run-vm.sh removes its temporary files once QEMU quits;
-                // SIGKILL if the group has not closed its pipes 10 s later.
-                // SAFETY: kill(2) on the process group we created; no memory involved.
-                unsafe { libc::kill(-pgid, libc::SIGTERM) };
-                let grace = Instant::now() + Duration::from_secs(10);
-                while let Ok((_, line)) =
-                    rx.recv_timeout(grace.saturating_duration_since(Instant::now()))
-                {
-                    lines.push(line);
-                }
-                // SAFETY: as above.
-                unsafe { libc::kill(-pgid, libc::SIGKILL) };
-                let _ = child.wait();
-                let start = lines.len().saturating_sub(60);
-                panic!(
-                    "{what} did not finish within {timeout:?}; killed it. Last output:\n{}",
-                    lines[start..].join("\n")
-                );
-            }
-        }
-    }
-    let status = child.wait().expect("wait");
-    Finished {
-        status,
-        lines,
-        elapsed: started.elapsed(),
-    }
-}
-
-/// Builds (or reuses) the guest and returns its directory.
-fn guest_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("COLO_GUEST_DIR") {
-        return PathBuf::from(dir);
-    }
-    let dir = common::repo().join("qemu-scripts/guest");
-    let mut cmd = Command::new("bash");
-    cmd.arg(common::repo().join("qemu-scripts/build-guest.sh"))
-        .arg(&dir);
-    let done = run_bounded(cmd, "[build-guest]", Duration::from_secs(600));
-    assert!(
-        done.status.success(),
-        "qemu-scripts/build-guest.sh failed ({})",
-        done.status
-    );
-    dir
 }
 
 /// Shell lines that read every segment back with O_DIRECT and compare it with the pattern.
@@ -246,7 +153,9 @@ fn verify_script() -> String {
     s
 }
 
-fn boot(guest: &Path, socket: &Path, script: &Path, pattern_file: &Path) -> Finished {
+/// Boots the guest on `socket` running `script`, until QEMU exits; returns the finished
+/// process (its output and status) and how long it ran.
+fn boot(guest: &Path, socket: &Path, script: &Path, pattern_file: &Path) -> (Proc, Duration) {
     let mut cmd = Command::new("bash");
     cmd.arg(common::repo().join("qemu-scripts/run-vm.sh"))
         .arg("--guest")
@@ -261,25 +170,24 @@ fn boot(guest: &Path, socket: &Path, script: &Path, pattern_file: &Path) -> Fini
         .arg(script)
         .arg("--file")
         .arg(pattern_file);
-    let done = run_bounded(
-        cmd,
-        "[guest]",
-        timeout_from_env("COLO_BLK_QEMU_TIMEOUT", 120),
-    );
-    eprintln!("qemu_boot: QEMU ran for {:.1?}", done.elapsed);
-    done
+    let started = Instant::now();
+    let mut vm = Proc::spawn(cmd, "guest");
+    vm.wait_exit(timeout_from_env("COLO_BLK_QEMU_TIMEOUT", 120));
+    let elapsed = started.elapsed();
+    eprintln!("qemu_boot: QEMU ran for {elapsed:.1?}");
+    (vm, elapsed)
 }
 
-fn assert_passed(what: &str, run: &Finished) {
+fn assert_passed(what: &str, run: &Proc) {
     assert!(
         run.has_line(PASS) && !run.has_line(FAIL),
         "{what}: the guest did not report {PASS:?}. Last output:\n{}",
         run.tail()
     );
+    let status = run.exited.expect("QEMU exited");
     assert!(
-        run.status.success(),
-        "{what}: QEMU exited with {}. Last output:\n{}",
-        run.status,
+        status.success(),
+        "{what}: QEMU exited with {status}. Last output:\n{}",
         run.tail()
     );
 }
@@ -321,23 +229,29 @@ fn qemu_guest_writes_and_reads_back_across_reconnect() {
     std::fs::write(&write_sh, write_script()).unwrap();
     std::fs::write(&verify_sh, verify_script()).unwrap();
 
-    let mut backend = Backend::start(
-        &socket,
-        &image,
-        &["--size", "64M", "--num-queues", &NUM_QUEUES.to_string()],
-    );
+    let qmp = dir.path().join("b.qmp");
+    let queues = NUM_QUEUES.to_string();
+    let extra = [
+        "--size",
+        "64M",
+        "--num-queues",
+        &queues,
+        "--qmp",
+        qmp.to_str().unwrap(),
+    ];
+    let mut backend = Backend::start(&socket, &image, &extra);
 
     // Boot 1: write and read back.
-    let run1 = boot(&guest, &socket, &write_sh, &pattern_file);
+    let (run1, boot1) = boot(&guest, &socket, &write_sh, &pattern_file);
     assert_passed("first boot (write)", &run1);
     // The backend notices QEMU left and is ready for the next front-end.
-    backend.wait_for_log("disconnected");
+    backend.wait_front_end_disconnects(1);
     check_image(&image, &pat);
 
     // Boot 2: a new connection to the same backend process sees the same data.
-    let run2 = boot(&guest, &socket, &verify_sh, &pattern_file);
+    let (run2, boot2) = boot(&guest, &socket, &verify_sh, &pattern_file);
     assert_passed("second boot (verify after reconnect)", &run2);
-    backend.wait_for_log("disconnected");
+    backend.wait_front_end_disconnects(2);
     check_image(&image, &pat);
 
     assert!(
@@ -346,10 +260,7 @@ fn qemu_guest_writes_and_reads_back_across_reconnect() {
     );
     let st = backend.terminate();
     assert!(st.success(), "colo-blk exited with {st} on SIGTERM");
-    eprintln!(
-        "qemu_boot: boot 1 {:.1?}, boot 2 {:.1?}",
-        run1.elapsed, run2.elapsed
-    );
+    eprintln!("qemu_boot: boot 1 {boot1:.1?}, boot 2 {boot2:.1?}");
 }
 
 /// Guest RAM that QEMU does not share with the backend gets one clear error naming
@@ -388,7 +299,7 @@ fn guest_ram_that_is_not_shared_is_one_clear_error() {
         let dir = tempdir();
         let (socket, qmp) = (dir.path().join("vhost.sock"), dir.path().join("b.qmp"));
         let qmp_arg = qmp.display().to_string();
-        let mut backend = Backend::start(
+        let backend = Backend::start(
             &socket,
             &dir.path().join("disk.img"),
             &["--size", "16M", "--qmp", &qmp_arg],
@@ -400,30 +311,19 @@ fn guest_ram_that_is_not_shared_is_one_clear_error() {
             .arg("-chardev")
             .arg(format!("socket,id=vub,path={}", socket.display()))
             .args(["-device", "vhost-user-blk-pci,chardev=vub,num-queues=1"]);
-        let _vm = common::qemu::Proc::spawn(cmd, case);
+        let mut vm = Proc::spawn(cmd, case);
         let mut q = common::Qmp::connect(&qmp);
-        let stats = match expected {
-            Some(message) => {
-                let line = backend.wait_for_log(message);
-                assert!(
-                    line.contains("ERROR") && line.contains("memory-backend-memfd,id=mem"),
-                    "{case}: {line}"
-                );
-                q.execute("query-stats", serde_json::json!({})).unwrap()
-            }
-            None => {
-                // SeaBIOS's first reads complete; nothing is reported.
-                let deadline = Instant::now() + common::STARTUP_TIMEOUT;
-                loop {
-                    let s = q.execute("query-stats", serde_json::json!({})).unwrap();
-                    if s["queues"][0]["requests"].as_u64() > Some(0) {
-                        break s;
-                    }
-                    assert!(Instant::now() < deadline, "{case}: no request: {s}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        };
+        // The error, or (share=on) SeaBIOS's first reads completing.
+        let what = format!("{case}: an error or a completed request in query-stats");
+        let stats = poll::value(&what, common::STARTUP_TIMEOUT, || {
+            let s = q.execute("query-stats", serde_json::json!({})).unwrap();
+            let error = s["front-end-error"].as_str();
+            let seen = match expected {
+                Some(message) => error.is_some_and(|e| e.contains(message)),
+                None => s["queues"][0]["requests"].as_u64() > Some(0),
+            };
+            seen.then_some(s)
+        });
         let error = stats.get("front-end-error").and_then(|e| e.as_str());
         match expected {
             Some(_) => assert!(
@@ -431,6 +331,17 @@ fn guest_ram_that_is_not_shared_is_one_clear_error() {
                 "{case}: {stats}"
             ),
             None => assert_eq!(error, None, "{case}: {stats}"),
+        }
+        // The same error in the backend's log, at level ERROR (read after the process ended).
+        if let Some(message) = expected {
+            vm.kill();
+            let (_, log) = backend.terminate_with_log();
+            assert!(
+                log.iter().any(|l| l.contains("ERROR")
+                    && l.contains(message)
+                    && l.contains("memory-backend-memfd,id=mem")),
+                "{case}: {log:?}"
+            );
         }
     }
 }

@@ -4,13 +4,15 @@
 //! Needs `python3` with `qemu.qmp` (`pip install qemu.qmp`). Without it the test prints
 //! "SKIPPED" and passes, except when the environment variable `CI` is set: then it fails.
 
-use std::io::Write;
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use colo_blk::qmp::{args, CommandHandler, EventSender, QmpError, QmpServer, QmpVersion};
+use common::needs::Needs;
 use serde_json::{Map, Value};
 
 struct TestHandler {
@@ -37,23 +39,12 @@ impl CommandHandler for TestHandler {
     }
 }
 
-fn python_has_qemu_qmp() -> bool {
-    Command::new("python3")
-        .args(["-c", "import qemu.qmp, qemu.qmp.legacy, qemu.qmp.qmp_shell"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_python_qmp_clients() {
-    if !python_has_qemu_qmp() {
-        let msg = "python3 with qemu.qmp missing (pip install qemu.qmp)";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}");
-        }
-        // Straight to the stderr handle: libtest would capture `eprintln!`.
-        let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {msg} ***\n");
+    if !Needs::of("stock_python_qmp_clients")
+        .python("qemu.qmp, qemu.qmp.legacy, qemu.qmp.qmp_shell")
+        .met()
+    {
         return;
     }
 

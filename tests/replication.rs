@@ -5,11 +5,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::needs::Needs;
 use common::pair::{
-    checkpoint, hot_writes, kill9, prepare_checkpoint, query, read, signal, wait_connected,
-    write_all, Node,
+    checkpoint, hot_writes, kill9, prepare_checkpoint, primary_hello, query, read, signal,
+    wait_connected, write_all, Node,
 };
-use common::{pattern, Backend, Client, Qmp};
+use common::{pattern, poll, Backend, Client, Qmp, STARTUP_TIMEOUT};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -304,7 +305,7 @@ fn qmp_errors_are_reported_not_fatal() {
 /// they reach its disk, and say why.
 #[test]
 fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
-    use colo_blk::replication::protocol::{Frame, Hello, HEADER_LEN, VERSION};
+    use colo_blk::replication::protocol::{Frame, HEADER_LEN};
     use std::io::{Read, Write};
     use std::net::TcpStream;
 
@@ -316,17 +317,7 @@ fn corrupted_or_out_of_order_frames_never_reach_the_secondary_disk() {
     let gens = colo_blk::replication::metadata::Generations::fresh_primary();
     let connect = || {
         let mut t = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let hello = Frame::Hello(Hello {
-            version: VERSION,
-            disk_size: DISK,
-            block_size: 512,
-            epoch: 0,
-            sync: false,
-            dirty_log: false,
-            // What a primary on an image colo-blk has just created announces.
-            gens,
-        });
-        t.write_all(&hello.encode()).unwrap();
+        t.write_all(&primary_hello(DISK, gens).encode()).unwrap();
         let mut h = [0u8; HEADER_LEN];
         t.read_exact(&mut h).unwrap();
         let raw = Frame::parse_header(&h).unwrap();
@@ -424,15 +415,10 @@ fn a_frozen_secondary_is_declared_lost_by_heartbeat() {
 /// The stock python QMP client (`qemu.qmp`, as used by QEMU's own tooling) drives a checkpoint.
 #[test]
 fn stock_python_qmp_client_drives_a_checkpoint() {
-    let has_client = std::process::Command::new("python3")
-        .args(["-c", "import qemu.qmp"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !has_client {
-        let msg = "python3 with qemu.qmp missing (pip install qemu.qmp)";
-        assert!(std::env::var_os("CI").is_none(), "{msg}");
-        eprintln!("\n*** SKIPPED: {msg} ***\n");
+    if !Needs::of("stock_python_qmp_client_drives_a_checkpoint")
+        .python("qemu.qmp")
+        .met()
+    {
         return;
     }
     let (p, _pq, _sq) = pair(false, &[]);
@@ -592,11 +578,13 @@ fn a_failover_interrupted_by_a_crash_completes_after_the_restart() {
     let status = s.child.wait().unwrap();
     assert!(!status.success(), "secondary survived the injected fault");
     drop(svm);
-    let (mut secondary, _) = start_secondary(p.dir.path(), "secondary.img", true, p.port, &[]);
-    secondary.wait_for_log("resuming the failover");
+    let (secondary, _) = start_secondary(p.dir.path(), "secondary.img", true, p.port, &[]);
     let mut sq = Qmp::connect(&p.path("secondary.qmp"));
-    // Finished by the resumed failover, or by this call (which then waits for it).
-    let _ = sq.execute("replication-failover", json!({}));
+    // No command asks for it: the restarted process resumes the failover by itself.
+    let what = "the restarted secondary to finish the failover it resumed";
+    poll::until(what, 4 * STARTUP_TIMEOUT, || {
+        query(&mut sq)["failovers"] == 1
+    });
     let st = query(&mut sq);
     assert_eq!(st["state"], "failed-over", "{st}");
     assert!(

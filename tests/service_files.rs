@@ -12,31 +12,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use colo_blk::cli::Cli;
+use common::needs::Needs;
+use common::qemu::initrd_with_script;
+use common::{poll, repo};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Whether `tool` can be run; panics under CI when it cannot.
+/// Whether `tool` is installed; SKIPPED (a failure in CI) when it is not.
 fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is missing (.ci/run installs it)"
-        );
-        eprintln!("skipped: {tool} is not installed");
-    }
-    ok
+    Needs::of(&format!("service_files with {tool}"))
+        .tools(&[tool])
+        .met()
 }
 
 #[test]
@@ -129,6 +118,11 @@ impl Domain {
 
 impl Drop for Domain {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = format!("/var/log/libvirt/qemu/{}.log", self.0);
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            eprintln!("{log}:\n{text}");
+        }
         let _ = Domain::virsh(&["destroy", &self.0]);
         let _ = Domain::virsh(&["undefine", &self.0]);
     }
@@ -143,41 +137,13 @@ fn libvirtd() -> bool {
             .args(["-c", "qemu:///system", "version"])
             .output()
             .is_ok_and(|o| o.status.success());
-    if up {
-        return true;
-    }
-    let what = if root {
-        "no libvirtd answers on qemu:///system"
-    } else {
-        "not root"
-    };
-    common::qemu::skip(
-        &format!("libvirt boot: {what}, but CI must run it (.ci/run starts libvirtd)"),
-        &format!(
-            "\n*** the_shipped_libvirt_domain_boots_on_the_shipped_options: SKIPPED: {what}\n\
-             *** install libvirt-daemon-system, start libvirtd, run as root (see .ci/run)"
-        ),
-    )
-}
-
-/// The test guest's initramfs with `script` as /colo/test.sh appended (as run-vm.sh does).
-fn initrd_with_script(guest: &Path, dir: &Path, script: &str) -> PathBuf {
-    let root = dir.join("root");
-    std::fs::create_dir_all(root.join("colo")).unwrap();
-    std::fs::write(root.join("colo/test.sh"), script).unwrap();
-    let mut initrd = std::fs::read(guest.join("initramfs.cpio.gz")).unwrap();
-    // The kernel finds an uncompressed archive only at an aligned offset.
-    initrd.resize(initrd.len().div_ceil(512) * 512, 0);
-    let cpio = Command::new("sh")
-        .args(["-c", "find colo | cpio --quiet -o -H newc -R 0:0"])
-        .current_dir(&root)
-        .output()
-        .unwrap();
-    assert!(cpio.status.success(), "cpio failed");
-    initrd.extend_from_slice(&cpio.stdout);
-    let path = dir.join("initrd");
-    std::fs::write(&path, initrd).unwrap();
-    path
+    Needs::of("the_shipped_libvirt_domain_boots_on_the_shipped_options")
+        .root()
+        .that(
+            up || !root,
+            "a libvirtd answering on qemu:///system (libvirt-daemon-system)",
+        )
+        .met()
 }
 
 /// The shipped unit, env example and domain together on a real libvirtd: QEMU (as
@@ -276,20 +242,11 @@ fn the_shipped_libvirt_domain_boots_on_the_shipped_options() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}\n{}", qemu_log());
-    // The guest powers off when its script is done (a hang guard, not a wait for anything).
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
+    // The guest powers off when its script is done (the Domain's drop shows QEMU's log).
+    poll::until("the guest to power off", Duration::from_secs(300), || {
         let state = Domain::virsh(&["domstate", &name]);
-        if String::from_utf8_lossy(&state.stdout).trim() == "shut off" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest did not power off\n{}",
-            qemu_log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        String::from_utf8_lossy(&state.stdout).trim() == "shut off"
+    });
     drop(domain);
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(

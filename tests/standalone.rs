@@ -5,6 +5,7 @@ mod common;
 
 use std::io::Read;
 
+use common::pair::Node;
 use common::{pattern, Backend, Client};
 
 const MIB: u64 = 1 << 20;
@@ -199,26 +200,19 @@ fn sigterm_stops_when_the_socket_path_is_gone_or_replaced() {
     for replaced in [false, true] {
         let dir = common::tempdir();
         let (sock, img) = (dir.path().join("vhost.sock"), dir.path().join("disk.img"));
-        let args = [
-            "--socket",
-            sock.to_str().unwrap(),
-            "--image",
-            img.to_str().unwrap(),
-            "--size",
-            "4M",
-        ];
-        // The debug line the server logs before it waits in accept().
-        let mut b = Backend::start_with_env(&args, &sock, &[("RUST_LOG", "info,colo_blk=debug")]);
+        let qmp = dir.path().join("qmp.sock");
+        let extra = ["--size", "4M", "--qmp", qmp.to_str().unwrap()];
+        let b = Backend::start(&sock, &img, &extra);
         let mut c = Client::connect(&b.socket, 1).unwrap();
         assert_eq!(c.write(0, 8192, &pattern(6, 65536)), 0);
         drop(c);
-        b.wait_for_log("front-end disconnected");
-        b.wait_for_log("waiting for a front-end");
+        // Done with the client: the server waits in accept() for the next front-end.
+        b.wait_front_end_disconnects(1);
         std::fs::remove_file(&b.socket).unwrap();
         if replaced {
             std::fs::write(&b.socket, b"not a socket").unwrap();
         }
-        let status = b.terminate_logged();
+        let status = b.terminate();
         assert!(
             status.success(),
             "replaced {replaced}: exit status {status:?}"
@@ -232,47 +226,28 @@ fn sigterm_stops_when_the_socket_path_is_gone_or_replaced() {
 #[test]
 fn a_size_that_disagrees_with_the_image_is_an_error_naming_both() {
     let dir = common::tempdir();
-    let p = |n: &str| dir.path().join(n).display().to_string();
-    let (img, layers, sock) = (p("disk.img"), p("layers"), p("vhost.sock"));
+    let d = dir.path();
+    let img = d.join("disk.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len(4 * MIB)
         .unwrap();
-    let roles: [&[&str]; 3] = [
-        &["--socket", &sock],
-        &[
-            "--role",
-            "primary",
-            "--insecure-link",
-            "--peer",
-            "127.0.0.1:9",
-            "--socket",
-            &sock,
-        ],
-        &[
-            "--role",
-            "secondary",
-            "--insecure-link",
-            "--listen",
-            "127.0.0.1:0",
-            "--layer-dir",
-            &layers,
-        ],
-    ];
-    for role in roles {
-        let mut args = vec!["--image", &img, "--size", "8M"];
-        args.extend_from_slice(role);
-        let err = common::start_fails(&args);
+    let node = |role: &str, size: u64| match role {
+        "standalone" => Node::standalone(d, "disk.img", size).socket("vhost.sock"),
+        "primary" => Node::primary(d, "disk.img", size, 9).socket("vhost.sock"),
+        _ => Node::secondary(d, "disk.img", size, 0).layers("layers"),
+    };
+    for role in ["standalone", "primary", "secondary"] {
+        let err = node(role, 8 * MIB).start_fails();
         assert!(
             err.contains("--size 8.0 MiB (8388608 bytes)")
                 && err.contains("which is 4.0 MiB (4194304 bytes)"),
-            "{role:?}: {err}"
+            "{role}: {err}"
         );
         assert_eq!(std::fs::metadata(&img).unwrap().len(), 4 * MIB);
         // The size it has, given again (as scripts restarting a backend do), starts.
-        args[3] = "4M";
-        let b = Backend::start_with(&args, &dir.path().join("vhost.sock"));
-        assert!(b.terminate().success(), "{role:?}");
+        let b = node(role, 4 * MIB).start();
+        assert!(b.terminate().success(), "{role}");
     }
 }
 
@@ -298,13 +273,11 @@ fn bad_command_line_is_a_one_line_error() {
 #[test]
 fn query_stats_counts_requests_and_bytes_per_queue() {
     let dir = common::tempdir();
-    let qmp = dir.path().join("s.qmp");
-    let qmp_s = qmp.display().to_string();
-    let b = Backend::start(
-        &dir.path().join("vhost.sock"),
-        &dir.path().join("disk.img"),
-        &["--size", "8M", "--num-queues", "2", "--qmp", &qmp_s],
-    );
+    let b = Node::standalone(dir.path(), "disk.img", 8 * MIB)
+        .socket("vhost.sock")
+        .queues(2)
+        .qmp("s.qmp")
+        .start();
     let mut c = Client::connect(&b.socket, 2).expect("connect");
     for i in 0..10u64 {
         assert_eq!(c.write(0, i * 4096, &pattern(i, 4096)), 0);
@@ -316,8 +289,7 @@ fn query_stats_counts_requests_and_bytes_per_queue() {
             v
         });
     }
-    let mut q = common::Qmp::connect(&qmp);
-    let stats = q.execute("query-stats", serde_json::json!({})).unwrap();
+    let stats = b.stats();
     let queues = stats["queues"].as_array().unwrap();
     assert_eq!(queues.len(), 2);
     assert_eq!(queues[0]["requests"], 10);
@@ -366,16 +338,18 @@ fn the_socket_mode_and_group_options_set_them() {
         unsafe { libc::getegid() }
     };
     let dir = common::tempdir();
+    let node = || Node::standalone(dir.path(), "disk.img", MIB).socket("vhost.sock");
     let p = |n: &str| dir.path().join(n).display().to_string();
-    let (sock, qmp, img, g) = (p("vhost.sock"), p("s.qmp"), p("disk.img"), gid.to_string());
+    let (sock, qmp, g) = (p("vhost.sock"), p("s.qmp"), gid.to_string());
     for (extra, want) in [
         (vec!["--socket-group", &g], 0o660),
         (vec!["--socket-mode", "666", "--socket-group", &g], 0o666),
     ] {
-        let mut args = vec!["--image", &img, "--size", "1M", "--socket", &sock];
-        args.extend_from_slice(&["--qmp", &qmp, "--qmp-mode", "660", "--qmp-group", &g]);
-        args.extend_from_slice(&extra);
-        let b = Backend::start_with(&args, dir.path().join("vhost.sock").as_path());
+        let b = node()
+            .qmp("s.qmp")
+            .args(&["--qmp-mode", "660", "--qmp-group", &g])
+            .args(&extra)
+            .start();
         for (path, mode) in [(&sock, want), (&qmp, 0o660)] {
             let md = std::fs::metadata(path).unwrap();
             assert_eq!(
@@ -390,14 +364,9 @@ fn the_socket_mode_and_group_options_set_them() {
         assert!(b.terminate().success());
         assert!(!std::path::Path::new(&sock).exists(), "socket left behind");
     }
-    let err = common::start_fails(&[
-        "--image",
-        &img,
-        "--socket",
-        &sock,
-        "--socket-group",
-        "no-such-group-colo",
-    ]);
+    let err = node()
+        .args(&["--socket-group", "no-such-group-colo"])
+        .start_fails();
     assert!(
         err.contains("--socket-group: no group named 'no-such-group-colo'"),
         "{err}"
@@ -413,21 +382,12 @@ fn the_first_write_after_mapping_a_buffer_sees_it() {
     for role in ["standalone", "secondary"] {
         for i in 0..40 {
             let dir = common::tempdir();
-            let p = |n: &str| dir.path().join(n).display().to_string();
-            let (img, layers, sock) = (p("disk.img"), p("layers"), p("vhost.sock"));
-            let mut args = vec!["--image", &img, "--size", "32M", "--socket", &sock];
-            if role == "secondary" {
-                args.extend_from_slice(&[
-                    "--role",
-                    "secondary",
-                    "--insecure-link",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--layer-dir",
-                    &layers,
-                ]);
-            }
-            let b = Backend::start_with(&args, &dir.path().join("vhost.sock"));
+            let d = dir.path();
+            let node = match role {
+                "standalone" => Node::standalone(d, "disk.img", 32 * MIB),
+                _ => Node::secondary(d, "disk.img", 32 * MIB, 0).layers("layers"),
+            };
+            let b = node.socket("vhost.sock").start();
             let mut c = Client::connect(&b.socket, 1).unwrap();
             assert_eq!(
                 c.write(0, 2000 * 4096, &pattern(i, 4096)),

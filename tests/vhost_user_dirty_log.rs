@@ -43,6 +43,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
+use common::needs::Needs;
 use common::{pattern, tempdir, Backend};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserVringAddrFlags};
 use vhost::vhost_user::{
@@ -213,12 +214,16 @@ impl Device {
     /// the engine is io_uring and the kernel refuses it (outside CI).
     fn start(engine: &'static str) -> Option<Device> {
         if engine == "uring" {
-            if let Err(e) = colo_blk::storage::uring::probe() {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "io_uring must be available in CI: {e}"
-                );
-                eprintln!("SKIPPED: io_uring is unavailable on this machine ({e})");
+            let probe = colo_blk::storage::uring::probe();
+            let why = probe
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            if !Needs::of(&format!("vhost_user_dirty_log on {engine}"))
+                .that(probe.is_ok(), format!("io_uring ({why})"))
+                .met()
+            {
                 return None;
             }
         }
@@ -227,7 +232,8 @@ impl Device {
         let img = dir.path().join("disk.img");
         let image = pattern(IMAGE_SEED, IMAGE_SIZE as usize);
         std::fs::write(&img, &image).unwrap();
-        let mut backend = Backend::start(
+        let qmp = dir.path().join("qmp.sock");
+        let backend = Backend::start(
             &sock,
             &img,
             &[
@@ -237,15 +243,20 @@ impl Device {
                 "1",
                 "--poll-max-ns",
                 "0",
+                "--qmp",
+                qmp.to_str().unwrap(),
             ],
         );
-        let line = backend.wait_for_log("I/O engine:");
         let want = if engine == "uring" {
             "io_uring"
         } else {
             "threads"
         };
-        assert!(line.contains(want), "{engine}: backend chose {line:?}");
+        assert_eq!(
+            backend.io_engine(),
+            want,
+            "{engine}: the engine the backend chose"
+        );
 
         let mut fe = Frontend::connect(&sock, 1).expect("connect to colo-blk");
         fe.set_owner().expect("SET_OWNER");

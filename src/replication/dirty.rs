@@ -753,29 +753,6 @@ mod tests {
         assert_eq!(ranges.len(), 11);
     }
 
-    /// The cost of `record` when the extent is already on disk (the steady state of random
-    /// writes over a working set): `cargo test --release --lib dirty_log_fast_path -- --ignored
-    /// --nocapture` (docs/performance.md).
-    #[test]
-    #[ignore]
-    fn dirty_log_fast_path_cost() {
-        let dir = tempfile::tempdir().unwrap();
-        let cap = 1 << 30;
-        let (log, _) = DirtyLog::open(&dir.path().join("d"), cap, 4 << 20, false).unwrap();
-        let n = 2_000_000u64;
-        let offsets: Vec<u64> = (0..n).map(|i| (i * 7919 * 4096) % cap).collect();
-        // Warm-up: every extent recorded once (256 syncs).
-        for e in 0..256 {
-            drop(log.record(e * (4 << 20), 4096).unwrap());
-        }
-        let t = std::time::Instant::now();
-        for &o in &offsets {
-            drop(log.record(o, 4096).unwrap());
-        }
-        let per = t.elapsed().as_nanos() as f64 / n as f64;
-        eprintln!("dirty log fast path: {per:.1} ns per 4 KiB change (no I/O)");
-    }
-
     /// A writer whose extent another writer marked a moment ago, but whose sync has not
     /// finished, must not go ahead before that bit is durable.
     #[test]

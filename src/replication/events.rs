@@ -61,6 +61,7 @@ pub struct Error {
 
 /// `REPLICATION_SYNC_DECISION`: what a connecting pair decided from its generations, and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct SyncDecision {
     pub role: Side,
     pub peer: String,
@@ -68,6 +69,10 @@ pub struct SyncDecision {
     /// `inconsistent`, `same-disk` (the last four are refusals).
     pub decision: String,
     pub reason: String,
+    /// The checkpoint the secondary's disk holds, by its generations (absent where a primary
+    /// was refused before it learnt them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secondary_epoch: Option<u64>,
 }
 
 /// `REPLICATION_VERIFY_DONE`: an online verify ended.
@@ -324,6 +329,27 @@ mod tests {
                     role: Side::Primary,
                 }),
                 json!({"role": "primary"}),
+            ),
+            (
+                data(&SyncDecision {
+                    role: Side::Primary,
+                    peer: "p".into(),
+                    decision: "incremental".into(),
+                    reason: "r".into(),
+                    secondary_epoch: Some(4),
+                }),
+                json!({"role": "primary", "peer": "p", "decision": "incremental",
+                       "reason": "r", "secondary-epoch": 4}),
+            ),
+            (
+                data(&SyncDecision {
+                    role: Side::Primary,
+                    peer: "p".into(),
+                    decision: "refused".into(),
+                    reason: "r".into(),
+                    secondary_epoch: None,
+                }),
+                json!({"role": "primary", "peer": "p", "decision": "refused", "reason": "r"}),
             ),
             (
                 data(&Error {

@@ -400,6 +400,7 @@ impl Secondary {
             peer: addr.to_string(),
             decision: if decision.is_ok() { name } else { "refused" }.into(),
             reason: reason.clone(),
+            secondary_epoch: Some(mine.epoch),
         });
         let decision = match decision {
             Ok(d) => d,

@@ -119,47 +119,85 @@ pub struct QueueStatsSnapshot {
     pub resubmitted: u64,
 }
 
-/// The per-queue counters of a device, shared by every connection's backend, and what is
-/// known to be wrong with the front-end's setup. Cheap to clone.
+/// The per-queue counters of a device, shared by every connection's backend, and what the
+/// device reports about its front-ends and I/O engine. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct StatsHandle(Arc<[QueueStats]>, Arc<Mutex<Option<String>>>);
+pub struct StatsHandle {
+    queues: Arc<[QueueStats]>,
+    device: Arc<Mutex<DeviceReport>>,
+}
+
+/// What `query-stats` says about the device besides its queues.
+#[derive(Debug, Default)]
+struct DeviceReport {
+    /// Why the latest front-end cannot be served (`front-end-error`).
+    front_end_error: Option<String>,
+    /// Front-end connections ended and finished with (`front-end-disconnects`).
+    front_end_disconnects: u64,
+    /// The I/O engine the server chose (`io-engine`).
+    io_engine: Option<&'static str>,
+}
 
 impl StatsHandle {
     /// Zeroed counters for `num_queues` queues.
     pub(crate) fn new(num_queues: u16) -> Self {
-        StatsHandle(
-            (0..num_queues).map(|_| QueueStats::default()).collect(),
-            Arc::default(),
-        )
+        StatsHandle {
+            queues: (0..num_queues).map(|_| QueueStats::default()).collect(),
+            device: Arc::default(),
+        }
     }
 
     /// Why the latest front-end cannot be served (its guest RAM is not shared), until a
     /// front-end's first request shows shared RAM (QMP `query-stats`, `front-end-error`).
     pub fn front_end_error(&self) -> Option<String> {
-        lock(&self.1).clone()
+        lock(&self.device).front_end_error.clone()
     }
 
     pub(crate) fn set_front_end_error(&self, error: Option<String>) {
-        *lock(&self.1) = error;
+        lock(&self.device).front_end_error = error;
+    }
+
+    /// How many front-end connections ended and were finished with: their requests done, the
+    /// disk flushed, the server back to waiting for the next front-end (QMP `query-stats`,
+    /// `front-end-disconnects`).
+    pub fn front_end_disconnects(&self) -> u64 {
+        lock(&self.device).front_end_disconnects
+    }
+
+    pub(crate) fn count_front_end_disconnect(&self) {
+        lock(&self.device).front_end_disconnects += 1;
+    }
+
+    /// The I/O engine serving the queues, `io_uring` or `threads` (QMP `query-stats`,
+    /// `io-engine`); `None` before the server chose one.
+    pub fn io_engine(&self) -> Option<&'static str> {
+        lock(&self.device).io_engine
+    }
+
+    pub(crate) fn set_io_engine(&self, engine: IoEngine) {
+        lock(&self.device).io_engine = Some(match engine {
+            IoEngine::Uring => "io_uring",
+            IoEngine::Auto | IoEngine::Threads => "threads",
+        });
     }
 
     /// The counters of every queue, in queue order.
     pub fn queues(&self) -> Vec<QueueStatsSnapshot> {
-        self.0.iter().map(QueueStats::snapshot).collect()
+        self.queues.iter().map(QueueStats::snapshot).collect()
     }
 
     /// The request latency histogram of every queue, in queue order.
     pub fn latencies(&self) -> Vec<HistogramSnapshot> {
-        self.0.iter().map(|q| q.latency.snapshot()).collect()
+        self.queues.iter().map(|q| q.latency.snapshot()).collect()
     }
 
     fn queue(&self, index: usize) -> Option<&QueueStats> {
-        self.0.get(index)
+        self.queues.get(index)
     }
 
     #[cfg(test)]
     pub(crate) fn same_as(&self, other: &StatsHandle) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) && Arc::ptr_eq(&self.1, &other.1)
+        Arc::ptr_eq(&self.queues, &other.queues) && Arc::ptr_eq(&self.device, &other.device)
     }
 }
 

@@ -151,6 +151,7 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner())
             .listener = Some(dup);
         let stats = StatsHandle::new(opts.num_queues);
+        stats.set_io_engine(IoEngine::Threads);
         let pool = if io_threads > 0 {
             Some(IoPool::new(io_threads).map_err(|e| ServerError::Daemon(e.to_string()))?)
         } else {
@@ -202,6 +203,7 @@ impl Server {
                 IoEngine::Uring
             }
         };
+        self.stats.set_io_engine(self.engine);
         Ok(self)
     }
 
@@ -299,6 +301,7 @@ impl Server {
             if let Err(e) = self.disk.flush() {
                 warn!("flush after disconnect failed: {e}");
             }
+            self.stats.count_front_end_disconnect();
         }
         Ok(())
     }
@@ -333,5 +336,48 @@ mod tests {
         for _connection in 0..2 {
             assert!(server.backend().stats().same_as(&handle));
         }
+    }
+
+    /// `query-stats` names the engine the server chose and counts a front-end's connection
+    /// once the server is done with it and waits for the next one.
+    #[test]
+    fn the_stats_name_the_engine_and_count_finished_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vhost.sock");
+        let opts = DeviceOptions {
+            num_queues: 1,
+            queue_size: 16,
+            serial: String::new(),
+            read_only: false,
+            logical_block_size: 512,
+            poll_max: std::time::Duration::ZERO,
+        };
+        let disk = Arc::new(MemDisk::new(4096));
+        let server = Server::new(&socket, Access::default(), disk, opts, 0).unwrap();
+        let handle = server.stats_handle();
+        assert_eq!(handle.io_engine(), Some("threads"));
+        // A MemDisk is no raw image: even `auto` keeps the thread pool.
+        let server = server.with_io_engine(IoEngine::Auto).unwrap();
+        assert_eq!(handle.io_engine(), Some("threads"));
+        assert_eq!(handle.front_end_disconnects(), 0);
+        let control = server.control();
+        std::thread::scope(|s| {
+            let run = s.spawn(|| server.run());
+            // A front-end that connects and leaves at once, twice.
+            for n in 1..=2 {
+                drop(std::os::unix::net::UnixStream::connect(&socket).unwrap());
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while handle.front_end_disconnects() < n {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "disconnect {n} not counted"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            control.stop();
+            run.join().unwrap().unwrap();
+        });
+        assert_eq!(handle.front_end_disconnects(), 2);
     }
 }

@@ -1,13 +1,25 @@
-//! Test support: start the real `colo-blk` binary and drive it with a real vhost-user-blk
-//! client (libblkio's pure-Rust `blkio` crate). Replication pairs: [`pair`]; QEMU guests,
-//! colo-ctl and other children whose output lines the tests wait on: [`qemu`].
+//! The tests' one toolkit: start the real `colo-blk` binary ([`Backend`]; its command line from
+//! [`pair::Node`]) and drive it with a real vhost-user-blk client (libblkio's pure-Rust `blkio`
+//! crate, [`Client`]) and a QMP client ([`Qmp`]).
+//!
+//! - [`needs`]: what a test needs of the machine; skipped loudly outside CI, a failure in CI.
+//! - [`poll`]: the one deadline loop (a hang guard, never an assertion about speed).
+//! - [`pair`]: replication pairs: [`pair::Node`], the QMP waits and calls the tests repeat
+//!   (state and events only: a test never waits on a log line), disk comparison.
+//! - [`qemu`]: child processes whose output lines the tests wait on ([`qemu::Proc`]: QEMU
+//!   guests, colo-ctl), booting the test guest, the guest's record writer.
+//! - [`xcolo`]: what the x-colo tests share: the COLO QEMU, the migration into COLO, their
+//!   guest's record writer.
 //!
 //! Every tests/*.rs file is a crate of its own that uses some of this: what one does not use
 //! is allowed to be dead code.
 #![allow(dead_code)]
 
+pub mod needs;
 pub mod pair;
+pub mod poll;
 pub mod qemu;
+pub mod xcolo;
 
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
@@ -25,6 +37,8 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Backend {
     pub child: Child,
     pub socket: PathBuf,
+    /// What the process logs (also echoed to the test's stderr): read only after it ended
+    /// ([`Backend::terminate_with_log`]); tests wait on QMP, never on a log line.
     lines: mpsc::Receiver<String>,
     /// The `ready` object of the process's ready line on stdout.
     pub ready: serde_json::Value,
@@ -48,10 +62,16 @@ impl Backend {
 
     /// [`Backend::start_with`] inside the network namespace `netns` (`ip netns exec`, which
     /// execs colo-blk: the child's pid is colo-blk's).
-    pub fn start_in_netns(netns: &str, args: &[&str], socket: &Path) -> Backend {
+    pub fn start_in_netns(
+        netns: &str,
+        args: &[&str],
+        socket: &Path,
+        env: &[(&str, &str)],
+    ) -> Backend {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_colo-blk")])
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         Backend::spawn(cmd, socket)
     }
 
@@ -108,24 +128,6 @@ impl Backend {
         Backend::start_with(&refs, socket)
     }
 
-    /// Blocks until a log line contains `marker`; panics after [`STARTUP_TIMEOUT`].
-    pub fn wait_for_log(&mut self, marker: &str) -> String {
-        // A hang guard over the whole wait: a process that keeps logging other lines (a peer
-        // refused at every retry) must not keep the test waiting forever.
-        let deadline = std::time::Instant::now() + 4 * STARTUP_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left.min(STARTUP_TIMEOUT)) {
-                Ok(line) if line.contains(marker) => return line,
-                Ok(_) if left.is_zero() => {
-                    panic!("colo-blk logged other lines but never {marker:?}")
-                }
-                Ok(_) => {}
-                Err(e) => panic!("colo-blk never logged {marker:?}: {e}"),
-            }
-        }
-    }
-
     /// The port of the secondary's replication listener (from the ready line).
     pub fn listen_port(&self) -> u16 {
         let listen = self.ready["listen"].as_str().expect("no listen address");
@@ -133,27 +135,63 @@ impl Backend {
         port.parse().expect("port number")
     }
 
-    /// Sends SIGTERM and returns the exit status.
+    /// Sends SIGTERM and returns the exit status; a process still running after a hang guard
+    /// fails the test (and is killed).
     pub fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) with a pid we own; no memory involved.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let st = self.child.wait().expect("wait");
+        let st = poll::value(
+            "colo-blk to exit after SIGTERM",
+            4 * STARTUP_TIMEOUT,
+            || self.child.try_wait().expect("wait"),
+        );
         std::mem::forget(self);
         st
     }
-}
 
-impl Backend {
-    /// Sends SIGTERM, waits (at most [`STARTUP_TIMEOUT`], a hang guard) for the process to log
-    /// that it stopped, and returns the exit status.
-    pub fn terminate_logged(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) with a pid we own; no memory involved.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        // The last line of a shutdown (src/main.rs); panics (and kills) on a hang.
-        self.wait_for_log("] stopped");
-        let st = self.child.wait().expect("wait");
-        std::mem::forget(self);
-        st
+    /// [`Backend::terminate`], then every line the process logged (read to the end of its
+    /// output, so nothing is waited for).
+    pub fn terminate_with_log(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let (tx, lines) = mpsc::channel();
+        let lines = std::mem::replace(&mut self.lines, lines);
+        drop(tx);
+        let status = self.terminate();
+        (status, lines.iter().collect())
+    }
+
+    /// A QMP connection to this process's `--qmp` socket (named by its ready line).
+    pub fn qmp(&self) -> Qmp {
+        let path = self.ready["qmp"]
+            .as_str()
+            .expect("colo-blk runs without --qmp");
+        Qmp::connect(Path::new(path))
+    }
+
+    /// `query-stats`.
+    pub fn stats(&self) -> serde_json::Value {
+        self.qmp()
+            .execute("query-stats", serde_json::json!({}))
+            .expect("query-stats")
+    }
+
+    /// The I/O engine serving the queues (`query-stats`: `io_uring` or `threads`).
+    pub fn io_engine(&self) -> String {
+        let stats = self.stats();
+        let engine = stats["io-engine"].as_str();
+        engine
+            .unwrap_or_else(|| panic!("no io-engine: {stats}"))
+            .to_string()
+    }
+
+    /// Waits until `n` front-end connections have ended and the process is done with them
+    /// (`query-stats`: `front-end-disconnects`): it waits for the next front-end.
+    pub fn wait_front_end_disconnects(&self, n: u64) {
+        let mut q = self.qmp();
+        let what = format!("front-end disconnect {n} to be finished with (query-stats)");
+        poll::until(&what, 4 * STARTUP_TIMEOUT, || {
+            let stats = q.execute("query-stats", serde_json::json!({})).unwrap();
+            stats["front-end-disconnects"].as_u64() >= Some(n)
+        });
     }
 }
 
@@ -164,28 +202,35 @@ impl Drop for Backend {
     }
 }
 
-/// Runs `colo-blk` with `args`, which must fail at start-up; returns its stderr. Panics
-/// (after killing it) when it prints its ready line instead: no wait on a process that serves.
+/// Runs `colo-blk` with `args`, which must fail at start-up; returns its stderr. Fails the
+/// test (after killing it) when it prints its ready line instead, or neither exits nor
+/// prints within [`STARTUP_TIMEOUT`] (a hang guard).
 pub fn start_fails(args: &[&str]) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_colo-blk"))
         .args(args)
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn colo-blk");
     // Its stdout ends when it exits, or holds the ready line when it started.
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut ready)
-        .expect("read stdout");
-    if !ready.is_empty() {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ready = rx.recv_timeout(STARTUP_TIMEOUT);
+    let refused = matches!(&ready, Ok(line) if line.is_empty());
+    if !refused {
         let _ = child.kill();
     }
     let out = child.wait_with_output().expect("wait");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
-        ready.is_empty() && !out.status.success(),
-        "{args:?} started: {err}"
+        refused && !out.status.success(),
+        "{args:?} was not refused ({ready:?}): {err}"
     );
     err
 }
@@ -285,11 +330,17 @@ impl Client {
             per_queue[*q] += 1;
             pos += data.len();
         }
-        let mut results = vec![i32::MIN; writes.len()];
-        for (q, n) in per_queue.into_iter().enumerate() {
+        self.complete(&per_queue, writes.len())
+    }
+
+    /// Waits for `per_queue[q]` completions on each queue `q` of requests submitted with
+    /// user data `0..n`; returns their results by user data.
+    pub fn complete(&mut self, per_queue: &[usize], n: usize) -> Vec<i32> {
+        let mut results = vec![i32::MIN; n];
+        for (q, &want) in per_queue.iter().enumerate() {
             let mut done = 0;
-            while done < n {
-                let mut c = [const { MaybeUninit::<blkio::Completion>::uninit() }; 16];
+            while done < want {
+                let mut c = [const { MaybeUninit::<blkio::Completion>::uninit() }; 64];
                 let got = self.queues[q].do_io(&mut c, 1, None, None).expect("do_io");
                 for slot in &c[..got] {
                     // SAFETY: do_io initialised the first `got` completions.
@@ -350,25 +401,24 @@ pub struct Qmp {
     writer: std::os::unix::net::UnixStream,
     /// Events received while waiting for replies.
     pub events: Vec<serde_json::Value>,
+    /// How many events arrived on this connection so far (taken from `events` or not).
+    pub events_received: u64,
 }
 
 /// Connects to the unix socket `path`. A server binds (the path appears) before it listens:
 /// a connect in between is refused, and is retried for a while (a polling interval, not
 /// synchronisation).
 pub fn connect_unix(path: &Path) -> std::os::unix::net::UnixStream {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(s) => return s,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::ConnectionRefused
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+    let what = format!("{} to accept connections", path.display());
+    poll::value(
+        &what,
+        STARTUP_TIMEOUT,
+        || match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
             Err(e) => panic!("connect to {}: {e}", path.display()),
-        }
-    }
+        },
+    )
 }
 
 impl Qmp {
@@ -380,6 +430,7 @@ impl Qmp {
             reader: BufReader::new(s.try_clone().unwrap()),
             writer: s,
             events: Vec::new(),
+            events_received: 0,
         };
         let greeting = q.read_msg();
         assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
@@ -418,7 +469,7 @@ impl Qmp {
         loop {
             let m = self.read_msg();
             if m.get("event").is_some() {
-                self.events.push(m);
+                self.keep_event(m);
                 continue;
             }
             if let Some(r) = m.get("return") {
@@ -439,12 +490,25 @@ impl Qmp {
         loop {
             let m = self.read_msg();
             if m["event"] == name {
+                self.events_received += 1;
                 return m;
             }
             if m.get("event").is_some() {
-                self.events.push(m);
+                self.keep_event(m);
             }
         }
+    }
+
+    /// Blocks until the next event arrives, and keeps it in [`Qmp::events`].
+    pub fn receive_event(&mut self) {
+        let m = self.read_msg();
+        assert!(m.get("event").is_some(), "unexpected QMP message {m}");
+        self.keep_event(m);
+    }
+
+    fn keep_event(&mut self, event: serde_json::Value) {
+        self.events_received += 1;
+        self.events.push(event);
     }
 }
 
@@ -477,17 +541,21 @@ pub fn forward_output(child: &mut Child, prefix: String) -> mpsc::Receiver<(f64,
                     .to_string();
                 eprintln!("{prefix} {line}");
                 buf.clear();
-                let at = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0);
-                if tx.send((at, line)).is_err() {
+                if tx.send((wall_clock(), line)).is_err() {
                     break;
                 }
             }
         });
     }
     rx
+}
+
+/// The wall-clock time in seconds since the Unix epoch (as QMP events' timestamps).
+pub fn wall_clock() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The repository root.
@@ -520,11 +588,11 @@ pub fn guest_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let dir = repo().join("qemu-scripts/guest");
-    let st = Command::new("bash")
-        .arg(repo().join("qemu-scripts/build-guest.sh"))
-        .arg(&dir)
-        .status()
-        .expect("run build-guest.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo().join("qemu-scripts/build-guest.sh"))
+        .arg(&dir);
+    let mut build = qemu::Proc::spawn(cmd, "build-guest");
+    let st = build.wait_exit(Duration::from_secs(600));
     assert!(st.success(), "qemu-scripts/build-guest.sh failed ({st})");
     dir
 }

@@ -3,10 +3,13 @@
 //! sync decision), seeded write batches, disk comparison and signals to a backend.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use colo_blk::replication::metadata::Generations;
+use colo_blk::replication::protocol::{Frame, Hello, VERSION};
 use serde_json::{json, Value};
 
-use super::{pattern, xorshift, Backend, Client, Qmp};
+use super::{pattern, poll, xorshift, Backend, Client, Qmp};
 
 /// A path as a command-line argument.
 pub fn s(p: &Path) -> String {
@@ -14,13 +17,16 @@ pub fn s(p: &Path) -> String {
 }
 
 /// The options of one `colo-blk` process of a pair, files named relative to a test directory.
-/// Every node has `--insecure-link --heartbeat-ms 100` and, unless changed,
+/// Every node has `--heartbeat-ms 100`, unless changed `--insecure-link` and
 /// `--peer-timeout-ms 2000`; the rest is what the test asks for.
 pub struct Node {
     dir: PathBuf,
     /// `--role` and the flag naming the other side's port (`--listen` or `--peer`).
     role: &'static str,
+    host: String,
     port: u16,
+    /// The network namespace to run in (`ip netns exec`).
+    netns: Option<String>,
     image: String,
     size: u64,
     layers: Option<String>,
@@ -30,6 +36,8 @@ pub struct Node {
     cluster_size: Option<&'static str>,
     dirty_log_extent: Option<&'static str>,
     peer_timeout_ms: u64,
+    /// The link's security options; `None`: `--insecure-link`.
+    security: Option<Vec<String>>,
     extra: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -39,7 +47,9 @@ impl Node {
         Node {
             dir: dir.to_path_buf(),
             role,
+            host: "127.0.0.1".to_string(),
             port,
+            netns: None,
             image: image.to_string(),
             size,
             layers: None,
@@ -49,6 +59,7 @@ impl Node {
             cluster_size: None,
             dirty_log_extent: None,
             peer_timeout_ms: 2000,
+            security: None,
             extra: Vec::new(),
             env: Vec::new(),
         }
@@ -64,6 +75,24 @@ impl Node {
     /// 127.0.0.1:`port`.
     pub fn primary(dir: &Path, image: &str, size: u64, port: u16) -> Node {
         Node::new("primary", dir, image, size, port)
+    }
+
+    /// A standalone backend on `dir/image` (created when missing) of `size` bytes: no link
+    /// options at all.
+    pub fn standalone(dir: &Path, image: &str, size: u64) -> Node {
+        Node::new("standalone", dir, image, size, 0)
+    }
+
+    /// The address of `--listen` or `--peer` on `ip` instead of 127.0.0.1.
+    pub fn host(mut self, ip: &str) -> Node {
+        self.host = ip.to_string();
+        self
+    }
+
+    /// Runs the process in the network namespace `ns`.
+    pub fn netns(mut self, ns: &str) -> Node {
+        self.netns = Some(ns.to_string());
+        self
     }
 
     /// `--layer-dir dir/name` (a secondary's).
@@ -108,6 +137,13 @@ impl Node {
         self
     }
 
+    /// The link's security options (e.g. `--tls-psk-file F`) instead of `--insecure-link`;
+    /// empty: none at all (as an operator who forgot them).
+    pub fn security(mut self, args: &[&str]) -> Node {
+        self.security = Some(args.iter().map(|a| a.to_string()).collect());
+        self
+    }
+
     /// More arguments, after all the others.
     pub fn args(mut self, extra: &[&str]) -> Node {
         self.extra.extend(extra.iter().map(|a| a.to_string()));
@@ -124,16 +160,11 @@ impl Node {
     /// The command line of this node.
     pub fn command_line(&self) -> Vec<String> {
         let path = |name: &str| s(&self.dir.join(name));
-        let mut args: Vec<String> = ["--role", self.role, "--insecure-link", "--image"]
-            .map(String::from)
-            .to_vec();
-        args.push(path(&self.image));
+        let mut args: Vec<String> = vec!["--role".into(), self.role.into()];
+        args.extend(["--image".to_string(), path(&self.image)]);
         args.extend(["--size".to_string(), self.size.to_string()]);
-        let other = format!("127.0.0.1:{}", self.port);
-        if self.role == "secondary" {
-            args.extend(["--listen".to_string(), other]);
-        } else {
-            args.extend(["--peer".to_string(), other]);
+        if self.role != "standalone" {
+            args.extend(self.link_options());
         }
         for (flag, name) in [
             ("--layer-dir", &self.layers),
@@ -155,20 +186,42 @@ impl Node {
                 args.extend([flag.to_string(), size.to_string()]);
             }
         }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// The replication link's options: the other side, security, heartbeat and timeout.
+    fn link_options(&self) -> Vec<String> {
+        let other = format!("{}:{}", self.host, self.port);
+        let mut args = if self.role == "secondary" {
+            vec!["--listen".to_string(), other]
+        } else {
+            vec!["--peer".to_string(), other]
+        };
+        match &self.security {
+            Some(security) => args.extend(security.iter().cloned()),
+            None => args.push("--insecure-link".into()),
+        }
         args.extend([
             "--heartbeat-ms".to_string(),
             "100".to_string(),
             "--peer-timeout-ms".to_string(),
             self.peer_timeout_ms.to_string(),
         ]);
-        args.extend(self.extra.iter().cloned());
         args
+    }
+
+    /// Runs the process, which must fail at start-up; returns its stderr (see
+    /// [`super::start_fails`]).
+    pub fn start_fails(self) -> String {
+        let args = self.command_line();
+        super::start_fails(&strs(&args))
     }
 
     /// Starts the process and waits for its ready line.
     pub fn start(self) -> Backend {
         let args = self.command_line();
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let refs = strs(&args);
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
@@ -178,8 +231,31 @@ impl Node {
         let socket = self
             .dir
             .join(self.socket.as_deref().unwrap_or("unused.sock"));
-        Backend::start_with_env(&refs, &socket, &env)
+        match &self.netns {
+            Some(ns) => Backend::start_in_netns(ns, &refs, &socket, &env),
+            None => Backend::start_with_env(&refs, &socket, &env),
+        }
     }
+}
+
+/// The HELLO of a hand-rolled primary of a `disk_size` disk: asynchronous, no dirty log, at
+/// epoch 0, announcing `gens` (`Generations::fresh_primary()`: what a primary on an image
+/// colo-blk has just created announces).
+pub fn primary_hello(disk_size: u64, gens: Generations) -> Frame {
+    Frame::Hello(Hello {
+        version: VERSION,
+        disk_size,
+        block_size: 512,
+        epoch: 0,
+        sync: false,
+        dirty_log: false,
+        gens,
+    })
+}
+
+/// Borrowed strings of `args`, for APIs that take `&[&str]`.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 /// Connects to the QMP socket `dir/name`.
@@ -192,23 +268,44 @@ pub fn query(q: &mut Qmp) -> Value {
     q.execute("query-replication", json!({})).unwrap()
 }
 
-/// Waits until the primary is connected and resynced, and returns its state then (query
-/// first: the event may be older than this QMP connection).
-pub fn wait_in_sync(pq: &mut Qmp) -> Value {
-    let st = query(pq);
-    if st["state"] == "connected" && st["resync-remaining-bytes"] == 0 {
-        return st;
+/// Waits until `query-replication` satisfies `done`, and returns it: asks again after each
+/// event (every change of the link's state comes with one), and leaves the events queued.
+pub fn wait_state(q: &mut Qmp, done: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let before = q.events_received;
+        let st = query(q);
+        if done(&st) {
+            return st;
+        }
+        // An event that came with the answer may be the change: ask again before waiting.
+        if q.events_received == before {
+            q.receive_event();
+        }
     }
-    pq.wait_event("REPLICATION_RESYNC_DONE");
-    query(pq)
 }
 
-/// Waits until the primary is connected (query first, as in [`wait_in_sync`]).
-pub fn wait_connected(pq: &mut Qmp) {
-    let st = query(pq);
-    if st["state"] != "connected" {
-        pq.wait_event("REPLICATION_PEER_CONNECTED");
-    }
+/// Polls `query-replication` until `done` holds, for fields that change without an event;
+/// returns it. Fails naming `what` when `limit` passes first (a hang guard).
+pub fn poll_state(
+    q: &mut Qmp,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    poll::value(what, limit, || Some(query(q)).filter(|st| done(st)))
+}
+
+/// Waits until the primary is connected and resynced (checkpoints possible), and returns its
+/// state then.
+pub fn wait_in_sync(pq: &mut Qmp) -> Value {
+    wait_state(pq, |st| {
+        st["state"] == "connected" && st["resync-remaining-bytes"] == 0
+    })
+}
+
+/// Waits until the primary (or the secondary) is connected.
+pub fn wait_connected(q: &mut Qmp) {
+    wait_state(q, |st| st["state"] == "connected");
 }
 
 /// `replication-checkpoint` (60 s timeout); returns the new epoch.

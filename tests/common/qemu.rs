@@ -4,7 +4,6 @@
 //! guest's record writer with the host-side check of an image's records.
 
 use std::ffi::OsStr;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -12,56 +11,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::Qmp;
+use super::needs::Needs;
+use super::{poll, Qmp};
 
-/// A test that cannot run here: panics with `in_ci` when `CI` is set (CI must run it),
-/// otherwise prints `skipped` and returns false.
-pub fn skip(in_ci: &str, skipped: &str) -> bool {
-    if std::env::var_os("CI").is_some() {
-        panic!("{in_ci}");
-    }
-    // Straight to stderr, not eprintln!: the test harness would capture that for a passing test.
-    let _ = writeln!(std::io::stderr(), "{skipped}");
-    false
-}
-
-/// True when python `qemu.qmp` (and, with `qemu`, QEMU) is there; otherwise prints SKIPPED
-/// (or panics in CI).
+/// True when python `qemu.qmp` (and, with `qemu`, QEMU) is there; otherwise SKIPPED (a failure
+/// in CI, see [`Needs::met`]).
 pub fn prerequisites(test: &str, qemu: bool) -> bool {
-    let have_qemu = !qemu || super::in_path("qemu-system-x86_64");
-    let qmp = Command::new("python3")
-        .args(["-c", "import qemu.qmp"])
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if have_qemu && qmp {
-        return true;
-    }
-    let what = if have_qemu {
-        "python qemu.qmp not installed"
-    } else {
-        "QEMU not installed"
-    };
-    skip(
-        &format!("{test}: {what}, but CI must run the QEMU tests (see .ci/run)"),
-        &format!(
-            "\n*** {test}: SKIPPED: {what}\n*** install qemu-system-x86 and `pip install \
-             qemu.qmp` (see .ci/run)"
-        ),
-    )
+    let qemu: &[&str] = if qemu { &["qemu-system-x86_64"] } else { &[] };
+    Needs::of(test).tools(qemu).python("qemu.qmp").met()
 }
 
-/// True when every e2fsprogs tool in `tools` is installed; otherwise prints SKIPPED (or
-/// panics in CI).
+/// True when every e2fsprogs tool in `tools` is installed; otherwise SKIPPED (a failure in CI).
 pub fn e2fsprogs(test: &str, tools: &[&str]) -> bool {
-    if tools.iter().all(|t| super::in_path(t)) {
-        return true;
-    }
-    skip(
-        &format!("{test}: e2fsprogs missing in CI"),
-        &format!("\n*** {test}: SKIPPED: e2fsprogs not installed"),
-    )
+    Needs::of(test).tools(tools).met()
 }
 
 // ---- processes -------------------------------------------------------------------------------
@@ -80,7 +42,19 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` as by [`super::spawn_group`], its output prefixed `[name]`.
     pub fn spawn(cmd: Command, name: &str) -> Proc {
-        let (child, rx) = super::spawn_group(cmd, &format!("[{name}]"));
+        Proc::spawn_stdin(cmd, name, Stdio::null())
+    }
+
+    /// [`Proc::spawn`] with stdin a pipe, taken out of the child and returned (a guest's
+    /// serial console: what is written there is typed on it).
+    pub fn spawn_with_stdin(cmd: Command, name: &str) -> (Proc, ChildStdin) {
+        let mut p = Proc::spawn_stdin(cmd, name, Stdio::piped());
+        let stdin = p.child.stdin.take().expect("stdin");
+        (p, stdin)
+    }
+
+    fn spawn_stdin(cmd: Command, name: &str, stdin: Stdio) -> Proc {
+        let (child, rx) = super::spawn_group_stdin(cmd, &format!("[{name}]"), stdin);
         Proc {
             name: name.to_string(),
             child,
@@ -88,21 +62,6 @@ impl Proc {
             lines: Vec::new(),
             exited: None,
         }
-    }
-
-    /// [`Proc::spawn`] with stdin a pipe, taken out of the child and returned (a guest's
-    /// serial console: what is written there is typed on it).
-    pub fn spawn_with_stdin(cmd: Command, name: &str) -> (Proc, ChildStdin) {
-        let (mut child, rx) = super::spawn_group_stdin(cmd, &format!("[{name}]"), Stdio::piped());
-        let stdin = child.stdin.take().expect("stdin");
-        let p = Proc {
-            name: name.to_string(),
-            child,
-            rx,
-            lines: Vec::new(),
-            exited: None,
-        };
-        (p, stdin)
     }
 
     /// The last 40 lines.
@@ -140,6 +99,20 @@ impl Proc {
                     self.tail()
                 ),
             }
+        }
+    }
+
+    /// Waits until `count` lines in all (received since the start) satisfy `pred`.
+    pub fn wait_count(
+        &mut self,
+        what: &str,
+        count: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) {
+        let seen = self.lines.iter().filter(|l| pred(&l.1)).count();
+        for _ in seen..count {
+            self.wait_line(what, timeout, &pred);
         }
     }
 
@@ -208,22 +181,10 @@ impl Drop for Proc {
     }
 }
 
-/// Boots the test guest in `guest` with `qemu-scripts/run-vm.sh`: one vhost-user-blk disk per
-/// socket (vda, vdb, ...), one queue, one CPU, `mem` of RAM, running `script` (written to
+/// Boots the test guest in `guest` with `qemu-scripts/run-vm.sh` on the QEMU binary `qemu`
+/// (`None`: run-vm.sh's default, `$QEMU` or the system's): one vhost-user-blk disk per socket
+/// (vda, vdb, ...), one queue, one CPU, `mem` of RAM, running `script` (written to
 /// `dir/name.sh`); `qmp` opens QEMU's QMP socket there.
-pub fn run_vm(
-    dir: &Path,
-    name: &str,
-    guest: &Path,
-    sockets: &[PathBuf],
-    mem: &str,
-    script: &str,
-    qmp: Option<&Path>,
-) -> Proc {
-    run_vm_on(None, dir, name, guest, sockets, mem, script, qmp)
-}
-
-/// [`run_vm`] on the QEMU binary `qemu` (`None`: run-vm.sh's default, `$QEMU` or the system's).
 #[allow(clippy::too_many_arguments)]
 pub fn run_vm_on(
     qemu: Option<&str>,
@@ -256,6 +217,33 @@ pub fn run_vm_on(
     Proc::spawn(cmd, name)
 }
 
+/// The test guest's initramfs with `script` as /colo/test.sh appended (as run-vm.sh does).
+pub fn initrd_with_script(guest: &Path, dir: &Path, script: &str) -> PathBuf {
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("colo")).unwrap();
+    std::fs::write(root.join("colo/test.sh"), script).unwrap();
+    initrd_with_tree(guest, dir, &root)
+}
+
+/// `dir/initrd`: the test guest's initramfs with a second, uncompressed cpio archive of the
+/// tree `root` appended (its files at their paths in the guest, owned by root).
+pub fn initrd_with_tree(guest: &Path, dir: &Path, root: &Path) -> PathBuf {
+    let mut initrd = std::fs::read(guest.join("initramfs.cpio.gz")).unwrap();
+    // The kernel finds an uncompressed archive only at an aligned offset.
+    initrd.resize(initrd.len().div_ceil(512) * 512, 0);
+    let cpio = Command::new("sh")
+        .arg("-c")
+        .arg("find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0")
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(cpio.status.success(), "cpio: {}", cpio.status);
+    initrd.extend_from_slice(&cpio.stdout);
+    let path = dir.join("initrd");
+    std::fs::write(&path, initrd).unwrap();
+    path
+}
+
 // ---- colo-ctl --------------------------------------------------------------------------------
 
 /// Starts `qemu-scripts/colo-ctl.py` with `args` and `env`, in `dir`.
@@ -284,16 +272,14 @@ pub fn wait_ctl(ctl: &mut Proc, name: &str, timeout: Duration) -> Value {
 /// checkpoint, so that a failover has something to roll back.
 pub fn wait_mid_epoch(qmp: &Path, bytes: u64, timeout: Duration) {
     let mut q = Qmp::connect(qmp);
-    let deadline = Instant::now() + timeout;
-    while q.execute("query-replication", json!({})).unwrap()["bytes-sent-since-checkpoint"]
-        .as_u64()
-        .unwrap()
-        < bytes
-    {
-        assert!(Instant::now() < deadline, "the guest stopped writing");
-        // A polling interval, not synchronisation.
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    poll::until(
+        "the guest to write (bytes sent since the checkpoint)",
+        timeout,
+        || {
+            let st = q.execute("query-replication", json!({})).unwrap();
+            st["bytes-sent-since-checkpoint"].as_u64().unwrap() >= bytes
+        },
+    );
 }
 
 // ---- records ---------------------------------------------------------------------------------

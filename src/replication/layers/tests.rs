@@ -2,8 +2,7 @@
 use super::*;
 use crate::storage::{Change, RawImage, RawImageOptions};
 use proptest::prelude::*;
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -601,7 +600,7 @@ fn layer_files_are_named_rotated_and_removed() {
 }
 
 /// Checkpoint correctness with little and much buffered data. (Its cost does not depend on
-/// the amount: see `checkpoint_drop_timing`, which is ignored because it measures.)
+/// the amount: `cargo bench --bench timing -- checkpoint-drop` measures it.)
 #[test]
 fn checkpoint_drops_small_and_large_buffers() {
     for buffered in [1u64 << 20, 64 << 20] {
@@ -742,88 +741,6 @@ fn concurrent_stream_svm_and_failover() {
         assert_eq!(byte, want, "byte {i}");
     }
     assert_eq!(ld.stats().hidden_bytes + ld.stats().active_bytes, 0);
-}
-
-/// Measures what a checkpoint costs with 1 MiB and 1 GiB buffered, and how long the
-/// background drop of the old layer (unlink + close of the file) takes.
-/// Run: `cargo test --lib layers::tests::checkpoint_drop_timing -- --ignored --nocapture`
-/// (set COLO_TIMING_DIR to measure on another file system than the temp dir's).
-#[test]
-#[ignore]
-fn checkpoint_drop_timing() {
-    let root = std::env::var_os("COLO_TIMING_DIR").map(PathBuf::from);
-    for size in [1u64 << 20, 1 << 30] {
-        let tmp = match &root {
-            Some(r) => tempfile::tempdir_in(r).unwrap(),
-            None => tempfile::tempdir().unwrap(),
-        };
-        let chunk = vec![0x5au8; 8 << 20];
-
-        // 1. Removing one layer-like file with `size` bytes of data, written back to disk
-        //    or still dirty in the page cache: the unlink, then the close of the last
-        //    descriptor (which frees the blocks).
-        for synced in [true, false] {
-            let path = tmp.path().join("hidden-x.img");
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .unwrap();
-            let mut pos = 0;
-            while pos < size {
-                let n = (size - pos).min(chunk.len() as u64);
-                file.write_all_at(&chunk[..n as usize], pos).unwrap();
-                pos += n;
-            }
-            if synced {
-                file.sync_all().unwrap();
-            }
-            let t = Instant::now();
-            fs::remove_file(&path).unwrap();
-            let unlink = t.elapsed();
-            let t = Instant::now();
-            drop(file);
-            let close = t.elapsed();
-            eprintln!(
-                "{:>5} MiB layer file ({}): unlink {unlink:?}, close {close:?}",
-                size >> 20,
-                if synced { "synced" } else { "dirty" }
-            );
-        }
-
-        // 2. checkpoint() with `size` bytes in hidden: call time, and time until the
-        //    background thread has removed the old files.
-        let base = raw(tmp.path(), size);
-        let ld = LayeredDisk::new(base.clone(), tmp.path().join("layers"), 65536).unwrap();
-        let mut pos = 0;
-        while pos < size {
-            let n = (size - pos).min(chunk.len() as u64);
-            base.write_at(&chunk[..n as usize], pos).unwrap();
-            pos += n;
-        }
-        let other = vec![0xa5u8; 8 << 20];
-        let mut pos = 0;
-        while pos < size {
-            let n = (size - pos).min(other.len() as u64);
-            ld.primary_write(pos, &other[..n as usize]).unwrap();
-            pos += n;
-        }
-        ld.flush().unwrap();
-        assert_eq!(ld.stats().hidden_bytes, size);
-        let t = Instant::now();
-        ld.checkpoint().unwrap();
-        let call = t.elapsed();
-        let dir = tmp.path().join("layers");
-        while layer_files(&dir) != ["active-1.img", "hidden-1.img"] {
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        let reaped = t.elapsed();
-        eprintln!(
-            "{:>5} MiB buffered: checkpoint() returned in {call:?}, \
-             old layers gone after {reaped:?}",
-            size >> 20
-        );
-    }
 }
 
 // ---- restart and COLO cuts ----

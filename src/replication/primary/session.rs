@@ -139,6 +139,7 @@ impl Primary {
                     peer: addr.clone(),
                     decision: "refused".into(),
                     reason: why.clone(),
+                    secondary_epoch: None,
                 });
                 return Err(ProtocolError::Refused(why));
             }
@@ -174,6 +175,7 @@ impl Primary {
             peer: addr.clone(),
             decision: decision.name().into(),
             reason: decision.reason().into(),
+            secondary_epoch: Some(welcome.gens.epoch),
         });
 
         // Failback: the secondary's own dirty record comes right after WELCOME; it joins this
