@@ -342,6 +342,8 @@ fn secondary_vm_power_cut_mid_stream_recovers_its_checkpoint() {
     // The same disk again: ext4 replays its journal, the secondary reopens its files.
     let (mut vm, mut console) = boot(d, &guest, &initrd, &disk, port, 2);
     wait_secondary(&mut vm);
+    // (While the guest boots, QEMU's port forward accepts the primary's connects with nobody
+    // behind them: those attempts time out and report no decision.)
     let ev = pq.wait_event("REPLICATION_SYNC_DECISION");
     let decision = ev["data"]["decision"].as_str().unwrap().to_string();
     let reason = ev["data"]["reason"].as_str().unwrap().to_string();

@@ -83,7 +83,9 @@ where
         // frame, read above, says why; otherwise the write error does.
         Ok(Ok(Frame::Error { message })) => Err(ProtocolError::Refused(message)),
         _ if sent.is_err() => Err(sent.unwrap_err().into()),
-        Err(_) => Err(ProtocolError::Refused("no answer to HELLO".into())),
+        // Silence is no refusal: nobody may be behind the address yet (a forwarded port
+        // whose guest still boots). The session retries; no sync decision is reported.
+        Err(_) => Err(ProtocolError::PeerTimeout(timing.peer_timeout)),
         Ok(Err(e)) => Err(e),
         Ok(Ok(Frame::Welcome(w))) if w.version == VERSION => Ok(w),
         Ok(Ok(Frame::Welcome(w))) => Err(ProtocolError::Refused(format!(
@@ -303,6 +305,20 @@ mod tests {
             secondary.await.unwrap(),
             ProtocolError::Refused(_)
         ));
+    }
+
+    /// An address that accepts and never answers (a forwarded port with nobody behind it yet)
+    /// is a timeout, not a refusal: no sync decision is reported for it.
+    #[tokio::test]
+    async fn a_silent_secondary_is_a_timeout_not_a_refusal() {
+        let (a, _b) = tokio::io::duplex(1 << 16);
+        let (mut ard, mut awr) = split(a);
+        let t = Timing {
+            peer_timeout: Duration::from_millis(20),
+            ..timing()
+        };
+        let e = offer(&mut ard, &mut awr, hello(), t).await.unwrap_err();
+        assert!(matches!(e, ProtocolError::PeerTimeout(_)), "{e}");
     }
 
     #[tokio::test]
