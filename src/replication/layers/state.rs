@@ -18,8 +18,11 @@ pub use crate::replication::protocol::Mark;
 
 /// Name of the state file in the layer directory.
 pub(super) const STATE_FILE: &str = "layers.state";
-/// Format 2 added `open` and `needs-resync` (docs/flush-policy.md). Format 1 files were written
-/// while every hidden layer was synced before base changed, so they are read as `"open": null`.
+/// Format 2 added `open` and `needs_resync` (docs/flush-policy.md). Format 1 files were written
+/// while every hidden layer was synced before base changed, so they are read as `"open": null`;
+/// a state with `"open": null` and no resync flag is still written as format 1, which older
+/// builds read correctly (they ignore the field): a downgrade after a clean stop works, an open
+/// state is refused by them instead of trusted.
 const FORMAT: u32 = 2;
 const FORMAT_SYNCED_LAYERS: u32 = 1;
 
@@ -157,7 +160,13 @@ impl SavedState {
     /// Replaces the state file of `dir` atomically and durably.
     pub(super) fn store(&self, media: &dyn Media, dir: &Path) -> io::Result<()> {
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        let text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        let mut st = self.clone();
+        st.format = if st.open.is_none() && !st.needs_resync {
+            FORMAT_SYNCED_LAYERS
+        } else {
+            FORMAT
+        };
+        let text = serde_json::to_vec_pretty(&st).map_err(io::Error::other)?;
         {
             let f = media.open(&tmp, Open::Truncate)?;
             f.write_at(&text, 0)?;
@@ -217,6 +226,28 @@ mod tests {
             }),
         };
         st.store(&StdMedia, dir.path()).unwrap();
+        assert_eq!(
+            SavedState::load(&StdMedia, dir.path()).unwrap(),
+            Some(st.clone())
+        );
+        // Synced layers are written as format 1 (older builds read them); open ones as 2.
+        let format = |d: &Path| -> u64 {
+            let v: serde_json::Value =
+                serde_json::from_slice(&fs::read(d.join(STATE_FILE)).unwrap()).unwrap();
+            v["format"].as_u64().unwrap()
+        };
+        assert_eq!(format(dir.path()), 1);
+        st.open = Some(7);
+        st.store(&StdMedia, dir.path()).unwrap();
+        assert_eq!(format(dir.path()), 2);
+        assert_eq!(
+            SavedState::load(&StdMedia, dir.path()).unwrap(),
+            Some(st.clone())
+        );
+        st.open = None;
+        st.needs_resync = true;
+        st.store(&StdMedia, dir.path()).unwrap();
+        assert_eq!(format(dir.path()), 2);
         assert_eq!(SavedState::load(&StdMedia, dir.path()).unwrap(), Some(st));
         fs::write(dir.path().join(STATE_FILE), b"{ broken").unwrap();
         let e = SavedState::load(&StdMedia, dir.path()).unwrap_err();
