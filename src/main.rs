@@ -226,7 +226,7 @@ fn build_secondary(cli: &Cli, common: &Common) -> Result<Built, Error> {
     let image = &common.image;
     let layered = Arc::new(LayeredDisk::new_owned(
         image.clone(),
-        &cli.layer_dir.clone().unwrap_or_default(),
+        cli.layer_dir.clone().unwrap_or_default(),
         cli.cluster_size,
         meta.gens().disk_id,
     )?);
