@@ -69,10 +69,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+type Error = Box<dyn std::error::Error>;
+
+/// A serving process, start to end (docs/architecture.md, "Start-up and shutdown").
+fn run(cli: Cli) -> Result<(), Error> {
     let common = Common::open(&cli)?;
     let built = match cli.role {
-        RoleArg::Standalone => build_standalone(&cli, &common)?,
+        RoleArg::Standalone => build_standalone(&common),
         RoleArg::Primary => build_primary(&cli, &common)?,
         RoleArg::Secondary => build_secondary(&cli, &common)?,
     };
@@ -80,8 +83,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     serving.shutdown.wait();
     serving.stop(&cli, common, built)
 }
-
-type Error = Box<dyn std::error::Error>;
 
 /// What every role starts from: the image (locked, with the files beside it), the runtime of
 /// the QMP server and the link tasks, and the event channel.
@@ -175,13 +176,14 @@ struct Built {
     listen: Option<String>,
 }
 
-fn build_standalone(_cli: &Cli, common: &Common) -> Result<Built, Error> {
-    Ok(Built {
+/// Standalone: the image itself, no replication.
+fn build_standalone(common: &Common) -> Built {
+    Built {
         disk: common.image.clone(),
         role: Role::Standalone,
         meta: None,
         listen: None,
-    })
+    }
 }
 
 /// The primary: its dirty log, the [`Primary`] over the image, its link task.
@@ -509,7 +511,7 @@ fn take_ownership(
     cli: &Cli,
     meta_path: &std::path::Path,
     dirty_log: Option<&std::path::Path>,
-) -> Result<Vec<FileLock>, Box<dyn std::error::Error>> {
+) -> Result<Vec<FileLock>, Error> {
     let mode = if cli.read_only || cli.share_rw {
         LockMode::Shared
     } else {
@@ -548,11 +550,7 @@ fn take_ownership(
 /// unless `--detach-replication` records first that the image changes outside the pair, so
 /// that the pair never counts it as in sync again without a resync. Read-only exports write
 /// nothing and need no flag.
-fn standalone_metadata(
-    cli: &Cli,
-    meta_path: &std::path::Path,
-    capacity: u64,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn standalone_metadata(cli: &Cli, meta_path: &std::path::Path, capacity: u64) -> Result<(), Error> {
     let has_meta = std::fs::metadata(meta_path).is_ok_and(|m| m.len() > 0);
     if cli.read_only || !has_meta {
         return Ok(());
@@ -615,7 +613,7 @@ fn start_metrics(
     runtime: &tokio::runtime::Runtime,
     addr: &str,
     source: colo_blk::metrics::MetricsSource,
-) -> Result<String, Box<dyn std::error::Error>> {
+) -> Result<String, Error> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(addr))
         .map_err(|e| format!("cannot listen on --metrics {addr}: {e}"))?;
@@ -634,7 +632,7 @@ fn start_qmp(
     controller: Controller,
     events: EventSender,
     stop: Arc<dyn Fn() + Send + Sync>,
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<(), Error> {
     let server = Arc::new(QmpServer::new(
         Arc::new(controller),
         events,
