@@ -65,7 +65,11 @@ fn parse_num_queues(s: &str) -> Result<u16, String> {
     Ok(v)
 }
 
-/// The process role.
+/// The process role as the operator chose it (`--role`): what `main.rs` builds. One of four
+/// role types, each for a different thing (docs/architecture.md, "Roles"): the live role
+/// object is [`crate::control::Role`], a disk's recorded history
+/// [`crate::replication::metadata::DiskRole`], the end that emits an event
+/// [`crate::replication::events::Side`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RoleArg {
     Standalone,

@@ -13,7 +13,9 @@ use crate::replication::primary::Primary;
 use crate::replication::secondary::Secondary;
 use crate::vhost_user::{QueueStatsSnapshot, StatsHandle};
 
-/// What this process is.
+/// What this process is: the role object behind the QMP commands, status and metrics. Not
+/// [`crate::cli::RoleArg`]: it holds the object, and a secondary promoted in place is a
+/// primary from then on ([`Role::effective`]).
 #[derive(Clone)]
 pub enum Role {
     Standalone,

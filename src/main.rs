@@ -14,16 +14,16 @@ use colo_blk::control::{Controller, Role};
 use colo_blk::ownership::{self, FileLock, LockMode};
 use colo_blk::qmp::{EventSender, QmpServer, QmpVersion};
 use colo_blk::replication::layers::LayeredDisk;
-use colo_blk::replication::metadata::DiskRole;
-use colo_blk::replication::metadata::{self, ImageStamp, MetaStore, Outside};
+use colo_blk::replication::metadata::{self, DiskRole, ImageStamp, MetaStore, Outside};
 use colo_blk::replication::primary::{Primary, PrimaryDevice, PrimaryOptions, ReplicatedDisk};
+
 use colo_blk::replication::secondary::{
-    FailoverLogSpec, Promotion, Secondary, SecondaryOptions, SvmDevice,
+    FailbackOptions, FailoverLogSpec, Promotion, Secondary, SecondaryOptions, SvmDevice,
 };
 use colo_blk::replication::tls::LinkSecurity;
-use colo_blk::replication::DirtyLog;
+use colo_blk::replication::{DirtyExtents, DirtyLog};
 use colo_blk::storage::{BlockDevice, RawImage, RawImageOptions};
-use colo_blk::vhost_user::{DeviceOptions, Server};
+use colo_blk::vhost_user::{DeviceOptions, Server, ServerControl};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -69,215 +69,332 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    // An image colo-blk creates now is all zeros: its metadata says so (see metadata.rs).
-    let created = cli.size.is_some() && !cli.image().exists();
-    let image = RawImage::open(&RawImageOptions {
-        path: cli.image().to_path_buf(),
-        read_only: cli.read_only,
-        direct: cli.direct,
-        create_size: cli.size,
-    })?;
-    info!(
-        "{:?} role: {} ({} bytes{}{})",
-        cli.role,
-        cli.image().display(),
-        image.capacity(),
-        if cli.read_only { ", read-only" } else { "" },
-        if cli.direct { ", O_DIRECT" } else { "" }
-    );
-    let image: Arc<dyn BlockDevice> = Arc::new(image);
-    let meta_path = cli
-        .meta
-        .clone()
-        .unwrap_or_else(|| metadata::default_path(cli.image(), ".colo-meta"));
-    // The persistent dirty log's path (primary; secondary: its failover's, and its own record
-    // as a failback target).
-    let dirty_log_path = (!cli.no_dirty_log && cli.role != RoleArg::Standalone).then(|| {
-        cli.dirty_log
-            .clone()
-            .unwrap_or_else(|| metadata::default_path(cli.image(), ".colo-dirty"))
-    });
-    // Held until the process ends: no second process reads or writes any of these files.
-    let _locks = take_ownership(&cli, &meta_path, dirty_log_path.as_deref())?;
-    if cli.role == RoleArg::Standalone {
-        standalone_metadata(&cli, &meta_path, image.capacity())?;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("colo-io")
-        .enable_all()
-        .build()?;
-    let events = EventSender::new();
-    let heartbeat = Duration::from_millis(cli.heartbeat_ms);
-    let security = match cli.role {
-        RoleArg::Standalone => LinkSecurity::Insecure,
-        _ => {
-            let opts = cli.link_security()?;
-            let s = LinkSecurity::new(&opts, cli.peer.as_deref())?;
-            match &s {
-                LinkSecurity::Insecure => warn!(
-                    "replication link: plain TCP (--insecure-link): no authentication, no \
-                     encryption"
-                ),
-                other => info!("replication link: {other:?}"),
-            }
-            s
-        }
-    };
-    let peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
+type Error = Box<dyn std::error::Error>;
 
-    // The replication metadata beside the image (both COLO roles).
-    let meta = match cli.role {
-        RoleArg::Standalone => None,
-        _ => {
-            let m = MetaStore::open(&meta_path, image.capacity(), created)?;
-            info!("replication metadata {}", meta_path.display());
-            report_outside_changes(cli.image(), m.start_run(ImageStamp::of(cli.image())?)?);
-            Some(Arc::new(m))
-        }
+/// A serving process, start to end (docs/architecture.md, "Start-up and shutdown").
+fn run(cli: Cli) -> Result<(), Error> {
+    let common = Common::open(&cli)?;
+    let built = match cli.role {
+        RoleArg::Standalone => build_standalone(&common),
+        RoleArg::Primary => build_primary(&cli, &common)?,
+        RoleArg::Secondary => build_secondary(&cli, &common)?,
     };
+    let serving = serve(&cli, &common, &built)?;
+    serving.shutdown.wait();
+    serving.stop(&cli, common, built)
+}
 
-    // The primary's options for a given peer (a primary, or a secondary promoted in place).
-    let link_opts = match cli.role {
-        RoleArg::Standalone => None,
-        _ => Some(cli.link_security()?),
-    };
-    let primary_options = {
-        let (window, sync, granularity, block_size) = (
-            cli.window,
-            cli.sync,
-            cli.dirty_granularity,
-            cli.logical_block_size,
+/// What every role starts from: the image (locked, with the files beside it), the runtime of
+/// the QMP server and the link tasks, and the event channel.
+struct Common {
+    image: Arc<dyn BlockDevice>,
+    /// This process created the image: it is all zeros (its metadata says so, see
+    /// metadata.rs).
+    created: bool,
+    meta_path: PathBuf,
+    /// The persistent dirty log's path (primary; secondary: its failover's, and its own
+    /// record as a failback target). `None`: standalone, or `--no-dirty-log`.
+    dirty_log_path: Option<PathBuf>,
+    /// Held until the process ends: no second process reads or writes any of these files.
+    _locks: Vec<FileLock>,
+    runtime: tokio::runtime::Runtime,
+    events: EventSender,
+}
+
+impl Common {
+    fn open(cli: &Cli) -> Result<Self, Error> {
+        let created = cli.size.is_some() && !cli.image().exists();
+        let image = RawImage::open(&RawImageOptions {
+            path: cli.image().to_path_buf(),
+            read_only: cli.read_only,
+            direct: cli.direct,
+            create_size: cli.size,
+        })?;
+        info!(
+            "{:?} role: {} ({} bytes{}{})",
+            cli.role,
+            cli.image().display(),
+            image.capacity(),
+            if cli.read_only { ", read-only" } else { "" },
+            if cli.direct { ", O_DIRECT" } else { "" }
         );
-        move |peer: &str| -> std::io::Result<PrimaryOptions> {
-            let security = match &link_opts {
-                Some(o) => LinkSecurity::new(o, Some(peer))?,
-                None => LinkSecurity::Insecure,
-            };
-            Ok(PrimaryOptions {
-                peer: peer.to_string(),
-                window_bytes: window,
-                sync,
-                heartbeat_interval: heartbeat,
-                peer_timeout,
-                reconnect_interval: Duration::from_secs(1),
-                dirty_granularity: granularity,
-                block_size,
-                security,
-            })
+        let image: Arc<dyn BlockDevice> = Arc::new(image);
+        let meta_path = cli
+            .meta
+            .clone()
+            .unwrap_or_else(|| metadata::default_path(cli.image(), ".colo-meta"));
+        let dirty_log_path = (!cli.no_dirty_log && cli.role != RoleArg::Standalone).then(|| {
+            cli.dirty_log
+                .clone()
+                .unwrap_or_else(|| metadata::default_path(cli.image(), ".colo-dirty"))
+        });
+        let locks = take_ownership(cli, &meta_path, dirty_log_path.as_deref())?;
+        if cli.role == RoleArg::Standalone {
+            standalone_metadata(cli, &meta_path, image.capacity())?;
         }
-    };
-    // The secondary's bound replication address (for the ready line).
-    let mut listen = None;
-    // The disk the guest (or the Secondary VM) sees, and the role object behind it.
-    let (disk, role): (Arc<dyn BlockDevice>, Role) = match cli.role {
-        RoleArg::Standalone => (image.clone(), Role::Standalone),
-        RoleArg::Primary => {
-            let meta = meta.clone().ok_or("no metadata")?;
-            let log = if let Some(path) = dirty_log_path.clone() {
-                // A disk with a history but no log: everything counts as dirty.
-                let history = !created && meta.gens().current != 0;
-                let opened =
-                    DirtyLog::open(&path, image.capacity(), cli.dirty_log_extent, history)?;
-                info!(
-                    "dirty log {} ({} extents recorded dirty)",
-                    path.display(),
-                    opened.1.len()
-                );
-                Some(opened)
-            } else {
-                None
-            };
-            let mut opts = primary_options(cli.peer.as_deref().unwrap_or_default())?;
-            opts.security = security.clone();
-            let primary = Primary::open(image.clone(), opts, events.clone(), meta, log)?;
-            runtime.spawn(primary.clone().run_link());
-            (
-                Arc::new(ReplicatedDisk::new(primary.clone())),
-                Role::Primary(primary),
-            )
-        }
-        RoleArg::Secondary => {
-            let dir = cli.layer_dir.clone().unwrap_or_default();
-            let meta = meta.clone().ok_or("no metadata")?;
-            let layered = Arc::new(LayeredDisk::new_owned(
-                image.clone(),
-                &dir,
-                cli.cluster_size,
-                meta.gens().disk_id,
-            )?);
-            // A primary's disk that wrote beyond its peer's generation diverges first.
-            let started = meta.secondary_start()?;
-            // A failback target's own record: the dirty log of its life as a primary (or as a
-            // failed-over disk), if it is a valid log of this disk.
-            let own_dirty = match (&dirty_log_path, started.role) {
-                (Some(path), DiskRole::Primary | DiskRole::FailedOver)
-                    if started.gens.bitmap != 0 =>
-                {
-                    let x = DirtyLog::peek(path, image.capacity())?;
-                    match &x {
-                        Some(x) => info!(
-                            "own dirty record {} ({} bytes) for a failback",
-                            path.display(),
-                            x.dirty_bytes()
-                        ),
-                        None => info!("no usable own dirty record at {}", path.display()),
-                    }
-                    x
-                }
-                _ => None,
-            };
-            let secondary = Secondary::new_durable(
-                layered.clone(),
-                Some(image.clone()),
-                meta,
-                SecondaryOptions {
-                    listen: cli.listen.clone().unwrap_or_default(),
-                    serves_vm: cli.socket.is_some(),
-                    heartbeat_interval: heartbeat,
-                    peer_timeout,
-                    block_size: cli.logical_block_size,
-                    allow_full_sync: cli.allow_full_sync,
-                    security: security.clone(),
-                },
-                events.clone(),
-            );
-            secondary.set_failback(cli.discard_my_data, own_dirty);
-            secondary.set_failover_log(dirty_log_path.clone().map(|path| FailoverLogSpec {
-                path,
-                extent: cli.dirty_log_extent,
-            }));
-            secondary.set_promotion(Promotion {
-                options: Box::new(primary_options),
-                runtime: runtime.handle().clone(),
-            });
-            // Before the Secondary VM can write: a failed-over disk's writes are recorded.
-            secondary.reopen_failover_log()?;
-            if layered.failover_pending() {
-                let s = secondary.clone();
-                std::thread::Builder::new()
-                    .name("colo-failover".into())
-                    .spawn(move || {
-                        if let Err(e) = s.resume_failover() {
-                            error!("resuming the failover: {e}");
-                        }
-                    })?;
-            }
-            let listener = runtime.block_on(secondary.bind())?;
-            listen = Some(listener.local_addr()?.to_string());
-            runtime.spawn(secondary.clone().run(listener));
-            (layered, Role::Secondary(secondary))
-        }
-    };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("colo-io")
+            .enable_all()
+            .build()?;
+        Ok(Common {
+            image,
+            created,
+            meta_path,
+            dirty_log_path,
+            _locks: locks,
+            runtime,
+            events: EventSender::new(),
+        })
+    }
 
-    // vhost-user server (for the secondary: only when a Secondary VM attaches).
+    /// The replication link's protection (`--peer`'s, logged) and the metadata beside the
+    /// image, the first things both COLO roles need.
+    fn colo(&self, cli: &Cli) -> Result<(LinkSecurity, Arc<MetaStore>), Error> {
+        let security = LinkSecurity::new(&cli.link_security()?, cli.peer.as_deref())?;
+        match &security {
+            LinkSecurity::Insecure => warn!(
+                "replication link: plain TCP (--insecure-link): no authentication, no \
+                 encryption"
+            ),
+            other => info!("replication link: {other:?}"),
+        }
+        let meta = MetaStore::open(&self.meta_path, self.image.capacity(), self.created)?;
+        info!("replication metadata {}", self.meta_path.display());
+        report_outside_changes(cli.image(), meta.start_run(ImageStamp::of(cli.image())?)?);
+        Ok((security, Arc::new(meta)))
+    }
+}
+
+/// A role, built: the disk the guest (or the Secondary VM) sees and the role object behind it.
+struct Built {
+    disk: Arc<dyn BlockDevice>,
+    role: Role,
+    /// The replication metadata (the COLO roles).
+    meta: Option<Arc<MetaStore>>,
+    /// The secondary's bound replication address (for the ready line).
+    listen: Option<String>,
+}
+
+/// Standalone: the image itself, no replication.
+fn build_standalone(common: &Common) -> Built {
+    Built {
+        disk: common.image.clone(),
+        role: Role::Standalone,
+        meta: None,
+        listen: None,
+    }
+}
+
+/// The primary: its dirty log, the [`Primary`] over the image, its link task.
+fn build_primary(cli: &Cli, common: &Common) -> Result<Built, Error> {
+    let (security, meta) = common.colo(cli)?;
+    let capacity = common.image.capacity();
+    let log = if let Some(path) = &common.dirty_log_path {
+        // A disk with a history but no log: everything counts as dirty.
+        let history = !common.created && meta.gens().current != 0;
+        let opened = DirtyLog::open(path, capacity, cli.dirty_log_extent, history)?;
+        info!(
+            "dirty log {} ({} extents recorded dirty)",
+            path.display(),
+            opened.1.len()
+        );
+        Some(opened)
+    } else {
+        None
+    };
+    let mut opts = primary_options(cli)?(cli.peer.as_deref().unwrap_or_default())?;
+    opts.security = security;
+    let primary = Primary::open(
+        common.image.clone(),
+        opts,
+        common.events.clone(),
+        meta.clone(),
+        log,
+    )?;
+    common.runtime.spawn(primary.clone().run_link());
+    Ok(Built {
+        disk: Arc::new(ReplicatedDisk::new(primary.clone())),
+        role: Role::Primary(primary),
+        meta: Some(meta),
+        listen: None,
+    })
+}
+
+/// The secondary: the disk buffer over the image, the [`Secondary`] with its failback
+/// settings, a failover to resume, the listener and its task.
+fn build_secondary(cli: &Cli, common: &Common) -> Result<Built, Error> {
+    let (security, meta) = common.colo(cli)?;
+    let image = &common.image;
+    let layered = Arc::new(LayeredDisk::new_owned(
+        image.clone(),
+        cli.layer_dir.clone().unwrap_or_default(),
+        cli.cluster_size,
+        meta.gens().disk_id,
+    )?);
+    let failback = FailbackOptions {
+        discard_my_data: cli.discard_my_data,
+        own_dirty: own_dirty_record(common, &meta)?,
+        failover_log: common.dirty_log_path.clone().map(|path| FailoverLogSpec {
+            path,
+            extent: cli.dirty_log_extent,
+        }),
+        promotion: Some(Promotion {
+            options: Box::new(primary_options(cli)?),
+            runtime: common.runtime.handle().clone(),
+        }),
+    };
+    let secondary = Secondary::new(
+        layered.clone(),
+        Some(image.clone()),
+        meta.clone(),
+        SecondaryOptions {
+            listen: cli.listen.clone().unwrap_or_default(),
+            serves_vm: cli.socket.is_some(),
+            heartbeat_interval: Duration::from_millis(cli.heartbeat_ms),
+            peer_timeout: Duration::from_millis(cli.peer_timeout_ms),
+            block_size: cli.logical_block_size,
+            allow_full_sync: cli.allow_full_sync,
+            security,
+        },
+        failback,
+        common.events.clone(),
+    );
+    // Before the Secondary VM can write: a failed-over disk's writes are recorded.
+    secondary.reopen_failover_log()?;
+    if layered.failover_pending() {
+        let s = secondary.clone();
+        std::thread::Builder::new()
+            .name("colo-failover".into())
+            .spawn(move || {
+                if let Err(e) = s.resume_failover() {
+                    error!("resuming the failover: {e}");
+                }
+            })?;
+    }
+    let listener = common.runtime.block_on(secondary.bind())?;
+    let listen = Some(listener.local_addr()?.to_string());
+    common.runtime.spawn(secondary.clone().run(listener));
+    Ok(Built {
+        disk: layered,
+        role: Role::Secondary(secondary),
+        meta: Some(meta),
+        listen,
+    })
+}
+
+/// A failback target's own record: the dirty log of its life as a primary (or as a
+/// failed-over disk), if it is a valid log of this disk. (A primary's disk that wrote beyond
+/// its peer's generation diverges first: `secondary_start`.)
+fn own_dirty_record(common: &Common, meta: &MetaStore) -> Result<Option<DirtyExtents>, Error> {
+    let started = meta.secondary_start()?;
+    let own_dirty = match (&common.dirty_log_path, started.role) {
+        (Some(path), DiskRole::Primary | DiskRole::FailedOver) if started.gens.bitmap != 0 => {
+            let x = DirtyLog::peek(path, common.image.capacity())?;
+            match &x {
+                Some(x) => info!(
+                    "own dirty record {} ({} bytes) for a failback",
+                    path.display(),
+                    x.dirty_bytes()
+                ),
+                None => info!("no usable own dirty record at {}", path.display()),
+            }
+            x
+        }
+        _ => None,
+    };
+    Ok(own_dirty)
+}
+
+/// The primary's options for a given peer (a primary, or a secondary promoted in place).
+fn primary_options(
+    cli: &Cli,
+) -> Result<impl Fn(&str) -> std::io::Result<PrimaryOptions> + Send + Sync + 'static, Error> {
+    let link_opts = cli.link_security()?;
+    let (window, sync, granularity, block_size) = (
+        cli.window,
+        cli.sync,
+        cli.dirty_granularity,
+        cli.logical_block_size,
+    );
+    let heartbeat = Duration::from_millis(cli.heartbeat_ms);
+    let peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
+    Ok(move |peer: &str| -> std::io::Result<PrimaryOptions> {
+        Ok(PrimaryOptions {
+            peer: peer.to_string(),
+            window_bytes: window,
+            sync,
+            heartbeat_interval: heartbeat,
+            peer_timeout,
+            reconnect_interval: Duration::from_secs(1),
+            dirty_granularity: granularity,
+            block_size,
+            security: LinkSecurity::new(&link_opts, Some(peer))?,
+        })
+    })
+}
+
+/// Stops the process, once: SIGTERM, SIGINT, QMP `quit` and the vhost-user server ending
+/// (however it ends) all request it; `run` waits for the first request.
+struct Shutdown {
+    request: Stop,
+    requested: mpsc::Receiver<()>,
+}
+
+/// Requests the shutdown.
+type Stop = Arc<dyn Fn() + Send + Sync>;
+
+impl Shutdown {
+    /// The shutdown, requested by SIGTERM and SIGINT from now on.
+    fn on_signals() -> Result<Self, Error> {
+        let (tx, requested) = mpsc::channel::<()>();
+        let request: Stop = {
+            let tx = std::sync::Mutex::new(tx);
+            Arc::new(move || {
+                if let Ok(tx) = tx.lock() {
+                    let _ = tx.send(());
+                }
+            })
+        };
+        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        let stop = request.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    info!("signal {sig}: shutting down");
+                    stop();
+                }
+            })?;
+        Ok(Shutdown { request, requested })
+    }
+
+    fn requester(&self) -> Stop {
+        self.request.clone()
+    }
+
+    /// Waits for the first request.
+    fn wait(&self) {
+        let _ = self.requested.recv();
+    }
+}
+
+/// The process serving: the shutdown it waits for and the vhost-user server's thread.
+struct Serving {
+    shutdown: Shutdown,
+    /// The server's thread (its error as text) and its stop switch.
+    server: Option<(std::thread::JoinHandle<Result<(), String>>, ServerControl)>,
+}
+
+/// Starts what serves the role: the vhost-user server (for the secondary: only when a
+/// Secondary VM attaches), the metrics endpoint and the QMP socket; prints the ready line.
+fn serve(cli: &Cli, common: &Common, built: &Built) -> Result<Serving, Error> {
     let mut server = match cli.socket.as_ref() {
         Some(socket) => Some(
             Server::new(
                 socket,
                 cli.socket_access()?,
-                disk.clone(),
+                built.disk.clone(),
                 DeviceOptions {
                     num_queues: cli.num_queues,
                     queue_size: cli.queue_size,
@@ -292,75 +409,50 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         ),
         None => None,
     };
-
-    // One shutdown path for SIGTERM, SIGINT and QMP `quit`.
-    let (stop_tx, stop_rx) = mpsc::channel::<()>();
-    let stop: Arc<dyn Fn() + Send + Sync> = {
-        let stop_tx = std::sync::Mutex::new(stop_tx);
-        Arc::new(move || {
-            if let Ok(tx) = stop_tx.lock() {
-                let _ = tx.send(());
-            }
-        })
-    };
-    let mut signals = Signals::new([SIGTERM, SIGINT])?;
-    {
-        let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    info!("signal {sig}: shutting down");
-                    stop();
-                }
-            })?;
-    }
-
+    let shutdown = Shutdown::on_signals()?;
+    let stats = server.as_ref().map(Server::stats_handle);
     let metrics = match cli.metrics.as_deref() {
         Some(addr) => Some(start_metrics(
-            &runtime,
+            &common.runtime,
             addr,
             colo_blk::metrics::MetricsSource {
-                role: role.clone(),
-                stats: server.as_ref().map(Server::stats_handle),
+                role: built.role.clone(),
+                stats: stats.clone(),
             },
         )?),
         None => None,
     };
-
     if let Some(qmp_path) = cli.qmp.clone() {
         start_qmp(
-            &runtime,
+            &common.runtime,
             qmp_path,
             cli.qmp_mode,
             cli.qmp_group_id()?,
-            Controller::new(role.clone(), server.as_ref().map(Server::stats_handle)),
-            events.clone(),
-            stop.clone(),
+            Controller::new(built.role.clone(), stats),
+            common.events.clone(),
+            shutdown.requester(),
         )?;
     }
-
     // The device tells replication about QEMU's stop/start cycle (COLO checkpoints).
     if let Some(server) = server.as_mut() {
-        match &role {
+        match &built.role {
             Role::Primary(p) => server.set_observer(Arc::new(PrimaryDevice(p.clone()))),
             Role::Secondary(s) => server.set_observer(Arc::new(SvmDevice(s.clone()))),
             Role::Standalone => {}
         }
     }
-    print_ready(&cli, listen, metrics);
+    print_ready(cli, built.listen.clone(), metrics);
     // systemd (Type=notify): the sockets are up. The vhost-user socket was bound by
     // Server::new, so a front-end may connect from now on.
     colo_blk::notify::notify_logged("READY=1\nSTATUS=serving");
-
-    let server_thread = match server {
+    let server = match server {
         Some(server) => {
             let control = server.control();
-            let stop = stop.clone();
+            let stop = shutdown.requester();
             let handle = std::thread::Builder::new()
                 .name("vhost-user".into())
                 .spawn(move || {
-                    let r = server.run();
+                    let r = server.run().map_err(|e| e.to_string());
                     // However the server ends, the process ends with it.
                     stop();
                     r
@@ -369,42 +461,47 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => None,
     };
+    Ok(Serving { shutdown, server })
+}
 
-    // Wait for a stop request (or the server failing on its own).
-    let _ = stop_rx.recv();
-    colo_blk::notify::notify_logged("STOPPING=1");
-    if let Some((handle, control)) = server_thread {
-        // In-flight requests complete, then `Server::run` returns (socket path or not).
-        control.stop();
-        match handle.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!("vhost-user server: {e}"),
-            Err(_) => error!("vhost-user server thread panicked"),
-        }
-    }
-    disk.flush()?;
-    // Nothing writes the image any more: its stamp lets the next start see other programs'
-    // changes (a secondary first stops taking the stream).
-    let quiet = match &role {
-        Role::Secondary(s) => {
-            let quiet = s.quiesce(Duration::from_secs(10));
-            if quiet {
-                s.close_layers()?;
+impl Serving {
+    /// After the shutdown request: the vhost-user server stops (in-flight requests complete),
+    /// the disk is flushed and, when nothing writes the image any more, its stamp recorded.
+    fn stop(self, cli: &Cli, common: Common, built: Built) -> Result<(), Error> {
+        colo_blk::notify::notify_logged("STOPPING=1");
+        if let Some((handle, control)) = self.server {
+            // In-flight requests complete, then `Server::run` returns (socket path or not).
+            control.stop();
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!("vhost-user server: {e}"),
+                Err(_) => error!("vhost-user server thread panicked"),
             }
-            quiet
         }
-        _ => true,
-    };
-    if let (Some(meta), true) = (&meta, quiet) {
-        image.flush()?;
-        meta.clean_stop(ImageStamp::of(cli.image())?)?;
+        built.disk.flush()?;
+        // Nothing writes the image any more: its stamp lets the next start see other
+        // programs' changes (a secondary first stops taking the stream).
+        let quiet = match &built.role {
+            Role::Secondary(s) => {
+                let quiet = s.quiesce(Duration::from_secs(10));
+                if quiet {
+                    s.close_layers()?;
+                }
+                quiet
+            }
+            _ => true,
+        };
+        if let (Some(meta), true) = (&built.meta, quiet) {
+            common.image.flush()?;
+            meta.clean_stop(ImageStamp::of(cli.image())?)?;
+        }
+        if let Some(q) = cli.qmp.as_ref() {
+            let _ = std::fs::remove_file(q);
+        }
+        common.runtime.shutdown_timeout(Duration::from_secs(1));
+        info!("stopped");
+        Ok(())
     }
-    if let Some(q) = cli.qmp.as_ref() {
-        let _ = std::fs::remove_file(q);
-    }
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    info!("stopped");
-    Ok(())
 }
 
 /// Locks every file this process owns (src/ownership.rs) before any of them is read or
@@ -414,7 +511,7 @@ fn take_ownership(
     cli: &Cli,
     meta_path: &std::path::Path,
     dirty_log: Option<&std::path::Path>,
-) -> Result<Vec<FileLock>, Box<dyn std::error::Error>> {
+) -> Result<Vec<FileLock>, Error> {
     let mode = if cli.read_only || cli.share_rw {
         LockMode::Shared
     } else {
@@ -453,11 +550,7 @@ fn take_ownership(
 /// unless `--detach-replication` records first that the image changes outside the pair, so
 /// that the pair never counts it as in sync again without a resync. Read-only exports write
 /// nothing and need no flag.
-fn standalone_metadata(
-    cli: &Cli,
-    meta_path: &std::path::Path,
-    capacity: u64,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn standalone_metadata(cli: &Cli, meta_path: &std::path::Path, capacity: u64) -> Result<(), Error> {
     let has_meta = std::fs::metadata(meta_path).is_ok_and(|m| m.len() > 0);
     if cli.read_only || !has_meta {
         return Ok(());
@@ -520,7 +613,7 @@ fn start_metrics(
     runtime: &tokio::runtime::Runtime,
     addr: &str,
     source: colo_blk::metrics::MetricsSource,
-) -> Result<String, Box<dyn std::error::Error>> {
+) -> Result<String, Error> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(addr))
         .map_err(|e| format!("cannot listen on --metrics {addr}: {e}"))?;
@@ -539,7 +632,7 @@ fn start_qmp(
     controller: Controller,
     events: EventSender,
     stop: Arc<dyn Fn() + Send + Sync>,
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<(), Error> {
     let server = Arc::new(QmpServer::new(
         Arc::new(controller),
         events,

@@ -338,7 +338,7 @@ fn run(data: &[u8]) {
         block_size: BLOCK,
         allow_full_sync: false,
     };
-    let sec = Secondary::new(Arc::new(layered), opts, EventSender::new());
+    let sec = Secondary::in_memory(Arc::new(layered), opts, EventSender::new());
 
     let answers = common::runtime().block_on(async {
         let (ours, theirs) = tokio::io::duplex(64 << 10);

@@ -9,7 +9,9 @@ use super::layers::{GroupCommitted, GroupPrepared};
 use super::metadata::MetaStatus;
 use crate::qmp::QmpEvent;
 
-/// Which side of the pair speaks.
+/// Which side of the pair speaks (the `role` member of events and `query-replication`).
+/// Only the two ends of a link: a standalone process sends no replication event, and a
+/// secondary promoted in place speaks as the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Side {

@@ -41,7 +41,9 @@ const SLOT: usize = 512;
 /// Set on a secondary while its disk is the target of a full sync: it holds no checkpoint.
 pub const FLAG_INCONSISTENT: u32 = 1;
 
-/// What a disk was used as.
+/// What a disk was used as, recorded in its metadata (a code on disk). Not the process role
+/// ([`crate::cli::RoleArg`]): a disk may have no role yet or have failed over, and a process
+/// started with one role may find its disk recorded with another (e.g. a failback target).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DiskRole {

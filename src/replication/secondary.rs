@@ -10,32 +10,36 @@
 //! One primary at a time: a connection claims the session slot atomically before its
 //! handshake, so a second primary is refused even while the first is still handshaking.
 //!
-//! `failback.rs`: the failback parts (the disk's own dirty record offered to a primary, the
-//! failed-over disk's dirty log, promotion to a primary in place).
+//! This file: the endpoint, its state, checkpoints, group checkpoints, failover, status.
+//! `session.rs`: one primary's session (the handshake decision, then the stream loop and the
+//! applier thread). `colo.rs`: the Secondary VM under COLO (markers, tentative cuts, restarts,
+//! leaving COLO). `failback.rs`: the failback parts (the disk's own dirty record offered to a
+//! primary, the failed-over disk's dirty log, promotion to a primary in place). `restart.rs`:
+//! what a restart of the Secondary VM's device is.
 
+mod colo;
 mod failback;
 mod restart;
+mod session;
 
-pub use failback::{FailoverLogSpec, Promotion};
-use restart::{Restart, Restarted};
+pub use colo::SvmDevice;
+pub use failback::{FailbackOptions, FailoverLogSpec, Promotion};
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use log::info;
+use tokio::sync::watch;
 
+use super::dirty::DirtyExtents;
 use super::events::{self, FailoverReport, SecondaryStatus, Side};
 use super::layers::{GroupPrepared, LayeredDisk};
-use super::link::{self, Stream, Timing};
-use super::metadata::{decide_with, Decision, MetaStore, SyncPolicy};
+use super::metadata::MetaStore;
 use super::metrics::ReplicationMetrics;
-use super::protocol::{Frame, Hello, Mark, ProtocolError, Welcome, VERSION};
 use super::tls::LinkSecurity;
 use crate::qmp::EventSender;
-use crate::storage::{BlockDevice, Change};
+use crate::storage::BlockDevice;
 
 /// How the secondary listens.
 #[derive(Debug, Clone)]
@@ -74,31 +78,16 @@ enum Peer {
     Streaming(String),
 }
 
-/// The Secondary VM's device, as QEMU drives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Svm {
-    /// Stopped by QEMU (a COLO checkpoint begins), or not started yet: `own` is where each
-    /// queue stood when it stopped (empty when it never ran).
-    Stopped { own: Vec<Option<u16>> },
-    /// Running since its restart.
-    Running,
-}
-
 #[derive(Debug)]
 struct SecState {
     stage: Stage,
     peer: Peer,
-    svm: Svm,
-    /// The Secondary VM's device logs dirty pages (it is in COLO).
-    svm_log_all: bool,
+    /// The Secondary VM under COLO (colo.rs).
+    svm: colo::SvmState,
     applied_seq: u64,
     bytes_since_checkpoint: u64,
     bytes_total: u64,
     last_error: Option<String>,
-    /// Markers that arrived while the Secondary VM ran (not a checkpoint's stop).
-    stops: u64,
-    /// Why the Secondary VM's memory and its disk do not match (`None`: they do).
-    svm_mismatch: Option<String>,
 }
 
 /// Errors of secondary operations.
@@ -162,20 +151,15 @@ pub struct Secondary {
 }
 
 impl Secondary {
-    /// A secondary whose metadata lives in memory, as for a freshly created disk (unit tests).
-    pub fn new(disk: Arc<LayeredDisk>, opts: SecondaryOptions, events: EventSender) -> Arc<Self> {
-        let meta = Arc::new(MetaStore::in_memory(disk.capacity()));
-        Self::new_durable(disk, None, meta, opts, events)
-    }
-
-    /// The endpoint over `disk` (the layers over `base`) with its metadata. A disk buffer
-    /// reopened after a failover (or in the middle of one) takes no stream; see
-    /// [`Secondary::resume_failover`].
-    pub fn new_durable(
+    /// The endpoint over `disk` (the layers over `base`) with its metadata, its link options
+    /// and its failback settings, all fixed from here on. A disk buffer reopened after a
+    /// failover (or in the middle of one) takes no stream; see [`Secondary::resume_failover`].
+    pub fn new(
         disk: Arc<LayeredDisk>,
         base: Option<Arc<dyn BlockDevice>>,
         meta: Arc<MetaStore>,
         opts: SecondaryOptions,
+        failback: FailbackOptions,
         events: EventSender,
     ) -> Arc<Self> {
         let stage = match (disk.is_failed_over(), disk.failover_pending()) {
@@ -192,645 +176,34 @@ impl Secondary {
             state: Mutex::new(SecState {
                 stage,
                 peer: Peer::Idle,
-                svm: Svm::Stopped { own: Vec::new() },
-                svm_log_all: false,
+                svm: colo::SvmState::default(),
                 applied_seq: 0,
                 bytes_since_checkpoint: 0,
                 bytes_total: 0,
                 last_error: None,
-                stops: 0,
-                svm_mismatch: None,
             }),
             cond: Condvar::new(),
             events,
             stop,
             metrics: ReplicationMetrics::new(),
-            fb: failback::Failback::default(),
+            fb: failback::Failback::new(failback),
             apply_gate: Mutex::new(()),
         })
     }
 
+    /// A secondary whose metadata lives in memory, as for a freshly created disk, with no
+    /// image under the layers and no failback settings (unit tests, fuzzing).
+    pub fn in_memory(
+        disk: Arc<LayeredDisk>,
+        opts: SecondaryOptions,
+        events: EventSender,
+    ) -> Arc<Self> {
+        let meta = Arc::new(MetaStore::in_memory(disk.capacity()));
+        Self::new(disk, None, meta, opts, FailbackOptions::default(), events)
+    }
+
     fn state(&self) -> MutexGuard<'_, SecState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn timing(&self) -> Timing {
-        Timing {
-            heartbeat: self.opts.heartbeat_interval,
-            peer_timeout: self.opts.peer_timeout,
-        }
-    }
-
-    /// Binds the listening socket (so that errors show at start-up).
-    pub async fn bind(&self) -> io::Result<TcpListener> {
-        let l = TcpListener::bind(&self.opts.listen).await.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot listen on --listen {}: {e}", self.opts.listen),
-            )
-        })?;
-        info!("waiting for the primary on {}", l.local_addr()?);
-        Ok(l)
-    }
-
-    /// Accepts primaries until failover; each connection is served by [`Secondary::serve`].
-    pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        let mut stop = self.stop.subscribe();
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = stop.wait_for(|s| *s) => return,
-            };
-            match accepted {
-                Ok((stream, addr)) => {
-                    if let Err(e) = stream.set_nodelay(true) {
-                        warn!("TCP_NODELAY on the link: {e}");
-                    }
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        let addr = addr.to_string();
-                        // Authenticated before anything it sends is read as a frame.
-                        match me.opts.security.accept(stream, me.opts.peer_timeout).await {
-                            Ok(stream) => me.serve(stream, addr).await,
-                            Err(e) => me.session_ended(&addr, Err(ProtocolError::Io(e))),
-                        }
-                    });
-                }
-                Err(e) => warn!("accept failed: {e}"),
-            }
-        }
-    }
-
-    /// Serves one connection: claims the session slot (or refuses the connection when another
-    /// primary holds it), runs the session, frees the slot and reports how it ended.
-    pub async fn serve<S: Stream>(self: Arc<Self>, stream: S, addr: String) {
-        let claimed = {
-            let mut st = self.state();
-            match &st.peer {
-                _ if st.stage != Stage::Receiving => {
-                    Err("the secondary has failed over and no longer takes a stream".to_string())
-                }
-                Peer::Idle => {
-                    st.peer = Peer::Handshaking(addr.clone());
-                    Ok(())
-                }
-                Peer::Handshaking(cur) | Peer::Streaming(cur) => {
-                    Err(format!("already replicating from {cur}"))
-                }
-            }
-        };
-        if let Err(msg) = claimed {
-            warn!("refusing {addr}: {msg}");
-            let (_, mut wr) = tokio::io::split(stream);
-            link::refuse(&mut wr, msg).await;
-            return;
-        }
-        let r = self.clone().session(stream, &addr).await;
-        self.session_ended(&addr, r);
-    }
-
-    fn session_ended(&self, addr: &str, r: Result<(), ProtocolError>) {
-        let reason = match &r {
-            Ok(()) => "closed".to_string(),
-            Err(e) => e.to_string(),
-        };
-        let was_streaming = {
-            let mut st = self.state();
-            let was = matches!(st.peer, Peer::Streaming(_));
-            st.peer = Peer::Idle;
-            if r.is_err() {
-                st.last_error = Some(reason.clone());
-            }
-            was
-        };
-        self.cond.notify_all();
-        if was_streaming {
-            self.metrics.unprotected();
-        }
-        if r.is_err() {
-            self.metrics.link_error();
-        }
-        if was_streaming {
-            warn!("primary {addr} gone: {reason}");
-            self.events.send(&events::PeerLost {
-                role: Side::Secondary,
-                reason,
-                dirty_bytes: None,
-            });
-        } else if let Err(e) = r {
-            error!("refused primary {addr}: {e}");
-            self.events.send(&events::Error {
-                role: Side::Secondary,
-                error: e.to_string(),
-            });
-        }
-    }
-
-    /// Whether the secondary takes `hello`'s stream: the decision from both disks' generations
-    /// ([`decide`]), or why not.
-    fn refusal(&self, hello: &Hello) -> Result<Decision, String> {
-        if let Some(why) = self.basic_refusal(hello) {
-            return Err(why);
-        }
-        match decide_with(&hello.gens, &self.meta.gens(), &self.policy(hello)) {
-            Decision::Refuse(_, why) => Err(why),
-            d => Ok(d),
-        }
-    }
-
-    /// What the decision depends on besides the generations.
-    fn policy(&self, hello: &Hello) -> SyncPolicy {
-        SyncPolicy {
-            allow_full: self.opts.allow_full_sync,
-            discard_my_data: self.discard_my_data(),
-            primary_dirty_log: hello.dirty_log,
-            secondary_dirty_log: self.own_dirty().is_some(),
-        }
-    }
-
-    /// Version, geometry and stage checks.
-    fn basic_refusal(&self, hello: &Hello) -> Option<String> {
-        if hello.version != VERSION {
-            Some(format!(
-                "protocol version {} is not supported (this secondary speaks {VERSION})",
-                hello.version
-            ))
-        } else if hello.disk_size != self.disk.capacity() {
-            Some(format!(
-                "disk size mismatch: primary has {} bytes, secondary has {}",
-                hello.disk_size,
-                self.disk.capacity()
-            ))
-        } else if hello.block_size != self.opts.block_size {
-            Some(format!(
-                "block size mismatch: primary uses {}, secondary uses {}",
-                hello.block_size, self.opts.block_size
-            ))
-        } else if self.state().stage != Stage::Receiving {
-            Some("the secondary has failed over and no longer takes a stream".into())
-        } else {
-            None
-        }
-    }
-
-    /// One session, the slot claimed: handshake, then apply the stream until it ends, the peer
-    /// fails, or failover stops it. Returns only once the applier thread has stopped.
-    async fn session<S: Stream>(
-        self: Arc<Self>,
-        stream: S,
-        addr: &str,
-    ) -> Result<(), ProtocolError> {
-        let (mut rd, mut wr) = tokio::io::split(stream);
-        let mut stop = self.stop.subscribe();
-        let hello = tokio::select! {
-            h = link::accept(&mut rd, self.timing()) => h?,
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        };
-        let mine = self.meta.gens();
-        let decision = self.refusal(&hello);
-        let (name, reason) = match &decision {
-            Ok(d) => (d.name(), d.reason().to_string()),
-            Err(why) => (
-                decide_with(&hello.gens, &mine, &self.policy(&hello)).name(),
-                why.clone(),
-            ),
-        };
-        self.events.send(&events::SyncDecision {
-            role: Side::Secondary,
-            peer: addr.to_string(),
-            decision: if decision.is_ok() { name } else { "refused" }.into(),
-            reason: reason.clone(),
-            secondary_epoch: Some(mine.epoch),
-        });
-        let decision = match decision {
-            Ok(d) => d,
-            Err(message) => {
-                warn!("refusing primary {addr} ({name}): {message}");
-                return Err(link::refuse(&mut wr, message).await);
-            }
-        };
-        info!("primary {addr}: {name}: {reason}");
-        // The source is on disk before any of its frames is (and a full sync's target is
-        // marked inconsistent until its first checkpoint).
-        // A failback's target holds no checkpoint either until the resync reached one.
-        let full = decision.overwrites();
-        let own_dirty = match &decision {
-            Decision::Failback(_) => match self.own_dirty() {
-                Some(x) => Some(x),
-                None => return Err(link::refuse(&mut wr, "failback: no dirty record".into()).await),
-            },
-            _ => None,
-        };
-        if let Err(e) = self.meta.secondary_accept(&hello.gens, full) {
-            return Err(link::refuse(&mut wr, format!("secondary metadata: {e}")).await);
-        }
-        let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
-        let welcome = Frame::Welcome(Welcome {
-            version: VERSION,
-            disk_size: self.disk.capacity(),
-            block_size: self.opts.block_size,
-            gens: mine,
-            decision: decision.code(),
-            allow_full: self.opts.allow_full_sync,
-            discard_my_data: self.discard_my_data(),
-            own_dirty: self.own_dirty().is_some(),
-        });
-        // First in the writer's queue: nothing else is queued before the applier starts.
-        let _ = out_tx.send(welcome);
-        if let Some(x) = own_dirty {
-            info!(
-                "failback: sending this disk's own dirty record ({} bytes) to {addr}",
-                x.dirty_bytes()
-            );
-            let _ = out_tx.send(Frame::PeerDirty(x));
-        }
-        {
-            let mut st = self.state();
-            st.peer = Peer::Streaming(addr.to_string());
-            st.applied_seq = 0;
-        }
-        info!(
-            "primary {addr} connected (epoch {}, {})",
-            hello.epoch,
-            if hello.sync { "sync" } else { "async" }
-        );
-        self.metrics.connected(0);
-        self.metrics.in_sync();
-        self.events.send(&events::PeerConnected {
-            role: Side::Secondary,
-            peer: addr.to_string(),
-            resync_bytes: None,
-        });
-
-        let (frame_tx, frame_rx) = mpsc::channel::<Frame>(256);
-        let applier = {
-            let me = self.clone();
-            std::thread::Builder::new()
-                .name("colo-apply".into())
-                .spawn(move || me.apply_loop(frame_rx, out_tx))?
-        };
-
-        let writer = link::write_loop(wr, out_rx, self.timing());
-        let timeout = self.opts.peer_timeout;
-        let reader = async move {
-            let mut expected = 1u64;
-            loop {
-                let f = link::read_within(&mut rd, timeout).await?;
-                match f {
-                    Frame::Heartbeat => continue,
-                    Frame::Error { message } => return Err(ProtocolError::Peer(message)),
-                    Frame::Change { .. }
-                    | Frame::Checkpoint { .. }
-                    | Frame::Marker { .. }
-                    | Frame::Verify { .. } => {
-                        if f.seq() != expected {
-                            return Err(ProtocolError::Sequence {
-                                expected,
-                                got: f.seq(),
-                            });
-                        }
-                        expected += 1;
-                        if frame_tx.send(f).await.is_err() {
-                            // The applier stopped on an error; the writer reports it.
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    other => {
-                        return Err(ProtocolError::Unexpected {
-                            got: other.kind(),
-                            expected: "a stream frame",
-                        })
-                    }
-                }
-            }
-        };
-        let r = tokio::select! {
-            r = writer => r,
-            r = reader => r,
-            _ = stop.wait_for(|s| *s) => Ok(()),
-        };
-        // Dropping the reader closed the frame channel: the applier stops.
-        let _ = tokio::task::spawn_blocking(move || applier.join()).await;
-        r
-    }
-
-    /// Applies frames in order and acknowledges them; stops at the first error (reported to
-    /// the primary in an ERROR frame) or when failover begins. What is queued is applied
-    /// together: a run of stream changes is one batch for the layers (one sync of the rollback
-    /// data per batch).
-    fn apply_loop(&self, mut rx: mpsc::Receiver<Frame>, out: mpsc::UnboundedSender<Frame>) {
-        // Acknowledge when caught up, and at least every ACK_EVERY_FRAMES frames or
-        // ACK_EVERY_BYTES bytes: the primary's window must drain steadily, not in window-sized
-        // steps (which would stall it until the whole window is applied).
-        const ACK_EVERY_FRAMES: u32 = 32;
-        const ACK_EVERY_BYTES: u64 = 1 << 20;
-        const BATCH_FRAMES: usize = 64;
-        const BATCH_BYTES: u64 = 8 << 20;
-        let mut unacked = 0u32;
-        let mut unacked_bytes = 0u64;
-        let stop = self.stop.subscribe();
-        let mut frames = Vec::with_capacity(BATCH_FRAMES);
-        while let Some(first) = rx.blocking_recv() {
-            frames.clear();
-            frames.push(first);
-            let mut bytes = 0u64;
-            while frames.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(f) => {
-                        if let Frame::Change { change, .. } = &f {
-                            bytes += change.data_len();
-                        }
-                        frames.push(f)
-                    }
-                    Err(_) => break,
-                }
-            }
-            let mut rest = &frames[..];
-            while !rest.is_empty() {
-                if *stop.borrow() {
-                    return; // failover: what is left belongs to the abandoned epoch
-                }
-                let run = rest
-                    .iter()
-                    .take_while(|f| matches!(f, Frame::Change { .. }))
-                    .count()
-                    .max(1);
-                let (group, tail) = rest.split_at(run);
-                rest = tail;
-                let last = group[group.len() - 1].seq();
-                if let [Frame::Verify {
-                    seq,
-                    offset,
-                    len,
-                    crc,
-                }] = *group
-                {
-                    // Compared at this point of the stream; the answer precedes the ACK.
-                    match self.verify_range(offset, len, crc) {
-                        Ok(matches) => {
-                            let _ = out.send(Frame::VerifyResult {
-                                seq,
-                                offset,
-                                len,
-                                matches,
-                            });
-                        }
-                        Err(e) => {
-                            let message = format!("secondary cannot verify frame {seq}: {e}");
-                            error!("{message}");
-                            let _ = out.send(Frame::Error { message });
-                            return;
-                        }
-                    }
-                }
-                let gate = self.apply_gate.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(e) = self.apply(group) {
-                    let first = group[0].seq();
-                    let which = if first == last {
-                        format!("frame {first}")
-                    } else {
-                        format!("frames {first}..={last}")
-                    };
-                    let message = format!("secondary cannot apply {which}: {e}");
-                    error!("{message}");
-                    let _ = out.send(Frame::Error { message });
-                    return;
-                }
-                self.state().applied_seq = last;
-                drop(gate);
-                unacked += group.len() as u32;
-                unacked_bytes += group
-                    .iter()
-                    .map(|f| match f {
-                        Frame::Change { change, .. } => change.data_len(),
-                        _ => 0,
-                    })
-                    .sum::<u64>();
-                let caught_up = rest.is_empty() && rx.is_empty();
-                if caught_up || unacked >= ACK_EVERY_FRAMES || unacked_bytes >= ACK_EVERY_BYTES {
-                    unacked = 0;
-                    unacked_bytes = 0;
-                    if out.send(Frame::Ack { seq: last }).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Applies a run of stream changes as one batch, or one other frame.
-    fn apply(&self, group: &[Frame]) -> io::Result<()> {
-        if let [Frame::Change { .. }, ..] = group {
-            let changes: Vec<Change<&[u8]>> = group
-                .iter()
-                .filter_map(|f| match f {
-                    Frame::Change { change, .. } => Some(change.as_slice()),
-                    _ => None,
-                })
-                .collect();
-            let r = self.disk.apply_primary_batch(&changes);
-            let applied = match &r {
-                Ok(()) => changes.len(),
-                Err(e) => e.applied,
-            };
-            let bytes: u64 = changes[..applied].iter().map(Change::data_len).sum();
-            let mut st = self.state();
-            st.bytes_since_checkpoint += bytes;
-            st.bytes_total += bytes;
-            if let Err(e) = r {
-                // What was applied is reported as applied (the frames before the bad one).
-                if let Some(f) = applied.checked_sub(1).and_then(|i| group.get(i)) {
-                    st.applied_seq = f.seq();
-                }
-                return Err(e.error);
-            }
-            return Ok(());
-        }
-        let Some(frame) = group.first() else {
-            return Ok(());
-        };
-        match frame {
-            Frame::Marker { mark, .. } => {
-                // Durable before the ACK: the disk holds the source's data at this marker.
-                self.meta.stream_epoch(mark.epoch)?;
-                self.apply_marker(mark)?
-            }
-            &Frame::Checkpoint { epoch, .. } => {
-                let t = Instant::now();
-                self.disk.checkpoint_as(epoch)?;
-                // Durable before the ACK: the disk is this checkpoint of the source.
-                self.meta.checkpoint_done(epoch)?;
-                self.state().bytes_since_checkpoint = 0;
-                self.metrics.checkpoint(t.elapsed());
-                info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
-                self.events.send(&events::Checkpoint {
-                    role: Side::Secondary,
-                    epoch,
-                });
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// A COLO marker (docs/colo-with-qemu.md): with a Secondary VM, a tentative cut its next
-    /// restart decides, whether it is stopped (a checkpoint's stop) or runs (another stop of
-    /// the primary, e.g. a user `stop`: if the primary stays stopped, QEMU's next checkpoint
-    /// gives the Secondary VM the state of this point); without one, a checkpoint of the disk.
-    fn apply_marker(&self, mark: &Mark) -> io::Result<()> {
-        if !self.opts.serves_vm {
-            let t = Instant::now();
-            self.disk.checkpoint_as(mark.epoch)?;
-            self.meta.checkpoint_done(mark.epoch)?;
-            self.state().bytes_since_checkpoint = 0;
-            self.metrics.checkpoint(t.elapsed());
-            info!("marker {}: checkpoint (no Secondary VM)", mark.epoch);
-            self.events.send(&events::Checkpoint {
-                role: Side::Secondary,
-                epoch: mark.epoch,
-            });
-            return Ok(());
-        }
-        self.disk.mark(mark.clone())?;
-        let mut st = self.state();
-        match st.svm {
-            Svm::Stopped { .. } => info!(
-                "marker {}: tentative cut (the Secondary VM is stopped)",
-                mark.epoch
-            ),
-            Svm::Running => {
-                st.stops += 1;
-                info!(
-                    "marker {}: the primary stopped while the Secondary VM runs (not a \
-                     checkpoint's stop): kept as a tentative cut for QEMU's next checkpoint",
-                    mark.epoch
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// The Secondary VM's queue `queue` runs again, from `next_avail`; on the first queue of a
-    /// restart in COLO, decides what the restart is ([`Restarted::decide`]): QEMU gave it the
-    /// primary's state of a tentative cut → the cut becomes the checkpoint before any request
-    /// runs; it resumed its own state or reset its device → nothing changes; neither → refused
-    /// loudly: the disk stays at the last checkpoint and a failover is refused until a later
-    /// checkpoint matches again.
-    fn svm_starting(&self, queue: u16, next_avail: u16) {
-        let (own, link_alive, in_colo) = {
-            let mut st = self.state();
-            let Svm::Stopped { own } = std::mem::replace(&mut st.svm, Svm::Running) else {
-                return;
-            };
-            let link_alive = matches!(st.peer, Peer::Streaming(_));
-            (own, link_alive, st.svm_log_all)
-        };
-        if self.is_failed_over() || !in_colo {
-            return;
-        }
-        let marks = self.disk.marks();
-        let restarted = Restarted {
-            queue,
-            at: next_avail,
-            own: own.get(usize::from(queue)).copied().flatten(),
-            marks: &marks,
-            link_alive,
-        };
-        let epoch = self.disk.stats().epoch;
-        match restarted.decide() {
-            Restart::Cut(cut) => self.take_cut(cut),
-            Restart::Own => info!(
-                "the Secondary VM resumed its own state (queue {queue} at {next_avail}); the \
-                 disk stays at checkpoint {epoch}"
-            ),
-            Restart::Reset => info!(
-                "the Secondary VM's guest reset its device (queue {queue} at 0); the disk \
-                 stays at checkpoint {epoch}"
-            ),
-            Restart::First => info!(
-                "the Secondary VM's device starts (queue {queue} at {next_avail}); the disk is \
-                 checkpoint {epoch}"
-            ),
-            Restart::Unmatched => self.svm_mismatch(format!(
-                "QEMU restarted the Secondary VM's queue {queue} at {next_avail}, which is \
-                 neither its own position ({}) nor that of a stop of the primary this \
-                 secondary can cut its disk at (cuts: {}); its disk stays at checkpoint \
-                 {epoch}",
-                restarted.own.map_or("unknown".into(), |o| o.to_string()),
-                describe_cuts(&marks, queue),
-            )),
-        }
-    }
-
-    /// The Secondary VM runs the primary's state of the tentative cut `cut`: it becomes the
-    /// checkpoint, and the Secondary VM's memory and disk match again.
-    fn take_cut(&self, cut: u64) {
-        let t = Instant::now();
-        let r = self
-            .disk
-            .commit_mark(cut)
-            .and_then(|()| self.meta.checkpoint_done(cut).map(drop));
-        if let Err(e) = r {
-            return self.svm_mismatch(format!(
-                "cannot make tentative cut {cut} the checkpoint: {e}"
-            ));
-        }
-        {
-            let mut st = self.state();
-            st.bytes_since_checkpoint = 0;
-            st.svm_mismatch = None;
-        }
-        self.metrics.checkpoint(t.elapsed());
-        info!("checkpoint {cut}: the Secondary VM runs the primary's state");
-        self.events.send(&events::Checkpoint {
-            role: Side::Secondary,
-            epoch: cut,
-        });
-    }
-
-    /// The Secondary VM's memory and disk do not match: REPLICATION_ERROR, and failovers are
-    /// refused (unless forced) until a checkpoint matches again.
-    fn svm_mismatch(&self, why: String) {
-        self.state().svm_mismatch = Some(why.clone());
-        self.report_svm_error(format!(
-            "{why}: the Secondary VM's memory does not match its disk; a failover to it is \
-             refused unless forced, until a later checkpoint matches"
-        ));
-    }
-
-    fn report_svm_error(&self, error: String) {
-        error!("{error}");
-        self.state().last_error = Some(error.clone());
-        self.events.send(&events::Error {
-            role: Side::Secondary,
-            error,
-        });
-    }
-
-    fn is_failed_over(&self) -> bool {
-        self.state().stage != Stage::Receiving
-    }
-
-    /// The Secondary VM's device switched dirty logging: off after on means QEMU ended COLO on
-    /// the Secondary VM (failover), so the disk becomes its own.
-    fn svm_log_all(self: &Arc<Self>, on: bool) {
-        let was = std::mem::replace(&mut self.state().svm_log_all, on);
-        if was && !on && !self.is_failed_over() {
-            info!("the Secondary VM left COLO: failing over");
-            let me = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name("colo-failover".into())
-                .spawn(move || {
-                    if let Err(e) = me.failover() {
-                        me.report_svm_error(format!(
-                            "the Secondary VM left COLO, but its disk was not failed over: {e}"
-                        ));
-                    }
-                });
-            if let Err(e) = spawned {
-                error!("cannot start the failover: {e}");
-            }
-        }
     }
 
     /// `replication-do-checkpoint` on the secondary: drop both layers now. Only while a
@@ -978,7 +351,7 @@ impl Secondary {
     /// checkpoint generation, when there is a log); the commit.
     fn failover_with(&self, force: bool) -> Result<FailoverReport, SecondaryError> {
         self.meta.failover_check(force)?;
-        if let Some(why) = self.state().svm_mismatch.clone().filter(|_| !force) {
+        if let Some(why) = self.state().svm.mismatch.clone().filter(|_| !force) {
             return Err(SecondaryError::SvmMismatch(why));
         }
         if self.disk.stats().needs_resync && !force && !self.disk.is_failed_over() {
@@ -1036,16 +409,6 @@ impl Secondary {
         self.failover_with(true)
     }
 
-    /// Whether `[offset, offset+len)` of the secondary disk has crc32c `crc`.
-    fn verify_range(&self, offset: u64, len: u64, crc: u32) -> io::Result<bool> {
-        let mut buf = vec![0u8; len as usize];
-        match &self.base {
-            Some(base) => base.read_at(&mut buf, offset)?,
-            None => self.disk.read_at(&mut buf, offset)?,
-        }
-        Ok(crc32c::crc32c(&buf) == crc)
-    }
-
     /// The secondary's counters and timestamps (for the metrics endpoint).
     pub fn metrics(&self) -> &ReplicationMetrics {
         &self.metrics
@@ -1096,7 +459,7 @@ impl Secondary {
             },
             failover_started_at: m.failover_started_at,
             failovers: m.failovers,
-            own_dirty_bytes: self.own_dirty().map(|x| x.dirty_bytes()),
+            own_dirty_bytes: self.own_dirty().map(DirtyExtents::dirty_bytes),
             group: {
                 let (epoch, g) = self.disk.group();
                 events::GroupStatus {
@@ -1106,65 +469,10 @@ impl Secondary {
                 }
             },
             colo: events::ColoStatus {
-                stops: st.stops,
+                stops: st.svm.stops,
                 cuts: self.disk.marks().iter().map(|m| m.epoch).collect(),
-                svm_mismatch: st.svm_mismatch.clone(),
+                svm_mismatch: st.svm.mismatch.clone(),
             },
-        }
-    }
-}
-
-/// The cuts' epochs and positions of `queue`, for a message.
-fn describe_cuts(marks: &[Mark], queue: u16) -> String {
-    if marks.is_empty() {
-        return "none".into();
-    }
-    let pos = |m: &Mark| match m.bases.get(usize::from(queue)).copied().flatten() {
-        Some(b) => b.to_string(),
-        None => "any".into(),
-    };
-    marks
-        .iter()
-        .map(|m| format!("{} at {}", m.epoch, pos(m)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The Secondary VM's device tells the secondary when QEMU stops and restarts it.
-pub struct SvmDevice(pub Arc<Secondary>);
-
-impl crate::vhost_user::DeviceObserver for SvmDevice {
-    fn log_all(&self, on: bool) {
-        self.0.svm_log_all(on);
-    }
-
-    fn queue_stopped(&self, queue: u16, bases: &[Option<u16>], log_all: bool) {
-        if let Some(p) = self.0.promoted() {
-            // Promoted: this VM is the primary's now (a COLO checkpoint of the new pair).
-            let device = super::primary::PrimaryDevice(p);
-            crate::vhost_user::DeviceObserver::queue_stopped(&device, queue, bases, log_all);
-            return;
-        }
-        self.0.state().svm = Svm::Stopped {
-            own: bases.to_vec(),
-        };
-    }
-
-    fn queue_starting(&self, queue: u16, next_avail: u16) {
-        self.0.svm_starting(queue, next_avail);
-    }
-
-    fn queue_previous(&self, queue: u16, at: u16) {
-        // A restarted secondary (an upgrade, a crash): where its previous process left the
-        // Secondary VM's queue is its own position, as if this process had stopped it there.
-        if let Svm::Stopped { own } = &mut self.0.state().svm {
-            let q = usize::from(queue);
-            if own.len() <= q {
-                own.resize(q + 1, None);
-            }
-            if own[q].is_none() {
-                own[q] = Some(at);
-            }
         }
     }
 }
@@ -1172,7 +480,8 @@ impl crate::vhost_user::DeviceObserver for SvmDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replication::protocol::read_frame;
+    use crate::replication::link::{self, Timing};
+    use crate::replication::protocol::{read_frame, Frame, Hello, Mark, VERSION};
     use crate::storage::{Change, MemDisk};
     use tokio::io::{split, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
@@ -1199,7 +508,10 @@ mod tests {
             allow_full_sync: false,
             security: LinkSecurity::Insecure,
         };
-        (Secondary::new(layered, opts, EventSender::new()), base)
+        (
+            Secondary::in_memory(layered, opts, EventSender::new()),
+            base,
+        )
     }
 
     fn hello() -> Hello {
@@ -1376,7 +688,10 @@ mod tests {
             security: LinkSecurity::Insecure,
             allow_full_sync: false,
         };
-        (Secondary::new(layered, opts, EventSender::new()), base)
+        (
+            Secondary::in_memory(layered, opts, EventSender::new()),
+            base,
+        )
     }
 
     fn marker(seq: u64, epoch: u64, base: u16) -> Frame {

@@ -2,10 +2,13 @@
 //! resends what the dirty record holds (after a failback handshake, joined by the secondary's
 //! own record, PEER_DIRTY), and takes acknowledgements; reconnects after a break.
 
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use log::{info, warn};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
@@ -121,6 +124,22 @@ impl Primary {
         addr: String,
     ) -> Result<(), ProtocolError> {
         let (mut rd, mut wr) = tokio::io::split(stream);
+        let (decision, peer_epoch) = self.handshake(&mut rd, &mut wr, &addr).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (session, resync) = self.open_session(&decision, peer_epoch, tx, &addr)?;
+        self.stream(rd, wr, rx, session, resync).await
+    }
+
+    /// The handshake: HELLO, the secondary's decision in WELCOME checked against this
+    /// primary's (both apply the same table), SYNC_DECISION; after a failback decision, the
+    /// secondary's own dirty record (PEER_DIRTY) joins this primary's. Returns the decision
+    /// and the secondary's checkpoint epoch.
+    async fn handshake<S: Stream>(
+        &self,
+        rd: &mut ReadHalf<S>,
+        wr: &mut WriteHalf<S>,
+        addr: &str,
+    ) -> Result<(Decision, u64), ProtocolError> {
         let gens = self.meta.gens();
         let hello = Hello {
             version: VERSION,
@@ -131,12 +150,12 @@ impl Primary {
             dirty_log: self.has_dirty_log(),
             gens,
         };
-        let welcome = match link::offer(&mut rd, &mut wr, hello, self.timing()).await {
+        let welcome = match link::offer(rd, wr, hello, self.timing()).await {
             Ok(w) => w,
             Err(ProtocolError::Refused(why)) => {
                 self.events.send(&events::SyncDecision {
                     role: Side::Primary,
-                    peer: addr.clone(),
+                    peer: addr.to_string(),
                     decision: "refused".into(),
                     reason: why.clone(),
                     secondary_epoch: None,
@@ -160,7 +179,7 @@ impl Primary {
                 decision.name(),
                 decision.reason()
             );
-            return Err(link::refuse(&mut wr, why).await);
+            return Err(link::refuse(wr, why).await);
         }
         info!(
             "secondary {addr}: {} ({}); its disk {:032x} at checkpoint {}",
@@ -172,43 +191,61 @@ impl Primary {
         self.state().sync_decision = Some(format!("{}: {}", decision.name(), decision.reason()));
         self.events.send(&events::SyncDecision {
             role: Side::Primary,
-            peer: addr.clone(),
+            peer: addr.to_string(),
             decision: decision.name().into(),
             reason: decision.reason().into(),
             secondary_epoch: Some(welcome.gens.epoch),
         });
-
-        // Failback: the secondary's own dirty record comes right after WELCOME; it joins this
-        // primary's before the resync below takes its snapshot.
         if matches!(decision, Decision::Failback(_)) {
-            let x = loop {
-                match link::read_within(&mut rd, self.opts.peer_timeout).await? {
-                    Frame::Heartbeat => continue,
-                    Frame::PeerDirty(x) => break x,
-                    Frame::Error { message } => return Err(ProtocolError::Peer(message)),
-                    other => {
-                        return Err(ProtocolError::Unexpected {
-                            got: other.kind(),
-                            expected: "PEER_DIRTY",
-                        })
-                    }
-                }
-            };
-            match self.merge_peer_dirty(&x) {
-                Ok(bytes) => info!(
-                    "secondary {addr}: its own dirty record ({bytes} bytes in {}-byte extents) \
-                     joins the resync",
-                    x.extent()
-                ),
-                Err(e) => {
-                    return Err(link::refuse(&mut wr, format!("failback: {e}")).await);
+            self.take_peer_dirty(rd, wr, addr).await?;
+        }
+        Ok((decision, welcome.gens.epoch))
+    }
+
+    /// Failback: the secondary's own dirty record comes right after WELCOME; it joins this
+    /// primary's before the resync takes its snapshot.
+    async fn take_peer_dirty<S: Stream>(
+        &self,
+        rd: &mut ReadHalf<S>,
+        wr: &mut WriteHalf<S>,
+        addr: &str,
+    ) -> Result<(), ProtocolError> {
+        let x = loop {
+            match link::read_within(rd, self.opts.peer_timeout).await? {
+                Frame::Heartbeat => continue,
+                Frame::PeerDirty(x) => break x,
+                Frame::Error { message } => return Err(ProtocolError::Peer(message)),
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        got: other.kind(),
+                        expected: "PEER_DIRTY",
+                    })
                 }
             }
+        };
+        match self.merge_peer_dirty(&x) {
+            Ok(bytes) => info!(
+                "secondary {addr}: its own dirty record ({bytes} bytes in {}-byte extents) \
+                 joins the resync",
+                x.extent()
+            ),
+            Err(e) => {
+                return Err(link::refuse(wr, format!("failback: {e}")).await);
+            }
         }
+        Ok(())
+    }
 
-        // Open the stream. Whatever changed since the last checkpoint is sent again first
-        // (everything, for a full sync).
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// Opens the stream: the session is installed (frames go to `tx` from now on) with what
+    /// changed since the last checkpoint (everything, for a full sync) as the record to send
+    /// again first. Returns the session's id and that record.
+    fn open_session(
+        &self,
+        decision: &Decision,
+        peer_epoch: u64,
+        tx: mpsc::UnboundedSender<Frame>,
+        addr: &str,
+    ) -> Result<(u64, DirtyBitmap), ProtocolError> {
         let (session, resync) = {
             let _order = self.order();
             if matches!(decision, Decision::Full(_)) {
@@ -220,10 +257,10 @@ impl Primary {
                 return Err(ProtocolError::Refused("replication stopped".into()));
             }
             // The secondary may have completed a checkpoint this primary did not record.
-            st.epoch = st.epoch.max(welcome.gens.epoch);
+            st.epoch = st.epoch.max(peer_epoch);
             st.sessions += 1;
             let id = st.sessions;
-            st.link = Link::Connected(Session::new(id, tx, addr.clone(), dirty.dirty_bytes()));
+            st.link = Link::Connected(Session::new(id, tx, addr.to_string(), dirty.dirty_bytes()));
             (id, dirty)
         };
         self.metrics.connected(resync.dirty_bytes());
@@ -233,13 +270,35 @@ impl Primary {
         );
         self.events.send(&events::PeerConnected {
             role: Side::Primary,
-            peer: addr,
+            peer: addr.to_string(),
             resync_bytes: Some(resync.dirty_bytes()),
         });
-        let resync_task = {
+        Ok((session, resync))
+    }
+
+    /// The stream loop of session `session`: the resync of `resync` beside the guest's
+    /// writes, the writer (queued frames, heartbeats) and the reader (ACK, VERIFY_RESULT),
+    /// until the first of them ends.
+    async fn stream<S: Stream>(
+        self: Arc<Self>,
+        mut rd: ReadHalf<S>,
+        wr: WriteHalf<S>,
+        rx: mpsc::UnboundedReceiver<Frame>,
+        session: u64,
+        resync: DirtyBitmap,
+    ) -> Result<(), ProtocolError> {
+        // A blocking task cannot be aborted: the resync looks at `ended` before each range,
+        // and this session sets it when it ends, however it ends (also when `run_link` drops
+        // it at replication-stop). A range being read or queued at that moment is finished:
+        // its frame goes to this session's queue, which nothing sends any more, or nowhere
+        // once the session is gone (`enqueue` then finds none). The range stays dirty in the
+        // primary's record either way, so the next session sends it again.
+        let ended = EndedOnDrop::default();
+        {
             let me = self.clone();
-            tokio::task::spawn_blocking(move || me.resync(session, resync))
-        };
+            let ended = ended.flag();
+            tokio::task::spawn_blocking(move || me.resync(session, resync, &ended));
+        }
 
         let writer = link::write_loop(wr, rx, self.timing());
         let me = self.clone();
@@ -265,12 +324,10 @@ impl Primary {
                 }
             }
         };
-        let r = tokio::select! {
+        tokio::select! {
             r = writer => r,
             r = reader => r,
-        };
-        resync_task.abort();
-        r
+        }
     }
 
     /// Takes an acknowledgement of session `id`: frees the window up to `seq`.
@@ -300,41 +357,39 @@ impl Primary {
     }
 
     /// Sends the current content of every chunk in `dirty` to session `id` (blocking; runs
-    /// beside the guest).
-    ///
-    /// Each chunk is read and queued under the order lock after the changes already registered
-    /// over it are on the disk: the frame then carries data at least as new as every frame
-    /// before it, and no later change to the chunk can be numbered in between. This is the one
-    /// place that waits for another change while holding the order lock, one chunk at a time.
-    pub(super) fn resync(&self, id: u64, dirty: DirtyBitmap) {
+    /// beside the guest), each read in stream order ([`Primary::read_in_stream_order`]).
+    /// Stops early when `ended` is set or the session is gone.
+    pub(super) fn resync(&self, id: u64, dirty: DirtyBitmap, ended: &AtomicBool) {
         let mut buf = vec![0u8; dirty.granularity() as usize];
         for (offset, len) in dirty.ranges() {
-            let _order = self.order();
-            // A new session is only installed under the order lock: checked here, the frame
-            // below goes to session `id` or nowhere.
-            if self.state().link.session().map(|s| s.id) != Some(id) {
+            if ended.load(Ordering::Relaxed) {
                 return;
             }
-            let ticket = self.changes.register(offset, len);
-            ticket.wait_turn();
             let data = &mut buf[..len as usize];
-            let read = self.local.read_at(data, offset);
-            drop(ticket);
-            if let Err(e) = read {
-                warn!("resync read at {offset} failed: {e}");
-                return;
-            }
-            let change = Change::Write {
-                offset,
-                data: Bytes::copy_from_slice(data),
-            };
-            if self.enqueue_change(change).is_none() {
-                return;
-            }
-            let mut st = self.state();
-            match st.link.session_mut().filter(|s| s.id == id) {
-                Some(s) => s.resync_remaining = s.resync_remaining.saturating_sub(len),
-                None => return,
+            let queued = self.read_in_stream_order(id, offset, data, |data| {
+                let change = Change::Write {
+                    offset,
+                    data: Bytes::copy_from_slice(data),
+                };
+                if self.enqueue_change(change).is_none() {
+                    return false;
+                }
+                let mut st = self.state();
+                match st.link.session_mut().filter(|s| s.id == id) {
+                    Some(s) => {
+                        s.resync_remaining = s.resync_remaining.saturating_sub(len);
+                        true
+                    }
+                    None => false,
+                }
+            });
+            match queued {
+                Ok(Some(true)) => {}
+                Ok(_) => return,
+                Err(e) => {
+                    warn!("resync read at {offset} failed: {e}");
+                    return;
+                }
             }
         }
         match self.state().link.session_mut().filter(|s| s.id == id) {
@@ -346,6 +401,50 @@ impl Primary {
         self.events.send(&events::ResyncDone {
             role: Side::Primary,
         });
+    }
+
+    /// Reads `data.len()` bytes at `offset` for session `id` in stream order and hands them
+    /// to `queue`, all under the order lock (the resync and `replication-verify`). The range
+    /// is read after the changes already registered over it are on the disk: what `queue`
+    /// queues then carries data at least as new as every frame before it, and no later
+    /// change to the range can be numbered in between. This is the one place that waits for
+    /// another change while holding the order lock, one range at a time. `Ok(None)`: session
+    /// `id` is gone (nothing read).
+    pub(super) fn read_in_stream_order<T>(
+        &self,
+        id: u64,
+        offset: u64,
+        data: &mut [u8],
+        queue: impl FnOnce(&[u8]) -> T,
+    ) -> io::Result<Option<T>> {
+        let _order = self.order();
+        // A new session is only installed under the order lock: checked here, what `queue`
+        // queues goes to session `id` or nowhere.
+        if self.state().link.session().map(|s| s.id) != Some(id) {
+            return Ok(None);
+        }
+        let ticket = self.changes.register(offset, data.len() as u64);
+        ticket.wait_turn();
+        let read = self.local.read_at(data, offset);
+        drop(ticket);
+        read?;
+        Ok(Some(queue(data)))
+    }
+}
+
+/// A flag set when it is dropped: the end of a session, for the blocking task beside it.
+#[derive(Default)]
+struct EndedOnDrop(Arc<AtomicBool>);
+
+impl EndedOnDrop {
+    fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
+
+impl Drop for EndedOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

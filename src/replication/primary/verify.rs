@@ -10,6 +10,7 @@
 //!                 last result: REPLICATION_VERIFY_DONE; mismatches → resync of those ranges
 //! ```
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use log::{info, warn};
@@ -54,28 +55,16 @@ impl Primary {
         Ok(total)
     }
 
-    /// Queues one VERIFY frame per range, each read after the changes registered over it.
+    /// Queues one VERIFY frame per range, each read in stream order
+    /// ([`Primary::read_in_stream_order`]).
     fn verify_send(&self, id: u64) {
         let capacity = self.local.capacity();
         let mut buf = vec![0u8; VERIFY_RANGE as usize];
         let mut offset = 0;
         while offset < capacity {
             let len = VERIFY_RANGE.min(capacity - offset);
-            {
-                let _order = self.order();
-                if self.state().link.session().map(|s| s.id) != Some(id) {
-                    return;
-                }
-                let ticket = self.changes.register(offset, len);
-                ticket.wait_turn();
-                let data = &mut buf[..len as usize];
-                let read = self.local.read_at(data, offset);
-                drop(ticket);
-                if let Err(e) = read {
-                    warn!("verify read at {offset} failed: {e}");
-                    self.verify_aborted(id);
-                    return;
-                }
+            let data = &mut buf[..len as usize];
+            let queued = self.read_in_stream_order(id, offset, data, |data| {
                 let crc = crc32c::crc32c(data);
                 let frame = |seq| Frame::Verify {
                     seq,
@@ -84,9 +73,19 @@ impl Primary {
                     crc,
                 };
                 if self.enqueue(HEADER_LEN as u64 + 4, frame).is_none() {
-                    return;
+                    return false;
                 }
                 self.verify_state().sent += 1;
+                true
+            });
+            match queued {
+                Ok(Some(true)) => {}
+                Ok(_) => return,
+                Err(e) => {
+                    warn!("verify read at {offset} failed: {e}");
+                    self.verify_aborted(id);
+                    return;
+                }
             }
             offset += len;
         }
@@ -155,7 +154,8 @@ impl Primary {
             }
         };
         if started {
-            self.resync(id, repair);
+            // Nothing else ends it: it stops when session `id` is gone (checked at each range).
+            self.resync(id, repair, &AtomicBool::new(false));
         }
     }
 

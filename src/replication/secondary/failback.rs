@@ -19,7 +19,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use log::info;
 
@@ -50,50 +50,52 @@ pub struct Promotion {
     pub runtime: tokio::runtime::Handle,
 }
 
-/// The failback settings and state of a [`Secondary`].
+/// A [`Secondary`]'s failback settings, fixed at start ([`Secondary::new`]). The default:
+/// no `--discard-my-data`, no own record, no dirty log, no promotion.
 #[derive(Default)]
-pub(super) struct Failback {
-    /// `--discard-my-data`.
-    discard_my_data: Mutex<bool>,
-    /// This disk's own dirty record, read at start (offered to the primary of a failback).
-    own_dirty: Mutex<Option<DirtyExtents>>,
-    /// Where a failover keeps its log (`None`: `--no-dirty-log`, no log).
-    spec: Mutex<Option<FailoverLogSpec>>,
-    /// The failed-over disk's log, once the failover started.
-    log: Mutex<Option<Arc<DirtyLog>>>,
-    promotion: Mutex<Option<Promotion>>,
-    promoted: OnceLock<Arc<Primary>>,
+pub struct FailbackOptions {
+    /// `--discard-my-data`: a full sync may overwrite this disk's divergent changes.
+    pub discard_my_data: bool,
+    /// This disk's own dirty record, its dirty log as [`DirtyLog::peek`] read it at start
+    /// (`None`: none usable); offered to the primary of a failback.
+    pub own_dirty: Option<DirtyExtents>,
+    /// Where a failover keeps the failed-over disk's dirty log (`None`: `--no-dirty-log`: no
+    /// log, and the failed-over disk's bitmap is 0: the old primary then needs a full sync).
+    pub failover_log: Option<FailoverLogSpec>,
+    /// How this process may become a primary in place (`None`: `replication-promote` is
+    /// refused).
+    pub promotion: Option<Promotion>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// The failback settings and state of a [`Secondary`].
+pub(super) struct Failback {
+    opts: FailbackOptions,
+    /// The failed-over disk's log, once the failover opened it.
+    log: OnceLock<Arc<DirtyLog>>,
+    /// The primary this process became (`replication-promote`).
+    promoted: OnceLock<Arc<Primary>>,
+    /// Held through a promotion: one at a time.
+    promoting: Mutex<()>,
+}
+
+impl Failback {
+    pub(super) fn new(opts: FailbackOptions) -> Self {
+        Failback {
+            opts,
+            log: OnceLock::new(),
+            promoted: OnceLock::new(),
+            promoting: Mutex::new(()),
+        }
+    }
 }
 
 impl Secondary {
-    /// Failback as a sync target: `discard` (`--discard-my-data`) and the disk's own dirty
-    /// record (its dirty log as [`DirtyLog::peek`] read it at start; `None`: none usable).
-    pub fn set_failback(&self, discard: bool, own_dirty: Option<DirtyExtents>) {
-        *lock(&self.fb.discard_my_data) = discard;
-        *lock(&self.fb.own_dirty) = own_dirty;
-    }
-
-    /// Where a failover keeps the failed-over disk's dirty log (not called, or `None`: no log,
-    /// and the failed-over disk's bitmap is 0: the old primary then needs a full sync).
-    pub fn set_failover_log(&self, spec: Option<FailoverLogSpec>) {
-        *lock(&self.fb.spec) = spec;
-    }
-
-    /// Allows `replication-promote`.
-    pub fn set_promotion(&self, p: Promotion) {
-        *lock(&self.fb.promotion) = Some(p);
-    }
-
     pub(super) fn discard_my_data(&self) -> bool {
-        *lock(&self.fb.discard_my_data)
+        self.fb.opts.discard_my_data
     }
 
-    pub(super) fn own_dirty(&self) -> Option<DirtyExtents> {
-        lock(&self.fb.own_dirty).clone()
+    pub(super) fn own_dirty(&self) -> Option<&DirtyExtents> {
+        self.fb.opts.own_dirty.as_ref()
     }
 
     /// Whether this disk's failover keeps a dirty log: a consistent secondary's (its
@@ -111,10 +113,10 @@ impl Secondary {
     /// another lineage) or reopened as it is (a failover a previous process started, or
     /// finished: its bits are this disk's record; missing, everything counts as dirty).
     pub(super) fn failover_log(&self, resume: bool) -> io::Result<Option<Arc<DirtyLog>>> {
-        if let Some(l) = lock(&self.fb.log).clone() {
-            return Ok(Some(l));
+        if let Some(l) = self.fb.log.get() {
+            return Ok(Some(l.clone()));
         }
-        let Some(spec) = lock(&self.fb.spec).clone() else {
+        let Some(spec) = &self.fb.opts.failover_log else {
             return Ok(None);
         };
         let cap = self.disk.capacity();
@@ -133,9 +135,8 @@ impl Secondary {
             );
             DirtyLog::create_reset(&spec.path, cap, spec.extent)?
         };
-        let log = Arc::new(log);
-        *lock(&self.fb.log) = Some(log.clone());
-        Ok(Some(log))
+        // Opened once: a second failover call (a resumed commit) takes this one.
+        Ok(Some(self.fb.log.get_or_init(|| Arc::new(log)).clone()))
     }
 
     /// At start, for a disk buffer that failed over (or is failing over) in a previous
@@ -186,6 +187,7 @@ impl Secondary {
     /// that primary. Its link task then connects to `peer`.
     pub fn promote(&self, peer: &str) -> Result<Arc<Primary>, SecondaryError> {
         let invalid = SecondaryError::CannotPromote;
+        let _one = self.fb.promoting.lock().unwrap_or_else(|e| e.into_inner());
         if self.fb.promoted.get().is_some() {
             return Err(invalid("already promoted: this process is a primary"));
         }
@@ -204,15 +206,14 @@ impl Secondary {
                 ))
             }
         }
-        let promotion = lock(&self.fb.promotion);
-        let Some(promotion) = promotion.as_ref() else {
+        let Some(promotion) = self.fb.opts.promotion.as_ref() else {
             return Err(invalid(
                 "this process cannot be promoted (no promotion set up)",
             ));
         };
         let opts = (promotion.options)(peer)?;
         let base = self.base_disk()?;
-        let log = lock(&self.fb.log).clone();
+        let log = self.fb.log.get().cloned();
         let mut made = None;
         // Stop the world: no write of the Secondary VM runs while the primary takes over.
         self.disk.replace_through(|_old| {
