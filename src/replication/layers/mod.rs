@@ -50,6 +50,7 @@
 //! `failover.rs`. docs/layers.md has the formats and why a crash at any point is recoverable.
 
 mod cut;
+mod error;
 mod failover;
 mod layer;
 mod state;
@@ -68,6 +69,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+pub use error::LayerError;
 use layer::{Kind, Layer};
 pub use state::{GroupCommitted, GroupPrepared, GroupRecord, Mark};
 use state::{SavedHidden, SavedStage, SavedState};
@@ -815,8 +817,9 @@ fn file_number(name: &str) -> Option<u64> {
     name.strip_suffix(".img")?.rsplit('-').next()?.parse().ok()
 }
 
+/// [`LayerError::ReplicationOver`] where the stream's `io::Error`s are made.
 fn replication_over() -> io::Error {
-    io::Error::other("replication is over: the secondary has failed over")
+    LayerError::ReplicationOver.into()
 }
 
 #[cfg(test)]
