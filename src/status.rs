@@ -439,109 +439,130 @@ pub fn report_text(r: &Report, now: f64, with_progress: bool) -> String {
     if role != "standalone" {
         out.push_str(&protection_line(rep, now));
     }
-    let ago = |key: &str| f(rep, key).map(|t| (utc(t), duration(now - t)));
     match role {
-        "primary" => {
-            let peer = s(rep, "peer-address").or(s(rep, "peer")).unwrap_or("?");
-            out.push_str(&format!(
-                "  peer {peer} link:{} mode:{} sessions:{} link-errors:{}\n",
-                s(rep, "state").unwrap_or("?"),
-                s(rep, "mode").unwrap_or("?"),
-                u(rep, "sessions"),
-                u(rep, "link-errors"),
-            ));
-            let prot = match summary(rep) {
-                "in-sync" => "in sync (protected)".to_string(),
-                "resyncing" => "resyncing (unprotected until it completes)".to_string(),
-                _ => "UNPROTECTED".to_string(),
-            };
-            let since = match ago("unprotected-since") {
-                Some((at, d)) if summary(rep) != "in-sync" => format!(" since {at} ({d} ago)"),
-                _ => String::new(),
-            };
-            out.push_str(&format!("  disk: {prot}{since}\n"));
-            if let Some(e) = s(rep, "last-error").filter(|_| summary(rep) != "in-sync") {
-                out.push_str(&format!("  last error: {e}\n"));
-            }
-            let cp = match ago("last-checkpoint-at") {
-                Some((_, d)) => format!("{d} ago"),
-                None => "none yet".into(),
-            };
-            let window = u(rep, "window-bytes");
-            let inflight = u(rep, "bytes-in-flight");
-            let fill = if window > 0 {
-                inflight as f64 * 100.0 / window as f64
-            } else {
-                0.0
-            };
-            // Under QEMU's COLO every device stop ends an epoch; the secondary tells which
-            // were checkpoints and which other stops (a user stop).
-            let markers = match u(rep, "markers") {
-                0 => String::new(),
-                m => format!(" (markers:{m}: checkpoints and other stops, see the secondary)"),
-            };
-            out.push_str(&format!(
-                "  last checkpoint: {cp}, {} sent since, {} dirty; checkpoints:{} failed:{}{markers}\n",
-                bytes(u(rep, "bytes-sent-since-checkpoint")),
-                bytes(u(rep, "dirty-bytes")),
-                u(rep, "checkpoints"),
-                u(rep, "checkpoint-failures"),
-            ));
-            out.push_str(&format!(
-                "  window: {fill:.1}% ({} of {} in flight), sent {} acked {}\n",
-                bytes(inflight),
-                bytes(window),
-                bytes(u(rep, "bytes-sent-total")),
-                bytes(u(rep, "bytes-acked-total")),
-            ));
-        }
-        "secondary" => {
-            let peer = s(rep, "peer-address").unwrap_or("-");
-            out.push_str(&format!(
-                "  peer {peer} link:{} listen:{} sessions:{} link-errors:{}\n",
-                s(rep, "state").unwrap_or("?"),
-                s(rep, "listen").unwrap_or("?"),
-                u(rep, "sessions"),
-                u(rep, "link-errors"),
-            ));
-            let state = match summary(rep) {
-                "receiving" => "receiving the primary's stream".to_string(),
-                "failing-over" => "FAILING OVER (committing the layers)".to_string(),
-                "failed-over" => "failed over: the disk is this side's own".to_string(),
-                _ => match ago("unprotected-since") {
-                    Some((at, d)) => format!("waiting for the primary since {at} ({d} ago)"),
-                    None => "waiting for the primary".to_string(),
-                },
-            };
-            out.push_str(&format!("  disk: {state}\n"));
-            if let Some(e) = s(rep, "last-error").filter(|_| summary(rep) != "receiving") {
-                out.push_str(&format!("  last error: {e}\n"));
-            }
-            let cp = match ago("last-checkpoint-at") {
-                Some((_, d)) => format!("{d} ago"),
-                None => "none yet".into(),
-            };
-            let colo = rep.get("colo").cloned().unwrap_or_default();
-            out.push_str(&format!(
-                "  last checkpoint: {cp}, {} received since; checkpoints:{} stops:{}\n",
-                bytes(u(rep, "bytes-received-since-checkpoint")),
-                u(rep, "checkpoints"),
-                u(&colo, "stops"),
-            ));
-            if let Some(why) = s(&colo, "svm-mismatch") {
-                out.push_str(&format!(
-                    "  SECONDARY VM: its memory does not match its disk, failover refused: {why}\n"
-                ));
-            }
-            out.push_str(&format!(
-                "  layers: hidden {}, active {} (cluster {})\n",
-                bytes(u(rep, "hidden-bytes")),
-                bytes(u(rep, "active-bytes")),
-                bytes(u(rep, "cluster-size")),
-            ));
-        }
+        "primary" => primary_text(rep, now, &mut out),
+        "secondary" => secondary_text(rep, now, &mut out),
         _ => {}
     }
+    device_text(stats, &mut out);
+    if with_progress {
+        for p in progress_of(rep, now) {
+            out.push_str(&format!("  {}\n", progress_line(&p)));
+        }
+    }
+    out
+}
+
+/// When `key` (a timestamp of `rep`) was: in UTC, and how long before `now`.
+fn ago(rep: &Value, now: f64, key: &str) -> Option<(String, String)> {
+    f(rep, key).map(|t| (utc(t), duration(now - t)))
+}
+
+/// A primary's lines of the screen: its link, its disk's protection, checkpoints, window.
+fn primary_text(rep: &Value, now: f64, out: &mut String) {
+    let peer = s(rep, "peer-address").or(s(rep, "peer")).unwrap_or("?");
+    out.push_str(&format!(
+        "  peer {peer} link:{} mode:{} sessions:{} link-errors:{}\n",
+        s(rep, "state").unwrap_or("?"),
+        s(rep, "mode").unwrap_or("?"),
+        u(rep, "sessions"),
+        u(rep, "link-errors"),
+    ));
+    let prot = match summary(rep) {
+        "in-sync" => "in sync (protected)".to_string(),
+        "resyncing" => "resyncing (unprotected until it completes)".to_string(),
+        _ => "UNPROTECTED".to_string(),
+    };
+    let since = match ago(rep, now, "unprotected-since") {
+        Some((at, d)) if summary(rep) != "in-sync" => format!(" since {at} ({d} ago)"),
+        _ => String::new(),
+    };
+    out.push_str(&format!("  disk: {prot}{since}\n"));
+    if let Some(e) = s(rep, "last-error").filter(|_| summary(rep) != "in-sync") {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    let cp = match ago(rep, now, "last-checkpoint-at") {
+        Some((_, d)) => format!("{d} ago"),
+        None => "none yet".into(),
+    };
+    let window = u(rep, "window-bytes");
+    let inflight = u(rep, "bytes-in-flight");
+    let fill = if window > 0 {
+        inflight as f64 * 100.0 / window as f64
+    } else {
+        0.0
+    };
+    // Under QEMU's COLO every device stop ends an epoch; the secondary tells which
+    // were checkpoints and which other stops (a user stop).
+    let markers = match u(rep, "markers") {
+        0 => String::new(),
+        m => format!(" (markers:{m}: checkpoints and other stops, see the secondary)"),
+    };
+    out.push_str(&format!(
+        "  last checkpoint: {cp}, {} sent since, {} dirty; checkpoints:{} failed:{}{markers}\n",
+        bytes(u(rep, "bytes-sent-since-checkpoint")),
+        bytes(u(rep, "dirty-bytes")),
+        u(rep, "checkpoints"),
+        u(rep, "checkpoint-failures"),
+    ));
+    out.push_str(&format!(
+        "  window: {fill:.1}% ({} of {} in flight), sent {} acked {}\n",
+        bytes(inflight),
+        bytes(window),
+        bytes(u(rep, "bytes-sent-total")),
+        bytes(u(rep, "bytes-acked-total")),
+    ));
+}
+
+/// A secondary's lines of the screen: its link, its disk, checkpoints and COLO stops, layers.
+fn secondary_text(rep: &Value, now: f64, out: &mut String) {
+    let peer = s(rep, "peer-address").unwrap_or("-");
+    out.push_str(&format!(
+        "  peer {peer} link:{} listen:{} sessions:{} link-errors:{}\n",
+        s(rep, "state").unwrap_or("?"),
+        s(rep, "listen").unwrap_or("?"),
+        u(rep, "sessions"),
+        u(rep, "link-errors"),
+    ));
+    let state = match summary(rep) {
+        "receiving" => "receiving the primary's stream".to_string(),
+        "failing-over" => "FAILING OVER (committing the layers)".to_string(),
+        "failed-over" => "failed over: the disk is this side's own".to_string(),
+        _ => match ago(rep, now, "unprotected-since") {
+            Some((at, d)) => format!("waiting for the primary since {at} ({d} ago)"),
+            None => "waiting for the primary".to_string(),
+        },
+    };
+    out.push_str(&format!("  disk: {state}\n"));
+    if let Some(e) = s(rep, "last-error").filter(|_| summary(rep) != "receiving") {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    let cp = match ago(rep, now, "last-checkpoint-at") {
+        Some((_, d)) => format!("{d} ago"),
+        None => "none yet".into(),
+    };
+    let colo = rep.get("colo").cloned().unwrap_or_default();
+    out.push_str(&format!(
+        "  last checkpoint: {cp}, {} received since; checkpoints:{} stops:{}\n",
+        bytes(u(rep, "bytes-received-since-checkpoint")),
+        u(rep, "checkpoints"),
+        u(&colo, "stops"),
+    ));
+    if let Some(why) = s(&colo, "svm-mismatch") {
+        out.push_str(&format!(
+            "  SECONDARY VM: its memory does not match its disk, failover refused: {why}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "  layers: hidden {}, active {} (cluster {})\n",
+        bytes(u(rep, "hidden-bytes")),
+        bytes(u(rep, "active-bytes")),
+        bytes(u(rep, "cluster-size")),
+    ));
+}
+
+/// The device line: every queue's counters summed (none when the device has no queue).
+fn device_text(stats: &Value, out: &mut String) {
     if let Some(queues) = stats.get("queues").and_then(Value::as_array) {
         if !queues.is_empty() {
             let sum = |k: &str| queues.iter().map(|q| u(q, k)).sum::<u64>();
@@ -555,12 +576,6 @@ pub fn report_text(r: &Report, now: f64, with_progress: bool) -> String {
             ));
         }
     }
-    if with_progress {
-        for p in progress_of(rep, now) {
-            out.push_str(&format!("  {}\n", progress_line(&p)));
-        }
-    }
-    out
 }
 
 /// Runs `colo-blk status`; returns the process exit code (1 when a socket did not answer).
