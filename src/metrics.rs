@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::control::Role;
 use crate::histogram::HistogramSnapshot;
+use crate::replication::primary::Primary;
+use crate::replication::secondary::Secondary;
 use crate::vhost_user::StatsHandle;
 
 /// What a scrape reads.
@@ -97,146 +99,152 @@ pub fn render(src: &MetricsSource) -> String {
     }
     match &current {
         Role::Standalone => {}
-        Role::Primary(p) => {
-            let st = p.status();
-            let m = p.metrics().snapshot();
-            o.one(
-                "replication_connected",
-                "gauge",
-                "1 while a secondary is connected.",
-                u8::from(st.state == "connected"),
-            );
-            o.one(
-                "replication_protected",
-                "gauge",
-                "1 while the guest's writes are protected (secondary connected and in sync).",
-                u8::from(st.unprotected_since.is_none()),
-            );
-            o.one(
-                "replication_unprotected_since_seconds",
-                "gauge",
-                "Unix time protection was lost (0 while protected).",
-                opt_ts(st.unprotected_since),
-            );
-            o.one(
-                "replication_epoch",
-                "gauge",
-                "Last completed checkpoint.",
-                st.epoch,
-            );
-            o.one(
-                "replication_sent_bytes_total",
-                "counter",
-                "Stream bytes queued to the secondary (frame headers included).",
-                st.bytes_sent_total,
-            );
-            o.one(
-                "replication_acked_bytes_total",
-                "counter",
-                "Stream bytes the secondary acknowledged.",
-                st.bytes_acked_total,
-            );
-            o.one(
-                "replication_in_flight_bytes",
-                "gauge",
-                "Stream bytes sent and not yet acknowledged.",
-                st.bytes_in_flight,
-            );
-            o.one(
-                "replication_window_bytes",
-                "gauge",
-                "Most bytes that may be in flight (--window).",
-                st.window_bytes,
-            );
-            o.one(
-                "replication_since_checkpoint_bytes",
-                "gauge",
-                "Stream bytes sent since the last checkpoint.",
-                st.bytes_sent_since_checkpoint,
-            );
-            o.one(
-                "replication_dirty_bytes",
-                "gauge",
-                "Bytes changed since the last checkpoint (what a resync would send).",
-                st.dirty_bytes,
-            );
-            o.one(
-                "replication_resync_total_bytes",
-                "gauge",
-                "Bytes the current session's resync had to send.",
-                st.resync_total_bytes,
-            );
-            o.one(
-                "replication_resync_remaining_bytes",
-                "gauge",
-                "Bytes the current resync still has to send.",
-                st.resync_remaining_bytes,
-            );
-            render_common(&mut o, &m);
-        }
-        Role::Secondary(s) => {
-            let st = s.status();
-            let m = s.metrics().snapshot();
-            o.one(
-                "replication_connected",
-                "gauge",
-                "1 while a primary streams to this secondary.",
-                u8::from(st.state == "connected"),
-            );
-            o.one(
-                "replication_failed_over",
-                "gauge",
-                "1 once a failover began (the disk is the Secondary VM's own).",
-                u8::from(st.state == "failed-over"),
-            );
-            o.one(
-                "replication_epoch",
-                "gauge",
-                "Last completed checkpoint.",
-                st.epoch,
-            );
-            o.one(
-                "replication_received_bytes_total",
-                "counter",
-                "Stream data bytes applied.",
-                st.bytes_received_total,
-            );
-            o.one(
-                "replication_since_checkpoint_bytes",
-                "gauge",
-                "Stream data bytes applied since the last checkpoint.",
-                st.bytes_received_since_checkpoint,
-            );
-            o.family(
-                "layer_bytes",
-                "gauge",
-                "Bytes held by the secondary's layers (hidden: rollback data; active: the \
-                 Secondary VM's writes).",
-            );
-            o.sample("layer_bytes", "layer=\"hidden\"", st.hidden_bytes);
-            o.sample("layer_bytes", "layer=\"active\"", st.active_bytes);
-            o.one(
-                "replication_failovers_total",
-                "counter",
-                "Failovers completed.",
-                st.failovers,
-            );
-            o.one(
-                "replication_failover_remaining_bytes",
-                "gauge",
-                "Layer bytes a running failover still has to commit.",
-                st.failover_remaining_bytes,
-            );
-            o.one(
-                "replication_last_failover_duration_seconds",
-                "gauge",
-                "How long the last failover took (0: none).",
-                m.last_failover_seconds.unwrap_or(0.0),
-            );
-            render_common(&mut o, &m);
-        }
+        Role::Primary(p) => render_primary(&mut o, p),
+        Role::Secondary(s) => render_secondary(&mut o, s),
     }
     o.0
+}
+
+/// A primary's families: its link, protection, stream and window, resync, then the common ones.
+fn render_primary(o: &mut Out, p: &Primary) {
+    let st = p.status();
+    let m = p.metrics().snapshot();
+    o.one(
+        "replication_connected",
+        "gauge",
+        "1 while a secondary is connected.",
+        u8::from(st.state == "connected"),
+    );
+    o.one(
+        "replication_protected",
+        "gauge",
+        "1 while the guest's writes are protected (secondary connected and in sync).",
+        u8::from(st.unprotected_since.is_none()),
+    );
+    o.one(
+        "replication_unprotected_since_seconds",
+        "gauge",
+        "Unix time protection was lost (0 while protected).",
+        opt_ts(st.unprotected_since),
+    );
+    o.one(
+        "replication_epoch",
+        "gauge",
+        "Last completed checkpoint.",
+        st.epoch,
+    );
+    o.one(
+        "replication_sent_bytes_total",
+        "counter",
+        "Stream bytes queued to the secondary (frame headers included).",
+        st.bytes_sent_total,
+    );
+    o.one(
+        "replication_acked_bytes_total",
+        "counter",
+        "Stream bytes the secondary acknowledged.",
+        st.bytes_acked_total,
+    );
+    o.one(
+        "replication_in_flight_bytes",
+        "gauge",
+        "Stream bytes sent and not yet acknowledged.",
+        st.bytes_in_flight,
+    );
+    o.one(
+        "replication_window_bytes",
+        "gauge",
+        "Most bytes that may be in flight (--window).",
+        st.window_bytes,
+    );
+    o.one(
+        "replication_since_checkpoint_bytes",
+        "gauge",
+        "Stream bytes sent since the last checkpoint.",
+        st.bytes_sent_since_checkpoint,
+    );
+    o.one(
+        "replication_dirty_bytes",
+        "gauge",
+        "Bytes changed since the last checkpoint (what a resync would send).",
+        st.dirty_bytes,
+    );
+    o.one(
+        "replication_resync_total_bytes",
+        "gauge",
+        "Bytes the current session's resync had to send.",
+        st.resync_total_bytes,
+    );
+    o.one(
+        "replication_resync_remaining_bytes",
+        "gauge",
+        "Bytes the current resync still has to send.",
+        st.resync_remaining_bytes,
+    );
+    render_common(o, &m);
+}
+
+/// A secondary's families: its link, failover, stream and layers, then the common ones.
+fn render_secondary(o: &mut Out, s: &Secondary) {
+    let st = s.status();
+    let m = s.metrics().snapshot();
+    o.one(
+        "replication_connected",
+        "gauge",
+        "1 while a primary streams to this secondary.",
+        u8::from(st.state == "connected"),
+    );
+    o.one(
+        "replication_failed_over",
+        "gauge",
+        "1 once a failover began (the disk is the Secondary VM's own).",
+        u8::from(st.state == "failed-over"),
+    );
+    o.one(
+        "replication_epoch",
+        "gauge",
+        "Last completed checkpoint.",
+        st.epoch,
+    );
+    o.one(
+        "replication_received_bytes_total",
+        "counter",
+        "Stream data bytes applied.",
+        st.bytes_received_total,
+    );
+    o.one(
+        "replication_since_checkpoint_bytes",
+        "gauge",
+        "Stream data bytes applied since the last checkpoint.",
+        st.bytes_received_since_checkpoint,
+    );
+    o.family(
+        "layer_bytes",
+        "gauge",
+        "Bytes held by the secondary's layers (hidden: rollback data; active: the \
+         Secondary VM's writes).",
+    );
+    o.sample("layer_bytes", "layer=\"hidden\"", st.hidden_bytes);
+    o.sample("layer_bytes", "layer=\"active\"", st.active_bytes);
+    o.one(
+        "replication_failovers_total",
+        "counter",
+        "Failovers completed.",
+        st.failovers,
+    );
+    o.one(
+        "replication_failover_remaining_bytes",
+        "gauge",
+        "Layer bytes a running failover still has to commit.",
+        st.failover_remaining_bytes,
+    );
+    o.one(
+        "replication_last_failover_duration_seconds",
+        "gauge",
+        "How long the last failover took (0: none).",
+        m.last_failover_seconds.unwrap_or(0.0),
+    );
+    render_common(o, &m);
 }
 
 /// The counters both replication roles have.
