@@ -252,21 +252,7 @@ pub fn decide(p: &Generations, s: &Generations, allow_full: bool) -> Decision {
 /// checked by the primary.
 pub fn decide_with(p: &Generations, s: &Generations, policy: &SyncPolicy) -> Decision {
     let allow_full = policy.allow_full;
-    let full_or_refuse = |why: String| {
-        if allow_full {
-            Decision::Full(format!(
-                "{why}; full sync allowed by {ALLOW_FULL_SYNC_FLAG}"
-            ))
-        } else {
-            Decision::Refuse(
-                Refusal::FullSyncNeeded,
-                format!(
-                    "{why}: a full sync would overwrite the secondary's disk; start the \
-                     secondary with {ALLOW_FULL_SYNC_FLAG} to allow it"
-                ),
-            )
-        }
-    };
+    let full_or_refuse = |why: String| full_or_refuse(allow_full, why);
     if p.disk_id == s.disk_id && p.disk_id != 0 {
         return Decision::Refuse(
             Refusal::SameDisk,
@@ -277,24 +263,7 @@ pub fn decide_with(p: &Generations, s: &Generations, policy: &SyncPolicy) -> Dec
         );
     }
     if s.inconsistent() {
-        if p.knows(s.source) {
-            return Decision::Full(
-                "the secondary is inconsistent (a full sync from this primary was interrupted): \
-                 the full sync restarts"
-                    .into(),
-            );
-        }
-        if allow_full {
-            return full_or_refuse("the secondary is inconsistent from another primary".into());
-        }
-        return Decision::Refuse(
-            Refusal::Inconsistent,
-            format!(
-                "the secondary is inconsistent (mid full sync from generation {:016x}, which \
-                 this primary is not); start it with {ALLOW_FULL_SYNC_FLAG} to resync from here",
-                s.source
-            ),
-        );
+        return decide_inconsistent(p, s, allow_full);
     }
     if s.current == 0 {
         return full_or_refuse("the secondary's disk has no replication history".into());
@@ -327,27 +296,7 @@ pub fn decide_with(p: &Generations, s: &Generations, policy: &SyncPolicy) -> Dec
     // secondary's operator gives up its side.
     let common = s.bitmap == p.bitmap && s.bitmap != 0 && s.bitmap != ZERO_GENERATION;
     if policy.discard_my_data && !p.knows(s.current) && (common || s_past) {
-        if common && policy.primary_dirty_log && policy.secondary_dirty_log {
-            return Decision::Failback(format!(
-                "both disks diverged from generation {:016x} and both kept a dirty record \
-                 since; {DISCARD_MY_DATA_FLAG}: the primary resends the union of both records",
-                s.bitmap
-            ));
-        }
-        let why = if common {
-            format!(
-                "both disks diverged from generation {:016x} and {}",
-                s.bitmap,
-                match (policy.primary_dirty_log, policy.secondary_dirty_log) {
-                    (false, false) => "neither kept a dirty record since",
-                    (false, _) => "the primary kept no dirty record since (--no-dirty-log)",
-                    _ => "the secondary has no readable dirty record of its own",
-                }
-            )
-        } else {
-            "the disks share no generation both dirty records start from".to_string()
-        };
-        return full_or_refuse(format!("{DISCARD_MY_DATA_FLAG} given, but {why}"));
+        return decide_failback(s, policy, common);
     }
     if !p.knows(s.current) && s_past {
         return Decision::Refuse(
@@ -371,6 +320,80 @@ pub fn decide_with(p: &Generations, s: &Generations, policy: &SyncPolicy) -> Dec
         "the secondary's disk (generation {:016x}) is unrelated to the primary's",
         s.current
     ))
+}
+
+/// A full sync when the operator allowed it (`allow_full`), else its refusal; `why` says
+/// what makes an incremental resync impossible.
+fn full_or_refuse(allow_full: bool, why: String) -> Decision {
+    if allow_full {
+        Decision::Full(format!(
+            "{why}; full sync allowed by {ALLOW_FULL_SYNC_FLAG}"
+        ))
+    } else {
+        Decision::Refuse(
+            Refusal::FullSyncNeeded,
+            format!(
+                "{why}: a full sync would overwrite the secondary's disk; start the \
+                 secondary with {ALLOW_FULL_SYNC_FLAG} to allow it"
+            ),
+        )
+    }
+}
+
+/// [`decide_with`] for an inconsistent secondary (a full sync or a failback resync was
+/// interrupted): the same primary restarts it; another one only with a full sync allowed.
+fn decide_inconsistent(p: &Generations, s: &Generations, allow_full: bool) -> Decision {
+    if p.knows(s.source) {
+        return Decision::Full(
+            "the secondary is inconsistent (a full sync from this primary was interrupted): \
+             the full sync restarts"
+                .into(),
+        );
+    }
+    if allow_full {
+        return full_or_refuse(
+            allow_full,
+            "the secondary is inconsistent from another primary".into(),
+        );
+    }
+    Decision::Refuse(
+        Refusal::Inconsistent,
+        format!(
+            "the secondary is inconsistent (mid full sync from generation {:016x}, which \
+             this primary is not); start it with {ALLOW_FULL_SYNC_FLAG} to resync from here",
+            s.source
+        ),
+    )
+}
+
+/// [`decide_with`] when the secondary's operator gives up its side ([`DISCARD_MY_DATA_FLAG`],
+/// rule 8a/8b): a failback when both disks diverged from the generation both bitmaps name
+/// (`common`) and both kept a dirty record since, else a full sync if allowed.
+fn decide_failback(s: &Generations, policy: &SyncPolicy, common: bool) -> Decision {
+    if common && policy.primary_dirty_log && policy.secondary_dirty_log {
+        return Decision::Failback(format!(
+            "both disks diverged from generation {:016x} and both kept a dirty record \
+             since; {DISCARD_MY_DATA_FLAG}: the primary resends the union of both records",
+            s.bitmap
+        ));
+    }
+    let why = if common {
+        format!(
+            "both disks diverged from generation {:016x} and {}",
+            s.bitmap,
+            match (policy.primary_dirty_log, policy.secondary_dirty_log) {
+                (false, false) => "neither kept a dirty record since",
+                (false, _) => "the primary kept no dirty record since (--no-dirty-log)",
+                _ => "the secondary has no readable dirty record of its own",
+            }
+        )
+    } else {
+        "the disks share no generation both dirty records start from".to_string()
+    };
+    full_or_refuse(
+        policy.allow_full,
+        format!("{DISCARD_MY_DATA_FLAG} given, but {why}"),
+    )
 }
 
 /// What the image file looked like when a process last stopped cleanly: a later start that
