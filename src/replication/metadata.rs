@@ -37,6 +37,74 @@ pub use decide::{
     decide, decide_with, Decision, Refusal, SyncPolicy, ALLOW_FULL_SYNC_FLAG, DISCARD_MY_DATA_FLAG,
 };
 
+/// The metadata's refusals, typed (the role transitions a disk's record does not allow, a
+/// record that does not fit the image), and the media's errors. The texts are what operators
+/// see; `io::Error` is made where the caller's I/O world begins (the primary's start, the
+/// secondary's stream), with the refusals' kinds (`InvalidInput`, `InvalidData`).
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// A primary on a COLO secondary's disk that did not fail over.
+    #[error(
+        "this disk's replication metadata says it is a COLO secondary's disk, which holds no \
+         checkpoint by itself: run replication-failover on that secondary first (or remove \
+         the metadata file to start it as an unrelated disk)"
+    )]
+    SecondaryDisk,
+    /// An unforced failover of an inconsistent disk (mid full sync or failback resync).
+    #[error(
+        "the secondary's disk is inconsistent (a full sync or a failback resync has not \
+         reached a checkpoint): it holds no checkpoint to fail over to; use \
+         replication-failover {{\"force\": true}} to take it anyway"
+    )]
+    Inconsistent,
+    /// The end of an epoch of the primary's stream on a disk that failed over.
+    #[error("failed over: no checkpoint of the primary any more")]
+    FailedOver,
+    /// The newest record describes a disk of another size.
+    #[error("{}: the metadata describes a disk of {recorded} bytes, the image has {image}", path.display())]
+    SizeMismatch {
+        path: PathBuf,
+        recorded: u64,
+        image: u64,
+    },
+    /// The file holds no valid slot.
+    #[error("{}: no valid metadata slot (remove the file to start over as an unrelated disk)", path.display())]
+    NoValidSlot { path: PathBuf },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl MetaError {
+    /// The kind this error has as an `io::Error`.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            MetaError::SecondaryDisk | MetaError::Inconsistent => io::ErrorKind::InvalidInput,
+            MetaError::SizeMismatch { .. } | MetaError::NoValidSlot { .. } => {
+                io::ErrorKind::InvalidData
+            }
+            MetaError::FailedOver => io::ErrorKind::Other,
+            MetaError::Io(e) => e.kind(),
+        }
+    }
+}
+
+impl From<MetaError> for io::Error {
+    fn from(e: MetaError) -> io::Error {
+        match e {
+            MetaError::Io(e) => e,
+            e => io::Error::new(e.kind(), e),
+        }
+    }
+}
+
+/// The secondary's failover carries the metadata's refusals as it carried them before they
+/// were typed (`I/O: …`).
+impl From<MetaError> for crate::replication::secondary::SecondaryError {
+    fn from(e: MetaError) -> Self {
+        Self::Io(e.into())
+    }
+}
+
 /// The generation of a disk colo-blk created itself (all zeros): two such disks are equal.
 pub const ZERO_GENERATION: u64 = 0x5a45_524f_5a45_524f; // "OREZOREZ"
 /// Older generations remembered.
@@ -398,27 +466,20 @@ impl MetaStore {
         let meta = match newest {
             Some(m) if !created => {
                 if m.disk_size != disk_size {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "{}: the metadata describes a disk of {} bytes, the image has {}",
-                            path.display(),
-                            m.disk_size,
-                            disk_size
-                        ),
-                    ));
+                    return Err(MetaError::SizeMismatch {
+                        path: path.to_path_buf(),
+                        recorded: m.disk_size,
+                        image: disk_size,
+                    }
+                    .into());
                 }
                 m
             }
             None if !raw.is_empty() && !created => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{}: no valid metadata slot (remove the file to start over as an \
-                         unrelated disk)",
-                        path.display()
-                    ),
-                ))
+                return Err(MetaError::NoValidSlot {
+                    path: path.to_path_buf(),
+                }
+                .into())
             }
             _ => {
                 let fresh = Metadata::fresh(disk_size, if created { ZERO_GENERATION } else { 0 });
@@ -544,17 +605,12 @@ impl MetaStore {
     /// base may be mid-epoch), and takes a new current generation when the current one is the
     /// peer's (it is about to write unconnected). `dirty_log` says whether a persistent dirty
     /// record exists; without one no peer can be resynced incrementally.
-    pub fn primary_start(&self, dirty_log: bool) -> io::Result<Metadata> {
+    pub fn primary_start(&self, dirty_log: bool) -> Result<Metadata, MetaError> {
         let m = self.get();
         if m.role == DiskRole::Secondary {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "this disk's replication metadata says it is a COLO secondary's disk, which \
-                 holds no checkpoint by itself: run replication-failover on that secondary \
-                 first (or remove the metadata file to start it as an unrelated disk)",
-            ));
+            return Err(MetaError::SecondaryDisk);
         }
-        self.update(|m| {
+        Ok(self.update(|m| {
             m.set_role(DiskRole::Primary);
             if m.gens.current == ZERO_GENERATION {
                 // Created by colo-blk and never written: a fresh disk is the peer's equal.
@@ -570,7 +626,7 @@ impl MetaStore {
                 }
             }
             m.gens.flags &= !FLAG_INCONSISTENT;
-        })
+        })?)
     }
 
     /// The primary lost its secondary: it writes unconnected from now on.
@@ -637,9 +693,7 @@ impl MetaStore {
 
     fn adopt(&self, epoch: u64, checkpoint: bool) -> io::Result<Metadata> {
         if self.get().role == DiskRole::FailedOver {
-            return Err(io::Error::other(
-                "failed over: no checkpoint of the primary any more",
-            ));
+            return Err(MetaError::FailedOver.into());
         }
         self.update(|m| {
             let g = &mut m.gens;
@@ -658,15 +712,10 @@ impl MetaStore {
     }
 
     /// Whether a failover may start: refuses an inconsistent disk unless `force`.
-    pub fn failover_check(&self, force: bool) -> io::Result<()> {
+    pub fn failover_check(&self, force: bool) -> Result<(), MetaError> {
         let m = self.get();
         if m.role != DiskRole::FailedOver && m.gens.inconsistent() && !force {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the secondary's disk is inconsistent (a full sync or a failback resync has \
-                 not reached a checkpoint): it holds no checkpoint to fail over to; use \
-                 replication-failover {\"force\": true} to take it anyway",
-            ));
+            return Err(MetaError::Inconsistent);
         }
         Ok(())
     }
@@ -683,21 +732,21 @@ impl MetaStore {
     /// disk's dirty log already records every range the commit will write) the bitmap names
     /// the checkpoint generation it diverges from (the pair's common ancestor, see
     /// [`MetaStore::failover_keeps_ancestor`]); without one no peer is covered (`bitmap = 0`).
-    pub fn failover(&self, force: bool, dirty_log: bool) -> io::Result<Metadata> {
+    pub fn failover(&self, force: bool, dirty_log: bool) -> Result<Metadata, MetaError> {
         let m = self.get();
         if m.role == DiskRole::FailedOver {
             return Ok(m); // resuming an interrupted failover
         }
         self.failover_check(force)?;
         let ancestor = dirty_log && self.failover_keeps_ancestor();
-        self.update(|m| {
+        Ok(self.update(|m| {
             let before = m.gens.current;
             m.set_role(DiskRole::FailedOver);
             m.new_current();
             m.gens.bitmap = if ancestor { before } else { 0 };
             m.gens.source = 0;
             m.gens.flags &= !FLAG_INCONSISTENT;
-        })
+        })?)
     }
 
     pub fn status(&self) -> MetaStatus {
@@ -1152,7 +1201,14 @@ mod tests {
         // A forced failover of an inconsistent disk: no ancestor either.
         let st = MetaStore::in_memory(1 << 20);
         st.secondary_accept(&primary, true).unwrap();
-        assert!(st.failover(false, true).is_err());
+        let e = st.failover(false, true).unwrap_err();
+        assert!(matches!(e, MetaError::Inconsistent), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "the secondary's disk is inconsistent (a full sync or a failback resync has not \
+             reached a checkpoint): it holds no checkpoint to fail over to; use \
+             replication-failover {\"force\": true} to take it anyway"
+        );
         assert_eq!(st.failover(true, true).unwrap().gens.bitmap, 0);
 
         // A primary killed while connected (current == bitmap) started as a secondary: a new
@@ -1207,11 +1263,17 @@ mod tests {
         let primary = Generations::fresh_primary();
         st.secondary_accept(&primary, true).unwrap();
         assert!(st.gens().inconsistent());
-        assert!(st.failover(false, false).is_err());
+        assert!(matches!(
+            st.failover(false, false),
+            Err(MetaError::Inconsistent)
+        ));
         // A marker the layers did not make a checkpoint: still inconsistent.
         let m = st.stream_epoch(1).unwrap();
         assert!(m.gens.inconsistent());
-        assert!(st.failover(false, false).is_err());
+        assert!(matches!(
+            st.failover(false, false),
+            Err(MetaError::Inconsistent)
+        ));
         let m = st.checkpoint_done(1).unwrap();
         assert_eq!((m.gens.current, m.gens.epoch), (primary.current, 1));
         assert!(!m.gens.inconsistent());
@@ -1232,7 +1294,9 @@ mod tests {
         // A secondary's disk cannot start as a primary.
         let s2 = MetaStore::in_memory(1 << 20);
         s2.secondary_accept(&primary, false).unwrap();
-        assert!(s2.primary_start(true).is_err());
+        let e = s2.primary_start(true).unwrap_err();
+        assert!(matches!(e, MetaError::SecondaryDisk), "{e}");
+        assert_eq!(io::Error::from(e).kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
