@@ -189,7 +189,7 @@ impl LayeredDisk {
     /// and, with `log`, the buffered ranges are recorded in it and the SVM's changes go
     /// through it (see [`LayeredDisk::failover_logged`], which continues from here).
     ///
-    /// A disk that [needs a resync](LayerStats::needs_resync) is refused unless `force`.
+    /// A disk that [needs a resync](super::LayerStats::needs_resync) is refused unless `force`.
     pub fn prepare_failover(
         &self,
         log: Option<Arc<DirtyLog>>,
