@@ -32,7 +32,8 @@
 //!   recorded before it starts and resumes when a restarted secondary opens the directory.
 //!   [`LayeredDisk::failover_logged`] first records every range the commit will write in a dirty
 //!   log, and from then on the SVM's changes reach base through a [`LayeredDisk::set_through`]
-//!   device (the log's [`LoggedDisk`](crate::replication::dirty::LoggedDisk), later a promoted primary) instead of directly.
+//!   device (the log's [`LoggedDisk`](crate::replication::dirty::LoggedDisk), later a promoted
+//!   primary) instead of directly.
 //!
 //! Durability follows docs/flush-policy.md (DRBD's single-fault model): base is synced at the
 //! boundaries the primary relies on (its FLUSH, a marker, a checkpoint); the layers are synced
