@@ -910,7 +910,7 @@ impl Secondary {
         let t = Instant::now();
         let epoch = match self.disk.checkpoint_group(group) {
             Ok(e) => e,
-            Err(e @ super::layers::LayerError::NotPrepared { .. }) => {
+            Err(e @ crate::replication::layers::LayerError::NotPrepared { .. }) => {
                 return Err(SecondaryError::NotPrepared(e.to_string()))
             }
             Err(e) => return Err(e.into()),
