@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::control::Role;
 use crate::histogram::HistogramSnapshot;
+use crate::replication::primary::Primary;
+use crate::replication::secondary::Secondary;
 use crate::vhost_user::StatsHandle;
 
 /// What a scrape reads.
@@ -97,146 +99,152 @@ pub fn render(src: &MetricsSource) -> String {
     }
     match &current {
         Role::Standalone => {}
-        Role::Primary(p) => {
-            let st = p.status();
-            let m = p.metrics().snapshot();
-            o.one(
-                "replication_connected",
-                "gauge",
-                "1 while a secondary is connected.",
-                u8::from(st.state == "connected"),
-            );
-            o.one(
-                "replication_protected",
-                "gauge",
-                "1 while the guest's writes are protected (secondary connected and in sync).",
-                u8::from(st.unprotected_since.is_none()),
-            );
-            o.one(
-                "replication_unprotected_since_seconds",
-                "gauge",
-                "Unix time protection was lost (0 while protected).",
-                opt_ts(st.unprotected_since),
-            );
-            o.one(
-                "replication_epoch",
-                "gauge",
-                "Last completed checkpoint.",
-                st.epoch,
-            );
-            o.one(
-                "replication_sent_bytes_total",
-                "counter",
-                "Stream bytes queued to the secondary (frame headers included).",
-                st.bytes_sent_total,
-            );
-            o.one(
-                "replication_acked_bytes_total",
-                "counter",
-                "Stream bytes the secondary acknowledged.",
-                st.bytes_acked_total,
-            );
-            o.one(
-                "replication_in_flight_bytes",
-                "gauge",
-                "Stream bytes sent and not yet acknowledged.",
-                st.bytes_in_flight,
-            );
-            o.one(
-                "replication_window_bytes",
-                "gauge",
-                "Most bytes that may be in flight (--window).",
-                st.window_bytes,
-            );
-            o.one(
-                "replication_since_checkpoint_bytes",
-                "gauge",
-                "Stream bytes sent since the last checkpoint.",
-                st.bytes_sent_since_checkpoint,
-            );
-            o.one(
-                "replication_dirty_bytes",
-                "gauge",
-                "Bytes changed since the last checkpoint (what a resync would send).",
-                st.dirty_bytes,
-            );
-            o.one(
-                "replication_resync_total_bytes",
-                "gauge",
-                "Bytes the current session's resync had to send.",
-                st.resync_total_bytes,
-            );
-            o.one(
-                "replication_resync_remaining_bytes",
-                "gauge",
-                "Bytes the current resync still has to send.",
-                st.resync_remaining_bytes,
-            );
-            render_common(&mut o, &m);
-        }
-        Role::Secondary(s) => {
-            let st = s.status();
-            let m = s.metrics().snapshot();
-            o.one(
-                "replication_connected",
-                "gauge",
-                "1 while a primary streams to this secondary.",
-                u8::from(st.state == "connected"),
-            );
-            o.one(
-                "replication_failed_over",
-                "gauge",
-                "1 once a failover began (the disk is the Secondary VM's own).",
-                u8::from(st.state == "failed-over"),
-            );
-            o.one(
-                "replication_epoch",
-                "gauge",
-                "Last completed checkpoint.",
-                st.epoch,
-            );
-            o.one(
-                "replication_received_bytes_total",
-                "counter",
-                "Stream data bytes applied.",
-                st.bytes_received_total,
-            );
-            o.one(
-                "replication_since_checkpoint_bytes",
-                "gauge",
-                "Stream data bytes applied since the last checkpoint.",
-                st.bytes_received_since_checkpoint,
-            );
-            o.family(
-                "layer_bytes",
-                "gauge",
-                "Bytes held by the secondary's layers (hidden: rollback data; active: the \
-                 Secondary VM's writes).",
-            );
-            o.sample("layer_bytes", "layer=\"hidden\"", st.hidden_bytes);
-            o.sample("layer_bytes", "layer=\"active\"", st.active_bytes);
-            o.one(
-                "replication_failovers_total",
-                "counter",
-                "Failovers completed.",
-                st.failovers,
-            );
-            o.one(
-                "replication_failover_remaining_bytes",
-                "gauge",
-                "Layer bytes a running failover still has to commit.",
-                st.failover_remaining_bytes,
-            );
-            o.one(
-                "replication_last_failover_duration_seconds",
-                "gauge",
-                "How long the last failover took (0: none).",
-                m.last_failover_seconds.unwrap_or(0.0),
-            );
-            render_common(&mut o, &m);
-        }
+        Role::Primary(p) => render_primary(&mut o, p),
+        Role::Secondary(s) => render_secondary(&mut o, s),
     }
     o.0
+}
+
+/// A primary's families: its link, protection, stream and window, resync, then the common ones.
+fn render_primary(o: &mut Out, p: &Primary) {
+    let st = p.status();
+    let m = p.metrics().snapshot();
+    o.one(
+        "replication_connected",
+        "gauge",
+        "1 while a secondary is connected.",
+        u8::from(st.state == "connected"),
+    );
+    o.one(
+        "replication_protected",
+        "gauge",
+        "1 while the guest's writes are protected (secondary connected and in sync).",
+        u8::from(st.unprotected_since.is_none()),
+    );
+    o.one(
+        "replication_unprotected_since_seconds",
+        "gauge",
+        "Unix time protection was lost (0 while protected).",
+        opt_ts(st.unprotected_since),
+    );
+    o.one(
+        "replication_epoch",
+        "gauge",
+        "Last completed checkpoint.",
+        st.epoch,
+    );
+    o.one(
+        "replication_sent_bytes_total",
+        "counter",
+        "Stream bytes queued to the secondary (frame headers included).",
+        st.bytes_sent_total,
+    );
+    o.one(
+        "replication_acked_bytes_total",
+        "counter",
+        "Stream bytes the secondary acknowledged.",
+        st.bytes_acked_total,
+    );
+    o.one(
+        "replication_in_flight_bytes",
+        "gauge",
+        "Stream bytes sent and not yet acknowledged.",
+        st.bytes_in_flight,
+    );
+    o.one(
+        "replication_window_bytes",
+        "gauge",
+        "Most bytes that may be in flight (--window).",
+        st.window_bytes,
+    );
+    o.one(
+        "replication_since_checkpoint_bytes",
+        "gauge",
+        "Stream bytes sent since the last checkpoint.",
+        st.bytes_sent_since_checkpoint,
+    );
+    o.one(
+        "replication_dirty_bytes",
+        "gauge",
+        "Bytes changed since the last checkpoint (what a resync would send).",
+        st.dirty_bytes,
+    );
+    o.one(
+        "replication_resync_total_bytes",
+        "gauge",
+        "Bytes the current session's resync had to send.",
+        st.resync_total_bytes,
+    );
+    o.one(
+        "replication_resync_remaining_bytes",
+        "gauge",
+        "Bytes the current resync still has to send.",
+        st.resync_remaining_bytes,
+    );
+    render_common(o, &m);
+}
+
+/// A secondary's families: its link, failover, stream and layers, then the common ones.
+fn render_secondary(o: &mut Out, s: &Secondary) {
+    let st = s.status();
+    let m = s.metrics().snapshot();
+    o.one(
+        "replication_connected",
+        "gauge",
+        "1 while a primary streams to this secondary.",
+        u8::from(st.state == "connected"),
+    );
+    o.one(
+        "replication_failed_over",
+        "gauge",
+        "1 once a failover began (the disk is the Secondary VM's own).",
+        u8::from(st.state == "failed-over"),
+    );
+    o.one(
+        "replication_epoch",
+        "gauge",
+        "Last completed checkpoint.",
+        st.epoch,
+    );
+    o.one(
+        "replication_received_bytes_total",
+        "counter",
+        "Stream data bytes applied.",
+        st.bytes_received_total,
+    );
+    o.one(
+        "replication_since_checkpoint_bytes",
+        "gauge",
+        "Stream data bytes applied since the last checkpoint.",
+        st.bytes_received_since_checkpoint,
+    );
+    o.family(
+        "layer_bytes",
+        "gauge",
+        "Bytes held by the secondary's layers (hidden: rollback data; active: the \
+         Secondary VM's writes).",
+    );
+    o.sample("layer_bytes", "layer=\"hidden\"", st.hidden_bytes);
+    o.sample("layer_bytes", "layer=\"active\"", st.active_bytes);
+    o.one(
+        "replication_failovers_total",
+        "counter",
+        "Failovers completed.",
+        st.failovers,
+    );
+    o.one(
+        "replication_failover_remaining_bytes",
+        "gauge",
+        "Layer bytes a running failover still has to commit.",
+        st.failover_remaining_bytes,
+    );
+    o.one(
+        "replication_last_failover_duration_seconds",
+        "gauge",
+        "How long the last failover took (0: none).",
+        m.last_failover_seconds.unwrap_or(0.0),
+    );
+    render_common(o, &m);
 }
 
 /// The counters both replication roles have.
@@ -449,4 +457,203 @@ mod tests {
             }
         }
     }
+
+    /// The whole text of each replication role, byte for byte (the unix time protection was
+    /// lost and the version masked).
+    #[test]
+    fn role_texts_are_pinned() {
+        use crate::qmp::EventSender;
+        use crate::replication::layers::LayeredDisk;
+        use crate::replication::metadata::MetaStore;
+        use crate::replication::primary::{Primary, PrimaryOptions};
+        use crate::replication::secondary::{Secondary, SecondaryOptions};
+        use crate::replication::tls::LinkSecurity;
+        use crate::storage::MemDisk;
+
+        let disk = Arc::new(MemDisk::new(1 << 20));
+        let opts = PrimaryOptions {
+            peer: "127.0.0.1:1".into(),
+            window_bytes: 1 << 20,
+            sync: false,
+            heartbeat_interval: Duration::from_secs(1),
+            peer_timeout: Duration::from_secs(5),
+            reconnect_interval: Duration::from_secs(1),
+            dirty_granularity: 65536,
+            block_size: 512,
+            security: LinkSecurity::Insecure,
+        };
+        let meta = Arc::new(MetaStore::in_memory(1 << 20));
+        let primary = Primary::open(disk, opts, EventSender::new(), meta, None).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let base = Arc::new(MemDisk::new(1 << 20));
+        let layered = Arc::new(LayeredDisk::new(base, tmp.path(), 4096).unwrap());
+        let opts = SecondaryOptions {
+            listen: "in-memory".into(),
+            serves_vm: false,
+            heartbeat_interval: Duration::from_secs(1),
+            peer_timeout: Duration::from_secs(5),
+            block_size: 512,
+            allow_full_sync: false,
+            security: LinkSecurity::Insecure,
+        };
+        let secondary = Secondary::in_memory(layered, opts, EventSender::new());
+        let mut all = String::new();
+        for role in [Role::Primary(primary), Role::Secondary(secondary)] {
+            let text = render(&MetricsSource { role, stats: None });
+            for l in text.lines() {
+                let since = "colo_blk_replication_unprotected_since_seconds ";
+                let l = match l.strip_prefix(since) {
+                    Some(_) => format!("{since}T"),
+                    None => l.replace(env!("CARGO_PKG_VERSION"), "V"),
+                };
+                all.push_str(&l);
+                all.push('\n');
+            }
+        }
+        assert_eq!(all, PINNED);
+    }
+
+    const PINNED: &str = r#"# HELP colo_blk_info The process: role and version (always 1).
+# TYPE colo_blk_info gauge
+colo_blk_info{role="primary",version="V"} 1
+# HELP colo_blk_replication_connected 1 while a secondary is connected.
+# TYPE colo_blk_replication_connected gauge
+colo_blk_replication_connected 0
+# HELP colo_blk_replication_protected 1 while the guest's writes are protected (secondary connected and in sync).
+# TYPE colo_blk_replication_protected gauge
+colo_blk_replication_protected 0
+# HELP colo_blk_replication_unprotected_since_seconds Unix time protection was lost (0 while protected).
+# TYPE colo_blk_replication_unprotected_since_seconds gauge
+colo_blk_replication_unprotected_since_seconds T
+# HELP colo_blk_replication_epoch Last completed checkpoint.
+# TYPE colo_blk_replication_epoch gauge
+colo_blk_replication_epoch 0
+# HELP colo_blk_replication_sent_bytes_total Stream bytes queued to the secondary (frame headers included).
+# TYPE colo_blk_replication_sent_bytes_total counter
+colo_blk_replication_sent_bytes_total 0
+# HELP colo_blk_replication_acked_bytes_total Stream bytes the secondary acknowledged.
+# TYPE colo_blk_replication_acked_bytes_total counter
+colo_blk_replication_acked_bytes_total 0
+# HELP colo_blk_replication_in_flight_bytes Stream bytes sent and not yet acknowledged.
+# TYPE colo_blk_replication_in_flight_bytes gauge
+colo_blk_replication_in_flight_bytes 0
+# HELP colo_blk_replication_window_bytes Most bytes that may be in flight (--window).
+# TYPE colo_blk_replication_window_bytes gauge
+colo_blk_replication_window_bytes 1048576
+# HELP colo_blk_replication_since_checkpoint_bytes Stream bytes sent since the last checkpoint.
+# TYPE colo_blk_replication_since_checkpoint_bytes gauge
+colo_blk_replication_since_checkpoint_bytes 0
+# HELP colo_blk_replication_dirty_bytes Bytes changed since the last checkpoint (what a resync would send).
+# TYPE colo_blk_replication_dirty_bytes gauge
+colo_blk_replication_dirty_bytes 0
+# HELP colo_blk_replication_resync_total_bytes Bytes the current session's resync had to send.
+# TYPE colo_blk_replication_resync_total_bytes gauge
+colo_blk_replication_resync_total_bytes 0
+# HELP colo_blk_replication_resync_remaining_bytes Bytes the current resync still has to send.
+# TYPE colo_blk_replication_resync_remaining_bytes gauge
+colo_blk_replication_resync_remaining_bytes 0
+# HELP colo_blk_replication_checkpoints_total Checkpoints completed.
+# TYPE colo_blk_replication_checkpoints_total counter
+colo_blk_replication_checkpoints_total 0
+# HELP colo_blk_replication_checkpoint_failures_total Checkpoints refused or failed.
+# TYPE colo_blk_replication_checkpoint_failures_total counter
+colo_blk_replication_checkpoint_failures_total 0
+# HELP colo_blk_replication_checkpoint_duration_seconds How long checkpoints took (primary: marker queued to acknowledged; secondary: layers dropped).
+# TYPE colo_blk_replication_checkpoint_duration_seconds histogram
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.00001"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.000025"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.00005"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.0001"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.00025"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.0005"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.001"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.0025"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.005"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.01"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.025"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.05"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.1"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.25"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="1"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="5"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="+Inf"} 0
+colo_blk_replication_checkpoint_duration_seconds_sum 0
+colo_blk_replication_checkpoint_duration_seconds_count 0
+# HELP colo_blk_replication_last_checkpoint_seconds Unix time of the last checkpoint (0: none).
+# TYPE colo_blk_replication_last_checkpoint_seconds gauge
+colo_blk_replication_last_checkpoint_seconds 0
+# HELP colo_blk_replication_sessions_total Replication sessions that passed their handshake.
+# TYPE colo_blk_replication_sessions_total counter
+colo_blk_replication_sessions_total 0
+# HELP colo_blk_replication_link_errors_total Sessions or handshakes that ended in an error, and refused peers.
+# TYPE colo_blk_replication_link_errors_total counter
+colo_blk_replication_link_errors_total 0
+# HELP colo_blk_info The process: role and version (always 1).
+# TYPE colo_blk_info gauge
+colo_blk_info{role="secondary",version="V"} 1
+# HELP colo_blk_replication_connected 1 while a primary streams to this secondary.
+# TYPE colo_blk_replication_connected gauge
+colo_blk_replication_connected 0
+# HELP colo_blk_replication_failed_over 1 once a failover began (the disk is the Secondary VM's own).
+# TYPE colo_blk_replication_failed_over gauge
+colo_blk_replication_failed_over 0
+# HELP colo_blk_replication_epoch Last completed checkpoint.
+# TYPE colo_blk_replication_epoch gauge
+colo_blk_replication_epoch 0
+# HELP colo_blk_replication_received_bytes_total Stream data bytes applied.
+# TYPE colo_blk_replication_received_bytes_total counter
+colo_blk_replication_received_bytes_total 0
+# HELP colo_blk_replication_since_checkpoint_bytes Stream data bytes applied since the last checkpoint.
+# TYPE colo_blk_replication_since_checkpoint_bytes gauge
+colo_blk_replication_since_checkpoint_bytes 0
+# HELP colo_blk_layer_bytes Bytes held by the secondary's layers (hidden: rollback data; active: the Secondary VM's writes).
+# TYPE colo_blk_layer_bytes gauge
+colo_blk_layer_bytes{layer="hidden"} 0
+colo_blk_layer_bytes{layer="active"} 0
+# HELP colo_blk_replication_failovers_total Failovers completed.
+# TYPE colo_blk_replication_failovers_total counter
+colo_blk_replication_failovers_total 0
+# HELP colo_blk_replication_failover_remaining_bytes Layer bytes a running failover still has to commit.
+# TYPE colo_blk_replication_failover_remaining_bytes gauge
+colo_blk_replication_failover_remaining_bytes 0
+# HELP colo_blk_replication_last_failover_duration_seconds How long the last failover took (0: none).
+# TYPE colo_blk_replication_last_failover_duration_seconds gauge
+colo_blk_replication_last_failover_duration_seconds 0
+# HELP colo_blk_replication_checkpoints_total Checkpoints completed.
+# TYPE colo_blk_replication_checkpoints_total counter
+colo_blk_replication_checkpoints_total 0
+# HELP colo_blk_replication_checkpoint_failures_total Checkpoints refused or failed.
+# TYPE colo_blk_replication_checkpoint_failures_total counter
+colo_blk_replication_checkpoint_failures_total 0
+# HELP colo_blk_replication_checkpoint_duration_seconds How long checkpoints took (primary: marker queued to acknowledged; secondary: layers dropped).
+# TYPE colo_blk_replication_checkpoint_duration_seconds histogram
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.00001"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.000025"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.00005"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.0001"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.00025"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.0005"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.001"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.0025"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.005"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.01"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.025"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.05"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.1"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="0.25"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="1"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="5"} 0
+colo_blk_replication_checkpoint_duration_seconds_bucket{le="+Inf"} 0
+colo_blk_replication_checkpoint_duration_seconds_sum 0
+colo_blk_replication_checkpoint_duration_seconds_count 0
+# HELP colo_blk_replication_last_checkpoint_seconds Unix time of the last checkpoint (0: none).
+# TYPE colo_blk_replication_last_checkpoint_seconds gauge
+colo_blk_replication_last_checkpoint_seconds 0
+# HELP colo_blk_replication_sessions_total Replication sessions that passed their handshake.
+# TYPE colo_blk_replication_sessions_total counter
+colo_blk_replication_sessions_total 0
+# HELP colo_blk_replication_link_errors_total Sessions or handshakes that ended in an error, and refused peers.
+# TYPE colo_blk_replication_link_errors_total counter
+colo_blk_replication_link_errors_total 0
+"#;
 }

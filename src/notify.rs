@@ -23,7 +23,10 @@ pub fn notify(state: &str) -> io::Result<bool> {
         #[cfg(not(target_os = "linux"))]
         {
             let _ = name;
-            return Err(io::Error::other("abstract NOTIFY_SOCKET needs Linux"));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "abstract NOTIFY_SOCKET needs Linux",
+            ));
         }
     } else {
         sock.send_to(state.as_bytes(), &path)?;

@@ -439,109 +439,130 @@ pub fn report_text(r: &Report, now: f64, with_progress: bool) -> String {
     if role != "standalone" {
         out.push_str(&protection_line(rep, now));
     }
-    let ago = |key: &str| f(rep, key).map(|t| (utc(t), duration(now - t)));
     match role {
-        "primary" => {
-            let peer = s(rep, "peer-address").or(s(rep, "peer")).unwrap_or("?");
-            out.push_str(&format!(
-                "  peer {peer} link:{} mode:{} sessions:{} link-errors:{}\n",
-                s(rep, "state").unwrap_or("?"),
-                s(rep, "mode").unwrap_or("?"),
-                u(rep, "sessions"),
-                u(rep, "link-errors"),
-            ));
-            let prot = match summary(rep) {
-                "in-sync" => "in sync (protected)".to_string(),
-                "resyncing" => "resyncing (unprotected until it completes)".to_string(),
-                _ => "UNPROTECTED".to_string(),
-            };
-            let since = match ago("unprotected-since") {
-                Some((at, d)) if summary(rep) != "in-sync" => format!(" since {at} ({d} ago)"),
-                _ => String::new(),
-            };
-            out.push_str(&format!("  disk: {prot}{since}\n"));
-            if let Some(e) = s(rep, "last-error").filter(|_| summary(rep) != "in-sync") {
-                out.push_str(&format!("  last error: {e}\n"));
-            }
-            let cp = match ago("last-checkpoint-at") {
-                Some((_, d)) => format!("{d} ago"),
-                None => "none yet".into(),
-            };
-            let window = u(rep, "window-bytes");
-            let inflight = u(rep, "bytes-in-flight");
-            let fill = if window > 0 {
-                inflight as f64 * 100.0 / window as f64
-            } else {
-                0.0
-            };
-            // Under QEMU's COLO every device stop ends an epoch; the secondary tells which
-            // were checkpoints and which other stops (a user stop).
-            let markers = match u(rep, "markers") {
-                0 => String::new(),
-                m => format!(" (markers:{m}: checkpoints and other stops, see the secondary)"),
-            };
-            out.push_str(&format!(
-                "  last checkpoint: {cp}, {} sent since, {} dirty; checkpoints:{} failed:{}{markers}\n",
-                bytes(u(rep, "bytes-sent-since-checkpoint")),
-                bytes(u(rep, "dirty-bytes")),
-                u(rep, "checkpoints"),
-                u(rep, "checkpoint-failures"),
-            ));
-            out.push_str(&format!(
-                "  window: {fill:.1}% ({} of {} in flight), sent {} acked {}\n",
-                bytes(inflight),
-                bytes(window),
-                bytes(u(rep, "bytes-sent-total")),
-                bytes(u(rep, "bytes-acked-total")),
-            ));
-        }
-        "secondary" => {
-            let peer = s(rep, "peer-address").unwrap_or("-");
-            out.push_str(&format!(
-                "  peer {peer} link:{} listen:{} sessions:{} link-errors:{}\n",
-                s(rep, "state").unwrap_or("?"),
-                s(rep, "listen").unwrap_or("?"),
-                u(rep, "sessions"),
-                u(rep, "link-errors"),
-            ));
-            let state = match summary(rep) {
-                "receiving" => "receiving the primary's stream".to_string(),
-                "failing-over" => "FAILING OVER (committing the layers)".to_string(),
-                "failed-over" => "failed over: the disk is this side's own".to_string(),
-                _ => match ago("unprotected-since") {
-                    Some((at, d)) => format!("waiting for the primary since {at} ({d} ago)"),
-                    None => "waiting for the primary".to_string(),
-                },
-            };
-            out.push_str(&format!("  disk: {state}\n"));
-            if let Some(e) = s(rep, "last-error").filter(|_| summary(rep) != "receiving") {
-                out.push_str(&format!("  last error: {e}\n"));
-            }
-            let cp = match ago("last-checkpoint-at") {
-                Some((_, d)) => format!("{d} ago"),
-                None => "none yet".into(),
-            };
-            let colo = rep.get("colo").cloned().unwrap_or_default();
-            out.push_str(&format!(
-                "  last checkpoint: {cp}, {} received since; checkpoints:{} stops:{}\n",
-                bytes(u(rep, "bytes-received-since-checkpoint")),
-                u(rep, "checkpoints"),
-                u(&colo, "stops"),
-            ));
-            if let Some(why) = s(&colo, "svm-mismatch") {
-                out.push_str(&format!(
-                    "  SECONDARY VM: its memory does not match its disk, failover refused: {why}\n"
-                ));
-            }
-            out.push_str(&format!(
-                "  layers: hidden {}, active {} (cluster {})\n",
-                bytes(u(rep, "hidden-bytes")),
-                bytes(u(rep, "active-bytes")),
-                bytes(u(rep, "cluster-size")),
-            ));
-        }
+        "primary" => primary_text(rep, now, &mut out),
+        "secondary" => secondary_text(rep, now, &mut out),
         _ => {}
     }
+    device_text(stats, &mut out);
+    if with_progress {
+        for p in progress_of(rep, now) {
+            out.push_str(&format!("  {}\n", progress_line(&p)));
+        }
+    }
+    out
+}
+
+/// When `key` (a timestamp of `rep`) was: in UTC, and how long before `now`.
+fn ago(rep: &Value, now: f64, key: &str) -> Option<(String, String)> {
+    f(rep, key).map(|t| (utc(t), duration(now - t)))
+}
+
+/// A primary's lines of the screen: its link, its disk's protection, checkpoints, window.
+fn primary_text(rep: &Value, now: f64, out: &mut String) {
+    let peer = s(rep, "peer-address").or(s(rep, "peer")).unwrap_or("?");
+    out.push_str(&format!(
+        "  peer {peer} link:{} mode:{} sessions:{} link-errors:{}\n",
+        s(rep, "state").unwrap_or("?"),
+        s(rep, "mode").unwrap_or("?"),
+        u(rep, "sessions"),
+        u(rep, "link-errors"),
+    ));
+    let prot = match summary(rep) {
+        "in-sync" => "in sync (protected)".to_string(),
+        "resyncing" => "resyncing (unprotected until it completes)".to_string(),
+        _ => "UNPROTECTED".to_string(),
+    };
+    let since = match ago(rep, now, "unprotected-since") {
+        Some((at, d)) if summary(rep) != "in-sync" => format!(" since {at} ({d} ago)"),
+        _ => String::new(),
+    };
+    out.push_str(&format!("  disk: {prot}{since}\n"));
+    if let Some(e) = s(rep, "last-error").filter(|_| summary(rep) != "in-sync") {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    let cp = match ago(rep, now, "last-checkpoint-at") {
+        Some((_, d)) => format!("{d} ago"),
+        None => "none yet".into(),
+    };
+    let window = u(rep, "window-bytes");
+    let inflight = u(rep, "bytes-in-flight");
+    let fill = if window > 0 {
+        inflight as f64 * 100.0 / window as f64
+    } else {
+        0.0
+    };
+    // Under QEMU's COLO every device stop ends an epoch; the secondary tells which
+    // were checkpoints and which other stops (a user stop).
+    let markers = match u(rep, "markers") {
+        0 => String::new(),
+        m => format!(" (markers:{m}: checkpoints and other stops, see the secondary)"),
+    };
+    out.push_str(&format!(
+        "  last checkpoint: {cp}, {} sent since, {} dirty; checkpoints:{} failed:{}{markers}\n",
+        bytes(u(rep, "bytes-sent-since-checkpoint")),
+        bytes(u(rep, "dirty-bytes")),
+        u(rep, "checkpoints"),
+        u(rep, "checkpoint-failures"),
+    ));
+    out.push_str(&format!(
+        "  window: {fill:.1}% ({} of {} in flight), sent {} acked {}\n",
+        bytes(inflight),
+        bytes(window),
+        bytes(u(rep, "bytes-sent-total")),
+        bytes(u(rep, "bytes-acked-total")),
+    ));
+}
+
+/// A secondary's lines of the screen: its link, its disk, checkpoints and COLO stops, layers.
+fn secondary_text(rep: &Value, now: f64, out: &mut String) {
+    let peer = s(rep, "peer-address").unwrap_or("-");
+    out.push_str(&format!(
+        "  peer {peer} link:{} listen:{} sessions:{} link-errors:{}\n",
+        s(rep, "state").unwrap_or("?"),
+        s(rep, "listen").unwrap_or("?"),
+        u(rep, "sessions"),
+        u(rep, "link-errors"),
+    ));
+    let state = match summary(rep) {
+        "receiving" => "receiving the primary's stream".to_string(),
+        "failing-over" => "FAILING OVER (committing the layers)".to_string(),
+        "failed-over" => "failed over: the disk is this side's own".to_string(),
+        _ => match ago(rep, now, "unprotected-since") {
+            Some((at, d)) => format!("waiting for the primary since {at} ({d} ago)"),
+            None => "waiting for the primary".to_string(),
+        },
+    };
+    out.push_str(&format!("  disk: {state}\n"));
+    if let Some(e) = s(rep, "last-error").filter(|_| summary(rep) != "receiving") {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    let cp = match ago(rep, now, "last-checkpoint-at") {
+        Some((_, d)) => format!("{d} ago"),
+        None => "none yet".into(),
+    };
+    let colo = rep.get("colo").cloned().unwrap_or_default();
+    out.push_str(&format!(
+        "  last checkpoint: {cp}, {} received since; checkpoints:{} stops:{}\n",
+        bytes(u(rep, "bytes-received-since-checkpoint")),
+        u(rep, "checkpoints"),
+        u(&colo, "stops"),
+    ));
+    if let Some(why) = s(&colo, "svm-mismatch") {
+        out.push_str(&format!(
+            "  SECONDARY VM: its memory does not match its disk, failover refused: {why}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "  layers: hidden {}, active {} (cluster {})\n",
+        bytes(u(rep, "hidden-bytes")),
+        bytes(u(rep, "active-bytes")),
+        bytes(u(rep, "cluster-size")),
+    ));
+}
+
+/// The device line: every queue's counters summed (none when the device has no queue).
+fn device_text(stats: &Value, out: &mut String) {
     if let Some(queues) = stats.get("queues").and_then(Value::as_array) {
         if !queues.is_empty() {
             let sum = |k: &str| queues.iter().map(|q| u(q, k)).sum::<u64>();
@@ -555,12 +576,6 @@ pub fn report_text(r: &Report, now: f64, with_progress: bool) -> String {
             ));
         }
     }
-    if with_progress {
-        for p in progress_of(rep, now) {
-            out.push_str(&format!("  {}\n", progress_line(&p)));
-        }
-    }
-    out
 }
 
 /// Runs `colo-blk status`; returns the process exit code (1 when a socket did not answer).
@@ -818,4 +833,85 @@ mod tests {
         assert_eq!(w, Some(Duration::from_secs(2)));
         assert_eq!(s, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
     }
+
+    /// The whole text screen of each role, byte for byte (a primary resyncing with a last
+    /// error, a secondary failing over with a Secondary VM that does not match, a standalone
+    /// device, an unreachable socket).
+    #[test]
+    fn report_text_is_pinned() {
+        let report = |rep: Value, stats: Value| Report {
+            socket: "/s.qmp".into(),
+            answer: Ok((rep, stats)),
+        };
+        let queues = json!({"queues": [
+            {"requests": 10, "errors": 1, "malformed": 1, "bytes-read": 4096, "bytes-written": 1536},
+            {"requests": 5, "errors": 0, "malformed": 0, "bytes-read": 0, "bytes-written": 512},
+        ]});
+        let primary = json!({"role": "primary", "epoch": 7, "peer-address": "10.0.0.2:9000",
+            "state": "connected", "mode": "colo", "sessions": 3, "link-errors": 2,
+            "unprotected-since": 1000.0, "last-error": "link reset",
+            "last-checkpoint-at": 1090.0, "window-bytes": 4096, "bytes-in-flight": 1024,
+            "markers": 4, "bytes-sent-since-checkpoint": 2048, "dirty-bytes": 65536,
+            "checkpoints": 9, "checkpoint-failures": 1, "bytes-sent-total": 1 << 30,
+            "bytes-acked-total": 1 << 20, "resync-total-bytes": 1000,
+            "resync-remaining-bytes": 250, "resync-started-at": 1050.0});
+        let secondary = json!({"role": "secondary", "epoch": 8, "state": "failed-over",
+            "listen": "0.0.0.0:9000", "sessions": 1, "link-errors": 0,
+            "failover-started-at": 1080.0, "failover-total-bytes": 100,
+            "failover-remaining-bytes": 40, "last-error": "peer gone",
+            "bytes-received-since-checkpoint": 3000, "checkpoints": 6,
+            "hidden-bytes": 131072, "active-bytes": 0, "cluster-size": 65536,
+            "colo": {"stops": 2, "svm-mismatch": "queue 0 at 13"}});
+        let waiting = json!({"role": "secondary", "epoch": 0, "state": "listening"});
+        let standalone = json!({"role": "standalone"});
+        let mut all = String::new();
+        for (rep, progress) in [
+            (primary, true),
+            (secondary, true),
+            (waiting, false),
+            (standalone, false),
+        ] {
+            all.push_str(&report_text(&report(rep, queues.clone()), 1100.0, progress));
+        }
+        all.push_str(&report_text(
+            &Report {
+                socket: "/gone.qmp".into(),
+                answer: Err("connection refused".into()),
+            },
+            1100.0,
+            true,
+        ));
+        assert_eq!(all, PINNED);
+    }
+
+    const PINNED: &str = r#"/s.qmp role:primary epoch:7
+  protection: RE-PROTECTING (resync 75.0%, protected at the first checkpoint) since 1970-01-01T00:16:40Z (1m40s ago)
+  peer 10.0.0.2:9000 link:connected mode:colo sessions:3 link-errors:2
+  disk: resyncing (unprotected until it completes) since 1970-01-01T00:16:40Z (1m40s ago)
+  last error: link reset
+  last checkpoint: 10s ago, 2.0 KiB sent since, 64.0 KiB dirty; checkpoints:9 failed:1 (markers:4: checkpoints and other stops, see the secondary)
+  window: 25.0% (1.0 KiB of 4.0 KiB in flight), sent 1.0 GiB acked 1.0 MiB
+  device: 2 queues, 15 requests (2 errors), 4.0 KiB read, 2.0 KiB written
+  resync 75.0% (750 B of 1000 B), 15 B/s, ETA 17s
+/s.qmp role:secondary epoch:8
+  protection: UNPROTECTED since 1970-01-01T00:18:00Z (20s ago)
+  peer - link:failed-over listen:0.0.0.0:9000 sessions:1 link-errors:0
+  disk: FAILING OVER (committing the layers)
+  last error: peer gone
+  last checkpoint: none yet, 2.9 KiB received since; checkpoints:6 stops:2
+  SECONDARY VM: its memory does not match its disk, failover refused: queue 0 at 13
+  layers: hidden 128.0 KiB, active 0 B (cluster 64.0 KiB)
+  device: 2 queues, 15 requests (2 errors), 4.0 KiB read, 2.0 KiB written
+  failover 60.0% (60 B of 100 B), 3 B/s, ETA 13s
+/s.qmp role:secondary epoch:0
+  protection: UNPROTECTED
+  peer - link:listening listen:? sessions:0 link-errors:0
+  disk: waiting for the primary
+  last checkpoint: none yet, 0 B received since; checkpoints:0 stops:0
+  layers: hidden 0 B, active 0 B (cluster 0 B)
+  device: 2 queues, 15 requests (2 errors), 4.0 KiB read, 2.0 KiB written
+/s.qmp role:standalone
+  device: 2 queues, 15 requests (2 errors), 4.0 KiB read, 2.0 KiB written
+/gone.qmp: unreachable: connection refused
+"#;
 }

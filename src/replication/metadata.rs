@@ -20,6 +20,8 @@
 //! on this disk; on a primary, `bitmap` names the generation a peer must hold for the dirty
 //! record to cover every difference; `history` keeps older currents; on a secondary, `source`
 //! names the primary generation whose stream it has applied since its last checkpoint.
+//!
+//! The decision table, [`decide_with`], is in `decide.rs`.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -29,6 +31,79 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::storage::durable::{std_media, DurableFile, Media, Open, SyncPoint};
 
 use serde::Serialize;
+
+mod decide;
+pub use decide::{
+    decide, decide_with, Decision, Refusal, SyncPolicy, ALLOW_FULL_SYNC_FLAG, DISCARD_MY_DATA_FLAG,
+};
+
+/// The metadata's refusals, typed (the role transitions a disk's record does not allow, a
+/// record that does not fit the image), and the media's errors. The texts are what operators
+/// see; `io::Error` is made where the caller's I/O world begins (the primary's start, the
+/// secondary's stream), with the refusals' kinds (`InvalidInput`, `InvalidData`).
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// A primary on a COLO secondary's disk that did not fail over.
+    #[error(
+        "this disk's replication metadata says it is a COLO secondary's disk, which holds no \
+         checkpoint by itself: run replication-failover on that secondary first (or remove \
+         the metadata file to start it as an unrelated disk)"
+    )]
+    SecondaryDisk,
+    /// An unforced failover of an inconsistent disk (mid full sync or failback resync).
+    #[error(
+        "the secondary's disk is inconsistent (a full sync or a failback resync has not \
+         reached a checkpoint): it holds no checkpoint to fail over to; use \
+         replication-failover {{\"force\": true}} to take it anyway"
+    )]
+    Inconsistent,
+    /// The end of an epoch of the primary's stream on a disk that failed over.
+    #[error("failed over: no checkpoint of the primary any more")]
+    FailedOver,
+    /// The newest record describes a disk of another size.
+    #[error("{}: the metadata describes a disk of {recorded} bytes, the image has {image}", path.display())]
+    SizeMismatch {
+        path: PathBuf,
+        recorded: u64,
+        image: u64,
+    },
+    /// The file holds no valid slot.
+    #[error("{}: no valid metadata slot (remove the file to start over as an unrelated disk)", path.display())]
+    NoValidSlot { path: PathBuf },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl MetaError {
+    /// The kind this error has as an `io::Error`.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            MetaError::SecondaryDisk | MetaError::Inconsistent => io::ErrorKind::InvalidInput,
+            MetaError::SizeMismatch { .. } | MetaError::NoValidSlot { .. } => {
+                io::ErrorKind::InvalidData
+            }
+            MetaError::FailedOver => io::ErrorKind::Other,
+            MetaError::Io(e) => e.kind(),
+        }
+    }
+}
+
+impl From<MetaError> for io::Error {
+    fn from(e: MetaError) -> io::Error {
+        match e {
+            MetaError::Io(e) => e,
+            e => io::Error::new(e.kind(), e),
+        }
+    }
+}
+
+/// The secondary's failover carries the metadata's refusals as it carried them before they
+/// were typed (`I/O: …`).
+impl From<MetaError> for crate::replication::secondary::SecondaryError {
+    fn from(e: MetaError) -> Self {
+        Self::Io(e.into())
+    }
+}
 
 /// The generation of a disk colo-blk created itself (all zeros): two such disks are equal.
 pub const ZERO_GENERATION: u64 = 0x5a45_524f_5a45_524f; // "OREZOREZ"
@@ -145,234 +220,6 @@ impl Generations {
             flags: u32::from_le_bytes(b[48 + 8 * HISTORY..].try_into().ok()?),
         })
     }
-}
-
-/// Why a connection is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// Both sides wrote since their last common generation.
-    SplitBrain,
-    /// The secondary's disk is new, unrelated or stale; `--allow-full-sync` would overwrite it.
-    FullSyncNeeded,
-    /// The secondary is the inconsistent target of a full sync from another lineage.
-    Inconsistent,
-    /// Both ends are the same disk.
-    SameDisk,
-}
-
-/// What a connecting pair does.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// The secondary holds a generation the primary's dirty record covers: resend that record.
-    Incremental(String),
-    /// The secondary's whole disk is overwritten (it is inconsistent until the next checkpoint).
-    Full(String),
-    /// Failback: both disks diverged from the same generation (the primary's and the
-    /// secondary's bitmap) and both kept a dirty record since; the secondary's operator
-    /// discards its data (`--discard-my-data`). The secondary sends its record (PEER_DIRTY),
-    /// the primary resends the union; the secondary is inconsistent until the next checkpoint.
-    Failback(String),
-    Refuse(Refusal, String),
-}
-
-impl Decision {
-    /// The event's / log's name of the decision.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Decision::Incremental(_) => "incremental",
-            Decision::Full(_) => "full-sync",
-            Decision::Failback(_) => "incremental-failback",
-            Decision::Refuse(Refusal::SplitBrain, _) => "split-brain",
-            Decision::Refuse(Refusal::FullSyncNeeded, _) => "full-sync-needed",
-            Decision::Refuse(Refusal::Inconsistent, _) => "inconsistent",
-            Decision::Refuse(Refusal::SameDisk, _) => "same-disk",
-        }
-    }
-
-    pub fn reason(&self) -> &str {
-        match self {
-            Decision::Incremental(r)
-            | Decision::Full(r)
-            | Decision::Failback(r)
-            | Decision::Refuse(_, r) => r,
-        }
-    }
-
-    /// Wire code in WELCOME (refusals are not sent as WELCOME).
-    pub fn code(&self) -> u32 {
-        match self {
-            Decision::Incremental(_) => 1,
-            Decision::Full(_) => 2,
-            Decision::Failback(_) => 3,
-            Decision::Refuse(..) => 0,
-        }
-    }
-
-    /// Whether the secondary's disk holds no checkpoint while this stream runs (it is marked
-    /// inconsistent until the next one).
-    pub fn overwrites(&self) -> bool {
-        matches!(self, Decision::Full(_) | Decision::Failback(_))
-    }
-}
-
-/// The flag an operator passes to the secondary to allow a full sync over its disk.
-pub const ALLOW_FULL_SYNC_FLAG: &str = "--allow-full-sync";
-/// The flag an operator passes to the secondary to give up what its disk wrote since the
-/// pair's last common generation (a failback's sync target; DRBD's name).
-pub const DISCARD_MY_DATA_FLAG: &str = "--discard-my-data";
-
-/// What else, besides both sides' generations, the decision depends on. Both ends know all of
-/// it: the primary says whether it keeps a dirty log in HELLO, the secondary its flags in
-/// WELCOME.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SyncPolicy {
-    /// The secondary's operator allows a full sync (`--allow-full-sync`).
-    pub allow_full: bool,
-    /// The secondary's operator discards its disk's own writes (`--discard-my-data`).
-    pub discard_my_data: bool,
-    /// The primary keeps a persistent dirty log.
-    pub primary_dirty_log: bool,
-    /// The secondary has a readable dirty log of its own (of this disk's geometry).
-    pub secondary_dirty_log: bool,
-}
-
-/// The decision table (docs/replication-protocol.md): what primary `p` and secondary `s` do,
-/// given whether the secondary's operator allowed a full sync (no failback: see
-/// [`decide_with`]).
-pub fn decide(p: &Generations, s: &Generations, allow_full: bool) -> Decision {
-    decide_with(
-        p,
-        s,
-        &SyncPolicy {
-            allow_full,
-            ..SyncPolicy::default()
-        },
-    )
-}
-
-/// The whole decision table. A pure function: both ends compute it, the secondary's answer is
-/// checked by the primary.
-pub fn decide_with(p: &Generations, s: &Generations, policy: &SyncPolicy) -> Decision {
-    let allow_full = policy.allow_full;
-    let full_or_refuse = |why: String| {
-        if allow_full {
-            Decision::Full(format!(
-                "{why}; full sync allowed by {ALLOW_FULL_SYNC_FLAG}"
-            ))
-        } else {
-            Decision::Refuse(
-                Refusal::FullSyncNeeded,
-                format!(
-                    "{why}: a full sync would overwrite the secondary's disk; start the \
-                     secondary with {ALLOW_FULL_SYNC_FLAG} to allow it"
-                ),
-            )
-        }
-    };
-    if p.disk_id == s.disk_id && p.disk_id != 0 {
-        return Decision::Refuse(
-            Refusal::SameDisk,
-            format!(
-                "primary and secondary are the same disk (id {:032x})",
-                p.disk_id
-            ),
-        );
-    }
-    if s.inconsistent() {
-        if p.knows(s.source) {
-            return Decision::Full(
-                "the secondary is inconsistent (a full sync from this primary was interrupted): \
-                 the full sync restarts"
-                    .into(),
-            );
-        }
-        if allow_full {
-            return full_or_refuse("the secondary is inconsistent from another primary".into());
-        }
-        return Decision::Refuse(
-            Refusal::Inconsistent,
-            format!(
-                "the secondary is inconsistent (mid full sync from generation {:016x}, which \
-                 this primary is not); start it with {ALLOW_FULL_SYNC_FLAG} to resync from here",
-                s.source
-            ),
-        );
-    }
-    if s.current == 0 {
-        return full_or_refuse("the secondary's disk has no replication history".into());
-    }
-    let same_lineage = s.current == p.bitmap || s.current == p.current;
-    let source_ok = s.source == 0 || p.knows(s.source);
-    if same_lineage && source_ok {
-        if s.epoch < p.epoch {
-            return full_or_refuse(format!(
-                "the secondary's disk is older (checkpoint {}) than the primary's last \
-                 checkpoint {}",
-                s.epoch, p.epoch
-            ));
-        }
-        return Decision::Incremental(format!(
-            "the secondary holds generation {:016x} (checkpoint {}): the primary's dirty \
-             record covers every difference",
-            s.current, s.epoch
-        ));
-    }
-    if same_lineage {
-        return full_or_refuse(format!(
-            "the secondary applied a stream from another primary (generation {:016x}) since \
-             its last checkpoint",
-            s.source
-        ));
-    }
-    let s_past = s.bitmap != 0 && p.knows(s.bitmap) || s.history.iter().any(|&g| p.knows(g));
-    // Failback (rule 8a/8b): both diverged from the generation both bitmaps name; the
-    // secondary's operator gives up its side.
-    let common = s.bitmap == p.bitmap && s.bitmap != 0 && s.bitmap != ZERO_GENERATION;
-    if policy.discard_my_data && !p.knows(s.current) && (common || s_past) {
-        if common && policy.primary_dirty_log && policy.secondary_dirty_log {
-            return Decision::Failback(format!(
-                "both disks diverged from generation {:016x} and both kept a dirty record \
-                 since; {DISCARD_MY_DATA_FLAG}: the primary resends the union of both records",
-                s.bitmap
-            ));
-        }
-        let why = if common {
-            format!(
-                "both disks diverged from generation {:016x} and {}",
-                s.bitmap,
-                match (policy.primary_dirty_log, policy.secondary_dirty_log) {
-                    (false, false) => "neither kept a dirty record since",
-                    (false, _) => "the primary kept no dirty record since (--no-dirty-log)",
-                    _ => "the secondary has no readable dirty record of its own",
-                }
-            )
-        } else {
-            "the disks share no generation both dirty records start from".to_string()
-        };
-        return full_or_refuse(format!("{DISCARD_MY_DATA_FLAG} given, but {why}"));
-    }
-    if !p.knows(s.current) && s_past {
-        return Decision::Refuse(
-            Refusal::SplitBrain,
-            format!(
-                "split brain: the secondary's disk moved on to generation {:016x} (e.g. a \
-                 failover) while the primary wrote since their last common generation; \
-                 neither disk is overwritten (to resync this disk from the primary, start the \
-                 secondary with {DISCARD_MY_DATA_FLAG})",
-                s.current
-            ),
-        );
-    }
-    if p.knows(s.current) || p.knows(s.source) {
-        return full_or_refuse(format!(
-            "the secondary holds an older generation {:016x} the dirty record does not cover",
-            s.current
-        ));
-    }
-    full_or_refuse(format!(
-        "the secondary's disk (generation {:016x}) is unrelated to the primary's",
-        s.current
-    ))
 }
 
 /// What the image file looked like when a process last stopped cleanly: a later start that
@@ -621,27 +468,20 @@ impl MetaStore {
         let meta = match newest {
             Some(m) if !created => {
                 if m.disk_size != disk_size {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "{}: the metadata describes a disk of {} bytes, the image has {}",
-                            path.display(),
-                            m.disk_size,
-                            disk_size
-                        ),
-                    ));
+                    return Err(MetaError::SizeMismatch {
+                        path: path.to_path_buf(),
+                        recorded: m.disk_size,
+                        image: disk_size,
+                    }
+                    .into());
                 }
                 m
             }
             None if !raw.is_empty() && !created => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{}: no valid metadata slot (remove the file to start over as an \
-                         unrelated disk)",
-                        path.display()
-                    ),
-                ))
+                return Err(MetaError::NoValidSlot {
+                    path: path.to_path_buf(),
+                }
+                .into())
             }
             _ => {
                 let fresh = Metadata::fresh(disk_size, if created { ZERO_GENERATION } else { 0 });
@@ -767,17 +607,12 @@ impl MetaStore {
     /// base may be mid-epoch), and takes a new current generation when the current one is the
     /// peer's (it is about to write unconnected). `dirty_log` says whether a persistent dirty
     /// record exists; without one no peer can be resynced incrementally.
-    pub fn primary_start(&self, dirty_log: bool) -> io::Result<Metadata> {
+    pub fn primary_start(&self, dirty_log: bool) -> Result<Metadata, MetaError> {
         let m = self.get();
         if m.role == DiskRole::Secondary {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "this disk's replication metadata says it is a COLO secondary's disk, which \
-                 holds no checkpoint by itself: run replication-failover on that secondary \
-                 first (or remove the metadata file to start it as an unrelated disk)",
-            ));
+            return Err(MetaError::SecondaryDisk);
         }
-        self.update(|m| {
+        Ok(self.update(|m| {
             m.set_role(DiskRole::Primary);
             if m.gens.current == ZERO_GENERATION {
                 // Created by colo-blk and never written: a fresh disk is the peer's equal.
@@ -793,7 +628,7 @@ impl MetaStore {
                 }
             }
             m.gens.flags &= !FLAG_INCONSISTENT;
-        })
+        })?)
     }
 
     /// The primary lost its secondary: it writes unconnected from now on.
@@ -860,9 +695,7 @@ impl MetaStore {
 
     fn adopt(&self, epoch: u64, checkpoint: bool) -> io::Result<Metadata> {
         if self.get().role == DiskRole::FailedOver {
-            return Err(io::Error::other(
-                "failed over: no checkpoint of the primary any more",
-            ));
+            return Err(MetaError::FailedOver.into());
         }
         self.update(|m| {
             let g = &mut m.gens;
@@ -881,15 +714,10 @@ impl MetaStore {
     }
 
     /// Whether a failover may start: refuses an inconsistent disk unless `force`.
-    pub fn failover_check(&self, force: bool) -> io::Result<()> {
+    pub fn failover_check(&self, force: bool) -> Result<(), MetaError> {
         let m = self.get();
         if m.role != DiskRole::FailedOver && m.gens.inconsistent() && !force {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the secondary's disk is inconsistent (a full sync or a failback resync has \
-                 not reached a checkpoint): it holds no checkpoint to fail over to; use \
-                 replication-failover {\"force\": true} to take it anyway",
-            ));
+            return Err(MetaError::Inconsistent);
         }
         Ok(())
     }
@@ -906,21 +734,21 @@ impl MetaStore {
     /// disk's dirty log already records every range the commit will write) the bitmap names
     /// the checkpoint generation it diverges from (the pair's common ancestor, see
     /// [`MetaStore::failover_keeps_ancestor`]); without one no peer is covered (`bitmap = 0`).
-    pub fn failover(&self, force: bool, dirty_log: bool) -> io::Result<Metadata> {
+    pub fn failover(&self, force: bool, dirty_log: bool) -> Result<Metadata, MetaError> {
         let m = self.get();
         if m.role == DiskRole::FailedOver {
             return Ok(m); // resuming an interrupted failover
         }
         self.failover_check(force)?;
         let ancestor = dirty_log && self.failover_keeps_ancestor();
-        self.update(|m| {
+        Ok(self.update(|m| {
             let before = m.gens.current;
             m.set_role(DiskRole::FailedOver);
             m.new_current();
             m.gens.bitmap = if ancestor { before } else { 0 };
             m.gens.source = 0;
             m.gens.flags &= !FLAG_INCONSISTENT;
-        })
+        })?)
     }
 
     pub fn status(&self) -> MetaStatus {
@@ -1375,7 +1203,14 @@ mod tests {
         // A forced failover of an inconsistent disk: no ancestor either.
         let st = MetaStore::in_memory(1 << 20);
         st.secondary_accept(&primary, true).unwrap();
-        assert!(st.failover(false, true).is_err());
+        let e = st.failover(false, true).unwrap_err();
+        assert!(matches!(e, MetaError::Inconsistent), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "the secondary's disk is inconsistent (a full sync or a failback resync has not \
+             reached a checkpoint): it holds no checkpoint to fail over to; use \
+             replication-failover {\"force\": true} to take it anyway"
+        );
         assert_eq!(st.failover(true, true).unwrap().gens.bitmap, 0);
 
         // A primary killed while connected (current == bitmap) started as a secondary: a new
@@ -1430,11 +1265,17 @@ mod tests {
         let primary = Generations::fresh_primary();
         st.secondary_accept(&primary, true).unwrap();
         assert!(st.gens().inconsistent());
-        assert!(st.failover(false, false).is_err());
+        assert!(matches!(
+            st.failover(false, false),
+            Err(MetaError::Inconsistent)
+        ));
         // A marker the layers did not make a checkpoint: still inconsistent.
         let m = st.stream_epoch(1).unwrap();
         assert!(m.gens.inconsistent());
-        assert!(st.failover(false, false).is_err());
+        assert!(matches!(
+            st.failover(false, false),
+            Err(MetaError::Inconsistent)
+        ));
         let m = st.checkpoint_done(1).unwrap();
         assert_eq!((m.gens.current, m.gens.epoch), (primary.current, 1));
         assert!(!m.gens.inconsistent());
@@ -1455,7 +1296,9 @@ mod tests {
         // A secondary's disk cannot start as a primary.
         let s2 = MetaStore::in_memory(1 << 20);
         s2.secondary_accept(&primary, false).unwrap();
-        assert!(s2.primary_start(true).is_err());
+        let e = s2.primary_start(true).unwrap_err();
+        assert!(matches!(e, MetaError::SecondaryDisk), "{e}");
+        assert_eq!(io::Error::from(e).kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

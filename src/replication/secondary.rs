@@ -284,7 +284,7 @@ impl Secondary {
         let t = Instant::now();
         let epoch = match self.disk.checkpoint_group(group) {
             Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            Err(e @ crate::replication::layers::LayerError::NotPrepared { .. }) => {
                 return Err(SecondaryError::NotPrepared(e.to_string()))
             }
             Err(e) => return Err(e.into()),

@@ -83,13 +83,71 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn invalid(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, msg)
+/// Why the link's protection cannot be set up, or a handshake failed. The texts are what
+/// operators see; `io::Error` is made where the link's I/O begins ([`LinkSecurity::connect`],
+/// [`LinkSecurity::accept`]) or the process's start reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file a TLS option names cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    /// A certificate, key, CA or name an option gives is not usable (`what`: the file or the
+    /// option).
+    #[error("{what}: {why}")]
+    Invalid { what: String, why: String },
+    /// The pre-shared key is too short to be a secret.
+    #[error(
+        "--tls-psk-file: the secret must be at least 16 bytes (e.g. `head -c 32 \
+         /dev/urandom | base64`)"
+    )]
+    ShortSecret,
+    /// The TLS library refused a configuration built here (not the operator's input).
+    #[error("{0}")]
+    Setup(String),
+    /// The peer's handshake failed (another key or CA, a peer without TLS).
+    #[error("TLS handshake failed: {0}")]
+    Handshake(io::Error),
+    #[error("TLS handshake not done within {0:?}")]
+    HandshakeTimeout(Duration),
+}
+
+impl From<TlsError> for io::Error {
+    fn from(e: TlsError) -> io::Error {
+        let kind = match &e {
+            TlsError::Read { source, .. } => source.kind(),
+            TlsError::Invalid { .. } | TlsError::ShortSecret => io::ErrorKind::InvalidInput,
+            TlsError::Setup(_) => io::ErrorKind::Other,
+            TlsError::Handshake(e) => e.kind(),
+            TlsError::HandshakeTimeout(_) => io::ErrorKind::TimedOut,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// An unusable `what` (a file or an option), and why.
+fn invalid(what: impl fmt::Display, why: impl fmt::Display) -> TlsError {
+    TlsError::Invalid {
+        what: what.to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// A configuration the TLS library refused.
+fn setup(e: impl fmt::Display) -> TlsError {
+    TlsError::Setup(e.to_string())
+}
+
+/// Reads a file a TLS option names.
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl LinkSecurity {
     /// Loads certificates and keys; `peer` is the primary's `--peer` (for the default name).
-    pub fn new(opts: &LinkSecurityOptions, peer: Option<&str>) -> io::Result<LinkSecurity> {
+    pub fn new(opts: &LinkSecurityOptions, peer: Option<&str>) -> Result<LinkSecurity, TlsError> {
         match opts {
             LinkSecurityOptions::Insecure => Ok(LinkSecurity::Insecure),
             LinkSecurityOptions::Certificates {
@@ -102,9 +160,7 @@ impl LinkSecurity {
                 let key = load_key(key)?;
                 let mut roots = RootCertStore::empty();
                 for c in load_certs(ca)? {
-                    roots
-                        .add(c)
-                        .map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
+                    roots.add(c).map_err(|e| invalid(ca.display(), e))?;
                 }
                 let roots = Arc::new(roots);
                 let name = match (peer_name, peer) {
@@ -114,34 +170,33 @@ impl LinkSecurity {
                 };
                 let client = ClientConfig::builder_with_provider(provider())
                     .with_protocol_versions(&[&rustls::version::TLS13])
-                    .map_err(io::Error::other)?
+                    .map_err(setup)?
                     .with_root_certificates(roots.clone())
                     .with_client_auth_cert(chain.clone(), key.clone_key())
-                    .map_err(|e| invalid(format!("--tls-cert/--tls-key: {e}")))?;
+                    .map_err(|e| invalid("--tls-cert/--tls-key", e))?;
                 let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
                     .build()
-                    .map_err(|e| invalid(format!("--tls-ca: {e}")))?;
+                    .map_err(|e| invalid("--tls-ca", e))?;
                 let verifier = Arc::new(NamedClientVerifier {
                     inner,
                     name: peer_name.clone(),
                 });
                 let server = ServerConfig::builder_with_provider(provider())
                     .with_protocol_versions(&[&rustls::version::TLS13])
-                    .map_err(io::Error::other)?
+                    .map_err(setup)?
                     .with_client_cert_verifier(verifier)
                     .with_single_cert(chain, key)
-                    .map_err(|e| invalid(format!("--tls-cert/--tls-key: {e}")))?;
+                    .map_err(|e| invalid("--tls-cert/--tls-key", e))?;
                 let server_name = ServerName::try_from(if name.is_empty() {
                     "localhost".to_string()
                 } else {
                     name
                 })
-                .map_err(|e| invalid(format!("--tls-peer-name: {e}")))?;
+                .map_err(|e| invalid("--tls-peer-name", e))?;
                 Ok(Self::tls(client, server, server_name, "certificates"))
             }
             LinkSecurityOptions::PreSharedKey { file } => {
-                let secret = std::fs::read(file)
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
+                let secret = read(file)?;
                 let (cert, key) = psk_identity(&secret)?;
                 let verifier = Arc::new(PinnedCert {
                     cert: cert.clone(),
@@ -149,18 +204,18 @@ impl LinkSecurity {
                 });
                 let client = ClientConfig::builder_with_provider(provider())
                     .with_protocol_versions(&[&rustls::version::TLS13])
-                    .map_err(io::Error::other)?
+                    .map_err(setup)?
                     .dangerous()
                     .with_custom_certificate_verifier(verifier.clone())
                     .with_client_auth_cert(vec![cert.clone()], key.clone_key())
-                    .map_err(io::Error::other)?;
+                    .map_err(setup)?;
                 let server = ServerConfig::builder_with_provider(provider())
                     .with_protocol_versions(&[&rustls::version::TLS13])
-                    .map_err(io::Error::other)?
+                    .map_err(setup)?
                     .with_client_cert_verifier(verifier)
                     .with_single_cert(vec![cert], key)
-                    .map_err(io::Error::other)?;
-                let name = ServerName::try_from(PSK_NAME).map_err(io::Error::other)?;
+                    .map_err(setup)?;
+                let name = ServerName::try_from(PSK_NAME).map_err(setup)?;
                 Ok(Self::tls(client, server, name, "pre-shared key"))
             }
         }
@@ -224,13 +279,10 @@ const _: fn() = || {
 async fn within<T>(
     timeout: Duration,
     f: impl std::future::Future<Output = io::Result<T>>,
-) -> io::Result<T> {
+) -> Result<T, TlsError> {
     match tokio::time::timeout(timeout, f).await {
-        Ok(r) => r.map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))),
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("TLS handshake not done within {timeout:?}"),
-        )),
+        Ok(r) => r.map_err(TlsError::Handshake),
+        Err(_) => Err(TlsError::HandshakeTimeout(timeout)),
     }
 }
 
@@ -245,47 +297,40 @@ fn host_of(addr: &str) -> String {
         .to_string()
 }
 
-fn load_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
-    let data = std::fs::read(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let data = read(path)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut &data[..])
         .collect::<Result<_, _>>()
-        .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        .map_err(|e| invalid(path.display(), e))?;
     if certs.is_empty() {
-        return Err(invalid(format!(
-            "{}: no PEM certificate in it",
-            path.display()
-        )));
+        return Err(invalid(path.display(), "no PEM certificate in it"));
     }
     Ok(certs)
 }
 
-fn load_key(path: &Path) -> io::Result<PrivateKeyDer<'static>> {
-    let data = std::fs::read(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = read(path)?;
     rustls_pemfile::private_key(&mut &data[..])
-        .map_err(|e| invalid(format!("{}: {e}", path.display())))?
-        .ok_or_else(|| invalid(format!("{}: no PEM private key in it", path.display())))
+        .map_err(|e| invalid(path.display(), e))?
+        .ok_or_else(|| invalid(path.display(), "no PEM private key in it"))
 }
 
 /// The certificate and key both holders of `secret` derive: an Ed25519 key from
 /// HKDF-SHA256(secret) and a self-signed certificate with fixed fields over it (Ed25519
 /// signatures are deterministic, so both sides get the same bytes).
-fn psk_identity(secret: &[u8]) -> io::Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+fn psk_identity(
+    secret: &[u8],
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), TlsError> {
     let secret = trim_newline(secret);
     if secret.len() < 16 {
-        return Err(invalid(
-            "--tls-psk-file: the secret must be at least 16 bytes (e.g. `head -c 32 \
-             /dev/urandom | base64`)"
-                .into(),
-        ));
+        return Err(TlsError::ShortSecret);
     }
     let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"colo-blk replication link");
     let prk = salt.extract(secret);
     let mut seed = [0u8; 32];
     prk.expand(&[b"ed25519 identity"], SeedLen)
         .and_then(|okm| okm.fill(&mut seed))
-        .map_err(|_| io::Error::other("HKDF failed"))?;
+        .map_err(|_| setup("HKDF failed"))?;
     // PKCS#8 v1 of an Ed25519 key: a fixed prefix and the 32-byte seed (RFC 8410).
     let mut pkcs8 = vec![
         0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
@@ -294,9 +339,8 @@ fn psk_identity(secret: &[u8]) -> io::Result<(CertificateDer<'static>, PrivateKe
     pkcs8.extend_from_slice(&seed);
     let key_der = PrivatePkcs8KeyDer::from(pkcs8);
     let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key_der, &rcgen::PKCS_ED25519)
-        .map_err(io::Error::other)?;
-    let mut params =
-        rcgen::CertificateParams::new(vec![PSK_NAME.to_string()]).map_err(io::Error::other)?;
+        .map_err(setup)?;
+    let mut params = rcgen::CertificateParams::new(vec![PSK_NAME.to_string()]).map_err(setup)?;
     params.serial_number = Some(rcgen::SerialNumber::from(1u64));
     params.not_before = rcgen::date_time_ymd(2000, 1, 1);
     params.not_after = rcgen::date_time_ymd(9999, 12, 31);
@@ -304,7 +348,7 @@ fn psk_identity(secret: &[u8]) -> io::Result<(CertificateDer<'static>, PrivateKe
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, PSK_NAME);
-    let cert = params.self_signed(&key).map_err(io::Error::other)?;
+    let cert = params.self_signed(&key).map_err(setup)?;
     Ok((
         cert.der().clone(),
         PrivateKeyDer::Pkcs8(key_der.clone_key()),

@@ -8,6 +8,14 @@
 //! request counts in `requests`, and in `errors` when its status is not OK; a successful read or
 //! write adds its data length to `bytes_read` / `bytes_written`; a malformed chain counts only in
 //! `malformed`.
+//!
+//! This file builds the device, pops and runs chains (inline and on the I/O pool), answers the
+//! vhost-user messages and runs a queue's polling loop; `stats.rs` has the counters,
+//! `uring.rs` the `--io-engine uring` path and `recovery.rs` the inflight recovery.
+
+mod recovery;
+mod stats;
+mod uring;
 
 use std::fs::File;
 use std::io;
@@ -16,10 +24,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
-use serde::Serialize;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
@@ -28,17 +35,19 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::inflight::{self as inflight_io, InflightRegion};
+use super::inflight::InflightRegion;
 use super::io_pool::{InFlight, IoPool};
 use super::lifecycle::{DeviceObserver, Lifecycle};
 use super::poll::AdaptivePoll;
 use super::shared_mem;
-use super::uring_queue::{Finished, UringQueue};
-use crate::histogram::{Histogram, HistogramSnapshot};
+use super::uring_queue::UringQueue;
 use crate::storage::uring::IoEngine;
-use crate::storage::{BlockDevice, GuestMem, RawImage};
+use crate::storage::{BlockDevice, GuestMem};
 use crate::virtio::config::BlkConfig;
-use crate::virtio::request::{self, DeviceInfo, Limits, Parsed, RequestKind};
+use crate::virtio::request::{self, DeviceInfo, Limits, Parsed};
+pub(crate) use stats::QueueStats;
+pub use stats::{QueueStatsSnapshot, StatsHandle};
+use uring::{uring_event_id, UringState};
 
 type Mem = GuestMemoryAtomic<GuestMem>;
 type Vring = VringRwLock<Mem>;
@@ -56,149 +65,6 @@ pub struct DeviceOptions {
     /// Longest a queue's worker looks for more requests after a batch before it sleeps
     /// (the window adapts below it; zero: never poll). See `poll`.
     pub poll_max: Duration,
-}
-
-/// One queue's counters, updated while the device runs.
-#[derive(Debug, Default)]
-pub(crate) struct QueueStats {
-    requests: AtomicU64,
-    errors: AtomicU64,
-    malformed: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    resubmitted: AtomicU64,
-    /// Time from execution start to completion of well-formed requests.
-    latency: Histogram,
-}
-
-impl QueueStats {
-    /// Counts the latency of a request whose execution began at `started`.
-    fn record_latency(&self, started: Instant) {
-        self.latency.record(started.elapsed());
-    }
-
-    /// Counts one well-formed request; `data` is its `(read, written)` bytes.
-    fn count(&self, ok: bool, data: (u64, u64)) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        if ok {
-            self.bytes_read.fetch_add(data.0, Ordering::Relaxed);
-            self.bytes_written.fetch_add(data.1, Ordering::Relaxed);
-        } else {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn snapshot(&self) -> QueueStatsSnapshot {
-        QueueStatsSnapshot {
-            requests: self.requests.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-            malformed: self.malformed.load(Ordering::Relaxed),
-            bytes_read: self.bytes_read.load(Ordering::Relaxed),
-            bytes_written: self.bytes_written.load(Ordering::Relaxed),
-            resubmitted: self.resubmitted.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// A copy of one queue's counters (see the module comment for what each counts).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct QueueStatsSnapshot {
-    /// Well-formed requests completed.
-    pub requests: u64,
-    /// Well-formed requests completed with a status other than OK.
-    pub errors: u64,
-    /// Malformed chains (completed with IOERR or without a status byte).
-    pub malformed: u64,
-    /// Bytes of successful reads.
-    pub bytes_read: u64,
-    /// Bytes of successful writes.
-    pub bytes_written: u64,
-    /// Requests a previous process popped and never completed, run again by this one from the
-    /// front-end's inflight region (docs/inflight.md).
-    pub resubmitted: u64,
-}
-
-/// The per-queue counters of a device, shared by every connection's backend, and what the
-/// device reports about its front-ends and I/O engine. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct StatsHandle {
-    queues: Arc<[QueueStats]>,
-    device: Arc<Mutex<DeviceReport>>,
-}
-
-/// What `query-stats` says about the device besides its queues.
-#[derive(Debug, Default)]
-struct DeviceReport {
-    /// Why the latest front-end cannot be served (`front-end-error`).
-    front_end_error: Option<String>,
-    /// Front-end connections ended and finished with (`front-end-disconnects`).
-    front_end_disconnects: u64,
-    /// The I/O engine the server chose (`io-engine`).
-    io_engine: Option<&'static str>,
-}
-
-impl StatsHandle {
-    /// Zeroed counters for `num_queues` queues.
-    pub(crate) fn new(num_queues: u16) -> Self {
-        StatsHandle {
-            queues: (0..num_queues).map(|_| QueueStats::default()).collect(),
-            device: Arc::default(),
-        }
-    }
-
-    /// Why the latest front-end cannot be served (its guest RAM is not shared), until a
-    /// front-end's first request shows shared RAM (QMP `query-stats`, `front-end-error`).
-    pub fn front_end_error(&self) -> Option<String> {
-        lock(&self.device).front_end_error.clone()
-    }
-
-    pub(crate) fn set_front_end_error(&self, error: Option<String>) {
-        lock(&self.device).front_end_error = error;
-    }
-
-    /// How many front-end connections ended and were finished with: their requests done, the
-    /// disk flushed, the server back to waiting for the next front-end (QMP `query-stats`,
-    /// `front-end-disconnects`).
-    pub fn front_end_disconnects(&self) -> u64 {
-        lock(&self.device).front_end_disconnects
-    }
-
-    pub(crate) fn count_front_end_disconnect(&self) {
-        lock(&self.device).front_end_disconnects += 1;
-    }
-
-    /// The I/O engine serving the queues, `io_uring` or `threads` (QMP `query-stats`,
-    /// `io-engine`); `None` before the server chose one.
-    pub fn io_engine(&self) -> Option<&'static str> {
-        lock(&self.device).io_engine
-    }
-
-    pub(crate) fn set_io_engine(&self, engine: IoEngine) {
-        lock(&self.device).io_engine = Some(match engine {
-            IoEngine::Uring => "io_uring",
-            IoEngine::Auto | IoEngine::Threads => "threads",
-        });
-    }
-
-    /// The counters of every queue, in queue order.
-    pub fn queues(&self) -> Vec<QueueStatsSnapshot> {
-        self.queues.iter().map(QueueStats::snapshot).collect()
-    }
-
-    /// The request latency histogram of every queue, in queue order.
-    pub fn latencies(&self) -> Vec<HistogramSnapshot> {
-        self.queues.iter().map(|q| q.latency.snapshot()).collect()
-    }
-
-    fn queue(&self, index: usize) -> Option<&QueueStats> {
-        self.queues.get(index)
-    }
-
-    #[cfg(test)]
-    pub(crate) fn same_as(&self, other: &StatsHandle) -> bool {
-        Arc::ptr_eq(&self.queues, &other.queues) && Arc::ptr_eq(&self.device, &other.device)
-    }
 }
 
 struct Shared {
@@ -248,20 +114,6 @@ enum Look {
     /// The front-end stopped or disabled the queue: nothing more runs on it until a kick.
     Stopped,
     Nothing,
-}
-
-/// One queue of the `uring` engine: its ring, the vring its completions go to (set at the first
-/// event) and the completions waiting for the used ring.
-struct UringState {
-    queue: UringQueue,
-    vring: Option<Vring>,
-    done: Vec<(u16, u32)>,
-}
-
-/// The epoll `data` of every queue's ring eventfd, in that queue's worker (ids up to
-/// `num_queues` belong to vhost-user-backend).
-fn uring_event_id(num_queues: usize) -> u16 {
-    (num_queues + 1) as u16
 }
 
 /// The backend handed to `VhostUserDaemon`. Cheap to clone; one is built per connection.
@@ -442,9 +294,7 @@ impl BlkBackend {
             // Polling: kicks stay off until the worker goes to sleep (`poll_queue`). Should
             // the front-end stop the queue meanwhile, its restart kicks anyway (QEMU starts
             // every host notifier signalled).
-            state
-                .disable_notification()
-                .map_err(|e| io::Error::other(format!("{e:?}")))?;
+            state.disable_notification().map_err(ring_error)?;
         }
         loop {
             // A queue QEMU stopped (SET_VRING_ENABLE 0, GET_VRING_BASE) pops nothing, while
@@ -459,9 +309,7 @@ impl BlkBackend {
                 self.recover_inflight(queue, &mut state, mem, &mut batch);
             }
             if event_idx {
-                state
-                    .disable_notification()
-                    .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                state.disable_notification().map_err(ring_error)?;
             }
             let before = batch.len();
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
@@ -480,9 +328,7 @@ impl BlkBackend {
             }
             if !event_idx
                 || after == AfterPop::LeaveOff
-                || !state
-                    .enable_notification()
-                    .map_err(|e| io::Error::other(format!("{e:?}")))?
+                || !state.enable_notification().map_err(ring_error)?
             {
                 break;
             }
@@ -496,228 +342,12 @@ impl BlkBackend {
         Ok(batch)
     }
 
-    /// Where the previous process of this device left `queue`, from the inflight region, while
-    /// this connection's recovery of the queue is still to come.
-    fn previous_position(
-        &self,
-        queue: usize,
-        vring: &Vring,
-        mem: &GuestMemoryLoadGuard<GuestMem>,
-    ) -> Option<u16> {
-        if !self
-            .shared
-            .recover_pending
-            .get(queue)?
-            .load(Ordering::Acquire)
-        {
-            return None;
-        }
-        let region = self.inflight_region()?;
-        let used = vring
-            .get_ref()
-            .get_queue()
-            .used_idx(&**mem, Ordering::Acquire)
-            .ok()?
-            .0;
-        region.queue(queue)?.previous_position(used)
-    }
-
     /// Whether the guest's avail index is more than a queue's size ahead of `next_avail` (a
     /// malformed ring: nothing can be popped from it).
     fn avail_overruns(state: &VringStateGuard<'_>, mem: &GuestMemoryLoadGuard<GuestMem>) -> bool {
         let q = state.get_queue();
         q.avail_idx(&**mem, Ordering::Acquire)
             .is_ok_and(|a| a.0.wrapping_sub(q.next_avail()) > q.size())
-    }
-
-    /// The front-end's inflight region, if it keeps one.
-    fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
-        self.shared
-            .inflight_region
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Puts `head` on the used ring, recording it in the inflight region around the store of
-    /// the used index (docs/inflight.md). One completion per index store: a crash leaves at
-    /// most `last_batch_head` published and still marked.
-    fn add_used(
-        state: &mut VringStateGuard<'_>,
-        region: Option<&InflightRegion>,
-        queue: usize,
-        head: u16,
-        used_len: u32,
-    ) -> Result<(), virtio_queue::Error> {
-        let q = region.and_then(|r| r.queue(queue));
-        if let Some(q) = &q {
-            q.before_used(head);
-        }
-        state.add_used(head, used_len)?;
-        if let Some(q) = &q {
-            q.after_used(head, state.get_queue().next_used());
-        }
-        Ok(())
-    }
-
-    /// At the first pop after the queue started with an inflight region: resumes the ring
-    /// after every request popped before a restart, and puts the ones never completed first in
-    /// `batch`, in the order they were popped.
-    fn recover_inflight(
-        &self,
-        queue: usize,
-        state: &mut VringStateGuard<'_>,
-        mem: &GuestMemoryLoadGuard<GuestMem>,
-        batch: &mut Vec<(u16, Parsed)>,
-    ) {
-        let Some(pending) = self.shared.recover_pending.get(queue) else {
-            return;
-        };
-        if !pending.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let region = self.inflight_region();
-        let Some(q) = region.as_ref().and_then(|r| r.queue(queue)) else {
-            return;
-        };
-        let ring = state.get_queue();
-        let (used, avail) = match (
-            ring.used_idx(&**mem, Ordering::Acquire),
-            ring.avail_idx(&**mem, Ordering::Acquire),
-        ) {
-            (Ok(u), Ok(a)) => (u.0, a.0),
-            (Err(e), _) | (_, Err(e)) => {
-                warn!("queue {queue}: cannot read the ring for inflight recovery: {e:?}");
-                return;
-            }
-        };
-        let rec = q.recover(used, avail);
-        let Some(next_avail) = rec.next_avail else {
-            return;
-        };
-        let was = state.get_queue().next_avail();
-        if next_avail != was || !rec.resubmit.is_empty() {
-            warn!(
-                "queue {queue}: the ring resumes at {next_avail} (the front-end said {was}); {} \
-                 request(s) in flight when the previous back-end stopped run again (inflight \
-                 tracking)",
-                rec.resubmit.len()
-            );
-        }
-        state.get_queue_mut().set_next_avail(next_avail);
-        if next_avail != was {
-            // Completions the previous back-end published after the front-end had gone (a
-            // SIGTERM drains them) interrupted nobody: one interrupt now, or the guest waits
-            // for them forever. (A spurious one costs the guest a look at its used ring.)
-            if let Err(e) = state.signal_used_queue() {
-                debug!("signalling the used queue failed: {e}");
-            }
-        }
-        if let Some(st) = self.shared.stats.queue(queue) {
-            st.resubmitted
-                .fetch_add(rec.resubmit.len() as u64, Ordering::Relaxed);
-        }
-        let table = vm_memory::GuestAddress(state.get_queue().desc_table());
-        let size = state.get_queue().size();
-        for head in rec.resubmit {
-            let parsed = match inflight_io::chain_at(mem, table, size, head) {
-                Ok(descs) => request::parse(mem, descs.into_iter(), self.shared.limits),
-                Err(why) => {
-                    warn!("queue {queue}: resubmitted request at head {head}: {why}");
-                    Parsed::NoStatus {
-                        why: "a resubmitted chain that cannot be read",
-                    }
-                }
-            };
-            batch.push((head, parsed));
-        }
-    }
-
-    /// Whether this connection's queues run on io_uring.
-    pub(crate) fn uses_uring(&self) -> bool {
-        !self.shared.uring.is_empty()
-    }
-
-    /// Registers every queue's ring eventfd with that queue's worker epoll loop (the daemon's
-    /// `get_epoll_handlers()`, one per worker thread, in queue order). Call before the daemon
-    /// starts.
-    pub(crate) fn register_uring_listeners(
-        &self,
-        handlers: &[Arc<VringEpollHandler<BlkBackend>>],
-    ) -> io::Result<()> {
-        let id = u64::from(uring_event_id(self.num_queues()));
-        for (q, state) in self.shared.uring.iter().enumerate() {
-            let fd = lock(state).queue.ring.eventfd();
-            let Some(h) = handlers.get(q) else {
-                return Err(io::Error::other(format!("no worker for queue {q}")));
-            };
-            h.register_listener(fd, EventSet::IN, id)?;
-        }
-        Ok(())
-    }
-
-    /// Puts a batch of completed chains on the used ring under one lock, with at most one
-    /// notification, and counts them done.
-    fn complete_batch(&self, queue: usize, vring: &Vring, done: &mut Vec<(u16, u32)>) {
-        if done.is_empty() {
-            return;
-        }
-        let region = self.inflight_region();
-        let mut state = vring.get_mut();
-        for &(head, used_len) in done.iter() {
-            if let Err(e) = Self::add_used(&mut state, region.as_deref(), queue, head, used_len) {
-                warn!("add_used({head}) failed: {e:?}");
-            }
-        }
-        let notify = if self.shared.event_idx.load(Ordering::Relaxed) {
-            state.needs_notification().unwrap_or(true)
-        } else {
-            true
-        };
-        if notify {
-            if let Err(e) = state.signal_used_queue() {
-                debug!("signalling the used queue failed: {e}");
-            }
-        }
-        drop(state);
-        if let Some(f) = self.shared.inflight.get(queue) {
-            f.done_n(done.len());
-        }
-        done.clear();
-    }
-
-    /// Reaps the ring's available completions onto `st.done`.
-    fn uring_reap(&self, queue: usize, st: &mut UringState) {
-        let stats = self.shared.stats.queue(queue);
-        let UringState { queue: q, done, .. } = st;
-        q.reap(self.shared.disk.as_ref(), &self.shared.info, |f| {
-            uring_finished(stats, done, f)
-        });
-    }
-
-    /// Completes what is done and, while requests remain on the ring, leaves the ring's eventfd
-    /// on so that the worker's epoll loop wakes up for them.
-    fn uring_complete_and_arm(&self, queue: usize, st: &mut UringState) {
-        loop {
-            // Entries left queued by a submission the kernel refused (-EBUSY: completion ring
-            // and overflow list full) go in now that there is room (no system call otherwise).
-            if let Err(e) = st.queue.ring.submit(0) {
-                warn!("io_uring submission failed: {e}");
-            }
-            self.uring_reap(queue, st);
-            if let Some(vring) = st.vring.as_ref() {
-                self.complete_batch(queue, vring, &mut st.done);
-            }
-            if st.queue.inflight() == 0 {
-                return;
-            }
-            st.queue.ring.set_eventfd(true);
-            // A completion posted before the eventfd went on signalled nothing: look again.
-            if !st.queue.ring.has_completions() {
-                return;
-            }
-            st.queue.ring.set_eventfd(false);
-        }
     }
 
     /// The guest memory map as it is now (`old` if there is none). Popped requests run on it,
@@ -729,107 +359,6 @@ impl BlkBackend {
         match self.shared.mem.read() {
             Ok(m) => m.as_ref().map_or(old, |m| m.memory()),
             Err(_) => old,
-        }
-    }
-
-    /// A kick with the `uring` engine: pops every chain, queues reads, writes and flushes on the
-    /// ring and runs the rest here, submits the batch with one system call, then completes
-    /// whatever is done with one used-ring update. A lone request on an idle queue runs here
-    /// synchronously instead (queue depth 1 pays no ring round trip), and buffered writes of
-    /// [`POOL_WRITE_BYTES`] or more go to the I/O pool.
-    fn uring_kick(
-        &self,
-        queue: usize,
-        vring: &Vring,
-        mem: &GuestMemoryLoadGuard<GuestMem>,
-        after: AfterPop,
-    ) -> io::Result<()> {
-        let (Some(state), Some(image)) = (
-            self.shared.uring.get(queue),
-            self.shared.disk.as_raw_image(),
-        ) else {
-            return Ok(());
-        };
-        let mut guard = lock(state);
-        let st = &mut *guard;
-        st.queue.ring.set_eventfd(false);
-        if st.vring.is_none() {
-            st.vring = Some(vring.clone());
-        }
-        let batch = self.pop_all(queue, vring, mem, after)?;
-        let mem = &self.mem_now(mem.clone());
-        let stats = self.shared.stats.queue(queue);
-        // A lone request (queue depth 1) runs synchronously right here, as with the thread
-        // engine: one preadv/pwritev is the cheapest way to do it, while io_uring would hand a
-        // buffered write (and any read that would block) to one of its worker threads.
-        let alone = batch.len() == 1 && st.queue.inflight() == 0;
-        for (head, parsed) in batch {
-            let parsed = if alone {
-                parsed
-            } else if let (Some(pool), true) =
-                (self.pool.as_ref(), copies_to_page_cache(&parsed, image))
-            {
-                // A large buffered write is a page-cache memcpy that io_uring would run on its
-                // io-wq, one write to the file at a time (ext4 has no async buffered writes and
-                // io-wq serialises writes to one regular file): the pool copies several at once.
-                let (me, vring, mem) = (self.clone(), vring.clone(), mem.clone());
-                pool.spawn(move || {
-                    let stats = me.shared.stats.queue(queue);
-                    let c = Self::run_chain(&me.shared, &mem, head, parsed, stats);
-                    me.complete(queue, &vring, head, c.used_len);
-                });
-                continue;
-            } else {
-                crate::faults::io_delay();
-                match st
-                    .queue
-                    .try_push(head, parsed, mem, image, &self.shared.info)
-                {
-                    Ok(()) => continue,
-                    Err(parsed) => parsed,
-                }
-            };
-            let c = Self::run_chain(&self.shared, mem, head, parsed, stats);
-            st.done.push((head, c.used_len));
-        }
-        if let Err(e) = st.queue.ring.submit(0) {
-            warn!("io_uring submission failed: {e}");
-        }
-        self.uring_complete_and_arm(queue, st);
-        Ok(())
-    }
-
-    /// The ring's eventfd fired: reap and complete.
-    fn uring_event(&self, queue: usize) {
-        let Some(state) = self.shared.uring.get(queue) else {
-            return;
-        };
-        let mut guard = lock(state);
-        let st = &mut *guard;
-        st.queue.ring.consume_eventfd();
-        st.queue.ring.set_eventfd(false);
-        self.uring_complete_and_arm(queue, st);
-    }
-
-    /// Waits for every request on `queue`'s ring and completes it on the used ring.
-    fn uring_drain(&self, queue: usize) {
-        let Some(state) = self.shared.uring.get(queue) else {
-            return;
-        };
-        let mut guard = lock(state);
-        let st = &mut *guard;
-        let stats = self.shared.stats.queue(queue);
-        let UringState {
-            queue: q,
-            vring,
-            done,
-        } = st;
-        q.drain(self.shared.disk.as_ref(), &self.shared.info, |f| {
-            uring_finished(stats, done, f)
-        });
-        match vring.as_ref() {
-            Some(v) => self.complete_batch(queue, v, done),
-            None => done.clear(),
         }
     }
 
@@ -866,16 +395,6 @@ impl BlkBackend {
             f.wait_idle();
         }
     }
-}
-
-/// Buffered writes at least this large go to the I/O pool under the `uring` engine.
-const POOL_WRITE_BYTES: u64 = 128 << 10;
-
-/// Whether `parsed` is a write of at least [`POOL_WRITE_BYTES`] into the page cache of `image`.
-fn copies_to_page_cache(parsed: &Parsed, image: &RawImage) -> bool {
-    matches!(parsed, Parsed::Ok(r) if r.kind == RequestKind::Out
-        && !image.is_direct()
-        && r.data_bytes().1 >= POOL_WRITE_BYTES)
 }
 
 impl VhostUserBackend for BlkBackend {
@@ -942,7 +461,7 @@ impl VhostUserBackend for BlkBackend {
             .shared
             .inflight_region
             .write()
-            .map_err(|_| io::Error::other("poisoned"))? = Some(Arc::new(region));
+            .map_err(|_| poisoned())? = Some(Arc::new(region));
         for p in &self.shared.recover_pending {
             p.store(true, Ordering::Release);
         }
@@ -950,11 +469,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        *self
-            .shared
-            .mem
-            .write()
-            .map_err(|_| io::Error::other("poisoned"))? = Some(mem);
+        *self.shared.mem.write().map_err(|_| poisoned())? = Some(mem);
         Ok(())
     }
 
@@ -986,9 +501,10 @@ impl VhostUserBackend for BlkBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            return Err(io::Error::other(format!(
-                "unexpected epoll event {evset:?}"
-            )));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unexpected epoll event {evset:?}"),
+            ));
         }
         // One queue per worker thread: the thread index is the queue index.
         let queue = thread_id;
@@ -1011,17 +527,12 @@ impl VhostUserBackend for BlkBackend {
         }
         // `device_event` indexes this worker's vrings, not the device's queues.
         let Some(vring) = vrings.get(usize::from(device_event)) else {
-            return Err(io::Error::other(format!(
-                "event {device_event} has no vring"
-            )));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("event {device_event} has no vring"),
+            ));
         };
-        let mem = match self
-            .shared
-            .mem
-            .read()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .as_ref()
-        {
+        let mem = match self.shared.mem.read().map_err(|_| poisoned())?.as_ref() {
             Some(m) => m.memory(),
             None => {
                 debug!("queue event before the memory table; ignored");
@@ -1143,10 +654,7 @@ impl BlkBackend {
                 Look::Requests => self.kick_round(queue, vring, mem, AfterPop::LeaveOff)?,
                 Look::Stopped => return Ok(()),
                 Look::Nothing => {
-                    let more = vring
-                        .get_mut()
-                        .enable_notification()
-                        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                    let more = vring.get_mut().enable_notification().map_err(ring_error)?;
                     if more {
                         self.kick_round(queue, vring, mem, AfterPop::LeaveOff)?;
                         continue;
@@ -1169,9 +677,7 @@ impl BlkBackend {
     fn kicks_off(&self, vring: &Vring) -> io::Result<()> {
         let mut state = vring.get_mut();
         if state.get_queue().ready() {
-            state
-                .disable_notification()
-                .map_err(|e| io::Error::other(format!("{e:?}")))?;
+            state.disable_notification().map_err(ring_error)?;
         }
         Ok(())
     }
@@ -1206,15 +712,6 @@ impl BlkBackend {
     }
 }
 
-/// Counts a reaped request and queues it for the used ring.
-fn uring_finished(stats: Option<&QueueStats>, done: &mut Vec<(u16, u32)>, f: Finished) {
-    if let Some(st) = stats {
-        st.record_latency(f.started);
-        st.count(f.completion.status == VIRTIO_BLK_S_OK as u8, f.data);
-    }
-    done.push((f.head, f.completion.used_len));
-}
-
 /// A pop under way, counted in `Shared::popping` until it ends.
 struct Popping<'a>(&'a AtomicU64);
 
@@ -1222,6 +719,17 @@ impl Drop for Popping<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// A queue operation that failed on the ring in guest memory (an address outside it, an index
+/// the driver should not have written): the ring is not what virtio allows.
+fn ring_error(e: virtio_queue::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}"))
+}
+
+/// A lock whose holder panicked.
+fn poisoned() -> io::Error {
+    io::Error::other("poisoned")
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

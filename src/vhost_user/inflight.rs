@@ -55,6 +55,55 @@ pub(crate) struct Recovery {
     pub resubmit: Vec<u16>,
 }
 
+/// Why a front-end's inflight region or a chain recorded in it cannot be used. The region's
+/// refusal becomes an `io::Error` at the vhost-user boundary (`set_inflight_fd`, which
+/// refuses the message); a chain's is logged and its request completed without a status.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InflightError {
+    /// SET_INFLIGHT_FD names a region that does not fit its file or names no queue.
+    #[error(
+        "inflight region of {len} bytes at {offset} of a {file_len}-byte file for \
+         {num_queues} queues of {queue_size} descriptors (needs {need})"
+    )]
+    Region {
+        len: u64,
+        offset: u64,
+        file_len: u64,
+        num_queues: u16,
+        queue_size: u16,
+        need: u64,
+    },
+    /// The region does not fit this process's address space or file offsets.
+    #[error("region too large")]
+    TooLarge,
+    #[error("offset")]
+    Offset,
+    /// A resubmitted chain whose descriptors cannot be followed.
+    #[error("chain at head {0} is malformed")]
+    Malformed(u16),
+    #[error("chain at head {0}: misplaced indirect table")]
+    MisplacedIndirect(u16),
+    #[error("indirect table too large")]
+    IndirectTooLarge,
+    #[error("descriptor address overflows")]
+    AddressOverflow,
+    #[error("descriptor {0}: {1}")]
+    Descriptor(u16, vm_memory::GuestMemoryError),
+    /// The file or the mapping failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl From<InflightError> for io::Error {
+    fn from(e: InflightError) -> io::Error {
+        match e {
+            InflightError::Io(e) => e,
+            e @ InflightError::Region { .. } => io::Error::new(io::ErrorKind::InvalidInput, e),
+            e => io::Error::other(e),
+        }
+    }
+}
+
 /// The whole region: a shared mapping of the front-end's file.
 pub(crate) struct InflightRegion {
     ptr: *mut u8,
@@ -104,7 +153,7 @@ impl InflightRegion {
         offset: u64,
         num_queues: u16,
         queue_size: u16,
-    ) -> io::Result<InflightRegion> {
+    ) -> Result<InflightRegion, InflightError> {
         let need = region_size(num_queues, queue_size) as u64;
         // The file must hold what is mapped: a page beyond its end would be SIGBUS, not an
         // error. Only `need` bytes are mapped, whatever the front-end says the size is.
@@ -114,16 +163,17 @@ impl InflightRegion {
             || num_queues == 0
             || offset.checked_add(need).is_none_or(|end| end > file_len)
         {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "inflight region of {len} bytes at {offset} of a {file_len}-byte file for \
-                     {num_queues} queues of {queue_size} descriptors (needs {need})"
-                ),
-            ));
+            return Err(InflightError::Region {
+                len,
+                offset,
+                file_len,
+                num_queues,
+                queue_size,
+                need,
+            });
         }
-        let len = usize::try_from(need).map_err(|_| io::Error::other("region too large"))?;
-        let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset"))?;
+        let len = usize::try_from(need).map_err(|_| InflightError::TooLarge)?;
+        let offset = libc::off_t::try_from(offset).map_err(|_| InflightError::Offset)?;
         // SAFETY: a shared read-write mapping of a file we hold, of a checked length; the
         // result is checked and unmapped on drop.
         let ptr = unsafe {
@@ -137,7 +187,7 @@ impl InflightRegion {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            return Err(io::Error::last_os_error().into());
         }
         Ok(InflightRegion {
             ptr: ptr.cast(),
@@ -362,29 +412,29 @@ pub(crate) fn chain_at(
     desc_table: GuestAddress,
     queue_size: u16,
     head: u16,
-) -> Result<Vec<Descriptor>, String> {
-    let read = |table: GuestAddress, i: u16| -> Result<Descriptor, String> {
+) -> Result<Vec<Descriptor>, InflightError> {
+    let read = |table: GuestAddress, i: u16| -> Result<Descriptor, InflightError> {
         let addr = table
             .checked_add(u64::from(i) * 16)
-            .ok_or("descriptor address overflows")?;
+            .ok_or(InflightError::AddressOverflow)?;
         mem.read_obj::<Descriptor>(addr)
-            .map_err(|e| format!("descriptor {i}: {e}"))
+            .map_err(|e| InflightError::Descriptor(i, e))
     };
     let mut out = Vec::new();
     let (mut table, mut size, mut i) = (desc_table, queue_size, head);
     let mut indirect = false;
     loop {
         if i >= size || out.len() > usize::from(size) {
-            return Err(format!("chain at head {head} is malformed"));
+            return Err(InflightError::Malformed(head));
         }
         let d = read(table, i)?;
         if d.refers_to_indirect_table() {
             if indirect || !out.is_empty() {
-                return Err(format!("chain at head {head}: misplaced indirect table"));
+                return Err(InflightError::MisplacedIndirect(head));
             }
             indirect = true;
             table = d.addr();
-            size = u16::try_from(d.len() / 16).map_err(|_| "indirect table too large")?;
+            size = u16::try_from(d.len() / 16).map_err(|_| InflightError::IndirectTooLarge)?;
             i = 0;
             continue;
         }

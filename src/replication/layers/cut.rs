@@ -2,11 +2,9 @@
 //! and layers are dropped (a checkpoint, a committed group checkpoint, a committed COLO cut),
 //! the COLO markers that make tentative cuts, and the group prepare record.
 
-use std::io;
-
 use super::state::{SavedHidden, SavedStage, SavedState};
 use super::{
-    replication_over, GroupCommitted, GroupPrepared, GroupRecord, LayeredDisk, Layers, Mark, Stage,
+    GroupCommitted, GroupPrepared, GroupRecord, LayerError, LayeredDisk, Layers, Mark, Stage,
 };
 use crate::storage::durable::SyncPoint;
 
@@ -17,12 +15,12 @@ impl LayeredDisk {
     /// whatever the amount of buffered data.
     ///
     /// Fails once `failover()` has been called.
-    pub fn checkpoint(&self) -> io::Result<()> {
+    pub fn checkpoint(&self) -> Result<(), LayerError> {
         self.cut(Cut::Checkpoint { epoch: None })
     }
 
     /// [`LayeredDisk::checkpoint`], naming the new epoch (the primary's number for it).
-    pub fn checkpoint_as(&self, epoch: u64) -> io::Result<()> {
+    pub fn checkpoint_as(&self, epoch: u64) -> Result<(), LayerError> {
         self.cut(Cut::Checkpoint { epoch: Some(epoch) })
     }
 
@@ -36,7 +34,7 @@ impl LayeredDisk {
     /// stream applied up to `applied_seq`; the caller guarantees that nothing else is being
     /// applied meanwhile). Replaces an earlier prepared record. Fails once `failover()` has
     /// been called.
-    pub fn group_prepare(&self, group: u64, applied_seq: u64) -> io::Result<GroupPrepared> {
+    pub fn group_prepare(&self, group: u64, applied_seq: u64) -> Result<GroupPrepared, LayerError> {
         // The record says base *is* that disk: base is made durable before the record can be
         // (found by the power-loss tests: a record over unsynced stream changes let a
         // restarted secondary commit a group checkpoint that lacks them).
@@ -44,7 +42,7 @@ impl LayeredDisk {
         let mut st = self.write_state();
         let (needs_resync, epoch, group_before) = (st.needs_resync, st.epoch, st.group);
         let Stage::Buffering(layers) = &mut st.stage else {
-            return Err(replication_over());
+            return Err(LayerError::ReplicationOver);
         };
         // A prepared participant commits or rolls back after any crash: its layers are
         // trusted then, so they are made durable before the record says so.
@@ -69,9 +67,9 @@ impl LayeredDisk {
 
     /// Commits the prepared group checkpoint `group`: a [`LayeredDisk::checkpoint`] that
     /// happens only if the disk is still prepared for it at this epoch (checked under the same
-    /// lock as the stream's writes); otherwise an `InvalidInput` error and nothing changed.
+    /// lock as the stream's writes); otherwise [`LayerError::NotPrepared`] and nothing changed.
     /// Returns the new epoch.
-    pub fn checkpoint_group(&self, group: u64) -> io::Result<u64> {
+    pub fn checkpoint_group(&self, group: u64) -> Result<u64, LayerError> {
         self.cut(Cut::Group(group))?;
         Ok(self.read_state().epoch)
     }
@@ -82,14 +80,14 @@ impl LayeredDisk {
     /// starts a new hidden layer. Base is synced first, so everything before the marker is
     /// durable when the primary hears that it was applied; nothing else is written (a COLO
     /// checkpoint pause waits for this).
-    pub fn mark(&self, mark: Mark) -> io::Result<()> {
+    pub fn mark(&self, mark: Mark) -> Result<(), LayerError> {
         if !matches!(self.read_state().stage, Stage::Buffering(_)) {
-            return Err(replication_over());
+            return Err(LayerError::ReplicationOver);
         }
         self.flush_base(SyncPoint::BaseMarker)?;
         let mut st = self.write_state();
         let Stage::Buffering(layers) = &mut st.stage else {
-            return Err(replication_over());
+            return Err(LayerError::ReplicationOver);
         };
         layers.pending.push(mark);
         Ok(())
@@ -98,16 +96,20 @@ impl LayeredDisk {
     /// COLO: the SVM runs the primary's state of the tentative cut `epoch` ([`LayeredDisk::mark`]):
     /// the checkpoint is complete. The active layer and the hidden layers older than the cut
     /// are dropped; the view is now the primary's disk at the cut.
-    pub fn commit_mark(&self, epoch: u64) -> io::Result<()> {
-        self.cut(Cut::Mark(epoch))
+    ///
+    /// Its refusals ([`LayerError::NoTentativeCut`], [`LayerError::ReplicationOver`]) are only
+    /// reported (the Secondary VM's disk then does not match its memory), so this is where they
+    /// become `io::Error`s.
+    pub fn commit_mark(&self, epoch: u64) -> std::io::Result<()> {
+        Ok(self.cut(Cut::Mark(epoch))?)
     }
 
     /// Carries out `cut`: base is synced (what the cut keeps is durable before the layers
     /// holding the rest go), fresh layer files are made, and under the lock the plan is
     /// recorded in the state file, then swapped in; the old files go to the reaper.
-    pub(super) fn cut(&self, cut: Cut) -> io::Result<()> {
+    pub(super) fn cut(&self, cut: Cut) -> Result<(), LayerError> {
         if !matches!(self.read_state().stage, Stage::Buffering(_)) {
-            return Err(replication_over());
+            return Err(LayerError::ReplicationOver);
         }
         self.flush_base(SyncPoint::BaseCheckpoint)?;
         // Create the new files before taking the lock, so the swap is all the lock covers.
@@ -115,7 +117,7 @@ impl LayeredDisk {
         let mut st = self.write_state();
         let (epoch_before, group_before) = (st.epoch, st.group);
         let Stage::Buffering(layers) = &mut st.stage else {
-            return Err(replication_over());
+            return Err(LayerError::ReplicationOver);
         };
         let plan = CutPlan::new(cut, layers, epoch_before, group_before)?;
         // The layers after the cut, recorded first: on an error nothing has changed.
@@ -206,18 +208,16 @@ impl CutPlan {
         layers: &Layers,
         epoch_before: u64,
         group_before: GroupRecord,
-    ) -> io::Result<CutPlan> {
+    ) -> Result<CutPlan, LayerError> {
         if let Cut::Group(g) = cut {
             match group_before.prepared {
                 Some(p) if p.group == g && p.epoch == epoch_before => {}
-                other => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!(
-                            "not prepared for group checkpoint {g} at epoch {epoch_before} \
-                             (prepared: {other:?})"
-                        ),
-                    ))
+                prepared => {
+                    return Err(LayerError::NotPrepared {
+                        group: g,
+                        epoch: epoch_before,
+                        prepared,
+                    })
                 }
             }
         }
@@ -232,12 +232,7 @@ impl CutPlan {
             Cut::Mark(e) if has(&layers.pending, e) => (e, layers.hidden.len(), true),
             Cut::Mark(e) => {
                 let at = layers.hidden.iter().position(|h| has(&h.marks, e));
-                let at = at.ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("no tentative cut for epoch {e}"),
-                    )
-                })?;
+                let at = at.ok_or(LayerError::NoTentativeCut(e))?;
                 (e, at, false)
             }
         };

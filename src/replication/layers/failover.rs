@@ -6,7 +6,7 @@ use std::io;
 use std::sync::{Arc, PoisonError, RwLockWriteGuard};
 
 use super::state::SavedStage;
-use super::{LayeredDisk, Layers, Source, Stage, COMMIT_BATCH};
+use super::{LayerError, LayeredDisk, Layers, Source, Stage, COMMIT_BATCH};
 use crate::replication::dirty::{DirtyLog, LoggedDisk};
 use crate::storage::durable::SyncPoint;
 use crate::storage::BlockDevice;
@@ -23,7 +23,7 @@ impl LayeredDisk {
     /// base.
     ///
     /// Idempotent; after an I/O error or a restart, calling it again resumes the commit.
-    pub fn failover(&self) -> io::Result<()> {
+    pub fn failover(&self) -> Result<(), LayerError> {
         self.failover_logged(None)
     }
 
@@ -33,7 +33,7 @@ impl LayeredDisk {
     /// SVM's changes reach base through a [`LoggedDisk`] over it (recorded before written)
     /// from then on. On a resumed commit the clusters still buffered are recorded again
     /// (idempotent); those committed before were recorded by the first attempt.
-    pub fn failover_logged(&self, log: Option<Arc<DirtyLog>>) -> io::Result<()> {
+    pub fn failover_logged(&self, log: Option<Arc<DirtyLog>>) -> Result<(), LayerError> {
         if !self.begin_failover(log, false)? {
             return Ok(());
         }
@@ -75,15 +75,10 @@ impl LayeredDisk {
         &self,
         log: Option<Arc<DirtyLog>>,
         force: bool,
-    ) -> io::Result<bool> {
+    ) -> Result<bool, LayerError> {
         let mut st = self.write_state();
         if st.needs_resync && !force && matches!(st.stage, Stage::Buffering(_)) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the secondary lost power while its layers held unsynced changes: its disk is \
-                 no checkpoint until the primary has resent its changes and a checkpoint \
-                 followed; fail over with force to take it as it is (crash-consistent)",
-            ));
+            return Err(LayerError::NeedsResync);
         }
         if let Some(log) = log {
             if let Some(layers) = st.stage.layers() {
@@ -167,12 +162,9 @@ impl LayeredDisk {
     pub fn set_through(
         &self,
         dev: Arc<dyn BlockDevice>,
-    ) -> io::Result<Option<Arc<dyn BlockDevice>>> {
+    ) -> Result<Option<Arc<dyn BlockDevice>>, LayerError> {
         if !self.is_failed_over() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the disk buffer has not failed over",
-            ));
+            return Err(LayerError::NotFailedOver);
         }
         Ok(self.through_mut().replace(dev))
     }
@@ -183,12 +175,9 @@ impl LayeredDisk {
     pub fn replace_through(
         &self,
         make: impl FnOnce(Option<&Arc<dyn BlockDevice>>) -> io::Result<Arc<dyn BlockDevice>>,
-    ) -> io::Result<()> {
+    ) -> Result<(), LayerError> {
         if !matches!(self.read_state().stage, Stage::Standalone) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the disk buffer has not finished its failover",
-            ));
+            return Err(LayerError::FailoverUnfinished);
         }
         let mut through = self.through_mut();
         let dev = make(through.as_ref())?;
@@ -201,7 +190,11 @@ impl LayeredDisk {
     /// through it (see [`LayeredDisk::failover_logged`], which continues from here).
     ///
     /// A disk that [needs a resync](super::LayerStats::needs_resync) is refused unless `force`.
-    pub fn prepare_failover(&self, log: Option<Arc<DirtyLog>>, force: bool) -> io::Result<()> {
+    pub fn prepare_failover(
+        &self,
+        log: Option<Arc<DirtyLog>>,
+        force: bool,
+    ) -> Result<(), LayerError> {
         self.begin_failover(log, force).map(drop)
     }
 

@@ -32,7 +32,8 @@
 //!   recorded before it starts and resumes when a restarted secondary opens the directory.
 //!   [`LayeredDisk::failover_logged`] first records every range the commit will write in a dirty
 //!   log, and from then on the SVM's changes reach base through a [`LayeredDisk::set_through`]
-//!   device (the log's [`LoggedDisk`](crate::replication::dirty::LoggedDisk), later a promoted primary) instead of directly.
+//!   device (the log's [`LoggedDisk`](crate::replication::dirty::LoggedDisk), later a promoted
+//!   primary) instead of directly.
 //!
 //! Durability follows docs/flush-policy.md (DRBD's single-fault model): base is synced at the
 //! boundaries the primary relies on (its FLUSH, a marker, a checkpoint); the layers are synced
@@ -50,6 +51,7 @@
 //! `failover.rs`. docs/layers.md has the formats and why a crash at any point is recoverable.
 
 mod cut;
+mod error;
 mod failover;
 mod layer;
 mod state;
@@ -68,6 +70,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+pub use error::LayerError;
 use layer::{Kind, Layer};
 pub use state::{GroupCommitted, GroupPrepared, GroupRecord, Mark};
 use state::{SavedHidden, SavedStage, SavedState};
@@ -815,8 +818,9 @@ fn file_number(name: &str) -> Option<u64> {
     name.strip_suffix(".img")?.rsplit('-').next()?.parse().ok()
 }
 
+/// [`LayerError::ReplicationOver`] where the stream's `io::Error`s are made.
 fn replication_over() -> io::Error {
-    io::Error::other("replication is over: the secondary has failed over")
+    LayerError::ReplicationOver.into()
 }
 
 #[cfg(test)]

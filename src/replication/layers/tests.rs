@@ -1099,6 +1099,15 @@ fn group_prepare_survives_restarts_and_stream_changes_cancel_it() {
     // Not the prepared group: refused, nothing changed.
     let e = ld.checkpoint_group(8).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+    assert!(
+        matches!(e, LayerError::NotPrepared { group: 8, epoch: 0, prepared: Some(p) } if p == prepared),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "not prepared for group checkpoint 8 at epoch 0 (prepared: Some(GroupPrepared { \
+         group: 7, epoch: 0, applied_seq: 42 }))"
+    );
     assert_eq!(ld.stats().epoch, 0);
     assert_eq!(ld.checkpoint_group(7).unwrap(), 1);
     assert_eq!(
