@@ -15,7 +15,8 @@
 # Usage: qemu-scripts/bench-cpu.sh [--reps N] [--bytes SIZE] [--size SIZE] [--dir DIR]
 #                                  [--workloads a,b] [--insecure-link] [--only standalone|pair]
 #                                  [--perf]
-# Environment: COLO_BLK (the colo-blk binary to measure; default: build target/release/colo-blk)
+# Environment: COLO_BLK (the colo-blk binary to measure; default: build target/release/colo-blk),
+#              BLKBENCH (the blkbench executable; default: build it)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
     --insecure-link) SECURITY=insecure; shift ;;
     --only) ONLY=$2; shift 2 ;;
     --perf) PERF=1; shift ;;
-    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -48,7 +49,8 @@ log() { echo "[bench-cpu] $*" >&2; }
 
 cd "$REPO"
 [ -n "${COLO_BLK:-}" ] || cargo build --release -q
-BENCH=$(blkbench_path)
+# BLKBENCH: a blkbench executable (building it rebuilds the library in the bench profile).
+BENCH=${BLKBENCH:-$(blkbench_path)}
 COLO=${COLO_BLK:-${CARGO_TARGET_DIR:-$REPO/target}/release/colo-blk}
 [ -x "$BENCH" ] || { echo "blkbench not built" >&2; exit 1; }
 
