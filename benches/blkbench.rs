@@ -531,7 +531,11 @@ fn run_workload(
     for r in results {
         ok.push(r?);
     }
-    let seconds = if quota.is_some() { elapsed } else { opts.seconds };
+    let seconds = if quota.is_some() {
+        elapsed
+    } else {
+        opts.seconds
+    };
     Ok(summarise(ok, seconds))
 }
 
@@ -545,6 +549,30 @@ fn json_num(v: f64) -> String {
     } else {
         "null".to_string()
     }
+}
+
+/// The first human-readable line: what runs, against what.
+fn header(opts: &Opts, capacity: u64, working_set: u64) -> String {
+    let label = opts.label.as_deref().unwrap_or("");
+    let amount = match opts.bytes {
+        Some(b) => format!("{} MiB per workload", b >> 20),
+        None => format!(
+            "{:.1}s warm-up + {:.1}s per workload",
+            opts.warmup, opts.seconds
+        ),
+    };
+    format!(
+        "# {}{}: capacity {} MiB, working set {} MiB, {} queue(s), {amount}",
+        opts.socket,
+        if label.is_empty() {
+            String::new()
+        } else {
+            format!(" ({label})")
+        },
+        capacity >> 20,
+        working_set >> 20,
+        opts.queues,
+    )
 }
 
 fn run(opts: &Opts) -> Result<(), String> {
@@ -611,21 +639,7 @@ fn run(opts: &Opts) -> Result<(), String> {
             println!("{line}");
         }
     };
-    let amount = match opts.bytes {
-        Some(b) => format!("{} MiB per workload", b >> 20),
-        None => format!(
-            "{:.1}s warm-up + {:.1}s per workload",
-            opts.warmup, opts.seconds
-        ),
-    };
-    human(format!(
-        "# {}{}: capacity {} MiB, working set {} MiB, {} queue(s), {amount}",
-        opts.socket,
-        if label.is_empty() { String::new() } else { format!(" ({label})") },
-        capacity >> 20,
-        working_set >> 20,
-        opts.queues,
-    ));
+    human(header(opts, capacity, working_set));
     human(format!(
         "{:<18} {:>3} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "workload", "q", "IOPS", "MiB/s", "mean_us", "p50_us", "p99_us", "p99.9_us"

@@ -10,11 +10,14 @@
 # pre-shared key unless --insecure-link. Per-thread CPU of each run goes to DIR/threads.jsonl.
 # --perf: also `perf record -g` (DWARF call graphs) each process during each run, into
 # DIR/perf-<config>-<workload>-<rep>-<n>.data (n: 0 the primary or standalone, 1 the secondary);
-# the CPU figures then include perf's own overhead.
+# the CPU figures then include perf's own overhead. Images are deleted after each run.
+# --passes N: write the data N times and measure only the last pass (from the second on, the
+# writes overwrite cached pages, and on the secondary clusters saved in this epoch: what is
+# left without the first touch of fresh pages).
 #
 # Usage: qemu-scripts/bench-cpu.sh [--reps N] [--bytes SIZE] [--size SIZE] [--dir DIR]
 #                                  [--workloads a,b] [--insecure-link] [--only standalone|pair]
-#                                  [--perf]
+#                                  [--perf] [--passes N]
 # Environment: COLO_BLK (the colo-blk binary to measure; default: build target/release/colo-blk),
 #              BLKBENCH (the blkbench executable; default: build it)
 set -euo pipefail
@@ -30,6 +33,7 @@ WORKLOADS=randwrite-4k-qd32,seqwrite-1m-qd8
 SECURITY=tls
 ONLY=
 PERF=0
+PASSES=1
 while [ $# -gt 0 ]; do
     case "$1" in
     --reps) REPS=$2; shift 2 ;;
@@ -40,7 +44,8 @@ while [ $# -gt 0 ]; do
     --insecure-link) SECURITY=insecure; shift ;;
     --only) ONLY=$2; shift 2 ;;
     --perf) PERF=1; shift ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    --passes) PASSES=$2; shift 2 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -100,7 +105,11 @@ PY
 measure() {
     local w=$1 config=$2 pqmp=$3
     shift 3
-    local before=() after=() perfs=() p line t0 t1 n=0
+    local before=() after=() perfs=() p line t0 t1 n=0 pass
+    for pass in $(seq 2 "$PASSES"); do
+        "$BENCH" --socket "$WORKDIR/p.sock" --workload "$w" --bytes "$BYTES" --json >/dev/null
+        [ "$pqmp" = - ] || qmp "$pqmp" replication-prepare-checkpoint '{"timeout-ms": 600000}' >/dev/null
+    done
     sync
     if [ "$PERF" = 1 ]; then
         for p in "$@"; do
@@ -144,6 +153,7 @@ standalone() { # WORKLOAD
     pid=$(start_colo "$WORKDIR/standalone.log" --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img" --size "$SIZE")
     measure "$1" standalone - "$pid"
     stop "$pid"
+    rm -f "$WORKDIR"/p.img*
 }
 
 pair() { # WORKLOAD
@@ -159,6 +169,8 @@ pair() { # WORKLOAD
     measure "$1" pair "$WORKDIR/p.qmp" "$ppid" "$spid"
     stop "$ppid"
     stop "$spid"
+    # The images and layers take GiBs; only the results are kept.
+    rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
 }
 
 for rep in $(seq 1 "$REPS"); do
