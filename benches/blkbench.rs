@@ -7,7 +7,11 @@
 //! ```text
 //! cargo bench --bench blkbench -- --socket /tmp/vhost.sock [--workload NAME[,NAME...]]...
 //!     [--seconds 5] [--warmup 1] [--queues 1] [--working-set 1G] [--json] [--label TEXT]
+//!     [--bytes 1G]
 //! ```
+//!
+//! `--bytes` runs each workload for an amount of data instead of a time (no warm-up): every
+//! queue submits its share of the requests, and the rates are over the time that took.
 //!
 //! Without `--workload` every workload of [`WORKLOADS`] runs in order. The queue depth of a
 //! workload is per queue: with `--queues N` there are N threads, one per virtqueue, each keeping
@@ -107,6 +111,8 @@ usage: blkbench --socket PATH [options]
   --working-set SIZE   bytes at the start of the device to use, e.g. 1G (default: whole device)
   --json               print JSON lines on stdout (human-readable lines go to stderr)
   --label TEXT         copied into the JSON output (e.g. the backend's name)
+  --bytes SIZE         transfer SIZE bytes per workload (e.g. 1G) instead of a fixed time;
+                       no warm-up, --seconds and --warmup are ignored
   --list               list the workloads and exit";
 
 #[derive(Debug)]
@@ -119,6 +125,8 @@ struct Opts {
     working_set: Option<u64>,
     json: bool,
     label: Option<String>,
+    /// `--bytes`: a fixed amount of data per workload instead of a fixed time.
+    bytes: Option<u64>,
 }
 
 enum Parse {
@@ -168,6 +176,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Parse, String> {
     let mut working_set = None;
     let mut json = false;
     let mut label = None;
+    let mut bytes = None;
     let mut args = args;
     while let Some(arg) = args.next() {
         // Accept both `--flag value` and `--flag=value`.
@@ -202,6 +211,10 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Parse, String> {
             "--working-set" => working_set = Some(parse_size(&value(&mut args)?)?),
             "--json" => json = true,
             "--label" => label = Some(value(&mut args)?),
+            "--bytes" => match parse_size(&value(&mut args)?)? {
+                0 => return Err("--bytes must be greater than 0".into()),
+                n => bytes = Some(n),
+            },
             "--list" => {
                 for w in WORKLOADS {
                     println!("{}", w.name);
@@ -231,6 +244,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Parse, String> {
         working_set,
         json,
         label,
+        bytes,
     }))
 }
 
@@ -290,6 +304,8 @@ struct QueueResult {
 struct Phases {
     measure_start: Instant,
     measure_end: Instant,
+    /// `--bytes`: how many requests this queue submits (then the run ends, whatever the time).
+    quota: Option<u64>,
 }
 
 /// Keeps `w.queue_depth` requests in flight on `q` until the measurement window ends.
@@ -309,9 +325,14 @@ fn run_queue(
     let mut slot_offset = vec![0u64; qd];
     let mut completions: Vec<MaybeUninit<Completion>> =
         (0..qd).map(|_| MaybeUninit::uninit()).collect();
-    let expected = (w.queue_depth as f64
-        * (phases.measure_end - phases.measure_start).as_secs_f64()
-        * 200_000.0) as usize;
+    let expected = match phases.quota {
+        Some(n) => n as usize,
+        None => {
+            (w.queue_depth as f64
+                * (phases.measure_end - phases.measure_start).as_secs_f64()
+                * 200_000.0) as usize
+        }
+    };
     let mut result = QueueResult {
         ios: 0,
         bytes: 0,
@@ -326,12 +347,18 @@ fn run_queue(
         }
     };
 
+    let quota = phases.quota.unwrap_or(u64::MAX);
+    let mut submitted = 0u64;
     for slot in 0..qd {
+        if submitted == quota {
+            break;
+        }
+        submitted += 1;
         slot_offset[slot] = offsets.next();
         submitted_at[slot] = Instant::now();
         submit(q, slot, slot_offset[slot]);
     }
-    let mut in_flight = qd;
+    let mut in_flight = submitted;
     while in_flight > 0 {
         let mut timeout = IO_TIMEOUT;
         let n = q
@@ -362,7 +389,8 @@ fn run_queue(
                     .latencies_ns
                     .push((now - submitted_at[slot]).as_nanos() as u64);
             }
-            if now < phases.measure_end {
+            if now < phases.measure_end && submitted < quota {
+                submitted += 1;
                 slot_offset[slot] = offsets.next();
                 submitted_at[slot] = Instant::now();
                 submit(q, slot, slot_offset[slot]);
@@ -376,6 +404,8 @@ fn run_queue(
 
 /// The summary of one workload over all queues.
 struct Summary {
+    /// The measured time: `--seconds`, or with `--bytes` how long the data took.
+    seconds: f64,
     iops: f64,
     mib_s: f64,
     mean_us: f64,
@@ -408,6 +438,7 @@ fn summarise(results: Vec<QueueResult>, seconds: f64) -> Summary {
         lat.iter().map(|&l| l as f64).sum::<f64>() / lat.len() as f64 / 1000.0
     };
     Summary {
+        seconds,
         iops: ios as f64 / seconds,
         mib_s: bytes as f64 / seconds / (1024.0 * 1024.0),
         mean_us,
@@ -438,8 +469,18 @@ fn run_workload(
         ));
     }
     let barrier = Barrier::new(nq);
-    let warmup = Duration::from_secs_f64(opts.warmup);
-    let measure = Duration::from_secs_f64(opts.seconds);
+    // --bytes: each queue submits its share of the requests (at least one); no time limit.
+    let quota = opts
+        .bytes
+        .map(|b| b.div_ceil(bs).div_ceil(nq as u64).max(1));
+    let (warmup, measure) = match quota {
+        Some(_) => (Duration::ZERO, Duration::from_secs(1 << 30)),
+        None => (
+            Duration::from_secs_f64(opts.warmup),
+            Duration::from_secs_f64(opts.seconds),
+        ),
+    };
+    let started = Instant::now();
     let results: Vec<Result<QueueResult, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = queues
             .iter_mut()
@@ -469,6 +510,7 @@ fn run_workload(
                         let phases = Phases {
                             measure_start: t0 + warmup,
                             measure_end: t0 + warmup + measure,
+                            quota,
                         };
                         run_queue(q, qid, w, buf, offsets, &phases)
                     })
@@ -484,11 +526,17 @@ fn run_workload(
             })
             .collect()
     });
+    let elapsed = started.elapsed().as_secs_f64();
     let mut ok = Vec::with_capacity(nq);
     for r in results {
         ok.push(r?);
     }
-    Ok(summarise(ok, opts.seconds))
+    let seconds = if quota.is_some() {
+        elapsed
+    } else {
+        opts.seconds
+    };
+    Ok(summarise(ok, seconds))
 }
 
 fn json_str(s: &str) -> String {
@@ -501,6 +549,30 @@ fn json_num(v: f64) -> String {
     } else {
         "null".to_string()
     }
+}
+
+/// The first human-readable line: what runs, against what.
+fn header(opts: &Opts, capacity: u64, working_set: u64) -> String {
+    let label = opts.label.as_deref().unwrap_or("");
+    let amount = match opts.bytes {
+        Some(b) => format!("{} MiB per workload", b >> 20),
+        None => format!(
+            "{:.1}s warm-up + {:.1}s per workload",
+            opts.warmup, opts.seconds
+        ),
+    };
+    format!(
+        "# {}{}: capacity {} MiB, working set {} MiB, {} queue(s), {amount}",
+        opts.socket,
+        if label.is_empty() {
+            String::new()
+        } else {
+            format!(" ({label})")
+        },
+        capacity >> 20,
+        working_set >> 20,
+        opts.queues,
+    )
 }
 
 fn run(opts: &Opts) -> Result<(), String> {
@@ -567,16 +639,7 @@ fn run(opts: &Opts) -> Result<(), String> {
             println!("{line}");
         }
     };
-    human(format!(
-        "# {}{}: capacity {} MiB, working set {} MiB, {} queue(s), {:.1}s warm-up + {:.1}s per workload",
-        opts.socket,
-        if label.is_empty() { String::new() } else { format!(" ({label})") },
-        capacity >> 20,
-        working_set >> 20,
-        opts.queues,
-        opts.warmup,
-        opts.seconds
-    ));
+    human(header(opts, capacity, working_set));
     human(format!(
         "{:<18} {:>3} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "workload", "q", "IOPS", "MiB/s", "mean_us", "p50_us", "p99_us", "p99.9_us"
@@ -608,7 +671,7 @@ fn run(opts: &Opts) -> Result<(), String> {
                 w.block_size,
                 w.queue_depth,
                 opts.queues,
-                json_num(opts.seconds),
+                json_num(s.seconds),
                 s.ios,
                 json_num(s.iops),
                 json_num(s.mib_s),

@@ -36,3 +36,54 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="blkbench" and m.get("executable"):
         print(m["executable"])' | tail -n1
 }
+
+# start_colo LOG ARGS...: starts "$COLO" ARGS in the background (stdout to LOG.out, stderr to
+# LOG), waits for its ready line and prints its pid. The pid is also appended to
+# $COLO_PIDS_FILE (if set), for cleanup_colo: callers run this in a command substitution, a
+# subshell, so an array of pids would not reach them.
+start_colo() {
+    local logf=$1
+    shift
+    "$COLO" "$@" >"$logf.out" 2>"$logf" &
+    local pid=$!
+    [ -z "${COLO_PIDS_FILE:-}" ] || echo "$pid" >>"$COLO_PIDS_FILE"
+    for _ in $(seq 1 600); do
+        grep -q '"ready"' "$logf.out" 2>/dev/null && { echo "$pid"; return 0; }
+        kill -0 "$pid" 2>/dev/null || { cat "$logf" >&2; return 1; }
+        sleep 0.05
+    done
+    echo "timeout waiting for the ready line of $logf" >&2
+    return 1
+}
+
+# cleanup_colo: stops every process start_colo recorded in $COLO_PIDS_FILE (an EXIT trap).
+cleanup_colo() {
+    [ -n "${COLO_PIDS_FILE:-}" ] && [ -f "$COLO_PIDS_FILE" ] || return 0
+    local p
+    while read -r p; do stop "$p"; done <"$COLO_PIDS_FILE"
+    : >"$COLO_PIDS_FILE"
+}
+
+# ready_port LOG.out: the TCP port in a secondary's ready line ({"ready": {"listen": ...}}).
+ready_port() {
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ready"]["listen"].rsplit(":",1)[1])' "$1"
+}
+
+# wait_session LOG: waits until the primary logged its session to the secondary.
+wait_session() {
+    for _ in $(seq 1 600); do
+        grep -aq "replicating to" "$1" && return 0
+        sleep 0.05
+    done
+    echo "timeout waiting for the primary's session in $1" >&2
+    return 1
+}
+
+# cpu_of PID: the user + system CPU seconds a process has used so far.
+cpu_of() {
+    python3 - "$1" <<'PY'
+import os, sys
+f = open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")", 1)[1].split()
+print((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
+PY
+}

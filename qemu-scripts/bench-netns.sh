@@ -76,7 +76,6 @@ start() {
     echo "timeout waiting for the ready line of $logf" >&2
     return 1
 }
-ready_port() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ready"]["listen"].rsplit(":",1)[1])' "$1"; }
 
 
 # sampler SOCKET OUT: polls query-replication every 50 ms until killed; one JSON line per

@@ -68,30 +68,11 @@ start() {
     echo "timeout waiting for '$marker' in $logf" >&2
     return 1
 }
-# Waits until the primary's session is up (its ready line may come before or after it).
-wait_session() { # LOGFILE
-    for _ in $(seq 1 600); do
-        grep -q "replicating to" "$1" && return 0
-        sleep 0.05
-    done
-    echo "timeout waiting for the primary's session in $1" >&2
-    return 1
-}
-
 
 SIZE=2G
 WORKLOADS=randwrite-4k-qd32,seqwrite-1m-qd8
 RESULTS=$WORKDIR/results.jsonl
 : >"$RESULTS"
-
-# CPU time (user + system, seconds) a process has used so far.
-cpu_of() { # PID
-    python3 - "$1" <<'PY'
-import os, sys
-f = open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")", 1)[1].split()
-print((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
-PY
-}
 
 # One blkbench run of workload W against SOCKET with label L; adds to its JSON line the CPU
 # seconds each PID used from the start of the run until (for replication) the secondary has

@@ -31,6 +31,9 @@ struct Registered {
     next_ticket: u64,
     /// `ticket -> [start, end)` of every change still being applied.
     ranges: BTreeMap<u64, (u64, u64)>,
+    /// Threads waiting in `wait_turn`: a release wakes them only when there are any (a
+    /// condvar's notify is a futex call even with no waiter: one per write otherwise).
+    waiting: usize,
 }
 
 impl Registered {
@@ -94,19 +97,23 @@ impl Ticket<'_> {
     pub fn wait_turn(&self) {
         let mut reg = self.order.lock();
         while reg.earlier_overlap(self.id, self.start, self.end) {
+            reg.waiting += 1;
             reg = self
                 .order
                 .released
                 .wait(reg)
                 .unwrap_or_else(|e| e.into_inner());
+            reg.waiting -= 1;
         }
     }
 }
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let removed = self.order.lock().ranges.remove(&self.id).is_some();
-        if removed {
+        let mut reg = self.order.lock();
+        let wake = reg.ranges.remove(&self.id).is_some() && reg.waiting > 0;
+        drop(reg);
+        if wake {
             self.order.released.notify_all();
         }
     }
