@@ -119,27 +119,6 @@ impl RawImage {
         })
     }
 
-    /// Starts writing back the dirty page-cache pages of `[offset, offset + len)` without
-    /// waiting for them and without a device flush (`sync_file_range(SYNC_FILE_RANGE_WRITE)`):
-    /// a later [`BlockDevice::flush`] then finds little left to write (the secondary's base
-    /// after each batch of the stream, so that a COLO marker's sync inside the Primary VM's
-    /// pause does not write back a whole epoch). Not a durability step; errors are ignored.
-    pub(crate) fn start_writeback(&self, offset: u64, len: u64) {
-        if self.read_only || len == 0 {
-            return;
-        }
-        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return;
-        };
-        // SAFETY: sync_file_range(2) on a descriptor this image owns, with plain integers.
-        let r = unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE)
-        };
-        if r != 0 {
-            log::debug!("sync_file_range: {}", io::Error::last_os_error());
-        }
-    }
-
     /// A second, read-only descriptor of the same file for reads at scattered offsets of
     /// exactly the size needed (the secondary's copy-before-write of a cluster's original): the
     /// kernel is told not to read ahead on it (`POSIX_FADV_RANDOM`), which it otherwise does

@@ -144,25 +144,7 @@ impl LayeredDisk {
                 Change::Flush => {}
             }
         }
-        self.start_base_writeback(writes);
         Ok(())
-    }
-
-    /// Starts the kernel's writeback of what the batch wrote to base (docs/flush-policy.md,
-    /// rule 10): the next base sync (a FLUSH, a marker inside the Primary VM's pause, a
-    /// checkpoint) then waits for the tail of the epoch, not all of it.
-    fn start_base_writeback(&self, writes: &[Change<&[u8]>]) {
-        let Some(image) = self.base.as_raw_image() else {
-            return;
-        };
-        let spans = writes
-            .iter()
-            .filter(|c| matches!(c, Change::Write { .. }))
-            .map(|c| c.range());
-        let (lo, hi) = spans.fold((u64::MAX, 0), |(lo, hi), (o, l)| (lo.min(o), hi.max(o + l)));
-        if lo < hi {
-            image.start_writeback(lo, hi - lo);
-        }
     }
 
     /// Copy-before-write: saves in `hidden` the current base content of every cluster of the
