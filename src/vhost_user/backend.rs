@@ -243,6 +243,20 @@ impl BlkBackend {
         }
     }
 
+    /// Signals the used ring unless the driver asked not to be (`VIRTIO_RING_F_EVENT_IDX`).
+    pub(super) fn notify_if_wanted(&self, state: &mut VringStateGuard<'_>) {
+        let notify = if self.shared.event_idx.load(Ordering::Relaxed) {
+            state.needs_notification().unwrap_or(true)
+        } else {
+            true
+        };
+        if notify {
+            if let Err(e) = state.signal_used_queue() {
+                debug!("signalling the used queue failed: {e}");
+            }
+        }
+    }
+
     /// Puts a completed chain on the used ring and notifies the driver when it wants it.
     fn complete(&self, queue: usize, vring: &Vring, head: u16, used_len: u32) {
         let region = self.inflight_region();
@@ -250,16 +264,7 @@ impl BlkBackend {
         if let Err(e) = Self::add_used(&mut state, region.as_deref(), queue, head, used_len) {
             warn!("add_used({head}) failed: {e:?}");
         } else {
-            let notify = if self.shared.event_idx.load(Ordering::Relaxed) {
-                state.needs_notification().unwrap_or(true)
-            } else {
-                true
-            };
-            if notify {
-                if let Err(e) = state.signal_used_queue() {
-                    debug!("signalling the used queue failed: {e}");
-                }
-            }
+            self.notify_if_wanted(&mut state);
         }
         drop(state);
         if let Some(f) = self.shared.inflight.get(queue) {

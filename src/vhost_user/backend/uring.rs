@@ -2,10 +2,9 @@
 //! the completions reaped from it and put on the used ring in batches, the drain at a stop.
 
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::warn;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use vm_memory::GuestMemoryLoadGuard;
@@ -71,16 +70,7 @@ impl BlkBackend {
                 warn!("add_used({head}) failed: {e:?}");
             }
         }
-        let notify = if self.shared.event_idx.load(Ordering::Relaxed) {
-            state.needs_notification().unwrap_or(true)
-        } else {
-            true
-        };
-        if notify {
-            if let Err(e) = state.signal_used_queue() {
-                debug!("signalling the used queue failed: {e}");
-            }
-        }
+        self.notify_if_wanted(&mut state);
         drop(state);
         if let Some(f) = self.shared.inflight.get(queue) {
             f.done_n(done.len());
