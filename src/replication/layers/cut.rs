@@ -56,10 +56,10 @@ impl LayeredDisk {
             prepared: Some(prepared),
             ..group_before
         };
-        let mut saved = self.saved(record, epoch, SavedStage::Buffering, Some(layers));
-        saved.open = None;
-        saved.needs_resync = needs_resync;
-        saved.store(&*self.media, &self.dir)?;
+        self.saved(record, epoch, SavedStage::Buffering, Some(layers))
+            .synced()
+            .needing_resync(needs_resync)
+            .store(&*self.media, &self.dir)?;
         st.group = record;
         st.open = false;
         Ok(prepared)
@@ -161,13 +161,9 @@ impl LayeredDisk {
                 })
                 .collect()
         };
-        let mut saved = SavedState::new(self.capacity, self.cluster_size);
-        saved.disk_id = (self.owner != 0).then(|| format!("{:032x}", self.owner));
-        saved.epoch = plan.epoch;
+        let mut saved = self.saved(plan.group, plan.epoch, SavedStage::Buffering, None);
         saved.active = Some(fresh.active.file_name());
         saved.hidden = hidden;
-        saved.group = plan.group;
-        saved.open = Some(self.media.boot_tag());
         saved
     }
 }

@@ -113,10 +113,10 @@ impl LayeredDisk {
                 // The commit reads the layers after any crash: durable first, then recorded
                 // (a restarted secondary resumes the commit).
                 l.sync_hidden()?;
-                let mut saved = self.saved(group, epoch, SavedStage::Committing, Some(l));
-                saved.open = None;
-                saved.needs_resync = needs_resync;
-                saved.store(&*self.media, &self.dir)?;
+                // (`"open": null`: only a buffering disk is recorded open.)
+                self.saved(group, epoch, SavedStage::Committing, Some(l))
+                    .needing_resync(needs_resync)
+                    .store(&*self.media, &self.dir)?;
                 st.open = false;
                 if let Stage::Buffering(l) = std::mem::replace(&mut st.stage, Stage::Standalone) {
                     st.stage = Stage::Committing(l);

@@ -538,14 +538,14 @@ impl LayeredDisk {
             }
         }
         let mut layers = self.create_layers()?;
-        let mut fresh = self.saved(
+        self.saved(
             GroupRecord::default(),
             saved.epoch,
             SavedStage::Buffering,
             Some(&layers),
-        );
-        fresh.needs_resync = true;
-        fresh.store(&*self.media, &self.dir)?;
+        )
+        .needing_resync(true)
+        .store(&*self.media, &self.dir)?;
         layers.keep_files();
         let keep: Vec<String> = layers.all().map(Layer::file_name).collect();
         for f in layer::layer_files(&self.media, &self.dir)? {
@@ -666,10 +666,10 @@ impl LayeredDisk {
             return Ok(());
         };
         layers.sync_hidden()?;
-        let mut saved = self.saved(group, epoch, SavedStage::Buffering, Some(layers));
-        saved.open = None;
-        saved.needs_resync = needs_resync;
-        saved.store(&*self.media, &self.dir)?;
+        self.saved(group, epoch, SavedStage::Buffering, Some(layers))
+            .synced()
+            .needing_resync(needs_resync)
+            .store(&*self.media, &self.dir)?;
         st.open = false;
         Ok(())
     }

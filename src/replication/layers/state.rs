@@ -126,6 +126,18 @@ impl SavedState {
         }
     }
 
+    /// The same state, recorded with every layer synced (`"open": null`).
+    pub(super) fn synced(mut self) -> Self {
+        self.open = None;
+        self
+    }
+
+    /// The same state with the needs-resync flag `needs` (the disk's current one, mostly).
+    pub(super) fn needing_resync(mut self, needs: bool) -> Self {
+        self.needs_resync = needs;
+        self
+    }
+
     /// Reads the state file of `dir`; `None` when there is none (a fresh directory).
     pub(super) fn load(media: &dyn Media, dir: &Path) -> io::Result<Option<SavedState>> {
         let path = dir.join(STATE_FILE);

@@ -90,9 +90,9 @@ impl LayeredDisk {
             let Stage::Buffering(layers) = &st.stage else {
                 return Err(replication_over());
             };
-            let mut saved = self.saved(group, epoch, SavedStage::Buffering, Some(layers));
-            saved.needs_resync = st.needs_resync;
-            saved.store(&*self.media, &self.dir)?;
+            self.saved(group, epoch, SavedStage::Buffering, Some(layers))
+                .needing_resync(st.needs_resync)
+                .store(&*self.media, &self.dir)?;
             st.group = group;
             st.open = true;
         }
@@ -109,8 +109,9 @@ impl LayeredDisk {
                 self.capacity,
                 self.owner,
             )?;
-            let mut saved = self.saved(group, epoch, SavedStage::Buffering, Some(layers));
-            saved.needs_resync = needs_resync;
+            let mut saved = self
+                .saved(group, epoch, SavedStage::Buffering, Some(layers))
+                .needing_resync(needs_resync);
             saved.hidden.push(SavedHidden {
                 file: fresh.file_name(),
                 marks: layers.pending.clone(),
