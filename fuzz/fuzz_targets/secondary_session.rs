@@ -62,6 +62,7 @@ fn hello() -> Frame {
         epoch: 0,
         sync: false,
         dirty_log: false,
+        takes_durable: true,
         // A primary on a disk colo-blk created: the fresh secondary takes its stream.
         gens: Generations {
             disk_id: 1,
@@ -406,6 +407,9 @@ fn run(data: &[u8]) {
                     !want.accepted || want.failing_seq == Some(applied + 1),
                     "ERROR without a failed change: {message}"
                 );
+            }
+            Frame::Durable { seq, .. } => {
+                assert!(seq <= last_ack, "DURABLE {seq} before its ACK ({last_ack})");
             }
             Frame::Heartbeat => {}
             f => panic!("the secondary sent {f:?}"),

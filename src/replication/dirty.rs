@@ -157,6 +157,8 @@ struct LogState {
     /// Extents touched since the last checkpoint marker, and in the epoch before it.
     cur: Bits,
     prev: Bits,
+    /// Checkpoint markers queued so far ([`DirtyLog::epoch_boundary`]).
+    boundaries: u64,
     /// Changes registered per extent whose local write has not finished.
     in_flight: Vec<u32>,
     /// Bumped on every change of `on_disk`.
@@ -295,6 +297,7 @@ impl DirtyLog {
                 on_disk: bits.clone(),
                 cur: bits.clone(),
                 prev: Bits::new(extents),
+                boundaries: 0,
                 in_flight: vec![0; extents as usize],
                 generation: 1,
                 synced: 0,
@@ -409,18 +412,31 @@ impl DirtyLog {
     }
 
     /// A checkpoint marker was queued: the changes from now on belong to the next epoch.
-    pub fn epoch_boundary(&self) {
+    /// Returns the boundary's number (1, 2, ...).
+    pub fn epoch_boundary(&self) -> u64 {
         let mut st = self.lock();
         let cur = std::mem::replace(&mut st.cur, Bits::new(self.extents));
         st.prev = cur;
+        st.boundaries += 1;
+        st.boundaries
     }
 
     /// A checkpoint completed (and was recorded in the metadata): clears the extents nobody
     /// touched in this epoch or the one before and no change is still applying to. Writers of
     /// other extents never wait for this.
     pub fn checkpoint_done(&self) -> io::Result<()> {
+        self.checkpoint_done_at(u64::MAX)
+    }
+
+    /// [`DirtyLog::checkpoint_done`] for the checkpoint whose marker was boundary `at`: clears
+    /// only while at most one boundary followed it (the two epochs kept, `prev` and `cur`,
+    /// then still hold every change since that marker); otherwise a later one will.
+    pub fn checkpoint_done_at(&self, at: u64) -> io::Result<()> {
         let g = {
             let mut st = self.lock();
+            if st.boundaries > at.saturating_add(1) {
+                return Ok(());
+            }
             let clear: Vec<u64> = st
                 .on_disk
                 .ones()
@@ -751,6 +767,28 @@ mod tests {
         assert_eq!(ranges.len(), 6);
         let (_l, ranges) = DirtyLog::open(&dir.path().join("x"), cap, 4096, true).unwrap();
         assert_eq!(ranges.len(), 11);
+    }
+
+    /// A checkpoint settled late (a COLO marker's DURABLE after more markers) clears the log
+    /// only while its two epochs still hold every change since that marker.
+    #[test]
+    fn a_late_checkpoint_clears_only_what_its_marker_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.colo-dirty");
+        let (log, _) = DirtyLog::open(&path, 1 << 20, 4096, false).unwrap();
+        drop(log.record(0, 1).unwrap()); // extent 0, epoch of marker m1
+        let m1 = log.epoch_boundary();
+        drop(log.record(4096, 1).unwrap()); // extent 1, between m1 and m2 (not durable)
+        let m2 = log.epoch_boundary();
+        log.epoch_boundary(); // m3: prev = extent-less epoch, extent 1 is in neither set
+        log.checkpoint_done_at(m1).unwrap();
+        assert_eq!(
+            log.recorded_bytes(),
+            2 * 4096,
+            "m1's checkpoint forgot m2's epoch"
+        );
+        log.checkpoint_done_at(m2).unwrap();
+        assert_eq!(log.recorded_bytes(), 0);
     }
 
     /// A writer whose extent another writer marked a moment ago, but whose sync has not

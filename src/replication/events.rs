@@ -151,6 +151,9 @@ pub struct PrimaryStatus {
     /// `async` or `sync`.
     pub mode: &'static str,
     pub epoch: u64,
+    /// The last epoch the secondary made durable: `epoch`, or one less while the secondary
+    /// syncs a COLO marker it already applied (docs/flush-policy.md, rule 11).
+    pub durable_epoch: u64,
     pub bytes_sent_since_checkpoint: u64,
     pub bytes_sent_total: u64,
     pub bytes_in_flight: u64,

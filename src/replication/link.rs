@@ -240,6 +240,7 @@ mod tests {
             epoch: 0,
             sync: false,
             dirty_log: false,
+            takes_durable: false,
             gens: Generations::fresh_primary(),
         }
     }
@@ -260,6 +261,7 @@ mod tests {
                 decision: 1,
                 allow_full: false,
                 discard_my_data: false,
+                sends_durable: false,
                 own_dirty: false,
             }))
             .unwrap();

@@ -648,6 +648,16 @@ impl MetaStore {
         })
     }
 
+    /// A checkpoint completed on the primary: the secondary holds generation `holds` at
+    /// `epoch` (the `current` when the checkpoint's end was queued: a link loss recorded since
+    /// may have made a new one, which the secondary does not hold).
+    pub fn primary_checkpoint_of(&self, epoch: u64, holds: u64) -> io::Result<Metadata> {
+        self.update(|m| {
+            m.gens.bitmap = holds;
+            m.gens.epoch = m.gens.epoch.max(epoch);
+        })
+    }
+
     // ---- the secondary's transitions ----
 
     /// A disk starts as a secondary, before it answers any HELLO. A primary's disk whose

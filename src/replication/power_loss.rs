@@ -120,7 +120,10 @@ enum SecondaryOp {
     Stream(Vec<Change<Vec<u8>>>),
     /// Writes of the Secondary VM, then its FLUSH.
     Svm(Vec<(u64, Vec<u8>)>),
+    /// A COLO marker applied (a tentative cut): nothing synced, its ACK sent.
     Mark(u64),
+    /// The marker's sync after its ACK, then DURABLE (docs/flush-policy.md, rule 11).
+    MarkDurable,
     CommitMark(u64),
     Checkpoint(u64),
     GroupPrepare(u64),
@@ -161,15 +164,15 @@ impl SecondaryOp {
     }
 
     /// The primary forgets the stream's changes before this step once it is acknowledged
-    /// (a marker, a checkpoint): its dirty record covers only the later ones.
+    /// (a checkpoint) or said durable (a marker's DURABLE): its dirty record covers only the
+    /// later ones.
     fn ends_dirty_record(&self) -> bool {
         matches!(
             self,
-            SecondaryOp::Mark(_) | SecondaryOp::Checkpoint(_) | SecondaryOp::GroupCommit(_)
+            SecondaryOp::MarkDurable | SecondaryOp::Checkpoint(_) | SecondaryOp::GroupCommit(_)
         )
     }
 }
-
 /// The secondary scenario: the steps, and what each left as the model says.
 struct SecondaryRun {
     ops: Vec<SecondaryOp>,
@@ -224,10 +227,20 @@ impl SecondaryRun {
                     let cut = 1000 + e;
                     push(&mut run, SecondaryOp::Mark(cut), epoch);
                     run.checkpoints.insert(cut, base.clone());
+                    // The syncer makes the marker durable beside the applier: at once (even
+                    // epochs), or after the applier went on and the Secondary VM's restart
+                    // committed the cut (odd ones).
+                    let synced_first = e % 2 == 0;
+                    if synced_first {
+                        push(&mut run, SecondaryOp::MarkDurable, epoch);
+                    }
                     let stream = Self::stream(&mut rng, &mut base);
                     push(&mut run, SecondaryOp::Stream(stream), epoch);
                     epoch = cut;
                     push(&mut run, SecondaryOp::CommitMark(cut), epoch);
+                    if !synced_first {
+                        push(&mut run, SecondaryOp::MarkDurable, epoch);
+                    }
                 }
                 2 => {
                     run.prepared.insert(e, base.clone());
@@ -332,6 +345,7 @@ impl SecondaryRun {
                     epoch: *e,
                     bases: vec![Some(*e as u16)],
                 })?,
+                SecondaryOp::MarkDurable => ld.sync_marked()?,
                 SecondaryOp::CommitMark(e) => ld.commit_mark(*e)?,
                 SecondaryOp::Checkpoint(e) => ld.checkpoint_as(*e)?,
                 SecondaryOp::GroupPrepare(g) => {
@@ -388,19 +402,22 @@ impl SecondaryRun {
         Some((done, in_step))
     }
 
-    /// What the secondary promised the primary about base: after a stream FLUSH, a marker or
-    /// a cut returned, every byte no later stream change touched is on the disk (after a marker
-    /// or a cut the primary forgets those changes: its dirty record does not cover them any
-    /// more; after a FLUSH, `--sync` completes the guest's flush on it).
+    /// What the secondary promised the primary about base: after a stream FLUSH, a marker's
+    /// sync (DURABLE) or a cut returned, every byte no later stream change touched is on the
+    /// disk (after DURABLE or a cut the primary forgets those changes: its dirty record does
+    /// not cover them any more; after a FLUSH, `--sync` completes the guest's flush on it). A
+    /// marker's ACK promises nothing durable.
     fn check_base_promise(&self, step: usize, media: &SimMedia) -> Result<(), String> {
-        let promised = (0..step).rev().find(|&i| match &self.ops[i] {
-            SecondaryOp::Stream(c) => matches!(c.last(), Some(Change::Flush)),
-            SecondaryOp::Mark(_)
-            | SecondaryOp::CommitMark(_)
-            | SecondaryOp::Checkpoint(_)
-            | SecondaryOp::GroupCommit(_) => true,
-            _ => false,
-        });
+        let promised = (0..step)
+            .filter_map(|i| match &self.ops[i] {
+                SecondaryOp::Stream(c) => matches!(c.last(), Some(Change::Flush)).then_some(i),
+                SecondaryOp::MarkDurable => self.marked_before(i),
+                SecondaryOp::CommitMark(_)
+                | SecondaryOp::Checkpoint(_)
+                | SecondaryOp::GroupCommit(_) => Some(i),
+                _ => None,
+            })
+            .max();
         let Some(f) = promised else {
             return Ok(());
         };
@@ -429,6 +446,15 @@ impl SecondaryRun {
         }
     }
 
+    /// The marker step a `MarkDurable` at `i` makes durable (the last `Mark` before it): its
+    /// promise and the primary's forgetting reach the stream up to that marker, not the
+    /// batches the applier went on with meanwhile.
+    fn marked_before(&self, i: usize) -> Option<usize> {
+        (0..i)
+            .rev()
+            .find(|&j| matches!(self.ops[j], SecondaryOp::Mark(_)))
+    }
+
     /// Whether the state file may say `"open"` when the power goes out during `step`: the
     /// last step that opened or closed the layers (the step itself counts only as opening:
     /// it may not have reached its close) opened them. Creating the layers opens them.
@@ -449,7 +475,13 @@ impl SecondaryRun {
     /// included), and the ranges its dirty record holds then (every stream change after the
     /// last acknowledged marker or checkpoint).
     fn primary_disk(&self, step: usize) -> (Vec<u8>, Vec<(u64, u64)>) {
-        let forgot = (0..step).rev().find(|&i| self.ops[i].ends_dirty_record());
+        let forgot = (0..step)
+            .filter(|&i| self.ops[i].ends_dirty_record())
+            .filter_map(|i| match self.ops[i] {
+                SecondaryOp::MarkDurable => self.marked_before(i),
+                _ => Some(i),
+            })
+            .max();
         let mut disk = self.checkpoints[&0].clone();
         let mut dirty = Vec::new();
         for (i, op) in self.ops.iter().enumerate().take(step + 1) {
@@ -785,7 +817,9 @@ impl PrimaryRun {
                     drop(guard);
                 }
                 PrimaryOp::Flush => image.flush()?,
-                PrimaryOp::Boundary => log.as_ref().expect("opened").epoch_boundary(),
+                PrimaryOp::Boundary => {
+                    log.as_ref().expect("opened").epoch_boundary();
+                }
                 PrimaryOp::Done => log.as_ref().expect("opened").checkpoint_done()?,
             }
         }

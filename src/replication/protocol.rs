@@ -80,6 +80,8 @@ pub enum ProtocolError {
     },
     #[error("{0}")]
     Apply(String),
+    #[error("DURABLE for marker {seq} (epoch {epoch}), which no acknowledged marker awaits")]
+    UnexpectedDurable { seq: u64, epoch: u64 },
     #[error("sequence gap: expected {expected}, got {got}")]
     Sequence { expected: u64, got: u64 },
 }
@@ -96,6 +98,9 @@ pub struct Hello {
     pub sync: bool,
     /// The primary keeps a persistent dirty log (a failback needs one on both sides).
     pub dirty_log: bool,
+    /// The primary takes DURABLE frames: the secondary may acknowledge a MARKER once applied
+    /// and say later when it is durable (docs/flush-policy.md, rule 11).
+    pub takes_durable: bool,
     /// The primary disk's replication metadata.
     pub gens: Generations,
 }
@@ -117,6 +122,9 @@ pub struct Welcome {
     pub discard_my_data: bool,
     /// The secondary has a readable dirty log of its own.
     pub own_dirty: bool,
+    /// The secondary acknowledges a MARKER once applied and sends DURABLE after its sync
+    /// (only when the HELLO said the primary takes it).
+    pub sends_durable: bool,
 }
 
 /// One frame on the link.
@@ -164,6 +172,13 @@ pub enum Frame {
     Ack {
         seq: u64,
     },
+    /// Secondary → primary (only in a session whose WELCOME said so): the MARKER `seq`, which
+    /// ended `epoch` and was acknowledged once applied, is durable now, with everything
+    /// before it.
+    Durable {
+        seq: u64,
+        epoch: u64,
+    },
     Heartbeat,
     Error {
         message: String,
@@ -195,6 +210,7 @@ impl Frame {
             Frame::Checkpoint { .. } => "CHECKPOINT",
             Frame::Marker { .. } => "MARKER",
             Frame::Ack { .. } => "ACK",
+            Frame::Durable { .. } => "DURABLE",
             Frame::PeerDirty(_) => "PEER_DIRTY",
             Frame::Verify { .. } => "VERIFY",
             Frame::VerifyResult { .. } => "VERIFY_RESULT",
@@ -209,9 +225,18 @@ impl Frame {
             Frame::Change { seq, .. }
             | Frame::Checkpoint { seq, .. }
             | Frame::Ack { seq }
+            | Frame::Durable { seq, .. }
             | Frame::Verify { seq, .. }
             | Frame::VerifyResult { seq, .. }
             | Frame::Marker { seq, .. } => *seq,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of guest data a stream change carries (0 for every other frame).
+    pub fn data_len(&self) -> u64 {
+        match self {
+            Frame::Change { change, .. } => change.data_len(),
             _ => 0,
         }
     }
@@ -390,6 +415,7 @@ mod tests {
                 epoch: 7,
                 sync: true,
                 dirty_log: true,
+                takes_durable: true,
                 gens: gens(),
             }),
             Frame::Welcome(Welcome {
@@ -401,6 +427,7 @@ mod tests {
                 allow_full: true,
                 discard_my_data: true,
                 own_dirty: false,
+                sends_durable: true,
             }),
             Frame::PeerDirty(DirtyExtents::from_extents(
                 4 << 20,

@@ -481,8 +481,8 @@ impl Secondary {
 mod tests {
     use super::*;
     use crate::replication::link::{self, Timing};
-    use crate::replication::protocol::{read_frame, Frame, Hello, Mark, VERSION};
-    use crate::storage::{Change, MemDisk};
+    use crate::replication::protocol::{read_frame, Frame, Hello, Mark, Welcome, VERSION};
+    use crate::storage::{BlockDevice, Change, MemDisk};
     use tokio::io::{split, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
     const DISK: u64 = 1 << 20;
@@ -522,6 +522,7 @@ mod tests {
             epoch: 0,
             sync: false,
             dirty_log: false,
+            takes_durable: true,
             gens: crate::replication::metadata::Generations::fresh_primary(),
         }
     }
@@ -530,13 +531,18 @@ mod tests {
 
     /// Connects a test primary to `sec` over an in-memory stream and handshakes.
     async fn connect(sec: &Arc<Secondary>, name: &str) -> Halves {
+        connect_with(sec, name, hello()).await.0
+    }
+
+    /// [`connect`] with `hello`; also returns the WELCOME.
+    async fn connect_with(sec: &Arc<Secondary>, name: &str, hello: Hello) -> (Halves, Welcome) {
         let (a, b) = tokio::io::duplex(1 << 20);
         tokio::spawn(sec.clone().serve(b, name.to_string()));
         let (mut rd, mut wr) = split(a);
-        link::offer(&mut rd, &mut wr, hello(), timing())
+        let welcome = link::offer(&mut rd, &mut wr, hello, timing())
             .await
             .unwrap();
-        (rd, wr)
+        ((rd, wr), welcome)
     }
 
     async fn send(wr: &mut WriteHalf<DuplexStream>, frames: &[Frame]) {
@@ -551,10 +557,146 @@ mod tests {
         loop {
             match read_frame(rd).await.unwrap() {
                 Frame::Ack { seq: s } if s == seq => return,
-                Frame::Ack { .. } | Frame::Heartbeat => {}
+                Frame::Ack { .. } | Frame::Heartbeat | Frame::Durable { .. } => {}
                 f => panic!("unexpected {f:?}"),
             }
         }
+    }
+
+    /// The next frame that is not a heartbeat.
+    async fn next_frame(rd: &mut ReadHalf<DuplexStream>) -> Frame {
+        loop {
+            match read_frame(rd).await.unwrap() {
+                Frame::Heartbeat => {}
+                f => return f,
+            }
+        }
+    }
+
+    /// A disk whose flushes wait while its gate is closed, and are counted.
+    #[derive(Debug)]
+    struct GatedFlush {
+        disk: MemDisk,
+        closed: std::sync::Mutex<bool>,
+        opened: std::sync::Condvar,
+        flushes: std::sync::atomic::AtomicU64,
+    }
+
+    impl GatedFlush {
+        fn new() -> Arc<Self> {
+            let disk = MemDisk::new(DISK as usize);
+            disk.write_at(&vec![0x11; DISK as usize], 0).unwrap();
+            Arc::new(GatedFlush {
+                disk,
+                closed: std::sync::Mutex::new(false),
+                opened: std::sync::Condvar::new(),
+                flushes: Default::default(),
+            })
+        }
+
+        fn gate(&self, closed: bool) {
+            *self.closed.lock().unwrap() = closed;
+            self.opened.notify_all();
+        }
+
+        fn flushes(&self) -> u64 {
+            self.flushes.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl BlockDevice for GatedFlush {
+        fn capacity(&self) -> u64 {
+            self.disk.capacity()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.disk.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.disk.write_at(buf, offset)
+        }
+        fn flush(&self) -> io::Result<()> {
+            let mut closed = self.closed.lock().unwrap();
+            while *closed {
+                closed = self.opened.wait(closed).unwrap();
+            }
+            self.flushes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.disk.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.disk.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+            self.disk.write_zeroes(offset, len, unmap)
+        }
+    }
+
+    /// Rule 11 (docs/flush-policy.md): a primary that takes DURABLE gets a MARKER's ACK while
+    /// base's sync cannot finish (its gate closed: the ACK does not wait for it), and so does
+    /// the next marker (a device stop of two queues: it does not queue behind the first's
+    /// sync); the epoch is unrecorded until the sync, and DURABLE of the newest marker comes
+    /// after it, with the epoch recorded first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_marker_is_acknowledged_before_its_sync_and_durable_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = GatedFlush::new();
+        let sec = colo_secondary_on(dir.path(), base.clone());
+        let ((mut rd, mut wr), welcome) = connect_with(&sec, "p", hello()).await;
+        assert!(welcome.sends_durable);
+        send(&mut wr, &[Frame::write(1, 0, vec![0x22; 8192])]).await;
+        wait_ack(&mut rd, 1).await;
+        base.gate(true);
+        for (seq, epoch) in [(2, 1), (3, 2)] {
+            send(&mut wr, &[marker(seq, epoch, seq as u16)]).await;
+            // A guard against a hang, not a timing: the gate stays closed until both ACKs.
+            let Ok(ack) = tokio::time::timeout(Duration::from_secs(60), next_frame(&mut rd)).await
+            else {
+                base.gate(false); // lets the applier (and so the test's runtime) finish
+                panic!("no ACK of marker {seq} while base's sync cannot finish");
+            };
+            assert_eq!(ack, Frame::Ack { seq });
+        }
+        assert_eq!(
+            sec.status().metadata.checkpoint_epoch,
+            0,
+            "recorded before its sync"
+        );
+        let before = base.flushes();
+        base.gate(false);
+        loop {
+            match next_frame(&mut rd).await {
+                Frame::Durable { seq: 3, epoch: 2 } => break,
+                Frame::Durable { seq: 2, epoch: 1 } => {}
+                f => panic!("unexpected {f:?}"),
+            }
+        }
+        assert!(base.flushes() > before, "DURABLE without a sync of base");
+        assert_eq!(sec.status().metadata.checkpoint_epoch, 2);
+        assert!(base.disk.snapshot()[..8192].iter().all(|&b| b == 0x22));
+    }
+
+    /// A primary of an older build (no DURABLE in its HELLO) reads a MARKER's ACK as
+    /// "durable": base is synced and the epoch recorded before the ACK, and no DURABLE comes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_primary_without_durable_gets_the_ack_after_the_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = GatedFlush::new();
+        let sec = colo_secondary_on(dir.path(), base.clone());
+        let old = Hello {
+            takes_durable: false,
+            ..hello()
+        };
+        let ((mut rd, mut wr), welcome) = connect_with(&sec, "p", old).await;
+        assert!(!welcome.sends_durable);
+        send(&mut wr, &[Frame::write(1, 0, vec![0x22; 8192])]).await;
+        wait_ack(&mut rd, 1).await;
+        let before = base.flushes();
+        send(&mut wr, &[marker(2, 1, 3)]).await;
+        assert_eq!(next_frame(&mut rd).await, Frame::Ack { seq: 2 });
+        assert!(base.flushes() > before, "ACK before base's sync");
+        assert_eq!(sec.status().metadata.checkpoint_epoch, 1);
+        send(&mut wr, &[Frame::write(3, 0, vec![0x33; 512])]).await;
+        assert_eq!(next_frame(&mut rd).await, Frame::Ack { seq: 3 });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -678,7 +820,12 @@ mod tests {
     fn colo_secondary(dir: &std::path::Path) -> (Arc<Secondary>, Arc<MemDisk>) {
         let base = Arc::new(MemDisk::new(DISK as usize));
         base.write_at(&vec![0x11; DISK as usize], 0).unwrap();
-        let layered = Arc::new(LayeredDisk::new(base.clone(), dir, 4096).unwrap());
+        (colo_secondary_on(dir, base.clone()), base)
+    }
+
+    /// A secondary serving a Secondary VM over `base`.
+    fn colo_secondary_on(dir: &std::path::Path, base: Arc<dyn BlockDevice>) -> Arc<Secondary> {
+        let layered = Arc::new(LayeredDisk::new(base, dir, 4096).unwrap());
         let opts = SecondaryOptions {
             listen: "in-memory".into(),
             serves_vm: true,
@@ -688,10 +835,7 @@ mod tests {
             security: LinkSecurity::Insecure,
             allow_full_sync: false,
         };
-        (
-            Secondary::in_memory(layered, opts, EventSender::new()),
-            base,
-        )
+        Secondary::in_memory(layered, opts, EventSender::new())
     }
 
     fn marker(seq: u64, epoch: u64, base: u16) -> Frame {

@@ -239,7 +239,7 @@ impl Node {
 }
 
 /// The HELLO of a hand-rolled primary of a `disk_size` disk: asynchronous, no dirty log, at
-/// epoch 0, announcing `gens` (`Generations::fresh_primary()`: what a primary on an image
+/// epoch 0, taking no DURABLE (a MARKER's ACK then means durable), announcing `gens` (`Generations::fresh_primary()`: what a primary on an image
 /// colo-blk has just created announces).
 pub fn primary_hello(disk_size: u64, gens: Generations) -> Frame {
     Frame::Hello(Hello {
@@ -249,6 +249,7 @@ pub fn primary_hello(disk_size: u64, gens: Generations) -> Frame {
         epoch: 0,
         sync: false,
         dirty_log: false,
+        takes_durable: false,
         gens,
     })
 }

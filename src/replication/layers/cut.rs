@@ -77,20 +77,23 @@ impl LayeredDisk {
     /// COLO: the primary's device stopped at `mark` while the SVM is stopped: a tentative
     /// cut. The disk can both still roll back to the last checkpoint (if this checkpoint is
     /// abandoned) and later be cut here ([`LayeredDisk::commit_mark`]): the next stream change
-    /// starts a new hidden layer. Base is synced first, so everything before the marker is
-    /// durable when the primary hears that it was applied; nothing else is written (a COLO
-    /// checkpoint pause waits for this).
+    /// starts a new hidden layer. Nothing is written or synced (a COLO checkpoint pause waits
+    /// for this): [`LayeredDisk::sync_marked`] makes the stream up to here durable, after the
+    /// primary heard that the marker was applied (docs/flush-policy.md, rule 11).
     pub fn mark(&self, mark: Mark) -> Result<(), LayerError> {
-        if !matches!(self.read_state().stage, Stage::Buffering(_)) {
-            return Err(LayerError::ReplicationOver);
-        }
-        self.flush_base(SyncPoint::BaseMarker)?;
         let mut st = self.write_state();
         let Stage::Buffering(layers) = &mut st.stage else {
             return Err(LayerError::ReplicationOver);
         };
         layers.pending.push(mark);
         Ok(())
+    }
+
+    /// Makes base durable up to the last [`LayeredDisk::mark`] (and whatever the stream wrote
+    /// after it): what the secondary promises when it sends DURABLE for a marker, or, for a
+    /// primary that does not take DURABLE, before it acknowledges the marker at all.
+    pub fn sync_marked(&self) -> Result<(), LayerError> {
+        Ok(self.flush_base(SyncPoint::BaseMarker)?)
     }
 
     /// COLO: the SVM runs the primary's state of the tentative cut `epoch` ([`LayeredDisk::mark`]):

@@ -18,8 +18,10 @@
 //!
 //! - `mod.rs` (this file): the engine: submitting changes, checkpoints, stop/start, status.
 //! - `session.rs`: the link task: connect, handshake, stream, resync, acknowledgements.
+//! - `settle.rs`: an epoch a MARKER ended, from its ACK to its DURABLE (flush-policy rule 11).
 
 mod session;
+mod settle;
 mod verify;
 
 use std::collections::VecDeque;
@@ -40,6 +42,7 @@ use super::protocol::{Frame, Mark, HEADER_LEN, MAX_PAYLOAD};
 use super::tls::LinkSecurity;
 use crate::qmp::EventSender;
 use crate::storage::{BlockDevice, Change, GuestSlice};
+use settle::Settles;
 
 /// How the primary forwards writes.
 #[derive(Debug, Clone)]
@@ -130,11 +133,14 @@ struct Session {
     /// `(seq, cost)` of every frame sent and not acknowledged.
     in_flight: VecDeque<(u64, u64)>,
     in_flight_bytes: u64,
+    /// The secondary acknowledges a MARKER once applied and sends DURABLE later (WELCOME).
+    sends_durable: bool,
 }
 
 impl Session {
     fn new(id: u64, tx: mpsc::UnboundedSender<Frame>, peer_addr: String, resync: u64) -> Self {
         Session {
+            sends_durable: false,
             id,
             tx,
             peer_addr,
@@ -155,6 +161,29 @@ impl Session {
     }
 }
 
+/// The frame that ends an epoch.
+enum EpochEnd<'a> {
+    /// `replication-checkpoint`: CHECKPOINT (the secondary drops its layers).
+    Checkpoint,
+    /// The device stopped for COLO: MARKER with the queues' positions.
+    Marker(&'a [Option<u16>]),
+}
+
+impl EpochEnd<'_> {
+    fn frame(&self, seq: u64, epoch: u64) -> Frame {
+        match self {
+            EpochEnd::Checkpoint => Frame::Checkpoint { seq, epoch },
+            EpochEnd::Marker(bases) => Frame::Marker {
+                seq,
+                mark: Mark {
+                    epoch,
+                    bases: bases.to_vec(),
+                },
+            },
+        }
+    }
+}
+
 /// A frame that was queued: which session took it and its sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Sent {
@@ -168,6 +197,12 @@ struct State {
     sessions: u64,
     /// The last epoch the secondary acknowledged.
     epoch: u64,
+    /// The last epoch the secondary made durable (and this primary recorded).
+    durable_epoch: u64,
+    /// Acknowledged markers that await the secondary's DURABLE (`settle.rs`).
+    settling: settle::Settling,
+    /// The last checkpoint recorded in the metadata (after its recording).
+    recorded_epoch: u64,
     /// The last epoch number put into the stream (acknowledged or not).
     attempted_epoch: u64,
     sent_since_checkpoint: u64,
@@ -216,6 +251,8 @@ pub struct Primary {
     verify: Mutex<Verify>,
     /// Counters and timestamps for operators.
     metrics: ReplicationMetrics,
+    /// The last checkpoint recorded in the metadata; held while one is recorded.
+    recorded: Mutex<u64>,
 }
 
 impl Primary {
@@ -280,6 +317,9 @@ impl Primary {
                 link: Link::Connecting,
                 sessions: 0,
                 epoch: started.gens.epoch,
+                durable_epoch: started.gens.epoch,
+                settling: settle::Settling::Settled,
+                recorded_epoch: started.gens.epoch,
                 attempted_epoch: started.gens.epoch,
                 sent_since_checkpoint: 0,
                 total_sent: 0,
@@ -292,6 +332,7 @@ impl Primary {
             events,
             enabled,
             metrics: ReplicationMetrics::new(),
+            recorded: Mutex::new(started.gens.epoch),
             meta,
             log,
             verify: Mutex::new(Verify::default()),
@@ -330,19 +371,33 @@ impl Primary {
         self.verify.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A checkpoint completed: record it (the secondary holds the current generation at
-    /// `epoch`), then let the dirty log forget extents untouched since. Failures only make the
-    /// record larger than needed (a later resync sends more), so they are logged.
-    fn checkpoint_recorded(&self, epoch: u64) {
-        if let Err(e) = self.meta.primary_checkpoint(epoch) {
+    /// A checkpoint completed: record it (the secondary holds `rec.holds` at `rec.epoch`),
+    /// then let the dirty log forget extents untouched since. One recording at a time, never
+    /// an older one after a newer (DURABLE's recordings run off the link task). Failures only
+    /// make the record larger than needed (a later resync sends more), so they are logged.
+    fn checkpoint_recorded(&self, rec: settle::CheckpointRecord) {
+        let mut last = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        if *last >= rec.epoch && rec.epoch != 0 {
+            return;
+        }
+        let epoch = rec.epoch;
+        if let Err(e) = self.meta.primary_checkpoint_of(epoch, rec.holds) {
             log::warn!("recording checkpoint {epoch} in the metadata: {e}");
             return;
         }
+        *last = epoch;
         if let Some(l) = &self.log {
-            if let Err(e) = l.checkpoint_done() {
+            let r = match rec.boundary {
+                Some(b) => l.checkpoint_done_at(b),
+                None => l.checkpoint_done(),
+            };
+            if let Err(e) = r {
                 log::warn!("clearing the dirty log after checkpoint {epoch}: {e}");
             }
         }
+        drop(last);
+        self.state().recorded_epoch = epoch;
+        self.cond.notify_all();
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -417,6 +472,18 @@ impl Primary {
     /// Queues a frame for the secondary (caller holds the order lock). Waits while the window
     /// is full. Returns the frame's number, or `None` when no secondary is connected.
     fn enqueue(&self, cost: u64, make: impl FnOnce(u64) -> Frame) -> Option<Sent> {
+        self.enqueue_then(cost, make, |_, _| ())
+            .map(|(sent, ())| sent)
+    }
+
+    /// [`Primary::enqueue`], then `then` under the same hold of the state lock (before any
+    /// answer to the frame can be taken).
+    fn enqueue_then<R>(
+        &self,
+        cost: u64,
+        make: impl FnOnce(u64) -> Frame,
+        then: impl FnOnce(&mut State, Sent) -> R,
+    ) -> Option<(Sent, R)> {
         let mut st = self.state();
         loop {
             let s = st.link.session()?;
@@ -442,7 +509,9 @@ impl Primary {
         s.in_flight_bytes += cost;
         *sent_since_checkpoint += cost;
         *total_sent += cost;
-        Some(Sent { session: s.id, seq })
+        let sent = Sent { session: s.id, seq };
+        let r = then(&mut st, sent);
+        Some((sent, r))
     }
 
     /// Waits until the secondary acknowledged `sent` (or its session is gone).
@@ -515,15 +584,21 @@ impl Primary {
             }
         }
         st.epoch += 1;
+        st.durable_epoch = st.epoch;
         st.sent_since_checkpoint = 0;
+        // Everything is acknowledged and the secondary checkpoints too: what markers still
+        // owed is covered as well.
+        st.settling = settle::Settling::Settled;
         self.dirty().take();
-        if let Some(l) = &self.log {
-            l.epoch_boundary();
-        }
+        let record = settle::CheckpointRecord {
+            epoch: st.epoch,
+            holds: self.meta.gens().current,
+            boundary: self.log.as_ref().map(|l| l.epoch_boundary()),
+        };
         let epoch = st.epoch;
         drop(st);
         drop(_order);
-        self.checkpoint_recorded(epoch);
+        self.checkpoint_recorded(record);
         self.events.send(&events::Checkpoint {
             role: Side::Primary,
             epoch,
@@ -534,7 +609,7 @@ impl Primary {
     /// `replication-checkpoint`: puts an epoch marker into the stream and waits until the
     /// secondary applied everything before it and dropped its layers.
     pub fn checkpoint(&self, timeout: Option<Duration>) -> Result<u64, ReplicationError> {
-        self.end_epoch(timeout, |seq, epoch| Frame::Checkpoint { seq, epoch })
+        self.end_epoch(timeout, EpochEnd::Checkpoint)
     }
 
     /// COLO: QEMU stopped the device with dirty logging on (a COLO checkpoint, the end of the
@@ -542,28 +617,23 @@ impl Primary {
     /// MARKER with the queues' positions goes into the stream and this waits until the
     /// secondary applied everything before it (at most the peer timeout), so QEMU's state of
     /// this point never reaches the Secondary VM before the disk of this point reaches its
-    /// backend. Without a secondary in sync it returns at once (unprotected).
+    /// backend. The secondary's sync of it comes after (`settle.rs`). Without a secondary in
+    /// sync it returns at once (unprotected).
     pub fn device_stopped(&self, bases: &[Option<u16>]) -> Result<u64, ReplicationError> {
-        let bases = bases.to_vec();
-        let epoch = self.end_epoch(Some(self.opts.peer_timeout), move |seq, epoch| {
-            Frame::Marker {
-                seq,
-                mark: Mark { epoch, bases },
-            }
-        })?;
+        let epoch = self.end_epoch(Some(self.opts.peer_timeout), EpochEnd::Marker(bases))?;
         self.state().markers += 1;
         Ok(epoch)
     }
 
-    /// Ends the epoch with the frame `make(seq, epoch)` and waits for its acknowledgement. On
-    /// failure the epoch's changes stay in the dirty record.
+    /// Ends the epoch with `end` and waits for its acknowledgement. On failure the epoch's
+    /// changes stay in the dirty record.
     fn end_epoch(
         &self,
         timeout: Option<Duration>,
-        make: impl FnOnce(u64, u64) -> Frame,
+        end: EpochEnd<'_>,
     ) -> Result<u64, ReplicationError> {
         let t = Instant::now();
-        let r = self.end_epoch_inner(timeout, make);
+        let r = self.end_epoch_inner(timeout, end);
         self.count_checkpoint(&r, t);
         r
     }
@@ -584,9 +654,9 @@ impl Primary {
     fn end_epoch_inner(
         &self,
         timeout: Option<Duration>,
-        make: impl FnOnce(u64, u64) -> Frame,
+        end: EpochEnd<'_>,
     ) -> Result<u64, ReplicationError> {
-        let (sent, epoch, old_dirty, old_sent) = {
+        let (sent, epoch, settles) = {
             let _order = self.order();
             let epoch = {
                 let st = self.state();
@@ -599,21 +669,27 @@ impl Primary {
                 // timed out here may still be applied by the secondary later.
                 st.epoch.max(st.attempted_epoch) + 1
             };
-            let sent = self
-                .enqueue(HEADER_LEN as u64, |seq| make(seq, epoch))
+            let is_marker = matches!(end, EpochEnd::Marker(_));
+            let (sent, settles) = self
+                .enqueue_then(
+                    HEADER_LEN as u64,
+                    |seq| end.frame(seq, epoch),
+                    |st, sent| {
+                        st.attempted_epoch = epoch;
+                        self.end_epoch_changes(st, sent, epoch, is_marker)
+                    },
+                )
                 .ok_or(ReplicationError::NotConnected)?;
-            self.state().attempted_epoch = epoch;
-            let old_dirty = self.dirty().take();
-            if let Some(l) = &self.log {
-                l.epoch_boundary();
-            }
-            let old_sent = std::mem::take(&mut self.state().sent_since_checkpoint);
-            (sent, epoch, old_dirty, old_sent)
+            (sent, epoch, settles)
         };
         match self.wait_acked(sent, timeout) {
             Ok(()) => {
                 self.state().epoch = epoch;
-                self.checkpoint_recorded(epoch);
+                if let Settles::AtAck(_, record) = settles {
+                    // Durable at its ACK (a CHECKPOINT, or a secondary without DURABLE).
+                    self.state().durable_epoch = epoch;
+                    self.checkpoint_recorded(record);
+                }
                 info!("checkpoint {epoch} done");
                 self.events.send(&events::Checkpoint {
                     role: Side::Primary,
@@ -622,9 +698,11 @@ impl Primary {
                 Ok(epoch)
             }
             Err(e) => {
-                // The epoch did not end: its changes are still unprotected.
-                self.dirty().merge(&old_dirty);
-                self.state().sent_since_checkpoint += old_sent;
+                // The epoch did not end: its changes are still unprotected. (Owed ones wait
+                // for their DURABLE, or go back when the session ends: `settle.rs`.)
+                if let Settles::AtAck(changes, _) = settles {
+                    self.give_back(changes);
+                }
                 Err(e)
             }
         }
@@ -668,6 +746,7 @@ impl Primary {
             peer_address: s.map(|s| s.peer_addr.clone()),
             mode: if self.opts.sync { "sync" } else { "async" },
             epoch: st.epoch,
+            durable_epoch: st.durable_epoch,
             bytes_sent_since_checkpoint: st.sent_since_checkpoint,
             bytes_sent_total: st.total_sent,
             bytes_in_flight: s.map_or(0, |s| s.in_flight_bytes),
@@ -676,7 +755,11 @@ impl Primary {
             last_seq: s.map_or(0, |s| s.last_seq()),
             acked_seq: s.map_or(0, |s| s.acked_seq),
             resync_remaining_bytes: s.map_or(0, |s| s.resync_remaining),
-            dirty_bytes: dirty.dirty_bytes(),
+            dirty_bytes: match &st.settling {
+                // What a resync would send: an epoch owed its DURABLE included.
+                settle::Settling::Owed(owed) => owed.dirty_bytes_with(&dirty),
+                _ => dirty.dirty_bytes(),
+            },
             dirty_granularity: dirty.granularity(),
             dirty_log_bytes: self.log.as_ref().map(|l| l.recorded_bytes()),
             verify: {
@@ -707,6 +790,7 @@ impl Primary {
 
     /// Reports a session that ended after its handshake (the guest keeps running).
     fn session_lost(&self, session: &Session, reason: &str) {
+        self.unsettle(session.id);
         self.metrics.unprotected();
         log::warn!("replication link lost: {reason}; the guest keeps running, changes are tracked");
         // From now on this disk is written without its peer: a new generation (so that a

@@ -16,7 +16,7 @@ use super::{events, Link, Primary, Session, Side};
 use crate::replication::dirty::DirtyBitmap;
 use crate::replication::link::{self, Stream, Timing};
 use crate::replication::metadata::{decide_with, Decision, SyncPolicy};
-use crate::replication::protocol::{Frame, Hello, ProtocolError, VERSION};
+use crate::replication::protocol::{Frame, Hello, ProtocolError, Welcome, VERSION};
 use crate::storage::Change;
 
 impl Primary {
@@ -83,7 +83,7 @@ impl Primary {
 
     /// A session ended (or never got past its handshake): back to connecting (unless stopped),
     /// and say why.
-    fn link_down(&self, reason: &str) {
+    pub(super) fn link_down(&self, reason: &str) {
         let (ended, new_error) = {
             let mut st = self.state();
             let ended = match std::mem::replace(&mut st.link, Link::Connecting) {
@@ -124,22 +124,22 @@ impl Primary {
         addr: String,
     ) -> Result<(), ProtocolError> {
         let (mut rd, mut wr) = tokio::io::split(stream);
-        let (decision, peer_epoch) = self.handshake(&mut rd, &mut wr, &addr).await?;
+        let (decision, welcome) = self.handshake(&mut rd, &mut wr, &addr).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let (session, resync) = self.open_session(&decision, peer_epoch, tx, &addr)?;
+        let (session, resync) = self.open_session(&decision, &welcome, tx, &addr)?;
         self.stream(rd, wr, rx, session, resync).await
     }
 
     /// The handshake: HELLO, the secondary's decision in WELCOME checked against this
     /// primary's (both apply the same table), SYNC_DECISION; after a failback decision, the
     /// secondary's own dirty record (PEER_DIRTY) joins this primary's. Returns the decision
-    /// and the secondary's checkpoint epoch.
+    /// and the secondary's WELCOME.
     async fn handshake<S: Stream>(
         &self,
         rd: &mut ReadHalf<S>,
         wr: &mut WriteHalf<S>,
         addr: &str,
-    ) -> Result<(Decision, u64), ProtocolError> {
+    ) -> Result<(Decision, Welcome), ProtocolError> {
         let gens = self.meta.gens();
         let hello = Hello {
             version: VERSION,
@@ -148,6 +148,7 @@ impl Primary {
             epoch: self.state().epoch,
             sync: self.opts.sync,
             dirty_log: self.has_dirty_log(),
+            takes_durable: true,
             gens,
         };
         let welcome = match link::offer(rd, wr, hello, self.timing()).await {
@@ -199,7 +200,7 @@ impl Primary {
         if matches!(decision, Decision::Failback(_)) {
             self.take_peer_dirty(rd, wr, addr).await?;
         }
-        Ok((decision, welcome.gens.epoch))
+        Ok((decision, welcome))
     }
 
     /// Failback: the secondary's own dirty record comes right after WELCOME; it joins this
@@ -242,7 +243,7 @@ impl Primary {
     fn open_session(
         &self,
         decision: &Decision,
-        peer_epoch: u64,
+        welcome: &Welcome,
         tx: mpsc::UnboundedSender<Frame>,
         addr: &str,
     ) -> Result<(u64, DirtyBitmap), ProtocolError> {
@@ -257,10 +258,12 @@ impl Primary {
                 return Err(ProtocolError::Refused("replication stopped".into()));
             }
             // The secondary may have completed a checkpoint this primary did not record.
-            st.epoch = st.epoch.max(peer_epoch);
+            st.epoch = st.epoch.max(welcome.gens.epoch);
             st.sessions += 1;
             let id = st.sessions;
-            st.link = Link::Connected(Session::new(id, tx, addr.to_string(), dirty.dirty_bytes()));
+            let mut session = Session::new(id, tx, addr.to_string(), dirty.dirty_bytes());
+            session.sends_durable = welcome.sends_durable;
+            st.link = Link::Connected(session);
             (id, dirty)
         };
         self.metrics.connected(resync.dirty_bytes());
@@ -307,6 +310,7 @@ impl Primary {
             loop {
                 match link::read_within(&mut rd, timeout).await? {
                     Frame::Ack { seq } => me.acked(session, seq)?,
+                    Frame::Durable { seq, epoch } => me.durable(session, seq, epoch)?,
                     Frame::VerifyResult {
                         offset,
                         len,
@@ -331,7 +335,7 @@ impl Primary {
     }
 
     /// Takes an acknowledgement of session `id`: frees the window up to `seq`.
-    fn acked(&self, id: u64, seq: u64) -> Result<(), ProtocolError> {
+    pub(super) fn acked(&self, id: u64, seq: u64) -> Result<(), ProtocolError> {
         let mut st = self.state();
         let Some(s) = st.link.session_mut().filter(|s| s.id == id) else {
             return Ok(()); // the session is being torn down

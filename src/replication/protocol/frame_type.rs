@@ -35,11 +35,12 @@ pub enum FrameType {
     Verify = 12,
     VerifyResult = 13,
     PeerDirty = 14,
+    Durable = 15,
 }
 
 impl FrameType {
     /// Every type, in number order.
-    pub const ALL: [FrameType; 14] = [
+    pub const ALL: [FrameType; 15] = [
         FrameType::Hello,
         FrameType::Welcome,
         FrameType::Write,
@@ -54,6 +55,7 @@ impl FrameType {
         FrameType::Verify,
         FrameType::VerifyResult,
         FrameType::PeerDirty,
+        FrameType::Durable,
     ];
 
     /// The type's name, for messages.
@@ -88,6 +90,12 @@ impl FrameType {
             FrameType::Verify => row("VERIFY", VerifyCrc, decode_verify),
             FrameType::VerifyResult => row("VERIFY_RESULT", Empty, decode_verify_result),
             FrameType::PeerDirty => row("PEER_DIRTY", ExtentBits, decode_peer_dirty),
+            FrameType::Durable => row("DURABLE", Empty, |h, _| {
+                Ok(Frame::Durable {
+                    seq: h.seq,
+                    epoch: h.length,
+                })
+            }),
         }
     }
 }
@@ -340,6 +348,7 @@ impl Frame {
             Frame::Change { seq, change } => change_parts(*seq, change),
             Frame::Checkpoint { seq, epoch } => WireParts::new(T::Checkpoint, *seq, 0, *epoch),
             Frame::Ack { seq } => WireParts::new(T::Ack, *seq, 0, 0),
+            Frame::Durable { seq, epoch } => WireParts::new(T::Durable, *seq, 0, *epoch),
             Frame::Heartbeat => WireParts::new(T::Heartbeat, 0, 0, 0),
             Frame::Error { message } => {
                 WireParts::new(T::Error, 0, 0, 0).payload(Payload::Bytes(message.as_bytes()))
@@ -399,7 +408,7 @@ mod tests {
             match FrameType::try_from(byte) {
                 Ok(t) => assert_eq!(t as u8, byte),
                 Err(e) => {
-                    assert!(!(1..=14).contains(&byte), "{byte}");
+                    assert!(!(1..=15).contains(&byte), "{byte}");
                     assert!(matches!(e, ProtocolError::UnknownType(b) if b == byte));
                 }
             }

@@ -101,12 +101,17 @@ pub(super) const FLAG_MATCH: u8 = 1;
 const FLAG_SYNC: u32 = 1;
 /// HELLO's flags: the primary keeps a persistent dirty log.
 const FLAG_DIRTY_LOG: u32 = 2;
+/// HELLO's flags: the primary takes DURABLE (a MARKER may be acknowledged before its sync).
+const FLAG_TAKES_DURABLE: u32 = 4;
 /// WELCOME's flags: the secondary allows a full sync.
 const FLAG_ALLOW_FULL: u32 = 1;
 /// WELCOME's flags: `--discard-my-data`.
 const FLAG_DISCARD_MY_DATA: u32 = 2;
 /// WELCOME's flags: the secondary has a readable dirty log of its own.
 const FLAG_OWN_DIRTY: u32 = 4;
+/// WELCOME's flags: the secondary acknowledges a MARKER once applied and sends DURABLE after
+/// its sync (only in answer to a HELLO with [`FLAG_TAKES_DURABLE`]).
+const FLAG_SENDS_DURABLE: u32 = 8;
 
 /// `bit` when `on`, else 0.
 fn flag(on: bool, bit: u32) -> u32 {
@@ -154,7 +159,10 @@ impl From<&Hello> for HelloPayload {
             block_size: h.block_size.into(),
             disk_size: h.disk_size.into(),
             epoch: h.epoch.into(),
-            flags: (flag(h.sync, FLAG_SYNC) | flag(h.dirty_log, FLAG_DIRTY_LOG)).into(),
+            flags: (flag(h.sync, FLAG_SYNC)
+                | flag(h.dirty_log, FLAG_DIRTY_LOG)
+                | flag(h.takes_durable, FLAG_TAKES_DURABLE))
+            .into(),
             gens: gens_bytes(&h.gens),
         }
     }
@@ -171,6 +179,7 @@ impl HelloPayload {
             epoch: self.epoch.to_native(),
             sync: flags & FLAG_SYNC != 0,
             dirty_log: flags & FLAG_DIRTY_LOG != 0,
+            takes_durable: flags & FLAG_TAKES_DURABLE != 0,
             gens: Generations::decode(&self.gens)?,
         })
     }
@@ -201,7 +210,8 @@ impl From<&Welcome> for WelcomePayload {
     fn from(w: &Welcome) -> Self {
         let flags = flag(w.allow_full, FLAG_ALLOW_FULL)
             | flag(w.discard_my_data, FLAG_DISCARD_MY_DATA)
-            | flag(w.own_dirty, FLAG_OWN_DIRTY);
+            | flag(w.own_dirty, FLAG_OWN_DIRTY)
+            | flag(w.sends_durable, FLAG_SENDS_DURABLE);
         WelcomePayload {
             version: w.version.into(),
             block_size: w.block_size.into(),
@@ -226,6 +236,7 @@ impl WelcomePayload {
             allow_full: flags & FLAG_ALLOW_FULL != 0,
             discard_my_data: flags & FLAG_DISCARD_MY_DATA != 0,
             own_dirty: flags & FLAG_OWN_DIRTY != 0,
+            sends_durable: flags & FLAG_SENDS_DURABLE != 0,
         })
     }
 }

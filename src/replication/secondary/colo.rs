@@ -53,7 +53,9 @@ impl Secondary {
     /// restart decides, whether it is stopped (a checkpoint's stop) or runs (another stop of
     /// the primary, e.g. a user `stop`: if the primary stays stopped, QEMU's next checkpoint
     /// gives the Secondary VM the state of this point); without one, a checkpoint of the disk.
-    pub(super) fn apply_marker(&self, mark: &Mark) -> io::Result<()> {
+    /// Returns whether base is durable up to the marker and the epoch recorded (a checkpoint
+    /// is); a tentative cut is neither ([`Secondary::marker_durable`] does both).
+    pub(super) fn apply_marker(&self, mark: &Mark) -> io::Result<bool> {
         if !self.opts.serves_vm {
             let t = Instant::now();
             self.disk.checkpoint_as(mark.epoch)?;
@@ -65,7 +67,7 @@ impl Secondary {
                 role: Side::Secondary,
                 epoch: mark.epoch,
             });
-            return Ok(());
+            return Ok(true);
         }
         self.disk.mark(mark.clone())?;
         let mut st = self.state();
@@ -83,6 +85,14 @@ impl Secondary {
                 );
             }
         }
+        Ok(false)
+    }
+
+    /// Makes a tentative cut's marker durable: base synced up to it, then the epoch recorded
+    /// in the metadata (never ahead of the durable base: rule 5 of the handshake).
+    pub(super) fn marker_durable(&self, epoch: u64) -> io::Result<()> {
+        self.disk.sync_marked()?;
+        self.meta.stream_epoch(epoch)?;
         Ok(())
     }
 

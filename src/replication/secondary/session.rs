@@ -202,7 +202,8 @@ impl Secondary {
             Err(message) => return Err(link::refuse(&mut wr, message).await),
         }
         self.streaming(&hello, addr);
-        self.stream(rd, wr, out_tx, out_rx, stop).await
+        let acks = MarkerAcks::for_primary(&hello);
+        self.stream(rd, wr, out_tx, out_rx, stop, acks).await
     }
 
     /// The handshake's decision on `hello` (reported in SYNC_DECISION), recorded in the
@@ -256,6 +257,7 @@ impl Secondary {
             allow_full: self.opts.allow_full_sync,
             discard_my_data: self.discard_my_data(),
             own_dirty: self.own_dirty().is_some(),
+            sends_durable: hello.takes_durable,
         })];
         if let Some(x) = own_dirty {
             info!(
@@ -300,13 +302,14 @@ impl Secondary {
         out_tx: mpsc::UnboundedSender<Frame>,
         out_rx: mpsc::UnboundedReceiver<Frame>,
         mut stop: watch::Receiver<bool>,
+        acks: MarkerAcks,
     ) -> Result<(), ProtocolError> {
         let (frame_tx, frame_rx) = mpsc::channel::<Frame>(256);
         let applier = {
             let me = self.clone();
             std::thread::Builder::new()
                 .name("colo-apply".into())
-                .spawn(move || me.apply_loop(frame_rx, out_tx))?
+                .spawn(move || me.apply_loop(frame_rx, out_tx, acks))?
         };
 
         let writer = link::write_loop(wr, out_rx, self.timing());
@@ -355,35 +358,57 @@ impl Secondary {
 
     /// Applies frames in order and acknowledges them; stops at the first error (reported to
     /// the primary in an ERROR frame) or when failover begins. What is queued is applied
-    /// together: a run of stream changes is one batch for the layers (one sync of the rollback
-    /// data per batch).
-    fn apply_loop(&self, mut rx: mpsc::Receiver<Frame>, out: mpsc::UnboundedSender<Frame>) {
+    /// together: a run of stream changes is one batch for the layers (nothing synced). A
+    /// MARKER is acknowledged at once; with [`MarkerAcks::Early`] a sync thread beside the
+    /// applier makes it durable after the ACK and sends DURABLE, while the applier goes on.
+    fn apply_loop(
+        &self,
+        rx: mpsc::Receiver<Frame>,
+        out: mpsc::UnboundedSender<Frame>,
+        acks: MarkerAcks,
+    ) {
+        std::thread::scope(|scope| {
+            // Rule 11: markers are synced beside the applier, so the next one (another
+            // queue's, in the same pause) never waits behind a sync. Joined before this
+            // returns: a failover starts only after it.
+            let syncer = (acks == MarkerAcks::Early).then(|| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let out = out.clone();
+                std::thread::Builder::new()
+                    .name("colo-sync".into())
+                    .spawn_scoped(scope, move || self.sync_markers(rx, out))
+                    .map(|_| tx)
+            });
+            match syncer {
+                Some(Err(e)) => {
+                    let message = format!("secondary cannot start its marker sync thread: {e}");
+                    error!("{message}");
+                    let _ = out.send(Frame::Error { message });
+                }
+                Some(Ok(tx)) => self.apply_frames(rx, &out, Some(&tx)),
+                None => self.apply_frames(rx, &out, None),
+            }
+        })
+    }
+
+    /// The applier's loop ([`Secondary::apply_loop`]); with `syncer`, markers go to it after
+    /// their ACK.
+    fn apply_frames(
+        &self,
+        mut rx: mpsc::Receiver<Frame>,
+        out: &mpsc::UnboundedSender<Frame>,
+        syncer: Option<&std::sync::mpsc::Sender<AppliedMarker>>,
+    ) {
         // Acknowledge when caught up, and at least every ACK_EVERY_FRAMES frames or
         // ACK_EVERY_BYTES bytes: the primary's window must drain steadily, not in window-sized
         // steps (which would stall it until the whole window is applied).
         const ACK_EVERY_FRAMES: u32 = 32;
         const ACK_EVERY_BYTES: u64 = 1 << 20;
-        const BATCH_FRAMES: usize = 64;
-        const BATCH_BYTES: u64 = 8 << 20;
         let mut unacked = 0u32;
         let mut unacked_bytes = 0u64;
         let stop = self.stop.subscribe();
         let mut frames = Vec::with_capacity(BATCH_FRAMES);
-        while let Some(first) = rx.blocking_recv() {
-            frames.clear();
-            frames.push(first);
-            let mut bytes = 0u64;
-            while frames.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(f) => {
-                        if let Frame::Change { change, .. } = &f {
-                            bytes += change.data_len();
-                        }
-                        frames.push(f)
-                    }
-                    Err(_) => break,
-                }
-            }
+        while receive_batch(&mut rx, &mut frames) {
             let mut rest = &frames[..];
             while !rest.is_empty() {
                 if *stop.borrow() {
@@ -405,60 +430,87 @@ impl Secondary {
                 }] = *group
                 {
                     // Compared at this point of the stream; the answer precedes the ACK.
-                    match self.verify_range(offset, len, crc) {
-                        Ok(matches) => {
-                            let _ = out.send(Frame::VerifyResult {
-                                seq,
-                                offset,
-                                len,
-                                matches,
-                            });
-                        }
-                        Err(e) => {
-                            let message = format!("secondary cannot verify frame {seq}: {e}");
-                            error!("{message}");
-                            let _ = out.send(Frame::Error { message });
-                            return;
-                        }
-                    }
+                    let matches = match self.verify_range(offset, len, crc) {
+                        Ok(m) => m,
+                        Err(e) => return report(out, group, e),
+                    };
+                    let _ = out.send(Frame::VerifyResult {
+                        seq,
+                        offset,
+                        len,
+                        matches,
+                    });
                 }
                 let gate = self.apply_gate.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(e) = self.apply(group) {
-                    let first = group[0].seq();
-                    let which = if first == last {
-                        format!("frame {first}")
-                    } else {
-                        format!("frames {first}..={last}")
-                    };
-                    let message = format!("secondary cannot apply {which}: {e}");
-                    error!("{message}");
-                    let _ = out.send(Frame::Error { message });
-                    return;
-                }
+                let marker = match self.apply(group) {
+                    Ok(m) => m,
+                    Err(e) => return report(out, group, e),
+                };
                 self.state().applied_seq = last;
                 drop(gate);
                 unacked += group.len() as u32;
-                unacked_bytes += group
-                    .iter()
-                    .map(|f| match f {
-                        Frame::Change { change, .. } => change.data_len(),
-                        _ => 0,
-                    })
-                    .sum::<u64>();
+                unacked_bytes += group.iter().map(Frame::data_len).sum::<u64>();
                 let caught_up = rest.is_empty() && rx.is_empty();
-                if caught_up || unacked >= ACK_EVERY_FRAMES || unacked_bytes >= ACK_EVERY_BYTES {
+                let due = unacked >= ACK_EVERY_FRAMES || unacked_bytes >= ACK_EVERY_BYTES;
+                if let (Some(m), None) = (&marker, syncer) {
+                    // A primary that does not take DURABLE: the sync precedes the ACK.
+                    if let Err(e) = self.settle_marker(m) {
+                        return report(out, group, e);
+                    }
+                }
+                if caught_up || due || marker.is_some() {
                     unacked = 0;
                     unacked_bytes = 0;
                     if out.send(Frame::Ack { seq: last }).is_err() {
                         return;
                     }
                 }
+                if let (Some(m), Some(tx)) = (marker, syncer) {
+                    // Rule 11: the primary's pause ended at the ACK; the sync follows it.
+                    if tx.send(m).is_err() {
+                        return; // the syncer failed and reported it
+                    }
+                }
             }
         }
     }
 
-    /// Applies a run of stream changes as one batch, or one other frame.
-    fn apply(&self, group: &[Frame]) -> io::Result<()> {
+    /// Rule 11's syncer: makes each marker handed to it durable and sends DURABLE (after the
+    /// marker's ACK, which the applier sent before handing it over). Markers that queued up
+    /// meanwhile are covered by one sync: DURABLE goes for the newest only.
+    fn sync_markers(
+        &self,
+        rx: std::sync::mpsc::Receiver<AppliedMarker>,
+        out: mpsc::UnboundedSender<Frame>,
+    ) {
+        while let Ok(mut m) = rx.recv() {
+            while let Ok(newer) = rx.try_recv() {
+                m = newer;
+            }
+            if let Err(e) = self.settle_marker(&m) {
+                let message = format!("secondary cannot make marker {} durable: {e}", m.seq);
+                error!("{message}");
+                let _ = out.send(Frame::Error { message });
+                return;
+            }
+            let (seq, epoch) = (m.seq, m.epoch);
+            if out.send(Frame::Durable { seq, epoch }).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Makes an applied MARKER durable, unless applying it did already.
+    fn settle_marker(&self, m: &AppliedMarker) -> io::Result<()> {
+        if m.durable {
+            return Ok(());
+        }
+        self.marker_durable(m.epoch)
+    }
+
+    /// Applies a run of stream changes as one batch, or one other frame; for a MARKER, says
+    /// what its acknowledgement must still make durable.
+    fn apply(&self, group: &[Frame]) -> io::Result<Option<AppliedMarker>> {
         if let [Frame::Change { .. }, ..] = group {
             let changes: Vec<Change<&[u8]>> = group
                 .iter()
@@ -483,32 +535,41 @@ impl Secondary {
                 }
                 return Err(e.error);
             }
-            return Ok(());
+            return Ok(None);
         }
         let Some(frame) = group.first() else {
-            return Ok(());
+            return Ok(None);
         };
-        match frame {
-            Frame::Marker { mark, .. } => {
-                // Durable before the ACK: the disk holds the source's data at this marker.
-                self.meta.stream_epoch(mark.epoch)?;
-                self.apply_marker(mark)?
+        match *frame {
+            Frame::Marker { seq, ref mark } => {
+                let durable = self.apply_marker(mark)?;
+                Ok(Some(AppliedMarker {
+                    seq,
+                    epoch: mark.epoch,
+                    durable,
+                }))
             }
-            &Frame::Checkpoint { epoch, .. } => {
-                let t = Instant::now();
-                self.disk.checkpoint_as(epoch)?;
-                // Durable before the ACK: the disk is this checkpoint of the source.
-                self.meta.checkpoint_done(epoch)?;
-                self.state().bytes_since_checkpoint = 0;
-                self.metrics.checkpoint(t.elapsed());
-                info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
-                self.events.send(&events::Checkpoint {
-                    role: Side::Secondary,
-                    epoch,
-                });
+            Frame::Checkpoint { epoch, .. } => {
+                self.apply_checkpoint(epoch)?;
+                Ok(None)
             }
-            _ => {}
+            _ => Ok(None),
         }
+    }
+
+    /// CHECKPOINT: the layers are dropped and the checkpoint recorded, durable before the ACK
+    /// (the disk is this checkpoint of the source).
+    fn apply_checkpoint(&self, epoch: u64) -> io::Result<()> {
+        let t = Instant::now();
+        self.disk.checkpoint_as(epoch)?;
+        self.meta.checkpoint_done(epoch)?;
+        self.state().bytes_since_checkpoint = 0;
+        self.metrics.checkpoint(t.elapsed());
+        info!("checkpoint {epoch}: layers dropped in {:?}", t.elapsed());
+        self.events.send(&events::Checkpoint {
+            role: Side::Secondary,
+            epoch,
+        });
         Ok(())
     }
 
@@ -521,4 +582,70 @@ impl Secondary {
         }
         Ok(crc32c::crc32c(&buf) == crc)
     }
+}
+
+/// When the secondary acknowledges a MARKER (docs/flush-policy.md, rule 11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum MarkerAcks {
+    /// Once applied; DURABLE follows its sync (the primary said it takes DURABLE).
+    Early,
+    /// Once durable (a primary of an older build: its ACK meant durable).
+    Durable,
+}
+
+impl MarkerAcks {
+    fn for_primary(hello: &Hello) -> Self {
+        if hello.takes_durable {
+            MarkerAcks::Early
+        } else {
+            MarkerAcks::Durable
+        }
+    }
+}
+
+/// A MARKER the applier applied: its sequence number, the epoch it ended, and whether base
+/// is already durable up to it with the epoch recorded (a checkpoint without a Secondary VM).
+struct AppliedMarker {
+    seq: u64,
+    epoch: u64,
+    durable: bool,
+}
+
+/// Most frames and data the applier takes as one batch.
+const BATCH_FRAMES: usize = 64;
+const BATCH_BYTES: u64 = 8 << 20;
+
+/// Waits for the next frame and takes what else is queued, up to a batch, into `frames`;
+/// `false` when the stream ended.
+fn receive_batch(rx: &mut mpsc::Receiver<Frame>, frames: &mut Vec<Frame>) -> bool {
+    frames.clear();
+    let Some(first) = rx.blocking_recv() else {
+        return false;
+    };
+    frames.push(first);
+    let mut bytes = 0u64;
+    while frames.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(f) => {
+                bytes += f.data_len();
+                frames.push(f)
+            }
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+/// Reports a frame the applier could not apply or make durable (an ERROR frame ends the
+/// session).
+fn report(out: &mpsc::UnboundedSender<Frame>, group: &[Frame], e: io::Error) {
+    let (first, last) = (group[0].seq(), group[group.len() - 1].seq());
+    let which = if first == last {
+        format!("frame {first}")
+    } else {
+        format!("frames {first}..={last}")
+    };
+    let message = format!("secondary cannot apply {which}: {e}");
+    error!("{message}");
+    let _ = out.send(Frame::Error { message });
 }
