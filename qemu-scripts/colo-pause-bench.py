@@ -9,7 +9,7 @@ after the initial migration, is reported apart), then stops the pair.
 
 Usage: colo-pause-bench.py [-n 30] [--delay 500] [--dir /tmp/colo-pause-bench]
                            [--disk-checkpoint qemu|on-stop]
-                           [--only disk|disk-write|nodisk[,...]]
+                           [--only disk|disk-write|nodisk[,...]] [--colo-blk PATH] [--smp N]
 Configurations: disk (the guest ticks once a second: idle), disk-write (the guest writes 64 KiB
 with O_DIRECT in a loop, all the time), nodisk (no vhost-user-blk device).
 Prints one JSON line per configuration: n, min/median/p90/max/mean pause in ms, first_ms; for
@@ -76,7 +76,8 @@ done
 def run(name, args, extra):
     d = os.path.join(args.dir, name)
     pair = os.path.join(HERE, "colo-qemu-pair.sh")
-    start = ["bash", pair, "start", "--dir", d, "--delay", str(args.delay)] + extra
+    start = ["bash", pair, "start", "--dir", d, "--delay", str(args.delay),
+             "--smp", str(args.smp)] + extra
     env = dict(os.environ)
     if name != "nodisk":
         env["RUST_LOG"] = "debug"
@@ -147,10 +148,16 @@ def main():
     ap.add_argument("--only", default="disk,disk-write,nodisk",
                     help="comma-separated: disk, disk-write, nodisk (default all)")
     ap.add_argument("--timeout", type=float, default=0)
+    ap.add_argument("--colo-blk", help="the colo-blk binary (default: built from this checkout); "
+                    "two builds compared ABBA give one each")
+    ap.add_argument("--smp", type=int, default=1,
+                    help="vCPUs of each VM, and so queues of the disk (a MARKER per queue)")
     args = ap.parse_args()
     for name in args.only.split(","):
         if name in ("disk", "disk-write"):
             extra = ["--disk-checkpoint", args.disk_checkpoint]
+            if args.colo_blk:
+                extra += ["--colo-blk", args.colo_blk]
         elif name == "nodisk":
             extra = ["--no-disk"]
         else:
