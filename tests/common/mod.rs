@@ -432,7 +432,16 @@ impl Qmp {
             events: Vec::new(),
             events_received: 0,
         };
-        let greeting = q.read_msg();
+        // QEMU may write an event before the greeting when a client connects right after
+        // another left (its monitor is still in command mode until the new connection's
+        // OPENED event runs): such events are kept like any other.
+        let greeting = loop {
+            let msg = q.read_msg();
+            if msg.get("event").is_none() {
+                break msg;
+            }
+            q.keep_event(msg);
+        };
         assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
         q.execute("qmp_capabilities", serde_json::json!({}))
             .expect("qmp_capabilities");
