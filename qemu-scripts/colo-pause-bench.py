@@ -16,7 +16,8 @@ Prints one JSON line per configuration: n, min/median/p90/max/mean pause in ms, 
 the disk configurations also the backend's share of each pause: the primary backend runs with
 RUST_LOG=debug and logs, per device stop, how long the MARKER took until the secondary applied
 it ("applied by the secondary in X ms": the time QEMU's GET_VRING_BASE waits in the backend),
-summarised as backend_median_ms / backend_p90_ms / backend_max_ms over the same checkpoints.
+summarised as backend_median_ms / backend_p90_ms / backend_max_ms over the same checkpoints
+(with --smp N, N queues: the sum of a stop's N lines).
 The numbers depend on the machine's load (TCG, a shared host): compare the two lines of one
 run, not runs on different days.
 """
@@ -113,13 +114,17 @@ def run(name, args, extra):
     if name != "nodisk":
         # The last len(xs) + 1 device stops of the primary backend before the pair was
         # stopped (the last is the stop at `stop`, dropped), one per checkpoint.
-        ms = []
+        # With several queues one stop logs a line per queue (only the last queue's marker is
+        # waited for; the others are "queued"): summed per stop.
+        lines = []
         try:
             for line in open(os.path.join(d, "primary.log")):
-                if "applied by the secondary in" in line:
-                    ms.append(float(line.rsplit(" in ", 1)[1].split()[0]))
+                if "applied by the secondary in" in line or "queued in" in line:
+                    lines.append(float(line.rsplit(" in ", 1)[1].split()[0]))
         except OSError:
             pass
+        q = max(1, args.smp)
+        ms = [sum(lines[i:i + q]) for i in range(0, len(lines) - q + 1, q)]
         ms = ms[1:]  # the end of the migration into COLO
         if ms:
             backend = {

@@ -877,7 +877,7 @@ mod tests {
             wait_ack(&mut rd, 2).await;
             assert_eq!((sec.status().epoch, sec.status().colo.stops), (0, 1));
             // A checkpoint: the Secondary VM stops first, then the primary.
-            svm.queue_stopped(0, &[Some(9), None], true);
+            svm.queue_stopped(0, &[Some(9), None], true, true);
             send(&mut wr, &[marker(3, 2, 4)]).await;
             wait_ack(&mut rd, 3).await;
             assert_eq!(sec.status().colo.cuts, [1, 2]);
@@ -948,7 +948,7 @@ mod tests {
             // The Secondary VM runs on and writes, over the primary's clusters too.
             sec.disk.write_at(&[0x55; 4096], 4096).unwrap();
             sec.disk.write_at(&[0x55; 4096], 65536).unwrap();
-            svm.queue_stopped(0, &[Some(20 + round), None], true);
+            svm.queue_stopped(0, &[Some(20 + round), None], true, true);
             svm.queue_starting(0, 3);
             let st = sec.status();
             assert_eq!((st.epoch, st.colo.svm_mismatch), (1, None), "round {round}");
@@ -973,7 +973,7 @@ mod tests {
         send(&mut wr, &[Frame::write(1, 0, vec![0x22; 8192])]).await;
         wait_ack(&mut rd, 1).await;
         assert!(sec.disk.marks().is_empty());
-        svm.queue_stopped(0, &[Some(28), None], true);
+        svm.queue_stopped(0, &[Some(28), None], true, true);
         svm.queue_starting(0, 13);
         let st = sec.status();
         let why = st.colo.svm_mismatch.expect("a mismatch");
@@ -986,7 +986,7 @@ mod tests {
             r => panic!("failover not refused: {r:?}"),
         }
         // The next checkpoint matches: memory and disk agree again.
-        svm.queue_stopped(0, &[Some(30), None], true);
+        svm.queue_stopped(0, &[Some(30), None], true, true);
         send(&mut wr, &[marker(2, 1, 17)]).await;
         wait_ack(&mut rd, 2).await;
         svm.queue_starting(0, 17);
@@ -994,7 +994,7 @@ mod tests {
             (sec.status().epoch, sec.status().colo.svm_mismatch),
             (1, None)
         );
-        svm.queue_stopped(0, &[Some(31), None], true);
+        svm.queue_stopped(0, &[Some(31), None], true, true);
         svm.queue_starting(0, 5);
         assert!(sec.status().colo.svm_mismatch.is_some());
         let s = sec.clone();

@@ -483,6 +483,10 @@ impl VhostUserBackend for BlkBackend {
         (0..self.num_queues()).map(|q| 1u64 << q).collect()
     }
 
+    fn start_vring(&self, queue_index: u32) {
+        self.shared.lifecycle.started(queue_index as u16);
+    }
+
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // GET_VRING_BASE: the front-end reads the ring's state next, so every request of this
         // queue still running on the I/O pool or on its io_uring must be completed first.

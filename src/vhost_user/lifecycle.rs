@@ -7,8 +7,10 @@
 //! `SET_VRING_BASE`, `SET_VRING_KICK`, ..., `SET_VRING_ENABLE 1`. The hooks:
 //!
 //! - `SET_FEATURES` → [`DeviceObserver::log_all`] when dirty logging is switched on or off;
+//! - `SET_VRING_KICK` of queue q → q runs (until its `GET_VRING_BASE`);
 //! - `GET_VRING_BASE` of queue q, once its requests completed → [`DeviceObserver::queue_stopped`]
-//!   with every queue's last known position; the front-end's answer waits for it;
+//!   with every queue's last known position, and whether it was the last running queue (the
+//!   end of a device stop); the front-end's answer waits for it;
 //! - the first batch a queue pops after it was stopped (or ever) →
 //!   [`DeviceObserver::queue_starting`] with the position QEMU restarted it from; the queue's
 //!   requests wait for it.
@@ -26,8 +28,10 @@ pub trait DeviceObserver: Send + Sync {
 
     /// Queue `queue` was stopped (`GET_VRING_BASE`) and none of its requests is in flight.
     /// `bases[q]` is each queue's position, `None` for a queue that never ran on this
-    /// connection. Runs on the vhost-user thread: the front-end waits for it.
-    fn queue_stopped(&self, _queue: u16, _bases: &[Option<u16>], _log_all: bool) {}
+    /// connection. `last`: no other queue the front-end started (`SET_VRING_KICK`) still runs,
+    /// so a device stop (QEMU stops the queues one after another) is complete. Runs on the
+    /// vhost-user thread: the front-end waits for it.
+    fn queue_stopped(&self, _queue: u16, _bases: &[Option<u16>], _log_all: bool, _last: bool) {}
 
     /// Queue `queue` is about to run its first requests since it was (re)started, from
     /// position `next_avail`. Runs on the queue's worker: its requests wait for it.
@@ -45,6 +49,8 @@ struct QueueRun {
     base: Option<u16>,
     /// Stopped, or never started: the next pop is a (re)start.
     stopped: bool,
+    /// Started by the front-end (`SET_VRING_KICK`) and not stopped since (`GET_VRING_BASE`).
+    running: bool,
 }
 
 #[derive(Debug)]
@@ -68,6 +74,7 @@ impl Lifecycle {
                     QueueRun {
                         base: None,
                         stopped: true,
+                        running: false,
                     };
                     usize::from(num_queues)
                 ],
@@ -138,18 +145,26 @@ impl Lifecycle {
         }
     }
 
+    /// `SET_VRING_KICK` of `queue`: the front-end (re)started it.
+    pub(crate) fn started(&self, queue: u16) {
+        if let Some(q) = self.lock().queues.get_mut(usize::from(queue)) {
+            q.running = true;
+        }
+    }
+
     /// `GET_VRING_BASE` of `queue`, its requests drained.
     pub(crate) fn stopped(&self, queue: u16) {
-        let (bases, log_all) = {
+        let (bases, log_all, last) = {
             let mut c = self.lock();
             if let Some(q) = c.queues.get_mut(usize::from(queue)) {
                 q.stopped = true;
+                q.running = false;
             }
             let bases: Vec<Option<u16>> = c.queues.iter().map(|q| q.base).collect();
-            (bases, c.log_all)
+            (bases, c.log_all, !c.queues.iter().any(|q| q.running))
         };
         if let Some(o) = self.observer.get() {
-            o.queue_stopped(queue, &bases, log_all);
+            o.queue_stopped(queue, &bases, log_all, last);
         }
     }
 }
@@ -165,11 +180,12 @@ mod tests {
         fn log_all(&self, on: bool) {
             self.0.lock().unwrap().push(format!("log_all {on}"));
         }
-        fn queue_stopped(&self, queue: u16, bases: &[Option<u16>], log_all: bool) {
+        fn queue_stopped(&self, queue: u16, bases: &[Option<u16>], log_all: bool, last: bool) {
+            let last = if last { " last" } else { "" };
             self.0
                 .lock()
                 .unwrap()
-                .push(format!("stopped {queue} {bases:?} {log_all}"));
+                .push(format!("stopped {queue} {bases:?} {log_all}{last}"));
         }
         fn queue_starting(&self, queue: u16, next_avail: u16) {
             self.0
@@ -186,6 +202,8 @@ mod tests {
         lc.set_observer(rec.clone());
         lc.features(true);
         lc.features(true);
+        lc.started(0);
+        lc.started(1);
         lc.before_pop(0, || 5);
         lc.after_pop(0, 9);
         lc.before_pop(0, || unreachable!("not a restart"));
@@ -200,9 +218,33 @@ mod tests {
                 "log_all true",
                 "starting 0 5",
                 "stopped 0 [Some(12), None] true",
-                "stopped 1 [Some(12), None] true",
+                "stopped 1 [Some(12), None] true last",
                 "starting 1 3",
                 "log_all false",
+            ]
+        );
+    }
+
+    /// The last running queue's stop ends a device stop: a queue the front-end never started
+    /// does not count, and a queue restarted and stopped alone (another still stopped) is
+    /// its own device stop.
+    #[test]
+    fn the_last_running_queue_ends_a_device_stop() {
+        let rec = Arc::new(Record::default());
+        let lc = Lifecycle::new(3);
+        lc.set_observer(rec.clone());
+        lc.started(0);
+        lc.started(1); // queue 2 never started (a device of 3 queues, 2 kicked)
+        lc.stopped(0);
+        lc.stopped(1);
+        lc.started(1);
+        lc.stopped(1);
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            [
+                "stopped 0 [None, None, None] false",
+                "stopped 1 [None, None, None] false last",
+                "stopped 1 [None, None, None] false last",
             ]
         );
     }

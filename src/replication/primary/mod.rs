@@ -609,7 +609,7 @@ impl Primary {
     /// `replication-checkpoint`: puts an epoch marker into the stream and waits until the
     /// secondary applied everything before it and dropped its layers.
     pub fn checkpoint(&self, timeout: Option<Duration>) -> Result<u64, ReplicationError> {
-        self.end_epoch(timeout, EpochEnd::Checkpoint)
+        self.end_epoch(timeout, EpochEnd::Checkpoint, true)
     }
 
     /// COLO: QEMU stopped the device with dirty logging on (a COLO checkpoint, the end of the
@@ -619,21 +619,32 @@ impl Primary {
     /// this point never reaches the Secondary VM before the disk of this point reaches its
     /// backend. The secondary's sync of it comes after (`settle.rs`). Without a secondary in
     /// sync it returns at once (unprotected).
-    pub fn device_stopped(&self, bases: &[Option<u16>]) -> Result<u64, ReplicationError> {
-        let epoch = self.end_epoch(Some(self.opts.peer_timeout), EpochEnd::Marker(bases))?;
+    ///
+    /// QEMU stops the queues one after another and sends the state after the last answer:
+    /// unless `last` (no other started queue still runs), the marker is only queued when the
+    /// secondary sends DURABLE (the last queue's marker, later in the same ordered stream, is
+    /// waited for); a secondary of an older build is waited for at every queue, as before.
+    pub fn device_stopped(
+        &self,
+        bases: &[Option<u16>],
+        last: bool,
+    ) -> Result<u64, ReplicationError> {
+        let timeout = Some(self.opts.peer_timeout);
+        let epoch = self.end_epoch(timeout, EpochEnd::Marker(bases), last)?;
         self.state().markers += 1;
         Ok(epoch)
     }
 
-    /// Ends the epoch with `end` and waits for its acknowledgement. On failure the epoch's
-    /// changes stay in the dirty record.
+    /// Ends the epoch with `end` and waits for its acknowledgement (without `wait`, only when
+    /// it settles at its ACK). On failure the epoch's changes stay in the dirty record.
     fn end_epoch(
         &self,
         timeout: Option<Duration>,
         end: EpochEnd<'_>,
+        wait: bool,
     ) -> Result<u64, ReplicationError> {
         let t = Instant::now();
-        let r = self.end_epoch_inner(timeout, end);
+        let r = self.end_epoch_inner(timeout, end, wait);
         self.count_checkpoint(&r, t);
         r
     }
@@ -655,6 +666,7 @@ impl Primary {
         &self,
         timeout: Option<Duration>,
         end: EpochEnd<'_>,
+        wait: bool,
     ) -> Result<u64, ReplicationError> {
         let (sent, epoch, settles) = {
             let _order = self.order();
@@ -682,6 +694,9 @@ impl Primary {
                 .ok_or(ReplicationError::NotConnected)?;
             (sent, epoch, settles)
         };
+        if !wait && matches!(settles, Settles::AtDurable) {
+            return Ok(epoch); // owed; acknowledged with the next waited-for end
+        }
         match self.wait_acked(sent, timeout) {
             Ok(()) => {
                 self.state().epoch = epoch;
@@ -813,12 +828,17 @@ impl Primary {
 pub struct PrimaryDevice(pub Arc<Primary>);
 
 impl crate::vhost_user::DeviceObserver for PrimaryDevice {
-    fn queue_stopped(&self, queue: u16, bases: &[Option<u16>], log_all: bool) {
+    fn queue_stopped(&self, queue: u16, bases: &[Option<u16>], log_all: bool, last: bool) {
         if !log_all {
             return; // a plain stop: no checkpoint follows
         }
         let t = std::time::Instant::now();
-        match self.0.device_stopped(bases) {
+        match self.0.device_stopped(bases, last) {
+            Ok(epoch) if !last => log::debug!(
+                "device stop (queue {queue}): marker of epoch {epoch} queued in {:.3} ms (the \
+                 last queue's marker is waited for)",
+                t.elapsed().as_secs_f64() * 1000.0
+            ),
             Ok(epoch) => log::debug!(
                 "device stop (queue {queue}): marker of epoch {epoch} applied by the secondary \
                  in {:.3} ms",

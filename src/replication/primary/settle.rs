@@ -205,7 +205,7 @@ mod tests {
 
     use tokio::sync::mpsc;
 
-    use super::super::{Link, PrimaryOptions, Session};
+    use super::super::{Link, PrimaryOptions, ReplicationError, Session};
     use super::*;
     use crate::qmp::EventSender;
     use crate::replication::protocol::Frame;
@@ -249,7 +249,7 @@ mod tests {
         }
         let stopper = {
             let p = p.clone();
-            std::thread::spawn(move || p.device_stopped(&[Some(3)]))
+            std::thread::spawn(move || p.device_stopped(&[Some(3)], true))
         };
         let seq = loop {
             match rx.blocking_recv().expect("a frame") {
@@ -342,6 +342,31 @@ mod tests {
             (st.durable_epoch, st.dirty_bytes, recorded_epoch(&p)),
             (2, 0, 2)
         );
+    }
+
+    /// A device stop of two queues: the first queue's marker is only queued (nothing
+    /// acknowledges it here), the last one's is waited for and its DURABLE settles both. A
+    /// secondary without DURABLE is waited for at every queue (here: never acknowledged, so
+    /// the first queue's stop times out).
+    #[test]
+    fn only_the_last_queue_of_a_stop_waits() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _rt = rt.enter();
+        let (p, mut rx) = primary(true);
+        let disk = super::super::ReplicatedDisk::new(p.clone());
+        disk.write_at(&[7; 4096], 0).unwrap();
+        assert_eq!(p.device_stopped(&[Some(3), None], false).unwrap(), 1);
+        while !matches!(rx.blocking_recv(), Some(Frame::Marker { .. })) {}
+        let last = write_and_mark(&p, &mut rx, &[8192]);
+        let st = p.status();
+        assert_eq!((st.epoch, st.durable_epoch, st.dirty_bytes), (2, 0, 8192));
+        p.durable(1, last, 2).unwrap();
+        wait_recorded(&p, 2);
+        assert_eq!(p.status().dirty_bytes, 0);
+
+        let (old, _rx) = primary(false);
+        let r = old.device_stopped(&[Some(3), None], false);
+        assert!(matches!(r, Err(ReplicationError::Timeout(_))), "{r:?}");
     }
 
     /// A CHECKPOINT's ACK means durable: it settles what markers still owed, and their late

@@ -245,11 +245,11 @@ impl crate::vhost_user::DeviceObserver for SvmDevice {
         self.0.svm_dirty_logging(on);
     }
 
-    fn queue_stopped(&self, queue: u16, bases: &[Option<u16>], log_all: bool) {
+    fn queue_stopped(&self, queue: u16, bases: &[Option<u16>], log_all: bool, last: bool) {
         if let Some(p) = self.0.promoted() {
             // Promoted: this VM is the primary's now (a COLO checkpoint of the new pair).
             let device = crate::replication::primary::PrimaryDevice(p);
-            crate::vhost_user::DeviceObserver::queue_stopped(&device, queue, bases, log_all);
+            crate::vhost_user::DeviceObserver::queue_stopped(&device, queue, bases, log_all, last);
             return;
         }
         self.0.state().svm.device = Svm::Stopped {

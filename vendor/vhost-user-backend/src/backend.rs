@@ -165,6 +165,11 @@ pub trait VhostUserBackend: Send + Sync {
         None
     }
 
+    /// `VHOST_USER_SET_VRING_KICK`: the front-end (re)started the vring; a later
+    /// `GET_VRING_BASE` stops it ([`VhostUserBackend::stop_vring`]). (colo-blk patch, see
+    /// PATCH.md.)
+    fn start_vring(&self, _queue_index: u32) {}
+
     /// Stop processing requests from the specified vring.
     ///
     /// This is called for `GET_VRING_BASE` after the vring is marked not ready and
@@ -353,6 +358,9 @@ pub trait VhostUserBackendMut: Send + Sync {
         None
     }
 
+    /// `VHOST_USER_SET_VRING_KICK`: the front-end (re)started the vring. (colo-blk patch.)
+    fn start_vring(&mut self, _queue_index: u32) {}
+
     /// Stop processing requests from the specified vring.
     ///
     /// This is called for `GET_VRING_BASE` after the vring is marked not ready and
@@ -491,6 +499,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
         self.deref().exit_event(thread_index)
     }
 
+    fn start_vring(&self, queue_index: u32) {
+        self.deref().start_vring(queue_index)
+    }
+
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.deref().stop_vring(queue_index)
     }
@@ -601,6 +613,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         self.lock().unwrap().exit_event(thread_index)
+    }
+
+    fn start_vring(&self, queue_index: u32) {
+        self.lock().unwrap().start_vring(queue_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
@@ -716,6 +732,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         self.read().unwrap().exit_event(thread_index)
+    }
+
+    fn start_vring(&self, queue_index: u32) {
+        self.write().unwrap().start_vring(queue_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {

@@ -562,6 +562,9 @@ where
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
         }
+        // colo-blk patch (PATCH.md): the backend learns which rings run until their
+        // GET_VRING_BASE.
+        self.backend.start_vring(u32::from(index));
 
         Ok(())
     }
