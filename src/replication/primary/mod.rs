@@ -201,7 +201,7 @@ struct State {
     durable_epoch: u64,
     /// Acknowledged markers that await the secondary's DURABLE (`settle.rs`).
     settling: settle::Settling,
-    /// The last checkpoint recorded in the metadata (after its recording).
+    /// The last checkpoint recorded in the metadata (set under [`Primary::recording`]).
     recorded_epoch: u64,
     /// The last epoch number put into the stream (acknowledged or not).
     attempted_epoch: u64,
@@ -251,8 +251,8 @@ pub struct Primary {
     verify: Mutex<Verify>,
     /// Counters and timestamps for operators.
     metrics: ReplicationMetrics,
-    /// The last checkpoint recorded in the metadata; held while one is recorded.
-    recorded: Mutex<u64>,
+    /// Held while a checkpoint is recorded: one recording at a time.
+    recording: Mutex<()>,
 }
 
 impl Primary {
@@ -332,7 +332,7 @@ impl Primary {
             events,
             enabled,
             metrics: ReplicationMetrics::new(),
-            recorded: Mutex::new(started.gens.epoch),
+            recording: Mutex::new(()),
             meta,
             log,
             verify: Mutex::new(Verify::default()),
@@ -376,16 +376,17 @@ impl Primary {
     /// an older one after a newer (DURABLE's recordings run off the link task). Failures only
     /// make the record larger than needed (a later resync sends more), so they are logged.
     fn checkpoint_recorded(&self, rec: settle::CheckpointRecord) {
-        let mut last = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
-        if *last >= rec.epoch && rec.epoch != 0 {
+        let _one = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        let epoch = rec.epoch;
+        if self.state().recorded_epoch >= epoch {
             return;
         }
-        let epoch = rec.epoch;
         if let Err(e) = self.meta.primary_checkpoint_of(epoch, rec.holds) {
             log::warn!("recording checkpoint {epoch} in the metadata: {e}");
             return;
         }
-        *last = epoch;
+        self.state().recorded_epoch = epoch;
+        self.cond.notify_all();
         if let Some(l) = &self.log {
             let r = match rec.boundary {
                 Some(b) => l.checkpoint_done_at(b),
@@ -395,9 +396,6 @@ impl Primary {
                 log::warn!("clearing the dirty log after checkpoint {epoch}: {e}");
             }
         }
-        drop(last);
-        self.state().recorded_epoch = epoch;
-        self.cond.notify_all();
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

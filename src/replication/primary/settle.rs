@@ -97,7 +97,7 @@ impl Primary {
         epoch: u64,
         is_marker: bool,
     ) -> Settles {
-        let changes = EpochChanges {
+        let mut changes = EpochChanges {
             dirty: self.dirty().take(),
             sent: std::mem::take(&mut st.sent_since_checkpoint),
         };
@@ -106,30 +106,20 @@ impl Primary {
             holds: self.meta.gens().current,
             boundary: self.log.as_ref().map(|l| l.epoch_boundary()),
         };
-        let early = st.link.session().is_some_and(|s| s.sends_durable);
-        match (std::mem::take(&mut st.settling), is_marker && early) {
-            (Settling::Owed(mut owed), true) => {
-                owed.changes.fold(changes);
-                owed.latest = end;
-                owed.record = record;
-                st.settling = Settling::Owed(owed);
-                Settles::AtDurable
-            }
-            (Settling::Settled, true) => {
-                st.settling = Settling::Owed(Owed {
-                    latest: end,
-                    record,
-                    changes,
-                });
-                Settles::AtDurable
-            }
-            (Settling::Owed(owed), false) => {
-                let mut changes = changes;
-                changes.fold(owed.changes);
-                Settles::AtAck(changes, record)
-            }
-            (Settling::Settled, false) => Settles::AtAck(changes, record),
+        // What markers still owe settles with this end: one record of all the changes.
+        if let Settling::Owed(owed) = std::mem::take(&mut st.settling) {
+            changes.fold(owed.changes);
         }
+        let early = st.link.session().is_some_and(|s| s.sends_durable);
+        if !(is_marker && early) {
+            return Settles::AtAck(changes, record);
+        }
+        st.settling = Settling::Owed(Owed {
+            latest: end,
+            record,
+            changes,
+        });
+        Settles::AtDurable
     }
 
     /// The changes of an epoch that did not end (or whose end is not durable) go back into
@@ -178,16 +168,16 @@ impl Primary {
                 return Err(ProtocolError::UnexpectedDurable { seq, epoch });
             }
             match &st.settling {
-                Settling::Owed(o) if o.latest == (Sent { session: id, seq }) => {}
-                _ => return Ok(()),
+                Settling::Owed(o) if o.latest == (Sent { session: id, seq }) => {
+                    if o.record.epoch != epoch {
+                        return Err(ProtocolError::UnexpectedDurable { seq, epoch });
+                    }
+                }
+                _ => return Ok(()), // superseded, or settled by a CHECKPOINT
             }
             let Settling::Owed(o) = std::mem::take(&mut st.settling) else {
                 return Ok(());
             };
-            if o.record.epoch != epoch {
-                st.settling = Settling::Owed(o);
-                return Err(ProtocolError::UnexpectedDurable { seq, epoch });
-            }
             // (A marker whose wait timed out may be applied and made durable later.)
             st.epoch = st.epoch.max(epoch);
             st.durable_epoch = st.durable_epoch.max(epoch);
