@@ -69,46 +69,15 @@ COLO=${COLO_BLK:-$TARGET/release/colo-blk}
 mkdir -p "$WORKDIR"
 RESULTS=$WORKDIR/results.jsonl
 : >"$RESULTS"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
+COLO_PIDS_FILE=$WORKDIR/pids
+: >"$COLO_PIDS_FILE"
+trap cleanup_colo EXIT
 
-# start LOG MARKER [WRAPPER...] -- ARGS: starts colo-blk (under WRAPPER, e.g. strace) in the
-# background, waits for MARKER in LOG; prints the pid of what was started.
-start() {
-    local logf=$1 marker=$2
-    shift 2
-    local wrap=()
-    while [ "$1" != -- ]; do wrap+=("$1"); shift; done
-    shift
-    : >"$logf"
-    "${wrap[@]}" "$COLO" "$@" >>"$logf" 2>&1 &
-    local pid=$!
-    PIDS+=("$pid")
-    for _ in $(seq 1 600); do
-        grep -q "$marker" "$logf" && { echo "$pid"; return 0; }
-        kill -0 "$pid" 2>/dev/null || { cat "$logf" >&2; return 1; }
-        sleep 0.05
-    done
-    echo "timeout waiting for '$marker' in $logf" >&2
-    return 1
-}
 # The colo-blk process under a wrapper pid (strace forks it), or the pid itself.
 colo_pid() { # PID
     local c
     c=$(pgrep -P "$1" | head -n1 || true)
     echo "${c:-$1}"
-}
-wait_session() { # LOGFILE
-    for _ in $(seq 1 600); do
-        grep -q "replicating to" "$1" && return 0
-        sleep 0.05
-    done
-    echo "timeout waiting for the primary's session in $1" >&2
-    return 1
 }
 
 # bench W LABEL SOCKET [PRIMARY_QMP]: one blkbench run; with PRIMARY_QMP, waits until the
@@ -137,7 +106,7 @@ bench() {
 standalone() { # W
     rm -f "$WORKDIR"/p.img*
     local pid
-    pid=$(start "$WORKDIR/standalone.log" '{"ready"' -- --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img" --size "$SIZE")
+    pid=$(start_colo "$WORKDIR/standalone.log" --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img" --size "$SIZE")
     bench "$1" standalone "$WORKDIR/p.sock" >>"$RESULTS"
     stop "$pid"
 }
@@ -155,11 +124,11 @@ pair() {
         shift
     fi
     rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
-    SPID=$(start "$WORKDIR/secondary.log" '{"ready"' "${swrap[@]}" -- --role secondary --insecure-link \
+    SPID=$(start_colo_in "$WORKDIR/secondary.log" "${swrap[@]}" -- --role secondary --insecure-link \
         --image "$WORKDIR/s.img" --size "$SIZE" --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp")
     local port
-    port=$(grep -ao '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    PPID_=$(start "$WORKDIR/primary.log" '{"ready"' "${pwrap[@]}" -- --role primary --insecure-link \
+    port=$(ready_port "$WORKDIR/secondary.log.out")
+    PPID_=$(start_colo_in "$WORKDIR/primary.log" "${pwrap[@]}" -- --role primary --insecure-link \
         --image "$WORKDIR/p.img" --size "$SIZE" --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp" "${PRIMARY_OPTS[@]}")
     wait_session "$WORKDIR/primary.log"
     if [ -n "${PERF_OUT:-}" ]; then

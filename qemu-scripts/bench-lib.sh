@@ -1,5 +1,5 @@
-# bench-lib.sh -- sourced by the benchmark scripts (bench-replication.sh, bench-netns.sh): the
-# helpers they share.
+# bench-lib.sh -- sourced by the benchmark scripts (bench-replication.sh, bench-netns.sh,
+# bench-flush-sources.sh, bench-cpu.sh): the helpers they share.
 # shellcheck shell=bash
 
 # stop PID: stops a colo-blk started in the background and waits until it is gone. The
@@ -44,7 +44,18 @@ for l in sys.stdin:
 start_colo() {
     local logf=$1
     shift
-    "$COLO" "$@" >"$logf.out" 2>"$logf" &
+    start_colo_in "$logf" -- "$@"
+}
+
+# start_colo_in LOG WRAPPER... -- ARGS...: start_colo under WRAPPER (`ip netns exec NS`,
+# `strace ...`); the pid printed and recorded is the wrapper's.
+start_colo_in() {
+    local logf=$1
+    shift
+    local wrap=()
+    while [ "$1" != -- ]; do wrap+=("$1"); shift; done
+    shift
+    "${wrap[@]}" "$COLO" "$@" >"$logf.out" 2>"$logf" &
     local pid=$!
     [ -z "${COLO_PIDS_FILE:-}" ] || echo "$pid" >>"$COLO_PIDS_FILE"
     for _ in $(seq 1 600); do

@@ -47,8 +47,11 @@ DEV_P=cbb$$p
 DEV_S=cbb$$s
 IP_P=10.251.0.1
 IP_S=10.251.0.2
+COLO_PIDS_FILE=$WORKDIR/pids
+: >"$COLO_PIDS_FILE"
 PIDS=()
 cleanup() {
+    cleanup_colo
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     ip netns del "$NS_P" 2>/dev/null || true
@@ -56,27 +59,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# start LOG NETNS|- ARGS...: starts colo-blk (in NETNS unless -), waits for its ready line on
-# stdout (LOG.out); prints the pid.
+# start LOG NETNS|- ARGS...: start_colo, in NETNS unless -.
 start() {
     local logf=$1 ns=$2
     shift 2
     if [ "$ns" = - ]; then
-        "$COLO" "$@" >"$logf.out" 2>"$logf" &
+        start_colo "$logf" "$@"
     else
-        ip netns exec "$ns" "$COLO" "$@" >"$logf.out" 2>"$logf" &
+        start_colo_in "$logf" ip netns exec "$ns" -- "$@"
     fi
-    local pid=$!
-    PIDS+=("$pid")
-    for _ in $(seq 1 600); do
-        grep -q '"ready"' "$logf.out" 2>/dev/null && { echo "$pid"; return 0; }
-        kill -0 "$pid" 2>/dev/null || { cat "$logf" >&2; return 1; }
-        sleep 0.05
-    done
-    echo "timeout waiting for the ready line of $logf" >&2
-    return 1
 }
-
 
 # sampler SOCKET OUT: polls query-replication every 50 ms until killed; one JSON line per
 # sample; its pid is in $SAMPLER.

@@ -45,29 +45,9 @@ COLO=${COLO_BLK:-$REPO/target/release/colo-blk}
 
 [ -n "$WORKDIR" ] || WORKDIR=$(mktemp -d /var/tmp/colo-blk-repl.XXXXXX)
 mkdir -p "$WORKDIR"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-# Starts colo-blk in the background, waits for a log line; prints the pid.
-start() {
-    local logf=$1 marker=$2
-    shift 2
-    : >"$logf"
-    "$COLO" "$@" >>"$logf" 2>&1 &
-    local pid=$!
-    PIDS+=("$pid")
-    for _ in $(seq 1 600); do
-        grep -q "$marker" "$logf" && { echo "$pid"; return 0; }
-        kill -0 "$pid" 2>/dev/null || { cat "$logf" >&2; return 1; }
-        sleep 0.05
-    done
-    echo "timeout waiting for '$marker' in $logf" >&2
-    return 1
-}
+COLO_PIDS_FILE=$WORKDIR/pids
+: >"$COLO_PIDS_FILE"
+trap cleanup_colo EXIT
 
 SIZE=2G
 WORKLOADS=randwrite-4k-qd32,seqwrite-1m-qd8
@@ -105,7 +85,7 @@ PY
 run_standalone() {
     rm -f "$WORKDIR/p.img"
     local pid w
-    pid=$(start "$WORKDIR/standalone.log" "{\"ready\"" --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img" --size $SIZE)
+    pid=$(start_colo "$WORKDIR/standalone.log" --socket "$WORKDIR/p.sock" --image "$WORKDIR/p.img" --size $SIZE)
     for w in ${WORKLOADS//,/ }; do
         measure "$w" standalone "$WORKDIR/p.sock" - "$pid"
     done
@@ -119,11 +99,11 @@ run_primary() { # LABEL [PRIMARY-OPTIONS...]
     # made by fallocate would carry no replication metadata and need a full sync).
     rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
     local spid ppid w
-    spid=$(start "$WORKDIR/secondary.log" "{\"ready\"" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
+    spid=$(start_colo "$WORKDIR/secondary.log" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
         --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp")
     local port
-    port=$(grep -ao '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "{\"ready\"" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
+    port=$(ready_port "$WORKDIR/secondary.log.out")
+    ppid=$(start_colo "$WORKDIR/primary.log" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
         --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp" "$@")
     wait_session "$WORKDIR/primary.log"
     for w in ${WORKLOADS//,/ }; do
@@ -185,10 +165,10 @@ checkpoint_and_failover() { # BUFFERED_MIB SVM_MIB
     # made by fallocate would carry no replication metadata and need a full sync).
     rm -rf "$WORKDIR"/p.img* "$WORKDIR"/s.img* "$WORKDIR/layers"
     local spid ppid port
-    spid=$(start "$WORKDIR/secondary.log" "{\"ready\"" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
+    spid=$(start_colo "$WORKDIR/secondary.log" --role secondary --insecure-link --image "$WORKDIR/s.img" --size $SIZE \
         --listen 127.0.0.1:0 --layer-dir "$WORKDIR/layers" --qmp "$WORKDIR/s.qmp" --socket "$WORKDIR/svm.sock")
-    port=$(grep -ao '127.0.0.1:[0-9]*' "$WORKDIR/secondary.log" | head -n1 | cut -d: -f2)
-    ppid=$(start "$WORKDIR/primary.log" "{\"ready\"" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
+    port=$(ready_port "$WORKDIR/secondary.log.out")
+    ppid=$(start_colo "$WORKDIR/primary.log" --role primary --insecure-link --image "$WORKDIR/p.img" --size $SIZE \
         --socket "$WORKDIR/p.sock" --peer "127.0.0.1:$port" --qmp "$WORKDIR/p.qmp")
     wait_session "$WORKDIR/primary.log"
     # Fill the hidden layer: sequential 1 MiB primary writes over the first BUFFERED_MIB of the
